@@ -1,0 +1,127 @@
+"""Installs flashrt_ros into a Python environment that has the ROS 2 wheels from PyPI.
+
+Two routes build this package:
+  * a ROS 2 machine (Jazzy from apt, Jetson AGX Thor): `colcon build` uses CMakeLists.txt
+    (package.xml says ament_cmake); this file is not involved there.
+  * a plain Python environment with the PyPI ROS wheels (this repository's dev/CI route):
+    `pip install --no-build-isolation .` (or `-e . --config-settings editable_mode=compat`) runs `build_interfaces` first, which drives the
+    same CMakeLists.txt through rosidl to generate and install `flashrt_ros.msg` / `flashrt_ros.srv`
+    (with their typesupport libraries) into this interpreter's prefix, then installs the Python
+    package with its console entry points. `flashrt_ros/__init__.py` merges the generated modules into
+    the package's search path, so an editable install sees them too.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import Command, find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _fix_wheel_cmake_paths(prefix):
+    """Point the wheels' exported CMake files at this interpreter's Python and numpy include dirs.
+
+    The PyPI ROS wheels were built in a manylinux container; their *.cmake exports name that
+    container's include paths, which do not exist here (see docs/ros2-from-pypi notes).
+    """
+    import numpy
+    py_inc = sysconfig.get_paths()["include"]
+    np_inc = numpy.get_include()
+    stale = {
+        "/opt/python/cp311-cp311/include/python3.11": py_inc,
+        "/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include": np_inc,
+    }
+    for path in glob.glob(os.path.join(prefix, "share", "**", "*.cmake"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        new = text
+        for old, repl in stale.items():
+            new = new.replace(old, repl)
+        if new != text:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(new)
+
+
+class BuildInterfaces(Command):
+    description = "generate msg/srv with rosidl through CMake and install them into this prefix"
+    user_options = []
+
+    def initialize_options(self):
+        pass
+
+    def finalize_options(self):
+        pass
+
+    def run(self):
+        if os.environ.get("FLASHRT_SKIP_INTERFACES") == "1":
+            return
+        prefix = sys.prefix
+        if not os.path.isdir(os.path.join(prefix, "share", "rosidl_default_generators")):
+            raise SystemExit(
+                "flashrt_ros: rosidl_default_generators not found under %s.\n"
+                "Install the ROS 2 wheels first (tools/bootstrap.sh does), or build with colcon on a "
+                "ROS 2 machine, or set FLASHRT_SKIP_INTERFACES=1 to install the ROS-free runtime only."
+                % prefix)
+        _fix_wheel_cmake_paths(prefix)
+        build_dir = os.path.join(HERE, "build", "interfaces")
+        env = dict(os.environ, AMENT_PREFIX_PATH=prefix)
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        subprocess.check_call(
+            ["cmake", "-S", HERE, "-B", build_dir, *generator,
+             "-DFLASHRT_INTERFACES_ONLY=ON", "-DBUILD_TESTING=OFF",
+             "-DCMAKE_INSTALL_PREFIX=" + prefix, "-DPython3_EXECUTABLE=" + sys.executable,
+             "-DCMAKE_BUILD_TYPE=Release"], env=env)
+        subprocess.check_call(["cmake", "--build", build_dir, "-j", str(os.cpu_count() or 2)], env=env)
+        subprocess.check_call(["cmake", "--install", build_dir], env=env)
+        # rosidl installs an empty `flashrt_ros/__init__.py` beside the generated modules. Removed, that
+        # directory becomes a plain portion that this package's own `__init__` (from the source tree
+        # in an editable install, or copied over it by a normal install) merges via extend_path.
+        generated_init = os.path.join(sysconfig.get_paths()["purelib"], "flashrt_ros", "__init__.py")
+        if os.path.exists(generated_init):
+            with open(generated_init, encoding="utf-8") as f:
+                ours = "extend_path" in f.read()
+            if not ours:
+                os.remove(generated_init)
+
+
+class BuildPyWithInterfaces(build_py):
+    def run(self):
+        self.run_command("build_interfaces")
+        super().run()
+
+
+setup(
+    name="flashrt_ros",
+    version="0.1.0",
+    description="Execution-state capsules for robot policies on a graph-bound runtime, as a ROS 2 node",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["flashrt_ros", "flashrt_ros.*"]),
+    package_data={"flashrt_ros": ["presets/*.yaml"]},
+    data_files=[
+        ("share/ament_index/resource_index/packages", ["resource/flashrt_ros"]),
+        ("share/flashrt_ros", ["package.xml"]),
+        ("share/flashrt_ros/launch", glob.glob("launch/*.py")),
+        ("share/flashrt_ros/config", glob.glob("config/*.yaml")),
+    ],
+    install_requires=["numpy", "pyyaml", "safetensors", "torch>=2.4"],
+    extras_require={
+        "ros": ["rosbags>=0.10", "py_trees>=2.2"],
+        "gpu": ["flash-linear-attention>=0.6", "cupy-cuda12x"],
+        "bench": ["matplotlib"],
+        "test": ["pytest", "hypothesis", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "flashrt-ros = flashrt_ros.cli:main",
+            "flashrt_node = flashrt_ros.node:main",
+        ],
+    },
+    cmdclass={"build_interfaces": BuildInterfaces, "build_py": BuildPyWithInterfaces},
+    zip_safe=False,
+)
