@@ -1,0 +1,65 @@
+"""Gated DeltaNet kernels: a readable pure-torch reference and the fla fast path.
+
+Both compute, per head, with state S [K, V] (fp32), for each token t in order:
+
+    S  <- S * exp(g_t)                          # gated decay, g_t <= 0 (log space)
+    u  <- beta_t * (v_t - S^T k_t)              # delta rule: write only what S mispredicts
+    S  <- S + k_t u^T
+    o_t = S^T (q_t * scale)
+
+with q, k already L2-normalised. The reference runs that loop literally (CPU path, and the
+yardstick for the fast path); `test_kernels.py` holds the fla kernels to it with a named tolerance.
+The fla kernels (`chunk_gated_delta_rule` for prefill, `fused_recurrent_gated_delta_rule` for
+steps) are an optional GPU dependency.
+"""
+from __future__ import annotations
+
+import torch
+
+# Tolerance of the fla kernels against the reference (bf16 inputs, fp32 state): the chunked form
+# reassociates the sums, so equality is not expected; these bound the drift over 64 tokens.
+FLA_ATOL = 2e-2
+FLA_RTOL = 2e-2
+
+
+def gated_delta_rule_reference(q, k, v, g, beta, state, scale):
+    """Reference Gated DeltaNet over T tokens, updating `state` in place.
+
+    Args:
+        q, k:  [T, H, K] (L2-normalised along K)
+        v:     [T, H, V]
+        g:     [T, H]    log decay (<= 0), fp32
+        beta:  [T, H]    write strength in (0, 1)
+        state: [H, K, V] fp32, updated in place
+        scale: float     usually K ** -0.5
+    Returns:
+        o: [T, H, V] in v's dtype
+    """
+    S = state                                                   # updated in place, [H, K, V]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    out = []
+    for t in range(q.shape[0]):
+        S.mul_(torch.exp(g[t].float())[:, None, None])
+        pred = torch.bmm(kf[t][:, None, :], S)[:, 0]            # S^T k      [H, V]
+        u = beta[t].float()[:, None] * (vf[t] - pred)
+        S.baddbmm_(kf[t][:, :, None], u[:, None, :])            # S += k u^T
+        out.append(torch.bmm((qf[t] * scale)[:, None, :], S)[:, 0])
+    return torch.stack(out).to(v.dtype)
+
+
+def fla_available() -> bool:
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001 - ImportError or a triton/driver failure at import
+        return False
+
+
+def gated_delta_rule_fla(q, k, v, g, beta, state, scale, chunked: bool):
+    """fla Triton kernels, same contract as the reference (state updated in place)."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    fn = chunk_gated_delta_rule if chunked else fused_recurrent_gated_delta_rule
+    o, final = fn(q=q[None], k=k[None], v=v[None], g=g[None].float(), beta=beta[None].to(q.dtype),
+                  scale=scale, initial_state=state[None], output_final_state=True)
+    state.copy_(final[0])
+    return o[0]

@@ -1,0 +1,49 @@
+"""StepPlan: one step function over the arena, replayed from a CUDA graph or run eagerly.
+
+A plan's function reads only the arena and the static I/O buffers, so after capture a replay is:
+copy inputs into the static inputs, `replay()`, read the static outputs. On CPU (or with graphs
+disabled) the same function runs eagerly over the same buffers.
+
+Capture protocol (per torch's CUDA graph rules): warm up on a side stream (Triton autotuning and
+lazy allocations happen here, not inside the graph), then capture into a memory pool shared by all
+plans of one runtime (they never run concurrently). Warm-up and capture mutate the arena, so the
+runtime saves the arena before capturing and copies it back afterwards.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class StepPlan:
+    def __init__(self, name: str, fn: Callable[[], None]):
+        self.name = name
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def capture(self, pool, warmup: int = 2) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.fn()
+        self.graph = graph
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.fn()
+
+    def run_eager(self) -> None:
+        """The same function without the graph: the reference a replay is held to."""
+        self.fn()

@@ -1,0 +1,310 @@
+"""PolicyRuntime: the graph-bound runtime the node wraps (no ROS imports).
+
+It owns the model, the state arena, the static I/O buffers, the step plans and the rollback ring,
+and exposes what a policy server needs: prefill an instruction, step an observation to an action
+chunk, decode tokens, reset, roll back, and copy the live state out and in for capsules.
+
+Committed boundary: every public call that changes state (prefill, step, decode, reset, rollback,
+restore_state) runs to completion before it returns; the host mirrors (`position`, `step`,
+`episode`) and the rollback ring are updated only after the plan ran, and on CUDA the next caller's
+work is stream-ordered after it. Nothing can observe a half-applied step.
+
+Thread-safety contract: a PolicyRuntime is not thread-safe. One thread at a time may call it; the
+node serialises callers with `runtime.lock` (an RLock offered for that purpose). Copies of capsule
+bytes handed out (`copy_state_out`) are independent of the live state and may be used from other
+threads (e.g. for disk I/O) without the lock.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from . import tokenizer
+from .arena import (META_CONTEXT_LEN, META_EPISODE, META_POSITION, META_RNG_SEED, META_STEP,
+                    StateArena, StaticIO)
+from .config import TINY, ModelConfig, RuntimeConfig
+from .exceptions import ConfigError, InputError
+from .kernels import fla_available
+from .model import HybridPolicy
+from .plans import StepPlan
+from .rollback import RollbackRing
+
+CAPSULE_FORMAT_VERSION = 1
+GRAPH_PREFILL_MAX = 256   # prefill chunks up to this length are captured; longer ones are compute-bound
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device: expected a usable CUDA device for {name!r}, found none "
+                          f"(torch {torch.__version__}, cuda available: False); use device 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+class PolicyRuntime:
+    def __init__(self, model_cfg: ModelConfig = TINY, runtime_cfg: RuntimeConfig | None = None,
+                 progress=None):
+        self.model_cfg = model_cfg
+        self.cfg = runtime_cfg or RuntimeConfig()
+        self.lock = threading.RLock()
+        say = progress or (lambda msg: None)
+        self.device = resolve_device(self.cfg.device)
+        cuda = self.device.type == "cuda"
+        kernel = self.cfg.kernels
+        if kernel == "auto":
+            kernel = "fla" if cuda and fla_available() else "reference"
+        if kernel == "fla" and not (cuda and fla_available()):
+            raise ConfigError("runtime.kernels: 'fla' needs a CUDA device and the "
+                              "flash-linear-attention package; found device "
+                              f"{self.device} and fla importable={fla_available()}; use 'auto'")
+        self.kernel = kernel
+        t0 = time.perf_counter()
+        say(f"building model {model_cfg.name} on {self.device} (kernels: {kernel})")
+        self.model = HybridPolicy(model_cfg, self.device, kernel,
+                                  sample_actions=self.cfg.action_noise > 0)
+        if self.cfg.weights:
+            say(f"loading weights {self.cfg.weights}")
+            self.model.load_weights(self.cfg.weights)
+        self.arena = StateArena(model_cfg, self.device)
+        self.io = StaticIO(model_cfg, self.device, self.cfg.prefill_buckets)
+        self.io.noise_std.fill_(float(self.cfg.action_noise))
+        self.ring = RollbackRing(self.arena, self.cfg.rollback_depth)
+        # state right after the instruction prefill, for reset(keep_context=True); allocated now so
+        # that nothing is allocated after capture
+        self._context_state = torch.zeros(self.arena.small_nbytes, dtype=torch.uint8,
+                                          device=self.device)
+        self.use_graphs = cuda and self.cfg.cuda_graphs
+        self.plans = self._build_plans()
+        self.position = 0
+        self.step_count = 0
+        self.episode = 0
+        self.context_len = 0
+        self.context_tokens: list[int] = []
+        self._zero_state()
+        if self.use_graphs:
+            self._capture(say)
+        say(f"runtime ready in {time.perf_counter() - t0:.2f} s: state arena "
+            f"{self.arena.nbytes / 2**20:.1f} MiB, {len(self.arena.names())} buffers, "
+            f"{sum(p.captured for p in self.plans.values())} captured plans")
+
+    # -- plans ----------------------------------------------------------------------------
+    def _build_plans(self) -> dict[str, StepPlan]:
+        m, a, io = self.model, self.arena, self.io
+        static = self.use_graphs
+        # Graph plans read the position from the arena on the device; eager plans get it from the
+        # host mirror (no device sync, and slices of the live prefix instead of masks).
+        def pos():
+            return None if static else self.position
+        plans = {
+            "observation": StepPlan("observation", lambda: m.observation_step(a, io, pos())),
+            "token": StepPlan("token", lambda: m.token_step(a, io, pos())),
+            "lm_head": StepPlan("lm_head", lambda: m.lm_head(a, io)),
+        }
+        for c in self.cfg.prefill_buckets:
+            graph = static and c <= GRAPH_PREFILL_MAX
+            fn = (lambda c=c: m.prefill_chunk(a, io, None, io.chunks[c])) if graph else \
+                 (lambda c=c: m.prefill_chunk(a, io, self.position, io.chunks[c]))
+            plans[f"prefill{c}"] = StepPlan(f"prefill{c}", fn)
+            plans[f"prefill{c}"].graph_eligible = graph
+        return plans
+
+    def _capture(self, say):
+        saved = self.arena.base.clone()
+        pool = torch.cuda.graph_pool_handle()
+        for name, plan in self.plans.items():
+            if getattr(plan, "graph_eligible", True):
+                t = time.perf_counter()
+                plan.capture(pool)
+                say(f"captured plan {name} ({(time.perf_counter() - t) * 1e3:.0f} ms)")
+        self.arena.base.copy_(saved)
+        torch.cuda.synchronize(self.device)
+        del saved
+
+    # -- state ----------------------------------------------------------------------------
+    def _zero_state(self):
+        self.arena.zero_()
+        self.arena.meta[META_RNG_SEED] = int(self.cfg.sample_seed)
+        self.position = self.step_count = self.context_len = 0
+        self.context_tokens = []
+        self._context_state.copy_(self.arena.base[: self.arena.small_nbytes])
+        self.ring.clear()
+        self.ring.push(0, 0, self.episode)
+
+    def _commit(self):
+        self.ring.push(self.step_count, self.position, self.episode)
+
+    def _sync_mirrors_from_meta(self):
+        meta = self.arena.meta.cpu()
+        self.position, self.step_count = int(meta[META_POSITION]), int(meta[META_STEP])
+        self.episode, self.context_len = int(meta[META_EPISODE]), int(meta[META_CONTEXT_LEN])
+
+    @property
+    def max_tokens(self) -> int:
+        # one KV row past the prefix is scratch for the observation token (see model.py)
+        return self.model_cfg.max_context - 1
+
+    # -- public API -----------------------------------------------------------------------
+    def set_instruction(self, text_or_tokens) -> int:
+        """Start a new context: zero the state, prefill the instruction; returns its token count.
+
+        The resulting state is what reset(keep_context=True) returns to.
+        """
+        tokens = tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) \
+            else list(text_or_tokens)
+        self._check_tokens(tokens, from_position=0)
+        self.episode += 1
+        self._zero_state()
+        self.arena.meta[META_EPISODE] = self.episode
+        self._prefill(tokens)
+        self.context_len = self.position
+        self.context_tokens = tokens
+        self.arena.meta[META_CONTEXT_LEN] = self.context_len
+        self._context_state.copy_(self.arena.base[: self.arena.small_nbytes])
+        self.ring.clear()
+        self._commit()
+        return len(tokens)
+
+    def prefill(self, tokens) -> None:
+        """Append tokens to the live context (one commit)."""
+        tokens = list(tokens)
+        self._check_tokens(tokens, from_position=self.position)
+        self._prefill(tokens)
+        self._commit()
+
+    def _check_tokens(self, tokens, from_position):
+        V = self.model_cfg.vocab_size
+        if not tokens:
+            raise InputError("tokens: expected at least one token, found an empty sequence")
+        bad = [t for t in tokens if not isinstance(t, (int, np.integer)) or not 0 <= int(t) < V]
+        if bad:
+            raise InputError(f"tokens: expected integers in [0, {V}), found {bad[:5]}")
+        if from_position + len(tokens) > self.max_tokens:
+            raise InputError(
+                f"context: {len(tokens)} tokens at position {from_position} exceed the arena's "
+                f"{self.max_tokens} usable tokens (max_context {self.model_cfg.max_context}); shorten "
+                f"the instruction or use a preset with a larger max_context")
+
+    def _prefill(self, tokens):
+        t = torch.tensor(tokens, dtype=torch.int64)
+        i = 0
+        while i < len(tokens):
+            n = len(tokens) - i
+            size = next((c for c in self.cfg.prefill_buckets if c <= n), None)
+            if size is None:            # fewer tokens than the smallest bucket: token steps
+                self.io.token.copy_(t[i:i + 1])
+                self.plans["token"].run()
+                i, self.position = i + 1, self.position + 1
+                continue
+            self.io.chunks[size].copy_(t[i:i + size], non_blocking=True)
+            self.plans[f"prefill{size}"].run()
+            i, self.position = i + size, self.position + size
+
+    def step(self, obs) -> np.ndarray:
+        """One control step: observation [obs_dim] -> action chunk [horizon, action_dim] (a copy)."""
+        obs_t = self._check_obs(obs)
+        self.io.obs.copy_(obs_t, non_blocking=True)
+        self.plans["observation"].run()
+        self.step_count += 1
+        self._commit()
+        return self.io.action.cpu().numpy().copy()
+
+    def _check_obs(self, obs) -> torch.Tensor:
+        n = self.model_cfg.obs_dim
+        try:
+            arr = np.asarray(obs, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError(f"observation: expected {n} floats, found {type(obs).__name__}") from None
+        if arr.shape != (n,):
+            raise InputError(f"observation: expected shape ({n},) (obs_dim of preset "
+                             f"{self.model_cfg.name!r}), found shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            bad = np.flatnonzero(~np.isfinite(arr))[:5].tolist()
+            raise InputError(f"observation: expected finite values, found NaN/Inf at indices {bad}; "
+                             f"the policy state was not changed")
+        return torch.from_numpy(arr)
+
+    def decode(self, n: int) -> list[int]:
+        """Greedy-decode n tokens after the current context (each one commit)."""
+        if self.position + n > self.max_tokens:
+            raise InputError(f"decode: {n} tokens at position {self.position} exceed the "
+                             f"{self.max_tokens} usable tokens of the arena")
+        out = []
+        tok = self.next_token()
+        for _ in range(n):
+            out.append(tok)
+            self.io.token.copy_(self.io.next_token)
+            self.plans["token"].run()
+            self.position += 1
+            self._commit()
+            tok = int(self.io.next_token.item())
+        return out
+
+    def next_token(self) -> int:
+        """Greedy next token from last_hidden (the first token after a prefill or restore)."""
+        self.plans["lm_head"].run()
+        return int(self.io.next_token.item())
+
+    def reset(self, keep_context: bool = True) -> int:
+        """New episode: back to the state right after the instruction, or to an empty context."""
+        episode = self.episode + 1
+        if keep_context and self.context_len:
+            self.arena.base[: self.arena.small_nbytes].copy_(self._context_state)
+            self._sync_mirrors_from_meta()
+        else:
+            self._zero_state()
+        self.episode = episode
+        self.arena.meta[META_EPISODE] = episode
+        self.ring.clear()
+        self._commit()
+        return self.episode
+
+    def rollback(self, k: int) -> tuple[int, int]:
+        """Back k committed steps (bounded by runtime.rollback_depth); returns (step, position)."""
+        self.step_count, self.position, self.episode = self.ring.rollback(k)
+        return self.step_count, self.position
+
+    # -- capsule support ------------------------------------------------------------------
+    def live_nbytes(self) -> int:
+        return self.arena.live_nbytes(self.position)
+
+    def live_state(self) -> torch.Tensor:
+        """A view of the live state bytes (valid until the next call that changes state)."""
+        return self.arena.live_bytes(self.position)
+
+    def restore_state(self, src: torch.Tensor) -> None:
+        """Copy capsule bytes into the live arena (same device or host), then adopt their metadata.
+
+        The caller has verified size, fingerprint and digest; this never rebinds a buffer.
+        """
+        n = src.numel()
+        if n < self.arena.small_nbytes or (n - self.arena.kv_offset) % self.arena.kv_row_nbytes:
+            raise InputError(f"restore: {n} bytes is not a live-state size of this arena")
+        self.arena.base[:n].copy_(src, non_blocking=True)
+        self._sync_mirrors_from_meta()
+        if self.arena.live_nbytes(self.position) != n:
+            raise InputError(f"restore: {n} bytes do not match the position {self.position} they carry")
+        self.ring.clear()
+        self._commit()
+
+    def fingerprint(self) -> str:
+        """What a capsule must match to be restored here: model config + layout + weights + format."""
+        text = json.dumps({"model": asdict(self.model_cfg), "layout": self.arena.layout_digest(),
+                           "weights": self.model.weights_digest,
+                           "format": CAPSULE_FORMAT_VERSION}, sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def describe(self) -> dict:
+        return {"preset": self.model_cfg.name, "device": str(self.device), "kernels": self.kernel,
+                "cuda_graphs": self.use_graphs, "arena_bytes": self.arena.nbytes,
+                "state_bytes_per_token": self.arena.kv_row_nbytes,
+                "fixed_state_bytes": self.arena.small_nbytes,
+                "buffers": self.arena.layout(), "fingerprint": self.fingerprint(),
+                "weights_digest": self.model.weights_digest,
+                "position": self.position, "step": self.step_count, "episode": self.episode}
