@@ -1,0 +1,80 @@
+"""Capsule: the whole execution state of a policy at one committed boundary, as a value.
+
+Content: every named arena buffer (for the KV only the live prefix `[0:position]`), stored as
+the arena's contiguous live byte range in a memory tier, or as a capsule file on disk.
+Metadata: name, lineage (parent capsule, step, position, episode), the fingerprint of the runtime
+that took it (model config + buffer layout + weights digest + format version), and a BLAKE2b-256
+content digest over the buffers' bytes in layout order.
+
+The digest is computed when a capsule is written to disk (and checked whenever one is read), or on
+demand (`CapsuleStore.verify`). It is not computed on the GPU/host snapshot path: hashing 200 MB on
+the CPU takes far longer than the copy it would guard, and memory tiers never leave the process.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .arena import StateArena
+from .exceptions import InputError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+TIERS = ("gpu", "host", "disk")
+
+
+def check_name(name, what: str = "capsule name") -> str:
+    """Capsule names are file names inside the capsule directory: they can never escape it."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        shown = name if not isinstance(name, str) or len(name) <= 40 else name[:40] + "..."
+        raise InputError(f"{what}: expected 1-128 characters of A-Z a-z 0-9 _ . - (not starting "
+                         f"with '.', no '..'), found {shown!r}; pick a plain name like 'home' or "
+                         f"'branch-1'")
+    return name
+
+
+def buffer_slices(arena: StateArena, position: int):
+    """(name, byte offset, byte length) of every buffer in a live range, in layout order."""
+    for spec in arena.specs.values():
+        n = spec.nbytes if spec.role != "kv" else position * arena.kv_row_nbytes
+        yield spec.name, spec.offset, n
+
+
+def content_digest(arena: StateArena, raw: torch.Tensor, position: int) -> str:
+    """BLAKE2b-256 over each buffer's bytes (padding excluded) of a live range held on the host."""
+    data = raw.numpy() if raw.device.type == "cpu" else raw.cpu().numpy()
+    h = hashlib.blake2b(digest_size=32)
+    for _, off, n in buffer_slices(arena, position):
+        h.update(memoryview(data[off:off + n]))
+    return h.hexdigest()
+
+
+@dataclass
+class Capsule:
+    name: str
+    parent: str
+    step: int
+    position: int
+    episode: int
+    nbytes: int
+    fingerprint: str
+    tier: str
+    pinned: bool = False
+    digest: str = ""
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    # storage: an extent of the tier's pool (memory tiers) or a file (disk)
+    offset: int | None = None
+    path: str | None = None
+    ready: object = None   # CUDA event: the copy into this capsule has completed
+
+    def touch(self):
+        self.last_used = time.monotonic()
+
+    def info(self) -> dict:
+        return {k: getattr(self, k) for k in ("name", "parent", "step", "position", "episode",
+                                              "tier", "nbytes", "pinned", "fingerprint", "digest",
+                                              "created")}

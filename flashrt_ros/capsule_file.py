@@ -1,0 +1,165 @@
+"""Capsule files: the disk tier's format, written atomically and verified before use.
+
+Format (version 1): a safetensors file `<capsule_dir>/<name>.capsule`.
+  * one tensor per arena buffer, named as in the arena, in its own dtype and shape; the KV tensor
+    holds only the live prefix (`[position, n_attn_layers, 2, n_kv_heads, head_dim]`);
+  * `__metadata__` (strings): format="flashrt-capsule", format_version, name, parent, step,
+    position, episode, pinned, created, fingerprint (of the runtime that wrote it), digest
+    (BLAKE2b-256 over the buffers' bytes in layout order).
+safetensors holds no code (no pickle); its header is bounded and checked against the file length
+by the library.
+
+Writing: serialise, write to a temp file in the same directory, fsync, rename over the final name,
+fsync the directory. A crash leaves either the old file or the new one, never a torn one; stray
+temp files are removed when the store indexes the directory.
+
+Reading (`read_capsule`) checks, in order and before anything touches the live state: the file
+structure (safetensors), format and version, the fingerprint, every buffer's name, dtype and shape
+against this runtime's layout (so sizes are bounded before anything is allocated), then the
+digest of the bytes. The result is a host byte range in the arena's live layout, ready for one copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from .arena import DTYPES, StateArena
+from .capsule import Capsule, buffer_slices, content_digest
+from .exceptions import CapsuleCorrupt, CapsuleMismatch
+
+FORMAT = "flashrt-capsule"
+FORMAT_VERSION = 1
+SUFFIX = ".capsule"
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64", "U8": "uint8"}
+
+
+def capsule_path(directory: str, name: str) -> str:
+    return os.path.join(directory, name + SUFFIX)
+
+
+def write_capsule(path: str, arena: StateArena, raw: torch.Tensor, cap: Capsule) -> str:
+    """Write a live byte range (host tensor) as a capsule file, atomically. Returns the digest."""
+    from safetensors.torch import save
+    raw = raw if raw.device.type == "cpu" else raw.cpu()
+    digest = content_digest(arena, raw, cap.position)
+    tensors = {}
+    for name, off, n in buffer_slices(arena, cap.position):
+        spec = arena.specs[name]
+        shape = list(spec.shape)
+        if spec.role == "kv":
+            shape[0] = cap.position
+        tensors[name] = raw[off:off + n].view(DTYPES[spec.dtype]).view(shape)
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "name": cap.name,
+            "parent": cap.parent, "step": str(cap.step), "position": str(cap.position),
+            "episode": str(cap.episode), "pinned": "1" if cap.pinned else "0",
+            "created": repr(cap.created), "fingerprint": cap.fingerprint, "digest": digest}
+    blob = save(tensors, metadata=meta)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return digest
+
+
+def read_header(path: str) -> dict:
+    """The metadata of a capsule file (cheap: the header only). Raises CapsuleCorrupt."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CapsuleCorrupt(f"capsule file {path}: not a readable capsule ({e}); the file is "
+                             f"truncated or not a capsule - delete it or load another") from None
+    if meta.get("format") != FORMAT:
+        raise CapsuleCorrupt(f"capsule file {path}: expected format {FORMAT!r}, found "
+                             f"{meta.get('format')!r}")
+    return meta
+
+
+def capsule_from_header(meta: dict, path: str) -> Capsule:
+    try:
+        return Capsule(name=meta["name"], parent=meta.get("parent", ""), step=int(meta["step"]),
+                       position=int(meta["position"]), episode=int(meta.get("episode", 0)),
+                       nbytes=os.path.getsize(path), fingerprint=meta["fingerprint"], tier="disk",
+                       pinned=meta.get("pinned") == "1", digest=meta["digest"],
+                       created=float(meta.get("created", 0.0)), path=path)
+    except (KeyError, ValueError) as e:
+        raise CapsuleCorrupt(f"capsule file {path}: header field missing or malformed ({e})") from None
+
+
+def read_capsule(path: str, arena: StateArena, fingerprint: str) -> tuple[Capsule, torch.Tensor]:
+    """Verify a capsule file completely and return it with its bytes in the arena's live layout.
+
+    Nothing here touches the live state; callers copy the returned bytes in only on success.
+    """
+    from safetensors import SafetensorError, safe_open
+    meta = read_header(path)
+    version = meta.get("format_version", "?")
+    if version != str(FORMAT_VERSION):
+        raise CapsuleMismatch(f"capsule file {path}: expected format version {FORMAT_VERSION}, "
+                              f"found {version!r} (written by another flashrt_ros version); "
+                              f"re-create the capsule with this version")
+    cap = capsule_from_header(meta, path)
+    if cap.fingerprint != fingerprint:
+        raise CapsuleMismatch(f"capsule {cap.name!r}: expected fingerprint {fingerprint} (this "
+                              f"runtime's model, layout and weights), found {cap.fingerprint}; it "
+                              f"was taken from another preset, weights or version and cannot be "
+                              f"restored here")
+    max_pos = arena.cfg.max_context - 1
+    if not 0 <= cap.position <= max_pos:
+        raise CapsuleCorrupt(f"capsule {cap.name!r}: position {cap.position} outside [0, {max_pos}]")
+    raw = torch.zeros(arena.live_nbytes(cap.position), dtype=torch.uint8)
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            expected = [n for n, _, _ in buffer_slices(arena, cap.position)]
+            if keys != set(expected):
+                raise CapsuleCorrupt(f"capsule {cap.name!r}: expected buffers {sorted(expected)}, "
+                                     f"found {sorted(keys)}")
+            for name, off, n in buffer_slices(arena, cap.position):
+                spec = arena.specs[name]
+                shape = list(spec.shape)
+                if spec.role == "kv":
+                    shape[0] = cap.position
+                sl = f.get_slice(name)
+                got_dtype = _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype())
+                if list(sl.get_shape()) != shape or got_dtype != spec.dtype:
+                    raise CapsuleCorrupt(
+                        f"capsule {cap.name!r}: buffer {name} expected {spec.dtype}{shape}, found "
+                        f"{got_dtype}{list(sl.get_shape())}; the manifest does not match the data")
+                t = f.get_tensor(name)
+                raw[off:off + n].copy_(t.contiguous().view(-1).view(torch.uint8))
+    except SafetensorError as e:
+        raise CapsuleCorrupt(f"capsule file {path}: unreadable ({e})") from None
+    digest = content_digest(arena, raw, cap.position)
+    if digest != cap.digest:
+        raise CapsuleCorrupt(f"capsule {cap.name!r}: expected digest {cap.digest}, found {digest}; "
+                             f"the file was modified or damaged after it was written")
+    # metadata the runtime adopts must agree with the header
+    meta_t = raw[arena.specs["meta"].offset:][:arena.specs["meta"].nbytes].view(torch.int64)
+    if int(meta_t[0]) != cap.position:
+        raise CapsuleCorrupt(f"capsule {cap.name!r}: header position {cap.position} disagrees with "
+                             f"the stored state's position {int(meta_t[0])}")
+    return cap, raw
+
+
+def header_json(path: str) -> str:
+    return json.dumps(read_header(path), indent=2, sort_keys=True)
