@@ -1,0 +1,76 @@
+"""Session setup shared by every test module.
+
+DDS stays on loopback: before any test module can import rclpy, this module (pytest imports it
+first) sets ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, drops ROS_STATIC_PEERS, and picks a random
+ROS_DOMAIN_ID in 1..101 unless one is set. It writes them into os.environ, so rclpy in this process
+and every child process a test starts inherit them, and parallel test sessions don't see each other.
+
+Markers (declared in pytest.ini), applied at test setup:
+  ros   needs rclpy and the generated flashrt_ros.msg/srv. Skipped when they don't import, or failed
+        when FLASHRT_REQUIRE_ROS=1 (tools/run-tests.sh sets it: its venv was just built with them,
+        so a skip there would hide a broken build).
+  gpu   needs a CUDA GPU; skipped when torch sees none.
+  slow  takes more than a few seconds; no special handling.
+"""
+import os
+import random
+
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.pop("ROS_STATIC_PEERS", None)
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 101)))
+
+import functools  # noqa: E402
+
+import pytest  # noqa: E402
+
+GPU_SKIP_REASON = "needs a CUDA GPU; CI has none — run on the device"
+
+
+@functools.cache
+def _ros_problem():
+    """Why the `ros` tests cannot run here, or None when rclpy and the interfaces import."""
+    try:
+        import rclpy  # noqa: F401
+        import flashrt_ros.msg  # noqa: F401
+        import flashrt_ros.srv  # noqa: F401
+    except ImportError as e:
+        return ("needs rclpy and the generated flashrt_ros.msg/srv (%s); run `bash tools/bootstrap.sh`, "
+                "or `colcon build` and `source install/setup.bash` on a ROS 2 machine" % e)
+    return None
+
+
+@functools.cache
+def _has_cuda():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_report_header(config):
+    return "DDS: ROS_AUTOMATIC_DISCOVERY_RANGE=%s ROS_DOMAIN_ID=%s" % (
+        os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"], os.environ["ROS_DOMAIN_ID"])
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("ros") is not None:
+        problem = _ros_problem()
+        if problem is not None:
+            if os.environ.get("FLASHRT_REQUIRE_ROS") == "1":
+                pytest.fail(problem, pytrace=False)
+            pytest.skip(problem)
+    if item.get_closest_marker("gpu") is not None and not _has_cuda():
+        pytest.skip(GPU_SKIP_REASON)
+
+
+@pytest.fixture(scope="session")
+def ros_env():
+    """Environment for a child process: this session's loopback DDS settings, unbuffered output.
+
+    Shared by the session: extend a copy (`dict(ros_env, KEY=value)`), never the dict itself.
+    """
+    env = dict(os.environ)
+    assert env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
