@@ -1,0 +1,295 @@
+"""`flashrt-ros`: run the node, drive its capsule services, show status, run benchmarks.
+
+The `ros2` CLI is not available everywhere this package runs (PyPI ROS wheels have none), so this
+command covers what a user needs from a shell:
+
+    flashrt-ros demo                      # node + simulated robot, live loop (tiny preset, CPU)
+    flashrt-ros snapshot home             # in a second shell, while the demo runs
+    flashrt-ros fork home branch-a --switch
+    flashrt-ros rollback 5
+    flashrt-ros restore home
+    flashrt-ros list
+    flashrt-ros status
+
+Every ROS call waits for discovery with a timeout and exits 1 with the node's message when the
+node answers success=false. DDS stays on loopback unless ROS_AUTOMATIC_DISCOVERY_RANGE says else.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class Client:
+    """A short-lived rclpy node that calls one service or reads one topic."""
+
+    def __init__(self, node_name: str, timeout: float):
+        import rclpy
+        self.rclpy = rclpy
+        rclpy.init()
+        self.node = rclpy.create_node(f"flashrt_cli_{os.getpid()}")
+        self.target = node_name.rstrip("/")
+        self.timeout = timeout
+
+    def call(self, srv_type, service: str, request):
+        name = f"{self.target}/{service}"
+        client = self.node.create_client(srv_type, name)
+        if not client.wait_for_service(timeout_sec=self.timeout):
+            raise SystemExit(f"flashrt-ros: no service {name} within {self.timeout:g} s; is the node "
+                             f"running (flashrt-ros demo / flashrt_node) and ROS_DOMAIN_ID the same?")
+        future = client.call_async(request)
+        self.rclpy.spin_until_future_complete(self.node, future, timeout_sec=self.timeout)
+        if not future.done():
+            raise SystemExit(f"flashrt-ros: {name} did not answer within {self.timeout:g} s")
+        return future.result()
+
+    def wait_message(self, msg_type, topic: str):
+        from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+        got = []
+        self.node.create_subscription(msg_type, f"{self.target}/{topic}", got.append,
+                                      QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE))
+        end = time.monotonic() + self.timeout
+        while not got and time.monotonic() < end:
+            self.rclpy.spin_once(self.node, timeout_sec=0.1)
+        if not got:
+            raise SystemExit(f"flashrt-ros: nothing on {self.target}/{topic} within {self.timeout:g} s")
+        return got[0]
+
+    def close(self):
+        self.node.destroy_node()
+        self.rclpy.try_shutdown()
+
+
+def _print_capsule(c, prefix=""):
+    print(f"{prefix}{c.name:<24} {c.tier:<5} step {c.step:<7} pos {c.position:<6} "
+          f"{_fmt_bytes(c.nbytes):>10} {'pinned ' if c.pinned else ''}"
+          f"{'parent ' + c.parent if c.parent else ''}")
+
+
+def _service_command(args) -> int:
+    from flashrt_ros import srv
+    cmd = args.command
+    table = {
+        "snapshot": (srv.Snapshot, "snapshot", lambda r: _set(r, name=args.name, tier=args.tier, pin=args.pin)),
+        "restore": (srv.Restore, "restore", lambda r: _set(r, name=args.name)),
+        "fork": (srv.Fork, "fork", lambda r: _set(r, source=args.source, name=args.name,
+                                                   switch_to=args.switch, tier=args.tier)),
+        "rollback": (srv.Rollback, "rollback", lambda r: _set(r, k=args.k)),
+        "list": (srv.ListCapsules, "list_capsules", lambda r: _set(r, tier=args.tier)),
+        "delete": (srv.DeleteCapsule, "delete_capsule", lambda r: _set(r, name=args.name)),
+        "save": (srv.SaveCapsule, "save_capsule", lambda r: _set(r, name=args.name,
+                                                                  keep_in_memory=not args.move)),
+        "load": (srv.LoadCapsule, "load_capsule", lambda r: _set(r, name=args.name, tier=args.tier,
+                                                                  restore=args.restore)),
+        "reset": (srv.Reset, "reset", lambda r: _set(r, keep_context=not args.clear_context)),
+    }
+    srv_type, service, fill = table[cmd]
+    client = Client(args.node, args.timeout)
+    try:
+        t0 = time.perf_counter()
+        res = client.call(srv_type, service, fill(srv_type.Request()))
+        rtt = (time.perf_counter() - t0) * 1e3
+    finally:
+        client.close()
+    if cmd == "list" and res.success:
+        print(f"{len(res.capsules)} capsule(s)")
+        for c in res.capsules:
+            _print_capsule(c, "  ")
+        return 0
+    status = "ok" if res.success else "FAILED"
+    extra = f" (node {res.latency_ms:.3f} ms)" if hasattr(res, "latency_ms") else ""
+    print(f"{cmd}: {status}: {res.message}{extra}; round trip {rtt:.1f} ms")
+    return 0 if res.success else 1
+
+
+def _set(req, **kw):
+    for k, v in kw.items():
+        setattr(req, k, v if v is not None else getattr(req, k))
+    return req
+
+
+def _status(args) -> int:
+    from flashrt_ros.msg import PolicyStatus
+    client = Client(args.node, args.timeout)
+    try:
+        s = client.wait_message(PolicyStatus, "status")
+    finally:
+        client.close()
+    print(f"{args.node}: {s.lifecycle_state} on {s.device} ({s.preset}), episode {s.episode_id}, "
+          f"step {s.step}, position {s.position}, lineage {s.capsule_lineage or '-'}")
+    print(f"  step latency p50 {s.p50_step_ms:.3f} ms, p99 {s.p99_step_ms:.3f} ms; deadline misses "
+          f"{s.deadline_misses}; stale observations {s.stale_observations}")
+    print(f"  capsules {s.capsules}: gpu {_fmt_bytes(s.gpu_bytes)}/{_fmt_bytes(s.gpu_budget)}, "
+          f"host {_fmt_bytes(s.host_bytes)}/{_fmt_bytes(s.host_budget)}, "
+          f"disk {_fmt_bytes(s.disk_bytes)}/{_fmt_bytes(s.disk_budget)}")
+    return 0
+
+
+def _lifecycle(args) -> int:
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    client = Client(args.node, args.timeout)
+    try:
+        if args.transition == "get":
+            res = client.call(GetState, "get_state", GetState.Request())
+            print(res.current_state.label)
+            return 0
+        ids = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
+               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP,
+               "shutdown": Transition.TRANSITION_UNCONFIGURED_SHUTDOWN}
+        req = ChangeState.Request()
+        req.transition.id = ids[args.transition]
+        res = client.call(ChangeState, "change_state", req)
+    finally:
+        client.close()
+    print(f"{args.transition}: {'ok' if res.success else 'FAILED (see the node log)'}")
+    return 0 if res.success else 1
+
+
+def _instruct(args) -> int:
+    from std_msgs.msg import String
+    client = Client(args.node, args.timeout)
+    try:
+        pub = client.node.create_publisher(String, f"{client.target}/instruction", 10)
+        end = time.monotonic() + args.timeout
+        while pub.get_subscription_count() == 0 and time.monotonic() < end:
+            client.rclpy.spin_once(client.node, timeout_sec=0.05)
+        if pub.get_subscription_count() == 0:
+            raise SystemExit(f"flashrt-ros: nobody subscribes {client.target}/instruction")
+        pub.publish(String(data=args.text))
+        client.rclpy.spin_once(client.node, timeout_sec=0.2)
+    finally:
+        client.close()
+    print("instruction sent")
+    return 0
+
+
+def _info(args) -> int:
+    import json
+    from flashrt_ros.config import RuntimeConfig, load_preset
+    from flashrt_ros.runtime import PolicyRuntime
+    rt = PolicyRuntime(load_preset(args.preset), RuntimeConfig(device=args.device))
+    d = rt.describe()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"preset {d['preset']} on {d['device']} (kernels {d['kernels']}, graphs {d['cuda_graphs']})")
+    print(f"state arena {_fmt_bytes(d['arena_bytes'])}: fixed {_fmt_bytes(d['fixed_state_bytes'])} "
+          f"+ {d['state_bytes_per_token']} B/token; fingerprint {d['fingerprint']}")
+    for b in d["buffers"]:
+        print(f"  {b['name']:<28} {b['role']:<16} {b['dtype']:<9} {str(b['shape']):<28} "
+              f"{_fmt_bytes(b['nbytes'])}")
+    return 0
+
+
+def _bench(args, rest) -> int:
+    import runpy
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(here, "bench", f"bench_{args.experiment.replace('-', '_')}.py")
+    if not os.path.exists(path):
+        avail = sorted(f[6:-3] for f in os.listdir(os.path.join(here, "bench"))
+                       if f.startswith("bench_") and f.endswith(".py")) \
+            if os.path.isdir(os.path.join(here, "bench")) else []
+        print(f"flashrt-ros bench: no experiment {args.experiment!r}; available: {avail} "
+              f"(benchmarks run from a source checkout)", file=sys.stderr)
+        return 2
+    sys.argv = [path] + rest
+    runpy.run_path(path, run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flashrt-ros", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n")[2] if len(__doc__.split("\n\n")) > 2 else None)
+    p.add_argument("--node", default="/flashrt_policy", help="the policy node (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for discovery/answers")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("node", help="run the policy node (arguments after it go to ROS: --ros-args ...)",
+                   add_help=False)
+    d = sub.add_parser("demo", help="node + simulated robot on the tiny CPU preset, with a live loop")
+    from flashrt_ros.demo import add_arguments
+    add_arguments(d)
+    sub.add_parser("sim", help="run the simulated robot alone (see `flashrt-ros sim --help`)",
+                   add_help=False)
+    s = sub.add_parser("snapshot", help="capture the live state as a capsule")
+    s.add_argument("name")
+    s.add_argument("--tier", default="", help="gpu, host or disk (default: the node's default tier)")
+    s.add_argument("--pin", action="store_true", help="never evict this capsule")
+    s = sub.add_parser("restore", help="restore a capsule into the live state")
+    s.add_argument("name")
+    s = sub.add_parser("fork", help="copy a capsule ('' = the live state) into a new branch")
+    s.add_argument("source")
+    s.add_argument("name")
+    s.add_argument("--switch", action="store_true", help="also restore the new branch")
+    s.add_argument("--tier", default="")
+    s = sub.add_parser("rollback", help="go back K committed steps")
+    s.add_argument("k", type=int)
+    s = sub.add_parser("list", help="list stored capsules")
+    s.add_argument("--tier", default="")
+    s = sub.add_parser("delete", help="delete a capsule")
+    s.add_argument("name")
+    s = sub.add_parser("save", help="write a capsule to the capsule directory")
+    s.add_argument("name")
+    s.add_argument("--move", action="store_true", help="drop the memory copy (demote to disk)")
+    s = sub.add_parser("load", help="verify and load a capsule file into memory")
+    s.add_argument("name")
+    s.add_argument("--tier", default="")
+    s.add_argument("--restore", action="store_true", help="also restore it")
+    s = sub.add_parser("reset", help="start a new episode from the instruction context")
+    s.add_argument("--clear-context", action="store_true", help="reset to an empty context instead")
+    sub.add_parser("status", help="print the node's status once")
+    s = sub.add_parser("lifecycle", help="drive the node's lifecycle (no ros2 CLI needed)")
+    s.add_argument("transition", choices=["configure", "activate", "deactivate", "cleanup",
+                                          "shutdown", "get"])
+    s = sub.add_parser("instruct", help="send a task instruction (prefills a new context)")
+    s.add_argument("text")
+    s = sub.add_parser("info", help="describe the runtime of a preset (no ROS needed)")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("bench", help="run a benchmark from bench/ (arguments after it go to it)",
+                       add_help=False)
+    s.add_argument("experiment")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "node":
+        from flashrt_ros.node import main as node_main
+        node_main(args=["flashrt_node"] + argv[1:])
+        return 0
+    if argv and argv[0] == "sim":
+        from flashrt_ros.sim_robot import main as sim_main
+        sim_main(argv[1:])
+        return 0
+    if argv and argv[0] == "bench":
+        if len(argv) < 2 or argv[1] in ("-h", "--help"):
+            print("usage: flashrt-ros bench EXPERIMENT [args...]   (see bench/bench_*.py)")
+            return 0
+        return _bench(argparse.Namespace(experiment=argv[1]), argv[2:])
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from flashrt_ros.demo import run_demo
+        return run_demo(args)
+    handlers = {"status": _status, "lifecycle": _lifecycle, "instruct": _instruct, "info": _info}
+    if args.command in handlers:
+        return handlers[args.command](args)
+    return _service_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The main job for a newcomer: the policy node and a simulated robot in one process, live.
+
+Both nodes share one MultiThreadedExecutor. The policy node runs exactly as `flashrt_node` does
+(same class, parameters given as overrides: managed=false, timer control); the simulated robot
+publishes observations at the control rate and applies the first row of each action chunk.
+A line a second reports what was measured in this run; the capsule services can be called
+from a second shell with `flashrt-ros ...` while it runs.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+
+def add_arguments(p):
+    p.add_argument("--preset", default="tiny", help="model preset (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default %(default)s)")
+    p.add_argument("--rate", type=float, default=30.0, help="control rate in Hz (default %(default)s)")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds to run (0 = until Ctrl-C)")
+    p.add_argument("--capsule-dir", default="capsules", help="disk-tier capsule directory")
+    p.add_argument("--instruction", default="pick up the red cube and place it in the bin")
+
+
+def run_demo(args) -> int:
+    import numpy as np
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from flashrt_ros.config import load_preset
+    from flashrt_ros.node import PolicyNode
+    from flashrt_ros.sim_robot import SimRobotNode
+
+    cfg = load_preset(args.preset)
+    rclpy.init()
+    overrides = [Parameter("managed", value=False), Parameter("preset", value=args.preset),
+                 Parameter("runtime.device", value=args.device),
+                 Parameter("control_rate_hz", value=float(args.rate)),
+                 Parameter("instruction", value=args.instruction),
+                 Parameter("store.capsule_dir", value=os.path.abspath(args.capsule_dir))]
+    print(f"[flashrt] starting policy node /flashrt_policy: preset {args.preset}, device "
+          f"{args.device}, {args.rate:g} Hz (weights are deterministic from a seed and untrained)",
+          flush=True)
+    policy = PolicyNode(parameter_overrides=overrides)
+    robot = SimRobotNode("/flashrt_policy", cfg.obs_dim, cfg.action_dim, args.rate)
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(policy)
+    executor.add_node(robot)
+    policy.trigger_configure()
+    if policy.runtime is None:
+        print("[flashrt] configure failed (see the log above)")
+        return 1
+    policy.trigger_activate()
+    domain = os.environ.get("ROS_DOMAIN_ID", "0")
+    print(f"[flashrt] live. From a second shell (same ROS_DOMAIN_ID={domain}, loopback):\n"
+          f"    .venv/bin/flashrt-ros snapshot home\n"
+          f"    .venv/bin/flashrt-ros fork home branch-a --switch\n"
+          f"    .venv/bin/flashrt-ros rollback 5\n"
+          f"    .venv/bin/flashrt-ros restore home\n"
+          f"    .venv/bin/flashrt-ros list        .venv/bin/flashrt-ros status\n"
+          f"[flashrt] Ctrl-C stops.", flush=True)
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin.start()
+    t0 = time.monotonic()
+    try:
+        while args.duration <= 0 or time.monotonic() - t0 < args.duration:
+            time.sleep(1.0)
+            rt, store = policy.runtime, policy.store
+            if rt is None:
+                break
+            lat = np.asarray(policy._step_ms, dtype=np.float64)
+            last = robot.last_action
+            p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (0.0, 0.0))
+            print(f"[flashrt] t={time.monotonic() - t0:5.1f}s episode {rt.episode} step "
+                  f"{rt.step_count:<6} step p50 {p50:.2f} ms p99 {p99:.2f} ms | obs->action "
+                  f"{(last.latency_ms if last else 0):.2f} ms | arm error {robot.arm.error():.3f} | "
+                  f"deadline misses {policy._deadline_misses} | capsules {len(store.capsules)} "
+                  f"lineage {store.lineage or '-'}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        policy.destroy_node()
+        robot.destroy_node()
+        rclpy.try_shutdown()
+    print("[flashrt] stopped")
+    return 0
