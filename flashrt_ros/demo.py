@@ -53,7 +53,9 @@ def run_demo(args) -> int:
         return 1
     policy.trigger_activate()
     domain = os.environ.get("ROS_DOMAIN_ID", "0")
-    print(f"[flashrt] live. From a second shell (same ROS_DOMAIN_ID={domain}, loopback):\n"
+    env = f"ROS_DOMAIN_ID={domain} ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST"
+    print(f"[flashrt] live. From a second shell in this directory:\n"
+          f"    export {env}\n"
           f"    .venv/bin/flashrt-ros snapshot home\n"
           f"    .venv/bin/flashrt-ros fork home branch-a --switch\n"
           f"    .venv/bin/flashrt-ros rollback 5\n"
