@@ -6,7 +6,8 @@
 # Idempotent and fast when nothing changed: two stamp files in .venv hold hashes of what each step
 # depends on, and a step runs only when its hash differs.
 #   requirements stamp: requirements.txt + this script   -> pip install -r requirements.txt
-#   interfaces stamp:   setup.py, CMakeLists.txt, package.xml, msg/, srv/ -> pip install -e .
+#   interfaces stamp:   setup.py, CMakeLists.txt, package.xml, msg/, srv/
+#                       -> setup.py build_interfaces, then pip install -e .
 # A changed requirements stamp also redoes the editable install (the ROS wheels may have moved).
 #
 # Run it (`bash tools/bootstrap.sh`) or source it; either way it sets and exports nothing in the
@@ -22,21 +23,33 @@ _flashrt_bootstrap() (
   py="$venv/bin/python"
   log="$root/build/bootstrap.log"
   pip_version="26.3"
-  start=$(date +%s)
+  start=$EPOCHREALTIME
+  cd "$root"
 
   say() { echo "[flashrt] $*"; }
   die() { echo "[flashrt] error: $*" >&2; exit 1; }
 
-  # Runs a step with its output in the log; on failure shows the log's tail and stops.
+  # Runs a step with its output in the log (which holds this run's steps only); on failure shows
+  # the step's error lines and the end of its output, and stops.
   step() {
     local what="$1"; shift
+    local out="$root/build/bootstrap-step.log"
     say "$what ..."
+    if [ -z "${log_started:-}" ]; then : >"$log"; log_started=1; fi
     echo "=== $(date -u +%FT%TZ) $what: $*" >>"$log"
-    if ! "$@" >>"$log" 2>&1; then
-      echo "----- last lines of $log -----" >&2
-      tail -n 60 "$log" >&2
-      die "$what failed (full output: $log)"
+    if "$@" >"$out" 2>&1; then
+      cat "$out" >>"$log"; rm -f "$out"
+      return
     fi
+    cat "$out" >>"$log"
+    {
+      echo "----- error lines -----"
+      grep -i -m 15 -E "error|failed" "$out" || true
+      echo "----- last lines -----"
+      tail -n 40 "$out"
+    } >&2
+    rm -f "$out"
+    die "$what failed (full output: $log)"
   }
 
   # sha256 over the named files' paths and contents (directories: their files, sorted).
@@ -79,32 +92,39 @@ _flashrt_bootstrap() (
 
   export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off PIP_NO_INPUT=1
 
+  # A stamp is removed before its step and written after it succeeds: an interrupted or failed
+  # step always runs again.
   if [ "$(cat "$req_stamp" 2>/dev/null)" != "$req_hash" ]; then
+    rm -f "$req_stamp" "$ifc_stamp"
     step "installing pip $pip_version" "$py" -m pip install --upgrade "pip==$pip_version"
     step "installing requirements.txt (ROS 2 wheels, torch CPU, test tools)" \
       "$py" -m pip install -r "$root/requirements.txt"
     echo "$req_hash" >"$req_stamp"
-    rm -f "$ifc_stamp"
   fi
 
   purelib="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   if [ "$(cat "$ifc_stamp" 2>/dev/null)" != "$ifc_hash" ] ||
      [ ! -f "$purelib/flashrt_ros/msg/__init__.py" ] ||
      [ ! -f "$purelib/flashrt_ros/srv/__init__.py" ]; then
+    rm -f "$ifc_stamp"
     # A CMake cache made for another prefix (an older venv, another checkout's venv) keeps that
     # prefix's package paths; start that build directory afresh.
     cache="$root/build/interfaces/CMakeCache.txt"
     if [ -f "$cache" ] && ! grep -qx "CMAKE_INSTALL_PREFIX:PATH=$venv" "$cache"; then
       rm -rf "$root/build/interfaces"
     fi
-    # The venv's bin on PATH: its ninja, and the ROS wheels' tools, for CMake.
-    step "building msg/srv and installing flashrt_ros (editable)" \
-      env PATH="$venv/bin:$PATH" "$py" -m pip install --no-build-isolation \
+    # The venv's bin on PATH: its ninja, and the ROS wheels' tools, for CMake. The interfaces are
+    # built by their own step: inside `pip install -e`, setuptools turns a failure of a custom
+    # build_py step into a warning and installs anyway, which would leave stale msg/srv behind.
+    step "building msg/srv (CMake + rosidl) into the venv" \
+      env PATH="$venv/bin:$PATH" "$py" setup.py build_interfaces
+    step "installing flashrt_ros (editable)" \
+      env FLASHRT_SKIP_INTERFACES=1 "$py" -m pip install --no-build-isolation \
       -e "$root" --config-settings editable_mode=compat
     echo "$ifc_hash" >"$ifc_stamp"
   fi
 
-  say "ready: $venv ($(($(date +%s) - start)) s)"
+  say "ready: $venv ($(awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $start }") s)"
 )
 
 if [ "${BASH_SOURCE[0]}" != "$0" ]; then
