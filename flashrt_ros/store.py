@@ -24,6 +24,7 @@ demotions) hold `store.lock` but never the runtime lock.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -53,6 +54,7 @@ class CapsuleStore:
         self.capsules: dict[str, Capsule] = {}
         self.lineage = ""          # the capsule the live state descends from ("" = none)
         self.fingerprint = runtime.fingerprint()
+        self.cfg = dataclasses.replace(self.cfg, capsule_dir=os.path.expanduser(self.cfg.capsule_dir))
         os.makedirs(self.cfg.capsule_dir, exist_ok=True)
         self.skipped_files: list[str] = []
         self.rebuild_index()
@@ -119,7 +121,8 @@ class CapsuleStore:
         with self.lock:
             out = {}
             for t in ("gpu", "host", "disk"):
-                used = sum(c.nbytes for c in self.capsules.values() if c.tier == t)
+                used = self._disk_used() if t == "disk" else \
+                    sum(c.nbytes for c in self.capsules.values() if c.tier == t)
                 out[t] = {"used": used, "budget": self.cfg.budget(t) if t != "gpu" or self.cuda else 0,
                           "count": sum(1 for c in self.capsules.values() if c.tier == t)}
             return out
@@ -196,9 +199,15 @@ class CapsuleStore:
                                  f"{pool.capacity / 2**20:.2f} MiB budget; unpin or delete capsules, "
                                  f"or raise store.{tier}_budget_mb")
 
+    def _disk_used(self) -> int:
+        """Bytes of capsule files: disk-tier capsules and saved copies of memory capsules."""
+        return sum(c.nbytes if c.tier == "disk" else os.path.getsize(c.path)
+                   for c in self.capsules.values()
+                   if c.tier == "disk" or self._has_disk_copy(c))
+
     def _make_disk_room(self, nbytes: int, protect: set) -> None:
         budget = self.cfg.budget("disk")
-        while sum(c.nbytes for c in self.capsules.values() if c.tier == "disk") + nbytes > budget:
+        while self._disk_used() + nbytes > budget:
             victims = sorted((c for c in self.capsules.values()
                               if c.tier == "disk" and not c.pinned and c.name not in protect),
                              key=lambda c: c.last_used)
@@ -210,16 +219,23 @@ class CapsuleStore:
 
     def _evict(self, cap: Capsule, protect: set) -> None:
         below = {"gpu": "host", "host": "disk"}[cap.tier]
-        if self.cfg.eviction == "drop":
+        if self._has_disk_copy(cap):
+            below = "disk"            # already saved: dropping the memory copy loses nothing
+        elif self.cfg.eviction == "drop":
             self._drop(cap)
             return
         self._move(cap, below, protect | {cap.name})
 
+    @staticmethod
+    def _has_disk_copy(cap: Capsule) -> bool:
+        return cap.tier != "disk" and bool(cap.path) and os.path.exists(cap.path)
+
     def _drop(self, cap: Capsule) -> None:
+        """Forget a capsule and free its storage: its memory extent and its file, if any."""
         if cap.tier in self.pools and cap.offset is not None:
             self._wait_ready(cap)
             self.pools[cap.tier].release(cap.offset)
-        elif cap.tier == "disk" and cap.path and os.path.exists(cap.path):
+        if cap.path and os.path.exists(cap.path):
             os.unlink(cap.path)
         del self.capsules[cap.name]
 
@@ -244,9 +260,12 @@ class CapsuleStore:
             cap.tier, cap.offset, cap.path, cap.nbytes, cap.ready = tier, off, None, nbytes, ev
             return
         if tier == "disk":
-            self._make_disk_room(cap.nbytes, protect | {cap.name})
-            path = capsule_path(self.cfg.capsule_dir, cap.name)
-            cap.digest = write_capsule(path, self.rt.arena, self._host_bytes(cap), cap)
+            if not self._has_disk_copy(cap):      # capsules are immutable: a saved copy is current
+                self._make_disk_room(cap.nbytes, protect | {cap.name})
+                path = capsule_path(self.cfg.capsule_dir, cap.name)
+                cap.digest = write_capsule(path, self.rt.arena, self._host_bytes(cap), cap)
+            path = cap.path or capsule_path(self.cfg.capsule_dir, cap.name)
+            self._wait_ready(cap)
             self.pools[cap.tier].release(cap.offset)
             cap.tier, cap.offset, cap.path, cap.nbytes = "disk", None, path, os.path.getsize(path)
             return
@@ -372,7 +391,7 @@ class CapsuleStore:
         """Write a capsule to the capsule directory; keep or drop the memory copy."""
         with self.lock:
             cap = self.get(name)
-            if cap.tier == "disk":
+            if cap.tier == "disk" or (self._has_disk_copy(cap) and keep_in_memory):
                 return cap.path
             if not keep_in_memory:
                 self._move(cap, "disk", set())
