@@ -112,7 +112,7 @@ class StoreConfig:
     gpu_budget_mb: float = _f(1024.0, "GPU-resident capsule pool (preallocated at configure)", True)
     host_budget_mb: float = _f(1024.0, "host capsule pool (pinned when the runtime is on CUDA)", True)
     disk_budget_mb: float = _f(8192.0, "bytes the capsule directory may hold")
-    capsule_dir: str = _f("capsules", "directory of disk-tier capsules")
+    capsule_dir: str = _f("~/.flashrt/capsules", "directory of disk-tier capsules (~ expanded)")
     default_tier: str = _f("auto", "snapshot tier when a request names none: auto (gpu on CUDA, host on CPU), gpu, host, disk")
     eviction: str = _f("demote", "when a tier is full: demote (gpu->host->disk) or drop the least recently used unpinned capsule")
 
