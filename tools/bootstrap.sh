@@ -7,7 +7,7 @@
 # depends on, and a step runs only when its hash differs.
 #   requirements stamp: requirements.txt + this script   -> pip install -r requirements.txt
 #   interfaces stamp:   setup.py, CMakeLists.txt, package.xml, msg/, srv/
-#                       -> setup.py build_interfaces, then pip install -e .
+#                       -> pip install -e ., then setup.py build_interfaces
 # A changed requirements stamp also redoes the editable install (the ROS wheels may have moved).
 #
 # Run it (`bash tools/bootstrap.sh`) or source it; either way it sets and exports nothing in the
@@ -113,14 +113,18 @@ _flashrt_bootstrap() (
     if [ -f "$cache" ] && ! grep -qx "CMAKE_INSTALL_PREFIX:PATH=$venv" "$cache"; then
       rm -rf "$root/build/interfaces"
     fi
-    # The venv's bin on PATH: its ninja, and the ROS wheels' tools, for CMake. The interfaces are
-    # built by their own step: inside `pip install -e`, setuptools turns a failure of a custom
-    # build_py step into a warning and installs anyway, which would leave stale msg/srv behind.
-    step "building msg/srv (CMake + rosidl) into the venv" \
-      env PATH="$venv/bin:$PATH" "$py" setup.py build_interfaces
+    # The editable install goes first: pip removes an existing flashrt_ros install before it
+    # installs, and the egg-info that the CMake install leaves would make that removal take the
+    # generated msg/srv with it. The interfaces are built by their own step, because inside
+    # `pip install -e` setuptools turns a failure of a custom build_py step into a warning.
     step "installing flashrt_ros (editable)" \
       env FLASHRT_SKIP_INTERFACES=1 "$py" -m pip install --no-build-isolation \
       -e "$root" --config-settings editable_mode=compat
+    # The venv's bin on PATH: its ninja, and the ROS wheels' tools, for CMake.
+    step "building msg/srv (CMake + rosidl) into the venv" \
+      env PATH="$venv/bin:$PATH" "$py" setup.py build_interfaces
+    step "checking that flashrt_ros.msg and flashrt_ros.srv import" \
+      env ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST "$py" -c "import flashrt_ros.msg, flashrt_ros.srv"
     echo "$ifc_hash" >"$ifc_stamp"
   fi
 
