@@ -45,9 +45,9 @@ WRITER = textwrap.dedent("""
             store.delete("a")
         store.snapshot("a", tier="host")
         store.save("a")                                   # overwrite a.capsule atomically
-        store.snapshot(f"b{i % 5}-{i}", tier="disk")      # new files
-        if f"b{(i - 3) % 5}-{i - 3}" in store.capsules:
-            store.delete(f"b{(i - 3) % 5}-{i - 3}")
+        store.snapshot(f"b{sys.argv[2]}-{i}", tier="disk")      # new files
+        if f"b{sys.argv[2]}-{i - 3}" in store.capsules:
+            store.delete(f"b{sys.argv[2]}-{i - 3}")
         i += 1
         print(i, flush=True)
 """)
@@ -66,7 +66,7 @@ def test_kill_9_while_writing_leaves_only_whole_capsules(tmp_path):
     rng = random.Random(1234)
     rt = _runtime()
     for round_ in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, directory], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, directory, str(round_)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
             assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
