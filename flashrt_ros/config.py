@@ -86,6 +86,9 @@ class RuntimeConfig:
     sample_seed: int = _f(0, "initial seed of the arena's sampler RNG")
     kernels: str = _f("auto", "auto (fla on CUDA when importable), fla or reference", True)
     weights: str = _f("", "safetensors file with the policy weights ('' = deterministic from seed)", True)
+    threads: int = _f(0, "torch CPU (intra-op) threads the node sets at configure: 0 = auto (1 for "
+                         "presets with d_model <= 256, where handing tiny ops to a second thread "
+                         "costs more than it saves; else torch's default), N > 0 = N", True)
 
     def __post_init__(self):
         d = self.device
@@ -101,6 +104,9 @@ class RuntimeConfig:
                "runtime.action_noise", "a float >= 0", self.action_noise)
         _check(self.kernels in ("auto", "fla", "reference"), "runtime.kernels",
                "auto, fla or reference", self.kernels)
+        _check(isinstance(self.threads, int) and not isinstance(self.threads, bool)
+               and 0 <= self.threads <= 1024, "runtime.threads", "an integer in [0, 1024] (0 = auto)",
+               self.threads)
         if self.weights:
             _check(self.weights.endswith(".safetensors"), "runtime.weights",
                    "a .safetensors file (pickle-based formats are refused)", self.weights)
