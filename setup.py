@@ -81,7 +81,12 @@ class BuildInterfaces(Command):
         # rosidl installs an empty `flashrt_ros/__init__.py` beside the generated modules. Removed, that
         # directory becomes a plain portion that this package's own `__init__` (from the source tree
         # in an editable install, or copied over it by a normal install) merges via extend_path.
-        generated_init = os.path.join(sysconfig.get_paths()["purelib"], "flashrt_ros", "__init__.py")
+        purelib = sysconfig.get_paths()["purelib"]
+        # ament's Python install also drops an egg-info beside pip's metadata; pip would later treat
+        # it as an installed distribution and delete the generated modules when it uninstalls.
+        for stale in glob.glob(os.path.join(purelib, "flashrt_ros-*.egg-info")):
+            shutil.rmtree(stale, ignore_errors=True)
+        generated_init = os.path.join(purelib, "flashrt_ros", "__init__.py")
         if os.path.exists(generated_init):
             with open(generated_init, encoding="utf-8") as f:
                 ours = "extend_path" in f.read()
@@ -108,6 +113,7 @@ setup(
         ("share/flashrt_ros", ["package.xml"]),
         ("share/flashrt_ros/launch", glob.glob("launch/*.py")),
         ("share/flashrt_ros/config", glob.glob("config/*.yaml")),
+        ("share/flashrt_ros/config/presets", glob.glob("config/presets/*.yaml")),
     ],
     install_requires=["numpy", "pyyaml", "safetensors", "torch>=2.4"],
     extras_require={
