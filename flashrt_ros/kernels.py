@@ -10,11 +10,14 @@ Both compute, per head, with state S [K, V] (fp32), for each token t in order:
 with q, k already L2-normalised. The reference runs that loop literally (CPU path, and the
 yardstick for the fast path); `test_kernels.py` holds the fla kernels to it with a named tolerance.
 The fla kernels (`chunk_gated_delta_rule` for prefill, `fused_recurrent_gated_delta_rule` for
-steps) are an optional GPU dependency.
+steps) are an optional GPU dependency. The model calls them through `gated_delta_rule_fla_gated`,
+which also moves the q/k L2 norms, the decay gate `g = -exp(A_log) * softplus(a + dt_bias)` and
+`beta = sigmoid(b)` into the kernels (`gate_reference` is that prologue written out).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Tolerance of the fla kernels against the reference (bf16 inputs, fp32 state): the chunked form
 # reassociates the sums, so equality is not expected; these bound the drift over 64 tokens.
@@ -61,5 +64,40 @@ def gated_delta_rule_fla(q, k, v, g, beta, state, scale, chunked: bool):
     fn = chunk_gated_delta_rule if chunked else fused_recurrent_gated_delta_rule
     o, final = fn(q=q[None], k=k[None], v=v[None], g=g[None].float(), beta=beta[None].to(q.dtype),
                   scale=scale, initial_state=state[None], output_final_state=True)
+    state.copy_(final[0])
+    return o[0]
+
+
+def gate_reference(q, k, a, b, A_log, dt_bias):
+    """The prologue `gated_delta_rule_fla_gated` fuses: L2-normalised q/k, log decay g, beta.
+
+    Args:
+        q, k:    [T, H, K] raw (not normalised)
+        a, b:    [T, H]    raw decay and write-strength inputs
+        A_log:   [H] fp32, dt_bias: [H] fp32
+    Returns:
+        (q, k, g, beta): q, k in their dtype; g, beta fp32
+    """
+    qn = F.normalize(q.float(), dim=-1).to(q.dtype)
+    kn = F.normalize(k.float(), dim=-1).to(k.dtype)
+    g = -torch.exp(A_log.float()) * F.softplus(a.float() + dt_bias.float())
+    return qn, kn, g, torch.sigmoid(b.float())
+
+
+def gated_delta_rule_fla_gated(q, k, v, a, b, A_log, dt_bias, state, scale, chunked: bool):
+    """fla kernels with the gate prologue fused: equals `gated_delta_rule_reference` applied to
+    `gate_reference(q, k, a, b, A_log, dt_bias)` up to FLA_ATOL/FLA_RTOL (the kernels' L2 norm uses
+    eps 1e-6 inside the square root where F.normalize clamps the norm at 1e-12).
+
+    Args:
+        q, k: [T, H, K] raw; v: [T, H, V]; a, b: [T, H] raw; A_log, dt_bias: [H] fp32
+        state: [H, K, V] fp32, updated in place
+    """
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    fn = chunk_gated_delta_rule if chunked else fused_recurrent_gated_delta_rule
+    o, final = fn(q=q[None], k=k[None], v=v[None], g=a[None], beta=b[None], scale=scale,
+                  initial_state=state[None], output_final_state=True,
+                  use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log,
+                  dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
     state.copy_(final[0])
     return o[0]

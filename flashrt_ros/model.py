@@ -61,6 +61,10 @@ def counter_gaussian(seed, counter, idx):
 
 def _rms(x, w, eps=1e-6):
     """RMSNorm in fp32 (written out: F.rms_norm is several times slower on the CPU path)."""
+    if x.is_cuda:
+        # On CUDA F.rms_norm is one fused kernel (fp32 inside) where the written-out form is eight;
+        # a graph-replayed step is launch-bound, so this alone removes ~500 of its kernels.
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w.float()
     return y.to(x.dtype)
@@ -81,7 +85,10 @@ class HybridPolicy(nn.Module):
         g = torch.Generator().manual_seed(cfg.seed)
         digest = hashlib.blake2b(digest_size=16)
         for name, (shape, kind) in shapes.items():
-            t = self._init_param(shape, kind, g).to(self.dtype if kind != "fp32" else torch.float32)
+            # the decay parameters stay fp32 in every preset: exp(A_log) in bf16 would round the
+            # per-head decay rates by up to 0.4 % (and fla's in-kernel gate reads them as fp32)
+            keep_fp32 = kind in ("A_log", "dt_bias")
+            t = self._init_param(shape, kind, g).to(torch.float32 if keep_fp32 else self.dtype)
             digest.update(name.encode())
             digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
             self.register_parameter(name.replace(".", "__"),
@@ -147,7 +154,13 @@ class HybridPolicy(nn.Module):
         """Load weights from a safetensors file (never pickle); every name and shape must match."""
         from safetensors import safe_open
         expected = {n: tuple(s) for n, (s, _) in self.param_shapes().items()}
-        with safe_open(path, framework="pt") as f:
+        try:
+            f = safe_open(path, framework="pt")
+        except Exception as e:  # noqa: BLE001 - missing file, or safetensors' own error type
+            # refused at construction like every other config error, with the reason
+            raise ConfigError(f"weights {path}: expected a readable safetensors file, found "
+                              f"{type(e).__name__}: {e}") from None
+        with f:
             found = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
             missing = sorted(set(expected) - set(found))
             extra = sorted(set(found) - set(expected))
@@ -191,8 +204,16 @@ class HybridPolicy(nn.Module):
             keys, vals = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)   # [Hkv, max_ctx, D]
             cols = torch.arange(c.max_context, device=h.device)
             mask = cols[None, :] <= rows[:, None]                                # [T, max_ctx]
-            o = F.scaled_dot_product_attention(q[None], keys[None], vals[None], attn_mask=mask,
-                                               enable_gqa=True)[0]
+            # Written out rather than SDPA: SDPA with a mask and GQA falls back to its math kernel,
+            # which first copies K/V to every query head (G x the bytes, the whole max_context).
+            # Folding the G query heads of a KV head into the row dimension reads each KV row once
+            # with two batched matmuls, whose split over max_context parallelises even for T = 1.
+            G = c.n_heads // c.n_kv_heads
+            qg = q.reshape(c.n_kv_heads, G * T, c.head_dim)                     # [Hkv, G*T, D]
+            scores = torch.matmul(qg, keys.transpose(1, 2)).float() * c.head_dim ** -0.5
+            scores.masked_fill_(~mask.repeat(G, 1), float("-inf"))             # [Hkv, G*T, max_ctx]
+            o = torch.matmul(torch.softmax(scores, dim=-1).to(vals.dtype), vals)
+            o = o.view(c.n_heads, T, c.head_dim)
         else:
             kv[pos:pos + T, 0] = k.view(T, c.n_kv_heads, c.head_dim)
             kv[pos:pos + T, 1] = v.view(T, c.n_kv_heads, c.head_dim)
@@ -219,13 +240,18 @@ class HybridPolicy(nn.Module):
         conv_state.copy_(xs[T:])
         y = F.silu((xs.unfold(0, c.conv_kernel, 1) * self.w(pre + "conv_w")).sum(-1))  # [T, conv_dim]
         q, k, v = y.view(T, 3, Hl, Kl).unbind(1)
-        q, k = F.normalize(q.float(), dim=-1).to(y.dtype), F.normalize(k.float(), dim=-1).to(y.dtype)
-        g = -torch.exp(self.w(pre + "A_log")) * F.softplus(a.float() + self.w(pre + "dt_bias"))
-        beta = torch.sigmoid(b.float())
         state = arena[pre + "recurrent_state"]
         if self.kernel == "fla":
-            o = kernels.gated_delta_rule_fla(q, k, v, g, beta, state, Kl ** -0.5, chunked=T > 1)
+            # the L2 norms, the decay gate and the beta sigmoid below run inside the fla kernel
+            # (~20 fewer launches per layer); test_kernels holds it to the reference form below
+            o = kernels.gated_delta_rule_fla_gated(q, k, v, a, b, self.w(pre + "A_log"),
+                                                   self.w(pre + "dt_bias"), state, Kl ** -0.5,
+                                                   chunked=T > 1)
         else:
+            q = F.normalize(q.float(), dim=-1).to(y.dtype)
+            k = F.normalize(k.float(), dim=-1).to(y.dtype)
+            g = -torch.exp(self.w(pre + "A_log")) * F.softplus(a.float() + self.w(pre + "dt_bias"))
+            beta = torch.sigmoid(b.float())
             o = kernels.gated_delta_rule_reference(q, k, v, g, beta, state, Kl ** -0.5)
         o = _rms(o, self.w(pre + "o_norm")) * F.silu(z.view(T, Hl, Kl))
         return o.reshape(T, Hl * Kl) @ self.w(pre + "lin_out")

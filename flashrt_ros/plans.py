@@ -26,11 +26,16 @@ class StepPlan:
     def captured(self) -> bool:
         return self.graph is not None
 
-    def capture(self, pool, warmup: int = 2) -> None:
+    def capture(self, pool, warmup: int = 2, prepare: Callable[[], None] | None = None) -> None:
+        """Warm up and capture. `prepare` runs before every warm-up run: warm-ups execute for real
+        and advance the arena (a prefill chunk moves the position by its length), so without it
+        they accumulate and a later plan's warm-up writes KV rows past max_context."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
+                if prepare is not None:
+                    prepare()
                 self.fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from . import tokenizer
-from .arena import (META_CONTEXT_LEN, META_EPISODE, META_POSITION, META_RNG_SEED, META_STEP,
-                    StateArena, StaticIO)
+from .arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION, META_RNG_SEED,
+                    META_STEP, StateArena, StaticIO)
 from .config import TINY, ModelConfig, RuntimeConfig
 from .exceptions import ConfigError, InputError
 from .kernels import fla_available
@@ -81,6 +81,9 @@ class PolicyRuntime:
         self._context_state = torch.zeros(self.arena.small_nbytes, dtype=torch.uint8,
                                           device=self.device)
         self.use_graphs = cuda and self.cfg.cuda_graphs
+        # replay the captured position-0 plans of long chunks (see _build_plans); benchmarks turn
+        # it off to measure the eager baseline in the same process
+        self.cold_prefill_graphs = self.use_graphs
         self.plans = self._build_plans()
         self.position = 0
         self.step_count = 0
@@ -108,11 +111,20 @@ class PolicyRuntime:
             "lm_head": StepPlan("lm_head", lambda: m.lm_head(a, io)),
         }
         for c in self.cfg.prefill_buckets:
-            graph = static and c <= GRAPH_PREFILL_MAX
+            # a bucket longer than the usable context is never picked by _prefill; capturing it
+            # would index KV rows past max_context during warm-up
+            graph = static and c <= min(GRAPH_PREFILL_MAX, self.max_tokens)
             fn = (lambda c=c: m.prefill_chunk(a, io, None, io.chunks[c])) if graph else \
                  (lambda c=c: m.prefill_chunk(a, io, self.position, io.chunks[c]))
             plans[f"prefill{c}"] = StepPlan(f"prefill{c}", fn)
             plans[f"prefill{c}"].graph_eligible = graph
+            if static and GRAPH_PREFILL_MAX < c <= self.max_tokens:
+                # An instruction's first chunk always starts at position 0, where the dynamic form
+                # (causal flash attention over the chunk itself) has static shapes too: capture it.
+                # Eagerly a cold 2k prefill is launch-bound (the anchors measured a graph halving
+                # it); replay and eager run the same kernels, so results are bitwise the same.
+                plans[f"prefill{c}@0"] = StepPlan(
+                    f"prefill{c}@0", lambda c=c: m.prefill_chunk(a, io, 0, io.chunks[c]))
         return plans
 
     def _capture(self, say):
@@ -121,16 +133,17 @@ class PolicyRuntime:
         for name, plan in self.plans.items():
             if getattr(plan, "graph_eligible", True):
                 t = time.perf_counter()
-                plan.capture(pool)
+                plan.capture(pool, prepare=lambda: self.arena.base.copy_(saved))
                 say(f"captured plan {name} ({(time.perf_counter() - t) * 1e3:.0f} ms)")
         self.arena.base.copy_(saved)
         torch.cuda.synchronize(self.device)
-        del saved
 
     # -- state ----------------------------------------------------------------------------
     def _zero_state(self):
         self.arena.zero_()
-        self.arena.meta[META_RNG_SEED] = int(self.cfg.sample_seed)
+        # fill_ on a view, not `meta[i] = v`: item assignment may stage the scalar in a fresh
+        # device tensor, and nothing may allocate on the device after capture
+        self.arena.meta[META_RNG_SEED].fill_(int(self.cfg.sample_seed))
         self.position = self.step_count = self.context_len = 0
         self.context_tokens = []
         self._context_state.copy_(self.arena.base[: self.arena.small_nbytes])
@@ -157,15 +170,15 @@ class PolicyRuntime:
         The resulting state is what reset(keep_context=True) returns to.
         """
         tokens = tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) \
-            else list(text_or_tokens)
+            else self._as_token_list(text_or_tokens)
         self._check_tokens(tokens, from_position=0)
         self.episode += 1
         self._zero_state()
-        self.arena.meta[META_EPISODE] = self.episode
+        self.arena.meta[META_EPISODE].fill_(self.episode)
         self._prefill(tokens)
         self.context_len = self.position
         self.context_tokens = tokens
-        self.arena.meta[META_CONTEXT_LEN] = self.context_len
+        self.arena.meta[META_CONTEXT_LEN].fill_(self.context_len)
         self._context_state.copy_(self.arena.base[: self.arena.small_nbytes])
         self.ring.clear()
         self._commit()
@@ -173,16 +186,37 @@ class PolicyRuntime:
 
     def prefill(self, tokens) -> None:
         """Append tokens to the live context (one commit)."""
-        tokens = list(tokens)
+        tokens = self._as_token_list(tokens)
         self._check_tokens(tokens, from_position=self.position)
         self._prefill(tokens)
         self._commit()
+
+    @staticmethod
+    def _as_token_list(tokens) -> list:
+        # a number or None is not a token sequence: say so instead of leaking list()'s TypeError
+        if isinstance(tokens, (bytes, bytearray)) or not hasattr(tokens, "__iter__"):
+            raise InputError(f"tokens: expected a text or a sequence of token ids, found "
+                             f"{type(tokens).__name__}")
+        if isinstance(tokens, (torch.Tensor, np.ndarray)):
+            return tokens.tolist()      # Python ints (and floats, which the check refuses)
+        return list(tokens)
 
     def _check_tokens(self, tokens, from_position):
         V = self.model_cfg.vocab_size
         if not tokens:
             raise InputError("tokens: expected at least one token, found an empty sequence")
-        bad = [t for t in tokens if not isinstance(t, (int, np.integer)) or not 0 <= int(t) < V]
+        # vectorised check first (a 16k-token instruction costs ~0.5 ms, not ~5 ms per item);
+        # the per-item scan below only runs to name the offending tokens
+        try:
+            arr = np.asarray(tokens)
+        except (TypeError, ValueError):
+            arr = np.asarray([None])
+        ok = arr.ndim == 1 and arr.dtype.kind in "iu" and int(arr.min()) >= 0 and int(arr.max()) < V
+        # bool is an int subclass; True is not a token id
+        bad = [] if ok else [t for t in tokens if isinstance(t, (bool, np.bool_))
+                             or not isinstance(t, (int, np.integer)) or not 0 <= int(t) < V]
+        if not ok and not bad:
+            bad = tokens[:5]
         if bad:
             raise InputError(f"tokens: expected integers in [0, {V}), found {bad[:5]}")
         if from_position + len(tokens) > self.max_tokens:
@@ -192,7 +226,7 @@ class PolicyRuntime:
                 f"the instruction or use a preset with a larger max_context")
 
     def _prefill(self, tokens):
-        t = torch.tensor(tokens, dtype=torch.int64)
+        t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
         i = 0
         while i < len(tokens):
             n = len(tokens) - i
@@ -203,7 +237,10 @@ class PolicyRuntime:
                 i, self.position = i + 1, self.position + 1
                 continue
             self.io.chunks[size].copy_(t[i:i + size], non_blocking=True)
-            self.plans[f"prefill{size}"].run()
+            name = f"prefill{size}"
+            if self.position == 0 and self.cold_prefill_graphs and name + "@0" in self.plans:
+                name += "@0"
+            self.plans[name].run()
             i, self.position = i + size, self.position + size
 
     def step(self, obs) -> np.ndarray:
@@ -218,9 +255,15 @@ class PolicyRuntime:
     def _check_obs(self, obs) -> torch.Tensor:
         n = self.model_cfg.obs_dim
         try:
-            arr = np.asarray(obs, dtype=np.float32)
-        except (TypeError, ValueError):
+            raw = np.asarray(obs)
+        except (TypeError, ValueError, RuntimeError):
             raise InputError(f"observation: expected {n} floats, found {type(obs).__name__}") from None
+        # numbers only: np.asarray(..., dtype=float32) would also parse strings such as "1.5"
+        if raw.dtype.kind not in "iuf":
+            raise InputError(f"observation: expected {n} floats, found an array of "
+                             f"{raw.dtype} ({type(obs).__name__})")
+        with np.errstate(over="ignore"):    # float64 beyond float32's range -> inf: refused below
+            arr = raw.astype(np.float32)
         if arr.shape != (n,):
             raise InputError(f"observation: expected shape ({n},) (obs_dim of preset "
                              f"{self.model_cfg.name!r}), found shape {arr.shape}")
@@ -232,6 +275,8 @@ class PolicyRuntime:
 
     def decode(self, n: int) -> list[int]:
         """Greedy-decode n tokens after the current context (each one commit)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise InputError(f"decode: expected a token count >= 0, found {n!r}")
         if self.position + n > self.max_tokens:
             raise InputError(f"decode: {n} tokens at position {self.position} exceed the "
                              f"{self.max_tokens} usable tokens of the arena")
@@ -260,7 +305,7 @@ class PolicyRuntime:
         else:
             self._zero_state()
         self.episode = episode
-        self.arena.meta[META_EPISODE] = episode
+        self.arena.meta[META_EPISODE].fill_(episode)
         self.ring.clear()
         self._commit()
         return self.episode
@@ -281,15 +326,27 @@ class PolicyRuntime:
     def restore_state(self, src: torch.Tensor) -> None:
         """Copy capsule bytes into the live arena (same device or host), then adopt their metadata.
 
-        The caller has verified size, fingerprint and digest; this never rebinds a buffer.
+        The caller has verified size, fingerprint and digest; this never rebinds a buffer. Every
+        check runs before the copy, so a refused restore leaves the live state untouched. The
+        restored state becomes the point reset(keep_context=True) returns to: the post-instruction
+        state of the previous context no longer matches the KV prefix now in the arena.
         """
+        if not isinstance(src, torch.Tensor) or src.dtype != torch.uint8 or src.dim() != 1:
+            raise InputError(f"restore: expected a 1-D uint8 tensor of state bytes, found "
+                             f"{getattr(src, 'dtype', type(src).__name__)} "
+                             f"{tuple(getattr(src, 'shape', ()))}")
         n = src.numel()
         if n < self.arena.small_nbytes or (n - self.arena.kv_offset) % self.arena.kv_row_nbytes:
             raise InputError(f"restore: {n} bytes is not a live-state size of this arena")
+        # the position the bytes carry, read from their meta header (64 bytes to the host)
+        head = np.frombuffer(src[:META_LEN * 8].cpu().numpy().tobytes(), dtype=np.int64)
+        if self.arena.live_nbytes(int(head[META_POSITION])) != n:
+            raise InputError(f"restore: {n} bytes do not match the position "
+                             f"{int(head[META_POSITION])} they carry")
         self.arena.base[:n].copy_(src, non_blocking=True)
         self._sync_mirrors_from_meta()
-        if self.arena.live_nbytes(self.position) != n:
-            raise InputError(f"restore: {n} bytes do not match the position {self.position} they carry")
+        self._context_state.copy_(self.arena.base[: self.arena.small_nbytes])
+        self.context_tokens = []
         self.ring.clear()
         self._commit()
 

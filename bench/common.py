@@ -1,0 +1,170 @@
+"""Shared pieces of the benchmarks: timing, percentiles, the environment record, report files.
+
+Timing rules: every measured call is warmed up first; GPU work is timed either with CUDA events
+around each call (device time, launch overhead hidden when calls queue back to back) or with a
+host clock around a call that ends in `torch.cuda.synchronize()` (what a caller waits for). Each
+table says which one it reports.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def summary(samples_ms) -> dict:
+    """p50/p99/mean/min of a list of milliseconds."""
+    x = np.asarray(samples_ms, dtype=np.float64)
+    return {"p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99)),
+            "mean": float(x.mean()), "min": float(x.min()), "n": int(x.size)}
+
+
+def wall_ms(fn, iters: int, warmup: int, sync: bool) -> list[float]:
+    """Host time per call; with sync=True each call ends with torch.cuda.synchronize()."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def cuda_event_ms(fn, iters: int, warmup: int) -> list[float]:
+    """Device time per call from CUDA events recorded around each call, calls queued back to back."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def _version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:  # noqa: BLE001 - not installed, or installed without metadata
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """Everything a reader needs to reproduce a table: machine, versions, date, command, commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit += " (uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    env = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fla": _version("fla-core"),
+        "triton": _version("triton"),
+        "numpy": np.__version__,
+        "cpu": f"{_cpu_model()} ({os.cpu_count()} logical cores)",
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, driver_capability=f"sm_{p.major}{p.minor}")
+    return env
+
+
+def device_slug(env: dict) -> str:
+    name = env.get("gpu") or "cpu"
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(stem: str, title: str, env: dict, sections: list[dict], results: dict) -> tuple:
+    """Write `<stem>.json` (env + raw results) and `<stem>.md` (env + tables); returns both paths.
+
+    sections: [{"heading", "columns", "rows", "notes"}] rendered in order.
+    """
+    for ext in (".md", ".json"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    md_path, json_path = stem + ".md", stem + ".json"
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump({"title": title, "environment": env, "results": results}, f, indent=2)
+    parts = [f"# {title}", "", "| | |", "|---|---|"]
+    parts += [f"| {k} | `{v}` |" if k == "command" else f"| {k} | {v} |" for k, v in env.items()]
+    for s in sections:
+        parts += ["", f"## {s['heading']}", "", markdown_table(s["columns"], s["rows"])]
+        if s.get("notes"):
+            parts += [""] + list(s["notes"])
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts) + "\n")
+    return md_path, json_path
+
+
+def cuda_kernel_profile(fn, top: int = 12) -> dict:
+    """Kernels one call of `fn` runs on the GPU (graph replays included): count, summed kernel time
+    and the `top` kernel names by time. Summed kernel time well below the call's wall time means
+    the call is bound by launches and gaps, not by the kernels themselves."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    by_name: dict[str, list] = {}
+    count, total_us = 0, 0.0
+    for e in prof.events():
+        if getattr(e, "device_type", None) is None or "CUDA" not in str(e.device_type):
+            continue
+        us = e.time_range.elapsed_us()
+        count += 1
+        total_us += us
+        entry = by_name.setdefault(e.name[:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"kernels": count, "kernel_time_ms": total_us / 1e3,
+            "top": [{"name": n, "calls": c, "ms": us / 1e3} for n, (c, us) in ranked]}
