@@ -40,6 +40,9 @@ CPU_LENGTHS = (128, 256, 512, 1024)
 # Long buckets on the GPU: a 16k instruction is one chunk (one captured position-0 plan) instead
 # of 64 chunks of 256; the short ones are the runtime defaults (captured static plans).
 GPU_BUCKETS = (16384, 8192, 4096, 2048, 1024, 256, 64, 16, 4)
+MEASURED_CODE = ("flashrt_ros/arena.py", "flashrt_ros/config.py", "flashrt_ros/kernels.py",
+                 "flashrt_ros/model.py", "flashrt_ros/plans.py", "flashrt_ros/rollback.py",
+                 "flashrt_ros/runtime.py", "flashrt_ros/tokenizer.py", "config/presets", "bench")
 TARGETS = [  # (what, context, measured key, limit ms) - from the project brief, H100
     ("graph observation step (device)", 16384, "obs_graph_device", 1.0),
     ("graph decode step (device)", 16384, "decode_graph_device", 1.0),
@@ -106,7 +109,7 @@ def bench(args):
     if not cuda:
         torch.set_num_threads(args.threads)
     rt, lengths, build_s = build(args, device)
-    env = environment(device)
+    env = environment(device, code=MEASURED_CODE)
     env.update(preset=rt.model_cfg.name, kernels=rt.kernel, cuda_graphs=rt.use_graphs,
                prefill_buckets=list(rt.cfg.prefill_buckets), max_context=rt.model_cfg.max_context,
                parameters_M=round(sum(p.numel() for p in rt.model.parameters()) / 1e6, 1),

@@ -77,14 +77,17 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(device: torch.device) -> dict:
-    """Everything a reader needs to reproduce a table: machine, versions, date, command, commit."""
+def environment(device: torch.device, code: tuple = ()) -> dict:
+    """Everything a reader needs to reproduce a table: machine, versions, date, command, commit.
+
+    code: the paths whose uncommitted changes would make the commit hash a lie (default: all).
+    """
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=5).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        commit += " (uncommitted changes)" if dirty else ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                *code], capture_output=True, text=True, timeout=5).stdout.strip()
+        commit += " (uncommitted changes in the measured code)" if dirty else ""
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     env = {
@@ -98,6 +101,7 @@ def environment(device: torch.device) -> dict:
         "numpy": np.__version__,
         "cpu": f"{_cpu_model()} ({os.cpu_count()} logical cores)",
         "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),   # other work on the machine
         "device": str(device),
     }
     if device.type == "cuda":
