@@ -87,7 +87,9 @@ def environment(device: torch.device, code: tuple = ()) -> dict:
                                 text=True, timeout=5).stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
                                 *code], capture_output=True, text=True, timeout=5).stdout.strip()
-        commit += " (uncommitted changes in the measured code)" if dirty else ""
+        if dirty:
+            commit += " (uncommitted changes in: %s)" % ", ".join(
+                line[3:] for line in dirty.splitlines())
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     env = {
