@@ -86,10 +86,10 @@ def environment(device: torch.device, code: tuple = ()) -> dict:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=5).stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                *code], capture_output=True, text=True, timeout=5).stdout.strip()
-        if dirty:
+                                *code], capture_output=True, text=True, timeout=5).stdout
+        if dirty.strip():       # porcelain lines are "XY path": the path starts at column 3
             commit += " (uncommitted changes in: %s)" % ", ".join(
-                line[3:] for line in dirty.splitlines())
+                line[3:] for line in dirty.splitlines() if line.strip())
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     env = {
