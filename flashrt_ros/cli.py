@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(d)
     sub.add_parser("sim", help="run the simulated robot alone (see `flashrt-ros sim --help`)",
                    add_help=False)
+    sub.add_parser("bt-demo", help="branch-and-choose behaviour tree against the simulated robot: "
+                   "report and plot (see `flashrt-ros bt-demo --help`)", add_help=False)
     s = sub.add_parser("snapshot", help="capture the live state as a capsule")
     s.add_argument("name")
     s.add_argument("--tier", default="", help="gpu, host or disk (default: the node's default tier)")
@@ -276,6 +278,9 @@ def main(argv=None) -> int:
         from flashrt_ros.sim_robot import main as sim_main
         sim_main(argv[1:])
         return 0
+    if argv and argv[0] == "bt-demo":
+        from flashrt_ros.bt_demo import main as bt_demo_main
+        return bt_demo_main(argv[1:])
     if argv and argv[0] == "bench":
         if len(argv) < 2 or argv[1] in ("-h", "--help"):
             print("usage: flashrt-ros bench EXPERIMENT [args...]   (see bench/bench_*.py)")
