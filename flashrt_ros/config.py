@@ -22,6 +22,14 @@ def _f(default, help, read_only=False, **kw):
     return field(default=default, metadata={"help": help, "read_only": read_only, **kw})
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _check(cond: bool, name: str, expected: str, found: Any, fix: str = "") -> None:
     if not cond:
         msg = f"{name}: expected {expected}, found {found!r}"
@@ -65,6 +73,12 @@ class ModelConfig:
                "one of float32, bfloat16, float16", self.dtype)
         _check(self.vocab_size >= 260, "model.vocab_size",
                ">= 260 (the byte tokenizer uses ids 0..259)", self.vocab_size)
+        _check(self.attn_every <= self.n_layers, "model.attn_every",
+               f"<= n_layers={self.n_layers} (at least one attention layer holds the context)",
+               self.attn_every)
+        _check(self.max_context >= 2, "model.max_context", "at least 2 (one row is scratch)",
+               self.max_context)
+        _check(_is_int(self.seed) and self.seed >= 0, "model.seed", "an integer >= 0", self.seed)
 
     @property
     def attn_layers(self) -> list[int]:
@@ -80,7 +94,9 @@ class RuntimeConfig:
     """How the model runs."""
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)", True)
     cuda_graphs: bool = _f(True, "capture step/prefill plans as CUDA graphs (CUDA only)", True)
-    prefill_buckets: tuple = _f((256, 64, 16, 4), "exact prefill chunk lengths, one plan each", True)
+    prefill_buckets: tuple = _f((4096, 1024, 256, 64, 16, 4),
+                                "exact prefill chunk lengths, one plan each (longer than the context: unused)",
+                                True)
     rollback_depth: int = _f(16, "committed steps kept for rollback(k) (0 disables)", True)
     action_noise: float = _f(0.0, "std of sampled action noise (the sampler's RNG lives in the arena)", True)
     sample_seed: int = _f(0, "initial seed of the arena's sampler RNG")
@@ -92,16 +108,22 @@ class RuntimeConfig:
 
     def __post_init__(self):
         d = self.device
-        _check(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()),
+        _check(isinstance(d, str) and (d in ("auto", "cpu", "cuda")
+                                       or (d.startswith("cuda:") and d[5:].isdigit())),
                "runtime.device", "cpu, cuda, cuda:N or auto", d)
-        b = tuple(self.prefill_buckets)
+        b = tuple(self.prefill_buckets) if isinstance(self.prefill_buckets, (list, tuple)) else ()
+        _check(len(b) > 0 and all(_is_int(x) and 0 < x <= 1 << 20 for x in b),
+               "runtime.prefill_buckets", "a non-empty list of positive integers",
+               list(b) if b else self.prefill_buckets)
         object.__setattr__(self, "prefill_buckets", tuple(sorted(set(b), reverse=True)))
-        _check(all(isinstance(x, int) and x > 0 for x in b) and len(b) > 0,
-               "runtime.prefill_buckets", "a non-empty list of positive integers", list(b))
-        _check(isinstance(self.rollback_depth, int) and 0 <= self.rollback_depth <= 4096,
+        _check(_is_int(self.rollback_depth) and 0 <= self.rollback_depth <= 4096,
                "runtime.rollback_depth", "an integer in [0, 4096]", self.rollback_depth)
-        _check(isinstance(self.action_noise, (int, float)) and self.action_noise >= 0.0,
-               "runtime.action_noise", "a float >= 0", self.action_noise)
+        _check(_is_number(self.action_noise) and 0.0 <= self.action_noise < float("inf"),
+               "runtime.action_noise", "a finite float >= 0", self.action_noise)
+        _check(_is_int(self.sample_seed) and 0 <= self.sample_seed < 1 << 32,
+               "runtime.sample_seed", "an integer in [0, 2^32)", self.sample_seed)
+        _check(isinstance(self.cuda_graphs, bool), "runtime.cuda_graphs", "true or false",
+               self.cuda_graphs)
         _check(self.kernels in ("auto", "fla", "reference"), "runtime.kernels",
                "auto, fla or reference", self.kernels)
         _check(isinstance(self.threads, int) and not isinstance(self.threads, bool)
@@ -121,14 +143,21 @@ class StoreConfig:
     capsule_dir: str = _f("~/.flashrt/capsules", "directory of disk-tier capsules (~ expanded)")
     default_tier: str = _f("auto", "snapshot tier when a request names none: auto (gpu on CUDA, host on CPU), gpu, host, disk")
     eviction: str = _f("demote", "when a tier is full: demote (gpu->host->disk) or drop the least recently used unpinned capsule")
+    # Paged store (flashrt_ros/paged.py, issue 8): memory-tier KV in blocks shared across forks.
+    paged: bool = _f(False, "keep memory-tier capsules as block tables over shared, copy-on-write token blocks (PagedCapsuleStore)", True)
+    block_tokens: int = _f(0, "KV rows per block of the paged store (0 = auto: 16-256, at most 1/16 of the small state)", True)
 
     def __post_init__(self):
         for n in ("gpu_budget_mb", "host_budget_mb", "disk_budget_mb"):
             v = getattr(self, n)
-            _check(isinstance(v, (int, float)) and v >= 0, f"store.{n}", "a number >= 0", v)
+            _check(_is_number(v) and 0 <= v < float("inf"), f"store.{n}", "a number >= 0", v)
         _check(self.default_tier in ("auto", "gpu", "host", "disk"), "store.default_tier",
                "auto, gpu, host or disk", self.default_tier)
         _check(self.eviction in ("demote", "drop"), "store.eviction", "demote or drop", self.eviction)
+        _check(isinstance(self.paged, bool), "store.paged", "true or false", self.paged)
+        _check(isinstance(self.block_tokens, int) and not isinstance(self.block_tokens, bool)
+               and 0 <= self.block_tokens <= 65536, "store.block_tokens",
+               "an integer in [0, 65536] (0 = auto)", self.block_tokens)
         _check(isinstance(self.capsule_dir, str) and self.capsule_dir != "", "store.capsule_dir",
                "a directory path", self.capsule_dir)
 
