@@ -70,6 +70,13 @@ class Capsule:
     offset: int | None = None
     path: str | None = None
     ready: object = None   # CUDA event: the copy into this capsule has completed
+    context_len: int = -1  # tokens of instruction context in the state (-1: read from the bytes)
+
+    def known(self):
+        """(position, step, episode, context_len) for PolicyRuntime.restore_state, or None."""
+        if self.context_len < 0:
+            return None
+        return (self.position, self.step, self.episode, self.context_len)
 
     def touch(self):
         self.last_used = time.monotonic()

@@ -323,13 +323,18 @@ class PolicyRuntime:
         """A view of the live state bytes (valid until the next call that changes state)."""
         return self.arena.live_bytes(self.position)
 
-    def restore_state(self, src: torch.Tensor) -> None:
+    def restore_state(self, src: torch.Tensor, known: tuple | None = None) -> None:
         """Copy capsule bytes into the live arena (same device or host), then adopt their metadata.
 
         The caller has verified size, fingerprint and digest; this never rebinds a buffer. Every
         check runs before the copy, so a refused restore leaves the live state untouched. The
         restored state becomes the point reset(keep_context=True) returns to: the post-instruction
         state of the previous context no longer matches the KV prefix now in the arena.
+
+        `known` = (position, step, episode, context_len) the caller recorded with the bytes (a
+        capsule's metadata): then nothing is read back from the device, and a GPU-resident restore
+        is one device-to-device copy with no host synchronisation. Without it, the values are read
+        from the bytes' own meta header.
         """
         if not isinstance(src, torch.Tensor) or src.dtype != torch.uint8 or src.dim() != 1:
             raise InputError(f"restore: expected a 1-D uint8 tensor of state bytes, found "
@@ -338,13 +343,16 @@ class PolicyRuntime:
         n = src.numel()
         if n < self.arena.small_nbytes or (n - self.arena.kv_offset) % self.arena.kv_row_nbytes:
             raise InputError(f"restore: {n} bytes is not a live-state size of this arena")
-        # the position the bytes carry, read from their meta header (64 bytes to the host)
-        head = np.frombuffer(src[:META_LEN * 8].cpu().numpy().tobytes(), dtype=np.int64)
-        if self.arena.live_nbytes(int(head[META_POSITION])) != n:
-            raise InputError(f"restore: {n} bytes do not match the position "
-                             f"{int(head[META_POSITION])} they carry")
+        if known is None:
+            # the position the bytes carry, read from their meta header (64 bytes to the host)
+            head = np.frombuffer(src[:META_LEN * 8].cpu().numpy().tobytes(), dtype=np.int64)
+            known = (int(head[META_POSITION]), int(head[META_STEP]), int(head[META_EPISODE]),
+                     int(head[META_CONTEXT_LEN]))
+        position = int(known[0])
+        if self.arena.live_nbytes(position) != n:
+            raise InputError(f"restore: {n} bytes do not match the position {position} they carry")
         self.arena.base[:n].copy_(src, non_blocking=True)
-        self._sync_mirrors_from_meta()
+        self.position, self.step_count, self.episode, self.context_len = (int(v) for v in known)
         self._context_state.copy_(self.arena.base[: self.arena.small_nbytes])
         self.context_tokens = []
         self.ring.clear()

@@ -295,7 +295,7 @@ class CapsuleStore:
                 cap = Capsule(name=name, parent=self.lineage if parent is None else parent,
                               step=rt.step_count, position=rt.position, episode=rt.episode,
                               nbytes=rt.live_nbytes(), fingerprint=self.fingerprint, tier=tier,
-                              pinned=bool(pin))
+                              pinned=bool(pin), context_len=rt.context_len)
                 if tier == "disk":
                     raw = rt.live_state().cpu().clone() if self.cuda else rt.live_state().clone()
                 else:
@@ -319,10 +319,12 @@ class CapsuleStore:
                                       f"weights or version and cannot be restored here")
             if cap.tier == "disk":
                 _, src = read_capsule(cap.path, self.rt.arena, self.fingerprint)
+                known = None            # host bytes: the runtime reads their header for free
             else:
                 src = self._view(cap)   # copies into it are stream-ordered before this one
+                known = cap.known()
             with self.rt.lock:
-                self.rt.restore_state(src)
+                self.rt.restore_state(src, known)
             cap.touch()
             self.lineage = name
             return cap
@@ -350,7 +352,7 @@ class CapsuleStore:
                 off = self._reserve(tier, nbytes, {source})
                 cap = Capsule(name=name, parent=source, step=src.step, position=src.position,
                               episode=src.episode, nbytes=nbytes, fingerprint=src.fingerprint,
-                              tier=tier)
+                              tier=tier, context_len=src.context_len)
                 if tier == "disk":
                     path = capsule_path(self.cfg.capsule_dir, name)
                     cap.digest = write_capsule(path, self.rt.arena, raw if raw.device.type == "cpu"
@@ -455,3 +457,11 @@ class CapsuleStore:
         with self.lock:
             self.lineage = ""
 
+
+def make_store(runtime: PolicyRuntime, cfg: StoreConfig | None = None) -> CapsuleStore:
+    """The store `cfg` asks for: PagedCapsuleStore when `cfg.paged` (issue 8), else CapsuleStore."""
+    cfg = cfg or StoreConfig()
+    if cfg.paged:
+        from .paged import PagedCapsuleStore   # imported here: paged.py subclasses CapsuleStore
+        return PagedCapsuleStore(runtime, cfg)
+    return CapsuleStore(runtime, cfg)
