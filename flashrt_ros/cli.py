@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("bt-demo", help="branch-and-choose behaviour tree against the simulated robot: "
                    "report and plot (see `flashrt-ros bt-demo --help`)", add_help=False)
+    sub.add_parser("record", help="record the node's episode to a rosbag2 bag (see `flashrt-ros "
+                                  "record --help`)", add_help=False)
+    sub.add_parser("play", help="replay a bag into the node and compare the actions (see "
+                                "`flashrt-ros play --help`)", add_help=False)
     s = sub.add_parser("snapshot", help="capture the live state as a capsule")
     s.add_argument("name")
     s.add_argument("--tier", default="", help="gpu, host or disk (default: the node's default tier)")
@@ -278,6 +282,12 @@ def main(argv=None) -> int:
         from flashrt_ros.sim_robot import main as sim_main
         sim_main(argv[1:])
         return 0
+    if argv and argv[0] == "record":
+        from flashrt_ros.bag_record import main as record_main
+        return record_main(argv[1:])
+    if argv and argv[0] == "play":
+        from flashrt_ros.bag_replay import main as play_main
+        return play_main(argv[1:])
     if argv and argv[0] == "bt-demo":
         from flashrt_ros.bt_demo import main as bt_demo_main
         return bt_demo_main(argv[1:])

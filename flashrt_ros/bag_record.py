@@ -1,0 +1,307 @@
+"""`flashrt-ros record`: write a policy node's episode topics to a rosbag2 bag.
+
+    flashrt-ros record [--node /flashrt_policy] [--out DIR] [--storage mcap|sqlite3]
+                       [--duration S] [--joint-states [TOPIC]]
+
+Topics (bag_types.TOPIC_ROLES): `<node>/observation`, `<node>/instruction`, `<node>/action`,
+`<node>/status`, `<node>/capsule_events`, and with `--joint-states` the JointState topic.
+The bag is written by `rosbags` (MCAP by default, sqlite3 on request) with `metadata.yaml`, as
+`ros2 bag info` / `ros2 bag play` read it on a ROS machine.
+
+Design:
+  * Subscribed like `ros2 bag record` does: a topic is subscribed once a publisher of it shows up
+    in the graph, with the publishers' QoS (reliable only if every publisher is reliable), and the
+    publishers' offered QoS goes into the bag. A topic nobody publishes is not in the bag.
+  * Raw subscriptions: the CDR bytes rclpy receives are written unchanged, with the receive
+    timestamp of the middleware (rclpy's MessageInfo), so nothing is decoded on the way.
+  * The policy node's parameters (read once over its parameter services) go into the bag's
+    `custom_data`, so that a replay can start a node configured as the recorded one was.
+  * One thread: a single-threaded executor runs every callback and the writer, so the writer
+    needs no lock. `rosbags` buffers MCAP chunks in memory and finishes the file on close;
+    Ctrl-C (SIGINT), SIGTERM and --duration all end in that close. A killed recorder leaves an
+    unfinished file without metadata.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+
+from .bag_types import (META_NODE, META_PARAMETERS, META_RECORDER, ROLES, TOPIC_ROLES, BagError,
+                        topic_name, typestore)
+
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+
+STORAGES = ("mcap", "sqlite3")
+
+
+def _qos_to_bag(profile):
+    """rclpy QoSProfile (a publisher's, from graph introspection) -> rosbags Qos."""
+    from rosbags.interfaces import (Qos, QosDurability, QosHistory, QosLiveliness,
+                                    QosReliability, QosTime)
+
+    def t(duration):
+        ns = duration.nanoseconds
+        return QosTime(ns // 1_000_000_000, ns % 1_000_000_000)
+
+    def enum(cls, value):
+        try:
+            return cls(int(value))
+        except ValueError:
+            return cls.UNKNOWN
+    return Qos(enum(QosHistory, profile.history), int(profile.depth),
+               enum(QosReliability, profile.reliability), enum(QosDurability, profile.durability),
+               t(profile.deadline), t(profile.lifespan), enum(QosLiveliness, profile.liveliness),
+               t(profile.liveliness_lease_duration), bool(profile.avoid_ros_namespace_conventions))
+
+
+def _subscription_qos(publishers):
+    """The QoS that receives from all `publishers` (what `ros2 bag record` chooses)."""
+    from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
+    reliable = all(p.qos_profile.reliability == ReliabilityPolicy.RELIABLE for p in publishers)
+    latched = all(p.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL for p in publishers)
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=1000,
+        reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+        durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+
+
+def _parameter_value(value):
+    """rcl_interfaces ParameterValue -> a JSON-able Python value (None for 'not set')."""
+    from rcl_interfaces.msg import ParameterType as T
+    return {
+        T.PARAMETER_BOOL: lambda v: v.bool_value,
+        T.PARAMETER_INTEGER: lambda v: v.integer_value,
+        T.PARAMETER_DOUBLE: lambda v: v.double_value,
+        T.PARAMETER_STRING: lambda v: v.string_value,
+        T.PARAMETER_BOOL_ARRAY: lambda v: list(v.bool_array_value),
+        T.PARAMETER_INTEGER_ARRAY: lambda v: list(v.integer_array_value),
+        T.PARAMETER_DOUBLE_ARRAY: lambda v: list(v.double_array_value),
+        T.PARAMETER_STRING_ARRAY: lambda v: list(v.string_array_value),
+    }.get(value.type, lambda v: None)(value)
+
+
+class BagRecorder:
+    """Records the episode topics of policy node `node` into a new bag at `out`.
+
+    Drive it with `spin_once()`; `close()` finishes the bag. `counts` holds the messages written
+    per role; `ready` is True once every topic is subscribed; `node_parameters` holds the policy
+    node's parameters once they were read (they go into the bag's custom_data).
+    """
+
+    def __init__(self, node: str = "/flashrt_policy", out: str | None = None,
+                 storage: str = "mcap", joint_states: str | None = None, context=None,
+                 log=print):
+        from rcl_interfaces.srv import GetParameters, ListParameters
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.node import Node
+        from rosbags.rosbag2 import StoragePlugin, Writer
+        from rosbags.rosbag2.errors import WriterError
+
+        if storage not in STORAGES:
+            raise BagError(f"record: storage: expected one of {list(STORAGES)}, found {storage!r}")
+        self.target = "/" + node.strip("/")
+        self.out = out or datetime.now().strftime("flashrt_%Y_%m_%d-%H_%M_%S")
+        self.log = log
+        self.topics = {}                         # topic name -> role
+        for role in TOPIC_ROLES:
+            if role.role == "joint_states":
+                if joint_states:
+                    self.topics[joint_states] = role
+            else:
+                self.topics[topic_name(role, self.target)] = role
+        self.counts = {r.role: 0 for r in self.topics.values()}
+        self.nbytes = 0
+        self._subs = {}                          # topic -> (subscription, connection)
+        self._warned = set()
+        self._params_asked = False
+        self.node_parameters = None
+        self._store = typestore()
+        try:
+            self.writer = Writer(self.out, version=Writer.VERSION_LATEST,
+                                 storage_plugin={"mcap": StoragePlugin.MCAP,
+                                                 "sqlite3": StoragePlugin.SQLITE3}[storage])
+            self.writer.open()
+        except (WriterError, OSError) as e:
+            raise BagError(f"record: cannot create the bag {self.out}: {e} Expected a path that "
+                           f"does not exist yet; choose another --out") from None
+        self.writer.set_custom_data(META_NODE, self.target)
+        from . import __version__
+        self.writer.set_custom_data(META_RECORDER, f"flashrt_ros {__version__}")
+        self.node = Node(f"flashrt_bag_recorder_{os.getpid()}", context=context)
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.node)
+        self._list_client = self.node.create_client(ListParameters,
+                                                    f"{self.target}/list_parameters")
+        self._get_client = self.node.create_client(GetParameters, f"{self.target}/get_parameters")
+        self.started = time.monotonic()
+        self.node.create_timer(0.1, self._discover)
+
+    @property
+    def ready(self) -> bool:
+        return len(self._subs) == len(self.topics)
+
+    # -- discovery: subscribe a topic once it has publishers ------------------------------
+    def _discover(self):
+        self._poll_parameters()
+        for topic, role in self.topics.items():
+            if topic in self._subs:
+                continue
+            pubs = self.node.get_publishers_info_by_topic(topic)
+            if not pubs:
+                continue
+            wrong = {p.topic_type for p in pubs} - {role.msgtype}
+            if wrong:
+                if topic not in self._warned:
+                    self._warned.add(topic)
+                    self.log(f"[record] {topic}: expected type {role.msgtype}, found publishers "
+                             f"of {sorted(wrong)}; not recording it")
+                continue
+            self._subscribe(topic, role, pubs)
+
+    def _subscribe(self, topic, role, pubs):
+        msg_class = _message_class(role.msgtype)
+        conn = self.writer.add_connection(topic, role.msgtype, typestore=self._store,
+                                          offered_qos_profiles=[_qos_to_bag(p.qos_profile)
+                                                                for p in pubs])
+
+        def on_message(raw: bytes, info=None):
+            stamp = (info or {}).get("received_timestamp") or time.time_ns()
+            self.writer.write(conn, stamp, raw)
+            self.counts[role.role] += 1
+            self.nbytes += len(raw)
+            if self.counts[role.role] == 1:
+                self.log(f"[record] first message on {topic}")
+        sub = self.node.create_subscription(msg_class, topic, on_message,
+                                            _subscription_qos(pubs), raw=True)
+        self._subs[topic] = (sub, conn)
+        self.log(f"[record] subscribed {topic} ({role.msgtype}, {len(pubs)} publisher(s))")
+        if self.ready:
+            self.log(f"[record] ready: recording {len(self.topics)} topics to {self.out}")
+
+    # -- the node's parameters, for a replay that configures a node the same way ----------
+    def _poll_parameters(self):
+        from rcl_interfaces.srv import ListParameters
+        if self._params_asked or not self._list_client.service_is_ready():
+            return
+        self._params_asked = True
+        self._list_client.call_async(ListParameters.Request()).add_done_callback(
+            self._on_parameter_names)
+
+    def _on_parameter_names(self, future):
+        # one request per name: rclpy answers a request naming a declared-but-unset parameter
+        # (an empty joint_names) with no values at all
+        from rcl_interfaces.srv import GetParameters
+        names = list(future.result().result.names)
+        values = {}
+
+        def one(name, f):
+            got = f.result().values
+            values[name] = _parameter_value(got[0]) if got else None
+            if len(values) == len(names):
+                params = {n: values[n] for n in sorted(names)}
+                self.writer.set_custom_data(META_PARAMETERS, json.dumps(params, sort_keys=True))
+                self.node_parameters = params
+                self.log(f"[record] stored the {len(params)} parameters of {self.target} in the bag")
+        for name in names:
+            self._get_client.call_async(GetParameters.Request(names=[name])).add_done_callback(
+                lambda f, name=name: one(name, f))
+
+    # -- running --------------------------------------------------------------------------
+    def spin_once(self, timeout_sec: float = 0.1):
+        self.executor.spin_once(timeout_sec=timeout_sec)
+
+    def progress_line(self) -> str:
+        per_topic = "  ".join(f"{k} {v}" for k, v in self.counts.items())
+        waiting = [t for t in self.topics if t not in self._subs]
+        line = (f"[record] {time.monotonic() - self.started:6.1f} s  {per_topic}  "
+                f"({self.nbytes / 2**20:.2f} MiB)")
+        return line + (f"  waiting for publishers of {waiting}" if waiting else "")
+
+    def close(self):
+        """Finish the bag (metadata.yaml, MCAP summary / sqlite3 commit) and release ROS."""
+        if self.node_parameters is None:
+            self.log(f"[record] warning: the parameters of {self.target} were not read (is it "
+                     f"running?); a replay must be given the node's parameters by hand")
+        self.writer.close()
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+
+
+def _message_class(msgtype: str):
+    import importlib
+    pkg, _, name = msgtype.split("/")
+    return getattr(importlib.import_module(f"{pkg}.msg"), name)
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--node", default="/flashrt_policy", help="the policy node (default %(default)s)")
+    p.add_argument("--out", "-o", default=None,
+                   help="bag directory to create (default flashrt_<date>-<time>)")
+    p.add_argument("--storage", "-s", default="mcap", choices=STORAGES,
+                   help="storage plugin (default %(default)s)")
+    p.add_argument("--duration", "-d", type=float, default=0.0,
+                   help="stop after S seconds (0 = until Ctrl-C)")
+    p.add_argument("--joint-states", nargs="?", const=ROLES["joint_states"].suffix, default=None,
+                   metavar="TOPIC", help="also record sensor_msgs/JointState (default topic "
+                                         f"{ROLES['joint_states'].suffix})")
+    p.add_argument("--progress", type=float, default=1.0,
+                   help="seconds between progress lines (0 = none)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="flashrt-ros record",
+                                description="Record a policy node's episode topics to a rosbag2 bag.")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.signals import SignalHandlerOptions
+
+    stop = {"why": None}
+
+    def on_signal(signum, _frame):
+        stop["why"] = signal.Signals(signum).name
+    # our own handlers: the bag is closed by this loop, not by rclpy tearing the context down
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        rec = BagRecorder(args.node, args.out, args.storage, args.joint_states,
+                          log=lambda s: print(s, flush=True))
+    except BagError as e:
+        print(f"flashrt-ros record: {e}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
+    print(f"[record] {args.storage} bag {rec.out}: waiting for publishers of "
+          f"{list(rec.topics)} (Ctrl-C stops)", flush=True)
+    end = time.monotonic() + args.duration if args.duration > 0 else None
+    next_progress = time.monotonic() + args.progress
+    try:
+        while stop["why"] is None:
+            rec.spin_once(0.05)
+            now = time.monotonic()
+            if end is not None and now >= end:
+                stop["why"] = f"duration {args.duration:g} s"
+            if args.progress > 0 and now >= next_progress:
+                print(rec.progress_line(), flush=True)
+                next_progress = now + args.progress
+    except (KeyboardInterrupt, ExternalShutdownException):
+        stop["why"] = "interrupted"
+    finally:
+        rec.close()
+        rclpy.try_shutdown()
+    total = sum(rec.counts.values())
+    print(f"[record] stopped ({stop['why']}): wrote {total} messages on "
+          f"{sum(1 for c in rec.counts.values() if c)} topics to {rec.out}; "
+          f"inspect with `ros2 bag info {rec.out}`, replay with `flashrt-ros play {rec.out}`",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

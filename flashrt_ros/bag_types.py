@@ -1,0 +1,117 @@
+"""What a flashrt_ros bag holds: its topics, their types, and a typestore that knows them.
+
+`rosbags` reads and writes rosbag2 bags without ROS, but it only knows the standard message types
+of a distro. This package's own types are registered from its `.msg` files - the same files rosidl
+generated the rclpy classes from - so the typestore and rclpy agree on every byte:
+
+  1. `msg_dir()` finds the `.msg` files: the package's share directory (`ament_index`, which is
+     where colcon and the pip build install them, next to rosidl's `.json` type descriptions), or
+     the source tree's `msg/` when the package runs from a checkout without an install.
+  2. `typestore()` starts from rosbags' store for the distro (Jazzy or Kilted: `ROS_DISTRO`, else
+     Kilted), parses every file with `get_types_from_msg` under `flashrt_ros/msg/<Name>` and
+     registers them. Nested standard types (`std_msgs/Header`, `builtin_interfaces/Time`) come
+     from the distro's store.
+  3. The store then gives what a rosbag2 writer needs per topic: the full message definition (the
+     `.msg` text with its dependencies appended, as `ros2 bag record` stores it) and the RIHS01 type
+     hash, which equals the one rosidl computed (test_bags checks it against the `.json` files).
+
+CDR bytes from rclpy's `serialize_message` go into a bag unchanged; rosbags deserializes them.
+(Fast CDR leaves padding bytes uninitialised, so equal messages need not be equal CDR bytes:
+compare decoded fields, never whole serialized messages.)
+
+Also here: `TOPIC_ROLES`, the one table of the topics a recorder subscribes and a player reads,
+and `BagError`, the error every bag problem is reported with. Imports no rclpy.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .exceptions import FlashRTError
+
+PACKAGE = "flashrt_ros"
+
+
+class BagError(FlashRTError):
+    """A bag cannot be recorded or replayed: what was expected, what was found, what to do."""
+
+
+@dataclass(frozen=True)
+class TopicRole:
+    role: str          # what the topic is to a player: observation, action, ...
+    suffix: str        # name under the policy node (`<node>/<suffix>`), or a global default
+    msgtype: str       # ROS type name, as stored in the bag
+    under_node: bool   # True: `<node>/<suffix>`; False: a global (remappable) topic name
+    input: bool        # a player publishes it into the node
+
+
+# The topics of one episode. A recorder subscribes these; a player finds them again by type.
+TOPIC_ROLES = (
+    TopicRole("observation", "observation", f"{PACKAGE}/msg/Observation", True, True),
+    TopicRole("instruction", "instruction", "std_msgs/msg/String", True, True),
+    TopicRole("action", "action", f"{PACKAGE}/msg/ActionChunk", True, False),
+    TopicRole("status", "status", f"{PACKAGE}/msg/PolicyStatus", True, False),
+    TopicRole("capsule_events", "capsule_events", f"{PACKAGE}/msg/CapsuleEvent", True, False),
+    TopicRole("joint_states", "/joint_states", "sensor_msgs/msg/JointState", False, True),
+)
+ROLES = {r.role: r for r in TOPIC_ROLES}
+
+# custom_data keys in metadata.yaml written by `flashrt-ros record`
+META_NODE = "flashrt_ros.node"
+META_PARAMETERS = "flashrt_ros.node_parameters"
+META_RECORDER = "flashrt_ros.recorder"
+
+
+def topic_name(role: TopicRole, node: str) -> str:
+    """The topic of `role` for policy node `node` ("/flashrt_policy")."""
+    if not role.under_node:
+        return role.suffix
+    return f"/{node.strip('/')}/{role.suffix}"
+
+
+def msg_dir() -> Path:
+    """The directory holding this package's `.msg` files (installed share dir, else the sources)."""
+    candidates = []
+    try:
+        from ament_index_python.packages import (PackageNotFoundError,
+                                                 get_package_share_directory)
+        try:
+            candidates.append(Path(get_package_share_directory(PACKAGE)) / "msg")
+        except (PackageNotFoundError, LookupError, ValueError, OSError):  # OSError: no AMENT_PREFIX_PATH
+            pass
+    except ImportError:
+        pass
+    candidates.append(Path(sys.prefix) / "share" / PACKAGE / "msg")      # pip route: no ament env
+    candidates.append(Path(__file__).resolve().parent.parent / "msg")     # source checkout
+    for d in candidates:
+        if d.is_dir() and any(d.glob("*.msg")):
+            return d
+    raise BagError(f"{PACKAGE} message definitions: expected .msg files in one of "
+                   f"{[str(c) for c in candidates]}, found none; build the package (colcon build, "
+                   f"or tools/bootstrap.sh) or run from a source checkout")
+
+
+def _store_name(distro: str | None):
+    from rosbags.typesys import Stores
+    distro = (distro or os.environ.get("ROS_DISTRO") or "kilted").lower()
+    return {"jazzy": Stores.ROS2_JAZZY, "kilted": Stores.ROS2_KILTED}.get(distro, Stores.ROS2_KILTED)
+
+
+@functools.cache
+def typestore(distro: str | None = None):
+    """A rosbags typestore for `distro` (jazzy/kilted) with this package's messages registered."""
+    from rosbags.typesys import get_types_from_msg, get_typestore
+    store = get_typestore(_store_name(distro))
+    types = {}
+    for path in sorted(msg_dir().glob("*.msg")):
+        types.update(get_types_from_msg(path.read_text(encoding="utf-8"),
+                                        f"{PACKAGE}/msg/{path.stem}"))
+    store.register(types)
+    return store
+
+
+def knows(msgtype: str) -> bool:
+    return msgtype in typestore().fielddefs
