@@ -77,12 +77,13 @@ def run_demo(args) -> int:
             print(f"[flashrt] t={time.monotonic() - t0:5.1f}s episode {rt.episode} step "
                   f"{rt.step_count:<6} step p50 {p50:.2f} ms p99 {p99:.2f} ms | obs->action "
                   f"{(last.latency_ms if last else 0):.2f} ms | arm error {robot.arm.error():.3f} | "
-                  f"deadline misses {policy._deadline_misses} | capsules {len(store.capsules)} "
+                  f"deadline misses {policy.deadlines.misses} | capsules {len(store.capsules)} "
                   f"lineage {store.lineage or '-'}", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
         executor.shutdown(timeout_sec=2.0)
+        spin.join(timeout=2.0)          # no callback may run on a node being destroyed
         policy.destroy_node()
         robot.destroy_node()
         rclpy.try_shutdown()

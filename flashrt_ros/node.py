@@ -2,42 +2,69 @@
 
 A thin adapter: all state lives in `PolicyRuntime` (live state) and `CapsuleStore` (capsules);
 callbacks read the request, call the core, fill the response. Failures go back as
-`success=false` with the core's message; no request can kill the node.
+`success=false` with the core's message; no request and no input can kill the node.
 
 Lifecycle (a managed node; `managed:=false` configures and activates at start):
-  configure  - validate parameters, build the runtime (allocate the arena, capture graphs; progress
-               in the log), open the capsule store, prefill `instruction`;
-  activate   - start stepping (timer or per observation) and publishing;
+  configure  - validate parameters, set torch's CPU threads, build the runtime (allocate the arena,
+               capture graphs; progress in the log), prefill `instruction`, warm up (every plan runs
+               once, then the exact state is put back), open the capsule store;
+  activate   - start stepping (timer or per observation) and publishing actions;
   deactivate - stop stepping; capsule services keep working on the (frozen) live state;
   cleanup    - drop runtime and store (memory capsules are lost; disk capsules stay);
   shutdown   - as cleanup.
+A failed configure logs why, leaves the node unconfigured and alive; fix the parameter, configure
+again. Fixed parameters refuse changes while the node is configured (see node_config.py).
 
-Concurrency (a MultiThreadedExecutor, three mutually exclusive callback groups):
-  * control group   - observation / joint-state / instruction subscriptions and the control timer.
-                      A step holds `runtime.lock` from input copy to committed state.
-  * capsule group   - snapshot, restore, fork, rollback, reset, delete, list. They take
-                      `store.lock`, then `runtime.lock` only around the copy of live bytes.
-  * disk group      - save and load (file I/O); they hold `store.lock`, never `runtime.lock`
-                      while writing, so disk I/O never blocks the control loop.
-  * status timer    - default group; reads counters only.
-Committed boundary: a capsule call that arrives during a step waits for the step to finish and
-is applied before the next one - the `BoundaryGate` makes a pending call take precedence over the
-next step (a plain lock is not fair, and a fast observation stream could starve the call).
+Concurrency (a MultiThreadedExecutor; four callback groups, each mutually exclusive):
+  * control group - observation and joint-state subscriptions, the control timer. A step holds
+                    `runtime.lock` from the input copy to the committed state, and takes no other
+                    lock: the control loop never waits for the store, for disk I/O or for a
+                    capsule call other than the copy of live bytes it makes.
+  * capsule group - snapshot, restore, fork, rollback, reset, delete, list, ~/instruction.
+  * disk group    - save and load (file I/O), so that a long write does not queue the capsule
+                    group behind it on the executor.
+  * default group - lifecycle and parameter services, the status timer.
+Locks, always taken in this order: `store.lock` (the capsule index and pools; every service
+handler holds it throughout, so operations are serialised and see a consistent index), then
+`runtime.lock` (the live state). The store takes `runtime.lock` only around copies of live bytes
+and never while it reads or writes a file, so disk I/O never blocks the control loop.
+Committed boundary: `runtime.lock` is a `BoundaryLock` - a capsule call that arrives during a
+step waits for that step to commit and then goes before the next one (a plain lock is not fair,
+and a fast observation stream could starve the call). Operations whose effect must land at one
+boundary hold `runtime.lock` across the whole store call: rollback, reset, instruction, a restore
+from a memory tier, a fork of the live state that switches to the branch. A restore from the disk
+tier reads and verifies the file first, without the lock, and copies at the next boundary.
+
+Deadlines (`DeadlineMonitor`): in timer mode tick k is scheduled at origin + k * period on the
+timer's clock. A tick misses its deadline when its step has not committed `deadline_s` after the
+tick's scheduled time, or when it never ran: an executor more than a period late makes rcl skip
+ticks, and every skipped tick counts as a miss. A tick with no fresh observation steps nothing;
+it is counted as stale (or idle before the first observation), not as a miss. In observation mode
+the deadline runs from the observation's receipt to the committed step.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 import time
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 import rclpy
+import torch
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+try:
+    from rclpy.timer import TimerInfo
+except ImportError:     # an rclpy older than TimerInfo: tick times from time_until_next_call
+    TimerInfo = None
 from rclpy.qos import (QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy,
                        qos_profile_sensor_data)
 from sensor_msgs.msg import JointState
@@ -49,52 +76,123 @@ from flashrt_ros.srv import (DeleteCapsule, Fork, ListCapsules, LoadCapsule, Res
                              Rollback, SaveCapsule, Snapshot)
 
 from .config import load_preset
-from .exceptions import FlashRTError
+from .exceptions import ConfigError, FlashRTError, NotConfiguredError
 from .node_config import configs_from_values, parameter_table
 from .runtime import PolicyRuntime
-from .store import CapsuleStore
+from .store import make_store
 
 NODE_NAME = "flashrt_policy"
 RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
                       history=QoSHistoryPolicy.KEEP_LAST)
 EVENTS_QOS = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
                         durability=QoSDurabilityPolicy.VOLATILE)
+WARM_UP_TOKEN = 32      # a byte-tokenizer id (space); warm-up content is thrown away
 
 
-class BoundaryGate:
-    """Capsule calls wait for the step in progress and go before the next step."""
+class BoundaryLock:
+    """The runtime's lock inside the node: reentrant; a capsule call waiting for it goes first.
 
-    def __init__(self, lock):
-        self.lock = lock
+    `with lock:` (what the store and the service handlers use) registers the caller as waiting,
+    then takes the lock. `with lock.step():` (the control loop only) first waits until no call is
+    waiting, then takes the lock. So a call that arrives during a step runs right after that step
+    commits, and the next step runs after the call.
+    """
+
+    def __init__(self):
+        self._lock = threading.RLock()
         self._cv = threading.Condition()
-        self._pending = 0
+        self._waiting = 0
 
-    def step_section(self):
-        gate = self
+    def __enter__(self):
+        with self._cv:
+            self._waiting += 1
+        self._lock.acquire()
+        with self._cv:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self._cv.notify_all()
+        return self
 
-        class _Step:
-            def __enter__(self):
-                with gate._cv:
-                    gate._cv.wait_for(lambda: gate._pending == 0)
-                gate.lock.acquire()
+    def __exit__(self, *exc):
+        self._lock.release()
 
-            def __exit__(self, *exc):
-                gate.lock.release()
-        return _Step()
+    @contextlib.contextmanager
+    def step(self):
+        with self._cv:
+            self._cv.wait_for(lambda: self._waiting == 0)
+        with self._lock:
+            yield
 
-    def call_section(self):
-        gate = self
 
-        class _Call:
-            def __enter__(self):
-                with gate._cv:
-                    gate._pending += 1
+class DeadlineMonitor:
+    """Counts control ticks, skipped ticks and late commits (see the module docstring). No ROS."""
 
-            def __exit__(self, *exc):
-                with gate._cv:
-                    gate._pending -= 1
-                    gate._cv.notify_all()
-        return _Call()
+    def __init__(self, period_ns: int, deadline_ns: int):
+        self.period_ns, self.deadline_ns = int(period_ns), int(deadline_ns)
+        self.origin_ns = None
+        self.last_index = 0
+        self.ticks = self.skipped = self.late = 0
+        self.max_lateness_ns = 0
+        self.lateness_ms = deque(maxlen=1000)      # scheduled -> committed, the last 1000 steps
+
+    def start(self, origin_ns: int) -> None:
+        """Tick 0 is at origin_ns (a timer's creation); the first tick to run is tick 1."""
+        self.origin_ns, self.last_index = int(origin_ns), 0
+
+    def tick(self, scheduled_ns: int) -> int:
+        """A tick runs that was scheduled at scheduled_ns; returns how many ticks before it never ran."""
+        index = round((scheduled_ns - self.origin_ns) / self.period_ns)
+        skipped = max(0, index - self.last_index - 1)
+        self.last_index = max(index, self.last_index + 1)
+        self.ticks += 1 + skipped
+        self.skipped += skipped
+        return skipped
+
+    def commit(self, scheduled_ns: int, committed_ns: int) -> bool:
+        """A step committed; True if it missed its deadline."""
+        lateness = int(committed_ns) - int(scheduled_ns)
+        self.max_lateness_ns = max(self.max_lateness_ns, lateness)
+        self.lateness_ms.append(lateness * 1e-6)
+        if lateness > self.deadline_ns:
+            self.late += 1
+            return True
+        return False
+
+    @property
+    def misses(self) -> int:
+        return self.late + self.skipped
+
+
+def warm_up(rt: PolicyRuntime) -> float:
+    """Run every plan once, then put back the exact state; returns the seconds it took.
+
+    On CPU the first call of each op pays torch's lazy initialisation (~2 s for the first prefill,
+    ~0.2 s for each new prefill length): without this the first control step would miss its
+    deadline. The live bytes are saved first and restored after, and the KV rows past the live
+    prefix (which the warm-up prefill wrote) are zeroed: the whole arena is then byte-identical to
+    what it was, episode counter included. Only `rt.context_tokens` is emptied (restore_state does
+    that; no plan reads it).
+    """
+    t0 = time.perf_counter()
+    clean = rt.live_state().clone()
+    known = (rt.position, rt.step_count, rt.episode, rt.context_len)
+    buckets = [c for c in rt.cfg.prefill_buckets if c < rt.max_tokens]
+    n = max(1, min(sum(buckets) + 1, rt.max_tokens))      # every bucket once, then one token step
+    rt.set_instruction([WARM_UP_TOKEN] * n)
+    rt.step(np.zeros(rt.model_cfg.obs_dim, dtype=np.float32))
+    rt.restore_state(clean, known)
+    rt.arena.base[clean.numel():].zero_()
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    return time.perf_counter() - t0
+
+
+class Latest(NamedTuple):
+    """The latest accepted observation."""
+    obs: np.ndarray          # [obs_dim] float32
+    header: object           # std_msgs/Header of the message
+    received_ns: int         # time.monotonic_ns() at receipt
+    reset: bool              # reset the episode before stepping on it (applied once)
 
 
 def _stamp_to_s(stamp) -> float:
@@ -104,71 +202,117 @@ def _stamp_to_s(stamp) -> float:
 class PolicyNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
-        for name, default, help_text, read_only, _ in parameter_table():
-            desc = ParameterDescriptor(description=help_text, read_only=read_only,
-                                       dynamic_typing=isinstance(default, float))
+        self._fixed = {}
+        self._threads = 0                      # torch CPU threads (0 = torch's default)
+        self._tls = threading.local()
+        for name, default, help_text, fixed, _ in parameter_table():
+            # floats take integers too (`control_rate_hz: 30` in YAML); configure checks the type
+            desc = ParameterDescriptor(
+                description=help_text + (" [fixed while configured]" if fixed else ""),
+                dynamic_typing=isinstance(default, float))
             if isinstance(default, list) and not default:
-                desc.type = ParameterType.PARAMETER_STRING_ARRAY   # an empty list has no type
+                # an empty list has no type (rclpy would make it a byte array): declared as a
+                # string array, not set until given; _param_values reads "not set" as empty
+                default = Parameter.Type.STRING_ARRAY
             self.declare_parameter(name, default, desc)
+            self._fixed[name] = fixed
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.runtime: PolicyRuntime | None = None
-        self.store: CapsuleStore | None = None
-        self.gate: BoundaryGate | None = None
+        self.store = None
+        self.node_cfg = None
         self.active = False
-        self._latest_obs = None        # (np.ndarray, header, receipt time, reset flag)
+        self.state_label = "unconfigured"
+        self._latest: Latest | None = None
         self._last_obs_stamp = 0.0
-        self._step_ms = deque(maxlen=1000)
-        self._deadline_misses = 0
-        self._stale = 0
-        self._rejected = 0
-        self._last_tick = None
+        self._step_ms = deque(maxlen=1000)     # durations of the last 1000 steps (ms)
+        self.deadlines = DeadlineMonitor(1, 1)
+        self._stale = self._idle = self._rejected = 0
         self._last_error = ""
         self._control = MutuallyExclusiveCallbackGroup()
         self._capsule = MutuallyExclusiveCallbackGroup()
         self._disk = MutuallyExclusiveCallbackGroup()
-        self._timers = []
+        self.control_timer = None
+        self.sub_obs = self.sub_instr = self.sub_joints = None
+        self.pub_command = None
         self._make_services()
         self.pub_events = self.create_publisher(CapsuleEvent, "~/capsule_events", EVENTS_QOS)
         self.pub_status = self.create_publisher(PolicyStatus, "~/status", RELIABLE)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE)
         self.pub_action = self.create_publisher(ActionChunk, "~/action", RELIABLE)
-        self.pub_command = None
-        self.state_label = "unconfigured"
+        rate = self.get_parameter("status_rate_hz").value
+        rate = rate if isinstance(rate, (int, float)) and 0 < rate <= 100 else 2.0
+        self.status_timer = self.create_timer(1.0 / rate, self._publish_status)
 
-    # -- lifecycle ------------------------------------------------------------------------
+    # -- parameters -----------------------------------------------------------------------
     def _param_values(self) -> dict:
         out = {}
-        for name, *_ in parameter_table():
-            v = self.get_parameter(name).value
+        for name, default, *_ in parameter_table():
+            v = self.get_parameter_or(name).value        # None: declared, not set
+            v = default if v is None else v
             out[name] = list(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else v
         return out
 
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        if self.runtime is None:      # unconfigured: anything goes; configure validates
+            return SetParametersResult(successful=True)
+        fixed = [p.name for p in params if self._fixed.get(p.name)]
+        if fixed:
+            return SetParametersResult(successful=False, reason=(
+                f"{', '.join(fixed)}: fixed while the node is {self.state_label} (they fix "
+                f"captured shapes, allocations or the control loop); deactivate, cleanup, set "
+                f"them, configure again"))
+        values = self._param_values()
+        values.update({p.name: (list(p.value) if hasattr(p.value, "tolist") else p.value)
+                       for p in params})
+        try:
+            node_cfg, _, store_cfg = configs_from_values(values)
+        except ConfigError as e:
+            return SetParametersResult(successful=False, reason=str(e))
+        self.node_cfg = node_cfg                    # stale_observation_s applies at once
+        store = self.store
+        with store.lock:                            # budgets, default tier, eviction at once
+            store.cfg = dataclasses.replace(store_cfg, capsule_dir=store.cfg.capsule_dir)
+        later = [p.name for p in params if p.name in ("instruction", "store.capsule_dir",
+                                                      "runtime.sample_seed")]
+        if later:
+            self.get_logger().info(f"{', '.join(later)} set; takes effect at the next configure")
+        return SetParametersResult(successful=True)
+
+    # -- lifecycle ------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        log = self.get_logger()
         try:
             node_cfg, rt_cfg, store_cfg = configs_from_values(self._param_values())
             model_cfg = load_preset(node_cfg.preset)
-            self.node_cfg = node_cfg
-            log = self.get_logger()
+            self._check_joints(node_cfg, model_cfg)
+            # auto: tiny models lose more to handing ops to a second thread than they gain
+            self._threads = rt_cfg.threads or (1 if model_cfg.d_model <= 256 else 0)
+            self._pin_torch_threads()
             log.info(f"configuring: preset {node_cfg.preset}, device {rt_cfg.device}, "
-                     f"{node_cfg.control_mode} control at {node_cfg.control_rate_hz:g} Hz")
-            self.runtime = PolicyRuntime(model_cfg, rt_cfg, progress=log.info)
-            self.store = CapsuleStore(self.runtime, store_cfg)
-            for skipped in self.store.skipped_files:
-                log.warning(f"capsule directory: skipped {skipped}")
-            self.gate = BoundaryGate(self.runtime.lock)
+                     f"{node_cfg.control_mode} control at {node_cfg.control_rate_hz:g} Hz, "
+                     f"{torch.get_num_threads()} torch CPU thread(s)")
+            rt = PolicyRuntime(model_cfg, rt_cfg, progress=log.info)
+            # fair to capsule calls (see the module docstring); the store reads rt.lock per use
+            rt.lock = BoundaryLock()
             if node_cfg.instruction:
-                n = self.runtime.set_instruction(node_cfg.instruction)
+                n = rt.set_instruction(node_cfg.instruction)
                 log.info(f"instruction prefilled: {n} tokens")
+            if node_cfg.warm_up:
+                log.info(f"warm-up: every plan ran once in {warm_up(rt):.2f} s; state put back")
+            store = make_store(rt, store_cfg)
+            for skipped in store.skipped_files:
+                log.warning(f"capsule directory: skipped {skipped}")
         except Exception as e:  # noqa: BLE001 - a bad configuration must not kill the node
             what = str(e) if isinstance(e, FlashRTError) else f"{type(e).__name__}: {e}"
-            self.get_logger().error(f"configure failed: {what}")
-            self.runtime = self.store = None
+            log.error(f"configure failed: {what}. The node stays unconfigured: fix the "
+                      f"parameter and configure again")
             return TransitionCallbackReturn.FAILURE
+        self.node_cfg, self.runtime, self.store = node_cfg, rt, store
         obs_qos = qos_profile_sensor_data if node_cfg.observation_qos == "sensor_data" else RELIABLE
         self.sub_obs = self.create_subscription(Observation, "~/observation", self._on_observation,
                                                 obs_qos, callback_group=self._control)
         self.sub_instr = self.create_subscription(String, "~/instruction", self._on_instruction,
-                                                  RELIABLE, callback_group=self._control)
-        self.sub_joints = None
+                                                  RELIABLE, callback_group=self._capsule)
         if node_cfg.joint_names:
             self.sub_joints = self.create_subscription(JointState, "joint_states",
                                                        self._on_joint_state, obs_qos,
@@ -177,28 +321,59 @@ class PolicyNode(LifecycleNode):
             self.pub_command = self.create_publisher(Float64MultiArray, "~/command", RELIABLE)
         elif node_cfg.command_output == "joint_trajectory":
             self.pub_command = self.create_publisher(JointTrajectory, "~/joint_trajectory", RELIABLE)
-        self._timers.append(self.create_timer(1.0 / node_cfg.status_rate_hz, self._publish_status))
         self.state_label = "inactive"
-        self.get_logger().info(f"configured: {self.runtime.describe()['arena_bytes'] / 2**20:.2f} MiB "
-                               f"state arena, capsule dir {store_cfg.capsule_dir}, "
-                               f"{len(self.store.capsules)} capsule(s) on disk")
+        log.info(f"configured: {rt.describe()['arena_bytes'] / 2**20:.2f} MiB state arena, "
+                 f"capsule dir {store.cfg.capsule_dir}, {len(store.capsules)} capsule(s) on disk")
         return TransitionCallbackReturn.SUCCESS
 
+    def _pin_torch_threads(self):
+        """Apply torch's CPU thread count in the calling thread, once per thread.
+
+        torch.set_num_threads reaches OpenMP (which MKL's bmm uses) only in the thread that calls
+        it; an executor worker starts with OMP_NUM_THREADS and would run every matmul as a team
+        of threads fighting for the cores (~8 ms per tiny bmm on a busy 2-core machine, measured).
+        """
+        if self._threads and getattr(self._tls, "threads", 0) != self._threads:
+            torch.set_num_threads(self._threads)
+            self._tls.threads = self._threads
+
+    @staticmethod
+    def _check_joints(node_cfg, model_cfg):
+        n = len(node_cfg.joint_names)
+        if n and model_cfg.obs_dim not in (n, 2 * n):
+            raise ConfigError(f"joint_names: expected obs_dim ({model_cfg.obs_dim}) or half of it "
+                              f"joint names (positions, or positions then velocities) for preset "
+                              f"{model_cfg.name!r}, found {n}")
+        if node_cfg.command_output == "joint_trajectory" and n > model_cfg.action_dim:
+            raise ConfigError(f"joint_names: expected at most action_dim ({model_cfg.action_dim}) "
+                              f"joints for command_output joint_trajectory, found {n}")
+
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.active = True
-        self._last_tick = None
-        if self.node_cfg.control_mode == "timer":
-            self.control_timer = self.create_timer(self.node_cfg.period_s, self._on_tick,
+        cfg = self.node_cfg
+        self._latest, self._last_obs_stamp = None, 0.0
+        period_ns = int(round(cfg.period_s * 1e9))
+        self.deadlines = DeadlineMonitor(period_ns, int(round(cfg.deadline_s * 1e9)))
+        if cfg.control_mode == "timer":
+            if TimerInfo is None:
+                callback = self._on_tick
+            else:
+                def callback(info):
+                    self._on_tick(info)
+                # rclpy passes a TimerInfo (the tick's scheduled time, from rcl) to a parameter
+                # annotated with the class itself; this module's annotations are strings
+                callback.__annotations__["info"] = TimerInfo
+            self.control_timer = self.create_timer(cfg.period_s, callback,
                                                    callback_group=self._control)
+            t = self.control_timer
+            self.deadlines.start(t.clock.now().nanoseconds + t.time_until_next_call() - period_ns)
+        self.active = True
         self.state_label = "active"
         self.get_logger().info("active: stepping the policy")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.active = False
-        if getattr(self, "control_timer", None) is not None:
-            self.destroy_timer(self.control_timer)
-            self.control_timer = None
+        self._destroy_control_timer()
         self.state_label = "inactive"
         self.get_logger().info("inactive: stepping stopped; capsule services remain available")
         return super().on_deactivate(state)
@@ -206,6 +381,7 @@ class PolicyNode(LifecycleNode):
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._teardown()
         self.state_label = "unconfigured"
+        self.get_logger().info("unconfigured: runtime and memory capsules dropped")
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -214,22 +390,27 @@ class PolicyNode(LifecycleNode):
         self.state_label = "finalized"
         return TransitionCallbackReturn.SUCCESS
 
+    def _destroy_control_timer(self):
+        if self.control_timer is not None:
+            self.destroy_timer(self.control_timer)
+            self.control_timer = None
+
     def _teardown(self):
+        self._destroy_control_timer()
         for attr in ("sub_obs", "sub_instr", "sub_joints"):
-            sub = getattr(self, attr, None)
+            sub = getattr(self, attr)
             if sub is not None:
                 self.destroy_subscription(sub)
                 setattr(self, attr, None)
-        for t in self._timers:
-            self.destroy_timer(t)
-        self._timers = []
-        if getattr(self, "control_timer", None) is not None:
-            self.destroy_timer(self.control_timer)
-            self.control_timer = None
         if self.pub_command is not None:
             self.destroy_publisher(self.pub_command)
             self.pub_command = None
-        self.runtime = self.store = self.gate = None
+        rt, store = self.runtime, self.store
+        if rt is not None and store is not None:
+            with store.lock, rt.lock:         # let a call or step in flight finish first
+                self.runtime = self.store = None
+        self.runtime = self.store = None
+        self._latest = None
 
     # -- control loop ---------------------------------------------------------------------
     def _on_observation(self, msg: Observation):
@@ -240,16 +421,19 @@ class PolicyNode(LifecycleNode):
         names = self.node_cfg.joint_names
         index = {n: i for i, n in enumerate(msg.name)}
         missing = [n for n in names if n not in index]
-        if missing or len(msg.position) < len(msg.name):
-            self._reject(f"joint_states: expected joints {list(names)} with positions, "
-                         f"missing {missing}")
+        if missing or len(msg.position) != len(msg.name):
+            self._reject(f"joint_states: expected joints {list(names)} with positions, missing "
+                         f"{missing}, {len(msg.position)} positions for {len(msg.name)} names")
             return
-        pos = [msg.position[index[n]] for n in names]
-        values = pos
-        if self.runtime and self.runtime.model_cfg.obs_dim == 2 * len(names):
-            vel = [msg.velocity[index[n]] if len(msg.velocity) == len(msg.name) else 0.0
-                   for n in names]
-            values = pos + vel
+        values = [msg.position[index[n]] for n in names]
+        rt = self.runtime
+        if rt is not None and rt.model_cfg.obs_dim == 2 * len(names):
+            if len(msg.velocity) != len(msg.name):
+                self._reject(f"joint_states: obs_dim {rt.model_cfg.obs_dim} needs positions and "
+                             f"velocities of {len(names)} joints, found {len(msg.velocity)} "
+                             f"velocities for {len(msg.name)} names")
+                return
+            values += [msg.velocity[index[n]] for n in names]
         self._take_observation(np.asarray(values, dtype=np.float32), msg.header, False)
 
     def _take_observation(self, obs, header, reset):
@@ -261,60 +445,73 @@ class PolicyNode(LifecycleNode):
                 self._reject(f"observation: stamp {stamp:.6f} is older than the last one "
                              f"({self._last_obs_stamp:.6f}); out-of-order observation dropped")
                 return
-            age = self.get_clock().now().nanoseconds * 1e-9 - stamp
             limit = self.node_cfg.stale_observation_s
-            if limit and age > limit:
+            if limit and self.get_clock().now().nanoseconds * 1e-9 - stamp > limit:
                 self._stale += 1
                 return
             self._last_obs_stamp = stamp
-        self._latest_obs = (obs, header, time.monotonic(), reset)
+        latest = Latest(obs, header, time.monotonic_ns(), reset)
         if self.node_cfg.control_mode == "observation":
-            self._step(self._latest_obs)
-            self._latest_obs = None
+            self._step(latest, latest.received_ns, time.monotonic_ns)
+        else:
+            self._latest = latest
 
-    def _on_tick(self):
-        now = time.monotonic()
-        if self._last_tick is not None and now - self._last_tick > self.node_cfg.period_s * 1.5:
-            self._deadline_misses += 1            # the tick itself came late
-        self._last_tick = now
-        latest = self._latest_obs
+    def _on_tick(self, info=None):
+        timer = self.control_timer
+        if timer is None:
+            return
+        if info is not None:
+            scheduled = info.expected_call_time.nanoseconds
+        else:   # rclpy without TimerInfo: rcl has already moved the next call one period on
+            now, until = timer.clock.now().nanoseconds, timer.time_until_next_call()
+            scheduled = now + until - self.deadlines.period_ns if until is not None else now
+        self.deadlines.tick(scheduled)
+        latest = self._latest
         if latest is None:
+            self._idle += 1
             return
         limit = self.node_cfg.stale_observation_s
-        if limit and now - latest[2] > limit:
+        if limit and time.monotonic_ns() - latest.received_ns > limit * 1e9:
             self._stale += 1
             return
-        self._latest_obs = None
-        self._step(latest, tick=now)
+        if latest.reset:        # the latest observation is stepped on every tick; reset once
+            self._latest = latest._replace(reset=False)
+        self._step(latest, scheduled, lambda: timer.clock.now().nanoseconds)
 
-    def _step(self, latest, tick=None):
-        obs, header, received, reset = latest
-        rt = self.runtime
+    def _step(self, latest: Latest, scheduled_ns: int, clock_ns):
+        rt, store = self.runtime, self.store
+        if rt is None:
+            return
+        self._pin_torch_threads()
         try:
-            with self.gate.step_section():
-                t0 = time.monotonic()
-                if reset:
+            with rt.lock.step():
+                t0 = time.perf_counter()
+                if latest.reset:
                     rt.reset(keep_context=True)
-                    self.store.on_reset()
-                action = rt.step(obs)
-                step, episode = rt.step_count, rt.episode
-                lineage = self.store.lineage
-                t1 = time.monotonic()
+                    # not store.on_reset(): that takes store.lock, which a save holds during disk
+                    # I/O; a str assignment is atomic, and service handlers read lineage under
+                    # runtime.lock or after their call returns
+                    store.lineage = ""
+                action = rt.step(latest.obs)
+                step, episode, lineage = rt.step_count, rt.episode, store.lineage
+                t1 = time.perf_counter()
         except FlashRTError as e:
             self._reject(str(e))
             return
+        except Exception as e:  # noqa: BLE001 - a bug must not take the control loop down
+            self._reject(f"step: internal error {type(e).__name__}: {e}")
+            return
+        self.deadlines.commit(scheduled_ns, clock_ns())
         self._step_ms.append((t1 - t0) * 1e3)
-        if t1 - (tick if tick is not None else received) > self.node_cfg.deadline_s:
-            self._deadline_misses += 1
         out = ActionChunk()
         out.header.stamp = self.get_clock().now().to_msg()
-        out.header.frame_id = header.frame_id
+        out.header.frame_id = latest.header.frame_id
         out.step, out.episode_id = step, episode
         out.horizon, out.action_dim = action.shape
         out.data = action.reshape(-1).tolist()
-        out.observation_stamp = header.stamp
+        out.observation_stamp = latest.header.stamp
         out.capsule_lineage = lineage
-        out.latency_ms = float((time.monotonic() - received) * 1e3)
+        out.latency_ms = float((time.monotonic_ns() - latest.received_ns) * 1e-6)
         self.pub_action.publish(out)
         if self.pub_command is not None:
             self._publish_command(action)
@@ -331,20 +528,21 @@ class PolicyNode(LifecycleNode):
         for i, row in enumerate(action):
             p = JointTrajectoryPoint(positions=row[:n].astype(float).tolist())
             t = (i + 1) * dt
-            p.time_from_start.sec, p.time_from_start.nanosec = int(t), int((t % 1) * 1e9)
+            p.time_from_start.sec, p.time_from_start.nanosec = int(t), int(round((t % 1) * 1e9))
             traj.points.append(p)
         self.pub_command.publish(traj)
 
     def _on_instruction(self, msg: String):
-        if self.runtime is None:
+        rt, store = self.runtime, self.store
+        if rt is None:
             self.get_logger().warning("instruction ignored: the node is not configured")
             return
+        self._pin_torch_threads()
         try:
-            with self.gate.call_section(), self.gate.lock:
-                n = self.runtime.set_instruction(msg.data)
-                self.store.on_reset()
-            self.get_logger().info(f"instruction prefilled: {n} tokens, episode "
-                                   f"{self.runtime.episode}")
+            with store.lock, rt.lock:
+                n = rt.set_instruction(msg.data)
+                store.on_reset()
+            self.get_logger().info(f"instruction prefilled: {n} tokens, episode {rt.episode}")
         except FlashRTError as e:
             self._reject(f"instruction refused: {e}")
 
@@ -356,72 +554,78 @@ class PolicyNode(LifecycleNode):
     # -- status ---------------------------------------------------------------------------
     def _publish_status(self):
         rt, store = self.runtime, self.store
-        if rt is None or store is None:
-            return
         s = PolicyStatus()
         s.header.stamp = self.get_clock().now().to_msg()
         s.lifecycle_state = self.state_label
-        s.device, s.preset = str(rt.device), rt.model_cfg.name
-        s.step, s.position, s.episode_id = rt.step_count, rt.position, rt.episode
-        s.capsule_lineage = store.lineage
-        lat = np.asarray(self._step_ms, dtype=np.float64)
-        if lat.size:
-            s.last_step_ms = float(lat[-1])
-            s.p50_step_ms, s.p99_step_ms = (float(x) for x in np.percentile(lat, [50, 99]))
-        s.deadline_misses, s.stale_observations = self._deadline_misses, self._stale
-        usage = store.usage()
-        s.capsules = sum(u["count"] for u in usage.values())
-        s.gpu_bytes, s.host_bytes, s.disk_bytes = (usage[t]["used"] for t in ("gpu", "host", "disk"))
-        s.gpu_budget, s.host_budget, s.disk_budget = (usage[t]["budget"] for t in ("gpu", "host", "disk"))
+        dl = self.deadlines
+        s.deadline_misses, s.stale_observations = dl.misses, self._stale
+        if rt is not None and store is not None:
+            s.device, s.preset = str(rt.device), rt.model_cfg.name
+            s.step, s.position, s.episode_id = rt.step_count, rt.position, rt.episode
+            s.capsule_lineage = store.lineage
+            lat = np.asarray(self._step_ms, dtype=np.float64)
+            if lat.size:
+                s.last_step_ms = float(lat[-1])
+                s.p50_step_ms, s.p99_step_ms = (float(x) for x in np.percentile(lat, [50, 99]))
+            usage = store.usage()
+            s.capsules = sum(u["count"] for u in usage.values())
+            s.gpu_bytes, s.host_bytes, s.disk_bytes = (usage[t]["used"] for t in ("gpu", "host", "disk"))
+            s.gpu_budget, s.host_budget, s.disk_budget = (usage[t]["budget"] for t in ("gpu", "host", "disk"))
         self.pub_status.publish(s)
-        diag = DiagnosticArray()
-        diag.header.stamp = s.header.stamp
+        late = np.asarray(dl.lateness_ms, dtype=np.float64)
+        lat_p50, lat_p99 = np.percentile(late, [50, 99]) if late.size else (0.0, 0.0)
         st = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: policy",
-                              hardware_id=str(rt.device))
-        st.level = DiagnosticStatus.OK if self._deadline_misses == 0 else DiagnosticStatus.WARN
+                              hardware_id=s.device or "unconfigured")
+        st.level = DiagnosticStatus.OK if dl.misses == 0 else DiagnosticStatus.WARN
         st.message = f"{self.state_label}, step {s.step}" + (
-            f", {self._deadline_misses} deadline misses" if self._deadline_misses else "")
+            f", {dl.misses} deadline misses" if dl.misses else "")
         kv = {"step": s.step, "position": s.position, "episode": s.episode_id,
               "p50_step_ms": f"{s.p50_step_ms:.3f}", "p99_step_ms": f"{s.p99_step_ms:.3f}",
-              "deadline_misses": s.deadline_misses, "stale_observations": s.stale_observations,
+              "deadline_misses": dl.misses, "late_steps": dl.late, "skipped_ticks": dl.skipped,
+              "ticks": dl.ticks, "max_lateness_ms": f"{dl.max_lateness_ns * 1e-6:.3f}",
+              "p50_lateness_ms": f"{lat_p50:.3f}", "p99_lateness_ms": f"{lat_p99:.3f}",
+              "stale_observations": self._stale, "idle_ticks": self._idle,
               "rejected_inputs": self._rejected, "capsules": s.capsules,
               "gpu_bytes": f"{s.gpu_bytes}/{s.gpu_budget}", "host_bytes": f"{s.host_bytes}/{s.host_budget}",
               "disk_bytes": f"{s.disk_bytes}/{s.disk_budget}", "last_error": self._last_error}
         st.values = [KeyValue(key=k, value=str(v)) for k, v in kv.items()]
-        diag.status = [st]
-        self.pub_diag.publish(diag)
+        self.pub_diag.publish(DiagnosticArray(header=s.header, status=[st]))
 
     # -- capsule services -----------------------------------------------------------------
     def _make_services(self):
-        table = [  # (type, name, handler, callback group)
-            (Snapshot, "~/snapshot", self._srv_snapshot, self._capsule),
-            (Restore, "~/restore", self._srv_restore, self._capsule),
-            (Fork, "~/fork", self._srv_fork, self._capsule),
-            (Rollback, "~/rollback", self._srv_rollback, self._capsule),
-            (ListCapsules, "~/list_capsules", self._srv_list, self._capsule),
-            (DeleteCapsule, "~/delete_capsule", self._srv_delete, self._capsule),
-            (Reset, "~/reset", self._srv_reset, self._capsule),
-            (SaveCapsule, "~/save_capsule", self._srv_save, self._disk),
-            (LoadCapsule, "~/load_capsule", self._srv_load, self._disk),
+        table = [  # (type, service, operation as CapsuleEvent names it, handler, callback group)
+            (Snapshot, "~/snapshot", "snapshot", self._srv_snapshot, self._capsule),
+            (Restore, "~/restore", "restore", self._srv_restore, self._capsule),
+            (Fork, "~/fork", "fork", self._srv_fork, self._capsule),
+            (Rollback, "~/rollback", "rollback", self._srv_rollback, self._capsule),
+            (ListCapsules, "~/list_capsules", "list", self._srv_list, self._capsule),
+            (DeleteCapsule, "~/delete_capsule", "delete", self._srv_delete, self._capsule),
+            (Reset, "~/reset", "reset", self._srv_reset, self._capsule),
+            (SaveCapsule, "~/save_capsule", "save", self._srv_save, self._disk),
+            (LoadCapsule, "~/load_capsule", "load", self._srv_load, self._disk),
         ]
-        self._services = [self.create_service(t, n, self._guarded(n.split("/")[-1], h), callback_group=g)
-                          for t, n, h, g in table]
+        self.capsule_services = [self.create_service(t, n, self._guarded(op, h), callback_group=g)
+                          for t, n, op, h, g in table]
 
     def _guarded(self, op, handler):
-        """Run a handler at the committed boundary; turn every failure into success=false."""
+        """Run a handler under store.lock; turn every failure into success=false; emit events."""
         def callback(request, response):
             t0 = time.perf_counter()
             event = CapsuleEvent(operation=op)
+            rt, store = self.runtime, self.store
+            evicted = []
             try:
-                if self.runtime is None:
-                    raise FlashRTError(f"{op}: the node is {self.state_label}; expected a configured "
-                                       f"node - configure it first (lifecycle transition "
-                                       f"'configure')")
-                with self.gate.call_section():
-                    handler(request, response, event)
+                if rt is None or store is None:
+                    raise NotConfiguredError(
+                        f"{op}: the node is {self.state_label}; expected a configured node - "
+                        f"configure it first (lifecycle transition 'configure', e.g. "
+                        f"`flashrt-ros lifecycle configure`)")
+                with store.lock:
+                    before = {n: c.tier for n, c in store.capsules.items()}
+                    handler(rt, store, request, response, event)
+                    evicted = self._evictions(store, before, event.name)
                 response.success = True
-                if not response.message:
-                    response.message = "ok"
+                response.message = response.message or "ok"
             except FlashRTError as e:
                 response.success, response.message = False, str(e)
             except Exception as e:  # noqa: BLE001 - a bug must not take the node down
@@ -432,83 +636,112 @@ class PolicyNode(LifecycleNode):
             if hasattr(response, "latency_ms"):
                 response.latency_ms = float(ms)
             event.success, event.message, event.latency_ms = response.success, response.message, ms
-            if op != "list_capsules":
-                self._emit(event)
+            if op != "list":          # a query, not an operation on capsules
+                for ev in evicted:
+                    self._emit(ev, rt)
+                self._emit(event, rt)
             return response
         return callback
 
-    def _emit(self, event: CapsuleEvent):
+    @staticmethod
+    def _evictions(store, before: dict, named: str) -> list:
+        """CapsuleEvents for capsules the store demoted or dropped to make room during a call."""
+        out = []
+        for name, tier in before.items():
+            cap = store.capsules.get(name)
+            if name == named or (cap is not None and cap.tier == tier):
+                continue
+            where = f"{tier} -> {cap.tier}" if cap is not None else f"dropped from {tier}"
+            out.append(CapsuleEvent(operation="evict", name=name, source=tier,
+                                    tier=cap.tier if cap is not None else "", success=True,
+                                    message=f"evicted {name!r} ({where}) to make room"))
+        return out
+
+    def _emit(self, event: CapsuleEvent, rt):
         event.header.stamp = self.get_clock().now().to_msg()
-        rt = self.runtime
         if rt is not None:
             event.step, event.position = rt.step_count, rt.position
         self.pub_events.publish(event)
 
-    def _info(self, cap) -> CapsuleInfo:
+    @staticmethod
+    def _info(cap) -> CapsuleInfo:
         info = CapsuleInfo(name=cap.name, parent=cap.parent, step=cap.step, position=cap.position,
                            tier=cap.tier, nbytes=cap.nbytes, pinned=cap.pinned,
                            fingerprint=cap.fingerprint, digest=cap.digest)
         info.created = TimeMsg(sec=int(cap.created), nanosec=int((cap.created % 1) * 1e9))
         return info
 
-    def _srv_snapshot(self, req, res, ev):
+    @staticmethod
+    def _restore(rt, store, name):
+        """Restore at one boundary; a disk capsule's file is read before the lock is taken."""
+        in_memory = name in store.capsules and store.capsules[name].tier != "disk"
+        with rt.lock if in_memory else contextlib.nullcontext():
+            return store.restore(name)
+
+    def _srv_snapshot(self, rt, store, req, res, ev):
         ev.name, ev.tier = req.name, req.tier
-        cap = self.store.snapshot(req.name, tier=req.tier or None, pin=req.pin)
+        cap = store.snapshot(req.name, tier=req.tier or None, pin=req.pin)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
         res.message = f"snapshot {cap.name!r}: step {cap.step}, {cap.nbytes} bytes in {cap.tier}"
 
-    def _srv_restore(self, req, res, ev):
+    def _srv_restore(self, rt, store, req, res, ev):
         ev.name = req.name
-        cap = self.store.restore(req.name)
+        cap = self._restore(rt, store, req.name)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
         res.message = f"restored {cap.name!r}: step {cap.step}, position {cap.position}"
 
-    def _srv_fork(self, req, res, ev):
+    def _srv_fork(self, rt, store, req, res, ev):
         ev.name, ev.source = req.name, req.source
-        cap = self.store.fork(req.source, req.name, switch_to=req.switch_to, tier=req.tier or None)
+        # a branch of the live state that becomes the live state: snapshot and switch at one
+        # boundary, or a step in between would be undone by the switch
+        with rt.lock if (req.switch_to and not req.source) else contextlib.nullcontext():
+            cap = store.fork(req.source, req.name, switch_to=False, tier=req.tier or None)
+            if req.switch_to:
+                cap = self._restore(rt, store, req.name)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
         res.message = f"forked {req.source or '<live>'!r} -> {cap.name!r}" + \
             (" and switched to it" if req.switch_to else "")
 
-    def _srv_rollback(self, req, res, ev):
+    def _srv_rollback(self, rt, store, req, res, ev):
         ev.k = req.k
-        with self.gate.lock:
-            step, position = self.runtime.rollback(int(req.k))
+        with rt.lock:
+            step, position = rt.rollback(int(req.k))
         res.step, res.position = step, position
         res.message = f"rolled back {req.k} step(s) to step {step}"
 
-    def _srv_list(self, req, res, ev):
-        res.capsules = [self._info(c) for c in self.store.list(req.tier or None)]
+    def _srv_list(self, rt, store, req, res, ev):
+        res.capsules = [self._info(c) for c in store.list(req.tier or None)]
         res.message = f"{len(res.capsules)} capsule(s)"
 
-    def _srv_delete(self, req, res, ev):
+    def _srv_delete(self, rt, store, req, res, ev):
         ev.name = req.name
-        self.store.delete(req.name)
+        store.delete(req.name)
         res.message = f"deleted {req.name!r}"
 
-    def _srv_reset(self, req, res, ev):
-        with self.gate.lock:
-            res.episode_id = self.runtime.reset(keep_context=req.keep_context)
-            self.store.on_reset()
-        res.message = f"reset to {'the instruction context' if req.keep_context else 'an empty context'}, " \
-                      f"episode {res.episode_id}"
+    def _srv_reset(self, rt, store, req, res, ev):
+        with rt.lock:
+            res.episode_id = rt.reset(keep_context=req.keep_context)
+            res.step = rt.step_count
+            store.on_reset()
+        res.message = (f"reset to {'the instruction context' if req.keep_context else 'an empty context'}"
+                       f", episode {res.episode_id}")
 
-    def _srv_save(self, req, res, ev):
+    def _srv_save(self, rt, store, req, res, ev):
         ev.name = req.name
-        res.path = self.store.save(req.name, keep_in_memory=req.keep_in_memory)
-        cap = self.store.get(req.name)
+        res.path = store.save(req.name, keep_in_memory=req.keep_in_memory)
+        cap = store.get(req.name)
         res.capsule = self._info(cap)
-        ev.tier = "disk"
+        ev.tier = cap.tier
         res.message = f"saved {req.name!r} to {res.path}"
 
-    def _srv_load(self, req, res, ev):
+    def _srv_load(self, rt, store, req, res, ev):
         ev.name, ev.tier = req.name, req.tier
-        cap = self.store.load(req.name, tier=req.tier or None)
+        cap = store.load(req.name, tier=req.tier or None)
         if req.restore:
-            cap = self.store.restore(req.name)
+            cap = self._restore(rt, store, req.name)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
         res.message = f"loaded {req.name!r} into {cap.tier}" + (" and restored it" if req.restore else "")
@@ -518,17 +751,22 @@ def main(args=None):
     """Entry point of `flashrt_node` (and `ros2 run flashrt_ros flashrt_node`)."""
     rclpy.init(args=args)
     node = PolicyNode()
+    # four groups can run at once: control, capsule, disk, default (see the module docstring)
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     if not node.get_parameter("managed").value:
-        node.trigger_configure()
-        if node.runtime is not None:
+        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             node.trigger_activate()
+        else:
+            node.get_logger().error("managed:=false but configure failed; the node stays "
+                                    "unconfigured (fix the parameters, then `flashrt-ros lifecycle "
+                                    "configure` and `activate`)")
     try:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        executor.shutdown(timeout_sec=2.0)
         node.destroy_node()
         if rclpy.ok():
             rclpy.try_shutdown()

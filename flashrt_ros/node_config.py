@@ -4,17 +4,26 @@ ROS parameters are declared from three dataclasses, not written out by hand:
   * NodeConfig fields     -> top-level parameters (`control_rate_hz`, `joint_names`, ...);
   * RuntimeConfig fields  -> `runtime.<field>` (device, graphs, rollback depth, weights, ...);
   * StoreConfig fields    -> `store.<field>` (budgets, capsule directory, default tier, ...).
-Fields marked read_only fix captured shapes or allocations; the node declares them read-only, so
-changing them needs a cleanup + configure. Values are validated when the node configures; an
-invalid value makes configure fail with the dataclass's message (expected / found / fix).
-This module imports no ROS.
+
+Fixed parameters (the fields marked read_only: they fix captured shapes, allocations or the
+control loop's wiring) are read-only while the node is configured: a change is refused with a
+reason, and takes a cleanup, a set and a configure. While the node is unconfigured every parameter
+may change; nothing is checked until configure, so that parameters that depend on each other
+(`command_output` and `joint_names`) can be set one at a time. An invalid value makes configure
+fail with the dataclass's message (expected / found / fix), and the node stays unconfigured.
+The other parameters may change at any time; they are validated when set.
+
+`configs_from_values` also checks types: ROS hands over whatever a params file or `-p` held
+(`control_rate_hz: 30` is an integer), so numbers are coerced to the field's type and anything
+else is refused with a message that names the field. This module imports no ROS.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from .config import RuntimeConfig, StoreConfig, _check, field_table
+from .config import RuntimeConfig, StoreConfig, _check, field_table, from_dict
+from .exceptions import ConfigError
 
 
 def _f(default, help, read_only=False):
@@ -26,14 +35,19 @@ class NodeConfig:
     preset: str = _f("tiny", "model preset (config/presets/<name>.yaml; tiny is embedded)", True)
     managed: bool = _f(True, "lifecycle node waiting for configure/activate; false = configure and "
                              "activate at start (a plain auto-starting node)", True)
-    instruction: str = _f("", "task instruction prefilled at configure ('' = empty context)")
-    control_mode: str = _f("timer", "timer: step at control_rate_hz on the latest observation; "
-                                    "observation: step on each observation", True)
+    instruction: str = _f("", "task instruction prefilled at configure ('' = empty context); to "
+                              "change the task of a running node publish ~/instruction")
+    control_mode: str = _f("timer", "timer: step at control_rate_hz on the latest observation "
+                                    "while it is fresh; observation: step once on each observation",
+                           True)
     control_rate_hz: float = _f(30.0, "control loop rate in timer mode", True)
-    deadline_ms: float = _f(0.0, "a step is late if it starts or finishes later than this after its "
-                                 "tick (0 = one control period)", True)
-    stale_observation_s: float = _f(0.5, "observations older than this are not stepped on (0 = off)")
-    observation_qos: str = _f("sensor_data", "sensor_data (best effort, depth 5) or reliable", True)
+    deadline_ms: float = _f(0.0, "deadline of a step: timer mode, from the tick's scheduled time "
+                                 "to the committed step; observation mode, from receipt to commit "
+                                 "(0 = one control period)", True)
+    stale_observation_s: float = _f(0.5, "observations older than this are not stepped on (header "
+                                         "stamp, or receipt in timer mode; 0 = off)")
+    observation_qos: str = _f("sensor_data", "sensor_data (best effort, depth 5) or reliable "
+                                             "(depth 10, nothing dropped)", True)
     joint_names: tuple = _f((), "if set, also subscribe sensor_msgs/JointState on `joint_states` "
                                 "and build observations from these joints (positions, then "
                                 "velocities if obs_dim is twice their number)", True)
@@ -42,12 +56,14 @@ class NodeConfig:
                                      "(~/joint_trajectory, one point per chunk row)", True)
     action_dt: float = _f(0.0, "seconds between action chunk rows (0 = one control period)", True)
     status_rate_hz: float = _f(2.0, "rate of ~/status and /diagnostics", True)
+    warm_up: bool = _f(True, "at configure, run every plan once and put the exact state back, so "
+                             "that the first control step pays no lazy initialisation", True)
 
     def __post_init__(self):
         _check(self.control_mode in ("timer", "observation"), "control_mode",
                "timer or observation", self.control_mode)
-        _check(isinstance(self.control_rate_hz, (int, float)) and 0 < self.control_rate_hz <= 1000,
-               "control_rate_hz", "a rate in (0, 1000] Hz", self.control_rate_hz)
+        _check(0 < self.control_rate_hz <= 1000, "control_rate_hz", "a rate in (0, 1000] Hz",
+               self.control_rate_hz)
         _check(self.deadline_ms >= 0, "deadline_ms", "a number >= 0", self.deadline_ms)
         _check(self.stale_observation_s >= 0, "stale_observation_s", "a number >= 0",
                self.stale_observation_s)
@@ -55,14 +71,18 @@ class NodeConfig:
                "sensor_data or reliable", self.observation_qos)
         _check(self.command_output in ("none", "float64_multi_array", "joint_trajectory"),
                "command_output", "none, float64_multi_array or joint_trajectory", self.command_output)
+        _check(self.action_dt >= 0, "action_dt", "a number >= 0", self.action_dt)
         _check(0 < self.status_rate_hz <= 100, "status_rate_hz", "a rate in (0, 100] Hz",
                self.status_rate_hz)
         object.__setattr__(self, "joint_names", tuple(self.joint_names))
         _check(all(isinstance(n, str) and n for n in self.joint_names), "joint_names",
                "a list of non-empty joint names", list(self.joint_names))
+        _check(len(set(self.joint_names)) == len(self.joint_names), "joint_names",
+               "distinct joint names", list(self.joint_names))
         if self.command_output == "joint_trajectory":
             _check(len(self.joint_names) > 0, "joint_names",
-                   "the controller's joint names when command_output is joint_trajectory", [])
+                   "the controller's joint names when command_output is joint_trajectory", [],
+                   "set joint_names or use command_output float64_multi_array")
 
     @property
     def period_s(self) -> float:
@@ -77,7 +97,7 @@ SECTIONS = (("", NodeConfig), ("runtime.", RuntimeConfig), ("store.", StoreConfi
 
 
 def parameter_table():
-    """(parameter name, default, help, read_only, section class) for every ROS parameter."""
+    """(parameter name, default, help, fixed, section class) for every ROS parameter."""
     rows = []
     for prefix, cls in SECTIONS:
         for name, default, help, read_only in field_table(cls):
@@ -87,14 +107,93 @@ def parameter_table():
     return rows
 
 
+def _coerce(name: str, value, default):
+    """A ROS parameter value as the type of the field's default; ConfigError if it is not one."""
+    def refuse(expected):
+        raise ConfigError(f"{name}: expected {expected}, found {value!r} "
+                          f"({type(value).__name__}); fix the params file or the -p override")
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else refuse("true or false")
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            refuse("a number")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            refuse("an integer")
+        return value
+    if isinstance(default, str):
+        return value if isinstance(value, str) else refuse("a string")
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            refuse("a list")
+        return tuple(value)
+    return value
+
+
 def configs_from_values(values: dict):
     """Build (NodeConfig, RuntimeConfig, StoreConfig) from flat parameter values; ConfigError on bad input."""
-    from .config import from_dict
     out = []
     for prefix, cls in SECTIONS:
-        names = {f.name for f in dataclasses.fields(cls)}
-        section = {k[len(prefix):]: v for k, v in values.items()
-                   if k.startswith(prefix) and k[len(prefix):] in names
-                   and (prefix or "." not in k)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        section = {}
+        for key, value in values.items():
+            short = key[len(prefix):]
+            if key.startswith(prefix) and short in fields and (prefix or "." not in key):
+                section[short] = _coerce(key, value, fields[short].default)
         out.append(from_dict(cls, section, where=prefix.rstrip(".") or "node"))
     return tuple(out)
+
+
+def _yaml_value(v) -> str:
+    import json
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return json.dumps(v)      # a JSON string is a YAML string
+    return repr(v)
+
+
+PARAMS_FILE_HEADER = """\
+# Parameters of the flashrt_policy node (flashrt_ros), every one at its default.
+# Generated from the config dataclasses: `flashrt-ros params > config/flashrt_policy.yaml`
+# (test/test_launch.py checks that this file and the dataclasses agree).
+# Use: flashrt_node --ros-args --params-file config/flashrt_policy.yaml [-p name:=value ...]
+#      ros2 launch flashrt_ros flashrt_policy.launch.py config:=<this file>
+# `/**/flashrt_policy` matches the node in any namespace. [fixed] parameters can change only
+# while the node is unconfigured; the others at any time (see docs/node.md).
+"""
+
+
+def params_yaml(node_name: str = "/**/flashrt_policy") -> str:
+    """A ROS params file with every parameter at its default, each with its help as a comment."""
+    import textwrap
+    lines = PARAMS_FILE_HEADER.splitlines() + [f"{node_name}:", "  ros__parameters:"]
+    for prefix, cls in SECTIONS:
+        indent = "    "
+        if prefix:
+            lines += ["", f"    {prefix.rstrip('.')}:"]
+            indent = "      "
+        for name, default, help, read_only in field_table(cls):
+            default = list(default) if isinstance(default, tuple) else default
+            text = help + (" [fixed]" if read_only else "")
+            lines += textwrap.wrap(text, 100, initial_indent=indent + "# ",
+                                   subsequent_indent=indent + "#   ")
+            if isinstance(default, list) and not default:
+                # an empty YAML list reaches rclpy as "not set": the node declares it empty
+                lines.append(f"{indent}# {name}: [a, b, ...]   (default: empty)")
+            else:
+                lines.append(f"{indent}{name}: {_yaml_value(default)}")
+    return "\n".join(lines) + "\n"
+
+
+def params_markdown() -> str:
+    """The parameter table as Markdown (docs/node.md)."""
+    rows = ["| parameter | default | fixed | meaning |", "|---|---|---|---|"]
+    for name, default, help, read_only, _ in parameter_table():
+        shown = _yaml_value(default) if not isinstance(default, str) else repr(default)
+        rows.append(f"| `{name}` | `{shown}` | {'yes' if read_only else ''} | "
+                    f"{help.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,264 @@
+"""Test side of the policy node: start `flashrt_node` as a child process, drive it over DDS.
+
+`NodeProcess` runs the console script with a params file and `-p` overrides, collects its log
+lines, and always ends it (SIGINT, then SIGKILL after a timeout). `PolicyClient` is an rclpy node
+in its own context, spun by a SingleThreadedExecutor in a background thread: it publishes
+observations, collects actions, status, diagnostics and capsule events, and calls services and
+lifecycle transitions. Every wait has a deadline (helpers.wait_for); nothing sleeps a fixed time.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+
+from helpers import wait_for
+
+STARTUP_TIMEOUT_S = 60     # imports torch and rclpy, warms up; slow on a busy 2-core machine
+DISCOVERY_TIMEOUT_S = 15
+CALL_TIMEOUT_S = 15
+ACTION_TIMEOUT_S = 15
+
+
+class NodeProcess:
+    """A child process; `output` holds its log lines. Use as a context manager."""
+
+    def __init__(self, cmd: list, env: dict):
+        self.cmd, self.env = cmd, env
+        self.output: list[str] = []
+        self.proc = None
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self._reader = threading.Thread(target=lambda: self.output.extend(self.proc.stdout),
+                                        daemon=True)
+        self._reader.start()
+        return self
+
+    def log(self) -> str:
+        return "".join(self.output)
+
+    def wait_log(self, text: str, timeout=STARTUP_TIMEOUT_S):
+        def seen():
+            if self.proc.poll() is not None and text not in self.log():
+                raise RuntimeError(f"{self.cmd[0]} exited with {self.proc.returncode} before "
+                                   f"logging {text!r}:\n{self.log()}")
+            return text in self.log()
+        wait_for(seen, timeout, f"{text!r} in the log of {self.cmd[0]}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout=10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return self.proc.returncode
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def node_command(params_file: str, overrides: dict, namespace: str = "", remaps=()) -> list:
+    cmd = ["flashrt_node", "--ros-args"]
+    if namespace:
+        cmd += ["-r", f"__ns:={namespace}"]
+    cmd += ["--params-file", params_file]
+    for k, v in overrides.items():
+        v = ("true" if v else "false") if isinstance(v, bool) else v
+        cmd += ["-p", f"{k}:={v}"]
+    for a, b in remaps:
+        cmd += ["-r", f"{a}:={b}"]
+    return cmd
+
+
+def observations(n: int, dim: int = 14, seed: int = 0) -> np.ndarray:
+    """Deterministic observations [n, dim] float32."""
+    return np.random.default_rng(seed).uniform(-1, 1, (n, dim)).astype(np.float32)
+
+
+def chunk_bytes(msg) -> bytes:
+    return np.asarray(msg.data, dtype=np.float32).tobytes()
+
+
+class PolicyClient:
+    """Publishes observations to and calls services of the policy node `target` (its FQN)."""
+
+    def __init__(self, target: str = "/flashrt_policy", name: str = "policy_test_client"):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
+
+        from diagnostic_msgs.msg import DiagnosticArray
+        from flashrt_ros.msg import ActionChunk, CapsuleEvent, Observation, PolicyStatus
+
+        self.target = target.rstrip("/")
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(f"{name}_{os.getpid()}", context=self.context)
+        keep_all = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
+                              history=QoSHistoryPolicy.KEEP_LAST)
+        self.actions, self.events, self.statuses, self.diagnostics = [], [], [], []
+        self.commands = []
+        self.pub_obs = self.node.create_publisher(Observation, f"{self.target}/observation", keep_all)
+        self.subs = [
+            self.node.create_subscription(ActionChunk, f"{self.target}/action",
+                                          self.actions.append, keep_all),
+            self.node.create_subscription(CapsuleEvent, f"{self.target}/capsule_events",
+                                          self.events.append, keep_all),
+            self.node.create_subscription(PolicyStatus, f"{self.target}/status",
+                                          self.statuses.append, keep_all),
+            self.node.create_subscription(DiagnosticArray, "/diagnostics",
+                                          self.diagnostics.append, keep_all),
+        ]
+        self._clients = {}
+        self._pubs = {}
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._spin = threading.Thread(target=self._spin_loop, daemon=True)
+        self._stop = False
+        self._spin.start()
+
+    def _spin_loop(self):
+        while not self._stop and self.context.ok():
+            try:
+                self.executor.spin_once(timeout_sec=0.05)
+            except Exception:  # noqa: BLE001 - shutting down
+                if self._stop:
+                    return
+                raise
+
+    def close(self):
+        import rclpy
+        self._stop = True
+        self._spin.join(timeout=5)
+        self.executor.shutdown(timeout_sec=1)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+    # -- topics ---------------------------------------------------------------------------
+    def matched(self, sub) -> bool:
+        """Whether a subscription has a publisher (matched where rclpy can say, else in the graph)."""
+        count = getattr(sub, "get_publisher_count", None)
+        return (count() if count else self.node.count_publishers(sub.topic_name)) > 0
+
+    def wait_connected(self, timeout=DISCOVERY_TIMEOUT_S):
+        """Until the node subscribes our observations and we receive its status and actions."""
+        def connected():
+            return (self.pub_obs.get_subscription_count() > 0 and self.matched(self.subs[0])
+                    and self.statuses)
+        wait_for(connected, timeout, f"{self.target}: observation subscriber, action publisher, "
+                                     f"a status message")
+
+    def publish(self, state, reset=False, stamp=True):
+        from flashrt_ros.msg import Observation
+        msg = Observation()
+        if stamp:
+            msg.header.stamp = self.node.get_clock().now().to_msg()
+        msg.state = [float(x) for x in np.asarray(state, dtype=np.float32)]
+        msg.reset_episode = reset
+        self.pub_obs.publish(msg)
+        return msg
+
+    def step(self, state, reset=False, timeout=ACTION_TIMEOUT_S):
+        """Publish one observation and return the action chunk that answers it."""
+        n = len(self.actions)
+        msg = self.publish(state, reset)
+        wait_for(lambda: len(self.actions) > n, timeout, f"an action from {self.target}")
+        action = self.actions[n]
+        assert action.observation_stamp == msg.header.stamp, "an action answered another observation"
+        return action
+
+    def run(self, states) -> list:
+        return [self.step(s) for s in states]
+
+    def publisher(self, msg_type, topic, depth=10):
+        from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+        if topic not in self._pubs:
+            self._pubs[topic] = self.node.create_publisher(
+                msg_type, topic, QoSProfile(depth=depth, reliability=QoSReliabilityPolicy.RELIABLE))
+        return self._pubs[topic]
+
+    def collect(self, msg_type, topic) -> list:
+        from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+        got = []
+        self.subs.append(self.node.create_subscription(
+            msg_type, topic, got.append, QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE)))
+        return got
+
+    def latest_status(self, after: float | None = None, timeout=DISCOVERY_TIMEOUT_S):
+        """A status message published after `after` (time.time(); default: now)."""
+        t = time.time() if after is None else after
+
+        def fresh():
+            for s in reversed(self.statuses):
+                if s.header.stamp.sec + s.header.stamp.nanosec * 1e-9 > t:
+                    return s
+            return None
+        return wait_for(fresh, timeout, f"a fresh status from {self.target}")
+
+    # -- services -------------------------------------------------------------------------
+    def call(self, srv_type, service: str, timeout=CALL_TIMEOUT_S, **fields):
+        name = service if service.startswith("/") else f"{self.target}/{service}"
+        client = self._clients.get(name)
+        if client is None:
+            client = self._clients[name] = self.node.create_client(srv_type, name)
+        wait_for(client.service_is_ready, timeout, f"service {name}")
+        request = srv_type.Request()
+        for k, v in fields.items():
+            setattr(request, k, v)
+        future = client.call_async(request)
+        wait_for(future.done, timeout, f"the answer of {name}")
+        return future.result()
+
+    def capsule(self, op: str, **fields):
+        from flashrt_ros import srv
+        types = {"snapshot": srv.Snapshot, "restore": srv.Restore, "fork": srv.Fork,
+                 "rollback": srv.Rollback, "list_capsules": srv.ListCapsules,
+                 "delete_capsule": srv.DeleteCapsule, "save_capsule": srv.SaveCapsule,
+                 "load_capsule": srv.LoadCapsule, "reset": srv.Reset}
+        return self.call(types[op], op, **fields)
+
+    def transition(self, name: str) -> bool:
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+        ids = {"configure": Transition.TRANSITION_CONFIGURE,
+               "activate": Transition.TRANSITION_ACTIVATE,
+               "deactivate": Transition.TRANSITION_DEACTIVATE,
+               "cleanup": Transition.TRANSITION_CLEANUP,
+               "shutdown": Transition.TRANSITION_UNCONFIGURED_SHUTDOWN}
+        req_transition = Transition(id=ids[name])
+        return self.call(ChangeState, "change_state", transition=req_transition, timeout=60).success
+
+    def state(self) -> str:
+        from lifecycle_msgs.srv import GetState
+        return self.call(GetState, "get_state").current_state.label
+
+    def set_parameter(self, name, value):
+        """Returns (successful, reason)."""
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+        res = self.call(SetParameters, "set_parameters",
+                        parameters=[Parameter(name, value=value).to_parameter_msg()])
+        return res.results[0].successful, res.results[0].reason
+
+    def get_parameters(self, names) -> dict:
+        from rcl_interfaces.srv import GetParameters
+        from rclpy.parameter import parameter_value_to_python
+        res = self.call(GetParameters, "get_parameters", names=list(names))
+        out = {}
+        for n, v in zip(names, res.values):
+            v = parameter_value_to_python(v)
+            out[n] = v.tolist() if hasattr(v, "tolist") else v
+        return out

@@ -1,0 +1,289 @@
+"""The policy node in this process: a real rclpy MultiThreadedExecutor in a thread, driven over DDS.
+
+Lifecycle transitions and parameters go through the node's own services (ChangeState,
+GetState, SetParameters, ListParameters, DescribeParameters), as `ros2 lifecycle` / `ros2 param`
+would use them. Also here, without ROS traffic: the deadline accounting (DeadlineMonitor), the
+BoundaryLock's ordering, and the warm-up's promise that the state afterwards is byte-identical.
+"""
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from helpers import wait_for
+from node_client import PolicyClient, chunk_bytes, observations
+
+pytestmark = pytest.mark.ros
+
+OBS = observations(16, seed=2)
+
+
+@pytest.fixture(scope="module")
+def ros_context():
+    import rclpy
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+class InProcessNode:
+    """A PolicyNode spun by a MultiThreadedExecutor in a thread, and a client for it."""
+
+    def __init__(self, context, namespace, **params):
+        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.parameter import Parameter
+
+        from flashrt_ros.node import PolicyNode
+        overrides = [Parameter(k, value=v) for k, v in params.items()]
+        self.node = PolicyNode(context=context, namespace=namespace, parameter_overrides=overrides)
+        self.executor = MultiThreadedExecutor(num_threads=4, context=context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.client = PolicyClient(f"{namespace}/flashrt_policy", name="inprocess_client")
+
+    def close(self):
+        self.client.close()
+        self.executor.shutdown(timeout_sec=5)
+        self.thread.join(timeout=5)
+        self.node.destroy_node()
+
+
+@pytest.fixture
+def make_node(ros_context, tmp_path, request):
+    made = []
+
+    def make(**params):
+        params.setdefault("store.capsule_dir", str(tmp_path / "capsules"))
+        params.setdefault("runtime.device", "cpu")
+        ns = f"/t{os.getpid()}_{request.node.name.split('[')[0][-24:]}_{len(made)}"
+        n = InProcessNode(ros_context, ns, **params)
+        made.append(n)
+        return n
+    yield make
+    for n in made:
+        n.close()
+
+
+def test_lifecycle_transitions_through_the_services(make_node):
+    n = make_node(control_mode="observation", observation_qos="reliable", status_rate_hz=20.0)
+    c = n.client
+    assert c.state() == "unconfigured" and n.node.runtime is None
+    assert c.transition("configure")
+    assert c.state() == "inactive" and n.node.runtime is not None
+    assert c.transition("activate")
+    assert c.state() == "active"
+    c.wait_connected()
+    first = c.step(OBS[0])
+    assert first.step == 1
+
+    assert c.transition("deactivate")
+    assert c.state() == "inactive"
+    c.publish(OBS[1])                  # not stepped: the node is inactive
+    res = c.capsule("snapshot", name="while-inactive")   # capsule services keep working
+    assert res.success and res.capsule.step == 1
+    assert c.transition("activate")
+    assert c.step(OBS[2]).step == 2    # the observation sent while inactive never stepped
+
+    assert c.transition("deactivate") and c.transition("cleanup")
+    assert c.state() == "unconfigured" and n.node.runtime is None
+    res = c.capsule("list_capsules")
+    assert not res.success and "configure" in res.message
+    assert c.transition("configure") and c.state() == "inactive"
+    assert c.capsule("list_capsules").capsules == []      # memory capsules went with cleanup
+    assert c.transition("cleanup") and c.transition("shutdown")
+    assert c.state() == "finalized"
+
+
+def test_parameters_are_declared_from_the_table(make_node):
+    from rcl_interfaces.srv import DescribeParameters, ListParameters
+
+    from flashrt_ros.node_config import parameter_table
+    n = make_node()
+    table = {name: (default, help_text, fixed) for name, default, help_text, fixed, _ in parameter_table()}
+    listed = n.client.call(ListParameters, "list_parameters").result.names
+    assert set(table) <= set(listed)
+    descs = n.client.call(DescribeParameters, "describe_parameters", names=list(table)).descriptors
+    for d in descs:
+        default, help_text, fixed = table[d.name]
+        assert d.description.startswith(help_text)
+        assert ("[fixed while configured]" in d.description) == fixed
+    values = n.client.get_parameters([k for k, v in table.items() if v[0] != []])
+    for name, value in values.items():
+        expected = table[name][0]
+        expected = "cpu" if name == "runtime.device" else expected
+        expected = n.node.get_parameter(name).value if name == "store.capsule_dir" else expected
+        assert value == expected, name
+
+
+def test_fixed_parameters_refuse_changes_while_configured(make_node):
+    n = make_node()
+    c = n.client
+    assert c.set_parameter("control_rate_hz", 50.0)[0]          # unconfigured: anything goes
+    assert c.transition("configure")
+    ok, reason = c.set_parameter("control_rate_hz", 10.0)
+    assert not ok and "fixed" in reason and "cleanup" in reason
+    assert not c.set_parameter("preset", "hybrid-0.8b")[0]
+    assert c.get_parameters(["control_rate_hz"])["control_rate_hz"] == 50.0
+    assert n.node.node_cfg.control_rate_hz == 50.0
+    # a parameter that may change is validated when set, and applies at once
+    ok, reason = c.set_parameter("stale_observation_s", -1.0)
+    assert not ok and "stale_observation_s: expected a number >= 0" in reason
+    assert c.set_parameter("stale_observation_s", 0.25)[0]
+    assert n.node.node_cfg.stale_observation_s == 0.25
+    ok, reason = c.set_parameter("store.default_tier", "tape")
+    assert not ok and "store.default_tier" in reason
+    assert c.set_parameter("store.default_tier", "disk")[0]
+    assert n.node.store.cfg.default_tier == "disk"
+    assert c.transition("cleanup")
+    assert c.set_parameter("control_rate_hz", 10.0)[0]
+    assert c.transition("configure")
+    assert n.node.node_cfg.control_rate_hz == 10.0
+
+
+@pytest.mark.parametrize("name, bad, good, says", [
+    ("control_mode", "bogus", "observation", "control_mode: expected timer or observation, found 'bogus'"),
+    ("preset", "../x", "tiny", "preset: expected a preset name such as 'tiny', found '../x'"),
+    ("store.default_tier", "tape", "host", "store.default_tier: expected auto, gpu, host or disk, found 'tape'"),
+    ("control_rate_hz", "fast", 20.0, "control_rate_hz: expected a number, found 'fast'"),
+    ("joint_names", ["a", "b", "c"], ["j%d" % i for i in range(7)], "joint_names: expected obs_dim (14)"),
+])
+def test_invalid_values_fail_configure_and_the_node_recovers(make_node, capfd, name, bad, good, says):
+    n = make_node(**{name: bad})
+    c = n.client
+    assert not c.transition("configure")
+    err = []
+
+    def logged():
+        err.append(capfd.readouterr().err)
+        return says in "".join(err)
+    wait_for(logged, 10, f"the log line {says!r}")
+    assert "configure failed" in "".join(err)
+    assert c.state() == "unconfigured" and n.node.runtime is None
+    assert not c.capsule("snapshot", name="x").success                # still answers
+    assert c.set_parameter(name, good)[0]
+    assert c.transition("configure")
+    assert c.state() == "inactive"
+    assert c.capsule("snapshot", name="x").success
+
+
+def test_joint_trajectory_output(make_node):
+    from sensor_msgs.msg import JointState
+    from trajectory_msgs.msg import JointTrajectory
+    joints = [f"j{i}" for i in range(7)]
+    n = make_node(control_mode="observation", observation_qos="reliable", joint_names=joints,
+                  command_output="joint_trajectory", action_dt=0.1, managed=False)
+    c = n.client
+    assert c.transition("configure") and c.transition("activate")
+    trajectories = c.collect(JointTrajectory, f"{c.target}/joint_trajectory")
+    pub = c.publisher(JointState, f"{c.target.rsplit('/', 1)[0]}/joint_states")
+    wait_for(lambda: (pub.get_subscription_count() > 0 and c.matched(c.subs[-1])
+                      and c.matched(c.subs[0])),
+             15, "joint_states subscription, trajectory and action publishers")
+    pub.publish(JointState(name=joints, position=[0.1] * 7, velocity=[0.0] * 7))
+    wait_for(lambda: trajectories and c.actions, 15, "a JointTrajectory and an action")
+    traj, action = trajectories[0], c.actions[0]
+    chunk = np.asarray(action.data, np.float32).reshape(action.horizon, action.action_dim)
+    assert traj.joint_names == joints and len(traj.points) == action.horizon
+    for i, p in enumerate(traj.points):
+        assert list(p.positions) == chunk[i].astype(np.float64).tolist()
+        t = p.time_from_start.sec + p.time_from_start.nanosec * 1e-9
+        assert abs(t - 0.1 * (i + 1)) < 1e-6
+
+
+def test_timer_mode_steps_every_tick_on_the_latest_observation(make_node):
+    n = make_node(control_rate_hz=50.0, observation_qos="reliable", status_rate_hz=20.0,
+                  instruction="stack the blocks")
+    c = n.client
+    assert c.transition("configure") and c.transition("activate")
+    c.wait_connected()
+    c.publish(OBS[0])                  # one observation: stepped on every tick while fresh
+    wait_for(lambda: len(c.actions) >= 10, 15, "10 actions from the timer")
+    steps = [a.step for a in c.actions[:10]]
+    assert steps == list(range(steps[0], steps[0] + 10))
+    assert len({chunk_bytes(a) for a in c.actions[:10]}) > 1      # the state moves on
+    dl = n.node.deadlines
+    assert dl.ticks >= 10 and dl.misses == dl.late + dl.skipped
+    assert c.set_parameter("stale_observation_s", 0.05)[0]      # now the observation goes stale
+    wait_for(lambda: n.node._stale > 0, 15, "a stale tick")
+    stepped = n.node.runtime.step_count
+    wait_for(lambda: n.node._stale > 3, 15, "more stale ticks")
+    assert n.node.runtime.step_count == stepped
+
+
+# -- without ROS traffic -------------------------------------------------------------------
+def test_deadline_monitor_counts_late_commits_and_skipped_ticks():
+    from flashrt_ros.node import DeadlineMonitor
+    ms = 1_000_000
+    dl = DeadlineMonitor(period_ns=10 * ms, deadline_ns=10 * ms)
+    dl.start(0)
+    for k in range(1, 6):                       # on time: 2 ms late, committed 3 ms later
+        dl.tick(k * 10 * ms + 2 * ms)
+        dl.commit(k * 10 * ms, k * 10 * ms + 5 * ms)
+    assert (dl.ticks, dl.late, dl.skipped, dl.misses) == (5, 0, 0, 0)
+    dl.tick(60 * ms)
+    dl.commit(60 * ms, 60 * ms + 12 * ms)       # committed 12 ms after its tick: late
+    assert (dl.ticks, dl.late, dl.misses) == (6, 1, 1)
+    dl.tick(100 * ms)                           # ticks 7, 8, 9 never ran (rcl skipped them)
+    dl.commit(100 * ms, 101 * ms)
+    assert (dl.ticks, dl.skipped, dl.late, dl.misses) == (10, 3, 1, 4)
+    dl.tick(110 * ms - 50_000)                  # a tick reported a hair early is still tick 11
+    assert (dl.ticks, dl.skipped) == (11, 3)
+
+
+def test_boundary_lock_lets_a_waiting_call_go_before_the_next_step():
+    from flashrt_ros.node import BoundaryLock
+    lock = BoundaryLock()
+    order = []
+    in_step, call_waiting = threading.Event(), threading.Event()
+
+    def steps():
+        for i in range(3):
+            with lock.step():
+                order.append(f"step{i}")
+                if i == 0:
+                    in_step.set()
+                    wait_for(lambda: lock._waiting == 1, 5, "the call to wait")
+                    call_waiting.set()
+
+    def call():
+        in_step.wait(5)
+        with lock:
+            order.append("call")
+
+    threads = [threading.Thread(target=steps), threading.Thread(target=call)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert call_waiting.is_set()
+    assert order == ["step0", "call", "step1", "step2"]
+    with lock:
+        with lock:                              # reentrant
+            pass
+
+
+def test_warm_up_leaves_the_state_byte_identical():
+    import torch
+
+    from flashrt_ros.config import TINY, RuntimeConfig
+    from flashrt_ros.node import warm_up
+    from flashrt_ros.runtime import PolicyRuntime
+    for instruction in ("pick up the red cube", ""):
+        fresh = PolicyRuntime(TINY, RuntimeConfig(device="cpu"))
+        warmed = PolicyRuntime(TINY, RuntimeConfig(device="cpu"))
+        if instruction:
+            fresh.set_instruction(instruction)
+            warmed.set_instruction(instruction)
+        warm_up(warmed)
+        assert torch.equal(warmed.arena.base, fresh.arena.base)       # the whole arena
+        assert (warmed.step_count, warmed.position, warmed.episode, warmed.context_len) == \
+               (fresh.step_count, fresh.position, fresh.episode, fresh.context_len)
+        for o in OBS[:4]:
+            assert fresh.step(o).tobytes() == warmed.step(o).tobytes()
+        assert fresh.rollback(2) == warmed.rollback(2)
+        assert fresh.reset(keep_context=True) == warmed.reset(keep_context=True)
+        assert torch.equal(warmed.arena.base[: warmed.live_nbytes()],
+                           fresh.arena.base[: fresh.live_nbytes()])
