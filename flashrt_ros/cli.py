@@ -127,6 +127,9 @@ def _status(args) -> int:
         s = client.wait_message(PolicyStatus, "status")
     finally:
         client.close()
+    if not s.device:
+        print(f"{args.node}: {s.lifecycle_state} (no runtime: `flashrt-ros lifecycle configure`)")
+        return 0
     print(f"{args.node}: {s.lifecycle_state} on {s.device} ({s.preset}), episode {s.episode_id}, "
           f"step {s.step}, position {s.position}, lineage {s.capsule_lineage or '-'}")
     print(f"  step latency p50 {s.p50_step_ms:.3f} ms, p99 {s.p99_step_ms:.3f} ms; deadline misses "
@@ -147,8 +150,15 @@ def _lifecycle(args) -> int:
             print(res.current_state.label)
             return 0
         ids = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
-               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP,
-               "shutdown": Transition.TRANSITION_UNCONFIGURED_SHUTDOWN}
+               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP}
+        if args.transition == "shutdown":   # one shutdown transition per primary state
+            label = client.call(GetState, "get_state", GetState.Request()).current_state.label
+            ids["shutdown"] = {"unconfigured": Transition.TRANSITION_UNCONFIGURED_SHUTDOWN,
+                               "inactive": Transition.TRANSITION_INACTIVE_SHUTDOWN,
+                               "active": Transition.TRANSITION_ACTIVE_SHUTDOWN}.get(label)
+            if ids["shutdown"] is None:
+                print(f"shutdown: the node is {label}; nothing to shut down")
+                return 1
         req = ChangeState.Request()
         req.transition.id = ids[args.transition]
         res = client.call(ChangeState, "change_state", req)
@@ -191,6 +201,12 @@ def _info(args) -> int:
     for b in d["buffers"]:
         print(f"  {b['name']:<28} {b['role']:<16} {b['dtype']:<9} {str(b['shape']):<28} "
               f"{_fmt_bytes(b['nbytes'])}")
+    return 0
+
+
+def _params(args) -> int:
+    from flashrt_ros.node_config import params_markdown, params_yaml
+    print(params_markdown() if args.markdown else params_yaml(), end="")
     return 0
 
 
@@ -266,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="tiny")
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true")
+    s = sub.add_parser("params", help="print every node parameter with its default and meaning "
+                                      "(a ROS params file, or --markdown; no ROS needed)")
+    s.add_argument("--markdown", action="store_true", help="a Markdown table instead of YAML")
     s = sub.add_parser("bench", help="run a benchmark from bench/ (arguments after it go to it)",
                        add_help=False)
     s.add_argument("experiment")
@@ -300,7 +319,8 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from flashrt_ros.demo import run_demo
         return run_demo(args)
-    handlers = {"status": _status, "lifecycle": _lifecycle, "instruct": _instruct, "info": _info}
+    handlers = {"status": _status, "lifecycle": _lifecycle, "instruct": _instruct, "info": _info,
+                "params": _params}
     if args.command in handlers:
         return handlers[args.command](args)
     return _service_command(args)
