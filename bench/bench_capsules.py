@@ -126,7 +126,7 @@ def run_tiers(rt, store, timer, ctx, repeat):
         lambda: [arena.base[o:o + k].copy_(src[o:o + k]) for o, k in spans], repeat)
     row["buffers"] = len(spans)
     for tier in store.tiers():
-        reps = repeat if tier != "disk" else max(3, repeat // 5)
+        reps = repeat if tier != "disk" else max(2, repeat // 5)
         row[f"{tier}_snapshot"] = timer.measure(lambda: store.snapshot("bench", tier=tier), reps,
                                                 before=lambda: store.capsules.get("bench") and store.delete("bench"))
         row[f"{tier}_restore"] = timer.measure(lambda: store.restore("bench"), reps)
@@ -145,8 +145,8 @@ def run_tiers(rt, store, timer, ctx, repeat):
         host = st_load(holder["blob"])
         for name, t in host.items():
             arena.buffer_bytes(name, rt.position).copy_(t)
-    row["serialized_snapshot"] = timer.measure(ser_snapshot, max(3, repeat // 4))
-    row["serialized_restore"] = timer.measure(ser_restore, max(3, repeat // 4))
+    row["serialized_snapshot"] = timer.measure(ser_snapshot, max(2, repeat // 5), warmup=1)
+    row["serialized_restore"] = timer.measure(ser_restore, max(2, repeat // 5), warmup=1)
     return row
 
 
@@ -339,6 +339,13 @@ def main(argv=None):
             log(f"context {ctx}: kv-only ablation")
             rt.set_instruction(tokens)
             result["kv_only"].append(run_kv_only(rt, store, ctx, args.kv_trials, 16))
+        write(result, args, rt)
+    write(result, args, rt, final=True)
+
+
+def write(result, args, rt, final=False):
+    """Write JSON/Markdown (and the plot at the end); called after every context so that a run cut
+    short still leaves what it measured."""
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or f"{args.preset}-{rt.device.type}"
     base = os.path.join(args.out, f"capsules-{tag}")
@@ -347,9 +354,10 @@ def main(argv=None):
     md = markdown(result)
     with open(base + ".md", "w") as f:
         f.write(md)
-    plot(result, base + ".png")
-    print(md)
-    log(f"wrote {base}.json, .md, .png")
+    if final:
+        plot(result, base + ".png")
+        print(md)
+        log(f"wrote {base}.json, .md, .png")
 
 
 if __name__ == "__main__":
