@@ -1,0 +1,390 @@
+"""Paged vs flat capsule store, side by side in one run (issue 8).
+
+    python bench/bench_paged.py                                        # tiny, CPU, 4000 tokens
+    python bench/bench_paged.py --preset hybrid-0.8b --device cuda --tokens 16000 --tag h100
+
+Experiments (`--experiments`, comma separated):
+  memory   one episode of --tokens prefilled tokens; a root capsule, then --forks forks, each
+           restored from the root and run --steps control steps, snapshotted into both stores
+           (the same live bytes): the bytes each store holds for the root and the forks, against
+           one capsule's live size. The paged store's expected size is printed beside it: the KV
+           once plus one small state per capsule (rounded up to whole blocks).
+  restore  restore latency of one fork: the flat store (one contiguous copy of the live range),
+           the paged store with the fork's own table (a KV run plus a small-state run), the paged
+           store with a fully scattered table (every other free block taken first, so each block
+           moves alone: the one-gather path), and a plain copy of the same bytes as the floor.
+  steps    control-step latency (p50 / p99 / max) of a control loop at a fixed rate
+           (--control-period-ms; the latency runs from the tick to the action, waiting for the
+           runtime lock included), alone and while a second thread creates forks (a snapshot of
+           the live state and a fork of a stored capsule, deleting older ones, then a pause of
+           --fork-interval-ms), with each store.
+Writes <out>/paged-<tag>.json and .md. Progress goes to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset  # noqa: E402
+from flashrt_ros.paged import PagedCapsuleStore  # noqa: E402
+from flashrt_ros.runtime import PolicyRuntime  # noqa: E402
+from flashrt_ros.store import CapsuleStore  # noqa: E402
+
+MiB = 2 ** 20
+
+
+def log(msg):
+    print(f"[bench paged] {msg}", flush=True)
+
+
+def environment(rt, args) -> dict:
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "device": str(rt.device),
+           "kernels": rt.kernel, "cuda_graphs": rt.use_graphs,
+           "command": " ".join(["python"] + sys.argv)}
+    if rt.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(rt.device)
+        env["cuda"] = torch.version.cuda
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                env["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    try:
+        with open("/proc/loadavg") as f:
+            env["loadavg"] = f.read().split()[0]
+    except OSError:
+        pass
+    return env
+
+
+def sync(rt):
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+def timed(rt, fn, repeat, warmup=3):
+    """Median and p90 (ms) of fn() until its device work completed."""
+    out = []
+    for i in range(warmup + repeat):
+        sync(rt)
+        t = time.perf_counter()
+        fn()
+        sync(rt)
+        if i >= warmup:
+            out.append((time.perf_counter() - t) * 1e3)
+    out.sort()
+    return {"median_ms": statistics.median(out), "p90_ms": out[int(0.9 * (len(out) - 1))],
+            "n": len(out)}
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def observation_stream(dim, seed):
+    g = np.random.default_rng(seed)
+    while True:
+        yield g.standard_normal(dim).astype(np.float32)
+
+
+# -- experiments ------------------------------------------------------------------------------
+def run_memory(rt, flat, paged, tier, args):
+    obs = observation_stream(rt.model_cfg.obs_dim, 1)
+    paged.snapshot("root", tier=tier)
+    flat.snapshot("root", tier=tier)
+    one = rt.live_nbytes()
+    t0 = time.perf_counter()
+    for i in range(args.forks):
+        paged.restore("root")
+        for _ in range(args.steps):
+            rt.step(next(obs))
+        paged.snapshot(f"fork-{i}", tier=tier)
+        flat.snapshot(f"fork-{i}", tier=tier)
+        if (i + 1) % max(1, args.forks // 8) == 0 or i + 1 == args.forks:
+            log(f"memory: {i + 1}/{args.forks} forks x {args.steps} steps "
+                f"({time.perf_counter() - t0:.1f} s)")
+    # the two stores hold the same bytes
+    for name in ("root", "fork-0", f"fork-{args.forks - 1}"):
+        assert torch.equal(paged.capsule_bytes(name), flat.capsule_bytes(name)), name
+    a = rt.arena
+    n_caps = args.forks + 1
+    small_blocks = paged.n_small * paged.block_bytes
+    kv_blocks = -(-rt.position // paged.block_tokens) * paged.block_bytes
+    fu, pu = flat.usage()[tier], paged.usage()[tier]
+    return {"tier": tier, "capsules": n_caps, "position": rt.position,
+            "one_capsule_bytes": one, "kv_bytes": rt.position * a.kv_row_nbytes,
+            "small_state_bytes": a.small_nbytes, "block_tokens": paged.block_tokens,
+            "block_bytes": paged.block_bytes,
+            "flat_bytes": fu["used"], "paged_bytes": pu["used"],
+            "paged_expected_bytes": kv_blocks + n_caps * small_blocks,
+            "flat_x_one": fu["used"] / one, "paged_x_one": pu["used"] / one,
+            "paged_blocks_used": pu["blocks_used"],
+            "bound_small_state_x_one": n_caps * a.small_nbytes / one}
+
+
+def scattered_fork(rt, paged, tier):
+    """A capsule whose every new block is alone: every other free block is taken first."""
+    pool = paged.blocks[tier]
+    paged.restore("fork-0")
+    held = pool.allocate(pool.free_blocks)
+    pool.decref(held[::2])
+    # a KV that matches nothing stored: compare against no candidate
+    paged._anchors, paged.lineage = {}, ""
+    paged.snapshot("scattered", tier=tier)
+    pool.decref(held[1::2])
+    paged.check_invariants()
+    ids = paged.tables["scattered"]
+    _, sizes = paged._layout(paged.get("scattered").position)
+    return len(paged._runs(np.arange(len(ids)), ids, sizes))
+
+
+def run_restore(rt, flat, paged, tier, args):
+    n = rt.live_nbytes()
+    res = {"bytes": n}
+    buf = torch.empty(n, dtype=torch.uint8, device=rt.device)
+    buf.copy_(rt.live_state())
+    res["plain_copy"] = timed(rt, lambda: rt.arena.base[:n].copy_(buf), args.repeat)
+    res["flat"] = timed(rt, lambda: flat.restore("fork-1"), args.repeat)
+    ids = paged.tables["fork-1"]
+    _, sizes = paged._layout(paged.get("fork-1").position)
+    res["paged_runs"] = len(paged._runs(np.arange(len(ids)), ids, sizes))
+    res["paged"] = timed(rt, lambda: paged.restore("fork-1"), args.repeat)
+    res["scattered_runs"] = scattered_fork(rt, paged, tier)
+    res["paged_scattered"] = timed(rt, lambda: paged.restore("scattered"), args.repeat)
+    expected = flat.capsule_bytes("fork-1")
+    paged.restore("fork-1")
+    assert torch.equal(rt.live_state().cpu(), expected)
+    paged.delete("scattered")
+    for k in ("plain_copy", "flat", "paged", "paged_scattered"):
+        log(f"restore {k}: median {res[k]['median_ms']:.3f} ms, p90 {res[k]['p90_ms']:.3f} ms")
+    return res
+
+
+def step_latencies(rt, store, tier, args, forking: bool):
+    obs = observation_stream(rt.model_cfg.obs_dim, 2)
+    if store is not None:
+        store.restore("root")
+    for _ in range(20):
+        with rt.lock:
+            rt.step(next(obs))
+    done = threading.Event()
+    made = [0]
+    errors = []
+
+    def forker():
+        k = 0
+        try:
+            while not done.is_set():
+                store.snapshot(f"live-{k}", tier=tier)
+                store.fork("root", f"fk-{k}", tier=tier)
+                if k >= 2:
+                    store.delete(f"live-{k - 2}")
+                    store.delete(f"fk-{k - 2}")
+                k += 1
+                made[0] += 2
+                done.wait(args.fork_interval_ms / 1e3)
+            for j in range(max(0, k - 2), k):
+                store.delete(f"live-{j}")
+                store.delete(f"fk-{j}")
+        except Exception as e:  # noqa: BLE001 - reported in the result, not swallowed
+            errors.append(repr(e))
+
+    th = threading.Thread(target=forker, daemon=True) if forking else None
+    if th:
+        th.start()
+    lat = []
+    period = args.control_period_ms / 1e3
+    t_start = time.perf_counter()
+    for i in range(args.latency_steps):
+        o = next(obs)
+        # a control loop at a fixed rate: the tick is when the observation arrives; the latency
+        # runs from the tick to the action on the host (waiting for the runtime lock included)
+        tick = t_start + i * period
+        pause = tick - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        t = time.perf_counter()
+        with rt.lock:
+            rt.step(o)      # returns the action on the host: the step's device work is done
+        lat.append((time.perf_counter() - t) * 1e3)
+    wall = time.perf_counter() - t_start
+    done.set()
+    if th:
+        th.join()
+    if errors:
+        raise RuntimeError(f"fork thread failed: {errors[0]}")
+    return {"p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "max_ms": max(lat),
+            "mean_ms": statistics.fmean(lat), "steps": len(lat),
+            "forks_per_s": made[0] / wall if forking else 0.0,
+            "p99_over_p50": pct(lat, 0.99) / pct(lat, 0.5)}
+
+
+def run_steps(rt, flat, paged, tier, args):
+    res = {"alone": step_latencies(rt, None, tier, args, False)}
+    log(f"steps alone: p50 {res['alone']['p50_ms']:.3f} ms, p99 {res['alone']['p99_ms']:.3f} ms")
+    for name, store in (("flat", flat), ("paged", paged)):
+        r = step_latencies(rt, store, tier, args, True)
+        res[f"forking_{name}"] = r
+        log(f"steps while forking ({name}, {r['forks_per_s']:.0f} capsules/s): p50 "
+            f"{r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, p99/p50 {r['p99_over_p50']:.2f}")
+    return res
+
+
+# -- report -----------------------------------------------------------------------------------
+def markdown(result) -> str:
+    env, a = result["env"], result["args"]
+    lines = [f"# Paged vs flat capsule store: {a['preset']} on {env['device']}", "",
+             f"- date: {env['date']}",
+             f"- device: {env.get('gpu') or env.get('cpu', env['machine'])} "
+             f"({env['cpu_count']} CPUs, torch threads {env['torch_threads']}, load {env.get('loadavg', '?')})",
+             f"- versions: python {env['python']}, torch {env['torch']}"
+             + (f", CUDA {env['cuda']}" if env.get("cuda") else "") + f", numpy {env['numpy']}; "
+             f"kernels {env['kernels']}, CUDA graphs {env['cuda_graphs']}",
+             f"- command: `{env['command']}`",
+             f"- model: preset {a['preset']} (max_context {result['max_context']}), episode of "
+             f"{a['tokens']} prefilled tokens", ""]
+    m = result.get("memory")
+    if m:
+        lines += ["## Memory: root + {f} forks, each {s} control steps after the root".format(
+                      f=m["capsules"] - 1, s=a["steps"]), "",
+                  f"One capsule (live range at {m['position']} tokens): "
+                  f"{m['one_capsule_bytes'] / MiB:.2f} MiB = small state "
+                  f"{m['small_state_bytes'] / MiB:.3f} MiB + KV {m['kv_bytes'] / MiB:.2f} MiB. "
+                  f"Paged blocks: {m['block_tokens']} tokens = {m['block_bytes'] / 1024:.0f} KiB.", "",
+                  "| store | bytes held | x one capsule |", "|---|---|---|",
+                  f"| flat CapsuleStore | {m['flat_bytes'] / MiB:.2f} MiB | {m['flat_x_one']:.2f}x |",
+                  f"| PagedCapsuleStore | {m['paged_bytes'] / MiB:.2f} MiB | {m['paged_x_one']:.2f}x |",
+                  f"| paged, expected (KV once + {m['capsules']} small states in whole blocks) | "
+                  f"{m['paged_expected_bytes'] / MiB:.2f} MiB | "
+                  f"{m['paged_expected_bytes'] / m['one_capsule_bytes']:.2f}x |", "",
+                  f"Floor for any store that keeps each capsule's small state: 1 + "
+                  f"{m['capsules']} x small/capsule = "
+                  f"{1 + m['bound_small_state_x_one'] - m['small_state_bytes'] / m['one_capsule_bytes']:.2f}x "
+                  f"(the recurrent/conv state changes at every control step, so it cannot be shared).", ""]
+    r = result.get("restore")
+    if r:
+        lines += [f"## Restore latency ({r['bytes'] / MiB:.2f} MiB live range)", "",
+                  "| path | median | p90 | x flat |", "|---|---|---|---|"]
+        flat_ms = r["flat"]["median_ms"]
+        for k, label in (("plain_copy", "plain copy of the same bytes (floor)"),
+                         ("flat", "flat store (one contiguous copy)"),
+                         ("paged", f"paged, fork's own table ({r['paged_runs']} runs)"),
+                         ("paged_scattered", f"paged, scattered table ({r['scattered_runs']} runs: "
+                                             f"one gather)")):
+            lines.append(f"| {label} | {r[k]['median_ms']:.3f} ms | {r[k]['p90_ms']:.3f} ms | "
+                         f"{r[k]['median_ms'] / flat_ms:.2f}x |")
+        lines.append("")
+    s = result.get("steps")
+    if s:
+        lines += [f"## Control-step latency while forks are created ({a['latency_steps']} steps "
+                  f"every {a.get('control_period_ms', 0)} ms; a fork thread makes a snapshot of the "
+                  f"live state and a fork of the root, deletes older ones and pauses "
+                  f"{a['fork_interval_ms']} ms)", "",
+                  "| condition | p50 | p99 | max | p99 / p50 | capsules/s |", "|---|---|---|---|---|---|"]
+        for k, label in (("alone", "no forking"), ("forking_flat", "forking, flat store"),
+                         ("forking_paged", "forking, paged store")):
+            x = s[k]
+            lines.append(f"| {label} | {x['p50_ms']:.3f} ms | {x['p99_ms']:.3f} ms | "
+                         f"{x['max_ms']:.3f} ms | {x['p99_over_p50']:.2f} | {x['forks_per_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokens", type=int, default=4000, help="prefilled tokens of the episode")
+    p.add_argument("--max-context", type=int, default=0,
+                   help="override the preset's max_context (0 = tokens + 96, rounded up to 64)")
+    p.add_argument("--forks", type=int, default=32)
+    p.add_argument("--steps", type=int, default=256, help="control steps each fork runs")
+    p.add_argument("--block-tokens", type=int, default=0, help="paged block size (0 = auto)")
+    p.add_argument("--experiments", default="memory,restore,steps")
+    p.add_argument("--repeat", type=int, default=50, help="timed restores per path")
+    p.add_argument("--latency-steps", type=int, default=1000)
+    p.add_argument("--fork-interval-ms", type=float, default=5.0,
+                   help="pause of the fork thread between a snapshot+fork pair")
+    p.add_argument("--control-period-ms", type=float, default=10.0,
+                   help="control loop period of the step experiment (100 Hz)")
+    p.add_argument("--buckets", default="4096,1024,256,64,16,4", help="prefill buckets")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = 1 on the CPU, as the node sets for tiny presets; "
+                        "unchanged on CUDA)")
+    p.add_argument("--out", default="docs/bench")
+    p.add_argument("--tag", default="", help="output name suffix (default: the device type)")
+    args = p.parse_args(argv)
+    experiments = [e for e in args.experiments.split(",") if e]
+    unknown = set(experiments) - {"memory", "restore", "steps"}
+    if unknown:
+        p.error(f"unknown experiments {sorted(unknown)}; pick from memory, restore, steps")
+    if ("restore" in experiments or "steps" in experiments) and "memory" not in experiments:
+        p.error("restore and steps use the forks the memory experiment makes: include memory")
+
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    max_context = args.max_context or -(-(args.tokens + 96) // 64) * 64
+    buckets = tuple(int(b) for b in args.buckets.split(",") if int(b) < max_context)
+    log(f"building {args.preset} on {args.device} (max_context {max_context})")
+    rt = PolicyRuntime(load_preset(args.preset, max_context=max_context),
+                       RuntimeConfig(device=args.device, prefill_buckets=buckets,
+                                     rollback_depth=4), progress=log)
+    tier = "gpu" if rt.device.type == "cuda" else "host"
+    tokens = np.random.default_rng(0).integers(0, min(rt.model_cfg.vocab_size, 256),
+                                               args.tokens).tolist()
+    t = time.perf_counter()
+    rt.set_instruction(tokens)
+    sync(rt)
+    log(f"prefilled {args.tokens} tokens in {time.perf_counter() - t:.2f} s; live range "
+        f"{rt.live_nbytes() / MiB:.2f} MiB")
+    # budgets: the flat store must hold root + forks + the step experiment's capsules whole
+    need_mb = (args.forks + 8) * rt.live_nbytes() / MiB + 16
+    mem = dict(gpu_budget_mb=need_mb if tier == "gpu" else 0.0,
+               host_budget_mb=need_mb if tier == "host" else 64.0)
+    result = {"args": vars(args), "max_context": max_context, "env": environment(rt, args)}
+    with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
+        flat = CapsuleStore(rt, StoreConfig(capsule_dir=d1, **mem))
+        paged = PagedCapsuleStore(rt, StoreConfig(capsule_dir=d2, **mem),
+                                  block_tokens=args.block_tokens)
+        if "memory" in experiments:
+            result["memory"] = run_memory(rt, flat, paged, tier, args)
+            m = result["memory"]
+            log(f"memory: flat {m['flat_bytes'] / MiB:.1f} MiB ({m['flat_x_one']:.2f}x one capsule), "
+                f"paged {m['paged_bytes'] / MiB:.1f} MiB ({m['paged_x_one']:.2f}x)")
+        if "restore" in experiments:
+            result["restore"] = run_restore(rt, flat, paged, tier, args)
+        if "steps" in experiments:
+            result["steps"] = run_steps(rt, flat, paged, tier, args)
+    tag = args.tag or rt.device.type
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"paged-{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    md = markdown(result)
+    with open(base + ".md", "w") as f:
+        f.write(md + "\n")
+    print(md)
+    log(f"wrote {base}.json and {base}.md")
+
+
+if __name__ == "__main__":
+    main()
