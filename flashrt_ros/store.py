@@ -287,20 +287,32 @@ class CapsuleStore:
                                     f"step {self.capsules[name].step}); delete it first or pick "
                                     f"another name")
             rt = self.rt
-            with rt.lock:
-                nbytes = rt.live_nbytes()
-            self._check_room(tier, nbytes, set())
-            off = self._reserve(tier, nbytes, set())
-            with rt.lock:
-                cap = Capsule(name=name, parent=self.lineage if parent is None else parent,
-                              step=rt.step_count, position=rt.position, episode=rt.episode,
-                              nbytes=rt.live_nbytes(), fingerprint=self.fingerprint, tier=tier,
-                              pinned=bool(pin), context_len=rt.context_len)
-                if tier == "disk":
-                    raw = rt.live_state().cpu().clone() if self.cuda else rt.live_state().clone()
-                else:
-                    cap.offset = off
-                    cap.ready = self._copy(self.pools[tier].view(off, cap.nbytes), rt.live_state())
+            # Room is reserved without the runtime lock (eviction may write to disk); the live size
+            # can grow meanwhile (tokens decoded by another thread), so it is checked again under
+            # the lock and the reservation redone if it no longer matches.
+            for _ in range(8):
+                with rt.lock:
+                    nbytes = rt.live_nbytes()
+                self._check_room(tier, nbytes, set())
+                off = self._reserve(tier, nbytes, set())
+                with rt.lock:
+                    if rt.live_nbytes() != nbytes:
+                        if off is not None:
+                            self.pools[tier].release(off)
+                        continue
+                    cap = Capsule(name=name, parent=self.lineage if parent is None else parent,
+                                  step=rt.step_count, position=rt.position, episode=rt.episode,
+                                  nbytes=nbytes, fingerprint=self.fingerprint, tier=tier,
+                                  pinned=bool(pin), context_len=rt.context_len)
+                    if tier == "disk":
+                        raw = rt.live_state().cpu().clone() if self.cuda else rt.live_state().clone()
+                    else:
+                        cap.offset = off
+                        cap.ready = self._copy(self.pools[tier].view(off, nbytes), rt.live_state())
+                    break
+            else:
+                raise BudgetExceeded(f"snapshot {name!r}: expected the live state to hold still "
+                                     f"between two steps, found it growing on every try; retry")
             if tier == "disk":   # the file write happens outside the runtime lock
                 path = capsule_path(self.cfg.capsule_dir, name)
                 cap.digest = write_capsule(path, rt.arena, raw, cap)
