@@ -77,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--storm-hz", type=float, default=50.0,
                    help="storm: capsule calls per second (default %(default)s)")
     p.add_argument("--duration", type=float, default=20.0, help="storm: seconds (default %(default)s)")
+    p.add_argument("--nice", type=int, default=-10,
+                   help="storm: also run it with the node's `nice` parameter at this value, when "
+                        "permitted (0 = do not; default %(default)s)")
     p.add_argument("--experiments", default="latency,services,storm",
                    help="comma-separated subset of latency,services,storm")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "ros-cpu"),
@@ -95,7 +98,9 @@ class Node:
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump({"/**/flashrt_policy": {"ros__parameters": params}}, f)
         self.fqn = f"/{name}/flashrt_policy"
-        self.cmd = ["flashrt_node", "--ros-args", "-r", f"__ns:=/{name}", "--params-file", path]
+        exe = os.path.join(os.path.dirname(sys.executable), "flashrt_node")   # venv not activated
+        exe = exe if os.path.exists(exe) else "flashrt_node"
+        self.cmd = [exe, "--ros-args", "-r", f"__ns:=/{name}", "--params-file", path]
         self.log_path = os.path.join(workdir, f"{name}.log")
         self.proc = subprocess.Popen(self.cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
@@ -359,9 +364,10 @@ def storm_worker(spec: str) -> int:
     return 0
 
 
-def run_storm(args, workdir, obs_dim):
-    node = Node("bench_storm", node_params(args, workdir, control_mode="timer",
-                                           control_rate_hz=float(args.rate)), workdir)
+def run_storm(args, workdir, obs_dim, nice=0):
+    node = Node(f"bench_storm{abs(nice)}", node_params(args, workdir, control_mode="timer",
+                                                       control_rate_hz=float(args.rate),
+                                                       nice=nice), workdir)
     storm = None
     try:
         node.wait_active()
@@ -393,7 +399,7 @@ def run_storm(args, workdir, obs_dim):
                 lines.append(line)
                 if line.startswith("storm: started"):
                     log(f"storm: {args.storm_hz:g} capsule calls/s for {args.duration:g} s at "
-                        f"{args.rate:g} Hz control")
+                        f"{args.rate:g} Hz control" + (f", node at nice {nice}" if nice else ""))
                     n0 = len(c.actions)
                     before = c.diagnostics()
                 if line.startswith("STORM "):
@@ -421,6 +427,15 @@ def run_storm(args, workdir, obs_dim):
         if storm is not None and storm.poll() is None:
             os.killpg(storm.pid, signal.SIGKILL)
         node.stop()
+
+
+def nice_permitted(nice: int) -> bool:
+    """Whether this user may set `nice` (tried on a short-lived child)."""
+    code = f"import os; os.setpriority(os.PRIO_PROCESS, 0, {nice})"
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    if not ok:
+        log(f"storm at nice {nice}: not permitted here (CAP_SYS_NICE / ulimit -e); skipped")
+    return ok
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -489,29 +504,38 @@ def write_report(args, env, results):
                      "node handler p99 ms", "n"], rows)
         md += ["", "Node handler: the time inside the service callback (the response's "
                "`latency_ms`). Memory tier `host` (CPU runtime)."]
-    if "storm" in results:
-        r = results["storm"]
-        s, n = r["storm"], r["node"]
+    storms = [(k, results[k]) for k in ("storm", "storm_nice") if k in results]
+    if storms:
+        heads = ["node at nice 0" if k == "storm" else f"node at nice {args.nice} (parameter `nice`)"
+                 for k, _ in storms]
+
+        def row(label, fn):
+            return [label] + [fn(r) for _, r in storms]
         md += ["", f"## Timer mode at {args.rate:g} Hz under a storm of capsule calls", ""]
-        md += table(["measured", "value"], [
-            ["capsule calls (snapshot, list, fork, delete) / s", f"{s['calls'] / s['seconds']:.1f} "
-             f"({s['calls']} in {s['seconds']:.1f} s, {s['failed']} failed)"],
-            ["control ticks in the storm window", n["ticks"]],
-            ["deadline misses (late commits + skipped ticks)", f"{n['deadline_misses']} "
-             f"({n['late_steps']} late, {n['skipped_ticks']} skipped)"],
-            ["stale-observation ticks", n["stale_observations"]],
-            ["action chunks received / step-number gaps", f"{r['actions']} / {r['step_gaps']} "
-             f"(steps {r['first_step']}..{r['last_step']})"],
-            ["tick -> committed step, p50 / p99 (ms, last 1000 ticks)",
-             f"{r['lateness_ms_last_1000']['p50']:.3f} / {r['lateness_ms_last_1000']['p99']:.3f}"],
-            ["largest tick -> committed step in the whole run (ms)", r["max_lateness_ms_whole_run"]],
-            ["node step p99 (ms, last 1000 steps)", r["p99_step_ms"]]])
-        md += ["", "Storm round trips (client call -> answer):", ""]
-        md += table(["operation", "p50 ms", "p99 ms", "max ms", "n"],
-                    [[op, v["p50"], v["p99"], v["max"], v["n"]] for op, v in s["rtt"].items()])
+        md += table(["measured"] + heads, [
+            row("capsule calls (snapshot, list, fork, delete) / s", lambda r: (
+                f"{r['storm']['calls'] / r['storm']['seconds']:.1f} ({r['storm']['calls']} in "
+                f"{r['storm']['seconds']:.1f} s, {r['storm']['failed']} failed)")),
+            row("control ticks in the storm window", lambda r: r["node"]["ticks"]),
+            row("**deadline misses** (late commits + skipped ticks)", lambda r: (
+                f"**{r['node']['deadline_misses']}** ({r['node']['late_steps']} late, "
+                f"{r['node']['skipped_ticks']} skipped)")),
+            row("stale-observation ticks", lambda r: r["node"]["stale_observations"]),
+            row("action chunks received / step-number gaps", lambda r: (
+                f"{r['actions']} / {r['step_gaps']} (steps {r['first_step']}..{r['last_step']})")),
+            row("tick -> committed step, p50 / p99 (ms, last 1000 ticks)", lambda r: (
+                f"{r['lateness_ms_last_1000']['p50']:.3f} / {r['lateness_ms_last_1000']['p99']:.3f}")),
+            row("largest tick -> committed step in the whole run (ms)",
+                lambda r: f"{r['max_lateness_ms_whole_run']:.3f}"),
+            row("node step p99 (ms, last 1000 steps)", lambda r: f"{r['p99_step_ms']:.3f}")])
+        for (k, r), head in zip(storms, heads):
+            md += ["", f"Storm round trips, client call -> answer ({head}):", ""]
+            md += table(["operation", "p50 ms", "p99 ms", "max ms", "n"],
+                        [[op, v["p50"], v["p99"], v["max"], v["n"]] for op, v in r["storm"]["rtt"].items()])
         md += ["", "A deadline miss is a tick whose step has not committed one period after the "
                "tick's scheduled time, or a tick rcl skipped because the executor was more than a "
-               "period late (node.py, DeadlineMonitor)."]
+               "period late (node.py, DeadlineMonitor). Step-number gaps: action chunks whose step is "
+               "not the previous one plus one (a skipped tick steps nothing, so it leaves no gap)."]
     md += ["", f"Load average (1/5/15 min) before: {results['load_before']}, after: {results['load_after']}."]
     with open(args.out + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
@@ -532,7 +556,11 @@ def main(argv=None) -> int:
     log(f"ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, load {results['load_before']}, "
         f"experiments {experiments}")
     with tempfile.TemporaryDirectory(prefix="bench_ros_") as workdir:
-        for name, fn in (("latency", run_latency), ("services", run_services), ("storm", run_storm)):
+        runs = [("latency", run_latency), ("services", run_services), ("storm", run_storm)]
+        if "storm" in experiments and args.nice and nice_permitted(args.nice):
+            experiments.append("storm_nice")
+            runs.append(("storm_nice", lambda *a: run_storm(*a, nice=args.nice)))
+        for name, fn in runs:
             if name in experiments:
                 log(f"{name}: starting a node")
                 t = time.perf_counter()

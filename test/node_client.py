@@ -9,8 +9,10 @@ lifecycle transitions. Every wait has a deadline (helpers.wait_for); nothing sle
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -70,8 +72,15 @@ class NodeProcess:
         self.stop()
 
 
+def executable(name: str) -> str:
+    """A console script of this environment: beside this interpreter (a venv that was not
+    activated, as tools/run-tests.sh runs it), else on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.path.exists(here) else (shutil.which(name) or name)
+
+
 def node_command(params_file: str, overrides: dict, namespace: str = "", remaps=()) -> list:
-    cmd = ["flashrt_node", "--ros-args"]
+    cmd = [executable("flashrt_node"), "--ros-args"]
     if namespace:
         cmd += ["-r", f"__ns:={namespace}"]
     cmd += ["--params-file", params_file]

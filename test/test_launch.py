@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import wait_for
-from node_client import NodeProcess, PolicyClient
+from node_client import NodeProcess, PolicyClient, executable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_FILE = os.path.join(ROOT, "launch", "flashrt_policy.launch.py")
@@ -78,6 +78,7 @@ def test_node_started_as_the_launch_file_says_works(ros_env, tmp_path):
     m = load_launch_module()
     args = m.node_arguments(namespace=f"launch_{os.getpid()}", device="cpu", managed="false")
     cmd = m.command_line(args)
+    cmd[0] = executable(cmd[0])      # the same console script, found in this environment
     # the default capsule directory is under ~: keep this test's capsules in tmp_path
     env = dict(ros_env, HOME=str(tmp_path))
     with NodeProcess(cmd, env) as proc:

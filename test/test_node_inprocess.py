@@ -213,6 +213,22 @@ def test_timer_mode_steps_every_tick_on_the_latest_observation(make_node):
     assert n.node.runtime.step_count == stepped
 
 
+def test_nice_applies_to_every_thread_until_cleanup(make_node):
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    n = make_node(nice=before - 1)
+    c = n.client
+    if not c.transition("configure"):           # no CAP_SYS_NICE here: a clear refusal
+        assert n.node.runtime is None and c.state() == "unconfigured"
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {before - 1}
+    finally:
+        assert c.transition("cleanup")
+    tids = [int(t) for t in os.listdir("/proc/self/task")]
+    assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {before}
+
+
 # -- without ROS traffic -------------------------------------------------------------------
 def test_deadline_monitor_counts_late_commits_and_skipped_ticks():
     from flashrt_ros.node import DeadlineMonitor

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from helpers import wait_for
-from node_client import NodeProcess, PolicyClient, chunk_bytes, node_command, observations
+from node_client import (NodeProcess, PolicyClient, chunk_bytes, executable, node_command,
+                         observations)
 
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
@@ -287,7 +288,7 @@ def test_calls_while_unconfigured_fail_and_the_node_keeps_answering(ros_env, tmp
 
 
 def cli(env, node, *args):
-    return subprocess.run(["flashrt-ros", "--node", node, "--timeout", "20", *args], env=env,
+    return subprocess.run([executable("flashrt-ros"), "--node", node, "--timeout", "20", *args], env=env,
                           capture_output=True, text=True, timeout=90)
 
 
