@@ -182,9 +182,12 @@ class Client:
             time.sleep(0.005)
 
     def wait_connected(self):
+        """Until both ends matched: the node reads our observations, we read its actions."""
+        sub = self.subs[0]
+        count = getattr(sub, "get_publisher_count", None)    # matched publishers (Kilted)
         self.wait(lambda: self.pub.get_subscription_count() > 0 and self.statuses
-                  and self.node.count_publishers(f"{self.target}/action") > 0, 30,
-                  f"{self.target} to connect")
+                  and (count() if count else self.node.count_publishers(sub.topic_name)) > 0,
+                  30, f"{self.target} to connect")
 
     def publish(self, state):
         from flashrt_ros.msg import Observation
@@ -564,7 +567,13 @@ def main(argv=None) -> int:
             if name in experiments:
                 log(f"{name}: starting a node")
                 t = time.perf_counter()
-                results[name] = fn(args, workdir, obs_dim)
+                try:
+                    results[name] = fn(args, workdir, obs_dim)
+                except SystemExit:
+                    for f in sorted(os.listdir(workdir)):
+                        if f.endswith(".log"):
+                            log(f"{f}, last lines:\n" + "".join(open(os.path.join(workdir, f)).readlines()[-15:]))
+                    raise
                 log(f"{name}: done in {time.perf_counter() - t:.1f} s")
     results["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     path = write_report(args, env, results)

@@ -1,6 +1,6 @@
 """The main job for a newcomer: the policy node and a simulated robot in one process, live.
 
-Both nodes share one MultiThreadedExecutor. The policy node runs exactly as `flashrt_node` does
+Both nodes share one PolicyExecutor (node.py: a MultiThreadedExecutor without rclpy's busy loop). The policy node runs exactly as `flashrt_node` does
 (same class, parameters given as overrides: managed=false, timer control); the simulated robot
 publishes observations at the control rate and applies the first row of each action chunk.
 A line a second reports what was measured in this run; the capsule services can be called
@@ -25,11 +25,10 @@ def add_arguments(p):
 def run_demo(args) -> int:
     import numpy as np
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
     from flashrt_ros.config import load_preset
-    from flashrt_ros.node import PolicyNode
+    from flashrt_ros.node import PolicyExecutor, PolicyNode
     from flashrt_ros.sim_robot import SimRobotNode
 
     cfg = load_preset(args.preset)
@@ -44,7 +43,7 @@ def run_demo(args) -> int:
           flush=True)
     policy = PolicyNode(parameter_overrides=overrides)
     robot = SimRobotNode("/flashrt_policy", cfg.obs_dim, cfg.action_dim, args.rate)
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PolicyExecutor(num_threads=4)
     executor.add_node(policy)
     executor.add_node(robot)
     policy.trigger_configure()

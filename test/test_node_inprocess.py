@@ -1,4 +1,4 @@
-"""The policy node in this process: a real rclpy MultiThreadedExecutor in a thread, driven over DDS.
+"""The policy node in this process: its real executor (PolicyExecutor) in a thread, driven over DDS.
 
 Lifecycle transitions and parameters go through the node's own services (ChangeState,
 GetState, SetParameters, ListParameters, DescribeParameters), as `ros2 lifecycle` / `ros2 param`
@@ -29,16 +29,15 @@ def ros_context():
 
 
 class InProcessNode:
-    """A PolicyNode spun by a MultiThreadedExecutor in a thread, and a client for it."""
+    """A PolicyNode spun by a PolicyExecutor in a thread, and a client for it."""
 
     def __init__(self, context, namespace, **params):
-        from rclpy.executors import MultiThreadedExecutor
         from rclpy.parameter import Parameter
 
-        from flashrt_ros.node import PolicyNode
+        from flashrt_ros.node import PolicyExecutor, PolicyNode
         overrides = [Parameter(k, value=v) for k, v in params.items()]
         self.node = PolicyNode(context=context, namespace=namespace, parameter_overrides=overrides)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=context)
+        self.executor = PolicyExecutor(num_threads=4, context=context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
@@ -227,6 +226,44 @@ def test_nice_applies_to_every_thread_until_cleanup(make_node):
         assert c.transition("cleanup")
     tids = [int(t) for t in os.listdir("/proc/self/task")]
     assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {before}
+
+
+def test_policy_executor_does_not_spin_while_a_callback_waits_to_start(ros_context):
+    """rclpy < 10.0.4 re-yields queued tasks and spins (ros2/rclpy#1452); PolicyExecutor does not."""
+    import rclpy
+    from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+    from std_msgs.msg import Float64
+
+    from flashrt_ros.node import PolicyExecutor
+    node = rclpy.create_node(f"executor_probe_{os.getpid()}", context=ros_context)
+    executor = PolicyExecutor(num_threads=4, context=ros_context)
+    executor.add_node(node)
+    loops, got = [0], threading.Event()
+    wait = executor.wait_for_ready_callbacks
+
+    def counted(*args, **kwargs):
+        loops[0] += 1
+        return wait(*args, **kwargs)
+    executor.wait_for_ready_callbacks = counted
+    qos = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
+    topic = f"/executor_probe_{os.getpid()}"
+    node.create_subscription(Float64, topic, lambda m: got.set(), qos)
+    pub = node.create_publisher(Float64, topic, qos)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        wait_for(lambda: pub.get_subscription_count() > 0, 10, "the probe subscription")
+        before = loops[0]
+        for _ in range(50):
+            got.clear()
+            pub.publish(Float64(data=1.0))
+            assert got.wait(10)
+        # a handful of wake-ups per message, not thousands of loops while the worker waits for the GIL
+        assert loops[0] - before < 50 * 10, loops[0] - before
+    finally:
+        executor.shutdown(timeout_sec=5)
+        spinner.join(timeout=5)
+        node.destroy_node()
 
 
 # -- without ROS traffic -------------------------------------------------------------------
