@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--nice", type=int, default=-10,
                    help="storm: also run it with the node's `nice` parameter at this value, when "
                         "permitted (0 = do not; default %(default)s)")
+    p.add_argument("--hogs", type=int, default=0,
+                   help="storm: CPU-bound processes (busy loops) competing with it, to see the loop "
+                        "under load (default %(default)s)")
     p.add_argument("--experiments", default="latency,services,storm",
                    help="comma-separated subset of latency,services,storm")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "ros-cpu"),
@@ -390,6 +393,9 @@ def run_storm(args, workdir, obs_dim, nice=0):
                         time.sleep(delay)
             feeder = threading.Thread(target=feed, daemon=True)
             feeder.start()
+            hogs = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + "
+                                      f"{args.duration + 15}\nwhile time.time() < end: pass"])
+                    for _ in range(args.hogs)]
             c.wait(lambda: len(c.actions) > 30, 20, "the control loop")
             before = c.fresh_diagnostics()
             n0 = len(c.actions)
@@ -409,6 +415,9 @@ def run_storm(args, workdir, obs_dim, nice=0):
                     break
             storm.wait(timeout=30)
             after = c.fresh_diagnostics()
+            for h in hogs:
+                h.kill()
+                h.wait()
             stop.set()
             feeder.join(timeout=5)
             result = next((json.loads(x[6:]) for x in lines if x.startswith("STORM ")), None)
@@ -514,7 +523,8 @@ def write_report(args, env, results):
 
         def row(label, fn):
             return [label] + [fn(r) for _, r in storms]
-        md += ["", f"## Timer mode at {args.rate:g} Hz under a storm of capsule calls", ""]
+        md += ["", f"## Timer mode at {args.rate:g} Hz under a storm of capsule calls"
+               + (f", with {args.hogs} CPU-bound processes competing" if args.hogs else ""), ""]
         md += table(["measured"] + heads, [
             row("capsule calls (snapshot, list, fork, delete) / s", lambda r: (
                 f"{r['storm']['calls'] / r['storm']['seconds']:.1f} ({r['storm']['calls']} in "
