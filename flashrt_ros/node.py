@@ -89,6 +89,11 @@ from .store import make_store
 NODE_NAME = "flashrt_policy"
 RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
                       history=QoSHistoryPolicy.KEEP_LAST)
+# Services answer many clients through one response writer: with the default KEEP_LAST 10, a
+# storm of calls from other clients can overwrite a response a slow client has not acknowledged
+# yet, and that client never gets its answer (seen under a 10k-call storm on 2 cores).
+SERVICE_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
+                         history=QoSHistoryPolicy.KEEP_LAST)
 EVENTS_QOS = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
                         durability=QoSDurabilityPolicy.VOLATILE)
 WARM_UP_TOKEN = 32      # a byte-tokenizer id (space); warm-up content is thrown away
@@ -669,8 +674,9 @@ class PolicyNode(LifecycleNode):
             (SaveCapsule, "~/save_capsule", "save", self._srv_save, self._disk),
             (LoadCapsule, "~/load_capsule", "load", self._srv_load, self._disk),
         ]
-        self.capsule_services = [self.create_service(t, n, self._guarded(op, h), callback_group=g)
-                          for t, n, op, h, g in table]
+        self.capsule_services = [self.create_service(t, n, self._guarded(op, h), qos_profile=SERVICE_QOS,
+                                                     callback_group=g)
+                                 for t, n, op, h, g in table]
 
     def _guarded(self, op, handler):
         """Run a handler under store.lock; turn every failure into success=false; emit events."""
