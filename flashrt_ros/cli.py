@@ -210,18 +210,31 @@ def _params(args) -> int:
     return 0
 
 
+# The experiments of the benchmark suite: name -> (script in bench/, arguments it starts with).
+BENCH_EXPERIMENTS = {
+    "ttft": ("bench_capsules.py", ["--experiments", "ttft"]),
+    "exactness": ("bench_capsules.py", ["--experiments", "exactness"]),
+    "kv-only": ("bench_capsules.py", ["--experiments", "kv-only"]),
+    "tiers": ("bench_capsules.py", ["--experiments", "tiers"]),
+    "capsules": ("bench_capsules.py", []),
+    "graphs": ("bench_runtime.py", []),
+    "runtime": ("bench_runtime.py", []),
+    "ros": ("bench_ros.py", []),
+    "paged": ("bench_paged.py", []),
+}
+
+
 def _bench(args, rest) -> int:
     import runpy
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, "bench", f"bench_{args.experiment.replace('-', '_')}.py")
-    if not os.path.exists(path):
-        avail = sorted(f[6:-3] for f in os.listdir(os.path.join(here, "bench"))
-                       if f.startswith("bench_") and f.endswith(".py")) \
-            if os.path.isdir(os.path.join(here, "bench")) else []
-        print(f"flashrt-ros bench: no experiment {args.experiment!r}; available: {avail} "
-              f"(benchmarks run from a source checkout)", file=sys.stderr)
+    entry = BENCH_EXPERIMENTS.get(args.experiment)
+    path = os.path.join(here, "bench", entry[0]) if entry else ""
+    if not entry or not os.path.exists(path):
+        print(f"flashrt-ros bench: no experiment {args.experiment!r} here; experiments: "
+              f"{', '.join(BENCH_EXPERIMENTS)} (the benchmarks run from a source checkout: "
+              f"bench/ is not installed)", file=sys.stderr)
         return 2
-    sys.argv = [path] + rest
+    sys.argv = [path] + entry[1] + rest
     runpy.run_path(path, run_name="__main__")
     return 0
 
@@ -312,7 +325,10 @@ def main(argv=None) -> int:
         return bt_demo_main(argv[1:])
     if argv and argv[0] == "bench":
         if len(argv) < 2 or argv[1] in ("-h", "--help"):
-            print("usage: flashrt-ros bench EXPERIMENT [args...]   (see bench/bench_*.py)")
+            print("usage: flashrt-ros bench EXPERIMENT [args...]\n\nexperiments:\n" + "\n".join(
+                f"  {name:<10} bench/{script} {' '.join(extra)}"
+                for name, (script, extra) in BENCH_EXPERIMENTS.items())
+                + "\n\n`flashrt-ros bench EXPERIMENT --help` shows an experiment's options.")
             return 0
         return _bench(argparse.Namespace(experiment=argv[1]), argv[2:])
     args = build_parser().parse_args(argv)
