@@ -1,6 +1,6 @@
 """`flashrt-ros bt-demo`: the branch-and-choose tree against the simulated robot, with a report and a plot.
 
-One process, three nodes on one MultiThreadedExecutor spun in a background thread: the policy node
+One process, three nodes on one PolicyExecutor (a MultiThreadedExecutor, see node.py) spun in a background thread: the policy node
 (the same PolicyNode class as `flashrt_node`; managed=false, one step per observation, reliable
 observations), the simulated robot (lockstep, wrapped in a SimWorld), and the tree's node, whose
 capsule service calls go over DDS like any client's. The main thread ticks the tree
@@ -47,12 +47,11 @@ def main(argv=None) -> int:
     import py_trees
     import rclpy
     import torch
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
     from .behaviours import CALLS_KEY, ERROR_KEY
     from .config import load_preset
-    from .node import PolicyNode
+    from .node import PolicyExecutor, PolicyNode
     from .sim_robot import SimRobotNode
     from .trees import CHOSEN_KEY, SCORES_KEY, SimWorld, branch_and_choose, run_tree
 
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
                          seed=a.seed)
     world = SimWorld(robot, seed=a.seed)
     tree_node = rclpy.create_node("flashrt_bt_demo")
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = PolicyExecutor(num_threads=4)   # node.py: without rclpy's executor busy loop
     for n in (policy, robot, tree_node):
         executor.add_node(n)
     tree = None
