@@ -18,7 +18,8 @@ Experiments (`--experiments`, comma separated):
            runtime lock included), alone and while a second thread creates forks (a snapshot of
            the live state and a fork of a stored capsule, deleting older ones, then a pause of
            --fork-interval-ms), with each store.
-Writes <out>/paged-<tag>.json and .md. Progress goes to stdout.
+Writes <out>/paged-<tag>.json, .md and .png. Progress goes to stdout.
+`--plot-only <out>/paged-<tag>.json` measures nothing and writes the .png of that JSON.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import grouped_bars, log_y, pyplot  # noqa: E402
 from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset  # noqa: E402
 from flashrt_ros.paged import PagedCapsuleStore  # noqa: E402
 from flashrt_ros.runtime import PolicyRuntime  # noqa: E402
@@ -308,6 +310,59 @@ def markdown(result) -> str:
     return "\n".join(lines)
 
 
+def plot(result, path):
+    """Bars: bytes each store holds (flat, paged, paged expected, the small-state floor) against one
+    capsule; restore latency per path (median, p90 as the whisker); control-step latency with and
+    without forking."""
+    plt = pyplot()
+    env, a = result["env"], result["args"]
+    panels = [k for k in ("memory", "restore", "steps") if k in result]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), squeeze=False)
+    for ax, k in zip(axes[0], panels):
+        if k == "memory":
+            m = result[k]
+            one = m["one_capsule_bytes"]
+            floor = (1 + m["bound_small_state_x_one"] - m["small_state_bytes"] / one) * one
+            bars = {"flat": m["flat_bytes"], "paged": m["paged_bytes"],
+                    "paged,\nexpected": m["paged_expected_bytes"], "floor\n(small states)": floor}
+            b = ax.bar(list(bars), [v / MiB for v in bars.values()], color=["C3", "C0", "C9", "C7"])
+            ax.bar_label(b, labels=[f"{v / MiB:.{0 if v >= 10 * MiB else 2}f} MiB, {v / one:.2f}x"
+                                 for v in bars.values()], fontsize=8)
+            ax.axhline(one / MiB, color="k", linestyle=":", label=f"one capsule ({one / MiB:.1f} MiB)")
+            log_y(ax)
+            ax.set(ylabel="MiB held (log scale)", title=f"memory: root + {m['capsules'] - 1} forks at "
+                   f"{m['position']} tokens\n(labels: MiB, x one capsule)")
+            ax.legend(fontsize=8)
+        elif k == "restore":
+            r = result[k]
+            paths = {"plain copy\n(floor)": r["plain_copy"], "flat": r["flat"],
+                     f"paged\n({r['paged_runs']} runs)": r["paged"],
+                     f"paged scattered\n({r['scattered_runs']} runs)": r["paged_scattered"]}
+            med = [v["median_ms"] for v in paths.values()]
+            b = ax.bar(list(paths), med, yerr=[[0] * len(med), [v["p90_ms"] - m_ for v, m_ in
+                                                              zip(paths.values(), med)]],
+                       capsize=4, color=["C7", "C3", "C0", "C9"])
+            ax.bar_label(b, fmt="%.3f", fontsize=8, label_type="center")
+            ax.set(ylabel="ms (median, whisker to p90)",
+                   title=f"restore of one fork ({r['bytes'] / MiB:.2f} MiB)")
+        else:
+            s = result[k]
+            conds = {"no forking": s["alone"],
+                     **{f"forking, {k} store\n({s['forking_' + k]['forks_per_s']:.0f} capsules/s)":
+                        s["forking_" + k] for k in ("flat", "paged")}}
+            grouped_bars(ax, list(conds), {q: [c[f"{q}_ms"] for c in conds.values()]
+                                           for q in ("p50", "p99", "max")})
+            ax.set(ylabel="ms", title=f"control step (tick -> action), {a['latency_steps']} steps")
+            ax.legend(fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"Paged vs flat capsule store: preset {a['preset']} on {env.get('gpu') or env.get('cpu')} "
+                 f"({env['device']}, tier {result.get('memory', {}).get('tier', '?')}), episode of "
+                 f"{a['tokens']} tokens; {env['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -332,7 +387,14 @@ def main(argv=None):
                         "unchanged on CUDA)")
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--tag", default="", help="output name suffix (default: the device type)")
+    p.add_argument("--plot-only", metavar="JSON", default=None,
+                   help="measure nothing: write the .png next to a JSON this script wrote")
     args = p.parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            plot(json.load(f), os.path.splitext(args.plot_only)[0] + ".png")
+        log(f"wrote {os.path.splitext(args.plot_only)[0]}.png")
+        return
     experiments = [e for e in args.experiments.split(",") if e]
     unknown = set(experiments) - {"memory", "restore", "steps"}
     if unknown:
@@ -379,11 +441,12 @@ def main(argv=None):
     base = os.path.join(args.out, f"paged-{tag}")
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=2)
-    md = markdown(result)
+    plot(result, base + ".png")
+    md = markdown(result) + f"\n![plot]({os.path.basename(base)}.png)\n"
     with open(base + ".md", "w") as f:
-        f.write(md + "\n")
+        f.write(md)
     print(md)
-    log(f"wrote {base}.json and {base}.md")
+    log(f"wrote {base}.json, .md and .png")
 
 
 if __name__ == "__main__":

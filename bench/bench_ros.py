@@ -18,10 +18,11 @@ ROS_DOMAIN_ID unless one is set):
             step numbers of the action chunks received are continuous (each one more than the
             last), plus the storm's own round trips.
 
-Not a test: numbers go to `<out>.md` and `<out>.json` (default docs/bench/ros-cpu). Other work on
-the machine shows up in these figures: the load average before and after is recorded.
+Not a test: numbers go to `<out>.md`, `<out>.json` and `<out>.png` (default docs/bench/ros-cpu).
+Other work on the machine shows up in these figures: the load average before and after is recorded.
 
     python bench/bench_ros.py                         # tiny preset on the CPU, about a minute
+    python bench/bench_ros.py --plot-only docs/bench/ros-cpu.json    # redo the .png only
     python bench/bench_ros.py --device cuda --preset hybrid-0.8b --out docs/bench/ros-cuda
     flashrt-ros bench ros --duration 60
 """
@@ -87,6 +88,8 @@ def parse_args(argv=None):
                    help="comma-separated subset of latency,services,storm")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "bench", "ros-cpu"),
                    help="report path without extension (default docs/bench/ros-cpu)")
+    p.add_argument("--plot-only", metavar="JSON", default=None,
+                   help="measure nothing: write the .png next to a JSON this script wrote")
     p.add_argument("--storm-worker", default=None, help=argparse.SUPPRESS)   # internal: the storm process
     return p.parse_args(argv)
 
@@ -550,10 +553,51 @@ def write_report(args, env, results):
                "period late (node.py, DeadlineMonitor). Step-number gaps: action chunks whose step is "
                "not the previous one plus one (a skipped tick steps nothing, so it leaves no gap)."]
     md += ["", f"Load average (1/5/15 min) before: {results['load_before']}, after: {results['load_after']}."]
+    plot({"environment": env, "results": results}, args.out + ".png")
+    md += ["", f"![plot]({os.path.basename(args.out)}.png)"]
     with open(args.out + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
     return args.out + ".md"
 
+
+def plot(result, path):
+    """p50 / p99 / max bars: observation -> action and each capsule service's round trip (top row);
+    for the storm runs the tick -> committed step lateness and the storm's own round trips (bottom)."""
+    from bench.common import grouped_bars, pyplot
+    plt = pyplot()
+    env, res = result["environment"], result["results"]
+    rows = [[], []]      # per row: (title, {bar group label: {"p50", "p99", "max"}})
+    if "latency" in res:
+        r = res["latency"]
+        rows[0].append(("observation -> action (lockstep)", {
+            "round trip\n(client)": r["round_trip_ms"], "node: receipt\n-> publish":
+            r["node_receipt_to_publish_ms"], "node: step": r["node_step_ms"]}))
+    if "services" in res:
+        rows[0].append(("capsule service round trip (client)",
+                        {op: r["round_trip_ms"] for op, r in res["services"].items()}))
+    storms = [("nice 0" if k == "storm" else "niced", res[k]) for k in ("storm", "storm_nice") if k in res]
+    if storms:
+        rows[1].append(("storm: tick -> committed step (max: whole run)", {
+            f"node {name}\n{r['node']['deadline_misses']} deadline misses\nin {r['node']['ticks']} ticks":
+            {**r["lateness_ms_last_1000"], "max": r["max_lateness_ms_whole_run"]} for name, r in storms}))
+        rows[1].append(("storm: capsule call round trip (client)", {
+            f"{op.replace('_', ' ')}\n({name})": v for name, r in storms for op, v in r["storm"]["rtt"].items()}))
+    rows = [row for row in rows if row]
+    fig = plt.figure(figsize=(14, 1 + 4.2 * len(rows)), layout="constrained")
+    for sub, row in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows):
+        axes = sub.subplots(1, len(row), squeeze=False, width_ratios=[len(g) + 1 for _, g in row])[0]
+        for ax, (title, groups) in zip(axes, row):
+            series = {k: [g.get(k, float("nan")) for g in groups.values()] for k in ("p50", "p99", "max")}
+            values = [v for vs in series.values() for v in vs if v == v]
+            log = max(values) > 20 * min(values)
+            grouped_bars(ax, list(groups), series, log=log)
+            ax.set(title=title, ylabel="ms, log scale" if log else "ms")
+            ax.legend(fontsize=8)
+    fig.suptitle(f"flashrt_node through ROS 2 (loopback DDS): preset {env['preset']} on {env['device']}, "
+                 f"{env['machine']}\n{env['command']}; load average before {res['load_before']}, "
+                 f"after {res['load_after']}", fontsize=11)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -561,6 +605,11 @@ def main(argv=None) -> int:
         return storm_worker(args.storm_worker)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
+    if args.plot_only:
+        with open(args.plot_only, encoding="utf-8") as f:
+            plot(json.load(f), os.path.splitext(args.plot_only)[0] + ".png")
+        log(f"wrote {os.path.splitext(args.plot_only)[0]}.png")
+        return 0
     from flashrt_ros.config import load_preset
     obs_dim = load_preset(args.preset).obs_dim
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]

@@ -12,14 +12,17 @@ context (the live KV holds L tokens):
     and `rt.decode(1)` end to end.
 On the CPU only the eager forms exist; the `tiny` preset then runs in well under a minute.
 
-Not a test: numbers go to `<out>.md` and `<out>.json` (default docs/bench/runtime-<device>).
+Not a test: numbers go to `<out>.md`, `<out>.json` and `<out>.png` (default
+docs/bench/runtime-<device>).
 
     python bench/bench_runtime.py                        # CUDA: hybrid-0.8b at 2k/4k/8k/16k
     python bench/bench_runtime.py --device cpu           # tiny preset, < 1 minute
+    python bench/bench_runtime.py --plot-only docs/bench/runtime-cpu.json   # redo .md/.png
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,7 +34,7 @@ if __package__ in (None, ""):      # `python bench/bench_runtime.py` from the re
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (cuda_event_ms, cuda_kernel_profile, device_slug,  # noqa: E402
-                          environment, summary, wall_ms, write_report)
+                          environment, pyplot, summary, wall_ms, write_report)
 from flashrt_ros.config import RuntimeConfig, load_preset  # noqa: E402
 from flashrt_ros.runtime import PolicyRuntime, resolve_device  # noqa: E402
 
@@ -74,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="output path stem; writes <stem>.md and <stem>.json "
                         "(default: docs/bench/runtime-<device>)")
+    p.add_argument("--plot-only", metavar="JSON", default=None,
+                   help="measure nothing: rewrite the .md and .png next to a JSON this script wrote")
     return p.parse_args(argv)
 
 
@@ -249,11 +254,60 @@ def report(rt, env, rows, profiles, out):
         sections.append({"heading": "Targets (p50)", "columns":
                          ["what", "context", "target", "measured", "verdict"], "rows": verdicts})
     title = f"PolicyRuntime latency: {env['preset']} on {env.get('gpu', 'CPU')}"
-    return write_report(out, title, env, sections, {"rows": rows, "profiles": profiles})
+    return write_report(out, title, env, sections, {"rows": rows, "profiles": profiles}, plot=plot)
+
+
+def plot(result, path):
+    """Latency vs context, p50 line and p99 crosses: prefill (graph vs eager baseline vs
+    restore) and the observation/decode steps (graph vs eager vs the public call); log-log."""
+    plt = pyplot()
+    env, rows = result["environment"], result["results"]["rows"]
+    x = [r["context"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    panels = [("cold prefill + first token vs restore (host clock)", [
+        ("cold_prefill_graph", "cold prefill, graph", "C0-o"),
+        ("cold_prefill_eager", "cold prefill, eager chunks (baseline)", "C0--o"),
+        ("restore_first_token", "restore + first token", "C2-s")]),
+        ("observation and decode steps", [
+            ("obs_graph_device", "obs step, graph (device)", "C0-o"),
+            ("step_api_wall", "rt.step() end to end", "C0:o"),
+            ("obs_eager_wall", "obs step, eager", "C0--o"),
+            ("decode_graph_device", "decode step, graph (device)", "C1-s"),
+            ("decode_api_wall", "rt.decode(1) end to end", "C1:s"),
+            ("decode_eager_wall", "decode step, eager", "C1--s")])]
+    for ax, (title, series) in zip(axes, panels):
+        for key, label, fmt in series:
+            if key in rows[0]:
+                p50, p99 = [r[key]["p50"] for r in rows], [r[key]["p99"] for r in rows]
+                line, = ax.plot(x, p50, fmt, label=label)
+                ax.plot(x, p99, "x", color=line.get_color(), alpha=0.6)
+        if env.get("gpu"):       # the brief's targets (H100)
+            keys = {k for k, _, _ in series}
+            pts = [(L, limit) for _, L, key, limit in TARGETS if key in keys]
+            ax.plot(*zip(*pts), "rv", markersize=9, label="target (p50)")
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", title=title,
+               ylabel="ms: p50 (line), p99 (x)")
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.set_xticks([], minor=True)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"PolicyRuntime latency: preset {env['preset']} on {env.get('gpu') or env['cpu']} "
+                 f"(kernels {env['kernels']}, CUDA graphs {env['cuda_graphs']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only, encoding="utf-8") as f:
+            data = json.load(f)
+        res = data["results"]
+        md, js = report(None, data["environment"], res["rows"], res["profiles"],
+                        os.path.splitext(args.plot_only)[0])
+        log(f"wrote {md} and {os.path.splitext(md)[0]}.png from {js}")
+        return
     t0 = time.perf_counter()
     rt, env, rows, profiles = bench(args)
     out = args.out or os.path.join("docs", "bench", f"runtime-{device_slug(env)}")

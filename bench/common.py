@@ -128,27 +128,64 @@ def markdown_table(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_report(stem: str, title: str, env: dict, sections: list[dict], results: dict) -> tuple:
+def write_report(stem: str, title: str, env: dict, sections: list[dict], results: dict,
+                 plot=None) -> tuple:
     """Write `<stem>.json` (env + raw results) and `<stem>.md` (env + tables); returns both paths.
 
     sections: [{"heading", "columns", "rows", "notes"}] rendered in order.
+    plot: optional `plot(json_dict, png_path)`; writes `<stem>.png` and links it from the .md.
     """
     for ext in (".md", ".json"):
         if stem.endswith(ext):
             stem = stem[: -len(ext)]
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     md_path, json_path = stem + ".md", stem + ".json"
+    data = {"title": title, "environment": env, "results": results}
     with open(json_path, "w", encoding="utf-8") as f:
-        json.dump({"title": title, "environment": env, "results": results}, f, indent=2)
+        json.dump(data, f, indent=2)
     parts = [f"# {title}", "", "| | |", "|---|---|"]
     parts += [f"| {k} | `{v}` |" if k == "command" else f"| {k} | {v} |" for k, v in env.items()]
     for s in sections:
         parts += ["", f"## {s['heading']}", "", markdown_table(s["columns"], s["rows"])]
         if s.get("notes"):
             parts += [""] + list(s["notes"])
+    if plot is not None:
+        plot(data, stem + ".png")
+        parts += ["", f"![plot]({os.path.basename(stem)}.png)"]
     with open(md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts) + "\n")
     return md_path, json_path
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), imported when first plotting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def grouped_bars(ax, groups: list[str], series: dict, log: bool = False):
+    """One cluster per group, one bar per series ({name: [value per group]}), values on the bars;
+    NaN draws no bar."""
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, labels=[f"{v:.3g}" if v == v else "" for v in values], fontsize=7)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    if log:
+        log_y(ax)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def log_y(ax):
+    """Log y axis with plain tick labels at 1, 2, 5 x 10^k (not 6 x 10^3 style)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def cuda_kernel_profile(fn, top: int = 12) -> dict:
