@@ -65,7 +65,7 @@ def run_demo(args) -> int:
     spin.start()
     t0 = time.monotonic()
     try:
-        while args.duration <= 0 or time.monotonic() - t0 < args.duration:
+        while rclpy.ok() and (args.duration <= 0 or time.monotonic() - t0 < args.duration):
             time.sleep(1.0)
             rt, store = policy.runtime, policy.store
             if rt is None:
@@ -75,7 +75,7 @@ def run_demo(args) -> int:
             p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (0.0, 0.0))
             print(f"[flashrt] t={time.monotonic() - t0:5.1f}s episode {rt.episode} step "
                   f"{rt.step_count:<6} step p50 {p50:.2f} ms p99 {p99:.2f} ms | obs->action "
-                  f"{(last.latency_ms if last else 0):.2f} ms | arm error {robot.arm.error():.3f} | "
+                  f"{(last.latency_ms if last else 0):.1f} ms (incl. the wait for the next tick) | arm error {robot.arm.error():.3f} | "
                   f"deadline misses {policy.deadlines.misses} | capsules {len(store.capsules)} "
                   f"lineage {store.lineage or '-'}", flush=True)
     except KeyboardInterrupt:
