@@ -300,3 +300,59 @@ def test_cli_drives_the_node(client, ros_env):
     r = cli(ros_env, "/flashrt_policy", "status")
     assert r.returncode == 0 and "active on cpu (tiny)" in r.stdout, r.stdout + r.stderr
     assert "from-cli" in {c.name for c in ok(client.capsule("list_capsules")).capsules}
+
+
+def _stamped(client, state, seconds_ago=0.0, stamp=None):
+    from flashrt_ros.msg import Observation
+    msg = Observation()
+    if stamp is None:
+        t = client.node.get_clock().now().nanoseconds - int(seconds_ago * 1e9)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(t, 10**9)
+    else:
+        msg.header.stamp = stamp
+    msg.state = [float(x) for x in state]
+    return msg
+
+
+def _next_action_answers(client, msg):
+    """Publish msg and return the first action that answers it (earlier messages got none)."""
+    n = len(client.actions)
+    client.pub_obs.publish(msg)
+    wait_for(lambda: len(client.actions) > n, 15, "an action")
+    return client.actions[n]
+
+
+def test_stale_and_out_of_order_observations_step_nothing(client):
+    ok(client.capsule("reset", keep_context=True))
+    first = client.step(OBS[0])
+    # a stale observation (older than stale_observation_s = 0.5 s) and then an out-of-order one
+    client.pub_obs.publish(_stamped(client, OBS[1], seconds_ago=30.0))
+    newer = _stamped(client, OBS[2])
+    older = _stamped(client, OBS[3], stamp=first.observation_stamp)   # before `newer`
+    action = _next_action_answers(client, newer)
+    assert action.observation_stamp == newer.header.stamp, "the stale observation was stepped on"
+    assert action.step == first.step + 1
+    client.pub_obs.publish(older)
+    fresh = _stamped(client, OBS[4])
+    action = _next_action_answers(client, fresh)
+    assert action.observation_stamp == fresh.header.stamp, "the out-of-order observation was stepped on"
+    assert action.step == first.step + 2
+
+
+def test_instruction_over_the_context_limit_is_refused_and_changes_nothing(client):
+    from std_msgs.msg import String
+    ok(client.capsule("reset", keep_context=True))
+    client.step(OBS[0])
+    name_a, name_b = "before-long-instruction", "after-long-instruction"
+    for name in (name_a, name_b):
+        client.capsule("delete_capsule", name=name)
+    ok(client.capsule("snapshot", name=name_a))
+    before = digest_of(client, name_a)
+    pub = client.publisher(String, "/flashrt_policy/instruction")
+    wait_for(lambda: pub.get_subscription_count() > 0, 15, "the instruction subscriber")
+    pub.publish(String(data="x" * 5000))           # tiny: 511 usable tokens
+    wait_for(lambda: any(kv.key == "last_error" and "instruction refused" in kv.value
+                         for d in client.diagnostics[-5:] for s in d.status for kv in s.values),
+             20, "the refusal in /diagnostics")
+    ok(client.capsule("snapshot", name=name_b))
+    assert digest_of(client, name_b) == before
