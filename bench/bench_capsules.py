@@ -230,7 +230,7 @@ def markdown(result) -> str:
         cuda = "gpu_snapshot" in tiers[0]
         cols = ["context", "state MB", "memcpy"] + (["PCIe D2H", "PCIe H2D"] if cuda else []) + \
                [f"naive restore ({tiers[0]['buffers']} copies)"] + \
-               ([f"gpu snap", "gpu restore", "gpu restore / memcpy"] if cuda else []) + \
+               (["gpu snap", "gpu restore", "gpu restore / memcpy"] if cuda else []) + \
                ["host snap", "host restore", "disk snap", "disk restore", "serialized snap", "serialized restore"]
         lines += ["", "## Snapshot / restore per tier vs raw copies", "",
                   "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -78,7 +78,7 @@ from .blocks import BlockPool
 from .capsule import Capsule, check_name
 from .capsule_file import SUFFIX, capsule_path, read_capsule, write_capsule
 from .config import StoreConfig
-from .exceptions import BudgetExceeded, CapsuleExists, CapsuleNotFound, InputError
+from .exceptions import BudgetExceeded, CapsuleNotFound, InputError
 from .runtime import PolicyRuntime
 from .store import CapsuleStore
 
@@ -564,10 +564,7 @@ class PagedCapsuleStore(CapsuleStore):
             tier = self._tier(tier)
             if tier == "disk":
                 return super().snapshot(name, tier, pin, parent)
-            if name in self.capsules:
-                raise CapsuleExists(f"a capsule named {name!r} exists ({self.capsules[name].tier}, "
-                                    f"step {self.capsules[name].step}); delete it first or pick "
-                                    f"another name")
+            self._check_new_name(name)
             got = self._copy_then_share(tier, parent)
             table, desc = got if got is not None else \
                 self._ingest(tier, lambda: self._live(tier), parent, set())
@@ -608,9 +605,7 @@ class PagedCapsuleStore(CapsuleStore):
                 cap = self.snapshot(name, tier=tier)
             else:
                 src = self.get(source)
-                if name in self.capsules:
-                    raise CapsuleExists(f"a capsule named {name!r} exists; delete it first or pick "
-                                        f"another name")
+                self._check_new_name(name)
                 tier = self._tier(tier)
                 cap = Capsule(name=name, parent=source, step=src.step, position=src.position,
                               episode=src.episode, nbytes=self.rt.arena.live_nbytes(src.position),

@@ -101,6 +101,12 @@ class CapsuleStore:
                              f"use 'host' or 'disk'")
         return tier
 
+    def _check_new_name(self, name: str) -> None:
+        if name in self.capsules:
+            cap = self.capsules[name]
+            raise CapsuleExists(f"a capsule named {name!r} exists ({cap.tier}, step {cap.step}); "
+                                f"delete it first or pick another name")
+
     def get(self, name: str) -> Capsule:
         check_name(name)
         cap = self.capsules.get(name)
@@ -282,10 +288,7 @@ class CapsuleStore:
         with self.lock:
             check_name(name)
             tier = self._tier(tier)
-            if name in self.capsules:
-                raise CapsuleExists(f"a capsule named {name!r} exists ({self.capsules[name].tier}, "
-                                    f"step {self.capsules[name].step}); delete it first or pick "
-                                    f"another name")
+            self._check_new_name(name)
             rt = self.rt
             # Room is reserved without the runtime lock (eviction may write to disk); the live size
             # can grow meanwhile (tokens decoded by another thread), so it is checked again under
@@ -350,9 +353,7 @@ class CapsuleStore:
                 cap = self.snapshot(name, tier=tier)
             else:
                 src = self.get(source)
-                if name in self.capsules:
-                    raise CapsuleExists(f"a capsule named {name!r} exists; delete it first or pick "
-                                        f"another name")
+                self._check_new_name(name)
                 tier = self._tier(tier)
                 if src.tier == "disk":
                     _, raw = read_capsule(src.path, self.rt.arena, self.fingerprint)
