@@ -94,7 +94,7 @@ RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
 # yet, and that client never gets its answer (seen under a 10k-call storm on 2 cores).
 SERVICE_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
                          history=QoSHistoryPolicy.KEEP_LAST)
-EVENTS_QOS = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
+EVENTS_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
                         durability=QoSDurabilityPolicy.VOLATILE)
 WARM_UP_TOKEN = 32      # a byte-tokenizer id (space); warm-up content is thrown away
 
