@@ -75,11 +75,8 @@ class PolicyRuntime:
         self.arena = StateArena(model_cfg, self.device)
         self.io = StaticIO(model_cfg, self.device, self.cfg.prefill_buckets)
         self.io.noise_std.fill_(float(self.cfg.action_noise))
+        # also holds the reset point (its anchor): the state reset(keep_context=True) returns to
         self.ring = RollbackRing(self.arena, self.cfg.rollback_depth)
-        # state right after the instruction prefill, for reset(keep_context=True); allocated now so
-        # that nothing is allocated after capture
-        self._context_state = torch.zeros(self.arena.small_nbytes, dtype=torch.uint8,
-                                          device=self.device)
         self.use_graphs = cuda and self.cfg.cuda_graphs
         # replay the captured position-0 plans of long chunks (see _build_plans); benchmarks turn
         # it off to measure the eager baseline in the same process
@@ -146,9 +143,7 @@ class PolicyRuntime:
         self.arena.meta[META_RNG_SEED].fill_(int(self.cfg.sample_seed))
         self.position = self.step_count = self.context_len = 0
         self.context_tokens = []
-        self._context_state.copy_(self.arena.base[: self.arena.small_nbytes])
-        self.ring.clear()
-        self.ring.push(0, 0, self.episode)
+        self.ring.rebase(0, 0, self.episode)
 
     def _commit(self):
         self.ring.push(self.step_count, self.position, self.episode)
@@ -179,9 +174,7 @@ class PolicyRuntime:
         self.context_len = self.position
         self.context_tokens = tokens
         self.arena.meta[META_CONTEXT_LEN].fill_(self.context_len)
-        self._context_state.copy_(self.arena.base[: self.arena.small_nbytes])
-        self.ring.clear()
-        self._commit()
+        self.ring.rebase(self.step_count, self.position, self.episode)
         return len(tokens)
 
     def prefill(self, tokens) -> None:
@@ -300,14 +293,13 @@ class PolicyRuntime:
         """New episode: back to the state right after the instruction, or to an empty context."""
         episode = self.episode + 1
         if keep_context and self.context_len:
-            self.arena.base[: self.arena.small_nbytes].copy_(self._context_state)
+            self.arena.base[: self.arena.small_nbytes].copy_(self.ring.anchor)
             self._sync_mirrors_from_meta()
         else:
             self._zero_state()
         self.episode = episode
-        self.arena.meta[META_EPISODE].fill_(episode)
-        self.ring.clear()
-        self._commit()
+        # the arena now equals the anchor: rebase only writes the new episode into both
+        self.ring.rebase(self.step_count, self.position, episode, from_arena=False)
         return self.episode
 
     def rollback(self, k: int) -> tuple[int, int]:
@@ -333,8 +325,9 @@ class PolicyRuntime:
 
         `known` = (position, step, episode, context_len) the caller recorded with the bytes (a
         capsule's metadata): then nothing is read back from the device, and a GPU-resident restore
-        is one device-to-device copy with no host synchronisation. Without it, the values are read
-        from the bytes' own meta header.
+        is one device-to-device copy of the live range plus one of its small per-step region (the
+        ring's anchor, which is also the reset point), with no host synchronisation. Without
+        `known`, the values are read from the bytes' own meta header.
         """
         if not isinstance(src, torch.Tensor) or src.dtype != torch.uint8 or src.dim() != 1:
             raise InputError(f"restore: expected a 1-D uint8 tensor of state bytes, found "
@@ -353,10 +346,8 @@ class PolicyRuntime:
             raise InputError(f"restore: {n} bytes do not match the position {position} they carry")
         self.arena.base[:n].copy_(src, non_blocking=True)
         self.position, self.step_count, self.episode, self.context_len = (int(v) for v in known)
-        self._context_state.copy_(self.arena.base[: self.arena.small_nbytes])
         self.context_tokens = []
-        self.ring.clear()
-        self._commit()
+        self.ring.rebase(self.step_count, self.position, self.episode)
 
     def fingerprint(self) -> str:
         """What a capsule must match to be restored here: model config + layout + weights + format."""

@@ -167,6 +167,47 @@ def test_rollback_does_not_cross_set_instruction_or_reset():
         rt.rollback(1)
 
 
+@pytest.mark.parametrize("start", ["reset", "reset-empty", "restore", "instruction"])
+def test_rollback_to_the_ring_anchor_is_byte_exact(start):
+    # the ring's oldest entry after a reset/restore/instruction is its anchor buffer (the reset
+    # point), not a ring slot: rolling all the way back must give the bytes of that moment,
+    # episode id included, and reset(keep_context=True) afterwards must still return there
+    rt = make(rollback_depth=8)
+    rt.set_instruction(INSTRUCTION)
+    obs = observations(6)
+    for o in obs[:2]:
+        rt.step(o)
+    saved = rt.live_state().clone()
+    rt.step(obs[2])
+    if start == "reset":
+        rt.reset(keep_context=True)
+    elif start == "reset-empty":
+        rt.reset(keep_context=False)
+    elif start == "restore":
+        rt.restore_state(saved)
+    else:
+        rt.set_instruction("another task")
+    at_start, mirrors = rt.live_state().clone(), (rt.step_count, rt.position, rt.episode)
+    extra = 0
+    if start == "reset-empty":
+        rt.prefill([1, 2, 3])           # an empty context takes no observation step
+        extra = 1
+    for o in obs[3:]:
+        rt.step(o)
+    rt.rollback(3 + extra)
+    assert torch.equal(rt.live_state(), at_start)
+    assert (rt.step_count, rt.position, rt.episode) == mirrors
+    with pytest.raises(RollbackUnavailable):
+        rt.rollback(1)
+    rt.step(obs[3])
+    episode = rt.reset(keep_context=True)
+    back = small(rt)
+    meta = back[:64].view(torch.int64)
+    assert int(meta[META_EPISODE]) == episode
+    if start != "reset-empty":
+        assert torch.equal(back[64:], at_start[64:rt.arena.small_nbytes])
+
+
 def test_rollback_disabled():
     rt = make(rollback_depth=0)
     rt.set_instruction(INSTRUCTION)
