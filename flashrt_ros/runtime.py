@@ -16,6 +16,7 @@ threads (e.g. for disk I/O) without the lock.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import threading
@@ -125,15 +126,27 @@ class PolicyRuntime:
         return plans
 
     def _capture(self, say):
-        saved = self.arena.base.clone()
-        pool = torch.cuda.graph_pool_handle()
-        for name, plan in self.plans.items():
-            if getattr(plan, "graph_eligible", True):
-                t = time.perf_counter()
-                plan.capture(pool, prepare=lambda: self.arena.base.copy_(saved))
-                say(f"captured plan {name} ({(time.perf_counter() - t) * 1e3:.0f} ms)")
-        self.arena.base.copy_(saved)
-        torch.cuda.synchronize(self.device)
+        # Python's cyclic collector must not run while a stream is capturing: finalising garbage
+        # from an earlier runtime or store (a lifecycle re-configure, a test before this one)
+        # frees pinned host memory and CUDA events, and the CUDA calls behind that invalidate
+        # the capture (cudaErrorStreamCaptureInvalidated). torch no longer collects before a
+        # capture by default, so collect here and hold the collector off until all plans are in.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            saved = self.arena.base.clone()
+            pool = torch.cuda.graph_pool_handle()
+            for name, plan in self.plans.items():
+                if getattr(plan, "graph_eligible", True):
+                    t = time.perf_counter()
+                    plan.capture(pool, prepare=lambda: self.arena.base.copy_(saved))
+                    say(f"captured plan {name} ({(time.perf_counter() - t) * 1e3:.0f} ms)")
+            self.arena.base.copy_(saved)
+            torch.cuda.synchronize(self.device)
+        finally:
+            if collecting:
+                gc.enable()
 
     # -- state ----------------------------------------------------------------------------
     def _zero_state(self):

@@ -7,6 +7,7 @@ tolerances. Needs a GPU: CI has none; run on the device with
 `python -m pytest test/test_runtime_gpu.py -p no:cacheprovider`.
 """
 import functools
+import gc
 
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ import torch
 
 from flashrt_ros import kernels
 from flashrt_ros.arena import META_EPISODE
-from flashrt_ros.config import RuntimeConfig, load_preset
+from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset
+from flashrt_ros.paged import PagedCapsuleStore
 from flashrt_ros.runtime import PolicyRuntime
+from flashrt_ros.store import CapsuleStore
 
 pytestmark = pytest.mark.gpu
 
@@ -114,6 +117,32 @@ def test_no_device_allocation_after_capture(dtype):
     assert counters() == before, "steps/decode/rollback/reset allocated device memory"
     rt.set_instruction("x" * 100)               # captured prefill chunks (64 + 16 + 16 + 4 + 1)
     assert counters() == before, "set_instruction allocated device memory"
+
+
+@pytest.mark.parametrize("store_cls", [CapsuleStore, PagedCapsuleStore])
+def test_capture_survives_garbage_of_an_earlier_runtime_and_store(store_cls, tmp_path):
+    """A lifecycle re-configure (or the next test) builds a runtime while the previous runtime and
+    its store are unreachable cycles holding pinned host pools and CUDA events. Finalising them
+    mid-capture invalidates the capture, so the runtime must not let the collector run then."""
+    old = PolicyRuntime(load_preset("tiny"), RuntimeConfig(device="cuda"))
+    old.set_instruction(INSTRUCTION)
+    store = store_cls(old, StoreConfig(capsule_dir=str(tmp_path / "capsules")))
+    for o in observations(3):
+        old.step(o)
+        store.snapshot(f"h{old.step_count}", tier="host")
+        store.snapshot(f"g{old.step_count}", tier="gpu")
+    store.restore("h1")
+    old.keep_alive_in_a_cycle = store   # only the cyclic collector frees them now
+    del old, store
+    threshold = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)           # a full collection at nearly every allocation
+    try:
+        new = PolicyRuntime(load_preset("tiny"), RuntimeConfig(device="cuda"))
+    finally:
+        gc.set_threshold(*threshold)
+    assert all(p.captured for p in new.plans.values() if getattr(p, "graph_eligible", True))
+    new.set_instruction(INSTRUCTION)
+    assert new.step(observations(1)[0]).shape == (new.model_cfg.horizon, new.model_cfg.action_dim)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
