@@ -32,9 +32,12 @@ def _fix_wheel_cmake_paths(prefix):
     import numpy
     py_inc = sysconfig.get_paths()["include"]
     np_inc = numpy.get_include()
+    # the wheels exist per CPython version (cp311, cp312, ...), each built under its own prefix
+    tag, ver = "cp%d%d" % sys.version_info[:2], "%d.%d" % sys.version_info[:2]
+    root = f"/opt/python/{tag}-{tag}"
     stale = {
-        "/opt/python/cp311-cp311/include/python3.11": py_inc,
-        "/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include": np_inc,
+        f"{root}/include/python{ver}": py_inc,
+        f"{root}/lib/python{ver}/site-packages/numpy/_core/include": np_inc,
     }
     for path in glob.glob(os.path.join(prefix, "share", "**", "*.cmake"), recursive=True):
         with open(path, encoding="utf-8") as f:
