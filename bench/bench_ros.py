@@ -517,8 +517,9 @@ def write_report(args, env, results):
                          h["p50"] if h["n"] else "-", h["p99"] if h["n"] else "-", r["round_trip_ms"]["n"]])
         md += table(["operation", "round trip p50 ms", "round trip p99 ms", "node handler p50 ms",
                      "node handler p99 ms", "n"], rows)
+        tier = "host (CPU runtime)" if env["device"] == "cpu" else "gpu (the default on CUDA)"
         md += ["", "Node handler: the time inside the service callback (the response's "
-               "`latency_ms`). Memory tier `host` (CPU runtime)."]
+               f"`latency_ms`). Memory tier {tier}."]
     storms = [(k, results[k]) for k in ("storm", "storm_nice") if k in results]
     if storms:
         heads = ["node at nice 0" if k == "storm" else f"node at nice {args.nice} (parameter `nice`)"
