@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .bag_types import META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows, typestore
+from .waiting import spin_until
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
@@ -492,14 +493,7 @@ class BagPlayer:
 
     # -- waiting ---------------------------------------------------------------------------
     def _spin_until(self, predicate, timeout, what):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-            self.executor.spin_once(timeout_sec=min(0.01, max(deadline - time.monotonic(), 0)))
+        return spin_until(self.executor, predicate, timeout, what)
 
     def wait_for_node(self, episode: RecordedEpisode, timeout: float | None = None):
         """Wait until the node is active and hears every topic the episode will publish."""

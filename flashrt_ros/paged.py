@@ -595,46 +595,34 @@ class PagedCapsuleStore(CapsuleStore):
             self._anchors = {cap.tier: [name]}
             return cap
 
-    def fork(self, source: str, name: str, switch_to: bool = False,
-             tier: str | None = None) -> Capsule:
-        """A new capsule with the content of `source` ('' = the live state), optionally restored.
-        Within one memory tier it shares every block of the source."""
-        with self.lock:
-            check_name(name)
-            if not source:
-                cap = self.snapshot(name, tier=tier)
-            else:
-                src = self.get(source)
-                self._check_new_name(name)
-                tier = self._tier(tier)
-                cap = Capsule(name=name, parent=source, step=src.step, position=src.position,
-                              episode=src.episode, nbytes=self.rt.arena.live_nbytes(src.position),
-                              fingerprint=src.fingerprint, tier=tier, digest=src.digest,
-                              context_len=src.context_len)
-                if tier == "disk":
-                    raw = self._host_bytes(src) if source in self.tables else \
-                        read_capsule(src.path, self.rt.arena, self.fingerprint)[1]
-                    self._check_room("disk", raw.numel(), {source})
-                    self._make_disk_room(raw.numel(), {source})
-                    path = capsule_path(self.cfg.capsule_dir, name)
-                    cap.digest = write_capsule(path, self.rt.arena, raw, cap)
-                    cap.path, cap.nbytes = path, os.path.getsize(path)
-                elif source in self.tables and src.tier == tier:
-                    table = self.tables[source].copy()
-                    self.blocks[tier].incref(table)
-                    self.tables[name] = table
-                elif source in self.tables:
-                    self.tables[name] = self._copy_table(src.tier, self.tables[source], tier,
-                                                         {source})
-                else:
-                    header, raw = read_capsule(src.path, self.rt.arena, self.fingerprint)
-                    cap.digest = header.digest
-                    self.tables[name] = self._ingest_raw(tier, raw, header, {source})
-                    cap.context_len = header.context_len
-                self.capsules[name] = cap
-            if switch_to:
-                self.restore(name)
-            return cap
+    def _fork_stored(self, src: Capsule, name: str, tier: str) -> Capsule:
+        """Within one memory tier a fork shares every block of its source (reference counts only);
+        across tiers its blocks are copied; a disk capsule is verified and ingested."""
+        source = src.name
+        cap = Capsule(name=name, parent=source, step=src.step, position=src.position,
+                      episode=src.episode, nbytes=self.rt.arena.live_nbytes(src.position),
+                      fingerprint=src.fingerprint, tier=tier, digest=src.digest,
+                      context_len=src.context_len)
+        if tier == "disk":
+            raw = self._host_bytes(src) if source in self.tables else \
+                read_capsule(src.path, self.rt.arena, self.fingerprint)[1]
+            self._check_room("disk", raw.numel(), {source})
+            self._make_disk_room(raw.numel(), {source})
+            path = capsule_path(self.cfg.capsule_dir, name)
+            cap.digest = write_capsule(path, self.rt.arena, raw, cap)
+            cap.path, cap.nbytes = path, os.path.getsize(path)
+        elif source in self.tables and src.tier == tier:
+            table = self.tables[source].copy()
+            self.blocks[tier].incref(table)
+            self.tables[name] = table
+        elif source in self.tables:
+            self.tables[name] = self._copy_table(src.tier, self.tables[source], tier, {source})
+        else:
+            header, raw = read_capsule(src.path, self.rt.arena, self.fingerprint)
+            cap.digest = header.digest
+            self.tables[name] = self._ingest_raw(tier, raw, header, {source})
+            cap.context_len = header.context_len
+        return cap
 
     def load(self, name: str, tier: str | None = None) -> Capsule:
         """Verify a capsule file and bring it into a memory tier, sharing blocks with its parent

@@ -354,32 +354,36 @@ class CapsuleStore:
             else:
                 src = self.get(source)
                 self._check_new_name(name)
-                tier = self._tier(tier)
-                if src.tier == "disk":
-                    _, raw = read_capsule(src.path, self.rt.arena, self.fingerprint)
-                    nbytes = raw.numel()
-                else:
-                    self._wait_ready(src)
-                    raw, nbytes = self._view(src), src.nbytes
-                self._check_room(tier, nbytes, {source})
-                off = self._reserve(tier, nbytes, {source})
-                cap = Capsule(name=name, parent=source, step=src.step, position=src.position,
-                              episode=src.episode, nbytes=nbytes, fingerprint=src.fingerprint,
-                              tier=tier, context_len=src.context_len)
-                if tier == "disk":
-                    path = capsule_path(self.cfg.capsule_dir, name)
-                    cap.digest = write_capsule(path, self.rt.arena, raw if raw.device.type == "cpu"
-                                               else raw.cpu(), cap)
-                    cap.path, cap.nbytes = path, os.path.getsize(path)
-                else:
-                    cap.offset = off
-                    cap.ready = self._copy(self.pools[tier].view(off, nbytes), raw)
-                    if src.tier != "disk":
-                        cap.digest = src.digest
+                cap = self._fork_stored(src, name, self._tier(tier))
                 self.capsules[name] = cap
             if switch_to:
                 self.restore(name)
             return cap
+
+    def _fork_stored(self, src: Capsule, name: str, tier: str) -> Capsule:
+        """The copy of a stored capsule into `tier` (name and source already checked)."""
+        if src.tier == "disk":
+            _, raw = read_capsule(src.path, self.rt.arena, self.fingerprint)
+            nbytes = raw.numel()
+        else:
+            self._wait_ready(src)
+            raw, nbytes = self._view(src), src.nbytes
+        self._check_room(tier, nbytes, {src.name})
+        off = self._reserve(tier, nbytes, {src.name})
+        cap = Capsule(name=name, parent=src.name, step=src.step, position=src.position,
+                      episode=src.episode, nbytes=nbytes, fingerprint=src.fingerprint,
+                      tier=tier, context_len=src.context_len)
+        if tier == "disk":
+            path = capsule_path(self.cfg.capsule_dir, name)
+            cap.digest = write_capsule(path, self.rt.arena, raw if raw.device.type == "cpu"
+                                       else raw.cpu(), cap)
+            cap.path, cap.nbytes = path, os.path.getsize(path)
+        else:
+            cap.offset = off
+            cap.ready = self._copy(self.pools[tier].view(off, nbytes), raw)
+            if src.tier != "disk":
+                cap.digest = src.digest
+        return cap
 
     def delete(self, name: str) -> None:
         with self.lock:

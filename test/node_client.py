@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from helpers import wait_for
+from flashrt_ros.waiting import wait_for
 
 STARTUP_TIMEOUT_S = 60     # imports torch and rclpy, warms up; slow on a busy 2-core machine
 DISCOVERY_TIMEOUT_S = 15

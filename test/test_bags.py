@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import spin_until, wait_for
+from flashrt_ros.waiting import spin_until, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_JOINT_STATE_BAG = ROOT / "tools" / "make_joint_state_bag.py"

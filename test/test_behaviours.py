@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from helpers import wait_for
+from flashrt_ros.waiting import wait_for
 
 pytestmark = pytest.mark.ros
 

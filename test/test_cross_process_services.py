@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from helpers import spin_until, wait_for
+from flashrt_ros.waiting import spin_until, wait_for
 
 pytestmark = pytest.mark.ros
 

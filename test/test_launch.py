@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import wait_for
+from flashrt_ros.waiting import wait_for
 from node_client import NodeProcess, PolicyClient, executable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

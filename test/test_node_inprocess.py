@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from helpers import wait_for
+from flashrt_ros.waiting import wait_for
 from node_client import PolicyClient, chunk_bytes, observations
 
 pytestmark = pytest.mark.ros

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import wait_for
+from flashrt_ros.waiting import wait_for
 from node_client import (NodeProcess, PolicyClient, chunk_bytes, executable, node_command,
                          observations)
 
