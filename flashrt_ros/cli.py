@@ -43,17 +43,47 @@ class Client:
         self.target = node_name.rstrip("/")
         self.timeout = timeout
 
-    def call(self, srv_type, service: str, request):
+    def call(self, srv_type, service: str, request, confirm: tuple | None = None):
+        """Call a service and return its response.
+
+        A fresh client's first answer can be lost in rmw_fastrtps (docs/node.md, known issues)
+        although the node applied the request. With `confirm` = (operation, capsule name or None),
+        the client listens to ~/capsule_events from before the call; when no answer comes, a
+        successful event of that operation (and name) received after the call was sent stands in
+        for it: the CapsuleEvent is returned instead of a response.
+        """
         name = f"{self.target}/{service}"
+        events, sub = [], None
+        if confirm is not None:
+            from flashrt_ros.msg import CapsuleEvent
+            from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+            sub = self.node.create_subscription(
+                CapsuleEvent, f"{self.target}/capsule_events", events.append,
+                QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE))
         client = self.node.create_client(srv_type, name)
         if not client.wait_for_service(timeout_sec=self.timeout):
             raise SystemExit(f"flashrt-ros: no service {name} within {self.timeout:g} s; is the node "
                              f"running (flashrt-ros demo / flashrt_node) and ROS_DOMAIN_ID the same?")
+        if sub is not None:
+            # the events are volatile: hear the node's publisher before calling (a node too old
+            # to have one only costs this wait)
+            end = time.monotonic() + min(self.timeout, 5.0)
+            while sub.get_publisher_count() == 0 and time.monotonic() < end:
+                self.rclpy.spin_once(self.node, timeout_sec=0.02)
+        self.rclpy.spin_once(self.node, timeout_sec=0)     # take events of earlier calls first
+        seen = len(events)
         future = client.call_async(request)
         self.rclpy.spin_until_future_complete(self.node, future, timeout_sec=self.timeout)
-        if not future.done():
-            raise SystemExit(f"flashrt-ros: {name} did not answer within {self.timeout:g} s")
-        return future.result()
+        if future.done():
+            return future.result()
+        if confirm is not None:
+            op, capsule = confirm
+            for ev in events[seen:]:
+                if ev.operation == op and ev.success and (capsule is None or ev.name == capsule):
+                    return ev
+        raise SystemExit(f"flashrt-ros: {name} did not answer within {self.timeout:g} s"
+                         + ("" if confirm is None else " and ~/capsule_events showed no such "
+                            "operation; run `flashrt-ros list` before repeating it"))
 
     def wait_message(self, msg_type, topic: str):
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
@@ -80,6 +110,7 @@ def _print_capsule(c, prefix=""):
 
 def _service_command(args) -> int:
     from flashrt_ros import srv
+    from flashrt_ros.msg import CapsuleEvent
     cmd = args.command
     table = {
         "snapshot": (srv.Snapshot, "snapshot", lambda r: _set(r, name=args.name, tier=args.tier, pin=args.pin)),
@@ -96,13 +127,21 @@ def _service_command(args) -> int:
         "reset": (srv.Reset, "reset", lambda r: _set(r, keep_context=not args.clear_context)),
     }
     srv_type, service, fill = table[cmd]
+    request = fill(srv_type.Request())
+    # what the node's ~/capsule_events says when it applied this request (list is a query)
+    confirm = None if cmd == "list" else \
+        (cmd, getattr(request, "name", None) if cmd not in ("rollback", "reset") else None)
     client = Client(args.node, args.timeout)
     try:
         t0 = time.perf_counter()
-        res = client.call(srv_type, service, fill(srv_type.Request()))
+        res = client.call(srv_type, service, request, confirm)
         rtt = (time.perf_counter() - t0) * 1e3
     finally:
         client.close()
+    if isinstance(res, CapsuleEvent):       # the answer was lost; the event stands in for it
+        print(f"{cmd}: ok: {res.message} (the answer was lost in DDS; ~/capsule_events confirms "
+              f"the node applied it at step {res.step})")
+        return 0
     if cmd == "list" and res.success:
         print(f"{len(res.capsules)} capsule(s)")
         for c in res.capsules:
