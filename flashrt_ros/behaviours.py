@@ -13,7 +13,10 @@ One call, never blocking the tick:
     first ticks - RUNNING until the service is ready, at most `wait_s` -> else FAILURE, unreachable;
                   then the request goes out (`call_async`) and the tick returns RUNNING;
     next ticks  - RUNNING until the response, at most `timeout_s` after sending -> else FAILURE,
-                  timeout;
+                  timeout - unless the node's ~/capsule_events reported this operation (and
+                  capsule name) applied after the request went out: rmw_fastrtps can drop an
+                  answer the node sent (docs/node.md), so that event counts as the answer ->
+                  SUCCESS, outcome `ok-by-event` (response_key is then set to the CapsuleEvent);
     response    - success=true -> SUCCESS (the response goes to `response_key`, if given);
                   success=false -> FAILURE, refused.
 Conditions:
@@ -54,7 +57,7 @@ from py_trees.common import Access, Status
 from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
 from flashrt_ros import srv
-from flashrt_ros.msg import ActionChunk, PolicyStatus
+from flashrt_ros.msg import ActionChunk, CapsuleEvent, PolicyStatus
 
 DEFAULT_POLICY = "/flashrt_policy"
 ERROR_KEY = "/flashrt/error"
@@ -80,7 +83,7 @@ class ServiceCall:
     label: str                  # the behaviour's label
     service: str                # full service name, e.g. /flashrt_policy/restore
     request: str                # the request fields, e.g. "name='home'"
-    outcome: str                # ok, refused, timeout, unreachable, halted
+    outcome: str                # ok, ok-by-event, refused, timeout, unreachable, halted
     message: str                # the node's message, or why the tree gave up
     node_ms: float | None       # the node's own latency_ms (services that report one)
     round_trip_ms: float | None  # request sent -> response arrived in this process (or was
@@ -129,6 +132,8 @@ class CapsuleService(py_trees.behaviour.Behaviour):
     """Base of the service behaviours: one non-blocking call of `<policy>/<service>` per run."""
     srv_type = None
     service = ""
+    operation = ""      # its CapsuleEvent.operation ("" = a query: no event confirms it)
+    EVENT_HISTORY = 64
 
     def __init__(self, label: str | None = None, *, policy: str = DEFAULT_POLICY,
                  wait_s: float = 5.0, timeout_s: float = 10.0, response_key: str | None = None,
@@ -145,18 +150,26 @@ class CapsuleService(py_trees.behaviour.Behaviour):
         super().__init__(label or f"{type(self).__name__} {shown}".strip())
         self.fields = fields
         self.service_name = f"{policy.rstrip('/')}/{self.service}"
+        self.events_topic = f"{policy.rstrip('/')}/capsule_events"
         self.wait_s, self.timeout_s = float(wait_s), float(timeout_s)
         self.response_key = response_key
         reads = [v.key for v in fields.values() if isinstance(v, FromBlackboard)]
         writes = [CALLS_KEY] + ([response_key] if response_key else [])
         self.bb = _Blackboard(self, writes=writes, reads=reads)
-        self.node = self.client = None
+        self.node = self.client = self._events_sub = None
         self._call: _Call | None = None
+        # (arrival, CapsuleEvent): appended by the executor thread, copied whole by the tick
+        self._events: collections.deque = collections.deque(maxlen=self.EVENT_HISTORY)
 
     # -- py_trees lifecycle ---------------------------------------------------------------
     def setup(self, **kwargs):
         self.node = _node_from(kwargs, self.name)
         self.client = self.node.create_client(self.srv_type, self.service_name)
+        if self.operation:
+            self._events_sub = self.node.create_subscription(
+                CapsuleEvent, self.events_topic,
+                lambda msg: self._events.append((time.perf_counter(), msg)),
+                QoSProfile(depth=self.EVENT_HISTORY, reliability=QoSReliabilityPolicy.RELIABLE))
 
     def initialise(self):
         self._call = _Call()
@@ -179,8 +192,18 @@ class CapsuleService(py_trees.behaviour.Behaviour):
         if not call.future.done():
             if now - call.sent > self.timeout_s:
                 self._forget(call)
+                event = self._confirming_event(call)
+                if event is not None:
+                    why = (f"{self.service_name} did not answer within {self.timeout_s:g} s; "
+                           f"{self.events_topic} reports it applied: {event.message}")
+                    self._record("ok-by-event", why)
+                    self.feedback_message = f"ok-by-event: {event.message}"
+                    if self.response_key:
+                        self.bb.client.set(self.response_key, event)
+                    return Status.SUCCESS
                 return self._fail("timeout", f"{self.service_name} did not answer within "
-                                  f"{self.timeout_s:g} s")
+                                  f"{self.timeout_s:g} s (and {self.events_topic} reported no "
+                                  f"such operation)")
             return Status.RUNNING
         response = call.future.result()
         outcome = "ok" if response.success else "refused"
@@ -205,6 +228,9 @@ class CapsuleService(py_trees.behaviour.Behaviour):
         if self.client is not None:
             self.node.destroy_client(self.client)
             self.client = None
+        if self._events_sub is not None:
+            self.node.destroy_subscription(self._events_sub)
+            self._events_sub = None
 
     # -- hooks ----------------------------------------------------------------------------
     def make_request(self):
@@ -218,6 +244,19 @@ class CapsuleService(py_trees.behaviour.Behaviour):
         return Status.SUCCESS if response.success else Status.FAILURE
 
     # -- helpers --------------------------------------------------------------------------
+    def _confirming_event(self, call: _Call):
+        """A successful CapsuleEvent of this operation (and capsule name, where the request
+        names one) that arrived after the request was sent, or None."""
+        if not self.operation:
+            return None
+        name = getattr(call.request, "name", None) if self.operation not in ("rollback", "reset") \
+            else None
+        for arrival, ev in list(self._events):
+            if arrival >= call.sent and ev.operation == self.operation and ev.success \
+                    and (name is None or ev.name == name):
+                return ev
+        return None
+
     def _forget(self, call: _Call):
         self.client.remove_pending_request(call.future)
         call.future.cancel()
@@ -247,42 +286,50 @@ class CapsuleService(py_trees.behaviour.Behaviour):
 class Snapshot(CapsuleService):
     """Capture the live state as capsule `name` (fields: name, tier, pin)."""
     srv_type, service = srv.Snapshot, "snapshot"
+    operation = "snapshot"
 
 
 class Restore(CapsuleService):
     """Copy capsule `name` into the live state at the next committed boundary (field: name)."""
     srv_type, service = srv.Restore, "restore"
+    operation = "restore"
 
 
 class Fork(CapsuleService):
     """Copy capsule `source` ('' = the live state) into a new capsule `name` (fields: source,
     name, switch_to, tier)."""
     srv_type, service = srv.Fork, "fork"
+    operation = "fork"
 
 
 class Rollback(CapsuleService):
     """Go back `k` committed steps (field: k; bounded by the node's rollback ring)."""
     srv_type, service = srv.Rollback, "rollback"
+    operation = "rollback"
 
 
 class Reset(CapsuleService):
     """New episode from the instruction prefill (keep_context=True) or an empty context."""
     srv_type, service = srv.Reset, "reset"
+    operation = "reset"
 
 
 class SaveCapsule(CapsuleService):
     """Write capsule `name` to the node's capsule directory (fields: name, keep_in_memory)."""
     srv_type, service = srv.SaveCapsule, "save_capsule"
+    operation = "save"
 
 
 class LoadCapsule(CapsuleService):
     """Verify and load capsule file `name` into memory (fields: name, tier, restore)."""
     srv_type, service = srv.LoadCapsule, "load_capsule"
+    operation = "load"
 
 
 class DeleteCapsule(CapsuleService):
     """Delete capsule `name` (field: name)."""
     srv_type, service = srv.DeleteCapsule, "delete_capsule"
+    operation = "delete"
 
 
 class CapsulePresent(CapsuleService):
