@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bag_types import META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows, typestore
+from .bag_types import (META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows, store_for,
+                        typestore)
 from .waiting import spin_until
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -108,7 +109,7 @@ class RecordedEpisode:
         return ep
 
     def _read(self, reader, conns):
-        store = typestore()
+        store = store_for([c for cs in conns.values() for c in cs])
         by_role = {}
         for role, cs in conns.items():
             for c in cs:
@@ -285,7 +286,11 @@ def _select_connections(path: Path, reader) -> dict:
                         (r.role != "instruction" or role is not None)), None)
         if by_type is None:
             continue
-        if c.msgtype.startswith(f"{PACKAGE}/") and c.digest:
+        # Capsule events are only read (their fields build the requests), so a bag from a
+        # release with an older CapsuleEvent still replays, decoded with its own definition
+        # (store_for). Observations and actions are re-published or compared as CDR: same
+        # definition only.
+        if c.msgtype.startswith(f"{PACKAGE}/") and c.digest and by_type.role != "capsule_events":
             ours = typestore().hash_rihs01(c.msgtype)
             if c.digest != ours:
                 raise BagError(f"bag {path}: {c.topic} was recorded with another definition of "
@@ -371,8 +376,8 @@ def compare_actions(recorded: dict, replayed: dict) -> ActionComparison:
 
 # -- re-issuing capsule operations ----------------------------------------------------------
 def _flag(event, name, pattern=None) -> bool:
-    """A request flag the event carries, or else what its message text shows (CapsuleEvent has no
-    fields for switch_to, keep_context, restore, pin; the node's messages name the first three)."""
+    """A request flag the event carries, or else what its message text shows: bags recorded before
+    CapsuleEvent had the flag fields (the node's messages name switch_to, keep_context, restore)."""
     value = getattr(event, name, None)
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
@@ -400,9 +405,9 @@ def capsule_request(event):
         return srv.Reset, "reset", srv.Reset.Request(
             keep_context=_flag(event, "keep_context", "instruction context"))
     if op == "save":
-        keep = getattr(event, "keep_in_memory", None)
+        keep = getattr(event, "keep_in_memory", None)     # older bags: the default, True
         return srv.SaveCapsule, "save_capsule", srv.SaveCapsule.Request(
-            name=event.name, keep_in_memory=keep if isinstance(keep, bool) else True)
+            name=event.name, keep_in_memory=bool(keep) if keep is not None else True)
     if op == "load":
         return srv.LoadCapsule, "load_capsule", srv.LoadCapsule.Request(
             name=event.name, tier="" if event.tier == "disk" else event.tier,

@@ -113,5 +113,29 @@ def typestore(distro: str | None = None):
     return store
 
 
+def store_for(connections):
+    """The typestore to decode a bag's messages with: `typestore()`, unless the bag carries another
+    definition of one of this package's types (a bag recorded by an older release, e.g. before
+    CapsuleEvent had its request flags). Then a store with the bag's own definitions of those types,
+    so the bag still decodes; fields it lacks are simply absent from its messages."""
+    from rosbags.typesys import get_types_from_msg, get_typestore
+    ours = typestore()
+    theirs = {}
+    for c in connections:
+        data = getattr(getattr(c, "msgdef", None), "data", "")
+        if not c.msgtype.startswith(PACKAGE + "/") or not data:
+            continue
+        types = get_types_from_msg(data, c.msgtype)
+        if types.get(c.msgtype) != ours.fielddefs.get(c.msgtype):
+            theirs[c.msgtype] = types[c.msgtype]
+    if not theirs:
+        return ours
+    store = get_typestore(_store_name(None))
+    store.register({name: fields for name, fields in ours.fielddefs.items()
+                    if name.startswith(PACKAGE + "/") and name not in theirs})
+    store.register(theirs)
+    return store
+
+
 def knows(msgtype: str) -> bool:
     return msgtype in typestore().fielddefs

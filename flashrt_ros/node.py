@@ -750,7 +750,7 @@ class PolicyNode(LifecycleNode):
             return store.restore(name)
 
     def _srv_snapshot(self, rt, store, req, res, ev):
-        ev.name, ev.tier = req.name, req.tier
+        ev.name, ev.tier, ev.pin = req.name, req.tier, req.pin
         cap = store.snapshot(req.name, tier=req.tier or None, pin=req.pin)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
@@ -764,7 +764,7 @@ class PolicyNode(LifecycleNode):
         res.message = f"restored {cap.name!r}: step {cap.step}, position {cap.position}"
 
     def _srv_fork(self, rt, store, req, res, ev):
-        ev.name, ev.source = req.name, req.source
+        ev.name, ev.source, ev.switch_to = req.name, req.source, req.switch_to
         # a branch of the live state that becomes the live state: snapshot and switch at one
         # boundary, or a step in between would be undone by the switch
         with rt.lock if (req.switch_to and not req.source) else contextlib.nullcontext():
@@ -793,6 +793,7 @@ class PolicyNode(LifecycleNode):
         res.message = f"deleted {req.name!r}"
 
     def _srv_reset(self, rt, store, req, res, ev):
+        ev.keep_context = req.keep_context
         with rt.lock:
             res.episode_id = rt.reset(keep_context=req.keep_context)
             res.step = rt.step_count
@@ -801,7 +802,7 @@ class PolicyNode(LifecycleNode):
                        f", episode {res.episode_id}")
 
     def _srv_save(self, rt, store, req, res, ev):
-        ev.name = req.name
+        ev.name, ev.keep_in_memory = req.name, req.keep_in_memory
         res.path = store.save(req.name, keep_in_memory=req.keep_in_memory)
         cap = store.get(req.name)
         res.capsule = self._info(cap)
@@ -809,7 +810,7 @@ class PolicyNode(LifecycleNode):
         res.message = f"saved {req.name!r} to {res.path}"
 
     def _srv_load(self, rt, store, req, res, ev):
-        ev.name, ev.tier = req.name, req.tier
+        ev.name, ev.tier, ev.restore = req.name, req.tier, req.restore
         cap = store.load(req.name, tier=req.tier or None)
         if req.restore:
             cap = self._restore(rt, store, req.name)

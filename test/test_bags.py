@@ -179,6 +179,67 @@ def test_play_cli_reports_a_bad_bag_without_a_traceback(tmp_path, ros_env):
     assert "Traceback" not in out.stderr
 
 
+def _capsule_event(store, **fields):
+    t = store.types
+    header = t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](1, 500), frame_id="")
+    cls = t["flashrt_ros/msg/CapsuleEvent"]
+    values = dict(operation="", name="", source="", step=0, position=0, k=0, tier="host",
+                  success=True, message="", latency_ms=0.0)
+    values.update(fields)
+    names = cls.__dataclass_fields__
+    return cls(header=header, **{k: v for k, v in values.items() if k in names},
+               **{k: False for k in names if k not in values and k != "header"})
+
+
+def test_capsule_event_flags_replay_from_fields_and_from_bags_of_the_older_definition(tmp_path):
+    """CapsuleEvent carries the request flags; a bag recorded before it had them (another type
+    hash) still reads - decoded with its own definition - and the flags come from the message text
+    as that release's node wrote it."""
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    from flashrt_ros.bag_replay import RecordedEpisode, capsule_request
+    from flashrt_ros.bag_types import msg_dir, typestore
+
+    # the new definition: pin (which no message text shows) and switch_to from the fields
+    new = _write_bag(tmp_path / "new", [
+        ("/flashrt_policy/observation", "flashrt_ros/msg/Observation", [_observation(0)]),
+        ("/flashrt_policy/capsule_events", "flashrt_ros/msg/CapsuleEvent", [
+            _capsule_event(typestore(), operation="snapshot", name="a", pin=True,
+                           message="snapshot 'a'"),
+            _capsule_event(typestore(), operation="fork", name="b", switch_to=True,
+                           message="forked '' -> 'b'")])])
+    ops = RecordedEpisode.open(new).capsule_ops
+    assert [capsule_request(it.msg)[2].pin for it in ops[:1]] == [True]
+    assert capsule_request(ops[1].msg)[2].switch_to is True
+
+    # the older definition: the .msg text before the flag fields were appended
+    text = (msg_dir() / "CapsuleEvent.msg").read_text(encoding="utf-8")
+    old_text = text[:text.index("# The request's flags")]
+    old = get_typestore(Stores.ROS2_KILTED)
+    old.register(get_types_from_msg(old_text, "flashrt_ros/msg/CapsuleEvent"))
+    old.register({k: v for k, v in typestore().fielddefs.items()
+                  if k == "flashrt_ros/msg/Observation"})
+    assert old.hash_rihs01("flashrt_ros/msg/CapsuleEvent") != \
+        typestore().hash_rihs01("flashrt_ros/msg/CapsuleEvent")
+    bag = tmp_path / "old"
+    with Writer(bag, version=9) as w:
+        t = 1_000_000_000
+        for topic, msgtype, msgs in [
+                ("/flashrt_policy/observation", "flashrt_ros/msg/Observation", [_observation(0)]),
+                ("/flashrt_policy/capsule_events", "flashrt_ros/msg/CapsuleEvent", [
+                    _capsule_event(old, operation="fork", name="c",
+                                   message="forked '' -> 'c' and switched to it"),
+                    _capsule_event(old, operation="fork", name="d", message="forked '' -> 'd'")])]:
+            conn = w.add_connection(topic, msgtype, typestore=old)
+            for m in msgs:
+                t += 1_000_000
+                w.write(conn, t, old.serialize_cdr(m, msgtype))
+    ops = RecordedEpisode.open(bag).capsule_ops
+    assert [capsule_request(it.msg)[2].switch_to for it in ops] == [True, False]
+    assert [capsule_request(it.msg)[2].name for it in ops] == ["c", "d"]
+
+
 def test_foreign_bag_reads_as_ros2_bag_record_lays_it_out(tmp_path):
     from flashrt_ros.bag_replay import RecordedEpisode
     bag = _make_foreign_bag(tmp_path / "rosbag2_2025_01_01-00_00_00")
