@@ -37,6 +37,7 @@ from .bag_types import (META_NODE, META_PARAMETERS, META_RECORDER, ROLES, TOPIC_
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 STORAGES = ("mcap", "sqlite3")
+PARAMETER_RETRY_S = 1.0     # ask the node for its parameters again when answers are missing
 
 
 def _qos_to_bag(profile):
@@ -118,7 +119,7 @@ class BagRecorder:
         self.nbytes = 0
         self._subs = {}                          # topic -> (subscription, connection)
         self._warned = set()
-        self._params_asked = False
+        self._params_sent = None        # when the parameters were last asked for
         self.node_parameters = None
         self._store = typestore()
         try:
@@ -186,9 +187,14 @@ class BagRecorder:
     # -- the node's parameters, for a replay that configures a node the same way ----------
     def _poll_parameters(self):
         from rcl_interfaces.srv import ListParameters
-        if self._params_asked or not self._list_client.service_is_ready():
+        if self.node_parameters is not None or not self._list_client.service_is_ready():
             return
-        self._params_asked = True
+        now = time.monotonic()
+        if self._params_sent is not None and now - self._params_sent < PARAMETER_RETRY_S:
+            return
+        # the first ask, or not every answer of the last one came: rmw_fastrtps can drop a fresh
+        # client's answer (docs/node.md), and these are queries, so ask again
+        self._params_sent = now
         self._list_client.call_async(ListParameters.Request()).add_done_callback(
             self._on_parameter_names)
 
@@ -202,7 +208,7 @@ class BagRecorder:
         def one(name, f):
             got = f.result().values
             values[name] = _parameter_value(got[0]) if got else None
-            if len(values) == len(names):
+            if len(values) == len(names) and self.node_parameters is None:
                 params = {n: values[n] for n in sorted(names)}
                 self.writer.set_custom_data(META_PARAMETERS, json.dumps(params, sort_keys=True))
                 self.node_parameters = params
@@ -224,6 +230,12 @@ class BagRecorder:
 
     def close(self):
         """Finish the bag (metadata.yaml, MCAP summary / sqlite3 commit) and release ROS."""
+        # a short episode may end before a lost parameter answer was asked for again
+        end = time.monotonic() + 2 * PARAMETER_RETRY_S
+        while self.node_parameters is None and self._params_sent is not None \
+                and time.monotonic() < end:
+            self._poll_parameters()
+            self.executor.spin_once(timeout_sec=0.05)
         if self.node_parameters is None:
             self.log(f"[record] warning: the parameters of {self.target} were not read (is it "
                      f"running?); a replay must be given the node's parameters by hand")
