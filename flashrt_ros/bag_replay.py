@@ -43,6 +43,8 @@ from .waiting import spin_until
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
+ANSWER_GRACE_S = 1.0    # after a capsule event, how long the player still waits for the answer
+
 STORAGES = {"mcap": ".mcap", "sqlite3": ".db3"}
 # capsule operations a client issues (evict happens inside the store; instruction comes as a topic)
 CAPSULE_OPS = ("snapshot", "restore", "fork", "rollback", "delete", "reset", "save", "load")
@@ -423,6 +425,7 @@ class ReplayResult:
     instructions: int = 0
     capsule_ops: int = 0
     capsule_failures: list = field(default_factory=list)   # (operation, recorded msg, replay msg)
+    answers_lost: int = 0       # capsule calls whose answer DDS lost; their events stood in
     actions: dict = field(default_factory=dict)            # observation index -> ActionChunk
     comparison: ActionComparison | None = None
     error: str = ""
@@ -446,6 +449,9 @@ class ReplayResult:
             lines.append(f"no action for observation(s) {_ranges(missing)}")
         for op, rec, got in self.capsule_failures:
             lines.append(f"capsule operation {op} failed on replay: {got} (recorded: {rec})")
+        if self.answers_lost:
+            lines.append(f"{self.answers_lost} capsule answer(s) lost in DDS; the node's capsule "
+                         f"events stood in for them")
         if self.error:
             lines.append("stopped: " + self.error)
         return "\n".join(lines)
@@ -462,7 +468,7 @@ class BagPlayer:
         from sensor_msgs.msg import JointState
         from std_msgs.msg import String
 
-        from flashrt_ros.msg import ActionChunk, Observation, PolicyStatus
+        from flashrt_ros.msg import ActionChunk, CapsuleEvent, Observation, PolicyStatus
         self.rclpy = rclpy
         self.target = "/" + node.strip("/")
         self.timeout = timeout
@@ -483,6 +489,10 @@ class BagPlayer:
         self.action_sub = self.node.create_subscription(ActionChunk, f"{self.target}/action",
                                                         self._on_action, qos)
         self.node.create_subscription(PolicyStatus, f"{self.target}/status", self._on_status, qos)
+        # what the node reports it applied: stands in for a service answer lost in DDS
+        self._events = []
+        self.events_sub = self.node.create_subscription(
+            CapsuleEvent, f"{self.target}/capsule_events", self._events.append, qos)
         self._clients = {}
         self._last_stamp = 0
 
@@ -521,6 +531,9 @@ class BagPlayer:
                 self._spin_until(lambda: pub.get_subscription_count() > 0, timeout,
                                  f"a subscriber of {pub.topic_name}{hint}")
             ops = {capsule_request(it.msg)[:2] for it in episode.capsule_ops}
+            if ops:
+                self._spin_until(lambda: self.events_sub.get_publisher_count() > 0, timeout,
+                                 f"the capsule event publisher of {self.target}")
             for srv_type, service in sorted(ops, key=lambda x: x[1]):
                 client = self._client(srv_type, service)
                 self._spin_until(client.service_is_ready, timeout,
@@ -574,9 +587,27 @@ class BagPlayer:
     def _capsule_op(self, it: Item, result: ReplayResult):
         ev = it.msg
         srv_type, service, request = capsule_request(ev)
-        future = self._client(srv_type, service).call_async(request)
-        self._spin_until(future.done, self.timeout, f"{self.target}/{service} to answer")
-        res = future.result()
+        name = getattr(request, "name", None) if ev.operation not in ("rollback", "reset") else None
+        seen = len(self._events)
+
+        def reported():
+            return next((e for e in self._events[seen:] if e.operation == ev.operation
+                         and (name is None or e.name == name)), None)
+        client = self._client(srv_type, service)
+        future = client.call_async(request)
+        self._spin_until(lambda: future.done() or reported(), self.timeout,
+                         f"{self.target}/{service} to answer")
+        try:    # the event goes out just before the answer: give the answer a moment
+            self._spin_until(future.done, ANSWER_GRACE_S, f"{self.target}/{service} to answer")
+            res = future.result()
+        except TimeoutError:
+            # the answer was lost in DDS (docs/node.md, known issues): the event says what the
+            # node did
+            client.remove_pending_request(future)
+            res = reported()
+            result.answers_lost += 1
+            self.log(f"[play] {self.target}/{service}: answer lost; the node reported "
+                     f"{'success' if res.success else 'failure'}: {res.message}")
         result.capsule_ops += 1
         if not res.success:
             result.capsule_failures.append((ev.operation, ev.message, res.message))

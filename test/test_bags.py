@@ -581,3 +581,74 @@ def test_foreign_joint_state_bag_replays_into_a_node_with_joint_names(tmp_path, 
         # 40 messages at 50 Hz span 0.78 s; at rate 0.5 that is 1.56 s of publishing
         assert 1.56 <= replayed < took, out.stdout
         assert "40 action(s) received" in out.stdout
+
+
+@pytest.mark.ros
+def test_player_takes_the_capsule_event_when_an_answer_is_lost(tmp_path):
+    """The player re-issues a recorded snapshot; the answer never comes (as when rmw_fastrtps
+    drops it), but the node's capsule event does: the replay goes on and counts the lost answer.
+
+    A stand-in node plays the policy node's part over real DDS (status, action per observation,
+    ~/snapshot that publishes its CapsuleEvent and holds its answer): a lost answer cannot be
+    provoked in a real node on demand."""
+    import rclpy
+    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+
+    from flashrt_ros.bag_replay import BagPlayer, RecordedEpisode
+    from flashrt_ros.bag_types import typestore
+    from flashrt_ros.msg import ActionChunk, CapsuleEvent, Observation, PolicyStatus
+    from flashrt_ros.srv import Snapshot
+
+    target = f"/stand_in_{os.getpid()}"
+    bag = _write_bag(tmp_path / "ep", [
+        (f"{target}/capsule_events", "flashrt_ros/msg/CapsuleEvent",
+         [_capsule_event(typestore(), operation="snapshot", name="home", message="snapshot 'home'")]),
+        (f"{target}/observation", "flashrt_ros/msg/Observation", [_observation(1)])])
+    episode = RecordedEpisode.open(bag)
+    assert len(episode.capsule_ops) == 1 and len(episode.observations) == 1
+
+    qos = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = rclpy.create_node(target.strip("/"), context=ctx)
+    release, requests = threading.Event(), []
+    events = node.create_publisher(CapsuleEvent, f"{target}/capsule_events", qos)
+    actions = node.create_publisher(ActionChunk, f"{target}/action", qos)
+    status = node.create_publisher(PolicyStatus, f"{target}/status", qos)
+    node.create_timer(0.05, lambda: status.publish(PolicyStatus(lifecycle_state="active")))
+    node.create_subscription(Observation, f"{target}/observation",
+                             lambda m: actions.publish(ActionChunk(observation_stamp=m.header.stamp)),
+                             qos)
+
+    def snapshot(request, response):
+        requests.append(request.name)
+        events.publish(CapsuleEvent(operation="snapshot", name=request.name, success=True,
+                                    message=f"snapshot {request.name!r}"))
+        release.wait(60)
+        response.success = True
+        return response
+    # its own group: the held answer must not block the observation callback
+    node.create_service(Snapshot, f"{target}/snapshot", snapshot,
+                        callback_group=MutuallyExclusiveCallbackGroup())
+    executor = MultiThreadedExecutor(num_threads=3, context=ctx)
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    pctx = rclpy.Context()
+    rclpy.init(context=pctx)
+    player = BagPlayer(target, timeout=DISCOVERY_TIMEOUT_S, context=pctx, log=lambda *_: None)
+    try:
+        player.wait_for_node(episode)
+        result = player.play(episode, mode="lockstep")
+    finally:
+        release.set()
+        player.close()
+        rclpy.try_shutdown(context=pctx)
+        executor.shutdown(timeout_sec=5)
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+    assert requests == ["home"]
+    assert result.capsule_ops == 1 and result.answers_lost == 1 and not result.capsule_failures
+    assert len(result.actions) == 1 and not result.error
+    assert "1 capsule answer(s) lost in DDS" in result.describe()
