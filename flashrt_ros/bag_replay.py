@@ -39,6 +39,7 @@ import numpy as np
 
 from .bag_types import (META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows, store_for,
                         typestore)
+from .events import reports
 from .waiting import spin_until
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -587,12 +588,11 @@ class BagPlayer:
     def _capsule_op(self, it: Item, result: ReplayResult):
         ev = it.msg
         srv_type, service, request = capsule_request(ev)
-        name = getattr(request, "name", None) if ev.operation not in ("rollback", "reset") else None
         seen = len(self._events)
 
         def reported():
-            return next((e for e in self._events[seen:] if e.operation == ev.operation
-                         and (name is None or e.name == name)), None)
+            return next((e for e in self._events[seen:] if reports(e, ev.operation, request)),
+                        None)
         client = self._client(srv_type, service)
         future = client.call_async(request)
         self._spin_until(lambda: future.done() or reported(), self.timeout,

@@ -57,6 +57,7 @@ from py_trees.common import Access, Status
 from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
 from flashrt_ros import srv
+from flashrt_ros.events import reports
 from flashrt_ros.msg import ActionChunk, CapsuleEvent, PolicyStatus
 
 DEFAULT_POLICY = "/flashrt_policy"
@@ -249,11 +250,8 @@ class CapsuleService(py_trees.behaviour.Behaviour):
         names one) that arrived after the request was sent, or None."""
         if not self.operation:
             return None
-        name = getattr(call.request, "name", None) if self.operation not in ("rollback", "reset") \
-            else None
         for arrival, ev in list(self._events):
-            if arrival >= call.sent and ev.operation == self.operation and ev.success \
-                    and (name is None or ev.name == name):
+            if arrival >= call.sent and ev.success and reports(ev, self.operation, call.request):
                 return ev
         return None
 

@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from flashrt_ros.events import reports
+
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 
@@ -43,14 +45,14 @@ class Client:
         self.target = node_name.rstrip("/")
         self.timeout = timeout
 
-    def call(self, srv_type, service: str, request, confirm: tuple | None = None):
+    def call(self, srv_type, service: str, request, confirm: str | None = None):
         """Call a service and return its response.
 
         A fresh client's first answer can be lost in rmw_fastrtps (docs/node.md, known issues)
-        although the node applied the request. With `confirm` = (operation, capsule name or None),
-        the client listens to ~/capsule_events from before the call; when no answer comes, a
-        successful event of that operation (and name) received after the call was sent stands in
-        for it: the CapsuleEvent is returned instead of a response.
+        although the node applied the request. With `confirm` = the operation the node reports on
+        ~/capsule_events, the client listens to them from before the call; when no answer comes,
+        a successful event that reports this call (events.reports) received after the call was
+        sent stands in for it: the CapsuleEvent is returned instead of a response.
         """
         name = f"{self.target}/{service}"
         events, sub = [], None
@@ -77,9 +79,8 @@ class Client:
         if future.done():
             return future.result()
         if confirm is not None:
-            op, capsule = confirm
             for ev in events[seen:]:
-                if ev.operation == op and ev.success and (capsule is None or ev.name == capsule):
+                if ev.success and reports(ev, confirm, request):
                     return ev
         raise SystemExit(f"flashrt-ros: {name} did not answer within {self.timeout:g} s"
                          + ("" if confirm is None else " and ~/capsule_events showed no such "
@@ -128,9 +129,9 @@ def _service_command(args) -> int:
     }
     srv_type, service, fill = table[cmd]
     request = fill(srv_type.Request())
-    # what the node's ~/capsule_events says when it applied this request (list is a query)
-    confirm = None if cmd == "list" else \
-        (cmd, getattr(request, "name", None) if cmd not in ("rollback", "reset") else None)
+    # the operation the node reports on ~/capsule_events (its names are these commands';
+    # list is a query and reports nothing)
+    confirm = None if cmd == "list" else cmd
     client = Client(args.node, args.timeout)
     try:
         t0 = time.perf_counter()

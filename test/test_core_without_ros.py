@@ -14,7 +14,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_MODULES = ("flashrt_ros.config", "flashrt_ros.arena", "flashrt_ros.model", "flashrt_ros.runtime",
-                "flashrt_ros.capsule", "flashrt_ros.store")
+                "flashrt_ros.capsule", "flashrt_ros.store", "flashrt_ros.waiting",
+                "flashrt_ros.events")
 
 IMPORT_WITHOUT_ROS = r"""
 import importlib, importlib.abc, json, sys, traceback
