@@ -76,9 +76,9 @@ import torch
 from .arena import META_CONTEXT_LEN
 from .blocks import BlockPool
 from .capsule import Capsule, check_name
-from .capsule_file import SUFFIX, capsule_path, read_capsule, write_capsule
+from .capsule_file import capsule_path, read_capsule, write_capsule
 from .config import StoreConfig
-from .exceptions import BudgetExceeded, CapsuleNotFound, InputError
+from .exceptions import BudgetExceeded, InputError
 from .runtime import PolicyRuntime
 from .store import CapsuleStore
 
@@ -624,29 +624,14 @@ class PagedCapsuleStore(CapsuleStore):
             cap.context_len = header.context_len
         return cap
 
-    def load(self, name: str, tier: str | None = None) -> Capsule:
-        """Verify a capsule file and bring it into a memory tier, sharing blocks with its parent
-        (or the live state's anchor) where the bytes are equal."""
-        with self.lock:
-            check_name(name)
-            path = capsule_path(self.cfg.capsule_dir, name)
-            cap = self.capsules.get(name)
-            if cap is not None and cap.tier != "disk":
-                return cap
-            if not os.path.exists(path):
-                raise CapsuleNotFound(f"no capsule file {name + SUFFIX!r} in {self.cfg.capsule_dir}")
-            target = self._tier(tier)
-            if target == "disk":
-                target = "gpu" if self.cuda else "host"
-            header, raw = read_capsule(path, self.rt.arena, self.fingerprint)
-            table = self._ingest_raw(target, raw, header, {name})
-            cap = cap or header
-            cap.context_len = header.context_len
-            cap.tier, cap.offset, cap.nbytes, cap.ready = target, None, raw.numel(), None
-            cap.digest, cap.path = header.digest, path
-            self.capsules[name], self.tables[name] = cap, table
-            cap.touch()
-            return cap
+    def _load_into(self, name: str, target: str, cap: Capsule, header: Capsule,
+                   raw: torch.Tensor) -> Capsule:
+        """Ingest a verified capsule file into `target`, sharing blocks with its parent (or the
+        live state's anchor) where the bytes are equal."""
+        self.tables[name] = self._ingest_raw(target, raw, header, {name})
+        cap.context_len = header.context_len
+        cap.tier, cap.offset, cap.nbytes, cap.ready = target, None, raw.numel(), None
+        return cap
 
     def usage(self) -> dict:
         """As the flat store, with memory tiers counted in blocks actually held (`used`), next to

@@ -437,16 +437,21 @@ class CapsuleStore:
             if target == "disk":
                 target = "gpu" if self.cuda else "host"
             header, raw = read_capsule(path, self.rt.arena, self.fingerprint)
-            self._check_room(target, raw.numel(), {name})
-            off = self._reserve(target, raw.numel(), {name})
-            cap = cap or header
-            cap.tier, cap.offset, cap.nbytes = target, off, raw.numel()
-            cap.ready = self._copy(self.pools[target].view(off, cap.nbytes), raw)
+            cap = self._load_into(name, target, cap or header, header, raw)
             cap.digest = header.digest
             cap.path = path
             self.capsules[name] = cap
             cap.touch()
             return cap
+
+    def _load_into(self, name: str, target: str, cap: Capsule, header: Capsule,
+                   raw: torch.Tensor) -> Capsule:
+        """Put verified capsule bytes into memory tier `target` (room checked first)."""
+        self._check_room(target, raw.numel(), {name})
+        off = self._reserve(target, raw.numel(), {name})
+        cap.tier, cap.offset, cap.nbytes = target, off, raw.numel()
+        cap.ready = self._copy(self.pools[target].view(off, cap.nbytes), raw)
+        return cap
 
     def verify(self, name: str) -> str:
         """Compute (memory tiers) or check (disk) a capsule's content digest; returns it."""
