@@ -20,10 +20,8 @@ Writes <out>/capsules-<tag>.json, .md and .png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import environment as common_environment  # noqa: E402
 from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset  # noqa: E402
 from flashrt_ros.runtime import PolicyRuntime  # noqa: E402
 from flashrt_ros.store import CapsuleStore  # noqa: E402
@@ -44,24 +43,8 @@ def log(msg):
 
 
 def environment(rt) -> dict:
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "python": platform.python_version(), "torch": torch.__version__,
-           "machine": platform.machine(), "cpu_count": os.cpu_count(),
-           "device": str(rt.device), "kernels": rt.kernel, "cuda_graphs": rt.use_graphs,
-           "command": " ".join(["python"] + sys.argv)}
-    if rt.device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(rt.device)
-        env["cuda"] = torch.version.cuda
-        try:
-            import fla
-            env["fla"] = getattr(fla, "__version__", "?")
-        except ImportError:
-            env["fla"] = "not installed"
-    try:
-        with open("/proc/loadavg") as f:
-            env["loadavg"] = f.read().split()[0]
-    except OSError:
-        pass
+    env = common_environment(rt.device)
+    env.update(kernels=rt.kernel, cuda_graphs=rt.use_graphs)
     return env
 
 
@@ -219,10 +202,12 @@ def run_exactness(rt, store, ntokens):
 def markdown(result) -> str:
     env = result["environment"]
     lines = [f"# Capsule benchmarks: {result['preset']} on {env.get('gpu', env['device'])}", "",
-             f"- date: {env['date']}; torch {env['torch']}"
-             + (f", CUDA {env.get('cuda')}, fla {env.get('fla')}" if "gpu" in env else "")
+             f"- date: {env['date_utc']}; commit {env['commit']}",
+             f"- versions: python {env['python']}, torch {env['torch']}"
+             + (f", CUDA {env['cuda']}, fla {env['fla']}" if "gpu" in env else "")
              + f"; kernels {env['kernels']}; CUDA graphs {env['cuda_graphs']}",
-             f"- machine: {env['machine']}, {env['cpu_count']} CPUs, load average {env.get('loadavg', '?')}",
+             f"- machine: {env['cpu']}, torch threads {env['torch_threads']}, load average "
+             f"{env['load_average_1min']}",
              f"- command: `{env['command']}`", "",
              "Latencies in ms (median of repeated runs, wall time until the copy completed)."]
     tiers = result.get("tiers") or []

@@ -24,10 +24,8 @@ Writes <out>/paged-<tag>.json, .md and .png. Progress goes to stdout.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import environment as common_environment  # noqa: E402
 from bench.common import grouped_bars, log_y, pyplot  # noqa: E402
 from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset  # noqa: E402
 from flashrt_ros.paged import PagedCapsuleStore  # noqa: E402
@@ -52,27 +51,9 @@ def log(msg):
     print(f"[bench paged] {msg}", flush=True)
 
 
-def environment(rt, args) -> dict:
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "python": platform.python_version(), "torch": torch.__version__,
-           "numpy": np.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": str(rt.device),
-           "kernels": rt.kernel, "cuda_graphs": rt.use_graphs,
-           "command": " ".join(["python"] + sys.argv)}
-    if rt.device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(rt.device)
-        env["cuda"] = torch.version.cuda
-    else:
-        try:
-            with open("/proc/cpuinfo") as f:
-                env["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    try:
-        with open("/proc/loadavg") as f:
-            env["loadavg"] = f.read().split()[0]
-    except OSError:
-        pass
+def environment(rt) -> dict:
+    env = common_environment(rt.device)
+    env.update(kernels=rt.kernel, cuda_graphs=rt.use_graphs)
     return env
 
 
@@ -254,9 +235,10 @@ def run_steps(rt, flat, paged, tier, args):
 def markdown(result) -> str:
     env, a = result["env"], result["args"]
     lines = [f"# Paged vs flat capsule store: {a['preset']} on {env['device']}", "",
-             f"- date: {env['date']}",
-             f"- device: {env.get('gpu') or env.get('cpu', env['machine'])} "
-             f"({env['cpu_count']} CPUs, torch threads {env['torch_threads']}, load {env.get('loadavg', '?')})",
+             f"- date: {env['date_utc']}; commit {env['commit']}",
+             "- device: " + (f"{env['gpu']}, host " if "gpu" in env else "")
+             + f"{env['cpu']}, torch threads {env['torch_threads']}, load "
+             f"{env['load_average_1min']}",
              f"- versions: python {env['python']}, torch {env['torch']}"
              + (f", CUDA {env['cuda']}" if env.get("cuda") else "") + f", numpy {env['numpy']}; "
              f"kernels {env['kernels']}, CUDA graphs {env['cuda_graphs']}",
@@ -355,9 +337,10 @@ def plot(result, path):
             ax.set(ylabel="ms", title=f"control step (tick -> action), {a['latency_steps']} steps")
             ax.legend(fontsize=8)
         ax.tick_params(axis="x", labelsize=8)
+    date = env.get("date_utc") or env["date"]     # JSONs written before common.environment: "date"
     fig.suptitle(f"Paged vs flat capsule store: preset {a['preset']} on {env.get('gpu') or env.get('cpu')} "
                  f"({env['device']}, tier {result.get('memory', {}).get('tier', '?')}), episode of "
-                 f"{a['tokens']} tokens; {env['date']}")
+                 f"{a['tokens']} tokens; {date}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -422,7 +405,7 @@ def main(argv=None):
     need_mb = (args.forks + 8) * rt.live_nbytes() / MiB + 16
     mem = dict(gpu_budget_mb=need_mb if tier == "gpu" else 0.0,
                host_budget_mb=need_mb if tier == "host" else 64.0)
-    result = {"args": vars(args), "max_context": max_context, "env": environment(rt, args)}
+    result = {"args": vars(args), "max_context": max_context, "env": environment(rt)}
     with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
         flat = CapsuleStore(rt, StoreConfig(capsule_dir=d1, **mem))
         paged = PagedCapsuleStore(rt, StoreConfig(capsule_dir=d2, **mem),
