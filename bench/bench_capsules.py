@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import environment as common_environment  # noqa: E402
+from bench.common import runtime_environment  # noqa: E402
 from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset  # noqa: E402
 from flashrt_ros.runtime import PolicyRuntime  # noqa: E402
 from flashrt_ros.store import CapsuleStore  # noqa: E402
@@ -40,12 +40,6 @@ from flashrt_ros.store import CapsuleStore  # noqa: E402
 
 def log(msg):
     print(f"[bench capsules] {msg}", flush=True)
-
-
-def environment(rt) -> dict:
-    env = common_environment(rt.device)
-    env.update(kernels=rt.kernel, cuda_graphs=rt.use_graphs)
-    return env
 
 
 class Timer:
@@ -304,7 +298,7 @@ def main(argv=None):
     base_cfg = load_preset(args.preset)
     rt, store = build(args, max(max_ctx, base_cfg.max_context))
     timer = Timer(rt.device)
-    result = {"preset": args.preset, "environment": environment(rt), "tiers": [], "ttft": [],
+    result = {"preset": args.preset, "environment": runtime_environment(rt), "tiers": [], "ttft": [],
               "kv_only": [], "exactness": []}
     for ctx in contexts:
         tokens = context_tokens(ctx, rt.model_cfg.vocab_size)

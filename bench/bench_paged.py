@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import environment as common_environment  # noqa: E402
+from bench.common import runtime_environment  # noqa: E402
 from bench.common import grouped_bars, log_y, pyplot  # noqa: E402
 from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset  # noqa: E402
 from flashrt_ros.paged import PagedCapsuleStore  # noqa: E402
@@ -49,12 +49,6 @@ MiB = 2 ** 20
 
 def log(msg):
     print(f"[bench paged] {msg}", flush=True)
-
-
-def environment(rt) -> dict:
-    env = common_environment(rt.device)
-    env.update(kernels=rt.kernel, cuda_graphs=rt.use_graphs)
-    return env
 
 
 def sync(rt):
@@ -337,7 +331,7 @@ def plot(result, path):
             ax.set(ylabel="ms", title=f"control step (tick -> action), {a['latency_steps']} steps")
             ax.legend(fontsize=8)
         ax.tick_params(axis="x", labelsize=8)
-    date = env.get("date_utc") or env["date"]     # JSONs written before common.environment: "date"
+    date = env.get("date_utc") or env["date"]     # JSONs written before runtime_environment: "date"
     fig.suptitle(f"Paged vs flat capsule store: preset {a['preset']} on {env.get('gpu') or env.get('cpu')} "
                  f"({env['device']}, tier {result.get('memory', {}).get('tier', '?')}), episode of "
                  f"{a['tokens']} tokens; {date}")
@@ -405,7 +399,7 @@ def main(argv=None):
     need_mb = (args.forks + 8) * rt.live_nbytes() / MiB + 16
     mem = dict(gpu_budget_mb=need_mb if tier == "gpu" else 0.0,
                host_budget_mb=need_mb if tier == "host" else 64.0)
-    result = {"args": vars(args), "max_context": max_context, "env": environment(rt)}
+    result = {"args": vars(args), "max_context": max_context, "env": runtime_environment(rt)}
     with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
         flat = CapsuleStore(rt, StoreConfig(capsule_dir=d1, **mem))
         paged = PagedCapsuleStore(rt, StoreConfig(capsule_dir=d2, **mem),

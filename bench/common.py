@@ -113,6 +113,13 @@ def environment(device: torch.device, code: tuple = ()) -> dict:
     return env
 
 
+def runtime_environment(rt) -> dict:
+    """environment() of a PolicyRuntime's device, plus how it runs (kernels, CUDA graphs)."""
+    env = environment(rt.device)
+    env.update(kernels=rt.kernel, cuda_graphs=rt.use_graphs)
+    return env
+
+
 def device_slug(env: dict) -> str:
     name = env.get("gpu") or "cpu"
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
