@@ -29,12 +29,10 @@ Other work on the machine shows up in these figures: the load average before and
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import random
-import shlex
 import signal
 import subprocess
 import sys
@@ -455,33 +453,15 @@ def nice_permitted(nice: int) -> bool:
 
 # -- report ---------------------------------------------------------------------------------
 def environment(args) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    def v(dist):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return "not installed"
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-            "commit": commit, "machine": f"{cpu} ({os.cpu_count()} logical cores), {platform.machine()}",
-            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "rclpy": v("ros-rclpy"), "rmw": os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp (default)"),
-            "dds": "loopback (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST)",
-            "preset": args.preset, "device": args.device}
+    from bench.common import environment as common_environment
+    from bench.common import package_version
+    from flashrt_ros.runtime import resolve_device
+    env = common_environment(resolve_device(args.device))
+    env.update(os=platform.platform(), rclpy=package_version("ros-rclpy"),
+               rmw=os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp (default)"),
+               dds="loopback (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST)",
+               preset=args.preset, device=args.device)
+    return env
 
 
 def table(columns, rows) -> list:
@@ -594,8 +574,9 @@ def plot(result, path):
             grouped_bars(ax, list(groups), series, log=log)
             ax.set(title=title, ylabel="ms, log scale" if log else "ms")
             ax.legend(fontsize=8)
+    machine = env.get("cpu") or env["machine"]     # JSONs written before common.environment
     fig.suptitle(f"flashrt_node through ROS 2 (loopback DDS): preset {env['preset']} on {env['device']}, "
-                 f"{env['machine']}\n{env['command']}; load average before {res['load_before']}, "
+                 f"{machine}\n{env['command']}; load average before {res['load_before']}, "
                  f"after {res['load_after']}", fontsize=11)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # git runs here
+
 
 def summary(samples_ms) -> dict:
     """p50/p99/mean/min of a list of milliseconds."""
@@ -58,7 +60,7 @@ def cuda_event_ms(fn, iters: int, warmup: int) -> list[float]:
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
     try:
         from importlib.metadata import version
         return version(dist)
@@ -84,9 +86,10 @@ def environment(device: torch.device, code: tuple = ()) -> dict:
     """
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or "unknown"
+                                text=True, timeout=5, cwd=REPO).stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                *code], capture_output=True, text=True, timeout=5).stdout
+                                *code], capture_output=True, text=True, timeout=5,
+                               cwd=REPO).stdout
         if dirty.strip():       # porcelain lines are "XY path": the path starts at column 3
             commit += " (uncommitted changes in: %s)" % ", ".join(
                 line[3:] for line in dirty.splitlines() if line.strip())
@@ -98,8 +101,8 @@ def environment(device: torch.device, code: tuple = ()) -> dict:
         "commit": commit,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "fla": _version("fla-core"),
-        "triton": _version("triton"),
+        "fla": package_version("fla-core"),
+        "triton": package_version("triton"),
         "numpy": np.__version__,
         "cpu": f"{_cpu_model()} ({os.cpu_count()} logical cores)",
         "torch_threads": torch.get_num_threads(),
