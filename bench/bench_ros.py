@@ -29,6 +29,7 @@ Other work on the machine shows up in these figures: the load average before and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -260,80 +261,78 @@ def observations(n, dim, seed=0):
     return np.random.default_rng(seed).uniform(-1, 1, (n, dim)).astype(np.float32)
 
 
-def run_latency(args, workdir, obs_dim):
-    node = Node("bench_latency", node_params(args, workdir, control_mode="observation",
-                                             observation_qos="reliable"), workdir)
+@contextlib.contextmanager
+def connected_node(name, params, workdir, client_name):
+    """A node process, active, and this process's Client connected to it; both stopped after."""
+    node = Node(name, params, workdir)
     try:
         node.wait_active()
-        c = Client(node.fqn, "bench_latency_client")
+        c = Client(node.fqn, client_name)
         try:
             c.wait_connected()
-            obs = observations(args.steps + 50, obs_dim)
-            for o in obs[:50]:
-                c.step(o)
-            log(f"latency: {args.steps} lockstep steps")
-            rtt = []
-            for i, o in enumerate(obs[50:]):
-                rtt.append(c.step(o))
-                if (i + 1) % 100 == 0:
-                    log(f"  {i + 1}/{args.steps}: round trip p50 {np.percentile(rtt, 50):.3f} ms")
-            node_ms = [a.latency_ms for a in c.actions[50:]]
-            c.wait(lambda: c.statuses and c.statuses[-1].step >= c.actions[-1].step, 10, "status")
-            s = c.statuses[-1]
-            return {"round_trip_ms": summary(rtt), "node_receipt_to_publish_ms": summary(node_ms),
-                    "node_step_ms": {"p50": float(s.p50_step_ms), "p99": float(s.p99_step_ms)}}
+            yield node, c
         finally:
             c.close()
     finally:
         node.stop()
+
+
+def run_latency(args, workdir, obs_dim):
+    params = node_params(args, workdir, control_mode="observation", observation_qos="reliable")
+    with connected_node("bench_latency", params, workdir, "bench_latency_client") as (node, c):
+        obs = observations(args.steps + 50, obs_dim)
+        for o in obs[:50]:
+            c.step(o)
+        log(f"latency: {args.steps} lockstep steps")
+        rtt = []
+        for i, o in enumerate(obs[50:]):
+            rtt.append(c.step(o))
+            if (i + 1) % 100 == 0:
+                log(f"  {i + 1}/{args.steps}: round trip p50 {np.percentile(rtt, 50):.3f} ms")
+        node_ms = [a.latency_ms for a in c.actions[50:]]
+        c.wait(lambda: c.statuses and c.statuses[-1].step >= c.actions[-1].step, 10, "status")
+        s = c.statuses[-1]
+        return {"round_trip_ms": summary(rtt), "node_receipt_to_publish_ms": summary(node_ms),
+                "node_step_ms": {"p50": float(s.p50_step_ms), "p99": float(s.p99_step_ms)}}
 
 
 def run_services(args, workdir, obs_dim):
-    node = Node("bench_services", node_params(args, workdir, control_mode="observation",
-                                              observation_qos="reliable"), workdir)
-    try:
-        node.wait_active()
-        c = Client(node.fqn, "bench_services_client")
-        try:
-            c.wait_connected()
-            obs = observations(32, obs_dim)
-            for o in obs:
-                c.step(o)
-            out = {}
-            rtt = {op: [] for op in ("snapshot", "restore", "fork", "rollback", "list", "delete")}
-            handler = {op: [] for op in rtt}
-            for i in range(-5, args.calls):            # 5 unmeasured rounds first
-                rounds = []
-                res, ms = c.call("snapshot", name=f"s{i}")
-                rounds.append(("snapshot", res, ms))
-                res, ms = c.call("restore", name=f"s{i}")
-                rounds.append(("restore", res, ms))
-                res, ms = c.call("fork", source=f"s{i}", name=f"f{i}")
-                rounds.append(("fork", res, ms))
-                c.step(obs[i % len(obs)])              # one committed step to roll back
-                res, ms = c.call("rollback", k=1)
-                rounds.append(("rollback", res, ms))
-                res, ms = c.call("list_capsules")
-                rounds.append(("list", res, ms))
-                res, ms = c.call("delete_capsule", name=f"f{i}")
-                rounds.append(("delete", res, ms))
-                c.call("delete_capsule", name=f"s{i}")
-                for op, res, ms in rounds:
-                    if not res.success:
-                        raise SystemExit(f"{op} failed: {res.message}")
-                    if i >= 0:
-                        rtt[op].append(ms)
-                        if hasattr(res, "latency_ms"):
-                            handler[op].append(res.latency_ms)
-                if (i + 1) % 25 == 0 and i >= 0:
-                    log(f"  services: {i + 1}/{args.calls} rounds")
-            for op in rtt:
-                out[op] = {"round_trip_ms": summary(rtt[op]), "node_handler_ms": summary(handler[op])}
-            return out
-        finally:
-            c.close()
-    finally:
-        node.stop()
+    params = node_params(args, workdir, control_mode="observation", observation_qos="reliable")
+    with connected_node("bench_services", params, workdir, "bench_services_client") as (node, c):
+        obs = observations(32, obs_dim)
+        for o in obs:
+            c.step(o)
+        out = {}
+        rtt = {op: [] for op in ("snapshot", "restore", "fork", "rollback", "list", "delete")}
+        handler = {op: [] for op in rtt}
+        for i in range(-5, args.calls):            # 5 unmeasured rounds first
+            rounds = []
+            res, ms = c.call("snapshot", name=f"s{i}")
+            rounds.append(("snapshot", res, ms))
+            res, ms = c.call("restore", name=f"s{i}")
+            rounds.append(("restore", res, ms))
+            res, ms = c.call("fork", source=f"s{i}", name=f"f{i}")
+            rounds.append(("fork", res, ms))
+            c.step(obs[i % len(obs)])              # one committed step to roll back
+            res, ms = c.call("rollback", k=1)
+            rounds.append(("rollback", res, ms))
+            res, ms = c.call("list_capsules")
+            rounds.append(("list", res, ms))
+            res, ms = c.call("delete_capsule", name=f"f{i}")
+            rounds.append(("delete", res, ms))
+            c.call("delete_capsule", name=f"s{i}")
+            for op, res, ms in rounds:
+                if not res.success:
+                    raise SystemExit(f"{op} failed: {res.message}")
+                if i >= 0:
+                    rtt[op].append(ms)
+                    if hasattr(res, "latency_ms"):
+                        handler[op].append(res.latency_ms)
+            if (i + 1) % 25 == 0 and i >= 0:
+                log(f"  services: {i + 1}/{args.calls} rounds")
+        for op in rtt:
+            out[op] = {"round_trip_ms": summary(rtt[op]), "node_handler_ms": summary(handler[op])}
+        return out
 
 
 def storm_worker(spec: str) -> int:
@@ -372,15 +371,12 @@ def storm_worker(spec: str) -> int:
 
 
 def run_storm(args, workdir, obs_dim, nice=0):
-    node = Node(f"bench_storm{abs(nice)}", node_params(args, workdir, control_mode="timer",
-                                                       control_rate_hz=float(args.rate),
-                                                       nice=nice), workdir)
+    params = node_params(args, workdir, control_mode="timer", control_rate_hz=float(args.rate),
+                         nice=nice)
     storm = None
-    try:
-        node.wait_active()
-        c = Client(node.fqn, "bench_storm_feeder")
+    name = f"bench_storm{abs(nice)}"
+    with connected_node(name, params, workdir, "bench_storm_feeder") as (node, c):
         try:
-            c.wait_connected()
             obs = observations(64, obs_dim)
             stop = threading.Event()
 
@@ -435,11 +431,8 @@ def run_storm(args, workdir, obs_dim, nice=0):
                                               "p99": float(after["p99_lateness_ms"])},
                     "p99_step_ms": float(after["p99_step_ms"])}
         finally:
-            c.close()
-    finally:
-        if storm is not None and storm.poll() is None:
-            os.killpg(storm.pid, signal.SIGKILL)
-        node.stop()
+            if storm is not None and storm.poll() is None:
+                os.killpg(storm.pid, signal.SIGKILL)
 
 
 def nice_permitted(nice: int) -> bool:
