@@ -135,7 +135,7 @@ class Client:
 
     def __init__(self, target: str, name: str):
         import rclpy
-        from rclpy.executors import SingleThreadedExecutor
+        from flashrt_ros.executors import SingleThreadedExecutor
         from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
         from flashrt_ros.msg import ActionChunk, Observation, PolicyStatus

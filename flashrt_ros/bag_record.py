@@ -98,7 +98,7 @@ class BagRecorder:
                  storage: str = "mcap", joint_states: str | None = None, context=None,
                  log=print):
         from rcl_interfaces.srv import GetParameters, ListParameters
-        from rclpy.executors import SingleThreadedExecutor
+        from flashrt_ros.executors import SingleThreadedExecutor
         from rclpy.node import Node
         from rosbags.rosbag2 import StoragePlugin, Writer
         from rosbags.rosbag2.errors import WriterError

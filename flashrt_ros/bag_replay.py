@@ -464,7 +464,7 @@ class BagPlayer:
     def __init__(self, node: str = "/flashrt_policy", joint_states_topic: str | None = None,
                  timeout: float = 10.0, context=None, log=print):
         import rclpy
-        from rclpy.executors import SingleThreadedExecutor
+        from flashrt_ros.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
         from sensor_msgs.msg import JointState
         from std_msgs.msg import String

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import py_trees
 from py_trees.common import Access, Status
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
 from flashrt_ros import srv
@@ -90,6 +91,16 @@ class ServiceCall:
     round_trip_ms: float | None  # request sent -> response arrived in this process (or was
                                  # first seen by a tick, if that came first)
     wait_ms: float              # first tick -> request sent (service discovery)
+
+
+def _subscribe(node, msg_type, topic: str, callback, qos):
+    """A subscription without QoS event handlers, so that destroying it in `shutdown()` is safe
+    under any executor: with rclpy 9.1.2 an event handler destroyed while another thread spins the
+    node can kill that executor's spin thread (ros2/rclpy#1284, see executors.py). The handlers
+    only log incompatible-QoS warnings, and these topics' QoS is the node's own."""
+    return node.create_subscription(msg_type, topic, callback, qos,
+                                    event_callbacks=SubscriptionEventCallbacks(
+                                        use_default_callbacks=False))
 
 
 def _node_from(kwargs, who: str):
@@ -167,8 +178,8 @@ class CapsuleService(py_trees.behaviour.Behaviour):
         self.node = _node_from(kwargs, self.name)
         self.client = self.node.create_client(self.srv_type, self.service_name)
         if self.operation:
-            self._events_sub = self.node.create_subscription(
-                CapsuleEvent, self.events_topic,
+            self._events_sub = _subscribe(
+                self.node, CapsuleEvent, self.events_topic,
                 lambda msg: self._events.append((time.perf_counter(), msg)),
                 QoSProfile(depth=self.EVENT_HISTORY, reliability=QoSReliabilityPolicy.RELIABLE))
 
@@ -372,11 +383,11 @@ class _StatusCondition(py_trees.behaviour.Behaviour):
 
     def setup(self, **kwargs):
         self.node = _node_from(kwargs, self.name)
-        self._subs.append(self.node.create_subscription(
-            PolicyStatus, f"{self.policy}/status", self._on_status, _RELIABLE))
+        self._subs.append(_subscribe(self.node, PolicyStatus, f"{self.policy}/status",
+                                     self._on_status, _RELIABLE))
         if self.follows_actions:
-            self._subs.append(self.node.create_subscription(
-                ActionChunk, f"{self.policy}/action", self._on_action, _RELIABLE))
+            self._subs.append(_subscribe(self.node, ActionChunk, f"{self.policy}/action",
+                                         self._on_action, _RELIABLE))
 
     def shutdown(self):
         for sub in self._subs:

@@ -1,6 +1,6 @@
 """`flashrt-ros bt-demo`: the branch-and-choose tree against the simulated robot, with a report and a plot.
 
-One process, three nodes on one PolicyExecutor (a MultiThreadedExecutor, see node.py) spun in a background thread: the policy node
+One process, three nodes on one PolicyExecutor (a MultiThreadedExecutor, see executors.py) spun in a background thread: the policy node
 (the same PolicyNode class as `flashrt_node`; managed=false, one step per observation, reliable
 observations), the simulated robot (lockstep, wrapped in a SimWorld), and the tree's node, whose
 capsule service calls go over DDS like any client's. The main thread ticks the tree
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
 
     from .behaviours import CALLS_KEY, ERROR_KEY
     from .config import load_preset
-    from .node import PolicyExecutor, PolicyNode
+    from .executors import PolicyExecutor
+    from .node import PolicyNode
     from .sim_robot import SimRobotNode
     from .trees import CHOSEN_KEY, SCORES_KEY, SimWorld, branch_and_choose, run_tree
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
                          seed=a.seed)
     world = SimWorld(robot, seed=a.seed)
     tree_node = rclpy.create_node("flashrt_bt_demo")
-    executor = PolicyExecutor(num_threads=4)   # node.py: without rclpy's executor busy loop
+    executor = PolicyExecutor(num_threads=4)   # executors.py: without rclpy's executor busy loop
     for n in (policy, robot, tree_node):
         executor.add_node(n)
     tree = None

@@ -1,6 +1,6 @@
 """The main job for a newcomer: the policy node and a simulated robot in one process, live.
 
-Both nodes share one PolicyExecutor (node.py: a MultiThreadedExecutor without rclpy's busy loop). The policy node runs exactly as `flashrt_node` does
+Both nodes share one PolicyExecutor (executors.py: a MultiThreadedExecutor without rclpy's busy loop). The policy node runs exactly as `flashrt_node` does
 (same class, parameters given as overrides: managed=false, timer control); the simulated robot
 publishes observations at the control rate and applies the first row of each action chunk.
 A line a second reports what was measured in this run; the capsule services can be called
@@ -28,7 +28,8 @@ def run_demo(args) -> int:
     from rclpy.parameter import Parameter
 
     from flashrt_ros.config import load_preset
-    from flashrt_ros.node import PolicyExecutor, PolicyNode
+    from flashrt_ros.executors import PolicyExecutor
+    from flashrt_ros.node import PolicyNode
     from flashrt_ros.sim_robot import SimRobotNode
 
     cfg = load_preset(args.preset)

@@ -17,8 +17,8 @@ Lifecycle (a managed node; `managed:=false` configures and activates at start):
 A failed configure logs why, leaves the node unconfigured and alive; fix the parameter, configure
 again. Fixed parameters refuse changes while the node is configured (see node_config.py).
 
-Concurrency (a `PolicyExecutor`: rclpy's MultiThreadedExecutor without its busy loop, see the
-class; four callback groups, each mutually exclusive):
+Concurrency (a `PolicyExecutor`: rclpy's MultiThreadedExecutor without its busy loop, safe against
+entities destroyed mid-collection, see executors.py; four callback groups, each mutually exclusive):
   * control group - observation and joint-state subscriptions, the control timer. A step holds
                     `runtime.lock` from the input copy to the committed state, and takes no other
                     lock: the control loop never waits for the store, for disk I/O or for a
@@ -62,8 +62,7 @@ from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import (ConditionReachedException, ExternalShutdownException,
-                             MultiThreadedExecutor, ShutdownException, TimeoutException)
+from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 try:
@@ -76,6 +75,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
+from flashrt_ros.executors import PolicyExecutor
 from flashrt_ros.msg import ActionChunk, CapsuleEvent, CapsuleInfo, Observation, PolicyStatus
 from flashrt_ros.srv import (DeleteCapsule, Fork, ListCapsules, LoadCapsule, Reset, Restore,
                              Rollback, SaveCapsule, Snapshot)
@@ -213,36 +213,6 @@ def set_thread_nice(nice: int) -> int:
                           f"limit: `ulimit -e`), found none; grant it (/etc/security/limits.conf: "
                           f"`<user> - nice -10`) or set nice 0") from None
     return before
-
-
-class PolicyExecutor(MultiThreadedExecutor):
-    """A MultiThreadedExecutor whose spin thread lets a submitted callback start before it waits again.
-
-    rclpy before 10.0.4 (Jazzy, Kilted) yields a task again while it sits in the thread pool's queue,
-    and as long as one does, the spin thread loops without blocking and holds the GIL, so the
-    worker that should run it hardly gets to start (ros2/rclpy#1452, fixed upstream by #1547).
-    Measured here with rclpy 9.1.2: publish -> subscription callback 50-70 ms median, 2 s p99,
-    ~4000 wait loops a second, a whole core busy. After submitting, this spin thread yields until
-    the callback has started (or 50 ms passed): ~0.1 ms median, a few loops per message.
-    """
-
-    START_WAIT_S = 0.05
-
-    def _spin_once_impl(self, timeout_sec=None, wait_condition=lambda: False):
-        try:
-            handler, _, _ = self.wait_for_ready_callbacks(timeout_sec, None, wait_condition)
-        except (ExternalShutdownException, ShutdownException, TimeoutException,
-                ConditionReachedException):
-            return
-        self._executor.submit(handler)
-        self._futures.append(handler)
-        for future in self._futures[:]:
-            if future.done():
-                self._futures.remove(future)
-                future.result()  # raise any exceptions
-        deadline = time.monotonic() + self.START_WAIT_S
-        while not (handler.executing() or handler.done()) and time.monotonic() < deadline:
-            time.sleep(0)    # releases the GIL: the worker takes the task
 
 
 class Latest(NamedTuple):

@@ -109,9 +109,9 @@ class PolicyNodeProcess:
 
         Raises AssertionError if the process exits first, TimeoutError at the deadline."""
         import rclpy
-        import rclpy.executors
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
+        from flashrt_ros.executors import SingleThreadedExecutor
         from flashrt_ros.msg import PolicyStatus
         t0 = time.monotonic()
         context = rclpy.Context()
@@ -121,7 +121,7 @@ class PolicyNodeProcess:
             seen = []
             probe.create_subscription(PolicyStatus, f"{self.node}/status", seen.append,
                                       QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE))
-            executor = rclpy.executors.SingleThreadedExecutor(context=context)
+            executor = SingleThreadedExecutor(context=context)
             executor.add_node(probe)
             while not (seen and seen[-1].lifecycle_state == "active"):
                 self.check_alive()

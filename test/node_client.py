@@ -106,7 +106,7 @@ class PolicyClient:
 
     def __init__(self, target: str = "/flashrt_policy", name: str = "policy_test_client"):
         import rclpy
-        from rclpy.executors import SingleThreadedExecutor
+        from flashrt_ros.executors import SingleThreadedExecutor
         from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
         from diagnostic_msgs.msg import DiagnosticArray

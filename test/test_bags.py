@@ -315,7 +315,7 @@ class EpisodeDriver:
 
     def __init__(self, target):
         import rclpy
-        from rclpy.executors import SingleThreadedExecutor
+        from flashrt_ros.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
         from std_msgs.msg import String
 
@@ -593,7 +593,7 @@ def test_player_takes_the_capsule_event_when_an_answer_is_lost(tmp_path):
     provoked in a real node on demand."""
     import rclpy
     from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-    from rclpy.executors import MultiThreadedExecutor
+    from flashrt_ros.executors import MultiThreadedExecutor
     from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
     from flashrt_ros.bag_replay import BagPlayer, RecordedEpisode

@@ -80,7 +80,7 @@ class Ros:
 
     def __init__(self):
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
+        from flashrt_ros.executors import MultiThreadedExecutor
         # SimRobotNode takes no context argument, so this module uses the default context
         rclpy.init()
         self.node = rclpy.create_node("bt_test_%d" % os.getpid())
@@ -119,7 +119,7 @@ class ScriptedServices:
     def __init__(self, namespace):
         import rclpy
         from rclpy.callback_groups import ReentrantCallbackGroup
-        from rclpy.executors import MultiThreadedExecutor
+        from flashrt_ros.executors import MultiThreadedExecutor
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
         from flashrt_ros.msg import CapsuleEvent, CapsuleInfo, PolicyStatus

@@ -23,7 +23,7 @@ CLI_TIMEOUT_S = 3           # how long the CLI waits for the answer that never c
 @pytest.fixture
 def stand_in():
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+    from flashrt_ros.executors import MultiThreadedExecutor
     from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
     from flashrt_ros.msg import CapsuleEvent

@@ -69,7 +69,7 @@ def echo_server(ros_env):
 def client_node():
     """A node in its own rclpy context with a single-threaded executor (the test drives spinning)."""
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
+    from flashrt_ros.executors import SingleThreadedExecutor
 
     context = rclpy.Context()
     rclpy.init(context=context)

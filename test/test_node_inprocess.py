@@ -34,7 +34,8 @@ class InProcessNode:
     def __init__(self, context, namespace, **params):
         from rclpy.parameter import Parameter
 
-        from flashrt_ros.node import PolicyExecutor, PolicyNode
+        from flashrt_ros.executors import PolicyExecutor
+        from flashrt_ros.node import PolicyNode
         overrides = [Parameter(k, value=v) for k, v in params.items()]
         self.node = PolicyNode(context=context, namespace=namespace, parameter_overrides=overrides)
         self.executor = PolicyExecutor(num_threads=4, context=context)
@@ -234,7 +235,7 @@ def test_policy_executor_does_not_spin_while_a_callback_waits_to_start(ros_conte
     from rclpy.qos import QoSProfile, QoSReliabilityPolicy
     from std_msgs.msg import Float64
 
-    from flashrt_ros.node import PolicyExecutor
+    from flashrt_ros.executors import PolicyExecutor
     node = rclpy.create_node(f"executor_probe_{os.getpid()}", context=ros_context)
     executor = PolicyExecutor(num_threads=4, context=ros_context)
     executor.add_node(node)

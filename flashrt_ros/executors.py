@@ -1,0 +1,75 @@
+"""rclpy executors that work around two bugs of rclpy 9.1.2 (the PyPI wheels this package pins).
+
+* An entity destroyed by another thread while the executor builds its wait set kills the spin
+  thread (ros2/rclpy#1284). `destroy_subscription` first takes the subscription's QoS event
+  handlers out of the node's waitables and then requests their destruction; when the spin thread
+  collected the waitables before that and enters one after it, the enter fails and is skipped,
+  but the waitable is still added to the wait set, whose own enter raises `InvalidHandle` out of
+  `spin()`. Every behaviour that cleans up in `shutdown()` and every lifecycle transition that
+  destroys a subscription opens that window. The failed collection is harmless - the entity is
+  already gone from the node's lists - so these executors collect again.
+* rclpy's MultiThreadedExecutor busy loop (ros2/rclpy#1452, fixed upstream by #1547 in 10.0.4):
+  see `PolicyExecutor`.
+
+Use these in place of rclpy's executors in any process that creates or destroys entities while
+it spins (the policy node, behaviour trees, the bag tools and the tests all do).
+"""
+from __future__ import annotations
+
+import time
+
+from rclpy import executors as _rclpy_executors
+from rclpy.exceptions import InvalidHandle
+from rclpy.executors import (ConditionReachedException, ExternalShutdownException,
+                             ShutdownException, TimeoutException)
+
+
+class _CollectsAgain:
+    """Retries a wait-set collection that an entity destroyed mid-collection broke (rclpy#1284)."""
+
+    def wait_for_ready_callbacks(self, *args, **kwargs):
+        while True:
+            try:
+                return super().wait_for_ready_callbacks(*args, **kwargs)
+            except InvalidHandle:
+                # the generator that raised is finished; the next call starts a fresh collection,
+                # which no longer sees the destroyed entity
+                continue
+
+
+class SingleThreadedExecutor(_CollectsAgain, _rclpy_executors.SingleThreadedExecutor):
+    """rclpy's SingleThreadedExecutor that survives entities destroyed by other threads."""
+
+
+class MultiThreadedExecutor(_CollectsAgain, _rclpy_executors.MultiThreadedExecutor):
+    """rclpy's MultiThreadedExecutor that survives entities destroyed by other threads."""
+
+
+class PolicyExecutor(MultiThreadedExecutor):
+    """A MultiThreadedExecutor whose spin thread lets a submitted callback start before it waits again.
+
+    rclpy before 10.0.4 (Jazzy, Kilted) yields a task again while it sits in the thread pool's queue,
+    and as long as one does, the spin thread loops without blocking and holds the GIL, so the
+    worker that should run it hardly gets to start (ros2/rclpy#1452, fixed upstream by #1547).
+    Measured here with rclpy 9.1.2: publish -> subscription callback 50-70 ms median, 2 s p99,
+    ~4000 wait loops a second, a whole core busy. After submitting, this spin thread yields until
+    the callback has started (or 50 ms passed): ~0.1 ms median, a few loops per message.
+    """
+
+    START_WAIT_S = 0.05
+
+    def _spin_once_impl(self, timeout_sec=None, wait_condition=lambda: False):
+        try:
+            handler, _, _ = self.wait_for_ready_callbacks(timeout_sec, None, wait_condition)
+        except (ExternalShutdownException, ShutdownException, TimeoutException,
+                ConditionReachedException):
+            return
+        self._executor.submit(handler)
+        self._futures.append(handler)
+        for future in self._futures[:]:
+            if future.done():
+                self._futures.remove(future)
+                future.result()  # raise any exceptions
+        deadline = time.monotonic() + self.START_WAIT_S
+        while not (handler.executing() or handler.done()) and time.monotonic() < deadline:
+            time.sleep(0)    # releases the GIL: the worker takes the task
