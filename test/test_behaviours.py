@@ -86,8 +86,20 @@ class Ros:
         self.node = rclpy.create_node("bt_test_%d" % os.getpid())
         self.executor = MultiThreadedExecutor(num_threads=3)
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.died = []
+        self.thread = threading.Thread(target=self._spin, daemon=True)
         self.thread.start()
+
+    def _spin(self):
+        try:
+            self.executor.spin()
+        except Exception as e:
+            self.died.append(e)
+            raise
+
+    def assert_spinning(self):
+        assert not self.died, ("the test's executor thread died, so every later answer and message "
+                               "went unseen: %r" % self.died)
 
     def close(self):
         import rclpy
@@ -198,6 +210,15 @@ def clean_blackboard():
     import py_trees
     py_trees.blackboard.Blackboard.clear()
     yield
+
+
+@pytest.fixture(autouse=True)
+def executor_alive(request):
+    """After each test that used it: the test's executor still spins (a dead spin thread shows up
+    as timeouts in every later test; this names the cause)."""
+    yield
+    if "ros" in request.fixturenames:
+        request.getfixturevalue("ros").assert_spinning()
 
 
 @functools.cache
