@@ -37,13 +37,20 @@ def _fmt_bytes(n: int) -> str:
 class Client:
     """A short-lived rclpy node that calls one service or reads one topic."""
 
-    def __init__(self, node_name: str, timeout: float):
+    def __init__(self, node_name: str, timeout: float, discovery_timeout: float | None = None):
         import rclpy
         self.rclpy = rclpy
         rclpy.init()
         self.node = rclpy.create_node(f"flashrt_cli_{os.getpid()}")
         self.target = node_name.rstrip("/")
-        self.timeout = timeout
+        self.timeout = timeout                  # for an answer or a message, once discovered
+        # for the node's services and topics to appear: a loaded machine can take seconds for
+        # DDS discovery where the answer itself is quick, so the two have their own bounds
+        self.discovery_timeout = timeout if discovery_timeout is None else discovery_timeout
+
+    @classmethod
+    def from_args(cls, args) -> "Client":
+        return cls(args.node, args.timeout, args.discovery_timeout)
 
     def call(self, srv_type, service: str, request, confirm: str | None = None):
         """Call a service and return its response.
@@ -63,13 +70,15 @@ class Client:
                 CapsuleEvent, f"{self.target}/capsule_events", events.append,
                 QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE))
         client = self.node.create_client(srv_type, name)
-        if not client.wait_for_service(timeout_sec=self.timeout):
-            raise SystemExit(f"flashrt-ros: no service {name} within {self.timeout:g} s; is the node "
-                             f"running (flashrt-ros demo / flashrt_node) and ROS_DOMAIN_ID the same?")
+        if not client.wait_for_service(timeout_sec=self.discovery_timeout):
+            raise SystemExit(f"flashrt-ros: no service {name} within {self.discovery_timeout:g} s; "
+                             f"is the node running (flashrt-ros demo / flashrt_node) and "
+                             f"ROS_DOMAIN_ID the same? (a loaded machine may need a longer "
+                             f"--discovery-timeout)")
         if sub is not None:
             # the events are volatile: hear the node's publisher before calling (a node too old
             # to have one only costs this wait)
-            end = time.monotonic() + min(self.timeout, 5.0)
+            end = time.monotonic() + min(self.discovery_timeout, 5.0)
             while sub.get_publisher_count() == 0 and time.monotonic() < end:
                 self.rclpy.spin_once(self.node, timeout_sec=0.02)
         self.rclpy.spin_once(self.node, timeout_sec=0)     # take events of earlier calls first
@@ -91,11 +100,12 @@ class Client:
         got = []
         self.node.create_subscription(msg_type, f"{self.target}/{topic}", got.append,
                                       QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE))
-        end = time.monotonic() + self.timeout
+        wait_s = max(self.timeout, self.discovery_timeout)       # discovery, then the message
+        end = time.monotonic() + wait_s
         while not got and time.monotonic() < end:
             self.rclpy.spin_once(self.node, timeout_sec=0.1)
         if not got:
-            raise SystemExit(f"flashrt-ros: nothing on {self.target}/{topic} within {self.timeout:g} s")
+            raise SystemExit(f"flashrt-ros: nothing on {self.target}/{topic} within {wait_s:g} s")
         return got[0]
 
     def close(self):
@@ -132,7 +142,7 @@ def _service_command(args) -> int:
     # the operation the node reports on ~/capsule_events (its names are these commands';
     # list is a query and reports nothing)
     confirm = None if cmd == "list" else cmd
-    client = Client(args.node, args.timeout)
+    client = Client.from_args(args)
     try:
         t0 = time.perf_counter()
         res = client.call(srv_type, service, request, confirm)
@@ -162,7 +172,7 @@ def _set(req, **kw):
 
 def _status(args) -> int:
     from flashrt_ros.msg import PolicyStatus
-    client = Client(args.node, args.timeout)
+    client = Client.from_args(args)
     try:
         s = client.wait_message(PolicyStatus, "status")
     finally:
@@ -183,7 +193,7 @@ def _status(args) -> int:
 def _lifecycle(args) -> int:
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState, GetState
-    client = Client(args.node, args.timeout)
+    client = Client.from_args(args)
     try:
         if args.transition == "get":
             res = client.call(GetState, "get_state", GetState.Request())
@@ -210,10 +220,10 @@ def _lifecycle(args) -> int:
 
 def _instruct(args) -> int:
     from std_msgs.msg import String
-    client = Client(args.node, args.timeout)
+    client = Client.from_args(args)
     try:
         pub = client.node.create_publisher(String, f"{client.target}/instruction", 10)
-        end = time.monotonic() + args.timeout
+        end = time.monotonic() + client.discovery_timeout
         while pub.get_subscription_count() == 0 and time.monotonic() < end:
             client.rclpy.spin_once(client.node, timeout_sec=0.05)
         if pub.get_subscription_count() == 0:
@@ -284,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n")[2] if len(__doc__.split("\n\n")) > 2 else None)
     p.add_argument("--node", default="/flashrt_policy", help="the policy node (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for discovery/answers")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for an answer (default %(default)s)")
+    p.add_argument("--discovery-timeout", type=float, default=None, metavar="S",
+                   help="seconds to wait for the node's services and topics to appear "
+                        "(default: --timeout)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("node", help="run the policy node (arguments after it go to ROS: --ros-args ...)",
                    add_help=False)

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.ros
 
 NODE = "/stand_in_policy"
 CLI_TIMEOUT_S = 3           # how long the CLI waits for the answer that never comes
+DISCOVERY_S = 60            # how long it may wait for the stand-in's service (a busy CI machine
+                            # once took more than 3 s to discover it)
 
 
 @pytest.fixture
@@ -40,7 +42,8 @@ def stand_in():
     def snapshot(request, response):
         state["requests"] += 1
         if state["publish_event"]:
-            wait_for(lambda: events.get_subscription_count() > 0, 10, "the CLI's event subscription")
+            wait_for(lambda: events.get_subscription_count() > 0, DISCOVERY_S,
+                     "the CLI's event subscription")
             events.publish(CapsuleEvent(operation="snapshot", name=request.name, step=7,
                                         success=True, message=f"snapshot {request.name!r}"))
         release.wait(CLI_TIMEOUT_S + 30)         # the answer comes after the CLI gave up
@@ -64,7 +67,8 @@ def stand_in():
 
 def cli(env, *args):
     return subprocess.run([executable("flashrt-ros"), "--node", NODE, "--timeout", str(CLI_TIMEOUT_S),
-                           *args], env=env, capture_output=True, text=True, timeout=90)
+                           "--discovery-timeout", str(DISCOVERY_S), *args],
+                          env=env, capture_output=True, text=True, timeout=DISCOVERY_S + 60)
 
 
 def test_a_lost_answer_confirmed_by_the_capsule_event_is_success(stand_in, ros_env):
