@@ -100,7 +100,9 @@ class RuntimeConfig:
     rollback_depth: int = _f(16, "committed steps kept for rollback(k) (0 disables)", True)
     action_noise: float = _f(0.0, "std of sampled action noise (the sampler's RNG lives in the arena)", True)
     sample_seed: int = _f(0, "initial seed of the arena's sampler RNG")
-    kernels: str = _f("auto", "auto (fla on CUDA when importable), fla or reference", True)
+    kernels: str = _f("auto", "auto (CUDA: fla when importable, else reference; CPU: chunked), fla, "
+                               "chunked (CPU only: reference steps, chunk-parallel prefill) or "
+                               "reference", True)
     weights: str = _f("", "safetensors file with the policy weights ('' = deterministic from seed)", True)
     threads: int = _f(0, "torch CPU (intra-op) threads the node sets at configure: 0 = auto (1 for "
                          "presets with d_model <= 256, where handing tiny ops to a second thread "
@@ -124,8 +126,8 @@ class RuntimeConfig:
                "runtime.sample_seed", "an integer in [0, 2^32)", self.sample_seed)
         _check(isinstance(self.cuda_graphs, bool), "runtime.cuda_graphs", "true or false",
                self.cuda_graphs)
-        _check(self.kernels in ("auto", "fla", "reference"), "runtime.kernels",
-               "auto, fla or reference", self.kernels)
+        _check(self.kernels in ("auto", "fla", "chunked", "reference"), "runtime.kernels",
+               "auto, fla, chunked or reference", self.kernels)
         _check(isinstance(self.threads, int) and not isinstance(self.threads, bool)
                and 0 <= self.threads <= 1024, "runtime.threads", "an integer in [0, 1024] (0 = auto)",
                self.threads)

@@ -77,7 +77,7 @@ class HybridPolicy(nn.Module):
         self.cfg = cfg
         # Sampling is fixed at build time (graphs cannot branch); the RNG counter advances either way.
         self.sample_actions = sample_actions
-        self.kernel = kernel  # "reference" or "fla"
+        self.kernel = kernel  # "reference", "chunked" (reference steps, chunked prefill) or "fla"
         self.dtype = DTYPES[cfg.dtype]
         self.conv_dim = 3 * cfg.n_lin_heads * cfg.lin_head_dim
         self._attn_index = {layer: j for j, layer in enumerate(cfg.attn_layers)}
@@ -252,7 +252,11 @@ class HybridPolicy(nn.Module):
             k = F.normalize(k.float(), dim=-1).to(y.dtype)
             g = -torch.exp(self.w(pre + "A_log")) * F.softplus(a.float() + self.w(pre + "dt_bias"))
             beta = torch.sigmoid(b.float())
-            o = kernels.gated_delta_rule_reference(q, k, v, g, beta, state, Kl ** -0.5)
+            # a single step is one iteration of the reference loop; a chunk of T > 1 tokens goes
+            # through the chunk-parallel form when asked (test_kernels holds it to the loop)
+            delta_rule = kernels.gated_delta_rule_chunked if self.kernel == "chunked" and T > 1 \
+                else kernels.gated_delta_rule_reference
+            o = delta_rule(q, k, v, g, beta, state, Kl ** -0.5)
         o = _rms(o, self.w(pre + "o_norm")) * F.silu(z.view(T, Hl, Kl))
         return o.reshape(T, Hl * Kl) @ self.w(pre + "lin_out")
 

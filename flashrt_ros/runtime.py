@@ -60,7 +60,13 @@ class PolicyRuntime:
         cuda = self.device.type == "cuda"
         kernel = self.cfg.kernels
         if kernel == "auto":
-            kernel = "fla" if cuda and fla_available() else "reference"
+            # the chunked form has only been validated on the CPU (no CUDA graph capture of its
+            # triangular solve yet), so CUDA without fla keeps the reference loop
+            kernel = ("fla" if fla_available() else "reference") if cuda else "chunked"
+        if kernel == "chunked" and cuda:
+            raise ConfigError("runtime.kernels: 'chunked' runs on the CPU only (its triangular solve "
+                              f"is not validated under CUDA graph capture); found device "
+                              f"{self.device}; use 'auto', 'fla' or 'reference' on CUDA")
         if kernel == "fla" and not (cuda and fla_available()):
             raise ConfigError("runtime.kernels: 'fla' needs a CUDA device and the "
                               "flash-linear-attention package; found device "

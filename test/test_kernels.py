@@ -3,10 +3,12 @@
 `gated_delta_rule_reference` runs the delta rule as the loop in kernels.py's docstring (decay, then
 write what the state mispredicts); here it is held to the closed per-token matrix form
 `S' = exp(g) (I - beta k k^T) S + beta k v^T`, `o = S'^T (q * scale)` in float64. The fla fast paths
-are held to the reference on the GPU (test_runtime_gpu.py).
+are held to the reference on the GPU (test_runtime_gpu.py); the chunked CPU form is held to it
+here, over chunk boundaries, carried state, strong decay and bf16 inputs.
 """
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +77,43 @@ def test_reference_bf16_inputs_keep_fp32_state():
     want_o, want_S = _closed_form(q, k, v, gate, beta, state, 0.5)
     torch.testing.assert_close(S.double(), want_S, atol=REFERENCE_ATOL, rtol=0)
     torch.testing.assert_close(o.double(), want_o, atol=2e-2, rtol=2e-2)   # bf16 output rounding
+
+
+@pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 200])
+@pytest.mark.parametrize("decay", [0.5, 30.0])      # g in (-decay, 0]: mild, and strong enough to underflow
+def test_chunked_matches_reference(T, decay):
+    q, k, v, _, beta, state = _inputs(T=T, H=3, K=16, V=8, seed=T)
+    gate = -torch.rand(T, 3, generator=torch.Generator().manual_seed(T + 1)) * decay
+    S_ref, S = state.clone(), state.clone()
+    want = kernels.gated_delta_rule_reference(q, k, v, gate, beta, S_ref, 0.25)
+    got = kernels.gated_delta_rule_chunked(q, k, v, gate, beta, S, 0.25, chunk=kernels.CHUNK)
+    assert got.dtype == v.dtype and got.shape == v.shape and S.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=kernels.CHUNKED_ATOL, rtol=0)
+    torch.testing.assert_close(S, S_ref, atol=kernels.CHUNKED_ATOL, rtol=0)
+
+
+def test_chunked_carries_state_across_chunks_and_calls():
+    """Chunk boundaries inside one call and between calls: the same recurrence as one loop."""
+    q, k, v, gate, beta, state = _inputs(T=50, H=2, K=8, V=4, seed=3)
+    S_ref = state.clone()
+    want = kernels.gated_delta_rule_reference(q, k, v, gate, beta, S_ref, 0.5)
+    S = state.clone()
+    got = torch.cat([kernels.gated_delta_rule_chunked(q[a:b], k[a:b], v[a:b], gate[a:b],
+                                                      beta[a:b], S, 0.5, chunk=7)
+                     for a, b in ((0, 20), (20, 21), (21, 50))])
+    torch.testing.assert_close(got, want, atol=kernels.CHUNKED_ATOL, rtol=0)
+    torch.testing.assert_close(S, S_ref, atol=kernels.CHUNKED_ATOL, rtol=0)
+
+
+def test_chunked_bf16_inputs_keep_fp32_state():
+    q, k, v, gate, beta, state = _inputs(T=130, H=2, K=16, V=8, seed=5, dtype=torch.bfloat16)
+    S_ref, S = state.clone(), state.clone()
+    want = kernels.gated_delta_rule_reference(q, k, v, gate, beta, S_ref, 0.25)
+    got = kernels.gated_delta_rule_chunked(q, k, v, gate, beta, S, 0.25)
+    assert got.dtype == torch.bfloat16 and S.dtype == torch.float32
+    torch.testing.assert_close(S, S_ref, atol=kernels.CHUNKED_ATOL, rtol=0)
+    # both outputs are fp32 values rounded to bf16: at most one bf16 step apart
+    torch.testing.assert_close(got.float(), want.float(), atol=kernels.CHUNKED_ATOL, rtol=2 ** -7)
 
 
 def test_gate_reference_formula():
