@@ -32,9 +32,23 @@ class _CollectsAgain:
             try:
                 return super().wait_for_ready_callbacks(*args, **kwargs)
             except InvalidHandle:
-                # the generator that raised is finished; the next call starts a fresh collection,
-                # which no longer sees the destroyed entity
-                continue
+                # The generator that raised is finished; the next call starts a fresh collection.
+                # That only helps when the entity has left its node's lists, as
+                # node.destroy_subscription() does before it destroys. One destroyed behind the
+                # node's back (`sub.destroy()`) stays listed and would break every collection:
+                # then the error goes up, as with rclpy's executors, instead of a busy loop.
+                if self._listed_but_destroyed():
+                    raise
+
+    def _listed_but_destroyed(self) -> bool:
+        for node in self.get_nodes():
+            for waitable in list(node.waitables):
+                try:
+                    with waitable:
+                        pass
+                except InvalidHandle:
+                    return True
+        return False
 
 
 class SingleThreadedExecutor(_CollectsAgain, _rclpy_executors.SingleThreadedExecutor):

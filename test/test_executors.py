@@ -132,3 +132,15 @@ def test_behaviours_set_up_and_shut_down_under_rclpy_executor(rclpy_spinning):
     destroy(tree)
     rclpy_spinning.churn(create, destroy)
     rclpy_spinning.assert_serving()
+
+
+def test_an_entity_destroyed_behind_the_nodes_back_still_raises(spinning):
+    """`sub.destroy()` leaves the subscription listed on its node, so every collection fails: the
+    executor gives up after its retries, as rclpy's own does, rather than loop without end."""
+    from rclpy.exceptions import InvalidHandle
+    from std_msgs.msg import String
+    sub = spinning.node.create_subscription(String, "/behind_the_back", lambda m: None, 1)
+    sub.destroy()
+    spinning.node.create_subscription(String, "/wake", lambda m: None, 1)   # wakes the executor
+    wait_for(lambda: spinning.died, DELIVERY_S, "the spin thread to give up")
+    assert isinstance(spinning.died[0], InvalidHandle), spinning.died
