@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import threading
 import time
 
 DEFAULT_NODE = "flashrt_bt_policy"   # not /flashrt_policy: a running `flashrt-ros demo` keeps its own
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
 
     from .behaviours import CALLS_KEY, ERROR_KEY
     from .config import load_preset
-    from .executors import PolicyExecutor
+    from .executors import PolicyExecutor, SpinThread
     from .node import PolicyNode
     from .sim_robot import SimRobotNode
     from .trees import CHOSEN_KEY, SCORES_KEY, SimWorld, branch_and_choose, run_tree
@@ -95,12 +94,14 @@ def main(argv=None) -> int:
                                  seed=a.seed)
         tree = py_trees.trees.BehaviourTree(root)
         tree.setup(node=tree_node)
-        threading.Thread(target=executor.spin, daemon=True).start()
+        spin = SpinThread(executor)
+        spin.start()
         print(f"[bt-demo] policy {policy_name} ({a.preset}, {a.device}); {a.branches} branches x "
               f"{a.steps} steps at {a.decisions} decision point(s), warmup {a.warmup}", flush=True)
         t0 = time.monotonic()
         status = run_tree(tree, timeout_s=a.timeout)
         elapsed = time.monotonic() - t0
+        spin.check()        # a failed tree whose executor died: say so, not the timeouts
         bb = py_trees.blackboard.Blackboard
         scores, chosen = bb.get(SCORES_KEY), bb.get(CHOSEN_KEY)
         calls = list(bb.get(CALLS_KEY)) if bb.exists(CALLS_KEY) else []

@@ -9,7 +9,6 @@ from a second shell with `flashrt-ros ...` while it runs.
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 
@@ -28,7 +27,7 @@ def run_demo(args) -> int:
     from rclpy.parameter import Parameter
 
     from flashrt_ros.config import load_preset
-    from flashrt_ros.executors import PolicyExecutor
+    from flashrt_ros.executors import PolicyExecutor, SpinThread
     from flashrt_ros.node import PolicyNode
     from flashrt_ros.sim_robot import SimRobotNode
 
@@ -62,12 +61,13 @@ def run_demo(args) -> int:
           f"    .venv/bin/flashrt-ros restore home\n"
           f"    .venv/bin/flashrt-ros list        .venv/bin/flashrt-ros status\n"
           f"[flashrt] Ctrl-C stops.", flush=True)
-    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin = SpinThread(executor)
     spin.start()
-    t0 = time.monotonic()
+    t0, code = time.monotonic(), 0
     try:
         while rclpy.ok() and (args.duration <= 0 or time.monotonic() - t0 < args.duration):
             time.sleep(1.0)
+            spin.check()            # a dead executor would leave these lines frozen, not failing
             rt, store = policy.runtime, policy.store
             if rt is None:
                 break
@@ -81,6 +81,9 @@ def run_demo(args) -> int:
                   f"lineage {store.lineage or '-'}", flush=True)
     except KeyboardInterrupt:
         pass
+    except RuntimeError as e:       # spin.check(): the executor died
+        print(f"[flashrt] stopping: {e}", flush=True)
+        code = 1
     finally:
         executor.shutdown(timeout_sec=2.0)
         spin.join(timeout=2.0)          # no callback may run on a node being destroyed
@@ -88,4 +91,4 @@ def run_demo(args) -> int:
         robot.destroy_node()
         rclpy.try_shutdown()
     print("[flashrt] stopped")
-    return 0
+    return code

@@ -12,10 +12,12 @@
   see `PolicyExecutor`.
 
 Use these in place of rclpy's executors in any process that creates or destroys entities while
-it spins (the policy node, behaviour trees, the bag tools and the tests all do).
+it spins (the policy node, behaviour trees, the bag tools and the tests all do). `SpinThread`
+spins one in the background and keeps how it ended.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 from rclpy import executors as _rclpy_executors
@@ -87,3 +89,30 @@ class PolicyExecutor(MultiThreadedExecutor):
         deadline = time.monotonic() + self.START_WAIT_S
         while not (handler.executing() or handler.done()) and time.monotonic() < deadline:
             time.sleep(0)    # releases the GIL: the worker takes the task
+
+
+class SpinThread(threading.Thread):
+    """`executor.spin()` in a daemon thread that keeps the exception it died of.
+
+    A spin thread that dies otherwise leaves one traceback on stderr, and everything it served
+    stops without a word: answers, messages, timers. Whoever waits on them can call `check()`
+    (or read `error`) to name the cause instead of timing out.
+    """
+
+    def __init__(self, executor, name: str = "spin"):
+        super().__init__(name=name, daemon=True)
+        self.executor = executor
+        self.error: BaseException | None = None
+
+    def run(self):
+        try:
+            self.executor.spin()
+        except BaseException as e:      # recorded for check(), then reported by threading
+            self.error = e
+            raise
+
+    def check(self) -> None:
+        """Raise RuntimeError if the executor's spin thread died."""
+        if self.error is not None:
+            raise RuntimeError(f"the executor's spin thread died: {self.error!r}; nothing it "
+                               f"served is spun any more") from self.error

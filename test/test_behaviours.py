@@ -80,26 +80,18 @@ class Ros:
 
     def __init__(self):
         import rclpy
-        from flashrt_ros.executors import MultiThreadedExecutor
+        from flashrt_ros.executors import MultiThreadedExecutor, SpinThread
         # SimRobotNode takes no context argument, so this module uses the default context
         rclpy.init()
         self.node = rclpy.create_node("bt_test_%d" % os.getpid())
         self.executor = MultiThreadedExecutor(num_threads=3)
         self.executor.add_node(self.node)
-        self.died = []
-        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.thread = SpinThread(self.executor)
         self.thread.start()
 
-    def _spin(self):
-        try:
-            self.executor.spin()
-        except Exception as e:
-            self.died.append(e)
-            raise
-
     def assert_spinning(self):
-        assert not self.died, ("the test's executor thread died, so every later answer and message "
-                               "went unseen: %r" % self.died)
+        assert self.thread.error is None, ("the test's executor thread died, so every later answer "
+                                           "and message went unseen: %r" % self.thread.error)
 
     def close(self):
         import rclpy

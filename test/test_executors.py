@@ -8,7 +8,6 @@ executors). With `CYCLES` = 2000, each test failed 3 runs of 3 without its fix. 
 message must still arrive through the executor: the spin thread is alive and serving.
 """
 import sys
-import threading
 import uuid
 
 import pytest
@@ -27,20 +26,18 @@ class Spinning:
 
     def __init__(self, executor_cls, **kwargs):
         import rclpy
+        from flashrt_ros.executors import SpinThread
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node("executor_test_%s" % uuid.uuid4().hex[:8], context=self.context)
         self.executor = executor_cls(context=self.context, **kwargs)
         self.executor.add_node(self.node)
-        self.died = []
-        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.thread = SpinThread(self.executor)
         self.thread.start()
 
-    def _spin(self):
-        try:
-            self.executor.spin()
-        except Exception as e:      # what the test reports: the spin thread died of it
-            self.died.append(e)
+    @property
+    def died(self):
+        return [] if self.thread.error is None else [self.thread.error]
 
     def churn(self, create, destroy):
         """`CYCLES` creations and destructions from this thread, with a tiny GIL switch interval."""
@@ -134,6 +131,7 @@ def test_behaviours_set_up_and_shut_down_under_rclpy_executor(rclpy_spinning):
     rclpy_spinning.assert_serving()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # expected here
 def test_an_entity_destroyed_behind_the_nodes_back_still_raises(spinning):
     """`sub.destroy()` leaves the subscription listed on its node, so every collection fails: the
     executor gives up after its retries, as rclpy's own does, rather than loop without end."""
