@@ -45,6 +45,8 @@ class _CollectsAgain:
     def _listed_but_destroyed(self) -> bool:
         for node in self.get_nodes():
             for waitable in list(node.waitables):
+                if not hasattr(waitable, "__enter__"):      # an rclpy whose waitables are not
+                    continue                                # context managers cannot tell
                 try:
                     with waitable:
                         pass
