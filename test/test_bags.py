@@ -9,7 +9,7 @@ Layers here:
     fresh node process and every action must match the recorded one (payload bytes, step,
     episode, lineage); a bag laid out as `ros2 bag record` writes it (tools/make_joint_state_bag.py)
     replays JointState into a node started with `joint_names`.
-Every wait has a deadline (helpers.wait_for / spin_until); no fixed sleeps.
+Every wait has a deadline (flashrt_ros.waiting: wait_for / spin_until); no fixed sleeps.
 """
 import json
 import os

@@ -10,7 +10,7 @@ Layers:
   * both example trees against the node process, with the simulated robot in this process;
   * `flashrt-ros bt-demo` in a subprocess (its policy node in-process there) writes its plot;
   * docs/bt/flashrt_capsules.xml declares the same request fields as the srv types.
-Waits poll with deadlines (helpers.wait_for); nothing sleeps a fixed time.
+Waits poll with deadlines (flashrt_ros.waiting.wait_for); nothing sleeps a fixed time.
 """
 import functools
 import os
