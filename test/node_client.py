@@ -4,7 +4,8 @@
 lines, and always ends it (SIGINT, then SIGKILL after a timeout). `PolicyClient` is an rclpy node
 in its own context, spun by a SingleThreadedExecutor in a background thread: it publishes
 observations, collects actions, status, diagnostics and capsule events, and calls services and
-lifecycle transitions. Every wait has a deadline (flashrt_ros.waiting.wait_for); nothing sleeps a fixed time.
+lifecycle transitions. Every wait has a deadline (flashrt_ros.waiting.wait_for); nothing sleeps a
+fixed time.
 """
 from __future__ import annotations
 
