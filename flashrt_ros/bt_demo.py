@@ -101,7 +101,9 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         status = run_tree(tree, timeout_s=a.timeout)
         elapsed = time.monotonic() - t0
-        spin.check()        # a failed tree whose executor died: say so, not the timeouts
+        if spin.error is not None:      # a failed tree whose executor died: say so, not the timeouts
+            print(f"[bt-demo] the executor's spin thread died: {spin.error!r}", flush=True)
+            return 1
         bb = py_trees.blackboard.Blackboard
         scores, chosen = bb.get(SCORES_KEY), bb.get(CHOSEN_KEY)
         calls = list(bb.get(CALLS_KEY)) if bb.exists(CALLS_KEY) else []
