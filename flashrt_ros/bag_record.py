@@ -170,8 +170,13 @@ class BagRecorder:
                                           offered_qos_profiles=[_qos_to_bag(p.qos_profile)
                                                                 for p in pubs])
 
-        def on_message(raw: bytes, info=None):
-            stamp = (info or {}).get("received_timestamp") or time.time_ns()
+        # Two parameters, neither with a default: rclpy passes the MessageInfo only to a callback
+        # that cannot be called with the message alone. The stamp is the reception time in the
+        # DDS layer (as `ros2 bag record` stamps), not when this callback runs: an executor that
+        # wakes to several ready topics takes them in subscription order, so callback times can
+        # put an instruction after the observation that followed it.
+        def on_message(raw: bytes, info):
+            stamp = info.get("received_timestamp") or time.time_ns()
             self.writer.write(conn, stamp, raw)
             self.counts[role.role] += 1
             self.nbytes += len(raw)

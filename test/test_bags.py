@@ -584,6 +584,51 @@ def test_foreign_joint_state_bag_replays_into_a_node_with_joint_names(tmp_path, 
 
 
 @pytest.mark.ros
+@pytest.mark.ros
+def test_recorder_stamps_messages_when_they_arrive_not_when_it_takes_them(tmp_path):
+    """An instruction, then an observation, both delivered before the recorder spins: its executor
+    takes them in subscription order (observation first), but the bag must keep their order of
+    arrival, or a replay sends the instruction after that observation (seen in CI under load)."""
+    import rclpy
+    from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+    from std_msgs.msg import String
+
+    from flashrt_ros.bag_record import BagRecorder
+    from flashrt_ros.bag_replay import RecordedEpisode
+    from flashrt_ros.msg import Observation
+    target = f"/stamp_policy_{os.getpid()}"
+    contexts = [rclpy.Context(), rclpy.Context()]
+    for c in contexts:
+        rclpy.init(context=c)
+    try:
+        driver = rclpy.create_node(f"stamp_driver_{os.getpid()}", context=contexts[0])
+        qos = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
+        obs_pub = driver.create_publisher(Observation, f"{target}/observation", qos)
+        instr_pub = driver.create_publisher(String, f"{target}/instruction", qos)
+        lines = []
+        rec = BagRecorder(target, str(tmp_path / "bag"), "mcap", context=contexts[1],
+                          log=lines.append)
+        topics = {f"{target}/observation", f"{target}/instruction"}
+        wait_for(lambda: (rec.spin_once(0.05), topics <= set(rec._subs))[1], DISCOVERY_TIMEOUT_S,
+                 "the recorder to subscribe both topics")
+        wait_for(lambda: obs_pub.get_subscription_count() and instr_pub.get_subscription_count(),
+                 DISCOVERY_TIMEOUT_S, "the driver to match the recorder")
+        instr_pub.publish(String(data="first"))
+        assert instr_pub.wait_for_all_acked(rclpy.duration.Duration(seconds=DISCOVERY_TIMEOUT_S))
+        obs_pub.publish(Observation(state=[0.0] * 14))
+        assert obs_pub.wait_for_all_acked(rclpy.duration.Duration(seconds=DISCOVERY_TIMEOUT_S))
+        # both are in the recorder's readers now; only here does it take them
+        wait_for(lambda: (rec.spin_once(0.05), rec.counts["observation"] and
+                          rec.counts["instruction"])[1], STEP_TIMEOUT_S, "the recorder to take both")
+        rec.close()
+        ep = RecordedEpisode.open(tmp_path / "bag")
+        assert [it.index for it in ep.instructions] == [0], \
+            (ep.instructions[0].t_ns, ep.observations[0].t_ns, lines)
+    finally:
+        for c in contexts:
+            rclpy.try_shutdown(context=c)
+
+
 def test_player_takes_the_capsule_event_when_an_answer_is_lost(tmp_path):
     """The player re-issues a recorded snapshot; the answer never comes (as when rmw_fastrtps
     drops it), but the node's capsule event does: the replay goes on and counts the lost answer.
