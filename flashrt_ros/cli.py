@@ -22,6 +22,7 @@ import sys
 import time
 
 from flashrt_ros.events import reports
+from flashrt_ros.waiting import wait_for
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
@@ -52,6 +53,15 @@ class Client:
     def from_args(cls, args) -> "Client":
         return cls(args.node, args.timeout, args.discovery_timeout)
 
+    def spin_until(self, predicate, timeout: float) -> bool:
+        """Spin this node until `predicate()` holds (True) or `timeout` seconds passed (False)."""
+        try:
+            wait_for(predicate, timeout, "", interval=0.05,
+                     idle=lambda t: self.rclpy.spin_once(self.node, timeout_sec=t))
+            return True
+        except TimeoutError:
+            return False
+
     def call(self, srv_type, service: str, request, confirm: str | None = None):
         """Call a service and return its response.
 
@@ -78,9 +88,7 @@ class Client:
         if sub is not None:
             # the events are volatile: hear the node's publisher before calling (a node too old
             # to have one only costs this wait)
-            end = time.monotonic() + min(self.discovery_timeout, 5.0)
-            while sub.get_publisher_count() == 0 and time.monotonic() < end:
-                self.rclpy.spin_once(self.node, timeout_sec=0.02)
+            self.spin_until(sub.get_publisher_count, min(self.discovery_timeout, 5.0))
         self.rclpy.spin_once(self.node, timeout_sec=0)     # take events of earlier calls first
         seen = len(events)
         future = client.call_async(request)
@@ -101,10 +109,7 @@ class Client:
         self.node.create_subscription(msg_type, f"{self.target}/{topic}", got.append,
                                       QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE))
         wait_s = max(self.timeout, self.discovery_timeout)       # discovery, then the message
-        end = time.monotonic() + wait_s
-        while not got and time.monotonic() < end:
-            self.rclpy.spin_once(self.node, timeout_sec=0.1)
-        if not got:
+        if not self.spin_until(lambda: got, wait_s):
             raise SystemExit(f"flashrt-ros: nothing on {self.target}/{topic} within {wait_s:g} s")
         return got[0]
 
@@ -223,10 +228,7 @@ def _instruct(args) -> int:
     client = Client.from_args(args)
     try:
         pub = client.node.create_publisher(String, f"{client.target}/instruction", 10)
-        end = time.monotonic() + client.discovery_timeout
-        while pub.get_subscription_count() == 0 and time.monotonic() < end:
-            client.rclpy.spin_once(client.node, timeout_sec=0.05)
-        if pub.get_subscription_count() == 0:
+        if not client.spin_until(pub.get_subscription_count, client.discovery_timeout):
             raise SystemExit(f"flashrt-ros: nobody subscribes {client.target}/instruction")
         pub.publish(String(data=args.text))
         client.rclpy.spin_once(client.node, timeout_sec=0.2)
