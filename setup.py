@@ -127,8 +127,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "flashrt-ros = flashrt_ros.cli:main",
-            "flashrt_node = flashrt_ros.node:main",
+            "flashrt-ros = flashrt_ros.cli.main:main",
+            "flashrt_node = flashrt_ros.ros.node:main",
         ],
     },
     cmdclass={"build_interfaces": BuildInterfaces, "build_py": BuildPyWithInterfaces},

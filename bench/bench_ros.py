@@ -135,7 +135,7 @@ class Client:
 
     def __init__(self, target: str, name: str):
         import rclpy
-        from flashrt_ros.executors import SingleThreadedExecutor
+        from flashrt_ros.ros.executors import SingleThreadedExecutor
         from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
         from flashrt_ros.msg import ActionChunk, Observation, PolicyStatus
@@ -448,7 +448,7 @@ def nice_permitted(nice: int) -> bool:
 def environment(args) -> dict:
     from bench.common import environment as common_environment
     from bench.common import package_version
-    from flashrt_ros.runtime import resolve_device
+    from flashrt_ros.core.runtime import resolve_device
     env = common_environment(resolve_device(args.device))
     env.update(os=platform.platform(), rclpy=package_version("ros-rclpy"),
                rmw=os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp (default)"),
@@ -585,7 +585,7 @@ def main(argv=None) -> int:
             plot(json.load(f), os.path.splitext(args.plot_only)[0] + ".png")
         log(f"wrote {os.path.splitext(args.plot_only)[0]}.png")
         return 0
-    from flashrt_ros.config import load_preset
+    from flashrt_ros.core.config import load_preset
     obs_dim = load_preset(args.preset).obs_dim
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
     env = environment(args)

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 
-from .bag_replay import BagPlayer, RecordedEpisode, ReplayResult
+from flashrt_ros.bags.play import BagPlayer, RecordedEpisode, ReplayResult
 
 # what a lockstep replay needs, whatever the recorded node used: a step per observation, none
 # lost on the way or dropped as stale when a loaded CI machine delays a callback, and a status
@@ -51,7 +51,7 @@ def _nested(params: dict) -> dict:
 def node_parameters(recorded: dict | None, overrides: dict) -> dict:
     """The parameters a replay node starts with: recorded ones that differ from the defaults,
     then REPLAY_PARAMETERS, then `overrides`. Unknown names are refused (typos fail loudly)."""
-    from .node_config import parameter_table
+    from flashrt_ros.ros.params import parameter_table
     table = {name: default for name, default, *_ in parameter_table()}
     unknown = sorted(set(overrides) - set(table))
     if unknown:
@@ -91,7 +91,7 @@ class PolicyNodeProcess:
         path = os.path.join(self._dir.name, "params.yaml")
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump({"/**": {"ros__parameters": _nested(self.params)}}, f)
-        cmd = [sys.executable, "-m", "flashrt_ros.node", "--ros-args", "-r",
+        cmd = [sys.executable, "-m", "flashrt_ros.ros.node", "--ros-args", "-r",
                f"__node:={self.name}", "--params-file", path]
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
@@ -111,7 +111,7 @@ class PolicyNodeProcess:
         import rclpy
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
-        from flashrt_ros.executors import SingleThreadedExecutor
+        from flashrt_ros.ros.executors import SingleThreadedExecutor
         from flashrt_ros.msg import PolicyStatus
         t0 = time.monotonic()
         context = rclpy.Context()

@@ -4,7 +4,7 @@
 lines, and always ends it (SIGINT, then SIGKILL after a timeout). `PolicyClient` is an rclpy node
 in its own context, spun by a SingleThreadedExecutor in a background thread: it publishes
 observations, collects actions, status, diagnostics and capsule events, and calls services and
-lifecycle transitions. Every wait has a deadline (flashrt_ros.waiting.wait_for); nothing sleeps a
+lifecycle transitions. Every wait has a deadline (flashrt_ros.ros.waiting.wait_for); nothing sleeps a
 fixed time.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from flashrt_ros.waiting import wait_for
+from flashrt_ros.ros.waiting import wait_for
 
 STARTUP_TIMEOUT_S = 60     # imports torch and rclpy, warms up; slow on a busy 2-core machine
 DISCOVERY_TIMEOUT_S = 15
@@ -107,7 +107,7 @@ class PolicyClient:
 
     def __init__(self, target: str = "/flashrt_policy", name: str = "policy_test_client"):
         import rclpy
-        from flashrt_ros.executors import SingleThreadedExecutor
+        from flashrt_ros.ros.executors import SingleThreadedExecutor
         from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
         from diagnostic_msgs.msg import DiagnosticArray

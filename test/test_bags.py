@@ -9,7 +9,7 @@ Layers here:
     fresh node process and every action must match the recorded one (payload bytes, step,
     episode, lineage); a bag laid out as `ros2 bag record` writes it (tools/make_joint_state_bag.py)
     replays JointState into a node started with `joint_names`.
-Every wait has a deadline (flashrt_ros.waiting: wait_for / spin_until); no fixed sleeps.
+Every wait has a deadline (flashrt_ros.ros.waiting: wait_for / spin_until); no fixed sleeps.
 """
 import json
 import os
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flashrt_ros.waiting import spin_until, wait_for
+from flashrt_ros.ros.waiting import spin_until, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_JOINT_STATE_BAG = ROOT / "tools" / "make_joint_state_bag.py"
@@ -41,7 +41,7 @@ JOINTS = [f"joint_{i + 1}" for i in range(7)]     # tiny preset: obs_dim 14 = 7 
 # -- no ROS ----------------------------------------------------------------------------------
 def test_typestore_types_hash_like_rosidl():
     """Our .msg files registered in rosbags give the type hashes rosidl generated (.json files)."""
-    from flashrt_ros.bag_types import msg_dir, typestore
+    from flashrt_ros.bags.types import msg_dir, typestore
     store = typestore()
     jsons = sorted(msg_dir().glob("*.json"))
     if not jsons:
@@ -53,8 +53,8 @@ def test_typestore_types_hash_like_rosidl():
 
 
 def test_compare_actions_sees_one_ulp():
-    from flashrt_ros.bag_replay import compare_actions
-    from flashrt_ros.bag_types import typestore
+    from flashrt_ros.bags.play import compare_actions
+    from flashrt_ros.bags.types import typestore
     cls = typestore().types["flashrt_ros/msg/ActionChunk"]
     time_cls = typestore().types["builtin_interfaces/msg/Time"]
     header_cls = typestore().types["std_msgs/msg/Header"]
@@ -84,7 +84,7 @@ def _make_foreign_bag(path: Path, *args) -> Path:
 def _write_bag(path: Path, topics, storage="mcap"):
     """A small bag written by rosbags: topics = [(name, msgtype, [message objects])]."""
     from rosbags.rosbag2 import StoragePlugin, Writer
-    from flashrt_ros.bag_types import typestore
+    from flashrt_ros.bags.types import typestore
     store = typestore()
     plugin = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[storage]
     with Writer(path, version=9, storage_plugin=plugin) as w:
@@ -98,12 +98,12 @@ def _write_bag(path: Path, topics, storage="mcap"):
 
 
 def _string(text):
-    from flashrt_ros.bag_types import typestore
+    from flashrt_ros.bags.types import typestore
     return typestore().types["std_msgs/msg/String"](data=text)
 
 
 def _observation(k):
-    from flashrt_ros.bag_types import typestore
+    from flashrt_ros.bags.types import typestore
     t = typestore().types
     return t["flashrt_ros/msg/Observation"](
         header=t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](1, k), frame_id=""),
@@ -161,8 +161,8 @@ BAD_BAGS = {  # kind -> phrases the error must contain (what was expected / foun
 
 @pytest.mark.parametrize("kind", sorted(BAD_BAGS))
 def test_bad_bag_is_a_clear_error(kind, tmp_path):
-    from flashrt_ros.bag_replay import RecordedEpisode
-    from flashrt_ros.bag_types import BagError
+    from flashrt_ros.bags.play import RecordedEpisode
+    from flashrt_ros.bags.types import BagError
     bag = _bad_bag(kind, tmp_path)
     with pytest.raises(BagError) as err:
         RecordedEpisode.open(bag)
@@ -198,8 +198,8 @@ def test_capsule_event_flags_replay_from_fields_and_from_bags_of_the_older_defin
     from rosbags.rosbag2 import Writer
     from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
-    from flashrt_ros.bag_replay import RecordedEpisode, capsule_request
-    from flashrt_ros.bag_types import msg_dir, typestore
+    from flashrt_ros.bags.play import RecordedEpisode, capsule_request
+    from flashrt_ros.bags.types import msg_dir, typestore
 
     # the new definition: pin (which no message text shows) and switch_to from the fields
     new = _write_bag(tmp_path / "new", [
@@ -241,7 +241,7 @@ def test_capsule_event_flags_replay_from_fields_and_from_bags_of_the_older_defin
 
 
 def test_foreign_bag_reads_as_ros2_bag_record_lays_it_out(tmp_path):
-    from flashrt_ros.bag_replay import RecordedEpisode
+    from flashrt_ros.bags.play import RecordedEpisode
     bag = _make_foreign_bag(tmp_path / "rosbag2_2025_01_01-00_00_00")
     assert sorted(p.name for p in bag.iterdir()) == ["metadata.yaml",
                                                      "rosbag2_2025_01_01-00_00_00_0.mcap"]
@@ -315,7 +315,7 @@ class EpisodeDriver:
 
     def __init__(self, target):
         import rclpy
-        from flashrt_ros.executors import SingleThreadedExecutor
+        from flashrt_ros.ros.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
         from std_msgs.msg import String
 
@@ -465,7 +465,7 @@ def recorded(tmp_path_factory, ros_env):
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
 def test_recorded_bag_holds_the_episode(recorded, storage):
     import yaml
-    from flashrt_ros.bag_replay import RecordedEpisode
+    from flashrt_ros.bags.play import RecordedEpisode
     bag = recorded[storage]
     meta = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
     assert meta["version"] == 9 and meta["storage_identifier"] == storage
@@ -496,7 +496,7 @@ def test_recorded_bag_holds_the_episode(recorded, storage):
 @pytest.mark.slow
 def test_recorder_stores_the_node_parameters(recorded):
     """The node's parameters ride along in custom_data, for a replay that configures a node alike."""
-    from flashrt_ros.bag_replay import RecordedEpisode
+    from flashrt_ros.bags.play import RecordedEpisode
     output = "".join(recorded["recorder_output"][0])
     ep = RecordedEpisode.open(recorded["mcap"])
     assert ep.parameters is not None, "no parameters in the bag; the recorder said:\n" + output
@@ -509,7 +509,7 @@ def test_recorder_stores_the_node_parameters(recorded):
 def test_replay_into_a_fresh_node_is_byte_identical(recorded, ros_env, tmp_path):
     """The MCAP bag, replayed in lockstep into a new node process, gives every action again."""
     import rclpy
-    from flashrt_ros.bag_replay import BagPlayer, RecordedEpisode
+    from flashrt_ros.bags.play import BagPlayer, RecordedEpisode
     from flashrt_ros.testing import PolicyNodeProcess
     episode = RecordedEpisode.open(recorded["mcap"])
     params = dict(recorded["params"], **{"store.capsule_dir": str(tmp_path / "capsules")})
@@ -593,8 +593,8 @@ def test_recorder_stamps_messages_when_they_arrive_not_when_it_takes_them(tmp_pa
     from rclpy.qos import QoSProfile, QoSReliabilityPolicy
     from std_msgs.msg import String
 
-    from flashrt_ros.bag_record import BagRecorder
-    from flashrt_ros.bag_replay import RecordedEpisode
+    from flashrt_ros.bags.record import BagRecorder
+    from flashrt_ros.bags.play import RecordedEpisode
     from flashrt_ros.msg import Observation
     target = f"/stamp_policy_{os.getpid()}"
     contexts = [rclpy.Context(), rclpy.Context()]
@@ -638,11 +638,11 @@ def test_player_takes_the_capsule_event_when_an_answer_is_lost(tmp_path):
     provoked in a real node on demand."""
     import rclpy
     from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-    from flashrt_ros.executors import MultiThreadedExecutor
+    from flashrt_ros.ros.executors import MultiThreadedExecutor
     from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
-    from flashrt_ros.bag_replay import BagPlayer, RecordedEpisode
-    from flashrt_ros.bag_types import typestore
+    from flashrt_ros.bags.play import BagPlayer, RecordedEpisode
+    from flashrt_ros.bags.types import typestore
     from flashrt_ros.msg import ActionChunk, CapsuleEvent, Observation, PolicyStatus
     from flashrt_ros.srv import Snapshot
 

@@ -10,7 +10,7 @@ Layers:
   * both example trees against the node process, with the simulated robot in this process;
   * `flashrt-ros bt-demo` in a subprocess (its policy node in-process there) writes its plot;
   * docs/bt/flashrt_capsules.xml declares the same request fields as the srv types.
-Waits poll with deadlines (flashrt_ros.waiting.wait_for); nothing sleeps a fixed time.
+Waits poll with deadlines (flashrt_ros.ros.waiting.wait_for); nothing sleeps a fixed time.
 """
 import functools
 import os
@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from flashrt_ros.waiting import wait_for
+from flashrt_ros.ros.waiting import wait_for
 
 pytestmark = pytest.mark.ros
 
@@ -40,7 +40,7 @@ def policy_node(ros_env, tmp_path_factory, ros):
     from flashrt_ros.msg import PolicyStatus
     name = "bt_policy_%d" % os.getpid()
     exe = os.path.join(os.path.dirname(sys.executable), "flashrt_node")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "flashrt_ros.node"]
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "flashrt_ros.ros.node"]
     cmd += ["--ros-args", "-r", "__node:=" + name, "-p", "managed:=false",
             "-p", "control_mode:=observation", "-p", "observation_qos:=reliable",
             "-p", "runtime.device:=cpu", "-p", "status_rate_hz:=20.0",
@@ -80,7 +80,7 @@ class Ros:
 
     def __init__(self):
         import rclpy
-        from flashrt_ros.executors import MultiThreadedExecutor, SpinThread
+        from flashrt_ros.ros.executors import MultiThreadedExecutor, SpinThread
         # SimRobotNode takes no context argument, so this module uses the default context
         rclpy.init()
         self.node = rclpy.create_node("bt_test_%d" % os.getpid())
@@ -123,7 +123,7 @@ class ScriptedServices:
     def __init__(self, namespace):
         import rclpy
         from rclpy.callback_groups import ReentrantCallbackGroup
-        from flashrt_ros.executors import MultiThreadedExecutor
+        from flashrt_ros.ros.executors import MultiThreadedExecutor
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
         from flashrt_ros.msg import CapsuleEvent, CapsuleInfo, PolicyStatus
@@ -216,7 +216,7 @@ def executor_alive(request):
 @functools.cache
 def service_behaviours():
     """{class name: class} of the service behaviours (imported late: `ros` tests may be skipped)."""
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     return {c.__name__: c for c in (b.Snapshot, b.Restore, b.Fork, b.Rollback, b.Reset,
                                     b.SaveCapsule, b.LoadCapsule, b.DeleteCapsule, b.CapsulePresent)}
 
@@ -258,7 +258,7 @@ def bb_has(key):
 
 
 def calls():
-    from flashrt_ros.behaviours import CALLS_KEY
+    from flashrt_ros.bt.behaviours import CALLS_KEY
     return list(bb(CALLS_KEY))
 
 
@@ -269,9 +269,9 @@ KINDS = ["Snapshot", "Restore", "Fork", "Rollback", "Reset", "SaveCapsule", "Loa
 # -- each behaviour against the live node -------------------------------------------------
 def _sim(ros, policy, seed=0):
     """A lockstep SimRobotNode on the test's executor, wrapped in a SimWorld."""
-    from flashrt_ros.config import load_preset
-    from flashrt_ros.sim_robot import SimRobotNode
-    from flashrt_ros.trees import SimWorld
+    from flashrt_ros.core.config import load_preset
+    from flashrt_ros.sim.robot import SimRobotNode
+    from flashrt_ros.bt.trees import SimWorld
     cfg = load_preset("tiny")
     robot = SimRobotNode(policy, cfg.obs_dim, cfg.action_dim, 100.0, lockstep=True, seed=seed)
     world = SimWorld(robot, seed=seed)
@@ -295,8 +295,8 @@ def world(ros, policy_node):
 def test_each_behaviour_succeeds_against_the_node(ros, policy_node, world):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
-    from flashrt_ros.trees import RunSimSteps
+    from flashrt_ros.bt import behaviours as b
+    from flashrt_ros.bt.trees import RunSimSteps
     p = dict(policy=policy_node)
     node = ros.node
     assert run(b.Reset(keep_context=True, **p), node) == Status.SUCCESS
@@ -339,7 +339,7 @@ REFUSALS = {  # behaviour -> (request the node refuses, words its message must c
 def test_node_refusal_fails_with_the_reason_on_the_blackboard(kind, ros, policy_node):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     request, words = REFUSALS[kind]
     behaviour = service_behaviours()[kind](label="under test", policy=policy_node, **request)
     assert run(behaviour, ros.node) == Status.FAILURE
@@ -353,7 +353,7 @@ def test_node_refusal_fails_with_the_reason_on_the_blackboard(kind, ros, policy_
 def test_refused_answer_is_failure(kind, ros, scripted):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     scripted.settle()
     scripted.mode = "refuse"
     behaviour = make(kind, scripted.namespace)
@@ -366,7 +366,7 @@ def test_refused_answer_is_failure(kind, ros, scripted):
 def test_no_answer_times_out(kind, ros, scripted):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     scripted.settle()
     scripted.mode = "hold"
     behaviour = make(kind, scripted.namespace, timeout_s=SHORT_S)
@@ -384,7 +384,7 @@ def test_lost_answer_confirmed_by_a_capsule_event_is_success(kind, ros, scripted
     # rmw_fastrtps can drop an answer the node sent; the node's capsule event stands in for it
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     scripted.settle()
     scripted.mode = "hold-event"
     # long enough for the event to arrive on a busy machine: the answer never does anyway
@@ -405,7 +405,7 @@ def test_lost_answer_confirmed_by_a_capsule_event_is_success(kind, ros, scripted
 def test_an_event_for_another_capsule_does_not_confirm(kind, ros, scripted):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     scripted.settle()
     scripted.mode, scripted.event_name = "hold-event", "some-other-capsule"
     behaviour = make(kind, scripted.namespace, timeout_s=SHORT_S)
@@ -421,7 +421,7 @@ def test_an_event_for_another_capsule_does_not_confirm(kind, ros, scripted):
 def test_unserved_service_is_unreachable(kind, ros):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     behaviour = make(kind, "/nobody_serves_this_%d" % os.getpid(), wait_s=SHORT_S)
     assert run(behaviour, ros.node) == Status.FAILURE
     assert ": unreachable: no service /nobody_serves_this_" in bb(b.ERROR_KEY)
@@ -457,7 +457,7 @@ def test_halt_mid_call_then_a_fresh_run_ignores_the_stale_answer(kind, ros, scri
 def test_halt_while_waiting_for_the_service_leaves_nothing_pending(ros):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     behaviour = b.Restore(name="x", policy="/nobody_serves_this_%d" % os.getpid())
     behaviour.setup(node=ros.node)
     behaviour.tick_once()
@@ -471,7 +471,7 @@ def test_request_fields_from_the_blackboard(ros, scripted):
     import py_trees
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     scripted.settle()
     writer = py_trees.blackboard.Client(name="test")
     writer.register_key("/t/which", access=py_trees.common.Access.WRITE)
@@ -482,14 +482,14 @@ def test_request_fields_from_the_blackboard(ros, scripted):
 
 
 def test_unknown_request_field_is_refused_at_construction():
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     with pytest.raises(ValueError, match=r"unknown request field\(s\) \['nmae'\]; "
                                          r"a Restore request has \['name'\]"):
         b.Restore(nmae="home")
 
 
 def test_setup_without_a_node_says_what_it_expected():
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     with pytest.raises(KeyError, match="expected node=<rclpy node>"):
         b.Reset().setup()
 
@@ -498,8 +498,8 @@ def test_setup_without_a_node_says_what_it_expected():
 def test_step_reached_follows_the_node(ros, policy_node, world):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
-    from flashrt_ros.trees import RunSimSteps
+    from flashrt_ros.bt import behaviours as b
+    from flashrt_ros.bt.trees import RunSimSteps
     assert run(b.Reset(keep_context=True, policy=policy_node), ros.node) == Status.SUCCESS
     start = b.StepReached(0, policy=policy_node)       # subscribed after the reset: sees its step
     assert run(start, ros.node) == Status.SUCCESS
@@ -513,7 +513,7 @@ def test_step_reached_follows_the_node(ros, policy_node, world):
 def test_deadline_healthy_counts_misses_since_its_first_status(ros, scripted):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     from flashrt_ros.msg import PolicyStatus
     healthy = b.DeadlineHealthy(2, policy=scripted.namespace)
     healthy.setup(node=ros.node)
@@ -539,7 +539,7 @@ def test_deadline_healthy_counts_misses_since_its_first_status(ros, scripted):
 def test_conditions_without_status_fail_after_their_timeout(ros):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     cond = b.StepReached(1, policy="/nobody_publishes_%d" % os.getpid(), status_timeout_s=SHORT_S)
     assert run(cond, ros.node) == Status.FAILURE
     assert "no status: no message on /nobody_publishes_" in bb(b.ERROR_KEY)
@@ -557,8 +557,8 @@ def test_episode_recovers_by_rollback_after_a_failure_signal(ros, policy_node, w
     import py_trees
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
-    from flashrt_ros.trees import ATTEMPTS_KEY, FAILURE_SIGNAL_KEY, episode_with_recovery, run_tree
+    from flashrt_ros.bt import behaviours as b
+    from flashrt_ros.bt.trees import ATTEMPTS_KEY, FAILURE_SIGNAL_KEY, episode_with_recovery, run_tree
     steps, k = 30, 5
     tree = _tree(episode_with_recovery(world, policy=policy_node, episode_steps=steps, rollback_k=k,
                                        max_retries=2, max_deadline_misses=10**9), ros)
@@ -591,8 +591,8 @@ def test_episode_recovers_by_rollback_after_a_failure_signal(ros, policy_node, w
 def test_episode_gives_up_after_its_retries(ros, policy_node, world):
     from py_trees.common import Status
 
-    from flashrt_ros.behaviours import ERROR_KEY
-    from flashrt_ros.trees import ATTEMPTS_KEY, episode_with_recovery, run_tree
+    from flashrt_ros.bt.behaviours import ERROR_KEY
+    from flashrt_ros.bt.trees import ATTEMPTS_KEY, episode_with_recovery, run_tree
     tree = _tree(episode_with_recovery(world, policy=policy_node, episode_steps=20, max_retries=2,
                                        error_threshold=0.0), ros)     # always failing
     try:
@@ -609,8 +609,8 @@ def test_episode_gives_up_after_its_retries(ros, policy_node, world):
 def test_branch_and_choose_against_the_node_process(ros, policy_node, world):
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
-    from flashrt_ros.trees import CHOSEN_KEY, SCORES_KEY, branch_and_choose, run_tree
+    from flashrt_ros.bt import behaviours as b
+    from flashrt_ros.bt.trees import CHOSEN_KEY, SCORES_KEY, branch_and_choose, run_tree
     n, m, d, warmup = 3, 5, 2, 4
     tree = _tree(branch_and_choose(world, policy=policy_node, branches=n, steps=m, decisions=d,
                                    warmup=warmup, explore=0.8), ros)
@@ -642,8 +642,8 @@ def test_branches_without_exploration_replay_exactly(ros, policy_node, world):
     """Restoring a fork (policy over DDS, world on the tree side) replays the same future bit for bit."""
     from py_trees.common import Status
 
-    from flashrt_ros import behaviours as b
-    from flashrt_ros.trees import SCORES_KEY, branch_and_choose, run_tree
+    from flashrt_ros.bt import behaviours as b
+    from flashrt_ros.bt.trees import SCORES_KEY, branch_and_choose, run_tree
     tree = _tree(branch_and_choose(world, policy=policy_node, branches=3, steps=6, decisions=1,
                                    warmup=3, explore=0.0), ros)
     try:

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from flashrt_ros.capsule_file import capsule_path
-from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset
-from flashrt_ros.exceptions import (BudgetExceeded, CapsuleCorrupt, CapsuleExists, CapsuleMismatch,
+from flashrt_ros.capsules.file import capsule_path
+from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
+from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleCorrupt, CapsuleExists, CapsuleMismatch,
                                     CapsuleNotFound, InputError)
-from flashrt_ros.runtime import PolicyRuntime
-from flashrt_ros.store import CapsuleStore
+from flashrt_ros.core.runtime import PolicyRuntime
+from flashrt_ros.capsules.store import CapsuleStore
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from flashrt_ros.waiting import wait_for
+from flashrt_ros.ros.waiting import wait_for
 from node_client import executable
 
 pytestmark = pytest.mark.ros
@@ -25,7 +25,7 @@ DISCOVERY_S = 60            # how long it may wait for the stand-in's service (a
 @pytest.fixture
 def stand_in():
     import rclpy
-    from flashrt_ros.executors import MultiThreadedExecutor
+    from flashrt_ros.ros.executors import MultiThreadedExecutor
     from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
     from flashrt_ros.msg import CapsuleEvent

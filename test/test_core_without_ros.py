@@ -13,9 +13,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE_MODULES = ("flashrt_ros.config", "flashrt_ros.arena", "flashrt_ros.model", "flashrt_ros.runtime",
-                "flashrt_ros.capsule", "flashrt_ros.store", "flashrt_ros.waiting",
-                "flashrt_ros.events")
+CORE_MODULES = ("flashrt_ros.core.config", "flashrt_ros.core.arena", "flashrt_ros.core.model", "flashrt_ros.core.runtime",
+                "flashrt_ros.capsules.capsule", "flashrt_ros.capsules.store", "flashrt_ros.ros.waiting",
+                "flashrt_ros.ros.events")
 
 IMPORT_WITHOUT_ROS = r"""
 import importlib, importlib.abc, json, sys, traceback
@@ -28,7 +28,7 @@ def is_ros(name):
     top = name.split(".")[0]
     return (top in ROS_TOP_LEVEL or top.startswith(("rosidl", "rmw", "rcl"))
             or top.endswith(("_msgs", "_srvs", "_interfaces"))
-            or name.startswith(("flashrt_ros.msg", "flashrt_ros.srv", "flashrt_ros.node")))
+            or name.startswith(("flashrt_ros.msg", "flashrt_ros.srv", "flashrt_ros.ros.node")))
 
 class RefuseROS(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):

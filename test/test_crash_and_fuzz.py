@@ -22,17 +22,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashrt_ros.capsule_file import SUFFIX, capsule_path, read_capsule
-from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset
-from flashrt_ros.exceptions import FlashRTError
-from flashrt_ros.runtime import PolicyRuntime
-from flashrt_ros.store import CapsuleStore
+from flashrt_ros.capsules.file import SUFFIX, capsule_path, read_capsule
+from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
+from flashrt_ros.core.exceptions import FlashRTError
+from flashrt_ros.core.runtime import PolicyRuntime
+from flashrt_ros.capsules.store import CapsuleStore
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset
-    from flashrt_ros.runtime import PolicyRuntime
-    from flashrt_ros.store import CapsuleStore
+    from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
+    from flashrt_ros.core.runtime import PolicyRuntime
+    from flashrt_ros.capsules.store import CapsuleStore
     rt = PolicyRuntime(load_preset("tiny"), RuntimeConfig(device="cpu"))
     rt.set_instruction("crash test")
     store = CapsuleStore(rt, StoreConfig(capsule_dir=sys.argv[1]))

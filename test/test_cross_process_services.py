@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from flashrt_ros.waiting import spin_until, wait_for
+from flashrt_ros.ros.waiting import spin_until, wait_for
 
 pytestmark = pytest.mark.ros
 
@@ -69,7 +69,7 @@ def echo_server(ros_env):
 def client_node():
     """A node in its own rclpy context with a single-threaded executor (the test drives spinning)."""
     import rclpy
-    from flashrt_ros.executors import SingleThreadedExecutor
+    from flashrt_ros.ros.executors import SingleThreadedExecutor
 
     context = rclpy.Context()
     rclpy.init(context=context)

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from flashrt_ros.waiting import wait_for
+from flashrt_ros.ros.waiting import wait_for
 
 pytestmark = pytest.mark.ros
 
@@ -26,7 +26,7 @@ class Spinning:
 
     def __init__(self, executor_cls, **kwargs):
         import rclpy
-        from flashrt_ros.executors import SpinThread
+        from flashrt_ros.ros.executors import SpinThread
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node("executor_test_%s" % uuid.uuid4().hex[:8], context=self.context)
@@ -79,7 +79,7 @@ class Spinning:
 
 @pytest.fixture(params=["SingleThreadedExecutor", "MultiThreadedExecutor", "PolicyExecutor"])
 def spinning(request):
-    from flashrt_ros import executors
+    from flashrt_ros.ros import executors
     kwargs = {} if request.param == "SingleThreadedExecutor" else {"num_threads": 2}
     s = Spinning(getattr(executors, request.param), **kwargs)
     yield s
@@ -107,7 +107,7 @@ def rclpy_spinning():
 def test_behaviours_set_up_and_shut_down_under_rclpy_executor(rclpy_spinning):
     """The behaviours' subscriptions carry no event handlers, so a tree's setup/shutdown cycle
     cannot kill an application's executor, whichever executor it uses."""
-    from flashrt_ros import behaviours as b
+    from flashrt_ros.bt import behaviours as b
     node = rclpy_spinning.node
 
     def create():

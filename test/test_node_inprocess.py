@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from flashrt_ros.waiting import wait_for
+from flashrt_ros.ros.waiting import wait_for
 from node_client import PolicyClient, chunk_bytes, observations
 
 pytestmark = pytest.mark.ros
@@ -34,8 +34,8 @@ class InProcessNode:
     def __init__(self, context, namespace, **params):
         from rclpy.parameter import Parameter
 
-        from flashrt_ros.executors import PolicyExecutor
-        from flashrt_ros.node import PolicyNode
+        from flashrt_ros.ros.executors import PolicyExecutor
+        from flashrt_ros.ros.node import PolicyNode
         overrides = [Parameter(k, value=v) for k, v in params.items()]
         self.node = PolicyNode(context=context, namespace=namespace, parameter_overrides=overrides)
         self.executor = PolicyExecutor(num_threads=4, context=context)
@@ -100,7 +100,7 @@ def test_lifecycle_transitions_through_the_services(make_node):
 def test_parameters_are_declared_from_the_table(make_node):
     from rcl_interfaces.srv import DescribeParameters, ListParameters
 
-    from flashrt_ros.node_config import parameter_table
+    from flashrt_ros.ros.params import parameter_table
     n = make_node()
     table = {name: (default, help_text, fixed) for name, default, help_text, fixed, _ in parameter_table()}
     listed = n.client.call(ListParameters, "list_parameters").result.names
@@ -235,7 +235,7 @@ def test_policy_executor_does_not_spin_while_a_callback_waits_to_start(ros_conte
     from rclpy.qos import QoSProfile, QoSReliabilityPolicy
     from std_msgs.msg import Float64
 
-    from flashrt_ros.executors import PolicyExecutor
+    from flashrt_ros.ros.executors import PolicyExecutor
     node = rclpy.create_node(f"executor_probe_{os.getpid()}", context=ros_context)
     executor = PolicyExecutor(num_threads=4, context=ros_context)
     executor.add_node(node)
@@ -269,7 +269,7 @@ def test_policy_executor_does_not_spin_while_a_callback_waits_to_start(ros_conte
 
 # -- without ROS traffic -------------------------------------------------------------------
 def test_deadline_monitor_counts_late_commits_and_skipped_ticks():
-    from flashrt_ros.node import DeadlineMonitor
+    from flashrt_ros.ros.node import DeadlineMonitor
     ms = 1_000_000
     dl = DeadlineMonitor(period_ns=10 * ms, deadline_ns=10 * ms)
     dl.start(0)
@@ -288,7 +288,7 @@ def test_deadline_monitor_counts_late_commits_and_skipped_ticks():
 
 
 def test_boundary_lock_lets_a_waiting_call_go_before_the_next_step():
-    from flashrt_ros.node import BoundaryLock
+    from flashrt_ros.ros.node import BoundaryLock
     lock = BoundaryLock()
     order = []
     in_step, call_waiting = threading.Event(), threading.Event()
@@ -322,9 +322,9 @@ def test_boundary_lock_lets_a_waiting_call_go_before_the_next_step():
 def test_warm_up_leaves_the_state_byte_identical():
     import torch
 
-    from flashrt_ros.config import TINY, RuntimeConfig
-    from flashrt_ros.node import warm_up
-    from flashrt_ros.runtime import PolicyRuntime
+    from flashrt_ros.core.config import TINY, RuntimeConfig
+    from flashrt_ros.ros.node import warm_up
+    from flashrt_ros.core.runtime import PolicyRuntime
     for instruction in ("pick up the red cube", ""):
         fresh = PolicyRuntime(TINY, RuntimeConfig(device="cpu"))
         warmed = PolicyRuntime(TINY, RuntimeConfig(device="cpu"))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from flashrt_ros.waiting import wait_for
+from flashrt_ros.ros.waiting import wait_for
 from node_client import (NodeProcess, PolicyClient, chunk_bytes, executable, node_command,
                          observations)
 
@@ -84,8 +84,8 @@ def reference_actions(states) -> list:
     """Action bytes of a runtime built here (no warm-up, as many CPU threads as the node)."""
     import torch
 
-    from flashrt_ros.config import TINY, RuntimeConfig
-    from flashrt_ros.runtime import PolicyRuntime
+    from flashrt_ros.core.config import TINY, RuntimeConfig
+    from flashrt_ros.core.runtime import PolicyRuntime
     torch.set_num_threads(1)
     rt = PolicyRuntime(TINY, RuntimeConfig(device="cpu"))
     rt.set_instruction(INSTRUCTION)

@@ -23,13 +23,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import test_capsules as flat_tests
-from flashrt_ros import paged
-from flashrt_ros.arena import META_CONTEXT_LEN, META_EPISODE, META_POSITION, META_STEP
-from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset
-from flashrt_ros.exceptions import BudgetExceeded
-from flashrt_ros.paged import PagedCapsuleStore, auto_block_tokens
-from flashrt_ros.runtime import PolicyRuntime
-from flashrt_ros.store import CapsuleStore, make_store
+from flashrt_ros.capsules import paged
+from flashrt_ros.core.arena import META_CONTEXT_LEN, META_EPISODE, META_POSITION, META_STEP
+from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
+from flashrt_ros.core.exceptions import BudgetExceeded
+from flashrt_ros.capsules.paged import PagedCapsuleStore, auto_block_tokens
+from flashrt_ros.core.runtime import PolicyRuntime
+from flashrt_ros.capsules.store import CapsuleStore, make_store
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 INSTRUCTION = "stack the blue block on the red one"
@@ -148,7 +148,7 @@ def test_make_store_and_block_size_choice(tmp_path):
     assert pinned.block_tokens == 32
 
 
-@pytest.mark.parametrize("module", ["flashrt_ros.blocks", "flashrt_ros.paged"])
+@pytest.mark.parametrize("module", ["flashrt_ros.capsules.blocks", "flashrt_ros.capsules.paged"])
 def test_paged_modules_import_without_ros(module):
     import test_core_without_ros
     test_core_without_ros.test_core_module_imports_without_ros(module)

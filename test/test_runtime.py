@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from flashrt_ros.arena import META_EPISODE, META_POSITION, META_RNG_COUNTER, META_STEP
-from flashrt_ros.config import ModelConfig, RuntimeConfig, from_dict, load_preset
-from flashrt_ros.exceptions import ConfigError, InputError, RollbackUnavailable
-from flashrt_ros.runtime import PolicyRuntime, resolve_device
+from flashrt_ros.core.arena import META_EPISODE, META_POSITION, META_RNG_COUNTER, META_STEP
+from flashrt_ros.core.config import ModelConfig, RuntimeConfig, from_dict, load_preset
+from flashrt_ros.core.exceptions import ConfigError, InputError, RollbackUnavailable
+from flashrt_ros.core.runtime import PolicyRuntime, resolve_device
 
 INSTRUCTION = "pick up the red cup and put it on the tray"
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from flashrt_ros import kernels
-from flashrt_ros.arena import META_EPISODE
-from flashrt_ros.config import RuntimeConfig, StoreConfig, load_preset
-from flashrt_ros.paged import PagedCapsuleStore
-from flashrt_ros.runtime import PolicyRuntime
-from flashrt_ros.store import CapsuleStore
+from flashrt_ros.core import kernels
+from flashrt_ros.core.arena import META_EPISODE
+from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
+from flashrt_ros.capsules.paged import PagedCapsuleStore
+from flashrt_ros.core.runtime import PolicyRuntime
+from flashrt_ros.capsules.store import CapsuleStore
 
 pytestmark = pytest.mark.gpu
 
@@ -228,7 +228,7 @@ def _kernel_inputs(T, H, K, seed):
 def test_fla_kernels_match_reference(T, H, K):
     if not kernels.fla_available():
         pytest.fail("fla does not import on this CUDA machine; install the flash-linear-attention "
-                    "wheels (see the module docstring of flashrt_ros.kernels)")
+                    "wheels (see the module docstring of flashrt_ros.core.kernels)")
     q, k, v, a, b, A_log, dt_bias, state = _kernel_inputs(T, H, K, seed=T + H)
     qn, kn, g, beta = kernels.gate_reference(q, k, a, b, A_log, dt_bias)
     scale = K ** -0.5

@@ -23,7 +23,7 @@ def node(tmp_path_factory):
     import rclpy
     from rclpy.parameter import Parameter
 
-    from flashrt_ros.node import PolicyNode
+    from flashrt_ros.ros.node import PolicyNode
     context = rclpy.Context()
     rclpy.init(context=context)
     params = {"managed": True, "runtime.device": "cpu", "instruction": "fuzz the services",

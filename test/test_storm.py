@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from flashrt_ros.waiting import wait_for
+from flashrt_ros.ros.waiting import wait_for
 from node_client import PolicyClient, NodeProcess, node_command, observations
 
 HERE = os.path.dirname(os.path.abspath(__file__))

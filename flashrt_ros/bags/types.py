@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .exceptions import FlashRTError
+from flashrt_ros.core.exceptions import FlashRTError
 
 PACKAGE = "flashrt_ros"
 
@@ -60,7 +60,7 @@ TOPIC_ROLES = (
 ROLES = {r.role: r for r in TOPIC_ROLES}
 
 # custom_data keys in metadata.yaml written by `flashrt-ros record`
-META_NODE = "flashrt_ros.node"
+META_NODE = "flashrt_ros.ros.node"
 META_PARAMETERS = "flashrt_ros.node_parameters"
 META_RECORDER = "flashrt_ros.recorder"
 
@@ -85,7 +85,7 @@ def msg_dir() -> Path:
     except ImportError:
         pass
     candidates.append(Path(sys.prefix) / "share" / PACKAGE / "msg")      # pip route: no ament env
-    candidates.append(Path(__file__).resolve().parent.parent / "msg")     # source checkout
+    candidates.append(Path(__file__).resolve().parents[2] / "msg")     # source checkout
     for d in candidates:
         if d.is_dir() and any(d.glob("*.msg")):
             return d

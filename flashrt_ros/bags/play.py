@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bag_types import (META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows, store_for,
+from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows, store_for,
                         typestore)
-from .events import reports
-from .waiting import spin_until
+from flashrt_ros.ros.events import reports
+from flashrt_ros.ros.waiting import spin_until
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
@@ -464,7 +464,7 @@ class BagPlayer:
     def __init__(self, node: str = "/flashrt_policy", joint_states_topic: str | None = None,
                  timeout: float = 10.0, context=None, log=print):
         import rclpy
-        from flashrt_ros.executors import SingleThreadedExecutor
+        from flashrt_ros.ros.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
         from sensor_msgs.msg import JointState
         from std_msgs.msg import String

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .arena import META_EPISODE, META_LEN, StateArena
-from .exceptions import RollbackUnavailable
+from flashrt_ros.core.arena import META_EPISODE, META_LEN, StateArena
+from flashrt_ros.core.exceptions import RollbackUnavailable
 
 ANCHOR = -1  # the slot index of a mark that lives in the anchor buffer
 

@@ -75,16 +75,16 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from flashrt_ros.executors import PolicyExecutor
+from flashrt_ros.ros.executors import PolicyExecutor
 from flashrt_ros.msg import ActionChunk, CapsuleEvent, CapsuleInfo, Observation, PolicyStatus
 from flashrt_ros.srv import (DeleteCapsule, Fork, ListCapsules, LoadCapsule, Reset, Restore,
                              Rollback, SaveCapsule, Snapshot)
 
-from .config import load_preset
-from .exceptions import ConfigError, FlashRTError, NotConfiguredError
-from .node_config import configs_from_values, parameter_table
-from .runtime import PolicyRuntime
-from .store import make_store
+from flashrt_ros.core.config import load_preset
+from flashrt_ros.core.exceptions import ConfigError, FlashRTError, NotConfiguredError
+from flashrt_ros.ros.params import configs_from_values, parameter_table
+from flashrt_ros.core.runtime import PolicyRuntime
+from flashrt_ros.capsules.store import make_store
 
 NODE_NAME = "flashrt_policy"
 RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE,

@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .config import RuntimeConfig, StoreConfig, _check, field_table, from_dict
-from .exceptions import ConfigError
+from flashrt_ros.core.config import RuntimeConfig, StoreConfig, _check, field_table, from_dict
+from flashrt_ros.core.exceptions import ConfigError
 
 
 def _f(default, help, read_only=False):

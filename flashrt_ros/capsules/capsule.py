@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .arena import StateArena
-from .exceptions import InputError
+from flashrt_ros.core.arena import StateArena
+from flashrt_ros.core.exceptions import InputError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 TIERS = ("gpu", "host", "disk")

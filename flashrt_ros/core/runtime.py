@@ -26,15 +26,15 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from . import tokenizer
-from .arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION, META_RNG_SEED,
+from flashrt_ros.core import tokenizer
+from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION, META_RNG_SEED,
                     META_STEP, StateArena, StaticIO)
-from .config import TINY, ModelConfig, RuntimeConfig
-from .exceptions import ConfigError, InputError
-from .kernels import fla_available
-from .model import HybridPolicy
-from .plans import StepPlan
-from .rollback import RollbackRing
+from flashrt_ros.core.config import TINY, ModelConfig, RuntimeConfig
+from flashrt_ros.core.exceptions import ConfigError, InputError
+from flashrt_ros.core.kernels import fla_available
+from flashrt_ros.core.model import HybridPolicy
+from flashrt_ros.core.plans import StepPlan
+from flashrt_ros.core.rollback import RollbackRing
 
 CAPSULE_FORMAT_VERSION = 1
 GRAPH_PREFILL_MAX = 256   # prefill chunks up to this length are captured; longer ones are compute-bound

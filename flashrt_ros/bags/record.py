@@ -31,7 +31,7 @@ import sys
 import time
 from datetime import datetime
 
-from .bag_types import (META_NODE, META_PARAMETERS, META_RECORDER, ROLES, TOPIC_ROLES, BagError,
+from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, META_RECORDER, ROLES, TOPIC_ROLES, BagError,
                         topic_name, typestore)
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -98,7 +98,7 @@ class BagRecorder:
                  storage: str = "mcap", joint_states: str | None = None, context=None,
                  log=print):
         from rcl_interfaces.srv import GetParameters, ListParameters
-        from flashrt_ros.executors import SingleThreadedExecutor
+        from flashrt_ros.ros.executors import SingleThreadedExecutor
         from rclpy.node import Node
         from rosbags.rosbag2 import StoragePlugin, Writer
         from rosbags.rosbag2.errors import WriterError
@@ -131,7 +131,7 @@ class BagRecorder:
             raise BagError(f"record: cannot create the bag {self.out}: {e} Expected a path that "
                            f"does not exist yet; choose another --out") from None
         self.writer.set_custom_data(META_NODE, self.target)
-        from . import __version__
+        from flashrt_ros import __version__
         self.writer.set_custom_data(META_RECORDER, f"flashrt_ros {__version__}")
         self.node = Node(f"flashrt_bag_recorder_{os.getpid()}", context=context)
         self.executor = SingleThreadedExecutor(context=context)

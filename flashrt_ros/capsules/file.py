@@ -26,9 +26,9 @@ import tempfile
 
 import torch
 
-from .arena import DTYPES, StateArena
-from .capsule import Capsule, buffer_slices, content_digest
-from .exceptions import CapsuleCorrupt, CapsuleMismatch
+from flashrt_ros.core.arena import DTYPES, StateArena
+from flashrt_ros.capsules.capsule import Capsule, buffer_slices, content_digest
+from flashrt_ros.core.exceptions import CapsuleCorrupt, CapsuleMismatch
 
 FORMAT = "flashrt-capsule"
 FORMAT_VERSION = 1

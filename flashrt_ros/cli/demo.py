@@ -26,10 +26,10 @@ def run_demo(args) -> int:
     import rclpy
     from rclpy.parameter import Parameter
 
-    from flashrt_ros.config import load_preset
-    from flashrt_ros.executors import PolicyExecutor, SpinThread
-    from flashrt_ros.node import PolicyNode
-    from flashrt_ros.sim_robot import SimRobotNode
+    from flashrt_ros.core.config import load_preset
+    from flashrt_ros.ros.executors import PolicyExecutor, SpinThread
+    from flashrt_ros.ros.node import PolicyNode
+    from flashrt_ros.sim.robot import SimRobotNode
 
     cfg = load_preset(args.preset)
     rclpy.init()

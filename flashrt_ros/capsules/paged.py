@@ -73,14 +73,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .arena import META_CONTEXT_LEN
-from .blocks import BlockPool
-from .capsule import Capsule, check_name
-from .capsule_file import capsule_path, read_capsule, write_capsule
-from .config import StoreConfig
-from .exceptions import BudgetExceeded, InputError
-from .runtime import PolicyRuntime
-from .store import CapsuleStore
+from flashrt_ros.core.arena import META_CONTEXT_LEN
+from flashrt_ros.capsules.blocks import BlockPool
+from flashrt_ros.capsules.capsule import Capsule, check_name
+from flashrt_ros.capsules.file import capsule_path, read_capsule, write_capsule
+from flashrt_ros.core.config import StoreConfig
+from flashrt_ros.core.exceptions import BudgetExceeded, InputError
+from flashrt_ros.core.runtime import PolicyRuntime
+from flashrt_ros.capsules.store import CapsuleStore
 
 RUN_COPY_LIMIT = 8   # more runs than this: the full KV blocks of a restore go by one gather
 

@@ -21,8 +21,8 @@ import os
 import sys
 import time
 
-from flashrt_ros.events import reports
-from flashrt_ros.waiting import wait_for
+from flashrt_ros.ros.events import reports
+from flashrt_ros.ros.waiting import wait_for
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
@@ -240,8 +240,8 @@ def _instruct(args) -> int:
 
 def _info(args) -> int:
     import json
-    from flashrt_ros.config import RuntimeConfig, load_preset
-    from flashrt_ros.runtime import PolicyRuntime
+    from flashrt_ros.core.config import RuntimeConfig, load_preset
+    from flashrt_ros.core.runtime import PolicyRuntime
     rt = PolicyRuntime(load_preset(args.preset), RuntimeConfig(device=args.device))
     d = rt.describe()
     if args.json:
@@ -257,7 +257,7 @@ def _info(args) -> int:
 
 
 def _params(args) -> int:
-    from flashrt_ros.node_config import params_markdown, params_yaml
+    from flashrt_ros.ros.params import params_markdown, params_yaml
     print(params_markdown() if args.markdown else params_yaml(), end="")
     return 0
 
@@ -278,7 +278,7 @@ BENCH_EXPERIMENTS = {
 
 def _bench(args, rest) -> int:
     import runpy
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     entry = BENCH_EXPERIMENTS.get(args.experiment)
     path = os.path.join(here, "bench", entry[0]) if entry else ""
     if not entry or not os.path.exists(path):
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("node", help="run the policy node (arguments after it go to ROS: --ros-args ...)",
                    add_help=False)
     d = sub.add_parser("demo", help="node + simulated robot on the tiny CPU preset, with a live loop")
-    from flashrt_ros.demo import add_arguments
+    from flashrt_ros.cli.demo import add_arguments
     add_arguments(d)
     sub.add_parser("sim", help="run the simulated robot alone (see `flashrt-ros sim --help`)",
                    add_help=False)
@@ -363,21 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "node":
-        from flashrt_ros.node import main as node_main
+        from flashrt_ros.ros.node import main as node_main
         node_main(args=["flashrt_node"] + argv[1:])
         return 0
     if argv and argv[0] == "sim":
-        from flashrt_ros.sim_robot import main as sim_main
+        from flashrt_ros.sim.robot import main as sim_main
         sim_main(argv[1:])
         return 0
     if argv and argv[0] == "record":
-        from flashrt_ros.bag_record import main as record_main
+        from flashrt_ros.bags.record import main as record_main
         return record_main(argv[1:])
     if argv and argv[0] == "play":
-        from flashrt_ros.bag_replay import main as play_main
+        from flashrt_ros.bags.play import main as play_main
         return play_main(argv[1:])
     if argv and argv[0] == "bt-demo":
-        from flashrt_ros.bt_demo import main as bt_demo_main
+        from flashrt_ros.cli.bt_demo import main as bt_demo_main
         return bt_demo_main(argv[1:])
     if argv and argv[0] == "bench":
         if len(argv) < 2 or argv[1] in ("-h", "--help"):
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
         return _bench(argparse.Namespace(experiment=argv[1]), argv[2:])
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from flashrt_ros.demo import run_demo
+        from flashrt_ros.cli.demo import run_demo
         return run_demo(args)
     handlers = {"status": _status, "lifecycle": _lifecycle, "instruct": _instruct, "info": _info,
                 "params": _params}

@@ -48,12 +48,12 @@ def main(argv=None) -> int:
     import torch
     from rclpy.parameter import Parameter
 
-    from .behaviours import CALLS_KEY, ERROR_KEY
-    from .config import load_preset
-    from .executors import PolicyExecutor, SpinThread
-    from .node import PolicyNode
-    from .sim_robot import SimRobotNode
-    from .trees import CHOSEN_KEY, SCORES_KEY, SimWorld, branch_and_choose, run_tree
+    from flashrt_ros.bt.behaviours import CALLS_KEY, ERROR_KEY
+    from flashrt_ros.core.config import load_preset
+    from flashrt_ros.ros.executors import PolicyExecutor, SpinThread
+    from flashrt_ros.ros.node import PolicyNode
+    from flashrt_ros.sim.robot import SimRobotNode
+    from flashrt_ros.bt.trees import CHOSEN_KEY, SCORES_KEY, SimWorld, branch_and_choose, run_tree
 
     # The tree, three nodes' callbacks and DDS share this process: one intra-op thread keeps the
     # tiny preset's step at ~1.6 ms instead of ~13 ms on 2 busy cores (measured on CI).

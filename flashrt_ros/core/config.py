@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .exceptions import ConfigError
+from flashrt_ros.core.exceptions import ConfigError
 
 
 def _f(default, help, read_only=False, **kw):
@@ -201,7 +201,7 @@ def preset_dirs() -> list[str]:
     dirs = []
     if os.environ.get("FLASHRT_PRESET_DIR"):
         dirs.append(os.environ["FLASHRT_PRESET_DIR"])
-    dirs.append(os.path.join(os.path.dirname(here), "config", "presets"))
+    dirs.append(os.path.join(os.path.dirname(os.path.dirname(here)), "config", "presets"))
     try:  # colcon install on a ROS machine
         from ament_index_python.packages import get_package_share_directory
         dirs.append(os.path.join(get_package_share_directory("flashrt_ros"), "config", "presets"))

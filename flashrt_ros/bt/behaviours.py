@@ -58,7 +58,7 @@ from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
 from flashrt_ros import srv
-from flashrt_ros.events import reports
+from flashrt_ros.ros.events import reports
 from flashrt_ros.msg import ActionChunk, CapsuleEvent, PolicyStatus
 
 DEFAULT_POLICY = "/flashrt_policy"

@@ -30,14 +30,14 @@ import threading
 
 import torch
 
-from .capsule import TIERS, Capsule, check_name, content_digest
-from .capsule_file import (SUFFIX, capsule_from_header, capsule_path, read_capsule, read_header,
+from flashrt_ros.capsules.capsule import TIERS, Capsule, check_name, content_digest
+from flashrt_ros.capsules.file import (SUFFIX, capsule_from_header, capsule_path, read_capsule, read_header,
                            write_capsule)
-from .config import StoreConfig
-from .exceptions import (BudgetExceeded, CapsuleCorrupt, CapsuleExists, CapsuleMismatch,
+from flashrt_ros.core.config import StoreConfig
+from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleCorrupt, CapsuleExists, CapsuleMismatch,
                          CapsuleNotFound, InputError)
-from .pool import BytePool
-from .runtime import PolicyRuntime
+from flashrt_ros.capsules.pool import BytePool
+from flashrt_ros.core.runtime import PolicyRuntime
 
 
 class CapsuleStore:
@@ -484,6 +484,6 @@ def make_store(runtime: PolicyRuntime, cfg: StoreConfig | None = None) -> Capsul
     """The store `cfg` asks for: PagedCapsuleStore when `cfg.paged` (issue 8), else CapsuleStore."""
     cfg = cfg or StoreConfig()
     if cfg.paged:
-        from .paged import PagedCapsuleStore   # imported here: paged.py subclasses CapsuleStore
+        from flashrt_ros.capsules.paged import PagedCapsuleStore   # imported here: paged.py subclasses CapsuleStore
         return PagedCapsuleStore(runtime, cfg)
     return CapsuleStore(runtime, cfg)

@@ -49,9 +49,9 @@ import numpy as np
 import py_trees
 from py_trees.common import Access, ComparisonExpression, Status
 
-from .behaviours import (DEFAULT_POLICY, ERROR_KEY, CapsulePresent, DeadlineHealthy, DeleteCapsule,
+from flashrt_ros.bt.behaviours import (DEFAULT_POLICY, ERROR_KEY, CapsulePresent, DeadlineHealthy, DeleteCapsule,
                          Fork, FromBlackboard, Reset, Restore, Rollback, Snapshot)
-from .sim_robot import SimArm, SimRobotNode
+from flashrt_ros.sim.robot import SimArm, SimRobotNode
 
 FAILURE_SIGNAL_KEY = "/episode/failure_signal"
 ATTEMPTS_KEY = "/episode/attempts"

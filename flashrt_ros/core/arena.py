@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig
+from flashrt_ros.core.config import ModelConfig
 
 ALIGN = 256  # bytes; keeps every view aligned for vectorised kernels
 

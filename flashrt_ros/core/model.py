@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .arena import DTYPES, META_POSITION, META_RNG_COUNTER, META_RNG_SEED, StateArena, StaticIO
-from .config import ModelConfig
-from .exceptions import ConfigError
+from flashrt_ros.core import kernels
+from flashrt_ros.core.arena import DTYPES, META_POSITION, META_RNG_COUNTER, META_RNG_SEED, StateArena, StaticIO
+from flashrt_ros.core.config import ModelConfig
+from flashrt_ros.core.exceptions import ConfigError
 
 _MASK32 = 0xFFFFFFFF
 

@@ -1,0 +1,1 @@
+"""The `flashrt-ros` command line: capsule tools, the demo, the behaviour-tree demo, bags, benchmarks."""

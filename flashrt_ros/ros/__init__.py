@@ -1,0 +1,1 @@
+"""The ROS 2 adapter: the lifecycle node, its parameters, executors, and the helpers its clients share."""

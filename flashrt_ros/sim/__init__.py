@@ -1,0 +1,1 @@
+"""A simulated robot for the demo and the tests: publishes observations, follows the node's actions."""
