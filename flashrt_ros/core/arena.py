@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from flashrt_ros.core.config import ModelConfig
 
 ALIGN = 256  # bytes; keeps every view aligned for vectorised kernels
 
@@ -38,12 +37,17 @@ META_LEN = 8
 
 @dataclass(frozen=True)
 class BufferSpec:
+    """One named state buffer. A policy declares name, dtype, shape and role; the arena places it
+    (offset, nbytes)."""
     name: str
     dtype: str
     shape: tuple
-    offset: int   # bytes from the start of the arena
-    nbytes: int
     role: str     # "meta", "recurrent_state", "conv_state", "mtp_state", "action_state", "kv"
+    offset: int = 0   # bytes from the start of the arena
+    nbytes: int = 0
+
+
+ROLES = ("meta", "recurrent_state", "conv_state", "mtp_state", "action_state", "kv")
 
 
 def _numel(shape):
@@ -57,29 +61,28 @@ def _align(n):
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def state_specs(cfg: ModelConfig) -> list[BufferSpec]:
-    """The arena layout for a model config: small per-step state first, token-major KV last."""
-    dt = cfg.dtype
-    conv_dim = 2 * cfg.n_lin_heads * cfg.lin_head_dim + cfg.n_lin_heads * cfg.lin_head_dim
-    entries = [("meta", "int64", (META_LEN,), "meta"),
-               ("obs_norm", "float32", (3, cfg.obs_dim), "meta"),          # mean, M2, count
-               ("last_action", "float32", (cfg.action_dim,), "action_state"),
-               ("action_queue", "float32", (cfg.horizon, cfg.action_dim), "action_state"),
-               ("mtp_hidden", dt, (cfg.mtp_depth, cfg.d_model), "mtp_state"),
-               ("last_hidden", dt, (cfg.d_model,), "mtp_state")]
-    for i in cfg.lin_layers:
-        entries.append((f"layers.{i}.recurrent_state", "float32",
-                        (cfg.n_lin_heads, cfg.lin_head_dim, cfg.lin_head_dim), "recurrent_state"))
-        entries.append((f"layers.{i}.conv_state", dt, (cfg.conv_kernel - 1, conv_dim), "conv_state"))
-    # Token-major KV for all attention layers. Its rows are packed with no padding between them, so
-    # `position` rows are exactly `position * kv_row_nbytes` bytes.
-    entries.append(("kv", dt, (cfg.max_context, len(cfg.attn_layers), 2, cfg.n_kv_heads,
-                               cfg.head_dim), "kv"))
+def place(declared: list[BufferSpec]) -> list[BufferSpec]:
+    """The arena layout: the runtime's `meta` first, the declared small state in order, and the one
+    token-major `kv` buffer (first axis = max_context rows) last, so that the live state is a prefix.
+    """
+    kv = [s for s in declared if s.role == "kv"]
+    small = [s for s in declared if s.role != "kv"]
+    names = [s.name for s in declared]
+    dup = sorted({n for n in names if names.count(n) > 1} | ({"meta"} & set(names)))
+    if dup:
+        raise ValueError(f"arena: buffer names must be unique and 'meta' is the runtime's; found "
+                         f"{dup} declared twice or reserved")
+    if len(kv) != 1:
+        raise ValueError(f"arena: expected exactly one buffer of role 'kv', found {len(kv)}")
+    bad = [s.name for s in declared if s.role not in ROLES or s.dtype not in DTYPES]
+    if bad:
+        raise ValueError(f"arena: buffers {bad} have a role outside {ROLES} or a dtype outside "
+                         f"{sorted(DTYPES)}")
     specs, off = [], 0
-    for name, dtype, shape, role in entries:
+    for s in [BufferSpec("meta", "int64", (META_LEN,), "meta")] + small + kv:
         off = _align(off)
-        nbytes = _numel(shape) * DTYPES[dtype].itemsize
-        specs.append(BufferSpec(name, dtype, tuple(shape), off, nbytes, role))
+        nbytes = _numel(s.shape) * DTYPES[s.dtype].itemsize
+        specs.append(BufferSpec(s.name, s.dtype, tuple(s.shape), s.role, off, nbytes))
         off += nbytes
     return specs
 
@@ -87,13 +90,13 @@ def state_specs(cfg: ModelConfig) -> list[BufferSpec]:
 class StateArena:
     """All restorable state of one policy instance, in one device allocation."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device):
-        self.cfg = cfg
+    def __init__(self, declared: list[BufferSpec], device: torch.device):
         self.device = torch.device(device)
-        self.specs = {s.name: s for s in state_specs(cfg)}
+        self.specs = {s.name: s for s in place(declared)}
         kv = self.specs["kv"]
+        self.max_context = kv.shape[0]
         self.kv_offset = kv.offset
-        self.kv_row_nbytes = kv.nbytes // cfg.max_context
+        self.kv_row_nbytes = kv.nbytes // self.max_context
         self.nbytes = kv.offset + kv.nbytes
         self.base = torch.zeros(self.nbytes, dtype=torch.uint8, device=self.device)
         self._views = {}
@@ -151,7 +154,7 @@ class StaticIO:
     Not part of the execution state: a capsule never contains them.
     """
 
-    def __init__(self, cfg: ModelConfig, device: torch.device, buckets: tuple):
+    def __init__(self, cfg, device: torch.device, buckets: tuple):
         dev = torch.device(device)
         self.obs = torch.zeros(cfg.obs_dim, dtype=torch.float32, device=dev)
         self.token = torch.zeros(1, dtype=torch.int64, device=dev)

@@ -36,57 +36,197 @@ def _check(cond: bool, name: str, expected: str, found: Any, fix: str = "") -> N
         raise ConfigError(msg + (f"; {fix}" if fix else ""))
 
 
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The Qwen3.5 text backbone, field for field as transformers' `Qwen3_5TextConfig` names it
+    (a checkpoint's `config.json`, or the `text_config` of a Qwen3.5 VLM checkpoint).
+
+    `layer_types[i]` is `linear_attention` (Gated DeltaNet) or `full_attention` (gated softmax
+    attention); Qwen3.5 checkpoints alternate them 3:1. Only the fields the architecture reads are
+    kept; `from_hf` refuses values this implementation does not compute (another rope type, biases,
+    another activation) instead of computing something else.
+    """
+    vocab_size: int = 260
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 32
+    linear_num_key_heads: int = 2
+    linear_num_value_heads: int = 2
+    linear_key_head_dim: int = 32
+    linear_value_head_dim: int = 32
+    linear_conv_kernel_dim: int = 4
+    layer_types: tuple = ("linear_attention",) * 3 + ("full_attention",)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    tie_word_embeddings: bool = True
+    eos_token_id: int = -1        # -1: none
+
+    def __post_init__(self):
+        for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "linear_num_key_heads",
+                  "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                  "linear_conv_kernel_dim"):
+            v = getattr(self, n)
+            _check(_is_int(v) and v > 0, f"text.{n}", "a positive integer", v)
+        _check(self.num_attention_heads % self.num_key_value_heads == 0, "text.num_attention_heads",
+               f"a multiple of num_key_value_heads={self.num_key_value_heads}",
+               self.num_attention_heads)
+        _check(self.linear_num_value_heads % self.linear_num_key_heads == 0,
+               "text.linear_num_value_heads",
+               f"a multiple of linear_num_key_heads={self.linear_num_key_heads}",
+               self.linear_num_value_heads)
+        _check(self.linear_conv_kernel_dim >= 2, "text.linear_conv_kernel_dim", "at least 2",
+               self.linear_conv_kernel_dim)
+        types = tuple(self.layer_types) if isinstance(self.layer_types, (list, tuple)) else None
+        _check(types is not None and len(types) == self.num_hidden_layers
+               and all(x in LAYER_TYPES for x in types), "text.layer_types",
+               f"{self.num_hidden_layers} entries (num_hidden_layers), each one of {LAYER_TYPES}",
+               self.layer_types)
+        object.__setattr__(self, "layer_types", types)
+        _check("full_attention" in types, "text.layer_types",
+               "at least one full_attention layer (it holds the context)", list(types))
+        _check(_is_number(self.rms_norm_eps) and 0 < self.rms_norm_eps < 1, "text.rms_norm_eps",
+               "a number in (0, 1)", self.rms_norm_eps)
+        _check(_is_number(self.rope_theta) and self.rope_theta > 1, "text.rope_theta",
+               "a number > 1", self.rope_theta)
+        rot = self.head_dim * self.partial_rotary_factor if _is_number(self.partial_rotary_factor) else 0
+        _check(_is_number(self.partial_rotary_factor) and 0 < self.partial_rotary_factor <= 1
+               and int(rot) % 2 == 0 and int(rot) > 0, "text.partial_rotary_factor",
+               f"a number in (0, 1] giving an even rotary width of head_dim={self.head_dim}",
+               self.partial_rotary_factor)
+        _check(isinstance(self.tie_word_embeddings, bool), "text.tie_word_embeddings",
+               "true or false", self.tie_word_embeddings)
+        _check(_is_int(self.eos_token_id) and -1 <= self.eos_token_id < self.vocab_size,
+               "text.eos_token_id", f"-1 (none) or a token id below vocab_size={self.vocab_size}",
+               self.eos_token_id)
+
+    @property
+    def attn_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
+
+    @property
+    def lin_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the short causal conv: q | k | v of the Gated DeltaNet."""
+        return (2 * self.linear_num_key_heads * self.linear_key_head_dim
+                + self.linear_num_value_heads * self.linear_value_head_dim)
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any], where: str = "config.json") -> "TextConfig":
+        """From a transformers `config.json` mapping: `qwen3_5_text`, or a Qwen3.5 VLM checkpoint's
+        `text_config` (`qwen3_5`). Keys this architecture does not read are ignored; values it
+        cannot compute are refused, naming the key, what was expected and what was found."""
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object, found {type(config).__name__}")
+        model_type = config.get("model_type")
+        if model_type == "qwen3_5":
+            text = config.get("text_config")
+            if not isinstance(text, Mapping):
+                raise ConfigError(f"{where}: model_type 'qwen3_5' (a VLM checkpoint) needs a "
+                                  f"'text_config' object, found {text!r}")
+            return cls.from_hf({"model_type": "qwen3_5_text", **text}, where + " text_config")
+        if model_type != "qwen3_5_text":
+            raise ConfigError(f"{where}: model_type: expected 'qwen3_5_text' (Qwen3_5ForCausalLM) "
+                              f"or 'qwen3_5' (its VLM), found {model_type!r}; this runtime serves "
+                              f"the Qwen3.5 family only")
+        act = config.get("hidden_act", "silu")
+        _check(act == "silu", f"{where}: hidden_act", "'silu'", act)
+        _check(not config.get("attention_bias", False), f"{where}: attention_bias", "false",
+               config.get("attention_bias"))
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        _check(rope_type == "default", f"{where}: rope_parameters.rope_type",
+               "'default' (the only rope type Qwen3.5 text checkpoints use)", rope_type,
+               "other rope types are not implemented")
+        theta = rope.get("rope_theta", config.get("rope_theta", 10_000_000.0))
+        partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25))
+        n_layers = config.get("num_hidden_layers", cls.num_hidden_layers)
+        types = config.get("layer_types")
+        if types is None and _is_int(n_layers):
+            every = config.get("full_attention_interval", 4)
+            types = ["linear_attention" if (i + 1) % every else "full_attention"
+                     for i in range(n_layers)]
+        eos = config.get("eos_token_id", -1)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else -1
+        values = {f.name: config[f.name] for f in dataclasses.fields(cls)
+                  if f.name in config and f.name not in ("layer_types", "rope_theta",
+                                                         "partial_rotary_factor", "eos_token_id")}
+        values.update(layer_types=types, rope_theta=theta, partial_rotary_factor=partial,
+                      eos_token_id=-1 if eos is None else eos)
+        if "head_dim" not in config and _is_int(config.get("hidden_size")) \
+                and _is_int(config.get("num_attention_heads")):
+            values["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_hf(self) -> dict:
+        """The `config.json` of a `Qwen3_5ForCausalLM` with these shapes (transformers reads it)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["layer_types"] = list(self.layer_types)
+        out["eos_token_id"] = None if self.eos_token_id < 0 else self.eos_token_id
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": out.pop("rope_theta"),
+                                  "partial_rotary_factor": out.pop("partial_rotary_factor")}
+        out.update(model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"],
+                   hidden_act="silu", attention_bias=False)
+        return out
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes of the hybrid policy (Gated DeltaNet + gated attention, 3:1 by default)."""
-    name: str = _f("tiny", "preset name, recorded in capsule fingerprints", True)
-    d_model: int = _f(64, "residual width", True)
-    n_layers: int = _f(4, "number of blocks", True)
-    attn_every: int = _f(4, "every attn_every-th block is softmax attention, the rest Gated DeltaNet", True)
-    n_heads: int = _f(2, "attention query heads", True)
-    n_kv_heads: int = _f(1, "attention key/value heads (GQA)", True)
-    head_dim: int = _f(32, "attention head dim", True)
-    n_lin_heads: int = _f(2, "Gated DeltaNet heads", True)
-    lin_head_dim: int = _f(32, "Gated DeltaNet key and value head dim", True)
-    conv_kernel: int = _f(4, "short causal conv width (state keeps conv_kernel-1 inputs)", True)
-    d_ffn: int = _f(128, "SwiGLU hidden width", True)
-    vocab_size: int = _f(260, "token vocabulary (byte tokenizer: 256 bytes + 4 specials)", True)
-    obs_dim: int = _f(14, "observation vector length", True)
+    """A policy: the Qwen3.5 text backbone plus its observation encoder, action head and MTP head.
+
+    `text` fixes the backbone; the other fields fix the heads and the arena (`max_context` rows of
+    KV). Presets (`config/presets/<name>.yaml`) and checkpoint directories both produce one.
+    """
+    name: str = _f("tiny", "preset name or checkpoint directory, recorded in fingerprints", True)
+    text: TextConfig = field(default_factory=TextConfig,
+                             metadata={"help": "the Qwen3.5 text backbone (config.json fields)",
+                                       "read_only": True})
+    obs_dim: int = _f(21, "observation vector length", True)
     action_dim: int = _f(7, "action vector length", True)
     horizon: int = _f(8, "action chunk length", True)
     mtp_depth: int = _f(2, "multi-token head: latent tokens predicted ahead", True)
     max_context: int = _f(512, "tokens of KV the arena holds (instruction + control steps)", True)
     dtype: str = _f("float32", "weights/KV dtype: float32, bfloat16 or float16", True)
-    seed: int = _f(0, "seed of the deterministic (untrained) default weights", True)
+    seed: int = _f(0, "seed of the deterministic default weights (where no checkpoint has them)", True)
 
     def __post_init__(self):
-        for n in ("d_model", "n_layers", "attn_every", "n_heads", "n_kv_heads", "head_dim",
-                  "n_lin_heads", "lin_head_dim", "conv_kernel", "d_ffn", "vocab_size", "obs_dim",
-                  "action_dim", "horizon", "mtp_depth", "max_context"):
+        if isinstance(self.text, Mapping):
+            object.__setattr__(self, "text", from_dict(TextConfig, self.text, where="model.text"))
+        _check(isinstance(self.text, TextConfig), "model.text", "a TextConfig", self.text)
+        for n in ("obs_dim", "action_dim", "horizon", "mtp_depth", "max_context"):
             v = getattr(self, n)
-            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"model.{n}",
-                   "a positive integer", v)
-        _check(self.n_heads % self.n_kv_heads == 0, "model.n_heads",
-               f"a multiple of n_kv_heads={self.n_kv_heads}", self.n_heads)
-        _check(self.conv_kernel >= 2, "model.conv_kernel", "at least 2", self.conv_kernel)
+            _check(_is_int(v) and v > 0, f"model.{n}", "a positive integer", v)
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
                "one of float32, bfloat16, float16", self.dtype)
-        _check(self.vocab_size >= 260, "model.vocab_size",
-               ">= 260 (the byte tokenizer uses ids 0..259)", self.vocab_size)
-        _check(self.attn_every <= self.n_layers, "model.attn_every",
-               f"<= n_layers={self.n_layers} (at least one attention layer holds the context)",
-               self.attn_every)
         _check(self.max_context >= 2, "model.max_context", "at least 2 (one row is scratch)",
                self.max_context)
         _check(_is_int(self.seed) and self.seed >= 0, "model.seed", "an integer >= 0", self.seed)
 
     @property
-    def attn_layers(self) -> list[int]:
-        return [i for i in range(self.n_layers) if (i + 1) % self.attn_every == 0]
+    def d_model(self) -> int:
+        return self.text.hidden_size
 
     @property
-    def lin_layers(self) -> list[int]:
-        return [i for i in range(self.n_layers) if (i + 1) % self.attn_every != 0]
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
 
 
 @dataclass(frozen=True)

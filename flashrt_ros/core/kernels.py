@@ -126,18 +126,20 @@ def gate_reference(q, k, a, b, A_log, dt_bias):
         a, b:    [T, H]    raw decay and write-strength inputs
         A_log:   [H] fp32, dt_bias: [H] fp32
     Returns:
-        (q, k, g, beta): q, k in their dtype; g, beta fp32
+        (q, k, g, beta), all fp32
     """
-    qn = F.normalize(q.float(), dim=-1).to(q.dtype)
-    kn = F.normalize(k.float(), dim=-1).to(k.dtype)
     g = -torch.exp(A_log.float()) * F.softplus(a.float() + dt_bias.float())
-    return qn, kn, g, torch.sigmoid(b.float())
+    return l2norm(q.float()), l2norm(k.float()), g, torch.sigmoid(b.float())
+
+
+def l2norm(x, eps: float = 1e-6):
+    """`x / sqrt(sum(x^2) + eps)` along the last axis: the form fla's kernels and transformers use."""
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
 def gated_delta_rule_fla_gated(q, k, v, a, b, A_log, dt_bias, state, scale, chunked: bool):
     """fla kernels with the gate prologue fused: equals `gated_delta_rule_reference` applied to
-    `gate_reference(q, k, a, b, A_log, dt_bias)` up to FLA_ATOL/FLA_RTOL (the kernels' L2 norm uses
-    eps 1e-6 inside the square root where F.normalize clamps the norm at 1e-12).
+    `gate_reference(q, k, a, b, A_log, dt_bias)` up to FLA_ATOL/FLA_RTOL.
 
     Args:
         q, k: [T, H, K] raw; v: [T, H, V]; a, b: [T, H] raw; A_log, dt_bias: [H] fp32

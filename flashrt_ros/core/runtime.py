@@ -26,17 +26,17 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from flashrt_ros.core import tokenizer
-from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION, META_RNG_SEED,
-                    META_STEP, StateArena, StaticIO)
+from flashrt_ros.core import checkpoint, tokenizer
+from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION,
+                                    META_RNG_SEED, META_STEP, StateArena, StaticIO)
 from flashrt_ros.core.config import TINY, ModelConfig, RuntimeConfig
 from flashrt_ros.core.exceptions import ConfigError, InputError
 from flashrt_ros.core.kernels import fla_available
-from flashrt_ros.core.model import HybridPolicy
 from flashrt_ros.core.plans import StepPlan
+from flashrt_ros.core.qwen3_5_policy import Qwen3_5Policy, digest_tensors
 from flashrt_ros.core.rollback import RollbackRing
 
-CAPSULE_FORMAT_VERSION = 1
+CAPSULE_FORMAT_VERSION = 2
 GRAPH_PREFILL_MAX = 256   # prefill chunks up to this length are captured; longer ones are compute-bound
 
 
@@ -51,7 +51,11 @@ def resolve_device(name: str) -> torch.device:
 
 class PolicyRuntime:
     def __init__(self, model_cfg: ModelConfig = TINY, runtime_cfg: RuntimeConfig | None = None,
-                 progress=None):
+                 progress=None, model_dir: checkpoint.ModelDir | None = None):
+        """A runtime for `model_cfg` with seeded weights (a preset), or for a checkpoint directory
+        read by `checkpoint.read_model_dir` (use `PolicyRuntime.from_pretrained`)."""
+        if model_dir is not None:
+            model_cfg = model_dir.cfg
         self.model_cfg = model_cfg
         self.cfg = runtime_cfg or RuntimeConfig()
         self.lock = threading.RLock()
@@ -74,12 +78,10 @@ class PolicyRuntime:
         self.kernel = kernel
         t0 = time.perf_counter()
         say(f"building model {model_cfg.name} on {self.device} (kernels: {kernel})")
-        self.model = HybridPolicy(model_cfg, self.device, kernel,
-                                  sample_actions=self.cfg.action_noise > 0)
-        if self.cfg.weights:
-            say(f"loading weights {self.cfg.weights}")
-            self.model.load_weights(self.cfg.weights)
-        self.arena = StateArena(model_cfg, self.device)
+        self.model = self._build_policy(model_dir, kernel, say)
+        self.tokenizer = tokenizer.load(model_dir.tokenizer_file if model_dir else "",
+                                        model_cfg.vocab_size)
+        self.arena = StateArena(self.model.state_specs(), self.device)
         self.io = StaticIO(model_cfg, self.device, self.cfg.prefill_buckets)
         self.io.noise_std.fill_(float(self.cfg.action_noise))
         # also holds the reset point (its anchor): the state reset(keep_context=True) returns to
@@ -101,6 +103,57 @@ class PolicyRuntime:
             f"{self.arena.nbytes / 2**20:.1f} MiB, {len(self.arena.names())} buffers, "
             f"{sum(p.captured for p in self.plans.values())} captured plans")
 
+    @classmethod
+    def from_pretrained(cls, path: str, runtime_cfg: RuntimeConfig | None = None, progress=None,
+                        **overrides) -> "PolicyRuntime":
+        """A runtime serving the checkpoint directory `path` (see core/checkpoint.py).
+
+        `overrides` set policy fields over the directory's (max_context, dtype, ...)."""
+        return cls(runtime_cfg=runtime_cfg, progress=progress,
+                   model_dir=checkpoint.read_model_dir(path, say=progress, **overrides))
+
+    def _build_policy(self, model_dir, kernel, say):
+        """The policy on the device: built without initialising (meta tensors), then every weight
+        written once, from the checkpoint's files or from the seed."""
+        cfg = self.model_cfg
+        with torch.device("meta"):
+            policy = Qwen3_5Policy(cfg, kernel, sample_actions=self.cfg.action_noise > 0)
+        for mod_name, mod in policy.named_modules():
+            for leaf, p in list(mod._parameters.items()):
+                if p is None:
+                    continue
+                name = f"{mod_name}.{leaf}" if mod_name else leaf
+                dtype = policy.param_dtype(name)
+                mod._parameters[leaf] = torch.nn.Parameter(
+                    torch.empty(p.shape, dtype=dtype, device=self.device), requires_grad=False)
+        policy.backbone.model.rotary.materialize(self.device)
+        backbone = policy.backbone_parameters()
+        heads = policy.head_parameters()
+        untrained = []
+        if model_dir is not None:
+            say(f"loading the backbone from {len(model_dir.weight_files)} safetensors file(s)")
+            backbone_digest = checkpoint.load_backbone(policy, model_dir.weight_files, self.device,
+                                                       say)
+        else:
+            seeded = policy.seeded_weights(list(backbone), cfg.seed)
+            for n, v in seeded.items():
+                backbone[n].data.copy_(v)
+            backbone_digest = digest_tensors(seeded)
+            untrained.append("backbone")
+        if model_dir is not None and model_dir.policy_weights:
+            say(f"loading the heads from {model_dir.policy_weights}")
+            heads_digest = checkpoint.load_heads(policy, model_dir.policy_weights, self.device)
+        else:
+            seeded = policy.seeded_weights(list(heads), cfg.seed)
+            for n, v in seeded.items():
+                heads[n].data.copy_(v)
+            heads_digest = digest_tensors(seeded)
+            untrained.append("heads")
+        policy.untrained = tuple(untrained)
+        policy.weights_digest = hashlib.blake2b(f"{backbone_digest}|{heads_digest}".encode(),
+                                                digest_size=16).hexdigest()
+        return policy
+
     # -- plans ----------------------------------------------------------------------------
     def _build_plans(self) -> dict[str, StepPlan]:
         m, a, io = self.model, self.arena, self.io
@@ -110,7 +163,7 @@ class PolicyRuntime:
         def pos():
             return None if static else self.position
         plans = {
-            "observation": StepPlan("observation", lambda: m.observation_step(a, io, pos())),
+            "observation": StepPlan("observation", lambda: m.predict_action_chunk(a, io, pos())),
             "token": StepPlan("token", lambda: m.token_step(a, io, pos())),
             "lm_head": StepPlan("lm_head", lambda: m.lm_head(a, io)),
         }
@@ -183,7 +236,7 @@ class PolicyRuntime:
 
         The resulting state is what reset(keep_context=True) returns to.
         """
-        tokens = tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) \
+        tokens = self.tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) \
             else self._as_token_list(text_or_tokens)
         self._check_tokens(tokens, from_position=0)
         self.episode += 1
@@ -308,6 +361,11 @@ class PolicyRuntime:
         self.plans["lm_head"].run()
         return int(self.io.next_token.item())
 
+    def last_logits(self) -> np.ndarray:
+        """Float32 logits [vocab_size] of the next token after the current context."""
+        self.plans["lm_head"].run()
+        return self.io.logits.cpu().numpy().copy()
+
     def reset(self, keep_context: bool = True) -> int:
         """New episode: back to the state right after the instruction, or to an empty context."""
         episode = self.episode + 1
@@ -376,10 +434,21 @@ class PolicyRuntime:
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def describe(self) -> dict:
-        return {"preset": self.model_cfg.name, "device": str(self.device), "kernels": self.kernel,
-                "cuda_graphs": self.use_graphs, "arena_bytes": self.arena.nbytes,
+        c = self.model_cfg
+        by_role: dict = {}
+        for s in self.arena.specs.values():
+            n = s.nbytes if s.role != "kv" else self.arena.live_nbytes(self.position) - self.arena.kv_offset
+            by_role[s.role] = by_role.get(s.role, 0) + n
+        return {"model": c.name, "device": str(self.device), "kernels": self.kernel,
+                "cuda_graphs": self.use_graphs, "dtype": c.dtype,
+                "obs_dim": c.obs_dim, "action_dim": c.action_dim, "horizon": c.horizon,
+                "vocab_size": c.vocab_size, "max_context": c.max_context,
+                "layer_types": list(c.text.layer_types),
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "tokenizer": self.tokenizer.kind, "untrained": list(self.model.untrained),
+                "arena_bytes": self.arena.nbytes,
                 "state_bytes_per_token": self.arena.kv_row_nbytes,
-                "fixed_state_bytes": self.arena.small_nbytes,
+                "fixed_state_bytes": self.arena.small_nbytes, "live_bytes_by_role": by_role,
                 "buffers": self.arena.layout(), "fingerprint": self.fingerprint(),
                 "weights_digest": self.model.weights_digest,
                 "position": self.position, "step": self.step_count, "episode": self.episode}

@@ -1,0 +1,49 @@
+"""Policy: what a policy network gives the runtime.
+
+The runtime, its plans, the capsule stores and the node see a policy only through this interface:
+
+* `state_specs()`  - the state buffers it needs (name, dtype, shape, role); the runtime allocates
+                     them once in the `StateArena` (plus the runtime's own `meta`) and passes the
+                     arena to every call. A policy keeps no state of its own between calls.
+* `prefill_chunk(arena, io, pos, tokens)` - append context tokens (the instruction).
+* `predict_action_chunk(arena, io, pos)`  - one control step: `io.obs` -> `io.action`
+                     [horizon, action_dim]; commits step += 1.
+* `token_step(arena, io, pos)` - decode one token: `io.token` -> `io.logits`, `io.next_token`.
+* `lm_head(arena, io)` - logits of the next token from the last hidden state.
+* `weights_digest` - a digest of every weight, which capsule fingerprints include.
+* `reset` is the runtime's (`PolicyRuntime.reset`): state lives in the arena, so a reset is a copy
+  of the post-instruction state or zeros, never a call into the network.
+
+`pos` is the position of the first new token as a host int (the eager form), or None: the static
+form captured in CUDA graphs, which reads the position from `arena.meta` on the device. Every
+method runs under `torch.no_grad()` and allocates nothing that outlives the call.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from flashrt_ros.core.arena import BufferSpec, StateArena, StaticIO
+from flashrt_ros.core.config import ModelConfig
+
+
+class Policy(nn.Module):
+    """Base class of policy networks served by `PolicyRuntime` (see the module docstring)."""
+
+    cfg: ModelConfig
+    weights_digest: str
+    untrained: tuple = ()      # names of parts whose weights came from the seed, not a file
+
+    def state_specs(self) -> list[BufferSpec]:
+        raise NotImplementedError
+
+    def prefill_chunk(self, arena: StateArena, io: StaticIO, pos, tokens) -> None:
+        raise NotImplementedError
+
+    def predict_action_chunk(self, arena: StateArena, io: StaticIO, pos) -> None:
+        raise NotImplementedError
+
+    def token_step(self, arena: StateArena, io: StaticIO, pos) -> None:
+        raise NotImplementedError
+
+    def lm_head(self, arena: StateArena, io: StaticIO) -> None:
+        raise NotImplementedError

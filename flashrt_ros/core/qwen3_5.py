@@ -1,0 +1,311 @@
+"""The Qwen3.5 text backbone (transformers' `Qwen3_5ForCausalLM`), over the state arena.
+
+One module per part, with transformers' parameter names, so a checkpoint's tensors load by name:
+
+    model.embed_tokens                      Embedding [V, d]
+    model.layers.{i}.input_layernorm        RMSNorm (zero-centred: x * (1 + w))
+    model.layers.{i}.linear_attn.*          GatedDeltaNet   (layer_types[i] == "linear_attention")
+    model.layers.{i}.self_attn.*            Attention       (layer_types[i] == "full_attention")
+    model.layers.{i}.post_attention_layernorm, model.layers.{i}.mlp.*   SwiGLU MLP
+    model.norm, lm_head                     (lm_head is the embedding when tie_word_embeddings)
+
+Sequence form: one sequence, tokens on the first axis (`x: [T, d]`); no batch axis. State is not
+kept in the modules: every call reads and writes the arena's buffers (`layers.{i}.conv_state`,
+`layers.{i}.recurrent_state`, the token-major `kv`), so the same code runs eagerly and inside
+captured CUDA graphs, and a capsule of the arena is the whole state.
+
+`pos` selects the form. An int is the eager form: slices of the live KV prefix and SDPA. `None`
+is the static form used in graphs: the position is read from `arena.meta` on the device, KV rows
+are written by index and attention covers all `max_context` rows under a mask. The two agree to
+rounding, so a given plan always uses one of them.
+
+Numerics follow transformers where it matters for equality: RMSNorm in fp32 with `(1 + w)`
+(the gated norm of the DeltaNet output uses `w`, norm before gate), cos/sin computed in fp32 and
+cast to the activations' dtype, q/k L2 norm as `x * rsqrt(sum(x^2) + 1e-6)`, decay and beta in
+fp32, the recurrent state in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashrt_ros.core import kernels
+from flashrt_ros.core.arena import META_POSITION, BufferSpec
+from flashrt_ros.core.config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: `norm(x) * (1 + weight)`, computed in fp32 (weight initialised to 0)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """The DeltaNet output norm: `weight * norm(x)` in x's dtype, then `* silu(gate)` in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x, gate):
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        y = self.weight * y
+        return (y * F.silu(gate.float())).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Partial rotary embedding: the first `rotary_dim` of each head's dims rotate, the rest pass.
+
+    cos/sin for every position the arena can hold are computed once (fp32, then the activations'
+    dtype, as transformers does) and looked up by position: a graph reads them by address.
+    """
+
+    def __init__(self, cfg: TextConfig, max_context: int, dtype: torch.dtype):
+        super().__init__()
+        self.dim, self.theta, self.max_context, self.dtype = cfg.rotary_dim, cfg.rope_theta, \
+            max_context, dtype
+        self.register_buffer("cos", torch.empty(max_context, self.dim, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("sin", torch.empty(max_context, self.dim, dtype=dtype),
+                             persistent=False)
+        if self.cos.device.type != "meta":
+            self.materialize(self.cos.device)
+
+    def materialize(self, device) -> None:
+        """Compute the tables on `device` in fp32, as transformers does, then cast them."""
+        dim = self.dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu")
+                                         / dim))
+        positions = torch.arange(self.max_context, device=device).float()
+        freqs = positions[:, None] * inv_freq.to(device)[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)                                # [max_ctx, rot]
+        self.cos = emb.cos().to(self.dtype)
+        self.sin = emb.sin().to(self.dtype)
+
+    def forward(self, x, cos, sin):
+        """x: [T, H, D]; cos, sin: [T, rot] -> x with its first rot dims rotated."""
+        rot, rest = x[..., :self.dim], x[..., self.dim:]
+        half = self.dim // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        rot = rot * cos[:, None] + rotated * sin[:, None]
+        return torch.cat([rot, rest], dim=-1)
+
+
+class Positions:
+    """Where the T new tokens of one call go: host ints (eager) or device tensors (graphs)."""
+
+    def __init__(self, arena, pos, T: int, rotary: RotaryEmbedding, device):
+        self.pos, self.T = pos, T
+        if pos is None:
+            p = arena.meta[META_POSITION]
+            self.rows = p + torch.arange(T, device=device)                      # [T]
+            self.cos, self.sin = rotary.cos[self.rows], rotary.sin[self.rows]
+        else:
+            self.rows = None
+            self.cos, self.sin = rotary.cos[pos:pos + T], rotary.sin[pos:pos + T]
+
+
+class Attention(nn.Module):
+    """Gated GQA attention: q/k RMSNorm per head, partial RoPE, sigmoid output gate from q_proj."""
+
+    def __init__(self, cfg: TextConfig, attn_index: int):
+        super().__init__()
+        H, Hkv, D, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.H, self.Hkv, self.D = H, Hkv, D
+        self.attn_index = attn_index                        # this layer's slot in the kv buffer
+        self.q_proj = nn.Linear(d, H * D * 2, bias=False)   # per head: query | gate
+        self.k_proj = nn.Linear(d, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(d, Hkv * D, bias=False)
+        self.o_proj = nn.Linear(H * D, d, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, h, arena, at: Positions, rotary: RotaryEmbedding):
+        T, H, Hkv, D = h.shape[0], self.H, self.Hkv, self.D
+        q, gate = self.q_proj(h).view(T, H, 2 * D).chunk(2, dim=-1)            # [T, H, D] each
+        q = rotary(self.q_norm(q), at.cos, at.sin)
+        k = rotary(self.k_norm(self.k_proj(h).view(T, Hkv, D)), at.cos, at.sin)
+        v = self.v_proj(h).view(T, Hkv, D)
+        kv = arena["kv"][:, self.attn_index]                                    # [max_ctx, 2, Hkv, D]
+        q = q.transpose(0, 1)                                                   # [H, T, D]
+        if at.pos is None:
+            kv.index_copy_(0, at.rows, torch.stack([k, v], dim=1))
+            keys, vals = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)    # [Hkv, max_ctx, D]
+            cols = torch.arange(kv.shape[0], device=h.device)
+            mask = cols[None, :] <= at.rows[:, None]                             # [T, max_ctx]
+            # Written out rather than SDPA: SDPA with a mask and GQA falls back to its math kernel,
+            # which first copies K/V to every query head (G x the bytes, the whole max_context).
+            # Folding the G query heads of a KV head into the row dimension reads each KV row once.
+            G = H // Hkv
+            qg = q.reshape(Hkv, G * T, D)                                        # [Hkv, G*T, D]
+            scores = torch.matmul(qg, keys.transpose(1, 2)).float() * D ** -0.5
+            scores.masked_fill_(~mask.repeat(G, 1), float("-inf"))              # [Hkv, G*T, ctx]
+            o = torch.matmul(torch.softmax(scores, dim=-1).to(vals.dtype), vals).view(H, T, D)
+        else:
+            p = at.pos
+            kv[p:p + T, 0] = k
+            kv[p:p + T, 1] = v
+            keys, vals = kv[:p + T, 0].transpose(0, 1), kv[:p + T, 1].transpose(0, 1)
+            mask = None
+            if T > 1:
+                from torch.nn.attention.bias import causal_lower_right
+                mask = causal_lower_right(T, p + T)
+            o = F.scaled_dot_product_attention(q[None], keys[None], vals[None], attn_mask=mask,
+                                               enable_gqa=True)[0]
+        o = o.transpose(0, 1).reshape(T, H * D) * torch.sigmoid(gate.reshape(T, H * D))
+        return self.o_proj(o)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet: short causal conv over q|k|v, decay from `A_log`/`dt_bias`, beta, the delta
+    rule on an fp32 state [Hv, Dk, Dv], gated RMSNorm. Each key head serves Hv/Hk value heads."""
+
+    def __init__(self, cfg: TextConfig, kernel: str):
+        super().__init__()
+        d = cfg.hidden_size
+        self.Hk, self.Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.Dk, self.Dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.K = cfg.linear_conv_kernel_dim
+        self.kernel = kernel               # "reference", "chunked" (CPU prefill) or "fla"
+        key_dim, value_dim = self.Hk * self.Dk, self.Hv * self.Dv
+        self.in_proj_qkv = nn.Linear(d, 2 * key_dim + value_dim, bias=False)
+        self.in_proj_z = nn.Linear(d, value_dim, bias=False)
+        self.in_proj_b = nn.Linear(d, self.Hv, bias=False)
+        self.in_proj_a = nn.Linear(d, self.Hv, bias=False)
+        # depthwise conv, transformers' nn.Conv1d weight layout [channels, 1, K]
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, self.K, groups=cfg.conv_dim,
+                                bias=False)
+        self.A_log = nn.Parameter(torch.zeros(self.Hv), requires_grad=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.Hv), requires_grad=False)
+        self.norm = GatedRMSNorm(self.Dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(value_dim, d, bias=False)
+
+    def forward(self, h, conv_state, state):
+        """h: [T, d]; conv_state: [K-1, conv_dim] (the last K-1 conv inputs); state: [Hv, Dk, Dv]."""
+        T = h.shape[0]
+        qkv = self.in_proj_qkv(h)                                               # [T, conv_dim]
+        xs = torch.cat([conv_state, qkv], dim=0)                                # [K-1+T, conv_dim]
+        conv_state.copy_(xs[T:])
+        w = self.conv1d.weight[:, 0]                                            # [conv_dim, K]
+        y = F.silu((xs.unfold(0, self.K, 1) * w).sum(-1))                       # [T, conv_dim]
+        q, k, v = y.split([self.Hk * self.Dk, self.Hk * self.Dk, self.Hv * self.Dv], dim=-1)
+        q, k = q.view(T, self.Hk, self.Dk), k.view(T, self.Hk, self.Dk)
+        v = v.reshape(T, self.Hv, self.Dv)
+        if self.Hv != self.Hk:
+            q = q.repeat_interleave(self.Hv // self.Hk, dim=1)
+            k = k.repeat_interleave(self.Hv // self.Hk, dim=1)
+        a, b = self.in_proj_a(h), self.in_proj_b(h)                             # [T, Hv]
+        scale = self.Dk ** -0.5
+        if self.kernel == "fla":
+            # the L2 norms, the decay gate and the beta sigmoid run inside the fla kernels;
+            # test_kernels holds them to the reference prologue below
+            o = kernels.gated_delta_rule_fla_gated(q, k, v, a, b, self.A_log, self.dt_bias, state,
+                                                   scale, chunked=T > 1)
+        else:
+            q, k, g, beta = kernels.gate_reference(q, k, a, b, self.A_log, self.dt_bias)
+            rule = kernels.gated_delta_rule_chunked if self.kernel == "chunked" and T > 1 \
+                else kernels.gated_delta_rule_reference
+            o = rule(q, k, v, g, beta, state, scale)                            # [T, Hv, Dv]
+        z = self.in_proj_z(h).view(T, self.Hv, self.Dv)
+        return self.out_proj(self.norm(o, z).reshape(T, self.Hv * self.Dv))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, ffn, bias=False)
+        self.up_proj = nn.Linear(d, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: token mixer (DeltaNet or attention), then the MLP."""
+
+    def __init__(self, cfg: TextConfig, index: int, kernel: str):
+        super().__init__()
+        self.index = index
+        self.is_attention = cfg.layer_types[index] == "full_attention"
+        if self.is_attention:
+            self.self_attn = Attention(cfg, cfg.attn_layers.index(index))
+        else:
+            self.linear_attn = GatedDeltaNet(cfg, kernel)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, arena, at: Positions, rotary: RotaryEmbedding):
+        h = self.input_layernorm(x)
+        if self.is_attention:
+            x = x + self.self_attn(h, arena, at, rotary)
+        else:
+            pre = f"layers.{self.index}."
+            x = x + self.linear_attn(h, arena[pre + "conv_state"], arena[pre + "recurrent_state"])
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Embedding, decoder layers, final norm (transformers' `Qwen3_5TextModel`)."""
+
+    def __init__(self, cfg: TextConfig, max_context: int, dtype: torch.dtype, kernel: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, kernel)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg, max_context, dtype)
+
+    def forward(self, x, arena, pos):
+        """x: [T, d] input embeddings -> final-normed hidden states [T, d]; appends T KV rows."""
+        at = Positions(arena, pos, x.shape[0], self.rotary, x.device)
+        for layer in self.layers:
+            x = layer(x, arena, at, self.rotary)
+        return self.norm(x)
+
+
+class Qwen3_5ForCausalLM(nn.Module):
+    """The backbone with its LM head; parameter names are transformers' checkpoint names."""
+
+    def __init__(self, cfg: TextConfig, max_context: int, dtype: torch.dtype, kernel: str):
+        super().__init__()
+        self.cfg = cfg
+        self.model = TextModel(cfg, max_context, dtype, kernel)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def logits(self, hidden):
+        w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, w)
+
+    @staticmethod
+    def state_specs(cfg: TextConfig, max_context: int, dtype: str) -> list[BufferSpec]:
+        """The backbone's state: conv and recurrent state per DeltaNet layer, then the KV of all
+        attention layers token-major (`kv[t, layer, k|v, head, dim]`, one row per token)."""
+        specs = []
+        for i in cfg.lin_layers:
+            specs.append(BufferSpec(f"layers.{i}.recurrent_state", "float32",
+                                    (cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                     cfg.linear_value_head_dim), "recurrent_state"))
+            specs.append(BufferSpec(f"layers.{i}.conv_state", dtype,
+                                    (cfg.linear_conv_kernel_dim - 1, cfg.conv_dim), "conv_state"))
+        specs.append(BufferSpec("kv", dtype, (max_context, len(cfg.attn_layers), 2,
+                                              cfg.num_key_value_heads, cfg.head_dim), "kv"))
+        return specs

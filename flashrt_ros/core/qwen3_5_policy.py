@@ -1,0 +1,198 @@
+"""Qwen3_5Policy: the Qwen3.5 backbone with an observation encoder, an action head and an MTP head.
+
+Two kinds of input feed the same backbone:
+  * tokens (the instruction, or LM decoding): embedded, appended to the KV context, position += T;
+  * one observation per control step: normalised and projected to one input embedding, plus the
+    MTP head's latent prediction from the previous step. It sits at the next free position (RoPE),
+    attends to the context and to itself but is not appended to it (its KV row is scratch), so a
+    control loop runs at a fixed cost forever; its history lives in the DeltaNet state.
+
+Outputs of a control step: an action chunk [horizon, action_dim], temporally ensembled with the
+pending chunk of the previous step (the action queue), plus Gaussian noise from the arena's
+counter-based sampler when `action_noise > 0`; the MTP head's next latents.
+
+Weights: the backbone from a checkpoint's safetensors (transformers' names) or, for presets, drawn
+from the seed; the heads from `policy.safetensors` or drawn from the seed (`untrained` lists what
+was drawn, so the node can warn that such actions are untrained).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from flashrt_ros.core.arena import (DTYPES, META_POSITION, META_RNG_COUNTER, META_RNG_SEED,
+                                    BufferSpec)
+from flashrt_ros.core.config import ModelConfig
+from flashrt_ros.core.heads import ActionHead, MTPHead, ObservationEncoder
+from flashrt_ros.core.policy import Policy
+from flashrt_ros.core.qwen3_5 import GatedDeltaNet, Qwen3_5ForCausalLM, RMSNorm
+
+_MASK32 = 0xFFFFFFFF
+# Parameters kept in fp32 whatever the model dtype: the decay rates (exp(A_log) in bf16 would round
+# them by up to 0.4 %; transformers and fla read them as fp32) and the heads' MTP scale.
+FP32_PARAMS = ("A_log", "dt_bias")
+
+
+def _mix32(x):
+    """A 32-bit integer hash (lowbias32-style) on int64 tensors holding values in [0, 2^32)."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32   # multiplier < 2^27: the product fits in int64
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_gaussian(seed, counter, idx):
+    """Standard normals from (seed, counter, index): a counter-based sampler whose whole state is two
+    int64 in the arena, so capsules and rollback carry it and graphs can advance it in place."""
+    base = _mix32((seed & _MASK32) ^ _mix32(counter & _MASK32))
+    h1 = _mix32(base ^ _mix32(idx * 2))
+    h2 = _mix32(base ^ _mix32(idx * 2 + 1))
+    u1 = ((h1 >> 8).float() + 0.5) * (1.0 / (1 << 24))     # (0, 1)
+    u2 = (h2 >> 8).float() * (1.0 / (1 << 24))
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+
+class Qwen3_5Policy(Policy):
+    def __init__(self, cfg: ModelConfig, kernel: str = "reference", sample_actions: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.dtype = DTYPES[cfg.dtype]
+        # Sampling is fixed at build time (graphs cannot branch); the RNG counter advances either way.
+        self.sample_actions = sample_actions
+        self.backbone = Qwen3_5ForCausalLM(cfg.text, cfg.max_context, self.dtype, kernel)
+        self.obs_encoder = ObservationEncoder(cfg.obs_dim, d)
+        self.action_head = ActionHead(d, cfg.horizon, cfg.action_dim)
+        self.mtp_head = MTPHead(d, cfg.mtp_depth)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.weights_digest = ""
+        self.untrained: tuple = ()
+
+    # -- parts and weights ------------------------------------------------------------------
+    def backbone_parameters(self) -> dict:
+        """Checkpoint name -> parameter (transformers' names: `model.*`, `lm_head.weight`)."""
+        return dict(self.backbone.named_parameters())
+
+    def head_parameters(self) -> dict:
+        """`policy.safetensors` name -> parameter."""
+        return {f"{part}.{n}": p for part in ("obs_encoder", "action_head", "mtp_head")
+                for n, p in getattr(self, part).named_parameters()}
+
+    def param_dtype(self, name: str) -> torch.dtype:
+        return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS or name == "mtp_head.scale" \
+            else self.dtype
+
+    def set_kernel(self, kernel: str) -> None:
+        for m in self.modules():
+            if isinstance(m, GatedDeltaNet):
+                m.kernel = kernel
+
+    def seeded_weights(self, names, seed: int) -> dict:
+        """Deterministic weights for `names` (CPU generator: the same values on every device)."""
+        g = torch.Generator().manual_seed(seed)
+        params = {**self.backbone_parameters(), **self.head_parameters()}
+        modules = dict(self.named_modules())
+        n_layers = self.cfg.text.num_hidden_layers
+        out = {}
+        for name in names:
+            p = params[name]
+            owner = modules.get(_owner(name, "backbone." if name in self.backbone_parameters()
+                                       else ""))
+            leaf = name.rsplit(".", 1)[-1]
+            shape = tuple(p.shape)
+            if isinstance(owner, RMSNorm):
+                t = torch.zeros(shape)                       # zero-centred: scale 1
+            elif leaf == "A_log":
+                t = torch.log(torch.empty(shape).uniform_(1.0, 16.0, generator=g))
+            elif leaf == "dt_bias":
+                t = torch.empty(shape).uniform_(-4.0, -2.0, generator=g)
+            elif name.endswith("norm.weight"):
+                t = torch.ones(shape)                        # the DeltaNet's gated norm
+            elif name == "mtp_head.scale":
+                t = torch.full(shape, 0.5)
+            elif name.endswith("conv1d.weight"):
+                t = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
+            elif name.endswith("embed_tokens.weight"):
+                t = torch.randn(shape, generator=g) * 0.02
+            else:                                            # nn.Linear [out, in]
+                std = 1.0 / math.sqrt(shape[1])
+                if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+                    std /= math.sqrt(2 * n_layers)          # residual branches
+                t = torch.randn(shape, generator=g) * std
+            out[name] = t.to(self.param_dtype(name))
+        return out
+
+    # -- state -------------------------------------------------------------------------------
+    def state_specs(self) -> list[BufferSpec]:
+        c, dt = self.cfg, self.cfg.dtype
+        return [BufferSpec("obs_norm", "float32", (3, c.obs_dim), "meta"),     # mean, M2, count
+                BufferSpec("last_action", "float32", (c.action_dim,), "action_state"),
+                BufferSpec("action_queue", "float32", (c.horizon, c.action_dim), "action_state"),
+                BufferSpec("mtp_hidden", dt, (c.mtp_depth, c.d_model), "mtp_state"),
+                BufferSpec("last_hidden", dt, (c.d_model,), "mtp_state"),
+                *Qwen3_5ForCausalLM.state_specs(c.text, c.max_context, dt)]
+
+    # -- step functions (what the plans run) ---------------------------------------------------
+    @torch.no_grad()
+    def predict_action_chunk(self, arena, io, pos):
+        """One control step: io.obs -> io.action; commits step += 1 (position unchanged)."""
+        mtp = arena["mtp_hidden"]
+        x = self.obs_encoder(io.obs, arena["obs_norm"]) + mtp[0] * self.mtp_head.scale.to(self.dtype)
+        h = self.backbone.model(x[None], arena, pos)[0]
+        arena["last_hidden"].copy_(h)
+        mtp.copy_(self.mtp_head(h))
+        chunk = self.action_head(h)
+        queue = arena["action_queue"]
+        # temporal ensembling: blend with what the previous chunk planned for the same instants
+        shifted = torch.cat([queue[1:], torch.zeros_like(queue[:1])], dim=0)
+        out = chunk + 0.5 * shifted
+        meta = arena.meta
+        if self.sample_actions:
+            noise = counter_gaussian(meta[META_RNG_SEED], meta[META_RNG_COUNTER], io.noise_index)
+            out = out + io.noise_std * noise.view(self.cfg.horizon, self.cfg.action_dim)
+        queue.copy_(out)
+        arena["last_action"].copy_(out[0])
+        io.action.copy_(out)
+        meta.add_(io.step_increment)                 # step += 1, rng counter += 1
+
+    @torch.no_grad()
+    def token_step(self, arena, io, pos):
+        """Decode one token: io.token -> io.logits, io.next_token (greedy); position += 1."""
+        h = self.backbone.model(self.backbone.model.embed_tokens(io.token), arena, pos)[-1]
+        arena["last_hidden"].copy_(h)
+        self._lm_head(arena, io)
+        arena.meta[META_POSITION] += 1
+
+    @torch.no_grad()
+    def prefill_chunk(self, arena, io, pos, tokens):
+        """Append T context tokens (tokens: [T] int64); position += T; last_hidden updated."""
+        h = self.backbone.model(self.backbone.model.embed_tokens(tokens), arena, pos)[-1]
+        arena["last_hidden"].copy_(h)
+        arena.meta[META_POSITION] += tokens.shape[0]
+
+    @torch.no_grad()
+    def lm_head(self, arena, io):
+        """Logits of the next token from last_hidden (the first token after a prefill or restore)."""
+        self._lm_head(arena, io)
+
+    def _lm_head(self, arena, io):
+        logits = self.backbone.logits(arena["last_hidden"]).float()
+        io.logits.copy_(logits)
+        io.next_token.copy_(torch.argmax(logits).view(1))
+
+
+def _owner(name: str, prefix: str) -> str:
+    return prefix + name.rsplit(".", 1)[0]
+
+
+def digest_tensors(tensors: dict) -> str:
+    """blake2b over every (name, dtype, shape, bytes) in name order: the weights' identity."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
