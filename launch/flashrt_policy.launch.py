@@ -5,7 +5,7 @@
     ros2 launch flashrt_ros flashrt_policy.launch.py config:=/path/params.yaml record:=true
 
 Arguments: config (params file; default the package's config/flashrt_policy.yaml), namespace,
-device and preset ('' = as the params file says), managed ('' = as the params file says; false
+device and model ('' = as the params file says), managed ('' = as the params file says; false
 = configure and activate at start), record (true = also run `flashrt-ros record` on the node's
 topics), bag (the recorder's output directory; '' = its default).
 
@@ -31,7 +31,7 @@ ARGUMENTS = [  # (name, default, description)
     ("config", "", "params file (default: the package's config/flashrt_policy.yaml)"),
     ("namespace", "", "namespace of the node"),
     ("device", "", "cpu, cuda, cuda:N or auto ('' = as the params file says)"),
-    ("preset", "", "model preset ('' = as the params file says)"),
+    ("model", "", "a preset name or a checkpoint directory ('' = as the params file says)"),
     ("managed", "", "true: wait for configure/activate; false: start stepping at once "
                     "('' = as the params file says)"),
     ("record", "false", "also record the node's topics to a bag (`flashrt-ros record`)"),
@@ -56,13 +56,13 @@ def _true(text: str) -> bool:
     return str(text).strip().lower() in ("1", "true", "yes", "on")
 
 
-def node_arguments(config="", namespace="", device="", preset="", managed="") -> dict:
+def node_arguments(config="", namespace="", device="", model="", managed="") -> dict:
     """What the node is started with: executable, name, namespace, params file, overrides, remappings."""
     overrides = {}
     if device:
         overrides["runtime.device"] = device
-    if preset:
-        overrides["preset"] = preset
+    if model:
+        overrides["model"] = model
     if managed != "":
         overrides["managed"] = _true(managed)
     namespace = namespace.strip("/")
@@ -105,7 +105,7 @@ def _launch_setup(context):
         from launch.substitutions import LaunchConfiguration
         return LaunchConfiguration(name).perform(context)
 
-    args = node_arguments(value("config"), value("namespace"), value("device"), value("preset"),
+    args = node_arguments(value("config"), value("namespace"), value("device"), value("model"),
                           value("managed"))
     actions = [Node(package=args["package"], executable=args["executable"], name=args["name"],
                     namespace=args["namespace"], output="screen",

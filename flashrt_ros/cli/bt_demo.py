@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exploration noise of branches 1..N-1 (branch 0 runs the policy's command)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sim and the exploration noise")
     p.add_argument("--out", default="bt_demo", help="directory for bt_demo.png and report.txt")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--model", default="tiny", help="a preset name or a checkpoint directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rate", type=float, default=100.0,
                    help="the robot's highest step rate in Hz (lockstep: slower if the policy is)")
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from rclpy.parameter import Parameter
 
     from flashrt_ros.bt.behaviours import CALLS_KEY, ERROR_KEY
-    from flashrt_ros.core.config import load_preset
+    from flashrt_ros.core.checkpoint import resolve_model
     from flashrt_ros.ros.executors import PolicyExecutor, SpinThread
     from flashrt_ros.ros.node import PolicyNode
     from flashrt_ros.sim.robot import SimRobotNode
@@ -60,10 +60,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
-    cfg = load_preset(a.preset)
+    cfg = resolve_model(a.model).cfg
     policy_name = "/" + a.node_name.strip("/")
     rclpy.init()
-    overrides = [Parameter("managed", value=False), Parameter("preset", value=a.preset),
+    overrides = [Parameter("managed", value=False), Parameter("model", value=a.model),
                  Parameter("runtime.device", value=a.device),
                  Parameter("control_mode", value="observation"),
                  Parameter("observation_qos", value="reliable"),
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         tree.setup(node=tree_node)
         spin = SpinThread(executor)
         spin.start()
-        print(f"[bt-demo] policy {policy_name} ({a.preset}, {a.device}); {a.branches} branches x "
+        print(f"[bt-demo] policy {policy_name} ({a.model}, {a.device}); {a.branches} branches x "
               f"{a.steps} steps at {a.decisions} decision point(s), warmup {a.warmup}", flush=True)
         t0 = time.monotonic()
         status = run_tree(tree, timeout_s=a.timeout)

@@ -13,7 +13,7 @@ import time
 
 
 def add_arguments(p):
-    p.add_argument("--preset", default="tiny", help="model preset (default %(default)s)")
+    p.add_argument("--model", default="tiny", help="a preset name or a checkpoint directory (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default %(default)s)")
     p.add_argument("--rate", type=float, default=30.0, help="control rate in Hz (default %(default)s)")
     p.add_argument("--duration", type=float, default=0.0, help="seconds to run (0 = until Ctrl-C)")
@@ -26,19 +26,19 @@ def run_demo(args) -> int:
     import rclpy
     from rclpy.parameter import Parameter
 
-    from flashrt_ros.core.config import load_preset
+    from flashrt_ros.core.checkpoint import resolve_model
     from flashrt_ros.ros.executors import PolicyExecutor, SpinThread
     from flashrt_ros.ros.node import PolicyNode
     from flashrt_ros.sim.robot import SimRobotNode
 
-    cfg = load_preset(args.preset)
+    cfg = resolve_model(args.model).cfg
     rclpy.init()
-    overrides = [Parameter("managed", value=False), Parameter("preset", value=args.preset),
+    overrides = [Parameter("managed", value=False), Parameter("model", value=args.model),
                  Parameter("runtime.device", value=args.device),
                  Parameter("control_rate_hz", value=float(args.rate)),
                  Parameter("instruction", value=args.instruction),
                  Parameter("store.capsule_dir", value=os.path.abspath(args.capsule_dir))]
-    print(f"[flashrt] starting policy node /flashrt_policy: preset {args.preset}, device "
+    print(f"[flashrt] starting policy node /flashrt_policy: model {args.model}, device "
           f"{args.device}, {args.rate:g} Hz (weights are deterministic from a seed and untrained)",
           flush=True)
     policy = PolicyNode(parameter_overrides=overrides)

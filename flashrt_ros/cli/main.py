@@ -238,21 +238,55 @@ def _instruct(args) -> int:
     return 0
 
 
+def _runtime(args):
+    from flashrt_ros.core.config import RuntimeConfig
+    from flashrt_ros.core.runtime import PolicyRuntime
+    say = (lambda msg: print(f"[flashrt] {msg}", file=sys.stderr)) if not args.json else None
+    return PolicyRuntime.from_pretrained(args.model, RuntimeConfig(device=args.device), progress=say)
+
+
 def _info(args) -> int:
     import json
-    from flashrt_ros.core.config import RuntimeConfig, load_preset
-    from flashrt_ros.core.runtime import PolicyRuntime
-    rt = PolicyRuntime(load_preset(args.preset), RuntimeConfig(device=args.device))
+    rt = _runtime(args)
     d = rt.describe()
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
-    print(f"preset {d['preset']} on {d['device']} (kernels {d['kernels']}, graphs {d['cuda_graphs']})")
+    print(f"model {d['model']} on {d['device']} (kernels {d['kernels']}, graphs "
+          f"{d['cuda_graphs']}, {d['dtype']}, {d['parameters'] / 1e6:.1f} M parameters, "
+          f"tokenizer: {d['tokenizer']})")
+    print(f"layers: {' '.join('A' if t == 'full_attention' else 'D' for t in d['layer_types'])} "
+          f"(A: gated attention, D: Gated DeltaNet); obs_dim {d['obs_dim']}, action chunk "
+          f"{d['horizon']} x {d['action_dim']}, context {d['max_context']} tokens")
+    if d["untrained"]:
+        print(f"untrained (drawn from the seed): {', '.join(d['untrained'])}")
     print(f"state arena {_fmt_bytes(d['arena_bytes'])}: fixed {_fmt_bytes(d['fixed_state_bytes'])} "
           f"+ {d['state_bytes_per_token']} B/token; fingerprint {d['fingerprint']}")
+    roles: dict = {}
+    for b in d["buffers"]:
+        roles[b["role"]] = roles.get(b["role"], 0) + b["nbytes"]
+    print("bytes per role (kv at max_context): "
+          + ", ".join(f"{r} {_fmt_bytes(n)}" for r, n in roles.items()))
     for b in d["buffers"]:
         print(f"  {b['name']:<28} {b['role']:<16} {b['dtype']:<9} {str(b['shape']):<28} "
               f"{_fmt_bytes(b['nbytes'])}")
+    return 0
+
+
+def _generate(args) -> int:
+    args.json = False
+    rt = _runtime(args)
+    ids = rt.tokenizer.encode(args.text)
+    rt.prefill(ids)
+    out = []
+    eos = rt.model_cfg.text.eos_token_id
+    for tok in rt.decode(args.max_new_tokens):
+        if tok == eos:
+            break
+        out.append(tok)
+    print(args.text + rt.tokenizer.decode(out))
+    print(f"[flashrt] {len(ids)} prompt tokens, {len(out)} generated (greedy): {out}",
+          file=sys.stderr)
     return 0
 
 
@@ -347,10 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
                                           "shutdown", "get"])
     s = sub.add_parser("instruct", help="send a task instruction (prefills a new context)")
     s.add_argument("text")
-    s = sub.add_parser("info", help="describe the runtime of a preset (no ROS needed)")
-    s.add_argument("--preset", default="tiny")
+    s = sub.add_parser("info", help="describe a model's runtime: arena layout, bytes per role, "
+                                    "fingerprint (no ROS needed)")
+    s.add_argument("--model", default="tiny", help="a preset name or a checkpoint directory")
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true")
+    s = sub.add_parser("generate", help="greedy continuation of a text: the quick check that a "
+                                        "checkpoint works (no ROS needed)")
+    s.add_argument("text")
+    s.add_argument("--model", default="tiny", help="a preset name or a checkpoint directory")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--max-new-tokens", type=int, default=32)
     s = sub.add_parser("params", help="print every node parameter with its default and meaning "
                                       "(a ROS params file, or --markdown; no ROS needed)")
     s.add_argument("--markdown", action="store_true", help="a Markdown table instead of YAML")
@@ -392,7 +433,7 @@ def main(argv=None) -> int:
         from flashrt_ros.cli.demo import run_demo
         return run_demo(args)
     handlers = {"status": _status, "lifecycle": _lifecycle, "instruct": _instruct, "info": _info,
-                "params": _params}
+                "generate": _generate, "params": _params}
     if args.command in handlers:
         return handlers[args.command](args)
     return _service_command(args)

@@ -19,7 +19,6 @@ Only regular files inside the directory are opened (names from the index never e
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -46,12 +45,31 @@ STR_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"
 
 @dataclass(frozen=True)
 class ModelDir:
-    """What a model directory holds (paths are regular files inside it)."""
-    path: str
+    """Where a policy's configuration and weights come from (paths are regular files)."""
+    path: str                    # the checkpoint directory, or the preset's YAML file
     cfg: ModelConfig
-    weight_files: tuple          # safetensors files of the backbone ('' none: seeded presets)
+    weight_files: tuple          # safetensors files of the backbone (empty: drawn from the seed)
     tokenizer_file: str          # '' = byte tokenizer
     policy_weights: str          # '' = heads drawn from the seed
+
+
+def resolve_model(spec: str, say=None, **overrides) -> ModelDir:
+    """A node's `model` parameter: a checkpoint directory (a path), or a preset name.
+
+    A preset (`config/presets/<name>.yaml`) draws its backbone from the seed; trained heads for it
+    may lie beside the YAML as `<name>.policy.safetensors`.
+    """
+    if isinstance(spec, str) and (os.sep in spec or spec.startswith(("~", "."))):
+        return read_model_dir(spec, say=say, **overrides)
+    from flashrt_ros.core.config import load_preset, preset_path
+    cfg = load_preset(spec, **overrides)
+    yaml_path = preset_path(spec)
+    heads = ""
+    if yaml_path:
+        candidate = yaml_path[:-len(".yaml")] + ".policy.safetensors"
+        if os.path.isfile(candidate) and not os.path.islink(candidate):
+            heads = candidate
+    return ModelDir(yaml_path or spec, cfg, (), "", heads)
 
 
 def _regular_file(directory: str, name: str, what: str) -> str:
@@ -212,6 +230,12 @@ def load_backbone(policy, files, device, say=None) -> str:
     return h.hexdigest()
 
 
+def heads_backbone_digest(path: str) -> str:
+    """The backbone digest a heads file was trained against ('' if it does not say)."""
+    with _open(path) as f:
+        return (f.metadata() or {}).get("backbone_digest", "")
+
+
 def load_heads(policy, path: str, device) -> str:
     """Copy the heads' tensors from `policy.safetensors`; returns their digest."""
     expected = {n: tuple(p.shape) for n, p in policy.head_parameters().items()}
@@ -222,7 +246,7 @@ def load_heads(policy, path: str, device) -> str:
         wrong = sorted(n for n in expected if n in found and found[n] != expected[n])
         if missing or extra or wrong:
             raise ConfigError(
-                f"{path}: the heads do not fit policy_config.json (missing {missing[:5]}, "
+                f"{path}: the heads do not fit the policy's shapes (missing {missing[:5]}, "
                 f"unexpected {extra[:5]}, "
                 + ", ".join(f"{n}: expected shape {expected[n]}, found {found[n]}" for n in wrong[:5])
                 + "); retrain the heads for these shapes or fix policy_config.json")
@@ -236,16 +260,17 @@ def load_heads(policy, path: str, device) -> str:
     return digest_tensors(tensors)
 
 
-def save_heads(policy, path: str, extra_config: dict | None = None) -> None:
-    """Write the heads to `path` (policy.safetensors) and, beside it, policy_config.json."""
+def save_heads(policy, path: str, backbone_digest: str = "") -> None:
+    """Write the heads to `path` (safetensors; the metadata names the backbone they were trained
+    with) and policy_config.json beside it."""
     from safetensors.torch import save_file
-    save_file({n: p.detach().cpu().contiguous() for n, p in policy.head_parameters().items()}, path)
-    c = policy.cfg
-    cfg = {k: getattr(c, k) for k in POLICY_FIELDS}
-    cfg.update(extra_config or {})
-    with open(os.path.join(os.path.dirname(path), POLICY_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2)
-        f.write("\n")
+    save_file({n: p.detach().cpu().contiguous() for n, p in policy.head_parameters().items()}, path,
+              metadata={"format": "pt", "backbone_digest": backbone_digest})
+    if os.path.basename(path) == POLICY_WEIGHTS:
+        c = policy.cfg
+        with open(os.path.join(os.path.dirname(path), POLICY_CONFIG), "w", encoding="utf-8") as f:
+            json.dump({k: getattr(c, k) for k in POLICY_FIELDS}, f, indent=2)
+            f.write("\n")
 
 
 def save_pretrained(policy, directory: str) -> None:
@@ -260,8 +285,4 @@ def save_pretrained(policy, directory: str) -> None:
         f.write("\n")
     save_file({n: p.detach().cpu().contiguous() for n, p in policy.backbone_parameters().items()},
               os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
-    save_heads(policy, os.path.join(directory, POLICY_WEIGHTS))
-
-
-def replace_cfg(md: ModelDir, **changes) -> ModelDir:
-    return dataclasses.replace(md, cfg=dataclasses.replace(md.cfg, **changes))
+    save_heads(policy, os.path.join(directory, POLICY_WEIGHTS), policy.backbone_digest)

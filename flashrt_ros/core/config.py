@@ -243,7 +243,6 @@ class RuntimeConfig:
     kernels: str = _f("auto", "auto (CUDA: fla when importable, else reference; CPU: chunked), fla, "
                                "chunked (CPU only: reference steps, chunk-parallel prefill) or "
                                "reference", True)
-    weights: str = _f("", "safetensors file with the policy weights ('' = deterministic from seed)", True)
     threads: int = _f(0, "torch CPU (intra-op) threads the node sets at configure: 0 = auto (1 for "
                          "presets with d_model <= 256, where handing tiny ops to a second thread "
                          "costs more than it saves; else torch's default), N > 0 = N", True)
@@ -271,9 +270,6 @@ class RuntimeConfig:
         _check(isinstance(self.threads, int) and not isinstance(self.threads, bool)
                and 0 <= self.threads <= 1024, "runtime.threads", "an integer in [0, 1024] (0 = auto)",
                self.threads)
-        if self.weights:
-            _check(self.weights.endswith(".safetensors"), "runtime.weights",
-                   "a .safetensors file (pickle-based formats are refused)", self.weights)
 
 
 @dataclass(frozen=True)
@@ -360,20 +356,33 @@ def available_presets() -> list[str]:
     return sorted(names)
 
 
-def load_preset(name: str, **overrides) -> ModelConfig:
-    """Model shapes of a named preset (`tiny`, `hybrid-0.8b`, or any YAML in a preset dir)."""
-    import yaml
+def _check_preset_name(name) -> None:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
         raise ConfigError(f"preset: expected a preset name such as 'tiny', found {name!r}")
+
+
+def preset_path(name: str) -> str:
+    """The YAML file of preset `name` ('' if none: `tiny` is also embedded)."""
+    _check_preset_name(name)
     for d in preset_dirs():
         path = os.path.join(d, name + ".yaml")
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
-            values.setdefault("name", name)
-            values.update(overrides)
-            return from_dict(ModelConfig, values, where=f"preset {path}")
+            return path
+    return ""
+
+
+def load_preset(name: str, **overrides) -> ModelConfig:
+    """Model shapes of a named preset (`tiny`, `hybrid-0.8b`, or any YAML in a preset dir)."""
+    import yaml
+    path = preset_path(name)
+    if path:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        values.setdefault("name", name)
+        values.update(overrides)
+        return from_dict(ModelConfig, values, where=f"preset {path}")
     if name == "tiny":
         return dataclasses.replace(TINY, **overrides)
     raise ConfigError(f"preset: no preset named {name!r}; available: {available_presets()}. "
-                      f"Add config/presets/{name}.yaml or pick one of those.")
+                      f"Add config/presets/{name}.yaml, pick one of those, or name a checkpoint "
+                      f"directory (a path).")

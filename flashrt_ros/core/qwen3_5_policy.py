@@ -69,6 +69,7 @@ class Qwen3_5Policy(Policy):
         for p in self.parameters():
             p.requires_grad_(False)
         self.weights_digest = ""
+        self.backbone_digest = ""
         self.untrained: tuple = ()
 
     # -- parts and weights ------------------------------------------------------------------

@@ -106,11 +106,12 @@ class PolicyRuntime:
     @classmethod
     def from_pretrained(cls, path: str, runtime_cfg: RuntimeConfig | None = None, progress=None,
                         **overrides) -> "PolicyRuntime":
-        """A runtime serving the checkpoint directory `path` (see core/checkpoint.py).
+        """A runtime serving the checkpoint directory `path` (see core/checkpoint.py), or a preset
+        by name with its trained heads where it has them.
 
         `overrides` set policy fields over the directory's (max_context, dtype, ...)."""
         return cls(runtime_cfg=runtime_cfg, progress=progress,
-                   model_dir=checkpoint.read_model_dir(path, say=progress, **overrides))
+                   model_dir=checkpoint.resolve_model(path, say=progress, **overrides))
 
     def _build_policy(self, model_dir, kernel, say):
         """The policy on the device: built without initialising (meta tensors), then every weight
@@ -130,7 +131,7 @@ class PolicyRuntime:
         backbone = policy.backbone_parameters()
         heads = policy.head_parameters()
         untrained = []
-        if model_dir is not None:
+        if model_dir is not None and model_dir.weight_files:
             say(f"loading the backbone from {len(model_dir.weight_files)} safetensors file(s)")
             backbone_digest = checkpoint.load_backbone(policy, model_dir.weight_files, self.device,
                                                        say)
@@ -140,9 +141,17 @@ class PolicyRuntime:
                 backbone[n].data.copy_(v)
             backbone_digest = digest_tensors(seeded)
             untrained.append("backbone")
-        if model_dir is not None and model_dir.policy_weights:
-            say(f"loading the heads from {model_dir.policy_weights}")
-            heads_digest = checkpoint.load_heads(policy, model_dir.policy_weights, self.device)
+        policy.backbone_digest = backbone_digest
+        heads_file = model_dir.policy_weights if model_dir is not None else ""
+        if heads_file:
+            trained_with = checkpoint.heads_backbone_digest(heads_file)
+            if trained_with and trained_with != backbone_digest:
+                say(f"warning: {heads_file} was trained with another backbone (digest "
+                    f"{trained_with}, this one {backbone_digest}); not loading it")
+                heads_file = ""
+        if heads_file:
+            say(f"loading the heads from {heads_file}")
+            heads_digest = checkpoint.load_heads(policy, heads_file, self.device)
         else:
             seeded = policy.seeded_weights(list(heads), cfg.seed)
             for n, v in seeded.items():

@@ -80,7 +80,7 @@ from flashrt_ros.msg import ActionChunk, CapsuleEvent, CapsuleInfo, Observation,
 from flashrt_ros.srv import (DeleteCapsule, Fork, ListCapsules, LoadCapsule, Reset, Restore,
                              Rollback, SaveCapsule, Snapshot)
 
-from flashrt_ros.core.config import load_preset
+from flashrt_ros.core.checkpoint import resolve_model
 from flashrt_ros.core.exceptions import ConfigError, FlashRTError, NotConfiguredError
 from flashrt_ros.ros.params import configs_from_values, parameter_table
 from flashrt_ros.core.runtime import PolicyRuntime
@@ -312,7 +312,8 @@ class PolicyNode(LifecycleNode):
         log = self.get_logger()
         try:
             node_cfg, rt_cfg, store_cfg = configs_from_values(self._param_values())
-            model_cfg = load_preset(node_cfg.preset)
+            model_dir = resolve_model(node_cfg.model, say=log.info)
+            model_cfg = model_dir.cfg
             self._check_joints(node_cfg, model_cfg)
             # auto: tiny models lose more to handing ops to a second thread than they gain
             self._threads = rt_cfg.threads or (1 if model_cfg.d_model <= 256 else 0)
@@ -320,10 +321,13 @@ class PolicyNode(LifecycleNode):
             if node_cfg.nice:
                 self._nice_before = set_thread_nice(node_cfg.nice)
                 log.info(f"nice {node_cfg.nice} for the node's threads")
-            log.info(f"configuring: preset {node_cfg.preset}, device {rt_cfg.device}, "
+            log.info(f"configuring: model {node_cfg.model}, device {rt_cfg.device}, "
                      f"{node_cfg.control_mode} control at {node_cfg.control_rate_hz:g} Hz, "
                      f"{torch.get_num_threads()} torch CPU thread(s)")
-            rt = PolicyRuntime(model_cfg, rt_cfg, progress=log.info)
+            rt = PolicyRuntime(runtime_cfg=rt_cfg, progress=log.info, model_dir=model_dir)
+            if rt.model.untrained:
+                log.warning(f"the {' and '.join(rt.model.untrained)} of model {model_cfg.name!r} "
+                            f"are drawn from the seed, not trained: its actions mean nothing")
             # fair to capsule calls (see the module docstring); the store reads rt.lock per use
             rt.lock = BoundaryLock()
             if node_cfg.instruction:
@@ -375,7 +379,7 @@ class PolicyNode(LifecycleNode):
         n = len(node_cfg.joint_names)
         if n and model_cfg.obs_dim not in (n, 2 * n):
             raise ConfigError(f"joint_names: expected obs_dim ({model_cfg.obs_dim}) or half of it "
-                              f"joint names (positions, or positions then velocities) for preset "
+                              f"joint names (positions, or positions then velocities) for model "
                               f"{model_cfg.name!r}, found {n}")
         if node_cfg.command_output == "joint_trajectory" and n > model_cfg.action_dim:
             raise ConfigError(f"joint_names: expected at most action_dim ({model_cfg.action_dim}) "

@@ -32,7 +32,9 @@ def _f(default, help, read_only=False):
 
 @dataclass(frozen=True)
 class NodeConfig:
-    preset: str = _f("tiny", "model preset (config/presets/<name>.yaml; tiny is embedded)", True)
+    model: str = _f("tiny", "a preset name (config/presets/<name>.yaml; tiny is embedded) or a "
+                            "checkpoint directory (a path: config.json + model.safetensors as "
+                            "transformers writes them, optional policy.safetensors)", True)
     managed: bool = _f(True, "lifecycle node waiting for configure/activate; false = configure and "
                              "activate at start (a plain auto-starting node)", True)
     instruction: str = _f("", "task instruction prefilled at configure ('' = empty context); to "
