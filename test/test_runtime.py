@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flashrt_ros.core.arena import META_EPISODE, META_POSITION, META_RNG_COUNTER, META_STEP
-from flashrt_ros.core.config import ModelConfig, RuntimeConfig, from_dict, load_preset
+from flashrt_ros.core.config import ModelConfig, RuntimeConfig, TextConfig, from_dict, load_preset
 from flashrt_ros.core.exceptions import ConfigError, InputError, RollbackUnavailable
 from flashrt_ros.core.runtime import PolicyRuntime, resolve_device
 
@@ -101,7 +101,7 @@ def test_bfloat16_preset_is_deterministic_on_cpu():
             rt.step(o)
     assert torch.equal(a.arena.base, b.arena.base)
     assert a.arena["kv"].dtype == torch.bfloat16
-    assert a.model.w("layers.0.A_log").dtype == torch.float32   # decay rates stay fp32
+    assert a.model.backbone.model.layers[0].linear_attn.A_log.dtype == torch.float32  # decay: fp32
 
 
 # -- rollback -----------------------------------------------------------------------------------
@@ -433,7 +433,7 @@ def test_static_graph_form_matches_the_dynamic_form_on_cpu():
     io.obs.copy_(torch.from_numpy(observations(1)[0]))
     io.chunks[16].copy_(torch.arange(16) + 100)
     io.token.fill_(42)
-    for fn in (lambda p: m.observation_step(a, io, p), lambda p: m.token_step(a, io, p),
+    for fn in (lambda p: m.predict_action_chunk(a, io, p), lambda p: m.token_step(a, io, p),
                lambda p: m.prefill_chunk(a, io, p, io.chunks[16])):
         (db, dact, dlog), (sb, sact, slog) = both(fn)
         assert torch.equal(db[:64], sb[:64])                # meta: the same position/step updates
@@ -446,49 +446,18 @@ def test_static_graph_form_matches_the_dynamic_form_on_cpu():
         torch.testing.assert_close(dlog, slog, atol=STATIC_ATOL, rtol=0)
 
 
-# -- weights ------------------------------------------------------------------------------------
-def test_weights_round_trip_through_safetensors(tmp_path):
-    src = make(model=load_preset("tiny", seed=3))
-    path = str(tmp_path / "policy.safetensors")
-    src.model.save_weights(path)
-    loaded = make(weights=path)                             # preset seed 0, weights from seed 3
-    plain = make()
-    assert loaded.fingerprint() != plain.fingerprint()
-    assert loaded.model.weights_digest == src.model.weights_digest
-    obs = observations(4)
-    for rt in (src, loaded, plain):
-        rt.set_instruction(INSTRUCTION)
-    for o in obs:
-        a, b, c = src.step(o), loaded.step(o), plain.step(o)
-        assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert torch.equal(src.arena.base, loaded.arena.base)
-
-
-def test_weights_of_another_preset_are_refused(tmp_path):
-    other = make(model=dataclasses.replace(load_preset("tiny"), d_model=32, name="tiny-narrow"))
-    path = str(tmp_path / "narrow.safetensors")
-    other.model.save_weights(path)
-    with pytest.raises(ConfigError, match=r"do not match preset 'tiny'.*expected \(260, 64\), "
-                                          r"found \(260, 32\)"):
-        make(weights=path)
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(ConfigError, match="readable safetensors"):
-        make(weights=str(junk))
-    with pytest.raises(ConfigError, match="readable safetensors"):
-        make(weights=str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ConfigError, match="pickle"):
-        RuntimeConfig(weights=str(tmp_path / "policy.pt"))
-
-
 # -- configuration ------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls, values, field, found", [
-    (ModelConfig, {"d_model": 0}, "model.d_model", "0"),
-    (ModelConfig, {"n_layers": 2.5}, "model.n_layers", "2.5"),
-    (ModelConfig, {"n_heads": 3, "n_kv_heads": 2}, "model.n_heads", "3"),
-    (ModelConfig, {"conv_kernel": 1}, "model.conv_kernel", "1"),
+    (TextConfig, {"hidden_size": 0}, "text.hidden_size", "0"),
+    (TextConfig, {"num_hidden_layers": 2.5}, "text.num_hidden_layers", "2.5"),
+    (TextConfig, {"num_attention_heads": 3, "num_key_value_heads": 2}, "text.num_attention_heads",
+     "3"),
+    (TextConfig, {"linear_conv_kernel_dim": 1}, "text.linear_conv_kernel_dim", "1"),
+    (TextConfig, {"layer_types": ["linear_attention"] * 4}, "text.layer_types",
+     "['linear_attention', 'linear_attention', 'linear_attention', 'linear_attention']"),
+    (TextConfig, {"partial_rotary_factor": 0.3}, "text.partial_rotary_factor", "0.3"),
     (ModelConfig, {"dtype": "float8"}, "model.dtype", "'float8'"),
-    (ModelConfig, {"vocab_size": 100}, "model.vocab_size", "100"),
+    (ModelConfig, {"horizon": 0}, "model.horizon", "0"),
     (RuntimeConfig, {"device": "tpu"}, "runtime.device", "'tpu'"),
     (RuntimeConfig, {"prefill_buckets": (16, 0)}, "runtime.prefill_buckets", "[16, 0]"),
     (RuntimeConfig, {"rollback_depth": -1}, "runtime.rollback_depth", "-1"),
@@ -541,7 +510,7 @@ def test_chunked_prefill_agrees_with_the_reference_loop():
 def test_describe_and_fingerprint():
     a, b = make(), make(model=load_preset("tiny", seed=1))
     d = a.describe()
-    assert d["preset"] == "tiny" and d["device"] == "cpu" and d["kernels"] == "chunked"
+    assert d["model"] == "tiny" and d["device"] == "cpu" and d["kernels"] == "chunked"
     assert not d["cuda_graphs"]
     assert d["fixed_state_bytes"] == a.arena.small_nbytes == a.arena.specs["kv"].offset
     assert d["state_bytes_per_token"] == 4 * 1 * 2 * 1 * 32   # fp32 x attn layers x k|v x kv heads x dim

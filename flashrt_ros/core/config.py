@@ -199,7 +199,7 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig,
                              metadata={"help": "the Qwen3.5 text backbone (config.json fields)",
                                        "read_only": True})
-    obs_dim: int = _f(21, "observation vector length", True)
+    obs_dim: int = _f(14, "observation vector length", True)
     action_dim: int = _f(7, "action vector length", True)
     horizon: int = _f(8, "action chunk length", True)
     mtp_depth: int = _f(2, "multi-token head: latent tokens predicted ahead", True)

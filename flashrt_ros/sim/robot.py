@@ -2,7 +2,8 @@
 
 A point-mass arm of `action_dim` joints: the first row of each action chunk is a joint velocity
 command (clipped), integrated at the control period; a target pose drifts slowly. The observation
-is [joint positions, joint velocities, target - position, ...] cut or zero-padded to `obs_dim`.
+is [target - position, joint velocities, joint positions] cut or zero-padded to `obs_dim`: the
+tiny preset's 14 values hold what the task needs (the error to close and how fast it closes).
 Deterministic given its seed, so runs can be compared.
 
 Modes: `rate` publishes at a fixed rate (the policy node steps on its own timer); `lockstep`
@@ -31,7 +32,7 @@ class SimArm:
         self.t = 0
 
     def observe(self) -> np.ndarray:
-        full = np.concatenate([self.q, self.qd, self.target - self.q])
+        full = np.concatenate([self.target - self.q, self.qd, self.q])
         obs = np.zeros(self.obs_dim, dtype=np.float32)
         n = min(self.obs_dim, full.size)
         obs[:n] = full[:n]
