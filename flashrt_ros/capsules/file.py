@@ -123,7 +123,7 @@ def read_capsule(path: str, arena: StateArena, fingerprint: str) -> tuple[Capsul
                               f"runtime's model, layout and weights), found {cap.fingerprint}; it "
                               f"was taken from another preset, weights or version and cannot be "
                               f"restored here")
-    max_pos = arena.cfg.max_context - 1
+    max_pos = arena.max_context - 1
     if not 0 <= cap.position <= max_pos:
         raise CapsuleCorrupt(f"capsule {cap.name!r}: position {cap.position} outside [0, {max_pos}]")
     raw = torch.zeros(arena.live_nbytes(cap.position), dtype=torch.uint8)
