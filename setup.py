@@ -110,15 +110,15 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["flashrt_ros", "flashrt_ros.*"]),
-    package_data={"flashrt_ros": ["presets/*.yaml"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/flashrt_ros"]),
         ("share/flashrt_ros", ["package.xml"]),
         ("share/flashrt_ros/launch", glob.glob("launch/*.py")),
         ("share/flashrt_ros/config", glob.glob("config/*.yaml")),
-        ("share/flashrt_ros/config/presets", glob.glob("config/presets/*.yaml")),
+        ("share/flashrt_ros/config/presets", sorted(glob.glob("config/presets/*.yaml")
+                                                    + glob.glob("config/presets/*.safetensors"))),
     ],
-    install_requires=["numpy", "pyyaml", "safetensors", "torch>=2.4"],
+    install_requires=["numpy", "pyyaml", "safetensors", "tokenizers", "torch>=2.4"],
     extras_require={
         "ros": ["rosbags>=0.10", "py_trees>=2.2"],
         "gpu": ["flash-linear-attention>=0.6", "cupy-cuda12x"],
