@@ -60,11 +60,11 @@ def test_launch_module_needs_no_launch_import_for_its_arguments():
     before = set(sys.modules)
     m = load_launch_module()
     assert not {"launch_ros", "launch.actions"} & (set(sys.modules) - before)
-    args = m.node_arguments(namespace="robot", device="cpu", preset="tiny", managed="false")
+    args = m.node_arguments(namespace="robot", device="cpu", model="tiny", managed="false")
     assert args["executable"] == "flashrt_node" and args["name"] == "flashrt_policy"
     assert args["namespace"] == "/robot"
     assert os.path.samefile(args["params_file"], CONFIG_FILE)
-    assert args["parameters"] == {"runtime.device": "cpu", "preset": "tiny", "managed": False}
+    assert args["parameters"] == {"runtime.device": "cpu", "model": "tiny", "managed": False}
     assert args["remappings"] == m.REMAPPINGS
     assert m.node_arguments()["parameters"] == {}           # '' = as the params file says
     assert m.recorder_command(args) == ["flashrt-ros", "record", "--node", "/robot/flashrt_policy"]

@@ -125,7 +125,7 @@ def test_fixed_parameters_refuse_changes_while_configured(make_node):
     assert c.transition("configure")
     ok, reason = c.set_parameter("control_rate_hz", 10.0)
     assert not ok and "fixed" in reason and "cleanup" in reason
-    assert not c.set_parameter("preset", "hybrid-0.8b")[0]
+    assert not c.set_parameter("model", "hybrid-0.8b")[0]
     assert c.get_parameters(["control_rate_hz"])["control_rate_hz"] == 50.0
     assert n.node.node_cfg.control_rate_hz == 50.0
     # a parameter that may change is validated when set, and applies at once
@@ -145,7 +145,8 @@ def test_fixed_parameters_refuse_changes_while_configured(make_node):
 
 @pytest.mark.parametrize("name, bad, good, says", [
     ("control_mode", "bogus", "observation", "control_mode: expected timer or observation, found 'bogus'"),
-    ("preset", "../x", "tiny", "preset: expected a preset name such as 'tiny', found '../x'"),
+    ("model", "../x", "tiny", "model: expected a checkpoint directory, found no directory"),
+    ("model", "nosuch", "tiny", "preset: no preset named 'nosuch'"),
     ("store.default_tier", "tape", "host", "store.default_tier: expected auto, gpu, host or disk, found 'tape'"),
     ("control_rate_hz", "fast", 20.0, "control_rate_hz: expected a number, found 'fast'"),
     ("joint_names", ["a", "b", "c"], ["j%d" % i for i in range(7)], "joint_names: expected obs_dim (14)"),
