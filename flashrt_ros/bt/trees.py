@@ -51,7 +51,8 @@ from py_trees.common import Access, ComparisonExpression, Status
 
 from flashrt_ros.bt.behaviours import (DEFAULT_POLICY, ERROR_KEY, CapsulePresent, DeadlineHealthy, DeleteCapsule,
                          Fork, FromBlackboard, Reset, Restore, Rollback, Snapshot)
-from flashrt_ros.sim.robot import SimArm, SimRobotNode
+from flashrt_ros.sim.arm import SimArm
+from flashrt_ros.sim.robot import SimRobotNode
 
 FAILURE_SIGNAL_KEY = "/episode/failure_signal"
 ATTEMPTS_KEY = "/episode/attempts"

@@ -18,7 +18,7 @@ def add_arguments(p):
     p.add_argument("--rate", type=float, default=30.0, help="control rate in Hz (default %(default)s)")
     p.add_argument("--duration", type=float, default=0.0, help="seconds to run (0 = until Ctrl-C)")
     p.add_argument("--capsule-dir", default="capsules", help="disk-tier capsule directory")
-    p.add_argument("--instruction", default="pick up the red cube and place it in the bin")
+    p.add_argument("--instruction", default="reach the moving target")
 
 
 def run_demo(args) -> int:
@@ -39,7 +39,7 @@ def run_demo(args) -> int:
                  Parameter("instruction", value=args.instruction),
                  Parameter("store.capsule_dir", value=os.path.abspath(args.capsule_dir))]
     print(f"[flashrt] starting policy node /flashrt_policy: model {args.model}, device "
-          f"{args.device}, {args.rate:g} Hz (weights are deterministic from a seed and untrained)",
+          f"{args.device}, {args.rate:g} Hz",
           flush=True)
     policy = PolicyNode(parameter_overrides=overrides)
     robot = SimRobotNode("/flashrt_policy", cfg.obs_dim, cfg.action_dim, args.rate)

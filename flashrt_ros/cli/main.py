@@ -273,6 +273,36 @@ def _info(args) -> int:
     return 0
 
 
+def _train_heads(args) -> int:
+    import torch
+
+    from flashrt_ros.core import checkpoint
+    from flashrt_ros.core.config import RuntimeConfig, load_preset, preset_path
+    from flashrt_ros.core.runtime import PolicyRuntime
+    from flashrt_ros.sim.imitation import train_heads
+    torch.set_num_threads(1)
+    yaml_path = preset_path(args.model)
+    out = args.out or (yaml_path[:-len(".yaml")] + ".policy.safetensors" if yaml_path else "")
+    if not out:
+        print(f"flashrt-ros train-heads: preset {args.model!r} has no YAML file to put the heads "
+              f"beside; name the output with --out", file=sys.stderr)
+        return 2
+    rt = PolicyRuntime(load_preset(args.model), RuntimeConfig(device="cpu", rollback_depth=0))
+    print(f"[flashrt] behaviour cloning of the simulated arm's expert: preset {args.model}, "
+          f"{args.episodes} episodes x {args.steps} steps x {args.rounds} rounds", flush=True)
+    ev = train_heads(rt, episodes=args.episodes, steps=args.steps, rounds=args.rounds,
+                     say=lambda m: print(f"[flashrt] {m}", flush=True))
+    print(f"[flashrt] mean arm error over evaluation episodes: policy {ev.policy:.3f}, "
+          f"no action {ev.idle:.3f}, expert {ev.expert:.3f}")
+    if not ev.policy < 0.5 * ev.idle:
+        print("[flashrt] the trained heads do not halve the error of doing nothing; not written",
+              file=sys.stderr)
+        return 1
+    checkpoint.save_heads(rt.model, out, rt.model.backbone_digest)
+    print(f"[flashrt] wrote {out}")
+    return 0
+
+
 def _generate(args) -> int:
     args.json = False
     rt = _runtime(args)
@@ -307,6 +337,7 @@ BENCH_EXPERIMENTS = {
     "runtime": ("bench_runtime.py", []),
     "ros": ("bench_ros.py", []),
     "paged": ("bench_paged.py", []),
+    "transformers-compare": ("compare_transformers.py", []),
 }
 
 
@@ -386,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="tiny", help="a preset name or a checkpoint directory")
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true")
+    s = sub.add_parser("train-heads", help="train a preset's heads by behaviour cloning of the "
+                                           "simulated arm's expert (CPU, under a minute for tiny)")
+    s.add_argument("--model", default="tiny", help="the preset whose heads are trained")
+    s.add_argument("--out", default="", help="output file (default: <preset>.policy.safetensors "
+                                             "beside the preset's YAML)")
+    s.add_argument("--episodes", type=int, default=8)
+    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--rounds", type=int, default=3)
     s = sub.add_parser("generate", help="greedy continuation of a text: the quick check that a "
                                         "checkpoint works (no ROS needed)")
     s.add_argument("text")
@@ -433,7 +472,7 @@ def main(argv=None) -> int:
         from flashrt_ros.cli.demo import run_demo
         return run_demo(args)
     handlers = {"status": _status, "lifecycle": _lifecycle, "instruct": _instruct, "info": _info,
-                "generate": _generate, "params": _params}
+                "generate": _generate, "train-heads": _train_heads, "params": _params}
     if args.command in handlers:
         return handlers[args.command](args)
     return _service_command(args)

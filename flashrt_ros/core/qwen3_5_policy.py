@@ -31,9 +31,12 @@ from flashrt_ros.core.policy import Policy
 from flashrt_ros.core.qwen3_5 import GatedDeltaNet, Qwen3_5ForCausalLM, RMSNorm
 
 _MASK32 = 0xFFFFFFFF
+ENSEMBLE = 0.5      # weight of the previous chunk's plan in each action row
 # Parameters kept in fp32 whatever the model dtype: the decay rates (exp(A_log) in bf16 would round
-# them by up to 0.4 %; transformers and fla read them as fp32) and the heads' MTP scale.
+# them by up to 0.4 %; transformers and fla read them as fp32), the observation statistics and the
+# MTP scale.
 FP32_PARAMS = ("A_log", "dt_bias")
+FP32_HEADS = ("obs_encoder.mean", "obs_encoder.std", "mtp_head.scale")
 
 
 def _mix32(x):
@@ -83,7 +86,7 @@ class Qwen3_5Policy(Policy):
                 for n, p in getattr(self, part).named_parameters()}
 
     def param_dtype(self, name: str) -> torch.dtype:
-        return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS or name == "mtp_head.scale" \
+        return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS or name in FP32_HEADS \
             else self.dtype
 
     def set_kernel(self, kernel: str) -> None:
@@ -114,6 +117,10 @@ class Qwen3_5Policy(Policy):
                 t = torch.ones(shape)                        # the DeltaNet's gated norm
             elif name == "mtp_head.scale":
                 t = torch.full(shape, 0.5)
+            elif name == "obs_encoder.mean":
+                t = torch.zeros(shape)
+            elif name == "obs_encoder.std":
+                t = torch.ones(shape)
             elif name.endswith("conv1d.weight"):
                 t = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
             elif name.endswith("embed_tokens.weight"):
@@ -129,9 +136,9 @@ class Qwen3_5Policy(Policy):
     # -- state -------------------------------------------------------------------------------
     def state_specs(self) -> list[BufferSpec]:
         c, dt = self.cfg, self.cfg.dtype
-        return [BufferSpec("obs_norm", "float32", (3, c.obs_dim), "meta"),     # mean, M2, count
-                BufferSpec("last_action", "float32", (c.action_dim,), "action_state"),
+        return [BufferSpec("last_action", "float32", (c.action_dim,), "action_state"),
                 BufferSpec("action_queue", "float32", (c.horizon, c.action_dim), "action_state"),
+                BufferSpec("queue_valid", "float32", (1,), "action_state"),
                 BufferSpec("mtp_hidden", dt, (c.mtp_depth, c.d_model), "mtp_state"),
                 BufferSpec("last_hidden", dt, (c.d_model,), "mtp_state"),
                 *Qwen3_5ForCausalLM.state_specs(c.text, c.max_context, dt)]
@@ -141,15 +148,20 @@ class Qwen3_5Policy(Policy):
     def predict_action_chunk(self, arena, io, pos):
         """One control step: io.obs -> io.action; commits step += 1 (position unchanged)."""
         mtp = arena["mtp_hidden"]
-        x = self.obs_encoder(io.obs, arena["obs_norm"]) + mtp[0] * self.mtp_head.scale.to(self.dtype)
+        x = self.obs_encoder(io.obs) + mtp[0] * self.mtp_head.scale.to(self.dtype)
         h = self.backbone.model(x[None], arena, pos)[0]
         arena["last_hidden"].copy_(h)
         mtp.copy_(self.mtp_head(h))
         chunk = self.action_head(h)
         queue = arena["action_queue"]
-        # temporal ensembling: blend with what the previous chunk planned for the same instants
-        shifted = torch.cat([queue[1:], torch.zeros_like(queue[:1])], dim=0)
-        out = chunk + 0.5 * shifted
+        # temporal ensembling: each row blends this chunk's plan with the previous chunk's plan for
+        # the same instant; the last row has no previous plan, nor has any row at an episode's
+        # first step (`queue_valid` is 0 in a zeroed arena, 1 after the first step)
+        valid = arena["queue_valid"]
+        w = ENSEMBLE * valid
+        out = chunk.clone()
+        out[:-1] = w * queue[1:] + (1.0 - w) * chunk[:-1]
+        valid.fill_(1.0)
         meta = arena.meta
         if self.sample_actions:
             noise = counter_gaussian(meta[META_RNG_SEED], meta[META_RNG_COUNTER], io.noise_index)

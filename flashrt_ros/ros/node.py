@@ -325,9 +325,14 @@ class PolicyNode(LifecycleNode):
                      f"{node_cfg.control_mode} control at {node_cfg.control_rate_hz:g} Hz, "
                      f"{torch.get_num_threads()} torch CPU thread(s)")
             rt = PolicyRuntime(runtime_cfg=rt_cfg, progress=log.info, model_dir=model_dir)
-            if rt.model.untrained:
-                log.warning(f"the {' and '.join(rt.model.untrained)} of model {model_cfg.name!r} "
-                            f"are drawn from the seed, not trained: its actions mean nothing")
+            untrained = rt.model.untrained
+            if "heads" in untrained:
+                log.warning(f"the {' and '.join(untrained)} of model {model_cfg.name!r} "
+                            f"{'are' if len(untrained) > 1 else 'is'} drawn from the seed, not "
+                            f"trained: its actions mean nothing")
+            elif untrained:
+                log.info(f"the backbone of model {model_cfg.name!r} is drawn from the seed; its "
+                         f"heads were trained on that backbone")
             # fair to capsule calls (see the module docstring); the store reads rt.lock per use
             rt.lock = BoundaryLock()
             if node_cfg.instruction:

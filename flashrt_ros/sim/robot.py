@@ -1,10 +1,7 @@
-"""A small simulated robot for demos and tests: publishes observations, applies actions.
+"""The simulated robot as a ROS node: publishes the arm's observations, applies the node's actions.
 
-A point-mass arm of `action_dim` joints: the first row of each action chunk is a joint velocity
-command (clipped), integrated at the control period; a target pose drifts slowly. The observation
-is [target - position, joint velocities, joint positions] cut or zero-padded to `obs_dim`: the
-tiny preset's 14 values hold what the task needs (the error to close and how fast it closes).
-Deterministic given its seed, so runs can be compared.
+The arm itself (`SimArm`, ROS-free) is in `arm.py`; the first row of each action chunk is its
+joint velocity command.
 
 Modes: `rate` publishes at a fixed rate (the policy node steps on its own timer); `lockstep`
 publishes the next observation only after the action for the previous one arrived.
@@ -20,33 +17,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
 from flashrt_ros.msg import ActionChunk, Observation
-
-
-class SimArm:
-    def __init__(self, obs_dim: int, action_dim: int, dt: float, seed: int = 0):
-        self.obs_dim, self.action_dim, self.dt = obs_dim, action_dim, dt
-        self.rng = np.random.default_rng(seed)
-        self.q = np.zeros(action_dim)
-        self.qd = np.zeros(action_dim)
-        self.target = self.rng.uniform(-1, 1, action_dim)
-        self.t = 0
-
-    def observe(self) -> np.ndarray:
-        full = np.concatenate([self.target - self.q, self.qd, self.q])
-        obs = np.zeros(self.obs_dim, dtype=np.float32)
-        n = min(self.obs_dim, full.size)
-        obs[:n] = full[:n]
-        return obs
-
-    def apply(self, action_row: np.ndarray) -> None:
-        cmd = np.clip(np.asarray(action_row[: self.action_dim], dtype=np.float64), -2.0, 2.0)
-        self.qd = 0.8 * self.qd + 0.2 * cmd
-        self.q = np.clip(self.q + self.dt * self.qd, -np.pi, np.pi)   # joint limits
-        self.t += 1
-        self.target += 0.01 * self.rng.standard_normal(self.action_dim)
-
-    def error(self) -> float:
-        return float(np.linalg.norm(self.target - self.q))
+from flashrt_ros.sim.arm import SimArm
 
 
 class SimRobotNode(Node):
