@@ -84,10 +84,10 @@ def reference_actions(states) -> list:
     """Action bytes of a runtime built here (no warm-up, as many CPU threads as the node)."""
     import torch
 
-    from flashrt_ros.core.config import TINY, RuntimeConfig
+    from flashrt_ros.core.config import RuntimeConfig
     from flashrt_ros.core.runtime import PolicyRuntime
     torch.set_num_threads(1)
-    rt = PolicyRuntime(TINY, RuntimeConfig(device="cpu"))
+    rt = PolicyRuntime.from_pretrained("tiny", RuntimeConfig(device="cpu"))  # the node's model
     rt.set_instruction(INSTRUCTION)
     return [rt.step(o).astype(np.float32).tobytes() for o in states]
 
