@@ -213,17 +213,16 @@ class Client:
         return (self.received[n] - t0) * 1e3
 
     def call(self, op: str, **fields):
-        """(response, round trip ms)."""
-        from flashrt_ros import srv
-        types = {"snapshot": srv.Snapshot, "restore": srv.Restore, "fork": srv.Fork,
-                 "rollback": srv.Rollback, "list_capsules": srv.ListCapsules,
-                 "delete_capsule": srv.DeleteCapsule, "reset": srv.Reset}
-        client = self.clients.get(op)
+        """Call capsule operation `op` (name or service name); returns (response, round trip ms)."""
+        from flashrt_ros.ros.operations import operation
+        o = operation(op)
+        client = self.clients.get(o.name)
         if client is None:
-            client = self.clients[op] = self.node.create_client(types[op], f"{self.target}/{op}")
+            name = f"{self.target}/{o.service}"
+            client = self.clients[o.name] = self.node.create_client(o.srv_type, name)
             if not client.wait_for_service(timeout_sec=30):
-                raise SystemExit(f"no service {self.target}/{op}")
-        req = types[op].Request()
+                raise SystemExit(f"no service {name}")
+        req = o.srv_type.Request()
         for k, v in fields.items():
             setattr(req, k, v)
         done = threading.Event()

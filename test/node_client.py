@@ -233,12 +233,10 @@ class PolicyClient:
         return future.result()
 
     def capsule(self, op: str, **fields):
-        from flashrt_ros import srv
-        types = {"snapshot": srv.Snapshot, "restore": srv.Restore, "fork": srv.Fork,
-                 "rollback": srv.Rollback, "list_capsules": srv.ListCapsules,
-                 "delete_capsule": srv.DeleteCapsule, "save_capsule": srv.SaveCapsule,
-                 "load_capsule": srv.LoadCapsule, "reset": srv.Reset}
-        return self.call(types[op], op, **fields)
+        """Call capsule operation `op` (its name or service name: "delete", "delete_capsule")."""
+        from flashrt_ros.ros.operations import operation
+        o = operation(op)
+        return self.call(o.srv_type, o.service, **fields)
 
     def transition(self, name: str) -> bool:
         from lifecycle_msgs.msg import Transition

@@ -210,8 +210,8 @@ def test_capsule_event_flags_replay_from_fields_and_from_bags_of_the_older_defin
             _capsule_event(typestore(), operation="fork", name="b", switch_to=True,
                            message="forked '' -> 'b'")])])
     ops = RecordedEpisode.open(new).capsule_ops
-    assert [capsule_request(it.msg)[2].pin for it in ops[:1]] == [True]
-    assert capsule_request(ops[1].msg)[2].switch_to is True
+    assert [capsule_request(it.msg)[1].pin for it in ops[:1]] == [True]
+    assert capsule_request(ops[1].msg)[1].switch_to is True
 
     # the older definition: the .msg text before the flag fields were appended
     text = (msg_dir() / "CapsuleEvent.msg").read_text(encoding="utf-8")
@@ -236,8 +236,8 @@ def test_capsule_event_flags_replay_from_fields_and_from_bags_of_the_older_defin
                 t += 1_000_000
                 w.write(conn, t, old.serialize_cdr(m, msgtype))
     ops = RecordedEpisode.open(bag).capsule_ops
-    assert [capsule_request(it.msg)[2].switch_to for it in ops] == [True, False]
-    assert [capsule_request(it.msg)[2].name for it in ops] == ["c", "d"]
+    assert [capsule_request(it.msg)[1].switch_to for it in ops] == [True, False]
+    assert [capsule_request(it.msg)[1].name for it in ops] == ["c", "d"]
 
 
 def test_foreign_bag_reads_as_ros2_bag_record_lays_it_out(tmp_path):

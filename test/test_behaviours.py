@@ -390,7 +390,7 @@ def test_lost_answer_confirmed_by_a_capsule_event_is_success(kind, ros, scripted
     # long enough for the event to arrive on a busy machine: the answer never does anyway
     behaviour = make(kind, scripted.namespace, timeout_s=1.5, response_key="/test/answer")
     behaviour.setup(node=ros.node)
-    wait_for(lambda: behaviour._events_sub.get_publisher_count() > 0, DISCOVERY_S,
+    wait_for(behaviour.capsules.events_heard, DISCOVERY_S,
              "the behaviour's capsule_events subscription to match")
     try:
         assert run(behaviour, ros.node) == Status.SUCCESS

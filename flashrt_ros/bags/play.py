@@ -39,17 +39,15 @@ import numpy as np
 
 from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows, store_for,
                         typestore)
-from flashrt_ros.ros.events import reports
+from flashrt_ros.ros.operations import BY_SERVICE, OPERATIONS, operation
 from flashrt_ros.ros.waiting import spin_until
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
-ANSWER_GRACE_S = 1.0    # after a capsule event, how long the player still waits for the answer
-
 STORAGES = {"mcap": ".mcap", "sqlite3": ".db3"}
-# capsule operations a client issues (evict happens inside the store; instruction comes as a topic)
-CAPSULE_OPS = ("snapshot", "restore", "fork", "rollback", "delete", "reset", "save", "load")
-OP_ALIASES = {"delete_capsule": "delete", "save_capsule": "save", "load_capsule": "load"}  # service names
+# capsule operations a client issues and an event reports (evict happens inside the store, list
+# is a query, an instruction comes as a topic)
+CAPSULE_OPS = tuple(op.name for op in OPERATIONS if not op.query)
 COMPARED_FIELDS = ("step", "episode_id", "horizon", "action_dim", "capsule_lineage")
 
 
@@ -168,7 +166,8 @@ class RecordedEpisode:
         ops = []
         for it in self.capsule_ops:
             ev = it.msg
-            ev.operation = OP_ALIASES.get(ev.operation, ev.operation)
+            if ev.operation in BY_SERVICE:    # older bags name some by their service
+                ev.operation = BY_SERVICE[ev.operation].name
             if ev.operation not in CAPSULE_OPS:
                 self.skipped_ops.append((ev, f"{ev.operation!r} is not a client operation"))
                 continue
@@ -388,34 +387,32 @@ def _flag(event, name, pattern=None) -> bool:
 
 
 def capsule_request(event):
-    """(service type, service name, request) that repeats a recorded CapsuleEvent."""
-    from flashrt_ros import srv
+    """(operation, request) that repeats a recorded CapsuleEvent (flashrt_ros.ros.operations)."""
     op = event.operation
+    if op not in CAPSULE_OPS:
+        raise BagError(f"capsule operation {op!r}: expected one of {list(CAPSULE_OPS)}")
+    o = operation(op)
+    Request = o.srv_type.Request
     if op == "snapshot":
-        return srv.Snapshot, "snapshot", srv.Snapshot.Request(
-            name=event.name, tier=event.tier, pin=_flag(event, "pin"))
-    if op == "restore":
-        return srv.Restore, "restore", srv.Restore.Request(name=event.name)
-    if op == "fork":
-        return srv.Fork, "fork", srv.Fork.Request(
-            source=event.source, name=event.name, tier=event.tier,
-            switch_to=_flag(event, "switch_to", "switched to it"))
-    if op == "rollback":
-        return srv.Rollback, "rollback", srv.Rollback.Request(k=int(event.k))
-    if op == "delete":
-        return srv.DeleteCapsule, "delete_capsule", srv.DeleteCapsule.Request(name=event.name)
-    if op == "reset":
-        return srv.Reset, "reset", srv.Reset.Request(
-            keep_context=_flag(event, "keep_context", "instruction context"))
-    if op == "save":
+        request = Request(name=event.name, tier=event.tier, pin=_flag(event, "pin"))
+    elif op == "restore":
+        request = Request(name=event.name)
+    elif op == "fork":
+        request = Request(source=event.source, name=event.name, tier=event.tier,
+                          switch_to=_flag(event, "switch_to", "switched to it"))
+    elif op == "rollback":
+        request = Request(k=int(event.k))
+    elif op == "delete":
+        request = Request(name=event.name)
+    elif op == "reset":
+        request = Request(keep_context=_flag(event, "keep_context", "instruction context"))
+    elif op == "save":
         keep = getattr(event, "keep_in_memory", None)     # older bags: the default, True
-        return srv.SaveCapsule, "save_capsule", srv.SaveCapsule.Request(
-            name=event.name, keep_in_memory=bool(keep) if keep is not None else True)
-    if op == "load":
-        return srv.LoadCapsule, "load_capsule", srv.LoadCapsule.Request(
-            name=event.name, tier="" if event.tier == "disk" else event.tier,
-            restore=_flag(event, "restore", "and restored it"))
-    raise BagError(f"capsule operation {op!r}: expected one of {list(CAPSULE_OPS)}")
+        request = Request(name=event.name, keep_in_memory=bool(keep) if keep is not None else True)
+    else:   # load
+        request = Request(name=event.name, tier="" if event.tier == "disk" else event.tier,
+                          restore=_flag(event, "restore", "and restored it"))
+    return o, request
 
 
 # -- playing into a node --------------------------------------------------------------------
@@ -469,7 +466,8 @@ class BagPlayer:
         from sensor_msgs.msg import JointState
         from std_msgs.msg import String
 
-        from flashrt_ros.msg import ActionChunk, CapsuleEvent, Observation, PolicyStatus
+        from flashrt_ros.msg import ActionChunk, Observation, PolicyStatus
+        from flashrt_ros.ros.client import CapsuleClient
         self.rclpy = rclpy
         self.target = "/" + node.strip("/")
         self.timeout = timeout
@@ -490,11 +488,9 @@ class BagPlayer:
         self.action_sub = self.node.create_subscription(ActionChunk, f"{self.target}/action",
                                                         self._on_action, qos)
         self.node.create_subscription(PolicyStatus, f"{self.target}/status", self._on_status, qos)
-        # what the node reports it applied: stands in for a service answer lost in DDS
-        self._events = []
-        self.events_sub = self.node.create_subscription(
-            CapsuleEvent, f"{self.target}/capsule_events", self._events.append, qos)
-        self._clients = {}
+        # capsule calls; the node's capsule events stand in for answers lost in DDS
+        self.capsules = CapsuleClient(self.node, self.target,
+                                      spin=lambda t: self.executor.spin_once(timeout_sec=t))
         self._last_stamp = 0
 
     def _on_action(self, msg):
@@ -531,21 +527,15 @@ class BagPlayer:
                 hint = " (start the node with joint_names:=[...])" if kind == "joint_states" else ""
                 self._spin_until(lambda: pub.get_subscription_count() > 0, timeout,
                                  f"a subscriber of {pub.topic_name}{hint}")
-            ops = {capsule_request(it.msg)[:2] for it in episode.capsule_ops}
+            ops = {capsule_request(it.msg)[0] for it in episode.capsule_ops}
             if ops:
-                self._spin_until(lambda: self.events_sub.get_publisher_count() > 0, timeout,
+                self._spin_until(self.capsules.events_heard, timeout,
                                  f"the capsule event publisher of {self.target}")
-            for srv_type, service in sorted(ops, key=lambda x: x[1]):
-                client = self._client(srv_type, service)
-                self._spin_until(client.service_is_ready, timeout,
-                                 f"service {self.target}/{service}")
+            for op in sorted(ops, key=lambda o: o.service):
+                self._spin_until(lambda: self.capsules.service_ready(op), timeout,
+                                 f"service {self.capsules.service_name(op)}")
         except TimeoutError as e:
             raise BagError(f"play: {e}") from None
-
-    def _client(self, srv_type, service):
-        if service not in self._clients:
-            self._clients[service] = self.node.create_client(srv_type, f"{self.target}/{service}")
-        return self._clients[service]
 
     # -- publishing ------------------------------------------------------------------------
     def _stamp(self):
@@ -586,27 +576,17 @@ class BagPlayer:
             self.log(f"[play] warning: {e}; continuing")
 
     def _capsule_op(self, it: Item, result: ReplayResult):
+        """Re-issue one recorded capsule operation. When its answer is lost in DDS (docs/node.md,
+        known issues), the node's event for it says what the node did (CapsuleClient); once that
+        event is in, the answer gets ANSWER_GRACE_S more, not the whole timeout."""
+        from flashrt_ros.msg import CapsuleEvent
+        from flashrt_ros.ros.client import ANSWER_GRACE_S
         ev = it.msg
-        srv_type, service, request = capsule_request(ev)
-        seen = len(self._events)
-
-        def reported():
-            return next((e for e in self._events[seen:] if reports(e, ev.operation, request)),
-                        None)
-        client = self._client(srv_type, service)
-        future = client.call_async(request)
-        self._spin_until(lambda: future.done() or reported(), self.timeout,
-                         f"{self.target}/{service} to answer")
-        try:    # the event goes out just before the answer: give the answer a moment
-            self._spin_until(future.done, ANSWER_GRACE_S, f"{self.target}/{service} to answer")
-            res = future.result()
-        except TimeoutError:
-            # the answer was lost in DDS (docs/node.md, known issues): the event says what the
-            # node did
-            client.remove_pending_request(future)
-            res = reported()
+        op, request = capsule_request(ev)
+        res = self.capsules.call(op, request, self.timeout, grace=ANSWER_GRACE_S)
+        if isinstance(res, CapsuleEvent):
             result.answers_lost += 1
-            self.log(f"[play] {self.target}/{service}: answer lost; the node reported "
+            self.log(f"[play] {self.capsules.service_name(op)}: answer lost; the node reported "
                      f"{'success' if res.success else 'failure'}: {res.message}")
         result.capsule_ops += 1
         if not res.success:

@@ -14,9 +14,10 @@ One call, never blocking the tick:
                   then the request goes out (`call_async`) and the tick returns RUNNING;
     next ticks  - RUNNING until the response, at most `timeout_s` after sending -> else FAILURE,
                   timeout - unless the node's ~/capsule_events reported this operation (and
-                  capsule name) applied after the request went out: rmw_fastrtps can drop an
-                  answer the node sent (docs/node.md), so that event counts as the answer ->
-                  SUCCESS, outcome `ok-by-event` (response_key is then set to the CapsuleEvent);
+                  capsule name) after the request went out: rmw_fastrtps can drop an answer the
+                  node sent (docs/node.md), so that event counts as the answer (CapsuleClient,
+                  flashrt_ros.ros.client) -> applied: SUCCESS, outcome `ok-by-event`
+                  (response_key is then set to the CapsuleEvent); not applied: FAILURE, refused;
     response    - success=true -> SUCCESS (the response goes to `response_key`, if given);
                   success=false -> FAILURE, refused.
 Conditions:
@@ -57,9 +58,9 @@ from py_trees.common import Access, Status
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
-from flashrt_ros import srv
-from flashrt_ros.ros.events import reports
-from flashrt_ros.msg import ActionChunk, CapsuleEvent, PolicyStatus
+from flashrt_ros.msg import ActionChunk, PolicyStatus
+from flashrt_ros.ros.client import CapsuleClient, NoAnswer
+from flashrt_ros.ros.operations import operation as lookup_operation
 
 DEFAULT_POLICY = "/flashrt_policy"
 ERROR_KEY = "/flashrt/error"
@@ -134,18 +135,28 @@ class _Call:
     def __init__(self):
         self.t0 = time.perf_counter()
         self.sent = self.arrived = None
-        self.request = self.future = None
+        self.request = self.pending = None      # the request, its PendingCall once sent
 
     def on_arrival(self, _future):          # runs in the executor thread
         self.arrived = time.perf_counter()
 
 
 class CapsuleService(py_trees.behaviour.Behaviour):
-    """Base of the service behaviours: one non-blocking call of `<policy>/<service>` per run."""
+    """Base of the service behaviours: one non-blocking call of `<policy>/<service>` per run.
+
+    A subclass names its capsule operation (flashrt_ros.ros.operations) in its class statement,
+    `class Restore(CapsuleService, operation="restore")`; `op`, `srv_type` and `service` come
+    from the operations table.
+    """
+    op = None
     srv_type = None
     service = ""
-    operation = ""      # its CapsuleEvent.operation ("" = a query: no event confirms it)
-    EVENT_HISTORY = 64
+
+    def __init_subclass__(cls, operation: str = "", **kwargs):
+        super().__init_subclass__(**kwargs)
+        if operation:
+            cls.op = lookup_operation(operation)
+            cls.srv_type, cls.service = cls.op.srv_type, cls.op.service
 
     def __init__(self, label: str | None = None, *, policy: str = DEFAULT_POLICY,
                  wait_s: float = 5.0, timeout_s: float = 10.0, response_key: str | None = None,
@@ -168,27 +179,23 @@ class CapsuleService(py_trees.behaviour.Behaviour):
         reads = [v.key for v in fields.values() if isinstance(v, FromBlackboard)]
         writes = [CALLS_KEY] + ([response_key] if response_key else [])
         self.bb = _Blackboard(self, writes=writes, reads=reads)
-        self.node = self.client = self._events_sub = None
+        self.policy = policy
+        self.node = self.client = self.capsules = None
         self._call: _Call | None = None
-        # (arrival, CapsuleEvent): appended by the executor thread, copied whole by the tick
-        self._events: collections.deque = collections.deque(maxlen=self.EVENT_HISTORY)
 
     # -- py_trees lifecycle ---------------------------------------------------------------
     def setup(self, **kwargs):
         self.node = _node_from(kwargs, self.name)
-        self.client = self.node.create_client(self.srv_type, self.service_name)
-        if self.operation:
-            self._events_sub = _subscribe(
-                self.node, CapsuleEvent, self.events_topic,
-                lambda msg: self._events.append((time.perf_counter(), msg)),
-                QoSProfile(depth=self.EVENT_HISTORY, reliability=QoSReliabilityPolicy.RELIABLE))
+        # the tick only polls: the executor that spins the node runs the callbacks
+        self.capsules = CapsuleClient(self.node, self.policy, events=not self.op.query)
+        self.client = self.capsules.client(self.op)
 
     def initialise(self):
         self._call = _Call()
 
     def update(self) -> Status:
         call, now = self._call, time.perf_counter()
-        if call.future is None:
+        if call.pending is None:
             if not self.client.service_is_ready():
                 if now - call.t0 > self.wait_s:
                     return self._fail("unreachable", f"no service {self.service_name} within "
@@ -196,28 +203,20 @@ class CapsuleService(py_trees.behaviour.Behaviour):
                                       f"name, in this ROS_DOMAIN_ID?")
                 self.feedback_message = f"waiting for {self.service_name}"
                 return Status.RUNNING
-            call.request, call.sent = self.make_request(), now
-            call.future = self.client.call_async(call.request)
-            call.future.add_done_callback(call.on_arrival)
+            call.request = self.make_request()
+            call.pending = self.capsules.send(self.op, call.request)
+            call.sent = call.pending.sent
+            call.pending.future.add_done_callback(call.on_arrival)
             self.feedback_message = f"sent {self.service_name}"
             return Status.RUNNING
-        if not call.future.done():
-            if now - call.sent > self.timeout_s:
-                self._forget(call)
-                event = self._confirming_event(call)
-                if event is not None:
-                    why = (f"{self.service_name} did not answer within {self.timeout_s:g} s; "
-                           f"{self.events_topic} reports it applied: {event.message}")
-                    self._record("ok-by-event", why)
-                    self.feedback_message = f"ok-by-event: {event.message}"
-                    if self.response_key:
-                        self.bb.client.set(self.response_key, event)
-                    return Status.SUCCESS
-                return self._fail("timeout", f"{self.service_name} did not answer within "
-                                  f"{self.timeout_s:g} s (and {self.events_topic} reported no "
-                                  f"such operation)")
+        try:
+            response = call.pending.poll(self.timeout_s)
+        except NoAnswer as e:
+            return self._fail("timeout", str(e))
+        if response is None:
             return Status.RUNNING
-        response = call.future.result()
+        if call.pending.by_event:
+            return self._by_event(response)
         outcome = "ok" if response.success else "refused"
         self._record(outcome, response.message, response)
         self.feedback_message = f"{outcome}: {response.message}"
@@ -230,19 +229,16 @@ class CapsuleService(py_trees.behaviour.Behaviour):
 
     def terminate(self, new_status: Status):
         call = self._call
-        if new_status == Status.INVALID and call is not None and call.future is not None \
-                and not call.future.done():
-            self._forget(call)
+        if new_status == Status.INVALID and call is not None and call.pending is not None \
+                and not call.pending.done():
+            call.pending.forget()
             self._record("halted", "halted while waiting for the response")
         self._call = None
 
     def shutdown(self):
-        if self.client is not None:
-            self.node.destroy_client(self.client)
-            self.client = None
-        if self._events_sub is not None:
-            self.node.destroy_subscription(self._events_sub)
-            self._events_sub = None
+        if self.capsules is not None:
+            self.capsules.destroy()
+            self.capsules = self.client = None
 
     # -- hooks ----------------------------------------------------------------------------
     def make_request(self):
@@ -256,19 +252,19 @@ class CapsuleService(py_trees.behaviour.Behaviour):
         return Status.SUCCESS if response.success else Status.FAILURE
 
     # -- helpers --------------------------------------------------------------------------
-    def _confirming_event(self, call: _Call):
-        """A successful CapsuleEvent of this operation (and capsule name, where the request
-        names one) that arrived after the request was sent, or None."""
-        if not self.operation:
-            return None
-        for arrival, ev in list(self._events):
-            if arrival >= call.sent and ev.success and reports(ev, self.operation, call.request):
-                return ev
-        return None
-
-    def _forget(self, call: _Call):
-        self.client.remove_pending_request(call.future)
-        call.future.cancel()
+    def _by_event(self, event) -> Status:
+        """No answer within timeout_s, but the node's CapsuleEvent reports the call: it is the
+        answer (ok-by-event when the node applied it, refused when it did not)."""
+        lost = f"{self.service_name} did not answer within {self.timeout_s:g} s"
+        if not event.success:
+            return self._fail("refused", f"{event.message} ({lost}; {self.events_topic} "
+                                         f"reports the node refused it)")
+        self._record("ok-by-event", f"{lost}; {self.events_topic} reports it applied: "
+                                    f"{event.message}")
+        self.feedback_message = f"ok-by-event: {event.message}"
+        if self.response_key:
+            self.bb.client.set(self.response_key, event)
+        return Status.SUCCESS
 
     def _fail(self, outcome: str, why: str) -> Status:
         self._record(outcome, why)
@@ -292,63 +288,45 @@ class CapsuleService(py_trees.behaviour.Behaviour):
                                                  message, node_ms, rtt, wait))
 
 
-class Snapshot(CapsuleService):
+class Snapshot(CapsuleService, operation="snapshot"):
     """Capture the live state as capsule `name` (fields: name, tier, pin)."""
-    srv_type, service = srv.Snapshot, "snapshot"
-    operation = "snapshot"
 
 
-class Restore(CapsuleService):
+class Restore(CapsuleService, operation="restore"):
     """Copy capsule `name` into the live state at the next committed boundary (field: name)."""
-    srv_type, service = srv.Restore, "restore"
-    operation = "restore"
 
 
-class Fork(CapsuleService):
+class Fork(CapsuleService, operation="fork"):
     """Copy capsule `source` ('' = the live state) into a new capsule `name` (fields: source,
     name, switch_to, tier)."""
-    srv_type, service = srv.Fork, "fork"
-    operation = "fork"
 
 
-class Rollback(CapsuleService):
+class Rollback(CapsuleService, operation="rollback"):
     """Go back `k` committed steps (field: k; bounded by the node's rollback ring)."""
-    srv_type, service = srv.Rollback, "rollback"
-    operation = "rollback"
 
 
-class Reset(CapsuleService):
+class Reset(CapsuleService, operation="reset"):
     """New episode from the instruction prefill (keep_context=True) or an empty context."""
-    srv_type, service = srv.Reset, "reset"
-    operation = "reset"
 
 
-class SaveCapsule(CapsuleService):
+class SaveCapsule(CapsuleService, operation="save"):
     """Write capsule `name` to the node's capsule directory (fields: name, keep_in_memory)."""
-    srv_type, service = srv.SaveCapsule, "save_capsule"
-    operation = "save"
 
 
-class LoadCapsule(CapsuleService):
+class LoadCapsule(CapsuleService, operation="load"):
     """Verify and load capsule file `name` into memory (fields: name, tier, restore)."""
-    srv_type, service = srv.LoadCapsule, "load_capsule"
-    operation = "load"
 
 
-class DeleteCapsule(CapsuleService):
+class DeleteCapsule(CapsuleService, operation="delete"):
     """Delete capsule `name` (field: name)."""
-    srv_type, service = srv.DeleteCapsule, "delete_capsule"
-    operation = "delete"
 
 
-class CapsulePresent(CapsuleService):
+class CapsulePresent(CapsuleService, operation="list"):
     """SUCCESS if the node stores a capsule called `name` (in `tier`, '' = any), else FAILURE.
 
     Asks `list_capsules` on every run. An absent capsule is an answer, not an error: it sets the
     feedback message and leaves ERROR_KEY alone; unreachable, timeout and refused write it as usual.
     """
-    srv_type, service = srv.ListCapsules, "list_capsules"
-
     def __init__(self, name, label: str | None = None, *, tier: str = "", **kwargs):
         super().__init__(label or f"CapsulePresent {name}", tier=tier, **kwargs)
         self.capsule = name

@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-from flashrt_ros.ros.events import reports
 from flashrt_ros.ros.waiting import wait_for
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -62,46 +61,42 @@ class Client:
         except TimeoutError:
             return False
 
-    def call(self, srv_type, service: str, request, confirm: str | None = None):
-        """Call a service and return its response.
-
-        A fresh client's first answer can be lost in rmw_fastrtps (docs/node.md, known issues)
-        although the node applied the request. With `confirm` = the operation the node reports on
-        ~/capsule_events, the client listens to them from before the call; when no answer comes,
-        a successful event that reports this call (events.reports) received after the call was
-        sent stands in for it: the CapsuleEvent is returned instead of a response.
-        """
-        name = f"{self.target}/{service}"
-        events, sub = [], None
-        if confirm is not None:
-            from flashrt_ros.msg import CapsuleEvent
-            from rclpy.qos import QoSProfile, QoSReliabilityPolicy
-            sub = self.node.create_subscription(
-                CapsuleEvent, f"{self.target}/capsule_events", events.append,
-                QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE))
-        client = self.node.create_client(srv_type, name)
+    def _wait_for_service(self, client, name: str):
         if not client.wait_for_service(timeout_sec=self.discovery_timeout):
             raise SystemExit(f"flashrt-ros: no service {name} within {self.discovery_timeout:g} s; "
                              f"is the node running (flashrt-ros demo / flashrt_node) and "
                              f"ROS_DOMAIN_ID the same? (a loaded machine may need a longer "
                              f"--discovery-timeout)")
-        if sub is not None:
-            # the events are volatile: hear the node's publisher before calling (a node too old
-            # to have one only costs this wait)
-            self.spin_until(sub.get_publisher_count, min(self.discovery_timeout, 5.0))
-        self.rclpy.spin_once(self.node, timeout_sec=0)     # take events of earlier calls first
-        seen = len(events)
+
+    def call(self, srv_type, service: str, request):
+        """Call one of the node's services (lifecycle, parameters) and return its response."""
+        name = f"{self.target}/{service}"
+        client = self.node.create_client(srv_type, name)
+        self._wait_for_service(client, name)
         future = client.call_async(request)
         self.rclpy.spin_until_future_complete(self.node, future, timeout_sec=self.timeout)
         if future.done():
             return future.result()
-        if confirm is not None:
-            for ev in events[seen:]:
-                if ev.success and reports(ev, confirm, request):
-                    return ev
-        raise SystemExit(f"flashrt-ros: {name} did not answer within {self.timeout:g} s"
-                         + ("" if confirm is None else " and ~/capsule_events showed no such "
-                            "operation; run `flashrt-ros list` before repeating it"))
+        raise SystemExit(f"flashrt-ros: {name} did not answer within {self.timeout:g} s")
+
+    def capsule(self, name: str, request):
+        """Call capsule operation `name` and return its response - or, when rmw lost the answer
+        although the node applied the request, the CapsuleEvent that reports it (CapsuleClient)."""
+        from flashrt_ros.ros.client import CapsuleClient, NoAnswer
+        from flashrt_ros.ros.operations import operation
+        op = operation(name)
+        capsules = CapsuleClient(self.node, self.target, events=not op.query,
+                                 spin=lambda t: self.rclpy.spin_once(self.node, timeout_sec=t))
+        self._wait_for_service(capsules.client(op), capsules.service_name(op))
+        if not op.query:
+            # the events are volatile: hear the node's publisher before calling (a node too old
+            # to have one only costs this wait)
+            self.spin_until(capsules.events_heard, min(self.discovery_timeout, 5.0))
+        try:
+            return capsules.call(op, request, self.timeout)
+        except NoAnswer as e:
+            raise SystemExit(f"flashrt-ros: {e}" + ("" if op.query else "; run `flashrt-ros "
+                                                    "list` before repeating it")) from None
 
     def wait_message(self, msg_type, topic: str):
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
@@ -124,40 +119,41 @@ def _print_capsule(c, prefix=""):
           f"{'parent ' + c.parent if c.parent else ''}")
 
 
+# How each capsule command fills its request from the arguments (the commands are the operations'
+# names, flashrt_ros.ros.operations).
+REQUEST_FIELDS = {
+    "snapshot": lambda a: dict(name=a.name, tier=a.tier, pin=a.pin),
+    "restore": lambda a: dict(name=a.name),
+    "fork": lambda a: dict(source=a.source, name=a.name, switch_to=a.switch, tier=a.tier),
+    "rollback": lambda a: dict(k=a.k),
+    "list": lambda a: dict(tier=a.tier),
+    "delete": lambda a: dict(name=a.name),
+    "save": lambda a: dict(name=a.name, keep_in_memory=not a.move),
+    "load": lambda a: dict(name=a.name, tier=a.tier, restore=a.restore),
+    "reset": lambda a: dict(keep_context=not a.clear_context),
+}
+
+
 def _service_command(args) -> int:
-    from flashrt_ros import srv
     from flashrt_ros.msg import CapsuleEvent
+    from flashrt_ros.ros.operations import operation
     cmd = args.command
-    table = {
-        "snapshot": (srv.Snapshot, "snapshot", lambda r: _set(r, name=args.name, tier=args.tier, pin=args.pin)),
-        "restore": (srv.Restore, "restore", lambda r: _set(r, name=args.name)),
-        "fork": (srv.Fork, "fork", lambda r: _set(r, source=args.source, name=args.name,
-                                                   switch_to=args.switch, tier=args.tier)),
-        "rollback": (srv.Rollback, "rollback", lambda r: _set(r, k=args.k)),
-        "list": (srv.ListCapsules, "list_capsules", lambda r: _set(r, tier=args.tier)),
-        "delete": (srv.DeleteCapsule, "delete_capsule", lambda r: _set(r, name=args.name)),
-        "save": (srv.SaveCapsule, "save_capsule", lambda r: _set(r, name=args.name,
-                                                                  keep_in_memory=not args.move)),
-        "load": (srv.LoadCapsule, "load_capsule", lambda r: _set(r, name=args.name, tier=args.tier,
-                                                                  restore=args.restore)),
-        "reset": (srv.Reset, "reset", lambda r: _set(r, keep_context=not args.clear_context)),
-    }
-    srv_type, service, fill = table[cmd]
-    request = fill(srv_type.Request())
-    # the operation the node reports on ~/capsule_events (its names are these commands';
-    # list is a query and reports nothing)
-    confirm = None if cmd == "list" else cmd
+    request = _set(operation(cmd).srv_type.Request(), **REQUEST_FIELDS[cmd](args))
     client = Client.from_args(args)
     try:
         t0 = time.perf_counter()
-        res = client.call(srv_type, service, request, confirm)
+        res = client.capsule(cmd, request)
         rtt = (time.perf_counter() - t0) * 1e3
     finally:
         client.close()
     if isinstance(res, CapsuleEvent):       # the answer was lost; the event stands in for it
-        print(f"{cmd}: ok: {res.message} (the answer was lost in DDS; ~/capsule_events confirms "
-              f"the node applied it at step {res.step})")
-        return 0
+        if res.success:
+            print(f"{cmd}: ok: {res.message} (the answer was lost in DDS; ~/capsule_events "
+                  f"confirms the node applied it at step {res.step})")
+            return 0
+        print(f"{cmd}: FAILED: {res.message} (the answer was lost in DDS; ~/capsule_events "
+              f"reports the node refused it)")
+        return 1
     if cmd == "list" and res.success:
         print(f"{len(res.capsules)} capsule(s)")
         for c in res.capsules:

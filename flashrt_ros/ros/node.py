@@ -77,8 +77,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from flashrt_ros.ros.executors import PolicyExecutor
 from flashrt_ros.msg import ActionChunk, CapsuleEvent, CapsuleInfo, Observation, PolicyStatus
-from flashrt_ros.srv import (DeleteCapsule, Fork, ListCapsules, LoadCapsule, Reset, Restore,
-                             Rollback, SaveCapsule, Snapshot)
+from flashrt_ros.ros.operations import OPERATIONS
 
 from flashrt_ros.core.checkpoint import resolve_model
 from flashrt_ros.core.exceptions import ConfigError, FlashRTError, NotConfiguredError
@@ -642,32 +641,29 @@ class PolicyNode(LifecycleNode):
 
     # -- capsule services -----------------------------------------------------------------
     def _make_services(self):
-        table = [  # (type, service, operation as CapsuleEvent names it, handler, callback group)
-            (Snapshot, "~/snapshot", "snapshot", self._srv_snapshot, self._capsule),
-            (Restore, "~/restore", "restore", self._srv_restore, self._capsule),
-            (Fork, "~/fork", "fork", self._srv_fork, self._capsule),
-            (Rollback, "~/rollback", "rollback", self._srv_rollback, self._capsule),
-            (ListCapsules, "~/list_capsules", "list", self._srv_list, self._capsule),
-            (DeleteCapsule, "~/delete_capsule", "delete", self._srv_delete, self._capsule),
-            (Reset, "~/reset", "reset", self._srv_reset, self._capsule),
-            (SaveCapsule, "~/save_capsule", "save", self._srv_save, self._disk),
-            (LoadCapsule, "~/load_capsule", "load", self._srv_load, self._disk),
-        ]
-        self.capsule_services = [self.create_service(t, n, self._guarded(op, h), qos_profile=SERVICE_QOS,
-                                                     callback_group=g)
-                                 for t, n, op, h, g in table]
+        """One service per operation of the capsule-operation table (flashrt_ros.ros.operations):
+        handled by `_srv_<operation>`, on the disk group if it does file I/O, else the capsule group."""
+        self.capsule_services = [
+            self.create_service(op.srv_type, f"~/{op.service}",
+                                self._guarded(op, getattr(self, f"_srv_{op.name}")),
+                                qos_profile=SERVICE_QOS,
+                                callback_group=self._disk if op.file_io else self._capsule)
+            for op in OPERATIONS]
 
     def _guarded(self, op, handler):
-        """Run a handler under store.lock; turn every failure into success=false; emit events."""
+        """Run operation `op`'s handler under store.lock; turn every failure into success=false;
+        emit its CapsuleEvent (and those of evictions), unless it is a query."""
+        name = op.name
+
         def callback(request, response):
             t0 = time.perf_counter()
-            event = CapsuleEvent(operation=op)
+            event = CapsuleEvent(operation=name)
             rt, store = self.runtime, self.store
             evicted = []
             try:
                 if rt is None or store is None:
                     raise NotConfiguredError(
-                        f"{op}: the node is {self.state_label}; expected a configured node - "
+                        f"{name}: the node is {self.state_label}; expected a configured node - "
                         f"configure it first (lifecycle transition 'configure', e.g. "
                         f"`flashrt-ros lifecycle configure`)")
                 with store.lock:
@@ -679,14 +675,14 @@ class PolicyNode(LifecycleNode):
             except FlashRTError as e:
                 response.success, response.message = False, str(e)
             except Exception as e:  # noqa: BLE001 - a bug must not take the node down
-                self.get_logger().error(f"{op}: unexpected error {type(e).__name__}: {e}")
+                self.get_logger().error(f"{name}: unexpected error {type(e).__name__}: {e}")
                 response.success = False
-                response.message = f"{op}: internal error {type(e).__name__}: {e}"
+                response.message = f"{name}: internal error {type(e).__name__}: {e}"
             ms = (time.perf_counter() - t0) * 1e3
             if hasattr(response, "latency_ms"):
                 response.latency_ms = float(ms)
             event.success, event.message, event.latency_ms = response.success, response.message, ms
-            if op != "list":          # a query, not an operation on capsules
+            if not op.query:          # a query reports nothing
                 for ev in evicted:
                     self._emit(ev, rt)
                 self._emit(event, rt)
