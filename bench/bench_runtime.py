@@ -43,9 +43,7 @@ CPU_LENGTHS = (128, 256, 512, 1024)
 # Long buckets on the GPU: a 16k instruction is one chunk (one captured position-0 plan) instead
 # of 64 chunks of 256; the short ones are the runtime defaults (captured static plans).
 GPU_BUCKETS = (16384, 8192, 4096, 2048, 1024, 256, 64, 16, 4)
-MEASURED_CODE = ("flashrt_ros/arena.py", "flashrt_ros/config.py", "flashrt_ros/kernels.py",
-                 "flashrt_ros/model.py", "flashrt_ros/plans.py", "flashrt_ros/rollback.py",
-                 "flashrt_ros/runtime.py", "flashrt_ros/tokenizer.py", "config/presets", "bench")
+MEASURED_CODE = ("flashrt_ros/core", "config/presets", "bench")
 TARGETS = [  # (what, context, measured key, limit ms) - from the project brief, H100
     ("graph observation step (device)", 16384, "obs_graph_device", 1.0),
     ("graph decode step (device)", 16384, "decode_graph_device", 1.0),

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One GPU session on a lent machine that has torch, triton, transformers and Python 3.12 but no
+# ROS: the GPU tests, the comparison with transformers, and the benchmarks of the hybrid-0.8b preset.
+#
+#   bash bench/gpu_session.sh STAGE [STAGE ...]     stages: tests compare runtime capsules paged
+#
+# fla travels as wheels in .whl/ (../shared/tools/gpu-wheels.sh fetches them). Logs go to $OUT
+# (or ./out) as <stage>.log; the benchmarks write their tables under docs/bench/, and what they
+# wrote comes back in $OUT/docs-bench.tgz.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out="${OUT:-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+
+rc=0
+run() {   # run STAGE COMMAND...: the command's output in $out/STAGE.log, its status remembered
+  local stage="$1"; shift
+  echo "== $stage: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$out/$stage.log" | tail -n 25
+  local status=${PIPESTATUS[0]}
+  echo "== $stage: exit $status after $((SECONDS - t0)) s"
+  [ "$status" -eq 0 ] || rc=1
+}
+
+for stage in "$@"; do
+  case "$stage" in
+    tests)    run tests python3 -m pytest -q -m gpu test/ -p no:cacheprovider ;;
+    compare)  run compare python3 bench/compare_transformers.py --device cuda ;;
+    runtime)  run runtime python3 bench/bench_runtime.py --device cuda --profile ;;
+    capsules) run capsules python3 bench/bench_capsules.py --preset hybrid-0.8b --device cuda \
+                --contexts 2048,16384 ;;
+    paged)    run paged python3 bench/bench_paged.py --preset hybrid-0.8b --device cuda ;;
+    *) echo "unknown stage $stage (tests compare runtime capsules paged)" >&2; rc=2 ;;
+  esac
+done
+# what the benchmarks wrote since the session started comes back with $OUT, as one archive
+find docs/bench -newer "$out/gpu.txt" -type f -print0 | tar czf "$out/docs-bench.tgz" --null -T -
+exit "$rc"
