@@ -2,7 +2,8 @@
 # One GPU session on a lent machine that has torch, triton, transformers and Python 3.12 but no
 # ROS: the GPU tests, the comparison with transformers, and the benchmarks of the hybrid-0.8b preset.
 #
-#   bash bench/gpu_session.sh STAGE [STAGE ...]     stages: tests compare runtime capsules paged
+#   bash bench/gpu_session.sh STAGE [STAGE ...]
+#   stages: tests compare (bf16) compare32 (fp32) runtime capsules paged
 #
 # fla travels as wheels in .whl/ (../shared/tools/gpu-wheels.sh fetches them). Logs go to $OUT
 # (or ./out) as <stage>.log; the benchmarks write their tables under docs/bench/, and what they
@@ -36,11 +37,12 @@ for stage in "$@"; do
   case "$stage" in
     tests)    run tests python3 -m pytest -q -m gpu test/ -p no:cacheprovider ;;
     compare)  run compare python3 bench/compare_transformers.py --device cuda ;;
+    compare32) run compare32 python3 bench/compare_transformers.py --device cuda --dtype float32 ;;
     runtime)  run runtime python3 bench/bench_runtime.py --device cuda --profile ;;
     capsules) run capsules python3 bench/bench_capsules.py --preset hybrid-0.8b --device cuda \
                 --contexts 2048,16384 ;;
     paged)    run paged python3 bench/bench_paged.py --preset hybrid-0.8b --device cuda ;;
-    *) echo "unknown stage $stage (tests compare runtime capsules paged)" >&2; rc=2 ;;
+    *) echo "unknown stage $stage (tests compare compare32 runtime capsules paged)" >&2; rc=2 ;;
   esac
 done
 # what the benchmarks wrote since the session started comes back with $OUT, as one archive
