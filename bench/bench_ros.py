@@ -94,42 +94,6 @@ def parse_args(argv=None):
 
 
 # -- the node and a client ------------------------------------------------------------------
-class Node:
-    """`flashrt_node` in a child process with a params file; stopped by SIGINT (then SIGKILL)."""
-
-    def __init__(self, name: str, params: dict, workdir: str):
-        import yaml
-        path = os.path.join(workdir, f"{name}.yaml")
-        with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump({"/**/flashrt_policy": {"ros__parameters": params}}, f)
-        self.fqn = f"/{name}/flashrt_policy"
-        exe = os.path.join(os.path.dirname(sys.executable), "flashrt_node")   # venv not activated
-        exe = exe if os.path.exists(exe) else "flashrt_node"
-        self.cmd = [exe, "--ros-args", "-r", f"__ns:=/{name}", "--params-file", path]
-        self.log_path = os.path.join(workdir, f"{name}.log")
-        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-
-    def wait_active(self, timeout=120):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the node exited ({self.proc.returncode}):\n{open(self.log_path).read()}")
-            if "active: stepping the policy" in open(self.log_path).read():
-                return
-            time.sleep(0.1)
-        raise SystemExit(f"the node did not become active in {timeout} s:\n{open(self.log_path).read()}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-
-
 class Client:
     """An rclpy node spun in a background thread; publishes observations, calls services."""
 
@@ -262,18 +226,20 @@ def observations(n, dim, seed=0):
 
 @contextlib.contextmanager
 def connected_node(name, params, workdir, client_name):
-    """A node process, active, and this process's Client connected to it; both stopped after."""
-    node = Node(name, params, workdir)
-    try:
-        node.wait_active()
-        c = Client(node.fqn, client_name)
+    """A node process in namespace /<name>, active, and this process's Client connected to it;
+    both stopped after."""
+    from flashrt_ros.ros.process import ACTIVE_LOG_LINE, NodeProcess
+    with NodeProcess(params=params, namespace=name) as node:
+        try:
+            node.wait_log(ACTIVE_LOG_LINE)
+        except (RuntimeError, TimeoutError) as e:
+            raise SystemExit(f"the node did not become active: {e}\n{node.log()}") from None
+        c = Client(node.node, client_name)
         try:
             c.wait_connected()
             yield node, c
         finally:
             c.close()
-    finally:
-        node.stop()
 
 
 def run_latency(args, workdir, obs_dim):
@@ -396,7 +362,7 @@ def run_storm(args, workdir, obs_dim, nice=0):
             before = c.fresh_diagnostics()
             n0 = len(c.actions)
             storm = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--storm-worker",
-                                      f"{node.fqn},{args.storm_hz},{args.duration}"],
+                                      f"{node.node},{args.storm_hz},{args.duration}"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
             lines = []

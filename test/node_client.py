@@ -1,96 +1,26 @@
 """Test side of the policy node: start `flashrt_node` as a child process, drive it over DDS.
 
-`NodeProcess` runs the console script with a params file and `-p` overrides, collects its log
-lines, and always ends it (SIGINT, then SIGKILL after a timeout). `PolicyClient` is an rclpy node
-in its own context, spun by a SingleThreadedExecutor in a background thread: it publishes
-observations, collects actions, status, diagnostics and capsule events, and calls services and
-lifecycle transitions. Every wait has a deadline (flashrt_ros.ros.waiting.wait_for); nothing sleeps a
-fixed time.
+`NodeProcess`, `node_command` and `executable` come from flashrt_ros.ros.process (the node as a
+child process: a params file and `-p` overrides, its log lines collected, always ended - SIGINT,
+then SIGKILL after a timeout). `PolicyClient` is an rclpy node in its own context, spun by a
+SingleThreadedExecutor in a background thread: it publishes observations, collects actions,
+status, diagnostics and capsule events, and calls services and lifecycle transitions. Every wait
+has a deadline (flashrt_ros.ros.waiting.wait_for); nothing sleeps a fixed time.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 
+from flashrt_ros.ros.process import NodeProcess, executable, node_command  # noqa: F401 - re-exported
 from flashrt_ros.ros.waiting import wait_for
 
-STARTUP_TIMEOUT_S = 60     # imports torch and rclpy, warms up; slow on a busy 2-core machine
 DISCOVERY_TIMEOUT_S = 15
 CALL_TIMEOUT_S = 15
 ACTION_TIMEOUT_S = 15
-
-
-class NodeProcess:
-    """A child process; `output` holds its log lines. Use as a context manager."""
-
-    def __init__(self, cmd: list, env: dict):
-        self.cmd, self.env = cmd, env
-        self.output: list[str] = []
-        self.proc = None
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
-        self._reader = threading.Thread(target=lambda: self.output.extend(self.proc.stdout),
-                                        daemon=True)
-        self._reader.start()
-        return self
-
-    def log(self) -> str:
-        return "".join(self.output)
-
-    def wait_log(self, text: str, timeout=STARTUP_TIMEOUT_S):
-        def seen():
-            if self.proc.poll() is not None and text not in self.log():
-                raise RuntimeError(f"{self.cmd[0]} exited with {self.proc.returncode} before "
-                                   f"logging {text!r}:\n{self.log()}")
-            return text in self.log()
-        wait_for(seen, timeout, f"{text!r} in the log of {self.cmd[0]}")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout=10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        return self.proc.returncode
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def executable(name: str) -> str:
-    """A console script of this environment: beside this interpreter (a venv that was not
-    activated, as tools/run-tests.sh runs it), else on PATH."""
-    here = os.path.join(os.path.dirname(sys.executable), name)
-    return here if os.path.exists(here) else (shutil.which(name) or name)
-
-
-def node_command(params_file: str, overrides: dict, namespace: str = "", remaps=()) -> list:
-    cmd = [executable("flashrt_node"), "--ros-args"]
-    if namespace:
-        cmd += ["-r", f"__ns:={namespace}"]
-    cmd += ["--params-file", params_file]
-    for k, v in overrides.items():
-        v = ("true" if v else "false") if isinstance(v, bool) else v
-        cmd += ["-p", f"{k}:={v}"]
-    for a, b in remaps:
-        cmd += ["-r", f"{a}:={b}"]
-    return cmd
 
 
 def observations(n: int, dim: int = 14, seed: int = 0) -> np.ndarray:
