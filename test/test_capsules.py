@@ -4,6 +4,7 @@ Exactness is a byte comparison: of stored bytes against the live arena, and of t
 state of a run continued after a restore against the uninterrupted run from the same boundary.
 """
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -307,3 +308,79 @@ def test_verify_and_lineage(tmp_path):
     store.restore("home")
     store.snapshot("child")
     assert store.get("child").parent == "home"
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_fork_that_switches_lets_no_step_run_between_its_snapshot_and_its_restore(tier, tmp_path):
+    """fork('', name, switch_to=True) is one committed boundary. A control step is let loose right
+    after the fork's snapshot: it must wait for the switch and then run on the branch, not run
+    before the restore and be undone by it."""
+    rt, store = make("cpu", tmp_path)
+    run(rt, observations(3))
+    obs = observations(1, seed=5)[0]
+    go, stepped, seen = threading.Event(), threading.Event(), {}
+
+    def control_step():
+        go.wait(10)
+        with rt.lock:
+            seen["before"] = live(rt)
+            rt.step(obs)
+        stepped.set()
+
+    snapshot = store.snapshot
+
+    def snapshot_then_let_a_step_try(*args, **kwargs):
+        cap = snapshot(*args, **kwargs)
+        go.set()
+        stepped.wait(0.5)      # an atomic fork holds the runtime lock: the step cannot run yet
+        return cap
+
+    store.snapshot = snapshot_then_let_a_step_try     # fork takes its snapshot through self.snapshot
+    thread = threading.Thread(target=control_step)
+    thread.start()
+    try:
+        cap = store.fork("", "branch", tier=tier, switch_to=True)
+    finally:
+        go.set()
+        thread.join(10)
+    assert stepped.is_set() and store.lineage == "branch"
+    # the step ran on the branch's bytes, after the switch, and was kept
+    assert torch.equal(seen["before"], store.capsule_bytes("branch"))
+    assert rt.step_count == cap.step + 1, "a step ran between the fork's snapshot and its restore"
+    after = live(rt)
+    store.restore("branch")
+    replay = threading.Thread(target=rt.step, args=(obs,))   # torch's thread count is per thread
+    replay.start()
+    replay.join(10)
+    assert torch.equal(live(rt), after)
+
+
+def test_on_reset_does_not_wait_for_a_call_that_holds_the_store_lock(tmp_path):
+    """A control step that resets the episode clears the lineage while a save may hold store.lock
+    through its file write: on_reset takes the runtime lock only."""
+    rt, store = make("cpu", tmp_path)
+    store.snapshot("home")
+    store.restore("home")
+    assert store.lineage == "home"
+    held, release = threading.Event(), threading.Event()
+
+    def long_save():
+        with store.lock:
+            held.set()
+            release.wait(10)
+
+    saver = threading.Thread(target=long_save)
+    saver.start()
+    try:
+        assert held.wait(10)
+        reset = threading.Thread(target=lambda: (rt.reset(), store.on_reset()))
+        reset.start()
+        reset.join(5)
+        assert not reset.is_alive(), "on_reset waited for store.lock"
+    finally:
+        release.set()
+        saver.join(10)
+    assert store.lineage == ""
+    store.restore("home")
+    store.delete("home")            # deleting the capsule the live state descends from
+    assert store.lineage == ""

@@ -2,8 +2,8 @@
 
 Lifecycle transitions and parameters go through the node's own services (ChangeState,
 GetState, SetParameters, ListParameters, DescribeParameters), as `ros2 lifecycle` / `ros2 param`
-would use them. Also here, without ROS traffic: the deadline accounting (DeadlineMonitor), the
-BoundaryLock's ordering, and the warm-up's promise that the state afterwards is byte-identical.
+would use them. The ROS-free pieces the node serves with (deadline accounting, the BoundaryLock,
+the warm-up) are tested in test_serving.py.
 """
 import os
 import threading
@@ -266,79 +266,3 @@ def test_policy_executor_does_not_spin_while_a_callback_waits_to_start(ros_conte
         executor.shutdown(timeout_sec=5)
         spinner.join(timeout=5)
         node.destroy_node()
-
-
-# -- without ROS traffic -------------------------------------------------------------------
-def test_deadline_monitor_counts_late_commits_and_skipped_ticks():
-    from flashrt_ros.ros.node import DeadlineMonitor
-    ms = 1_000_000
-    dl = DeadlineMonitor(period_ns=10 * ms, deadline_ns=10 * ms)
-    dl.start(0)
-    for k in range(1, 6):                       # on time: 2 ms late, committed 3 ms later
-        dl.tick(k * 10 * ms + 2 * ms)
-        dl.commit(k * 10 * ms, k * 10 * ms + 5 * ms)
-    assert (dl.ticks, dl.late, dl.skipped, dl.misses) == (5, 0, 0, 0)
-    dl.tick(60 * ms)
-    dl.commit(60 * ms, 60 * ms + 12 * ms)       # committed 12 ms after its tick: late
-    assert (dl.ticks, dl.late, dl.misses) == (6, 1, 1)
-    dl.tick(100 * ms)                           # ticks 7, 8, 9 never ran (rcl skipped them)
-    dl.commit(100 * ms, 101 * ms)
-    assert (dl.ticks, dl.skipped, dl.late, dl.misses) == (10, 3, 1, 4)
-    dl.tick(110 * ms - 50_000)                  # a tick reported a hair early is still tick 11
-    assert (dl.ticks, dl.skipped) == (11, 3)
-
-
-def test_boundary_lock_lets_a_waiting_call_go_before_the_next_step():
-    from flashrt_ros.ros.node import BoundaryLock
-    lock = BoundaryLock()
-    order = []
-    in_step, call_waiting = threading.Event(), threading.Event()
-
-    def steps():
-        for i in range(3):
-            with lock.step():
-                order.append(f"step{i}")
-                if i == 0:
-                    in_step.set()
-                    wait_for(lambda: lock._waiting == 1, 5, "the call to wait")
-                    call_waiting.set()
-
-    def call():
-        in_step.wait(5)
-        with lock:
-            order.append("call")
-
-    threads = [threading.Thread(target=steps), threading.Thread(target=call)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    assert call_waiting.is_set()
-    assert order == ["step0", "call", "step1", "step2"]
-    with lock:
-        with lock:                              # reentrant
-            pass
-
-
-def test_warm_up_leaves_the_state_byte_identical():
-    import torch
-
-    from flashrt_ros.core.config import TINY, RuntimeConfig
-    from flashrt_ros.ros.node import warm_up
-    from flashrt_ros.core.runtime import PolicyRuntime
-    for instruction in ("pick up the red cube", ""):
-        fresh = PolicyRuntime(TINY, RuntimeConfig(device="cpu"))
-        warmed = PolicyRuntime(TINY, RuntimeConfig(device="cpu"))
-        if instruction:
-            fresh.set_instruction(instruction)
-            warmed.set_instruction(instruction)
-        warm_up(warmed)
-        assert torch.equal(warmed.arena.base, fresh.arena.base)       # the whole arena
-        assert (warmed.step_count, warmed.position, warmed.episode, warmed.context_len) == \
-               (fresh.step_count, fresh.position, fresh.episode, fresh.context_len)
-        for o in OBS[:4]:
-            assert fresh.step(o).tobytes() == warmed.step(o).tobytes()
-        assert fresh.rollback(2) == warmed.rollback(2)
-        assert fresh.reset(keep_context=True) == warmed.reset(keep_context=True)
-        assert torch.equal(warmed.arena.base[: warmed.live_nbytes()],
-                           fresh.arena.base[: fresh.live_nbytes()])

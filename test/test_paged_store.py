@@ -126,6 +126,17 @@ def test_verify_and_lineage(flat, tmp_path):
     flat.test_verify_and_lineage(tmp_path)
 
 
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_fork_that_switches_lets_no_step_run_between_its_snapshot_and_its_restore(flat, tier,
+                                                                                     tmp_path):
+    flat.test_a_fork_that_switches_lets_no_step_run_between_its_snapshot_and_its_restore(
+        tier, tmp_path)
+
+
+def test_on_reset_does_not_wait_for_a_call_that_holds_the_store_lock(flat, tmp_path):
+    flat.test_on_reset_does_not_wait_for_a_call_that_holds_the_store_lock(tmp_path)
+
+
 # -- what paging adds ---------------------------------------------------------------------------
 @pytest.fixture(params=["copy-first", "compare-first"])
 def snapshot_path(request, monkeypatch):

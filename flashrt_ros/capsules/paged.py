@@ -61,7 +61,9 @@ into the contiguous live layout and written as a normal capsule file.
 Locking: as CapsuleStore. `store.lock` guards the index, the tables and the pools; the runtime
 lock is held only while live bytes are copied out (and, on the compare-first path, compared) or
 gathered in. Eviction (which may write files) runs with the runtime lock released; a snapshot
-then re-reads the boundary.
+then re-reads the boundary. The exceptions are the flat store's: a fork of the live state that
+switches to it holds the runtime lock from snapshot to restore (`CapsuleStore.fork`), and the
+lineage changes under the runtime lock only (a snapshot records the one of the boundary it read).
 """
 from __future__ import annotations
 
@@ -104,6 +106,7 @@ class CommittedDescriptor:
     tier: str
     anchor: str       # the stored capsule the chunks were compared with ('' = none)
     table: tuple      # per chunk: the anchor's block id where byte-equal, -1 where new
+    lineage: str = "" # the capsule the live state descended from at this boundary
 
     @property
     def shared(self) -> np.ndarray:
@@ -295,7 +298,7 @@ class PagedCapsuleStore(CapsuleStore):
             plan = plans[position] = (np.concatenate(chunks) if chunks else idx[:0], items)
         return plan
 
-    def _describe(self, tier, src, position, step, episode, context_len, prefer=None,
+    def _describe(self, tier, src, position, step, episode, context_len, lineage, prefer=None,
                   share=True) -> CommittedDescriptor:
         """Compare src's chunks with the candidate's blocks (src is on the pool's device)."""
         pool = self.blocks[tier]
@@ -310,7 +313,7 @@ class PagedCapsuleStore(CapsuleStore):
                 table[hit] = self.tables[anchor][hit]
         self._version += 1
         return CommittedDescriptor(self._version, position, step, episode, context_len, tier,
-                                   anchor, tuple(table.tolist()))
+                                   anchor, tuple(table.tolist()), lineage)
 
     def _equal(self, a: torch.Tensor, b: torch.Tensor, items, stream=None) -> np.ndarray:
         """Per row of every (a offset, b offset, rows, width) item: are the bytes equal? One host
@@ -335,6 +338,7 @@ class PagedCapsuleStore(CapsuleStore):
         with rt.lock:
             position, step, episode, context_len = rt.position, rt.step_count, rt.episode, \
                 rt.context_len
+            lineage = self.lineage
             offs, sizes = self._layout(position)
             if pool.free_blocks < len(offs):
                 return None
@@ -383,7 +387,7 @@ class PagedCapsuleStore(CapsuleStore):
         self._version += 1
         shown = np.where(table == fresh, -1, table)
         return table, CommittedDescriptor(self._version, position, step, episode, context_len,
-                                          tier, anchor, tuple(shown.tolist()))
+                                          tier, anchor, tuple(shown.tolist()), lineage)
 
     def _write(self, tier: str, src: torch.Tensor, desc: CommittedDescriptor) -> np.ndarray:
         """The capsule's block table: shared blocks referenced once more, new chunks copied."""
@@ -400,17 +404,18 @@ class PagedCapsuleStore(CapsuleStore):
 
     @contextlib.contextmanager
     def _live(self, tier: str):
-        """The live range at the committed boundary on the pool's device, with its counters.
-        Same device: a view, valid while the runtime lock is held (for the whole block). Host
-        tier of a CUDA runtime: a host copy taken under the runtime lock, used after it."""
+        """The live range at the committed boundary on the pool's device, with its counters and
+        lineage. Same device: a view, valid while the runtime lock is held (for the whole block).
+        Host tier of a CUDA runtime: a host copy taken under the runtime lock, used after it."""
         rt = self.rt
         if self.blocks[tier].device.type == rt.device.type:
             with rt.lock:
-                yield rt.live_state(), rt.position, rt.step_count, rt.episode, rt.context_len
+                yield (rt.live_state(), rt.position, rt.step_count, rt.episode, rt.context_len,
+                       self.lineage)
         else:
             with rt.lock:
                 got = (rt.live_state().cpu(), rt.position, rt.step_count, rt.episode,
-                       rt.context_len)
+                       rt.context_len, self.lineage)
             yield got
 
     def _ingest(self, tier: str, source, prefer: str | None, protect: set):
@@ -420,9 +425,9 @@ class PagedCapsuleStore(CapsuleStore):
         blocks, the capsule is stored whole instead (and the candidate may be evicted)."""
         share = True
         while True:
-            with source() as (src, position, step, episode, context_len):
-                desc = self._describe(tier, src, position, step, episode, context_len, prefer,
-                                      share)
+            with source() as (src, position, step, episode, context_len, lineage):
+                desc = self._describe(tier, src, position, step, episode, context_len, lineage,
+                                      prefer, share)
                 keep = protect | ({desc.anchor} if desc.anchor else set())
                 try:
                     fits = self._room(tier, len(desc.tail), desc.shared, keep)
@@ -442,7 +447,8 @@ class PagedCapsuleStore(CapsuleStore):
         off = self.rt.arena.specs["meta"].offset + 8 * META_CONTEXT_LEN
         meta.context_len = int(raw[off:off + 8].view(torch.int64)[0])
         table, _ = self._ingest(tier, lambda: contextlib.nullcontext(
-            (src, meta.position, meta.step, meta.episode, meta.context_len)), meta.parent, protect)
+            (src, meta.position, meta.step, meta.episode, meta.context_len, meta.parent)),
+            meta.parent, protect)
         return table
 
     # -- room, eviction, release ----------------------------------------------------------
@@ -553,8 +559,8 @@ class PagedCapsuleStore(CapsuleStore):
             tier = self._tier(tier)
             if tier == "disk":
                 raise InputError("describe_live: expected a memory tier (gpu or host), found 'disk'")
-            with self._live(tier) as (src, position, step, episode, context_len):
-                return self._describe(tier, src, position, step, episode, context_len)
+            with self._live(tier) as (src, position, step, episode, context_len, lineage):
+                return self._describe(tier, src, position, step, episode, context_len, lineage)
 
     def snapshot(self, name: str, tier: str | None = None, pin: bool = False,
                  parent: str | None = None) -> Capsule:
@@ -568,7 +574,7 @@ class PagedCapsuleStore(CapsuleStore):
             got = self._copy_then_share(tier, parent)
             table, desc = got if got is not None else \
                 self._ingest(tier, lambda: self._live(tier), parent, set())
-            cap = Capsule(name=name, parent=self.lineage if parent is None else parent,
+            cap = Capsule(name=name, parent=desc.lineage if parent is None else parent,
                           step=desc.step, position=desc.position, episode=desc.episode,
                           nbytes=self.rt.arena.live_nbytes(desc.position),
                           fingerprint=self.fingerprint, tier=tier, pinned=bool(pin),
@@ -590,8 +596,8 @@ class PagedCapsuleStore(CapsuleStore):
                 self._gather(name, rt.arena.base)
                 # adopt the metadata (copying the range onto itself is a no-op)
                 rt.restore_state(rt.arena.base[:cap.nbytes], cap.known())
+                self.lineage = name
             cap.touch()
-            self.lineage = name
             self._anchors = {cap.tier: [name]}
             return cap
 

@@ -20,10 +20,21 @@ Locking (the node relies on this): `store.lock` guards the index and the pools; 
 `runtime.lock` guards the live state. Store operations take `store.lock` first and the runtime lock
 only around the copy of live bytes, never the other way round, so a control loop that takes only
 the runtime lock waits at most one copy. Disk writes and reads (`save`, `load`, disk snapshots and
-demotions) hold `store.lock` but never the runtime lock.
+demotions) hold `store.lock` but never the runtime lock - with one exception: a fork of the live
+state that switches to it (`fork('', name, switch_to=True)`) holds the runtime lock from its
+snapshot through its restore, so that no control step runs between the two (the restore would
+undo it); evictions it needs and, into the disk tier, its file write and read-back happen under
+it. Branch into a memory tier while a control loop runs.
+
+Lineage (`store.lineage`, the capsule the live state descends from) describes the live state, so
+it changes under the runtime lock only: restore sets it in the same critical section as its copy,
+so a step that follows names the new lineage. `on_reset` (the live state left its lineage) takes
+the runtime lock alone, never `store.lock`, which a save holds through its file write: a control
+step that resets the episode calls it while it holds the runtime lock and never waits for disk.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -52,7 +63,8 @@ class CapsuleStore:
             self.copy_stream = torch.cuda.Stream(runtime.device)
         self.pools["host"] = BytePool(self.cfg.budget("host"), torch.device("cpu"), pinned=self.cuda)
         self.capsules: dict[str, Capsule] = {}
-        self.lineage = ""          # the capsule the live state descends from ("" = none)
+        self.lineage = ""          # the capsule the live state descends from ("" = none); written
+                                   # under the runtime lock only (see the module docstring)
         self.fingerprint = runtime.fingerprint()
         self.cfg = dataclasses.replace(self.cfg, capsule_dir=os.path.expanduser(self.cfg.capsule_dir))
         os.makedirs(self.cfg.capsule_dir, exist_ok=True)
@@ -340,14 +352,22 @@ class CapsuleStore:
                 known = cap.known()
             with self.rt.lock:
                 self.rt.restore_state(src, known)
+                self.lineage = name
             cap.touch()
-            self.lineage = name
             return cap
 
     def fork(self, source: str, name: str, switch_to: bool = False,
              tier: str | None = None) -> Capsule:
-        """A new independent copy of capsule `source` ('' = the live state), optionally restored."""
-        with self.lock:
+        """A new independent copy of capsule `source` ('' = the live state); with `switch_to` the
+        live state continues on the copy (it is restored).
+
+        A fork of the live state that switches lands at one committed boundary: the runtime lock is
+        held from the snapshot through the restore, so no step runs between them - the restore
+        would undo it (see the module docstring for what this costs the disk tier). A fork of a
+        stored capsule needs no such hold: its restore replaces the live state whatever ran before.
+        """
+        one_boundary = self.rt.lock if switch_to and not source else contextlib.nullcontext()
+        with self.lock, one_boundary:
             check_name(name)
             if not source:
                 cap = self.snapshot(name, tier=tier)
@@ -389,8 +409,9 @@ class CapsuleStore:
         with self.lock:
             cap = self.get(name)
             self._drop(cap)
-            if self.lineage == name:
-                self.lineage = ""
+            with self.rt.lock:
+                if self.lineage == name:
+                    self.lineage = ""
 
     def move(self, name: str, tier: str) -> Capsule:
         """Promote or demote a capsule to another tier."""
@@ -476,12 +497,15 @@ class CapsuleStore:
             return self._host_bytes(cap).clone()
 
     def on_reset(self) -> None:
-        with self.lock:
+        """The live state left its lineage (an episode reset, a new instruction): it descends
+        from no capsule now. Takes only the runtime lock (reentrant: call it inside the critical
+        section that reset the state, so the next step already names no lineage)."""
+        with self.rt.lock:
             self.lineage = ""
 
 
 def make_store(runtime: PolicyRuntime, cfg: StoreConfig | None = None) -> CapsuleStore:
-    """The store `cfg` asks for: PagedCapsuleStore when `cfg.paged` (issue 8), else CapsuleStore."""
+    """The store `cfg` asks for: PagedCapsuleStore when `cfg.paged`, else CapsuleStore."""
     cfg = cfg or StoreConfig()
     if cfg.paged:
         from flashrt_ros.capsules.paged import PagedCapsuleStore   # imported here: paged.py subclasses CapsuleStore

@@ -9,10 +9,12 @@ restore_state) runs to completion before it returns; the host mirrors (`position
 `episode`) and the rollback ring are updated only after the plan ran, and on CUDA the next caller's
 work is stream-ordered after it. Nothing can observe a half-applied step.
 
-Thread-safety contract: a PolicyRuntime is not thread-safe. One thread at a time may call it; the
-node serialises callers with `runtime.lock` (an RLock offered for that purpose). Copies of capsule
-bytes handed out (`copy_state_out`) are independent of the live state and may be used from other
-threads (e.g. for disk I/O) without the lock.
+Thread-safety contract: a PolicyRuntime is not thread-safe. One thread at a time may call it;
+callers serialise on `runtime.lock`, offered for that purpose: an RLock, or the reentrant lock
+given at construction (the node passes a `BoundaryLock`, core/serving.py, which lets a waiting
+capsule call go before the next control step). The lock is fixed for the runtime's life: the
+capsule store and every thread take the same object. Copies of capsule bytes handed out are
+independent of the live state and may be used from other threads (e.g. for disk I/O) without it.
 """
 from __future__ import annotations
 
@@ -51,14 +53,20 @@ def resolve_device(name: str) -> torch.device:
 
 class PolicyRuntime:
     def __init__(self, model_cfg: ModelConfig = TINY, runtime_cfg: RuntimeConfig | None = None,
-                 progress=None, model_dir: checkpoint.ModelDir | None = None):
+                 progress=None, model_dir: checkpoint.ModelDir | None = None, lock=None):
         """A runtime for `model_cfg` with seeded weights (a preset), or for a checkpoint directory
-        read by `checkpoint.read_model_dir` (use `PolicyRuntime.from_pretrained`)."""
+        read by `checkpoint.read_model_dir` (use `PolicyRuntime.from_pretrained`).
+
+        `lock`: the reentrant lock callers serialise on (`runtime.lock`; default a new RLock)."""
         if model_dir is not None:
             model_cfg = model_dir.cfg
         self.model_cfg = model_cfg
         self.cfg = runtime_cfg or RuntimeConfig()
-        self.lock = threading.RLock()
+        if lock is not None and not (hasattr(lock, "__enter__") and hasattr(lock, "__exit__")):
+            raise ConfigError(f"lock: expected a reentrant lock (a context manager such as "
+                              f"threading.RLock or serving.BoundaryLock), found "
+                              f"{type(lock).__name__}; pass one, or None for an RLock")
+        self.lock = threading.RLock() if lock is None else lock
         say = progress or (lambda msg: None)
         self.device = resolve_device(self.cfg.device)
         cuda = self.device.type == "cuda"
@@ -105,12 +113,13 @@ class PolicyRuntime:
 
     @classmethod
     def from_pretrained(cls, path: str, runtime_cfg: RuntimeConfig | None = None, progress=None,
-                        **overrides) -> "PolicyRuntime":
+                        lock=None, **overrides) -> "PolicyRuntime":
         """A runtime serving the checkpoint directory `path` (see core/checkpoint.py), or a preset
         by name with its trained heads where it has them.
 
-        `overrides` set policy fields over the directory's (max_context, dtype, ...)."""
-        return cls(runtime_cfg=runtime_cfg, progress=progress,
+        `lock` as in the constructor; `overrides` set policy fields over the directory's
+        (max_context, dtype, ...)."""
+        return cls(runtime_cfg=runtime_cfg, progress=progress, lock=lock,
                    model_dir=checkpoint.resolve_model(path, say=progress, **overrides))
 
     def _build_policy(self, model_dir, kernel, say):

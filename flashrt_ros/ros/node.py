@@ -30,16 +30,19 @@ entities destroyed mid-collection, see executors.py; four callback groups, each 
 Locks, always taken in this order: `store.lock` (the capsule index and pools; every service
 handler holds it throughout, so operations are serialised and see a consistent index), then
 `runtime.lock` (the live state). The store takes `runtime.lock` only around copies of live bytes
-and never while it reads or writes a file, so disk I/O never blocks the control loop.
-Committed boundary: `runtime.lock` is a `BoundaryLock` - a capsule call that arrives during a
-step waits for that step to commit and then goes before the next one (a plain lock is not fair,
-and a fast observation stream could starve the call). Operations whose effect must land at one
-boundary hold `runtime.lock` across the whole store call: rollback, reset, instruction, a restore
-from a memory tier, a fork of the live state that switches to the branch. A restore from the disk
-tier reads and verifies the file first, without the lock, and copies at the next boundary.
+and never while it reads or writes a file, so disk I/O never blocks the control loop (the one
+exception, a fork of the live state into the disk tier that switches to it, is store.py's).
+Committed boundary: `runtime.lock` is a `BoundaryLock` (core/serving.py), given to the runtime at
+construction - a capsule call that arrives during a step waits for that step to commit and then
+goes before the next one (a plain lock is not fair, and a fast observation stream could starve
+the call). Operations whose effect must land at one boundary hold `runtime.lock` across it:
+rollback, reset and instruction here; in the store, a restore (its copy and the new lineage) and
+a fork of the live state that switches to the branch (`store.fork(..., switch_to=True)`). A
+restore from the disk tier reads and verifies the file first, without the lock, and copies at the
+next boundary. The lineage an action chunk names is read in the step's critical section.
 
-Deadlines (`DeadlineMonitor`): in timer mode tick k is scheduled at origin + k * period on the
-timer's clock. A tick misses its deadline when its step has not committed `deadline_s` after the
+Deadlines (`DeadlineMonitor`, core/serving.py): in timer mode tick k is scheduled at origin +
+k * period on the timer's clock. A tick misses its deadline when its step has not committed `deadline_s` after the
 tick's scheduled time, or when it never ran: an executor more than a period late makes rcl skip
 ticks, and every skipped tick counts as a miss. A tick with no fresh observation steps nothing;
 it is counted as stale (or idle before the first observation), not as a miss. In observation mode
@@ -49,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 import time
 from collections import deque
@@ -83,6 +85,8 @@ from flashrt_ros.core.checkpoint import resolve_model
 from flashrt_ros.core.exceptions import ConfigError, FlashRTError, NotConfiguredError
 from flashrt_ros.ros.params import configs_from_values, parameter_table
 from flashrt_ros.core.runtime import PolicyRuntime
+from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_threads,
+                                      set_thread_nice, torch_threads, warm_up)
 from flashrt_ros.capsules.store import make_store
 
 NODE_NAME = "flashrt_policy"
@@ -95,123 +99,6 @@ SERVICE_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
                          history=QoSHistoryPolicy.KEEP_LAST)
 EVENTS_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
                         durability=QoSDurabilityPolicy.VOLATILE)
-WARM_UP_TOKEN = 32      # a byte-tokenizer id (space); warm-up content is thrown away
-
-
-class BoundaryLock:
-    """The runtime's lock inside the node: reentrant; a capsule call waiting for it goes first.
-
-    `with lock:` (what the store and the service handlers use) registers the caller as waiting,
-    then takes the lock. `with lock.step():` (the control loop only) first waits until no call is
-    waiting, then takes the lock. So a call that arrives during a step runs right after that step
-    commits, and the next step runs after the call.
-    """
-
-    def __init__(self):
-        self._lock = threading.RLock()
-        self._cv = threading.Condition()
-        self._waiting = 0
-
-    def __enter__(self):
-        with self._cv:
-            self._waiting += 1
-        self._lock.acquire()
-        with self._cv:
-            self._waiting -= 1
-            if self._waiting == 0:
-                self._cv.notify_all()
-        return self
-
-    def __exit__(self, *exc):
-        self._lock.release()
-
-    @contextlib.contextmanager
-    def step(self):
-        with self._cv:
-            self._cv.wait_for(lambda: self._waiting == 0)
-        with self._lock:
-            yield
-
-
-class DeadlineMonitor:
-    """Counts control ticks, skipped ticks and late commits (see the module docstring). No ROS."""
-
-    def __init__(self, period_ns: int, deadline_ns: int):
-        self.period_ns, self.deadline_ns = int(period_ns), int(deadline_ns)
-        self.origin_ns = None
-        self.last_index = 0
-        self.ticks = self.skipped = self.late = 0
-        self.max_lateness_ns = 0
-        self.lateness_ms = deque(maxlen=1000)      # scheduled -> committed, the last 1000 steps
-
-    def start(self, origin_ns: int) -> None:
-        """Tick 0 is at origin_ns (a timer's creation); the first tick to run is tick 1."""
-        self.origin_ns, self.last_index = int(origin_ns), 0
-
-    def tick(self, scheduled_ns: int) -> int:
-        """A tick runs that was scheduled at scheduled_ns; returns how many ticks before it never ran."""
-        index = round((scheduled_ns - self.origin_ns) / self.period_ns)
-        skipped = max(0, index - self.last_index - 1)
-        self.last_index = max(index, self.last_index + 1)
-        self.ticks += 1 + skipped
-        self.skipped += skipped
-        return skipped
-
-    def commit(self, scheduled_ns: int, committed_ns: int) -> bool:
-        """A step committed; True if it missed its deadline."""
-        lateness = int(committed_ns) - int(scheduled_ns)
-        self.max_lateness_ns = max(self.max_lateness_ns, lateness)
-        self.lateness_ms.append(lateness * 1e-6)
-        if lateness > self.deadline_ns:
-            self.late += 1
-            return True
-        return False
-
-    @property
-    def misses(self) -> int:
-        return self.late + self.skipped
-
-
-def warm_up(rt: PolicyRuntime) -> float:
-    """Run every plan once, then put back the exact state; returns the seconds it took.
-
-    On CPU the first call of each op pays torch's lazy initialisation (~2 s for the first prefill,
-    ~0.2 s for each new prefill length): without this the first control step would miss its
-    deadline. The live bytes are saved first and restored after, and the KV rows past the live
-    prefix (which the warm-up prefill wrote) are zeroed: the whole arena is then byte-identical to
-    what it was, episode counter included. Only `rt.context_tokens` is emptied (restore_state does
-    that; no plan reads it).
-    """
-    t0 = time.perf_counter()
-    clean = rt.live_state().clone()
-    known = (rt.position, rt.step_count, rt.episode, rt.context_len)
-    buckets = [c for c in rt.cfg.prefill_buckets if c < rt.max_tokens]
-    n = max(1, min(sum(buckets) + 1, rt.max_tokens))      # every bucket once, then one token step
-    rt.set_instruction([WARM_UP_TOKEN] * n)
-    rt.step(np.zeros(rt.model_cfg.obs_dim, dtype=np.float32))
-    rt.restore_state(clean, known)
-    rt.arena.base[clean.numel():].zero_()
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize(rt.device)
-    return time.perf_counter() - t0
-
-
-def set_thread_nice(nice: int) -> int:
-    """Set the nice value of every thread of this process (threads started later inherit it from
-    their creator); returns the value it replaced."""
-    tids = [int(t) for t in os.listdir("/proc/self/task")]
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    try:
-        for tid in tids:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except PermissionError:
-        for tid in tids:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, tid, before)
-        raise ConfigError(f"nice: expected permission to set nice {nice} (CAP_SYS_NICE, or a nice "
-                          f"limit: `ulimit -e`), found none; grant it (/etc/security/limits.conf: "
-                          f"`<user> - nice -10`) or set nice 0") from None
-    return before
 
 
 class Latest(NamedTuple):
@@ -314,8 +201,7 @@ class PolicyNode(LifecycleNode):
             model_dir = resolve_model(node_cfg.model, say=log.info)
             model_cfg = model_dir.cfg
             self._check_joints(node_cfg, model_cfg)
-            # auto: tiny models lose more to handing ops to a second thread than they gain
-            self._threads = rt_cfg.threads or (1 if model_cfg.d_model <= 256 else 0)
+            self._threads = torch_threads(rt_cfg, model_cfg)
             self._pin_torch_threads()
             if node_cfg.nice:
                 self._nice_before = set_thread_nice(node_cfg.nice)
@@ -323,7 +209,9 @@ class PolicyNode(LifecycleNode):
             log.info(f"configuring: model {node_cfg.model}, device {rt_cfg.device}, "
                      f"{node_cfg.control_mode} control at {node_cfg.control_rate_hz:g} Hz, "
                      f"{torch.get_num_threads()} torch CPU thread(s)")
-            rt = PolicyRuntime(runtime_cfg=rt_cfg, progress=log.info, model_dir=model_dir)
+            # a BoundaryLock: fair to capsule calls (see the module docstring)
+            rt = PolicyRuntime(runtime_cfg=rt_cfg, progress=log.info, model_dir=model_dir,
+                               lock=BoundaryLock())
             untrained = rt.model.untrained
             if "heads" in untrained:
                 log.warning(f"the {' and '.join(untrained)} of model {model_cfg.name!r} "
@@ -332,8 +220,6 @@ class PolicyNode(LifecycleNode):
             elif untrained:
                 log.info(f"the backbone of model {model_cfg.name!r} is drawn from the seed; its "
                          f"heads were trained on that backbone")
-            # fair to capsule calls (see the module docstring); the store reads rt.lock per use
-            rt.lock = BoundaryLock()
             if node_cfg.instruction:
                 n = rt.set_instruction(node_cfg.instruction)
                 log.info(f"instruction prefilled: {n} tokens")
@@ -368,15 +254,9 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _pin_torch_threads(self):
-        """Apply torch's CPU thread count in the calling thread, once per thread.
-
-        torch.set_num_threads reaches OpenMP (which MKL's bmm uses) only in the thread that calls
-        it; an executor worker starts with OMP_NUM_THREADS and would run every matmul as a team
-        of threads fighting for the cores (~8 ms per tiny bmm on a busy 2-core machine, measured).
-        """
-        if self._threads and getattr(self._tls, "threads", 0) != self._threads:
-            torch.set_num_threads(self._threads)
-            self._tls.threads = self._threads
+        """`runtime.threads` in the calling executor thread (serving.pin_torch_threads says why
+        every thread that steps needs it)."""
+        pin_torch_threads(self._threads)
 
     @staticmethod
     def _check_joints(node_cfg, model_cfg):
@@ -536,10 +416,7 @@ class PolicyNode(LifecycleNode):
                 t0 = time.perf_counter()
                 if latest.reset:
                     rt.reset(keep_context=True)
-                    # not store.on_reset(): that takes store.lock, which a save holds during disk
-                    # I/O; a str assignment is atomic, and service handlers read lineage under
-                    # runtime.lock or after their call returns
-                    store.lineage = ""
+                    store.on_reset()        # takes runtime.lock only: never waits for a save
                 action = rt.step(latest.obs)
                 step, episode, lineage = rt.step_count, rt.episode, store.lineage
                 t1 = time.perf_counter()
@@ -719,10 +596,9 @@ class PolicyNode(LifecycleNode):
 
     @staticmethod
     def _restore(rt, store, name):
-        """Restore at one boundary; a disk capsule's file is read before the lock is taken."""
-        in_memory = name in store.capsules and store.capsules[name].tier != "disk"
-        with rt.lock if in_memory else contextlib.nullcontext():
-            return store.restore(name)
+        """Restore at one boundary: the store copies and sets the lineage under runtime.lock (a
+        disk capsule's file is read and verified before it takes the lock)."""
+        return store.restore(name)
 
     def _srv_snapshot(self, rt, store, req, res, ev):
         ev.name, ev.tier, ev.pin = req.name, req.tier, req.pin
@@ -740,12 +616,9 @@ class PolicyNode(LifecycleNode):
 
     def _srv_fork(self, rt, store, req, res, ev):
         ev.name, ev.source, ev.switch_to = req.name, req.source, req.switch_to
-        # a branch of the live state that becomes the live state: snapshot and switch at one
-        # boundary, or a step in between would be undone by the switch
-        with rt.lock if (req.switch_to and not req.source) else contextlib.nullcontext():
-            cap = store.fork(req.source, req.name, switch_to=False, tier=req.tier or None)
-            if req.switch_to:
-                cap = self._restore(rt, store, req.name)
+        # one store operation: a branch of the live state is snapshotted and switched to at one
+        # boundary (store.fork holds runtime.lock across both)
+        cap = store.fork(req.source, req.name, switch_to=req.switch_to, tier=req.tier or None)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
         res.message = f"forked {req.source or '<live>'!r} -> {cap.name!r}" + \
