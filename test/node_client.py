@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from flashrt_ros.ros.process import NodeProcess, executable, node_command  # noqa: F401 - re-exported
+from flashrt_ros.ros.stamps import stamp_to_s
 from flashrt_ros.ros.waiting import wait_for
 
 DISCOVERY_TIMEOUT_S = 15
@@ -143,7 +144,7 @@ class PolicyClient:
 
         def fresh():
             for s in reversed(self.statuses):
-                if s.header.stamp.sec + s.header.stamp.nanosec * 1e-9 > t:
+                if stamp_to_s(s.header.stamp) > t:
                     return s
             return None
         return wait_for(fresh, timeout, f"a fresh status from {self.target}")

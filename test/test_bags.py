@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flashrt_ros.ros.stamps import stamp_to_ns
 from flashrt_ros.ros.waiting import spin_until, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -334,8 +335,7 @@ class EpisodeDriver:
         self.status = None
         self.action_sub = self.node.create_subscription(
             ActionChunk, f"{target}/action",
-            lambda m: self.actions_by_stamp.__setitem__((m.observation_stamp.sec,
-                                                         m.observation_stamp.nanosec), m), qos)
+            lambda m: self.actions_by_stamp.__setitem__(stamp_to_ns(m.observation_stamp), m), qos)
         self.node.create_subscription(PolicyStatus, f"{target}/status",
                                       lambda m: setattr(self, "status", m), qos)
         self.actions = []            # in observation order
@@ -348,7 +348,7 @@ class EpisodeDriver:
     def step(self, obs):
         msg = self.Observation(state=[float(x) for x in obs])
         msg.header.stamp = self.node.get_clock().now().to_msg()
-        key = (msg.header.stamp.sec, msg.header.stamp.nanosec)
+        key = stamp_to_ns(msg.header.stamp)
         self.obs_pub.publish(msg)
         action = self.spin_until(lambda: self.actions_by_stamp.get(key),
                                  f"the action for observation {len(self.actions)}")
@@ -372,7 +372,7 @@ class EpisodeDriver:
         t_pub = self.node.get_clock().now().nanoseconds
         self.instr_pub.publish(String(data=text))
         self.spin_until(lambda: self.status.episode_id != before and
-                        self.status.header.stamp.sec * 10**9 + self.status.header.stamp.nanosec >= t_pub,
+                        stamp_to_ns(self.status.header.stamp) >= t_pub,
                         "the node to prefill the new instruction")
 
     def close(self):

@@ -40,6 +40,7 @@ import numpy as np
 from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows, store_for,
                         typestore)
 from flashrt_ros.ros.operations import BY_SERVICE, OPERATIONS, operation
+from flashrt_ros.ros.stamps import ns_to_stamp, stamp_to_ns
 from flashrt_ros.ros.waiting import spin_until
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -149,19 +150,19 @@ class RecordedEpisode:
         """Pair recorded actions with their observations; place each capsule operation."""
         stamp_index = {}
         for it in self.observations:
-            s = _stamp_ns(it.msg.header.stamp)
+            s = stamp_to_ns(it.msg.header.stamp)
             if s:
                 stamp_index.setdefault(s, it.index)
         action_at = []                                # (node stamp of the action, obs index)
         for n, it in enumerate(self.recorded_actions):
-            obs = stamp_index.get(_stamp_ns(it.msg.observation_stamp))
+            obs = stamp_index.get(stamp_to_ns(it.msg.observation_stamp))
             if obs is None and not stamp_index and n < len(self.observations):
                 obs = n                               # unstamped inputs: one action per observation
             if obs is None:
                 self.unlinked_actions += 1
                 continue
             self.actions[obs] = it.msg
-            action_at.append((_stamp_ns(it.msg.header.stamp), obs))
+            action_at.append((stamp_to_ns(it.msg.header.stamp), obs))
         action_at.sort()
         ops = []
         for it in self.capsule_ops:
@@ -174,7 +175,7 @@ class RecordedEpisode:
             if not ev.success:
                 self.skipped_ops.append((ev, f"it failed when recorded: {ev.message}"))
                 continue
-            ev_stamp = _stamp_ns(ev.header.stamp)
+            ev_stamp = stamp_to_ns(ev.header.stamp)
             before = [obs for t, obs in action_at if t <= ev_stamp]
             if action_at and ev_stamp:
                 it.index = (max(before) + 1) if before else 0   # goes before observation `index`
@@ -216,10 +217,6 @@ def _ranges(indices) -> str:
             out.append(f"{start}-{k}" if k > start else f"{k}")
             start = None
     return ", ".join(out)
-
-
-def _stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
 def _topic_list(topics: dict) -> str:
@@ -494,7 +491,7 @@ class BagPlayer:
         self._last_stamp = 0
 
     def _on_action(self, msg):
-        self._actions[_stamp_ns(msg.observation_stamp)] = msg
+        self._actions[stamp_to_ns(msg.observation_stamp)] = msg
 
     def _on_status(self, msg):
         self.status = msg
@@ -545,11 +542,10 @@ class BagPlayer:
         return now
 
     def _publish_observation(self, it: Item) -> int:
-        from builtin_interfaces.msg import Time
         from rclpy.serialization import deserialize_message
         msg = deserialize_message(it.raw, self.msg_class[it.kind])
         stamp = self._stamp()
-        msg.header.stamp = Time(sec=stamp // 1_000_000_000, nanosec=stamp % 1_000_000_000)
+        msg.header.stamp = ns_to_stamp(stamp)
         self.pub[it.kind].publish(msg)
         return stamp
 
@@ -562,7 +558,7 @@ class BagPlayer:
         # episode before), publish, then a status showing another episode.
         def fresh_status(since):
             s = self.status
-            return s if s is not None and _stamp_ns(s.header.stamp) >= since else None
+            return s if s is not None and stamp_to_ns(s.header.stamp) >= since else None
         try:
             now = self.node.get_clock().now().nanoseconds
             before = self._spin_until(lambda: fresh_status(now), self.timeout,

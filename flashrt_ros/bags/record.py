@@ -33,6 +33,7 @@ from datetime import datetime
 
 from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, META_RECORDER, ROLES, TOPIC_ROLES, BagError,
                         topic_name, typestore)
+from flashrt_ros.ros.stamps import sec_nanosec
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
@@ -46,8 +47,7 @@ def _qos_to_bag(profile):
                                     QosReliability, QosTime)
 
     def t(duration):
-        ns = duration.nanoseconds
-        return QosTime(ns // 1_000_000_000, ns % 1_000_000_000)
+        return QosTime(*sec_nanosec(duration.nanoseconds))
 
     def enum(cls, value):
         try:

@@ -61,6 +61,7 @@ from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 from flashrt_ros.msg import ActionChunk, PolicyStatus
 from flashrt_ros.ros.client import CapsuleClient, NoAnswer
 from flashrt_ros.ros.operations import operation as lookup_operation
+from flashrt_ros.ros.stamps import stamp_to_ns
 
 DEFAULT_POLICY = "/flashrt_policy"
 ERROR_KEY = "/flashrt/error"
@@ -381,7 +382,7 @@ class _StatusCondition(py_trees.behaviour.Behaviour):
         self._take_step(msg.step, msg.header.stamp)
 
     def _take_step(self, step, stamp):
-        ns = stamp.sec * 1_000_000_000 + stamp.nanosec
+        ns = stamp_to_ns(stamp)
         if self.step is None or ns >= self.step[1]:
             self.step = (int(step), ns)
 

@@ -80,6 +80,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from flashrt_ros.ros.executors import PolicyExecutor
 from flashrt_ros.msg import ActionChunk, CapsuleEvent, CapsuleInfo, Observation, PolicyStatus
 from flashrt_ros.ros.operations import OPERATIONS
+from flashrt_ros.ros.stamps import stamp_to_s
 
 from flashrt_ros.core.checkpoint import resolve_model
 from flashrt_ros.core.exceptions import ConfigError, FlashRTError, NotConfiguredError
@@ -107,10 +108,6 @@ class Latest(NamedTuple):
     header: object           # std_msgs/Header of the message
     received_ns: int         # time.monotonic_ns() at receipt
     reset: bool              # reset the episode before stepping on it (applied once)
-
-
-def _stamp_to_s(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
 
 
 class PolicyNode(LifecycleNode):
@@ -367,7 +364,7 @@ class PolicyNode(LifecycleNode):
     def _take_observation(self, obs, header, reset):
         if self.runtime is None or not self.active:
             return
-        stamp = _stamp_to_s(header.stamp)
+        stamp = stamp_to_s(header.stamp)
         if stamp:
             if stamp < self._last_obs_stamp:
                 self._reject(f"observation: stamp {stamp:.6f} is older than the last one "
