@@ -43,8 +43,6 @@ from flashrt_ros.ros.operations import BY_SERVICE, OPERATIONS, operation
 from flashrt_ros.ros.stamps import ns_to_stamp, stamp_to_ns
 from flashrt_ros.ros.waiting import spin_until
 
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-
 STORAGES = {"mcap": ".mcap", "sqlite3": ".db3"}
 # capsule operations a client issues and an event reports (evict happens inside the store, list
 # is a query, an instruction comes as a topic)
@@ -658,6 +656,7 @@ def main(argv=None) -> int:
     print(f"[play] {episode.summary()}", flush=True)
     for ev, why in episode.skipped_ops:
         print(f"[play] not re-issuing {ev.operation} {ev.name!r}: {why}", flush=True)
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")   # DDS on loopback unless told
     import rclpy
     rclpy.init()
     player = None

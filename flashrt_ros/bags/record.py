@@ -35,8 +35,6 @@ from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, META_RECORDER, R
                         topic_name, typestore)
 from flashrt_ros.ros.stamps import sec_nanosec
 
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-
 STORAGES = ("mcap", "sqlite3")
 PARAMETER_RETRY_S = 1.0     # ask the node for its parameters again when answers are missing
 
@@ -275,6 +273,7 @@ def main(argv=None) -> int:
                                 description="Record a policy node's episode topics to a rosbag2 bag.")
     add_arguments(p)
     args = p.parse_args(argv)
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")   # DDS on loopback unless told
     import rclpy
     from rclpy.executors import ExternalShutdownException
     from rclpy.signals import SignalHandlerOptions

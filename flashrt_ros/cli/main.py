@@ -23,8 +23,6 @@ import time
 
 from flashrt_ros.ros.waiting import wait_for
 
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-
 
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -437,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Entry point of `flashrt-ros`. DDS stays on loopback unless the environment says otherwise:
+    set here, before any command initialises rclpy (importing this module changes nothing)."""
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "node":
         from flashrt_ros.ros.node import main as node_main
