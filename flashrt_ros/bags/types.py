@@ -4,9 +4,10 @@
 of a distro. This package's own types are registered from its `.msg` files - the same files rosidl
 generated the rclpy classes from - so the typestore and rclpy agree on every byte:
 
-  1. `msg_dir()` finds the `.msg` files: the package's share directory (`ament_index`, which is
-     where colcon and the pip build install them, next to rosidl's `.json` type descriptions), or
-     the source tree's `msg/` when the package runs from a checkout without an install.
+  1. `msg_dir()` finds the `.msg` files: the package's share directory (flashrt_ros.paths: the
+     ament index, else `<sys.prefix>/share/flashrt_ros`, where colcon and the pip build install
+     them, next to rosidl's `.json` type descriptions), or the source tree's `msg/` when the
+     package runs from a checkout without an install.
   2. `typestore()` starts from rosbags' store for the distro (Jazzy or Kilted: `ROS_DISTRO`, else
      Kilted), parses every file with `get_types_from_msg` under `flashrt_ros/msg/<Name>` and
      registers them. Nested standard types (`std_msgs/Header`, `builtin_interfaces/Time`) come
@@ -26,11 +27,11 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from flashrt_ros.core.exceptions import FlashRTError
+from flashrt_ros.paths import share_dirs
 
 PACKAGE = "flashrt_ros"
 
@@ -73,19 +74,9 @@ def topic_name(role: TopicRole, node: str) -> str:
 
 
 def msg_dir() -> Path:
-    """The directory holding this package's `.msg` files (installed share dir, else the sources)."""
-    candidates = []
-    try:
-        from ament_index_python.packages import (PackageNotFoundError,
-                                                 get_package_share_directory)
-        try:
-            candidates.append(Path(get_package_share_directory(PACKAGE)) / "msg")
-        except (PackageNotFoundError, LookupError, ValueError, OSError):  # OSError: no AMENT_PREFIX_PATH
-            pass
-    except ImportError:
-        pass
-    candidates.append(Path(sys.prefix) / "share" / PACKAGE / "msg")      # pip route: no ament env
-    candidates.append(Path(__file__).resolve().parents[2] / "msg")     # source checkout
+    """The directory holding this package's `.msg` files: the first share directory
+    (flashrt_ros.paths: installed ones before the source checkout) that has them."""
+    candidates = [d / "msg" for d in share_dirs()]
     for d in candidates:
         if d.is_dir() and any(d.glob("*.msg")):
             return d

@@ -332,19 +332,14 @@ TINY = ModelConfig()
 
 
 def preset_dirs() -> list[str]:
-    """Where presets are looked up: $FLASHRT_PRESET_DIR, the source tree, the installed share dir."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    """Where presets are looked up: $FLASHRT_PRESET_DIR, then `config/presets` of the package's
+    share directories (flashrt_ros.paths), the source checkout's first: a preset edited (or heads
+    trained, `flashrt-ros train-heads`) in a checkout wins over an installed copy."""
+    from flashrt_ros.paths import share_dirs
     dirs = []
     if os.environ.get("FLASHRT_PRESET_DIR"):
         dirs.append(os.environ["FLASHRT_PRESET_DIR"])
-    dirs.append(os.path.join(os.path.dirname(os.path.dirname(here)), "config", "presets"))
-    try:  # colcon install on a ROS machine
-        from ament_index_python.packages import get_package_share_directory
-        dirs.append(os.path.join(get_package_share_directory("flashrt_ros"), "config", "presets"))
-    except Exception:  # noqa: BLE001 - ament_index absent or package not in the index
-        pass
-    import sys
-    dirs.append(os.path.join(sys.prefix, "share", "flashrt_ros", "config", "presets"))
+    dirs += [str(d / "config" / "presets") for d in share_dirs(prefer_source=True)]
     return dirs
 
 
