@@ -33,11 +33,14 @@ run() {   # run STAGE COMMAND...: the command's output in $out/STAGE.log, its st
   local status=${PIPESTATUS[0]}
   echo "== $stage: exit $status after $((SECONDS - t0)) s"
   [ "$status" -eq 0 ] || rc=1
+  # what the benchmarks wrote so far comes back with $OUT, as one archive (also if a later stage
+  # runs past the call's time limit)
+  find docs/bench -newer "$out/gpu.txt" -type f -print0 | tar czf "$out/docs-bench.tgz" --null -T -
 }
 
 for stage in "$@"; do
   case "$stage" in
-    tests)    run tests python3 -m pytest -q -m gpu test/ -p no:cacheprovider ;;
+    tests)    run tests python3 -m pytest -q -m gpu test/ -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} ;;
     compare)  run compare python3 bench/compare_transformers.py --device cuda ;;
     compare32) run compare32 python3 bench/compare_transformers.py --device cuda --dtype float32 ;;
     runtime)  run runtime python3 bench/bench_runtime.py --device cuda --profile ;;
@@ -47,6 +50,4 @@ for stage in "$@"; do
     *) echo "unknown stage $stage (tests compare compare32 runtime capsules paged)" >&2; rc=2 ;;
   esac
 done
-# what the benchmarks wrote since the session started comes back with $OUT, as one archive
-find docs/bench -newer "$out/gpu.txt" -type f -print0 | tar czf "$out/docs-bench.tgz" --null -T -
 exit "$rc"

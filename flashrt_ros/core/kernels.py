@@ -112,7 +112,9 @@ def gated_delta_rule_fla(q, k, v, g, beta, state, scale, chunked: bool):
     """fla Triton kernels, same contract as the reference (state updated in place)."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
     fn = chunk_gated_delta_rule if chunked else fused_recurrent_gated_delta_rule
-    o, final = fn(q=q[None], k=k[None], v=v[None], g=g[None].float(), beta=beta[None].to(q.dtype),
+    # fla's chunked kernel multiplies q/k with v in one dtype: the reference's fp32 q/k go in as v's
+    o, final = fn(q=q[None].to(v.dtype), k=k[None].to(v.dtype), v=v[None], g=g[None].float(),
+                  beta=beta[None].to(v.dtype),
                   scale=scale, initial_state=state[None], output_final_state=True)
     state.copy_(final[0])
     return o[0]
