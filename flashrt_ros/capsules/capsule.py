@@ -80,8 +80,3 @@ class Capsule:
 
     def touch(self):
         self.last_used = time.monotonic()
-
-    def info(self) -> dict:
-        return {k: getattr(self, k) for k in ("name", "parent", "step", "position", "episode",
-                                              "tier", "nbytes", "pinned", "fingerprint", "digest",
-                                              "created")}

@@ -20,7 +20,6 @@ digest of the bytes. The result is a host byte range in the arena's live layout,
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
@@ -159,7 +158,3 @@ def read_capsule(path: str, arena: StateArena, fingerprint: str) -> tuple[Capsul
         raise CapsuleCorrupt(f"capsule {cap.name!r}: header position {cap.position} disagrees with "
                              f"the stored state's position {int(meta_t[0])}")
     return cap, raw
-
-
-def header_json(path: str) -> str:
-    return json.dumps(read_header(path), indent=2, sort_keys=True)

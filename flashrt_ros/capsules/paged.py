@@ -41,10 +41,10 @@ Two snapshot paths, one result:
     runtime lock and only the chunks that differ are copied. Loads from disk take this path too.
 
 Committed descriptor. A snapshot yields one immutable `CommittedDescriptor` of the committed
-boundary it copied: position, step, episode, a per-store version, the candidate, and the block
+boundary it copied: position, step, episode, the candidate, and the block
 table with the candidate's block for every shared chunk and -1 for the chunks held in new blocks
 (the tail: new KV rows plus the small state). A snapshot whose ancestor is stored therefore keeps
-only the new blocks plus the small state. (`describe_live` computes one for the live state now.)
+only the new blocks plus the small state.
 
 Merge-staged restore. The table is split into runs of chunks held in adjacent blocks; each run is
 one copy into the live arena (a fresh or forked capsule is typically one run per region). When
@@ -98,7 +98,6 @@ def auto_block_tokens(small_nbytes: int, kv_row_nbytes: int) -> int:
 @dataclass(frozen=True)
 class CommittedDescriptor:
     """One committed boundary of the live state, as a snapshot into `tier` reads it."""
-    version: int      # increases by one per descriptor this store issues
     position: int
     step: int
     episode: int
@@ -166,7 +165,6 @@ class PagedCapsuleStore(CapsuleStore):
         self._layouts: dict[int, tuple] = {}             # position -> chunk layout (cached)
         self._match_plans: dict[str, dict] = {}          # candidate -> position -> compare plan
         self._plans: dict[str, tuple] = {}                # capsule -> restore plan (cached)
-        self._version = 0
 
     # -- chunks and runs ------------------------------------------------------------------
     def _layout(self, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -311,9 +309,8 @@ class PagedCapsuleStore(CapsuleStore):
                 same = self._equal(src, pool.storage, items)
                 hit = chunks[same]
                 table[hit] = self.tables[anchor][hit]
-        self._version += 1
-        return CommittedDescriptor(self._version, position, step, episode, context_len, tier,
-                                   anchor, tuple(table.tolist()), lineage)
+        return CommittedDescriptor(position, step, episode, context_len, tier, anchor,
+                                   tuple(table.tolist()), lineage)
 
     def _equal(self, a: torch.Tensor, b: torch.Tensor, items, stream=None) -> np.ndarray:
         """Per row of every (a offset, b offset, rows, width) item: are the bytes equal? One host
@@ -384,10 +381,9 @@ class PagedCapsuleStore(CapsuleStore):
                 table[hit] = cand[hit]
                 pool.incref(cand[hit])
                 pool.decref(fresh[hit])
-        self._version += 1
         shown = np.where(table == fresh, -1, table)
-        return table, CommittedDescriptor(self._version, position, step, episode, context_len,
-                                          tier, anchor, tuple(shown.tolist()), lineage)
+        return table, CommittedDescriptor(position, step, episode, context_len, tier, anchor,
+                                          tuple(shown.tolist()), lineage)
 
     def _write(self, tier: str, src: torch.Tensor, desc: CommittedDescriptor) -> np.ndarray:
         """The capsule's block table: shared blocks referenced once more, new chunks copied."""
@@ -553,15 +549,6 @@ class PagedCapsuleStore(CapsuleStore):
             self.tables[cap.name] = table
 
     # -- operations -----------------------------------------------------------------------
-    def describe_live(self, tier: str | None = None) -> CommittedDescriptor:
-        """The descriptor a snapshot into `tier` would read now (compares, changes nothing)."""
-        with self.lock:
-            tier = self._tier(tier)
-            if tier == "disk":
-                raise InputError("describe_live: expected a memory tier (gpu or host), found 'disk'")
-            with self._live(tier) as (src, position, step, episode, context_len, lineage):
-                return self._describe(tier, src, position, step, episode, context_len, lineage)
-
     def snapshot(self, name: str, tier: str | None = None, pin: bool = False,
                  parent: str | None = None) -> Capsule:
         """Capture the live state at the current committed boundary."""
