@@ -103,13 +103,14 @@ def run_memory(rt, flat, paged, tier, args):
         assert torch.equal(paged.capsule_bytes(name), flat.capsule_bytes(name)), name
     a = rt.arena
     n_caps = args.forks + 1
-    small_blocks = paged.n_small * paged.block_bytes
-    kv_blocks = -(-rt.position // paged.block_tokens) * paged.block_bytes
+    mem = paged.memory
+    small_blocks = mem.n_small * mem.block_bytes
+    kv_blocks = -(-rt.position // mem.block_tokens) * mem.block_bytes
     fu, pu = flat.usage()[tier], paged.usage()[tier]
     return {"tier": tier, "capsules": n_caps, "position": rt.position,
             "one_capsule_bytes": one, "kv_bytes": rt.position * a.kv_row_nbytes,
-            "small_state_bytes": a.small_nbytes, "block_tokens": paged.block_tokens,
-            "block_bytes": paged.block_bytes,
+            "small_state_bytes": a.small_nbytes, "block_tokens": mem.block_tokens,
+            "block_bytes": mem.block_bytes,
             "flat_bytes": fu["used"], "paged_bytes": pu["used"],
             "paged_expected_bytes": kv_blocks + n_caps * small_blocks,
             "flat_x_one": fu["used"] / one, "paged_x_one": pu["used"] / one,
@@ -119,18 +120,20 @@ def run_memory(rt, flat, paged, tier, args):
 
 def scattered_fork(rt, paged, tier):
     """A capsule whose every new block is alone: every other free block is taken first."""
-    pool = paged.blocks[tier]
+    mem = paged.memory
+    pool = mem.blocks[tier]
     paged.restore("fork-0")
     held = pool.allocate(pool.free_blocks)
     pool.decref(held[::2])
     # a KV that matches nothing stored: compare against no candidate
-    paged._anchors, paged.lineage = {}, ""
+    mem._anchors = {}
+    paged.on_reset()
     paged.snapshot("scattered", tier=tier)
     pool.decref(held[1::2])
     paged.check_invariants()
-    ids = paged.tables["scattered"]
-    _, sizes = paged._layout(paged.get("scattered").position)
-    return len(paged._runs(np.arange(len(ids)), ids, sizes))
+    ids = mem.tables["scattered"]
+    _, sizes = mem._layout(paged.get("scattered").position)
+    return len(mem._runs(np.arange(len(ids)), ids, sizes))
 
 
 def run_restore(rt, flat, paged, tier, args):
@@ -140,9 +143,10 @@ def run_restore(rt, flat, paged, tier, args):
     buf.copy_(rt.live_state())
     res["plain_copy"] = timed(rt, lambda: rt.arena.base[:n].copy_(buf), args.repeat)
     res["flat"] = timed(rt, lambda: flat.restore("fork-1"), args.repeat)
-    ids = paged.tables["fork-1"]
-    _, sizes = paged._layout(paged.get("fork-1").position)
-    res["paged_runs"] = len(paged._runs(np.arange(len(ids)), ids, sizes))
+    mem = paged.memory
+    ids = mem.tables["fork-1"]
+    _, sizes = mem._layout(paged.get("fork-1").position)
+    res["paged_runs"] = len(mem._runs(np.arange(len(ids)), ids, sizes))
     res["paged"] = timed(rt, lambda: paged.restore("fork-1"), args.repeat)
     res["scattered_runs"] = scattered_fork(rt, paged, tier)
     res["paged_scattered"] = timed(rt, lambda: paged.restore("scattered"), args.repeat)

@@ -27,7 +27,7 @@ from flashrt_ros.capsules import paged
 from flashrt_ros.core.arena import META_CONTEXT_LEN, META_EPISODE, META_POSITION, META_STEP
 from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
 from flashrt_ros.core.exceptions import BudgetExceeded
-from flashrt_ros.capsules.paged import PagedCapsuleStore, auto_block_tokens
+from flashrt_ros.capsules.paged import BlockMemory, PagedCapsuleStore, auto_block_tokens
 from flashrt_ros.core.runtime import PolicyRuntime
 from flashrt_ros.capsules.store import CapsuleStore, make_store
 
@@ -143,7 +143,7 @@ def snapshot_path(request, monkeypatch):
     """Both snapshot paths: copy the live range into fresh blocks and share equal ones after (when
     the pool has room for it), or compare the live bytes first and copy only the new chunks."""
     if request.param == "compare-first":
-        monkeypatch.setattr(PagedCapsuleStore, "_copy_then_share", lambda self, tier, prefer: None)
+        monkeypatch.setattr(BlockMemory, "_copy_then_share", lambda self, tier, prefer: None)
     return request.param
 
 
@@ -152,11 +152,11 @@ def test_make_store_and_block_size_choice(tmp_path):
     flat = make_store(rt, StoreConfig(capsule_dir=str(tmp_path / "a")))
     paged_store = make_store(rt, StoreConfig(capsule_dir=str(tmp_path / "b"), paged=True))
     assert type(flat) is CapsuleStore and isinstance(paged_store, PagedCapsuleStore)
-    assert paged_store.block_tokens == 16                 # tiny: 33 KB small state, 256 B rows
+    assert paged_store.memory.block_tokens == 16          # tiny: 33 KB small state, 256 B rows
     assert auto_block_tokens(19546368, 12288) == 64        # hybrid-0.8b: 768 KiB blocks
     pinned = make_store(rt, StoreConfig(capsule_dir=str(tmp_path / "c"), paged=True,
                                         block_tokens=32))
-    assert pinned.block_tokens == 32
+    assert pinned.memory.block_tokens == 32
 
 
 @pytest.mark.parametrize("module", ["flashrt_ros.capsules.blocks", "flashrt_ros.capsules.paged"])
@@ -180,7 +180,7 @@ def test_forks_that_ran_control_steps_share_the_kv(device, tmp_path, snapshot_pa
     n_kv = -(-rt.position // 16)
     use = store.usage()[store._tier(None)]
     # the KV once, a small state per capsule
-    assert use["blocks_used"] == n_kv + 9 * store.n_small
+    assert use["blocks_used"] == n_kv + 9 * store.memory.n_small
     assert use["logical"] == 9 * root.numel()
     for name, expected in forks.items():
         assert torch.equal(store.capsule_bytes(name), expected)
@@ -203,9 +203,10 @@ def test_rollback_and_redecode_is_not_mistaken_for_shared_history(tmp_path, snap
     assert not torch.equal(a_bytes, b_bytes)
     assert torch.equal(store.capsule_bytes("a"), a_bytes)
     assert torch.equal(store.capsule_bytes("b"), b_bytes)
-    ta, tb = store.tables["a"], store.tables["b"]
-    first_changed = store.n_small + 40 // store.block_tokens
-    assert (ta[store.n_small:first_changed] == tb[store.n_small:first_changed]).all()
+    mem = store.memory
+    ta, tb = mem.tables["a"], mem.tables["b"]
+    first_changed = mem.n_small + 40 // mem.block_tokens
+    assert (ta[mem.n_small:first_changed] == tb[mem.n_small:first_changed]).all()
     assert not np.intersect1d(ta[first_changed:], tb[first_changed:]).size
     store.restore("a")
     assert torch.equal(live(rt), a_bytes)
@@ -221,25 +222,27 @@ def test_a_restore_behind_the_stores_back_is_caught_by_the_comparison(tmp_path, 
     rt.restore_state(other)                     # not through the store: its anchor is stale
     store.snapshot("b")
     assert torch.equal(store.capsule_bytes("b"), other)
-    assert store.tables["b"][store.n_small + 1] != store.tables["a"][store.n_small + 1]
-    assert store.tables["b"][store.n_small + 2] == store.tables["a"][store.n_small + 2]
+    tables, n_small = store.memory.tables, store.memory.n_small
+    assert tables["b"][n_small + 1] != tables["a"][n_small + 1]
+    assert tables["b"][n_small + 2] == tables["a"][n_small + 2]
 
 
 def test_partial_last_block_is_shared_as_a_prefix_and_copied_on_write(tmp_path, snapshot_path):
     rt, store = make("cpu", tmp_path)
-    assert rt.position % store.block_tokens == 0   # the instruction fills whole blocks
+    tables, n_small = store.memory.tables, store.memory.n_small
+    assert rt.position % store.memory.block_tokens == 0   # the instruction fills whole blocks
     rt.decode(2)                                # 38 rows: the last block holds 2 of 4
     store.snapshot("p2")
-    last = store.tables["p2"][-1]
+    last = tables["p2"][-1]
     store.snapshot("p2-again")                  # same bytes: everything shared
-    assert (store.tables["p2-again"] == store.tables["p2"]).all()
+    assert (tables["p2-again"] == tables["p2"]).all()
     rt.decode(1)                                # needs 3 rows of that block: a new one
     store.snapshot("p3")
-    assert store.tables["p3"][-1] != last
-    assert (store.tables["p3"][store.n_small:-1] == store.tables["p2"][store.n_small:-1]).all()
+    assert tables["p3"][-1] != last
+    assert (tables["p3"][n_small:-1] == tables["p2"][n_small:-1]).all()
     rt.rollback(1)                              # 38 rows again; the block of p3 holds 3 >= 2
     store.snapshot("p2-after")
-    assert store.tables["p2-after"][-1] == store.tables["p3"][-1]
+    assert tables["p2-after"][-1] == tables["p3"][-1]
     assert torch.equal(store.capsule_bytes("p2-after"), store.capsule_bytes("p2"))
     store.check_invariants()
 
@@ -248,7 +251,7 @@ def test_fragmented_tables_restore_by_one_gather(tmp_path, monkeypatch):
     rt, store = make("cpu", tmp_path, host_budget_mb=0.25)
     store.snapshot("home")
     # occupy every other free block, so the next capsule's new blocks are all scattered
-    pool = store.blocks["host"]
+    pool = store.memory.blocks["host"]
     held = pool.allocate(pool.free_blocks)
     pool.decref(held[::2])
     rt.decode(60)
@@ -256,9 +259,9 @@ def test_fragmented_tables_restore_by_one_gather(tmp_path, monkeypatch):
     pool.decref(held[1::2])
     store.check_invariants()
     expected = live(rt)
-    ids = store.tables["scattered"]
-    _, sizes = store._layout(store.get("scattered").position)
-    assert len(store._runs(np.arange(len(ids)), ids, sizes)) > paged.RUN_COPY_LIMIT
+    ids = store.memory.tables["scattered"]
+    _, sizes = store.memory._layout(store.get("scattered").position)
+    assert len(store.memory._runs(np.arange(len(ids)), ids, sizes)) > paged.RUN_COPY_LIMIT
     calls = []
     real = torch.index_select
     monkeypatch.setattr(torch, "index_select", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -268,7 +271,7 @@ def test_fragmented_tables_restore_by_one_gather(tmp_path, monkeypatch):
     assert torch.equal(live(rt), expected)
     # the run-copy path (the reference) gives the same bytes
     monkeypatch.setattr(paged, "RUN_COPY_LIMIT", 10**9)
-    store._plans.clear()                        # restore plans are cached per capsule
+    store.memory._plans.clear()                 # restore plans are cached per capsule
     calls.clear()
     store.restore("home")
     store.restore("scattered")
@@ -287,7 +290,7 @@ def test_disk_round_trip_and_load_share_with_the_parent(tmp_path):
     before = store.usage()["host"]["blocks_used"]
     store.load("child")
     # only the small state came back as new blocks: the KV is the parent's
-    assert store.usage()["host"]["blocks_used"] - before == store.n_small
+    assert store.usage()["host"]["blocks_used"] - before == store.memory.n_small
     assert torch.equal(store.capsule_bytes("child"), child)
     assert store.get("child").known() is not None     # restores need no read-back
     store.restore("root")
@@ -359,7 +362,7 @@ def test_gpu_host_moves_keep_sharing(tmp_path):
     for name in expected:
         store.move(name, "host")
     n_kv = -(-rt.position // 16)
-    assert store.usage()["host"]["blocks_used"] == n_kv + 5 * store.n_small
+    assert store.usage()["host"]["blocks_used"] == n_kv + 5 * store.memory.n_small
     assert store.usage()["gpu"]["blocks_used"] == 0
     store.move("f2", "gpu")
     store.fork("f2", "f2-host-copy", tier="host")
@@ -370,7 +373,7 @@ def test_gpu_host_moves_keep_sharing(tmp_path):
     store.check_invariants()
     for name in list(store.capsules):
         store.delete(name)
-    assert all(p.used_blocks == 0 for p in store.blocks.values()) and not store._twins
+    assert all(p.used_blocks == 0 for p in store.memory.blocks.values()) and not store.memory._twins
 
 
 # -- property test ------------------------------------------------------------------------------
@@ -406,9 +409,9 @@ class PagedStoreMachine(RuleBasedStateMachine):
             assert torch.equal(self.store.capsule_bytes(name), b), name
         for name in list(self.store.capsules):
             self.store.delete(name)
-        pool = self.store.blocks["host"]
+        pool = self.store.memory.blocks["host"]
         assert pool.used_blocks == 0 and pool.free_blocks == pool.n_blocks, "blocks leaked"
-        assert not self.store._twins and not self.store.tables
+        assert not self.store.memory._twins and not self.store.memory.tables
         self.dir.cleanup()
 
     def _new_name(self):

@@ -1,4 +1,7 @@
-"""PagedCapsuleStore: memory-tier capsules as block tables over shared, immutable token blocks.
+"""BlockMemory: memory-tier capsules as block tables over shared, immutable token blocks.
+
+PagedCapsuleStore is CapsuleStore (store.py: the index, the disk tier, eviction, the lineage, the
+locks and the operations) with BlockMemory as its memory tiers (the interface is memory.py's).
 
 Why: the branches of one episode share almost all of their KV history. Observation steps never
 write the KV prefix and tokens only append to it, so forks that ran control steps differ only in
@@ -54,35 +57,32 @@ and the rest by run copies. Restore writes the same arena bytes, so captured gra
 
 Tier moves keep sharing: a block copied between gpu and host records its twin; moving or forking
 another capsule that holds the same block reuses the twin instead of copying it again. Twins are
-forgotten when either block is freed. Host-tier copies are synchronous here (the flat store
-overlaps them on a side stream). The disk tier is the flat store's: a paged capsule is gathered
-into the contiguous live layout and written as a normal capsule file.
+forgotten when either block is freed. Host-tier copies are synchronous here (ExtentMemory
+overlaps them on a side stream). The disk tier is the store's: a paged capsule is gathered into
+the contiguous live layout and written as a normal capsule file.
 
 Locking: as CapsuleStore. `store.lock` guards the index, the tables and the pools; the runtime
 lock is held only while live bytes are copied out (and, on the compare-first path, compared) or
-gathered in. Eviction (which may write files) runs with the runtime lock released; a snapshot
-then re-reads the boundary. The exceptions are the flat store's: a fork of the live state that
-switches to it holds the runtime lock from snapshot to restore (`CapsuleStore.fork`), and the
-lineage changes under the runtime lock only (a snapshot records the one of the boundary it read).
+gathered in. Eviction (the store's, which may write files) runs with the runtime lock released; a
+snapshot then re-reads the boundary, and records the lineage of the boundary it read.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from flashrt_ros.core.arena import META_CONTEXT_LEN
 from flashrt_ros.capsules.blocks import BlockPool
-from flashrt_ros.capsules.capsule import Capsule, check_name
-from flashrt_ros.capsules.file import capsule_path, read_capsule, write_capsule
+from flashrt_ros.capsules.capsule import Capsule
+from flashrt_ros.capsules.memory import Boundary
+from flashrt_ros.capsules.store import CapsuleStore
+from flashrt_ros.core.arena import META_CONTEXT_LEN
 from flashrt_ros.core.config import StoreConfig
 from flashrt_ros.core.exceptions import BudgetExceeded, InputError
 from flashrt_ros.core.runtime import PolicyRuntime
-from flashrt_ros.capsules.store import CapsuleStore
 
 RUN_COPY_LIMIT = 8   # more runs than this: the full KV blocks of a restore go by one gather
 
@@ -136,16 +136,12 @@ def _rows_equal(a: torch.Tensor, b: torch.Tensor):
     return torch.eq(_wide(a), _wide(b)).all(dim=1)
 
 
-class PagedCapsuleStore(CapsuleStore):
-    def __init__(self, runtime: PolicyRuntime, cfg: StoreConfig | None = None,
-                 block_tokens: int | None = None):
-        cfg = cfg or StoreConfig()
-        # The flat store sets up the index, the disk tier and the locks; its byte pools are not
-        # used here, so it gets zero memory budgets and the block pools take the real ones.
-        super().__init__(runtime, dataclasses.replace(cfg, gpu_budget_mb=0.0, host_budget_mb=0.0))
-        self.cfg = dataclasses.replace(self.cfg, gpu_budget_mb=cfg.gpu_budget_mb,
-                                       host_budget_mb=cfg.host_budget_mb)
-        arena = runtime.arena
+class BlockMemory:
+    def __init__(self, store: CapsuleStore, block_tokens: int | None = None):
+        """The memory tiers of `store` as block pools sized by its budgets; `block_tokens`
+        (default `store.cfg.block_tokens`, 0 = auto) rows of KV per block."""
+        self.store, self.rt, self.cuda = store, store.rt, store.cuda
+        cfg, arena = store.cfg, store.rt.arena
         bt = block_tokens if block_tokens is not None else getattr(cfg, "block_tokens", 0)
         if isinstance(bt, bool) or not isinstance(bt, int) or bt < 0:
             raise InputError(f"block_tokens: expected an integer >= 0 (0 = auto), found {bt!r}")
@@ -154,10 +150,12 @@ class PagedCapsuleStore(CapsuleStore):
         self.n_small = -(-arena.small_nbytes // self.block_bytes)   # chunks of the small state
         self.blocks: dict[str, BlockPool] = {}
         if self.cuda:
-            self.blocks["gpu"] = BlockPool(self.cfg.budget("gpu") // self.block_bytes,
-                                           self.block_bytes, runtime.device)
-        self.blocks["host"] = BlockPool(self.cfg.budget("host") // self.block_bytes,
+            self.blocks["gpu"] = BlockPool(cfg.budget("gpu") // self.block_bytes,
+                                           self.block_bytes, store.rt.device)
+            self.copy_stream = torch.cuda.Stream(store.rt.device)
+        self.blocks["host"] = BlockPool(cfg.budget("host") // self.block_bytes,
                                         self.block_bytes, torch.device("cpu"), pinned=self.cuda)
+        self.tiers = tuple(self.blocks)
         self.tables: dict[str, np.ndarray] = {}          # memory-tier capsule -> block ids
         self._twins: dict[tuple[str, int], dict[str, int]] = {}
         self._anchors: dict[str, list] = {}              # tier -> capsules the live state came
@@ -213,7 +211,7 @@ class PagedCapsuleStore(CapsuleStore):
         fragmented, the same without the full KV blocks plus a device index for one gather."""
         plan = self._plans.get(name)
         if plan is None:
-            cap, ids = self.capsules[name], self.tables[name]
+            cap, ids = self.store.capsules[name], self.tables[name]
             pool, bb = self.blocks[cap.tier], self.block_bytes
             offs, sizes = self._layout(cap.position)
 
@@ -237,7 +235,7 @@ class PagedCapsuleStore(CapsuleStore):
 
     def _gather(self, name: str, dst: torch.Tensor) -> None:
         """Write capsule `name`'s live range into dst[0:nbytes] (the arena, or a host buffer)."""
-        pool = self.blocks[self.capsules[name].tier]
+        pool = self.blocks[self.store.capsules[name].tier]
         every, gather = self._restore_plan(name)
         storage = pool.storage
         if gather is None or dst.device.type != pool.device.type:
@@ -251,17 +249,11 @@ class PagedCapsuleStore(CapsuleStore):
         out = dst[kv0:kv0 + full * self.block_bytes].view(full, self.block_bytes)
         torch.index_select(_wide(pool.rows()), 0, index, out=_wide(out))
 
-    def _host_bytes(self, cap: Capsule) -> torch.Tensor:
-        if cap.name not in self.tables:
-            return super()._host_bytes(cap)
-        out = torch.empty(cap.nbytes, dtype=torch.uint8)
-        self._gather(cap.name, out)
-        return out
 
     # -- ingest (snapshot, load) ----------------------------------------------------------
     def _candidate(self, tier: str, prefer: str | None = None) -> str:
-        for name in (prefer, *self._anchors.get(tier, ()), self.lineage):
-            if name and name in self.tables and self.capsules[name].tier == tier:
+        for name in (prefer, *self._anchors.get(tier, ()), self.store.lineage):
+            if name and name in self.tables and self.store.capsules[name].tier == tier:
                 return name
         return ""
 
@@ -277,7 +269,7 @@ class PagedCapsuleStore(CapsuleStore):
         if plan is None:
             if len(plans) > 16:
                 plans.clear()
-            cand, pool = self.tables[anchor], self.blocks[self.capsules[anchor].tier]
+            cand, pool = self.tables[anchor], self.blocks[self.store.capsules[anchor].tier]
             bb = self.block_bytes
             offs, sizes = self._layout(position)
             idx = np.arange(min(len(offs), len(cand)))
@@ -335,7 +327,7 @@ class PagedCapsuleStore(CapsuleStore):
         with rt.lock:
             position, step, episode, context_len = rt.position, rt.step_count, rt.episode, \
                 rt.context_len
-            lineage = self.lineage
+            lineage = self.store.lineage
             offs, sizes = self._layout(position)
             if pool.free_blocks < len(offs):
                 return None
@@ -407,11 +399,11 @@ class PagedCapsuleStore(CapsuleStore):
         if self.blocks[tier].device.type == rt.device.type:
             with rt.lock:
                 yield (rt.live_state(), rt.position, rt.step_count, rt.episode, rt.context_len,
-                       self.lineage)
+                       self.store.lineage)
         else:
             with rt.lock:
                 got = (rt.live_state().cpu(), rt.position, rt.step_count, rt.episode,
-                       rt.context_len, self.lineage)
+                       rt.context_len, self.store.lineage)
             yield got
 
     def _ingest(self, tier: str, source, prefer: str | None, protect: set):
@@ -436,23 +428,12 @@ class PagedCapsuleStore(CapsuleStore):
                     return self._write(tier, src, desc), desc
             self._evict_one(tier, keep)
 
-    def _ingest_raw(self, tier: str, raw: torch.Tensor, meta: Capsule, protect: set) -> np.ndarray:
-        """Store verified host bytes of capsule `meta` (read from its file) in `tier`; records the
-        context length they carry on `meta`, so restores need no read-back."""
-        src = raw if self.blocks[tier].device.type == raw.device.type else raw.to(self.blocks[tier].device)
-        off = self.rt.arena.specs["meta"].offset + 8 * META_CONTEXT_LEN
-        meta.context_len = int(raw[off:off + 8].view(torch.int64)[0])
-        table, _ = self._ingest(tier, lambda: contextlib.nullcontext(
-            (src, meta.position, meta.step, meta.episode, meta.context_len, meta.parent)),
-            meta.parent, protect)
-        return table
-
     # -- room, eviction, release ----------------------------------------------------------
     def _room(self, tier: str, need: int, keep_blocks, protect: set) -> bool:
         """Whether `need` new blocks fit now; BudgetExceeded if they never can next to the blocks
         of pinned and protected capsules and `keep_blocks` (checked before anything changes)."""
         pool = self.blocks[tier]
-        held = [self.tables[c.name] for c in self.capsules.values()
+        held = [self.tables[c.name] for c in self.store.capsules.values()
                 if c.tier == tier and c.name in self.tables and (c.pinned or c.name in protect)]
         kept = np.unique(np.concatenate(held + [np.asarray(keep_blocks, dtype=np.int64)]))
         if need + kept.size > pool.n_blocks:
@@ -464,24 +445,13 @@ class PagedCapsuleStore(CapsuleStore):
         return pool.free_blocks >= need
 
     def _evict_one(self, tier: str, protect: set) -> None:
-        victims = sorted((c for c in self.capsules.values()
-                          if c.tier == tier and not c.pinned and c.name not in protect),
-                         key=lambda c: c.last_used)
-        if not victims:
+        if not self.store.evict_lru(tier, protect):
             raise BudgetExceeded(f"tier {tier}: no room and nothing left to evict; unpin or "
                                  f"delete capsules, or raise store.{tier}_budget_mb")
-        self._evict(victims[0], protect)
 
     def _make_room(self, tier: str, need: int, keep_blocks, protect: set) -> None:
         while not self._room(tier, need, keep_blocks, protect):
             self._evict_one(tier, protect)
-
-    def _release(self, name: str) -> None:
-        """Drop a capsule's table: one reference less on each of its blocks."""
-        tier = self.capsules[name].tier
-        self._forget_twins(tier, self.blocks[tier].decref(self.tables.pop(name)))
-        self._plans.pop(name, None)
-        self._match_plans.pop(name, None)
 
     def _forget_twins(self, tier: str, freed) -> None:
         if not self._twins:
@@ -493,11 +463,6 @@ class PagedCapsuleStore(CapsuleStore):
                     peer.pop(tier, None)
                     if not peer:
                         del self._twins[(other, ob)]
-
-    def _drop(self, cap: Capsule) -> None:
-        if cap.name in self.tables:
-            self._release(cap.name)
-        super()._drop(cap)           # its file, if any, and the index entry
 
     # -- tier moves -----------------------------------------------------------------------
     def _copy_table(self, src_tier: str, table: np.ndarray, tier: str, protect: set) -> np.ndarray:
@@ -525,134 +490,102 @@ class PagedCapsuleStore(CapsuleStore):
         out[missing] = fresh
         return out
 
-    def _move(self, cap: Capsule, tier: str, protect: set) -> None:
-        if tier == cap.tier:
-            return
-        if cap.name in self.tables and tier == "disk":
-            # as the flat store: write the file unless a saved copy exists, then free the memory
-            if not self._has_disk_copy(cap):
-                self._make_disk_room(cap.nbytes, protect | {cap.name})
-                path = capsule_path(self.cfg.capsule_dir, cap.name)
-                cap.digest = write_capsule(path, self.rt.arena, self._host_bytes(cap), cap)
-                cap.path = path
-            self._release(cap.name)
-            cap.tier, cap.nbytes = "disk", os.path.getsize(cap.path)
-        elif cap.name in self.tables:
-            table = self._copy_table(cap.tier, self.tables[cap.name], tier, protect | {cap.name})
-            self._release(cap.name)
-            cap.tier, self.tables[cap.name] = tier, table
-        else:                        # disk -> memory
-            _, raw = read_capsule(cap.path, self.rt.arena, self.fingerprint)
-            table = self._ingest_raw(tier, raw, cap, protect | {cap.name})
-            os.unlink(cap.path)
-            cap.tier, cap.path, cap.nbytes, cap.offset, cap.ready = tier, None, raw.numel(), None, None
-            self.tables[cap.name] = table
+    # -- the Memory interface (memory.py) -------------------------------------------------
+    def capture(self, cap: Capsule, prefer: str | None) -> Boundary:
+        tier = cap.tier
+        got = self._copy_then_share(tier, prefer)
+        table, desc = got if got is not None else \
+            self._ingest(tier, lambda: self._live(tier), prefer, set())
+        self.tables[cap.name] = table
+        self._note_anchor(tier, cap.name)
+        return Boundary(desc.position, desc.step, desc.episode, desc.context_len, desc.lineage)
 
-    # -- operations -----------------------------------------------------------------------
-    def snapshot(self, name: str, tier: str | None = None, pin: bool = False,
-                 parent: str | None = None) -> Capsule:
-        """Capture the live state at the current committed boundary."""
-        with self.lock:
-            check_name(name)
-            tier = self._tier(tier)
-            if tier == "disk":
-                return super().snapshot(name, tier, pin, parent)
-            self._check_new_name(name)
-            got = self._copy_then_share(tier, parent)
-            table, desc = got if got is not None else \
-                self._ingest(tier, lambda: self._live(tier), parent, set())
-            cap = Capsule(name=name, parent=desc.lineage if parent is None else parent,
-                          step=desc.step, position=desc.position, episode=desc.episode,
-                          nbytes=self.rt.arena.live_nbytes(desc.position),
-                          fingerprint=self.fingerprint, tier=tier, pinned=bool(pin),
-                          context_len=desc.context_len)
-            self.capsules[name], self.tables[name] = cap, table
-            self._note_anchor(tier, name)
-            return cap
+    def put(self, cap: Capsule, tier: str, raw: torch.Tensor, protect: set,
+            prefer: str | None) -> None:
+        """Ingest verified file bytes, sharing blocks with `prefer` (the capsule's recorded parent)
+        or the live state's anchor where the bytes are equal; records the context length they
+        carry on `cap`, so its restores need no read-back."""
+        pool = self.blocks[tier]
+        src = raw if pool.device.type == raw.device.type else raw.to(pool.device)
+        off = self.rt.arena.specs["meta"].offset + 8 * META_CONTEXT_LEN
+        cap.context_len = int(raw[off:off + 8].view(torch.int64)[0])
+        self.tables[cap.name], _ = self._ingest(tier, lambda: contextlib.nullcontext(
+            (src, cap.position, cap.step, cap.episode, cap.context_len, "")), prefer, protect)
 
-    def restore(self, name: str) -> Capsule:
-        """Gather a capsule into the live state (disk capsules: verified, as the flat store)."""
-        with self.lock:
-            cap = self.get(name)
-            if name not in self.tables or cap.fingerprint != self.fingerprint:
-                cap = super().restore(name)        # disk tier, or the mismatch error
-                self._anchors = {}
-                return cap
-            rt = self.rt
-            with rt.lock:
-                self._gather(name, rt.arena.base)
-                # adopt the metadata (copying the range onto itself is a no-op)
-                rt.restore_state(rt.arena.base[:cap.nbytes], cap.known())
-                self.lineage = name
-            cap.touch()
-            self._anchors = {cap.tier: [name]}
-            return cap
-
-    def _fork_stored(self, src: Capsule, name: str, tier: str) -> Capsule:
-        """Within one memory tier a fork shares every block of its source (reference counts only);
-        across tiers its blocks are copied; a disk capsule is verified and ingested."""
-        source = src.name
-        cap = Capsule(name=name, parent=source, step=src.step, position=src.position,
-                      episode=src.episode, nbytes=self.rt.arena.live_nbytes(src.position),
-                      fingerprint=src.fingerprint, tier=tier, digest=src.digest,
-                      context_len=src.context_len)
-        if tier == "disk":
-            raw = self._host_bytes(src) if source in self.tables else \
-                read_capsule(src.path, self.rt.arena, self.fingerprint)[1]
-            self._check_room("disk", raw.numel(), {source})
-            self._make_disk_room(raw.numel(), {source})
-            path = capsule_path(self.cfg.capsule_dir, name)
-            cap.digest = write_capsule(path, self.rt.arena, raw, cap)
-            cap.path, cap.nbytes = path, os.path.getsize(path)
-        elif source in self.tables and src.tier == tier:
-            table = self.tables[source].copy()
-            self.blocks[tier].incref(table)
-            self.tables[name] = table
-        elif source in self.tables:
-            self.tables[name] = self._copy_table(src.tier, self.tables[source], tier, {source})
+    def copy(self, src: Capsule, cap: Capsule, protect: set) -> None:
+        """Within one tier a fork shares every block of its source (reference counts only);
+        across tiers its blocks are copied (twins reused)."""
+        table = self.tables[src.name]
+        if src.tier == cap.tier:
+            table = table.copy()
+            self.blocks[cap.tier].incref(table)
         else:
-            header, raw = read_capsule(src.path, self.rt.arena, self.fingerprint)
-            cap.digest = header.digest
-            self.tables[name] = self._ingest_raw(tier, raw, header, {source})
-            cap.context_len = header.context_len
-        return cap
+            table = self._copy_table(src.tier, table, cap.tier, protect)
+        self.tables[cap.name] = table
 
-    def _load_into(self, name: str, target: str, cap: Capsule, header: Capsule,
-                   raw: torch.Tensor) -> Capsule:
-        """Ingest a verified capsule file into `target`, sharing blocks with its parent (or the
-        live state's anchor) where the bytes are equal."""
-        self.tables[name] = self._ingest_raw(target, raw, header, {name})
-        cap.context_len = header.context_len
-        cap.tier, cap.offset, cap.nbytes, cap.ready = target, None, raw.numel(), None
-        return cap
+    def move(self, cap: Capsule, tier: str, protect: set) -> None:
+        table = self._copy_table(cap.tier, self.tables[cap.name], tier, protect)
+        self.release(cap)
+        self.tables[cap.name] = table
 
-    def usage(self) -> dict:
-        """As the flat store, with memory tiers counted in blocks actually held (`used`), next to
-        the sum of the capsules' live sizes (`logical`)."""
-        with self.lock:
-            out = super().usage()
-            for tier, pool in self.blocks.items():
-                out[tier].update(
-                    used=pool.used_blocks * pool.block_bytes,
-                    logical=sum(c.nbytes for c in self.capsules.values() if c.tier == tier),
+    def restore(self, cap: Capsule) -> None:
+        rt = self.rt
+        self._gather(cap.name, rt.arena.base)
+        # adopt the metadata (copying the range onto itself is a no-op)
+        rt.restore_state(rt.arena.base[:cap.nbytes], cap.known())
+
+    def restored(self, cap: Capsule) -> None:
+        self._anchors = {cap.tier: [cap.name]} if cap.tier in self.blocks else {}
+
+    def host_bytes(self, cap: Capsule) -> torch.Tensor:
+        out = torch.empty(cap.nbytes, dtype=torch.uint8)
+        self._gather(cap.name, out)
+        return out
+
+    def release(self, cap: Capsule) -> None:
+        """Drop a capsule's table: one reference less on each of its blocks."""
+        name = cap.name
+        self._forget_twins(cap.tier, self.blocks[cap.tier].decref(self.tables.pop(name)))
+        self._plans.pop(name, None)
+        self._match_plans.pop(name, None)
+
+    def usage(self, tier: str) -> dict:
+        """Bytes in blocks actually held (`used`), next to the sum of the capsules' live sizes
+        (`logical`)."""
+        pool = self.blocks[tier]
+        return dict(used=pool.used_blocks * pool.block_bytes,
+                    logical=sum(c.nbytes for c in self.store.capsules.values() if c.tier == tier),
                     blocks_used=pool.used_blocks, blocks_total=pool.n_blocks,
                     block_bytes=pool.block_bytes, block_tokens=self.block_tokens)
-            return out
 
+    # -- checks ---------------------------------------------------------------------------
     def check_invariants(self) -> None:
         """Raise AssertionError unless every block's reference count equals the number of table
         entries naming it (and free blocks hold nothing): the property tests call this."""
+        capsules = self.store.capsules
+        for tier, pool in self.blocks.items():
+            counts = np.zeros(pool.n_blocks, dtype=np.int64)
+            for name, table in self.tables.items():
+                if capsules[name].tier == tier:
+                    np.add.at(counts, table, 1)
+            bad = np.flatnonzero(counts != pool.refs)
+            assert bad.size == 0, f"tier {tier}: refcounts differ from table references at {bad[:5]}"
+            assert not np.any(pool.filled[pool.refs == 0]), f"tier {tier}: a free block holds bytes"
+        for (tier, b), peers in self._twins.items():
+            assert self.blocks[tier].refs[b] > 0, f"twin of free block {tier}:{b}"
+            for other, ob in peers.items():
+                assert self._twins.get((other, ob), {}).get(tier) == b, "twins are not mutual"
+        assert set(self.tables) == {n for n, c in capsules.items() if c.tier in self.blocks}
+
+
+class PagedCapsuleStore(CapsuleStore):
+    """CapsuleStore with BlockMemory as its memory tiers (see the module docstring)."""
+
+    def __init__(self, runtime: PolicyRuntime, cfg: StoreConfig | None = None,
+                 block_tokens: int | None = None):
+        super().__init__(runtime, cfg,
+                         memory=functools.partial(BlockMemory, block_tokens=block_tokens))
+
+    def check_invariants(self) -> None:
         with self.lock:
-            for tier, pool in self.blocks.items():
-                counts = np.zeros(pool.n_blocks, dtype=np.int64)
-                for name, table in self.tables.items():
-                    if self.capsules[name].tier == tier:
-                        np.add.at(counts, table, 1)
-                bad = np.flatnonzero(counts != pool.refs)
-                assert bad.size == 0, f"tier {tier}: refcounts differ from table references at {bad[:5]}"
-                assert not np.any(pool.filled[pool.refs == 0]), f"tier {tier}: a free block holds bytes"
-            for (tier, b), peers in self._twins.items():
-                assert self.blocks[tier].refs[b] > 0, f"twin of free block {tier}:{b}"
-                for other, ob in peers.items():
-                    assert self._twins.get((other, ob), {}).get(tier) == b, "twins are not mutual"
-            assert set(self.tables) == {n for n, c in self.capsules.items() if c.tier in self.blocks}
+            self.memory.check_invariants()
