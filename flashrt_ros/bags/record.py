@@ -233,9 +233,11 @@ class BagRecorder:
 
     def close(self):
         """Finish the bag (metadata.yaml, MCAP summary / sqlite3 commit) and release ROS."""
-        # a short episode may end before a lost parameter answer was asked for again
+        # a short episode may end before a lost parameter answer was asked for again, or before
+        # the node's parameter services were discovered (a loaded machine discovers its topics
+        # first); a node that published nothing is not waited for
         end = time.monotonic() + 2 * PARAMETER_RETRY_S
-        while self.node_parameters is None and self._params_sent is not None \
+        while self.node_parameters is None and (self._params_sent is not None or self._subs) \
                 and time.monotonic() < end:
             self._poll_parameters()
             self.executor.spin_once(timeout_sec=0.05)
