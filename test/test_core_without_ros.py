@@ -15,7 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_MODULES = ("flashrt_ros.core.config", "flashrt_ros.core.arena", "flashrt_ros.core.qwen3_5", "flashrt_ros.core.qwen3_5_policy", "flashrt_ros.core.policy", "flashrt_ros.core.heads", "flashrt_ros.core.checkpoint", "flashrt_ros.core.runtime",
                 "flashrt_ros.core.serving", "flashrt_ros.capsules.capsule", "flashrt_ros.capsules.store", "flashrt_ros.ros.waiting",
-                "flashrt_ros.ros.operations", "flashrt_ros.ros.stamps", "flashrt_ros.paths")
+                "flashrt_ros.ros.operations", "flashrt_ros.ros.stamps", "flashrt_ros.core.paths")
 
 IMPORT_WITHOUT_ROS = r"""
 import importlib, importlib.abc, json, sys, traceback

@@ -1,4 +1,4 @@
-"""The share-directory lookup (flashrt_ros.paths) reads the ament index by hand, in order.
+"""The share-directory lookup (flashrt_ros.core.paths) reads the ament index by hand, in order.
 
 Fake install prefixes in tmp_path stand in for a sourced ROS workspace: one without the ament
 marker (ignored), one with it (found). Needs no ROS.
@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from flashrt_ros import paths
+from flashrt_ros.core import paths
 
 MARKER = Path("share", "ament_index", "resource_index", "packages", "flashrt_ros")
 

@@ -4,7 +4,7 @@
 of a distro. This package's own types are registered from its `.msg` files - the same files rosidl
 generated the rclpy classes from - so the typestore and rclpy agree on every byte:
 
-  1. `msg_dir()` finds the `.msg` files: the package's share directory (flashrt_ros.paths: the
+  1. `msg_dir()` finds the `.msg` files: the package's share directory (flashrt_ros.core.paths: the
      ament index, else `<sys.prefix>/share/flashrt_ros`, where colcon and the pip build install
      them, next to rosidl's `.json` type descriptions), or the source tree's `msg/` when the
      package runs from a checkout without an install.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flashrt_ros.core.exceptions import FlashRTError
-from flashrt_ros.paths import share_dirs
+from flashrt_ros.core.paths import share_dirs
 
 PACKAGE = "flashrt_ros"
 
@@ -75,7 +75,7 @@ def topic_name(role: TopicRole, node: str) -> str:
 
 def msg_dir() -> Path:
     """The directory holding this package's `.msg` files: the first share directory
-    (flashrt_ros.paths: installed ones before the source checkout) that has them."""
+    (flashrt_ros.core.paths: installed ones before the source checkout) that has them."""
     candidates = [d / "msg" for d in share_dirs()]
     for d in candidates:
         if d.is_dir() and any(d.glob("*.msg")):

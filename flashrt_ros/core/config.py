@@ -333,9 +333,9 @@ TINY = ModelConfig()
 
 def preset_dirs() -> list[str]:
     """Where presets are looked up: $FLASHRT_PRESET_DIR, then `config/presets` of the package's
-    share directories (flashrt_ros.paths), the source checkout's first: a preset edited (or heads
+    share directories (flashrt_ros.core.paths), the source checkout's first: a preset edited (or heads
     trained, `flashrt-ros train-heads`) in a checkout wins over an installed copy."""
-    from flashrt_ros.paths import share_dirs
+    from flashrt_ros.core.paths import share_dirs
     dirs = []
     if os.environ.get("FLASHRT_PRESET_DIR"):
         dirs.append(os.environ["FLASHRT_PRESET_DIR"])

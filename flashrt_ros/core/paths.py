@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = "flashrt_ros"
-SOURCE_DIR = Path(__file__).resolve().parent.parent     # a checkout: package.xml, msg/, config/
+SOURCE_DIR = Path(__file__).resolve().parents[2]      # a checkout: package.xml, msg/, config/
 _MARKER = Path("share", "ament_index", "resource_index", "packages", PACKAGE)
 
 

@@ -1,0 +1,133 @@
+"""The package's layers, read from its source: which subpackage may import which.
+
+Every `import` and `from ... import` in every module is read with `ast`, also those inside
+functions (an import that runs when called counts as much as one at the top). The layers, from
+the bottom:
+
+    core      the runtime: config, arena, model, kernels, plans, runtime (no ROS)
+    capsules  capsules, pools and stores over the runtime (no ROS)
+    ros       the node and its clients
+    sim       the simulated arm (ROS-free) and its ROS node
+    bags      recording and replaying episodes
+    bt        behaviour trees over the node's services
+    cli       the command line, on top of everything
+
+A module may import its own layer and the layers its row below allows; nothing imports upward,
+and `core` and `capsules` import no ROS module at all (test_core_without_ros.py also imports them
+in a Python where ROS is refused).
+"""
+from __future__ import annotations
+
+import ast
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "flashrt_ros")
+
+# what each subpackage may import from flashrt_ros (besides itself); msg/srv are the generated
+# interfaces, top-level the package's own __init__
+ALLOWED = {
+    "core": set(),
+    "capsules": {"core"},
+    "ros": {"core", "capsules", "msg", "srv"},
+    "sim": {"core", "ros", "msg", "srv"},
+    "bags": {"core", "capsules", "ros", "msg", "srv"},
+    "bt": {"core", "capsules", "ros", "sim", "msg", "srv"},
+    "cli": {"core", "capsules", "ros", "sim", "bags", "bt", "msg", "srv", "testing"},
+    "testing": {"core", "ros", "bags", "msg", "srv"},    # flashrt_ros/testing.py: node processes
+}
+ROS_TOP_LEVEL = {"rclpy", "rpyutils", "ament_index_python", "launch", "launch_ros", "ros2cli",
+                 "rosidl_runtime_py", "rosbags", "mcap", "mcap_ros2", "py_trees", "py_trees_ros"}
+
+
+def is_ros(module: str) -> bool:
+    top = module.split(".")[0]
+    return (top in ROS_TOP_LEVEL or top.startswith(("rosidl", "rmw", "rcl"))
+            or top.endswith(("_msgs", "_srvs", "_interfaces")))
+
+
+def layer_of(relpath: str) -> str:
+    """flashrt_ros/<layer>/x.py -> layer; flashrt_ros/x.py -> x (without .py)."""
+    parts = relpath.split(os.sep)
+    return parts[1] if len(parts) > 2 else parts[1][:-len(".py")]
+
+
+def modules():
+    for base, _, files in os.walk(PACKAGE):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                path = os.path.join(base, f)
+                yield os.path.relpath(path, ROOT), path
+
+
+def imports_of(path: str, relpath: str):
+    """(line, absolute module name) of every import in the file."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    package = os.path.dirname(relpath).replace(os.sep, ".")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:           # relative: resolve against the module's package
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            yield node.lineno, name
+            if name == "flashrt_ros":             # `from flashrt_ros import core` and the like
+                for alias in node.names:
+                    if os.path.exists(os.path.join(PACKAGE, alias.name)) or \
+                            os.path.exists(os.path.join(PACKAGE, alias.name + ".py")):
+                        yield node.lineno, f"flashrt_ros.{alias.name}"
+
+
+def violations():
+    found = []
+    for relpath, path in modules():
+        layer = layer_of(relpath)
+        if layer == "__init__":
+            continue
+        if layer not in ALLOWED:
+            found.append(f"{relpath}: a module outside the known layers {sorted(ALLOWED)}; put "
+                         f"it in one, or add its layer to ALLOWED with the imports it may make")
+            continue
+        for line, name in imports_of(path, relpath):
+            if layer in ("core", "capsules") and is_ros(name):
+                found.append(f"{relpath}:{line}: imports {name}; {layer}/ must import no ROS")
+            parts = name.split(".")
+            if parts[0] != "flashrt_ros" or len(parts) < 2:
+                continue
+            target = parts[1]
+            if target != layer and target not in ALLOWED[layer]:
+                found.append(f"{relpath}:{line}: imports {name}; {layer}/ may import only "
+                             f"{sorted(ALLOWED[layer] | {layer})}")
+    return found
+
+
+def test_every_import_follows_the_layers():
+    assert violations() == []
+
+
+def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
+    fake = tmp_path / "flashrt_ros" / "core"
+    fake.mkdir(parents=True)
+    (fake / "bad.py").write_text("def f():\n    from flashrt_ros.ros import node\n    import rclpy\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", str(tmp_path / "flashrt_ros"))
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    got = violations()
+    assert any("imports flashrt_ros.ros;" in v for v in got), got
+    assert any("imports rclpy" in v for v in got), got
+
+
+@pytest.mark.parametrize("relpath", ["flashrt_ros/ros/x.py"])
+def test_relative_imports_resolve_against_their_package(tmp_path, relpath):
+    f = tmp_path / "x.py"
+    f.write_text("from ..core import runtime\nfrom . import node\n")
+    got = [name for _, name in imports_of(str(f), relpath)]
+    assert got == ["flashrt_ros.core", "flashrt_ros.ros"]
