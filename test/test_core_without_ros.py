@@ -13,9 +13,21 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE_MODULES = ("flashrt_ros.core.config", "flashrt_ros.core.arena", "flashrt_ros.core.qwen3_5", "flashrt_ros.core.qwen3_5_policy", "flashrt_ros.core.policy", "flashrt_ros.core.heads", "flashrt_ros.core.checkpoint", "flashrt_ros.core.runtime",
-                "flashrt_ros.core.serving", "flashrt_ros.capsules.capsule", "flashrt_ros.capsules.store", "flashrt_ros.ros.waiting",
-                "flashrt_ros.ros.operations", "flashrt_ros.ros.stamps", "flashrt_ros.core.paths")
+# every module of the ROS-free layers, and the ROS-free helpers the ROS layer shares with them
+ROS_FREE_HELPERS = ("flashrt_ros.ros.waiting", "flashrt_ros.ros.operations", "flashrt_ros.ros.stamps",
+                    "flashrt_ros.sim.arm", "flashrt_ros.sim.imitation")
+
+
+def ros_free_modules() -> list[str]:
+    names = []
+    for layer in ("core", "capsules"):
+        for f in sorted(os.listdir(os.path.join(ROOT, "flashrt_ros", layer))):
+            if f.endswith(".py") and f != "__init__.py":
+                names.append(f"flashrt_ros.{layer}.{f[:-3]}")
+    return names + list(ROS_FREE_HELPERS)
+
+
+CORE_MODULES = ros_free_modules()
 
 IMPORT_WITHOUT_ROS = r"""
 import importlib, importlib.abc, json, sys, traceback
