@@ -1,4 +1,4 @@
-"""Paged vs flat capsule store, side by side in one run (issue 8).
+"""Paged vs flat capsule store, side by side in one run.
 
     python bench/bench_paged.py                                        # tiny, CPU, 4000 tokens
     python bench/bench_paged.py --preset hybrid-0.8b --device cuda --tokens 16000 --tag h100

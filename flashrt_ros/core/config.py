@@ -281,7 +281,7 @@ class StoreConfig:
     capsule_dir: str = _f("~/.flashrt/capsules", "directory of disk-tier capsules (~ expanded)")
     default_tier: str = _f("auto", "snapshot tier when a request names none: auto (gpu on CUDA, host on CPU), gpu, host, disk")
     eviction: str = _f("demote", "when a tier is full: demote (gpu->host->disk) or drop the least recently used unpinned capsule")
-    # Paged store (flashrt_ros/paged.py, issue 8): memory-tier KV in blocks shared across forks.
+    # Paged store (flashrt_ros/capsules/paged.py): memory-tier KV in blocks shared across forks.
     paged: bool = _f(False, "keep memory-tier capsules as block tables over shared, copy-on-write token blocks (PagedCapsuleStore)", True)
     block_tokens: int = _f(0, "KV rows per block of the paged store (0 = auto: 16-256, at most 1/16 of the small state)", True)
 
