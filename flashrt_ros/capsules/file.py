@@ -20,14 +20,16 @@ digest of the bytes. The result is a host byte range in the arena's live layout,
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 import tempfile
 
 import torch
 
 from flashrt_ros.core.arena import DTYPES, StateArena
-from flashrt_ros.capsules.capsule import Capsule, buffer_slices, content_digest
-from flashrt_ros.core.exceptions import CapsuleCorrupt, CapsuleMismatch
+from flashrt_ros.capsules.capsule import Capsule, buffer_slices, check_name, content_digest
+from flashrt_ros.core.exceptions import CapsuleCorrupt, CapsuleMismatch, InputError
 
 FORMAT = "flashrt-capsule"
 FORMAT_VERSION = 1
@@ -93,15 +95,85 @@ def read_header(path: str) -> dict:
     return meta
 
 
-def capsule_from_header(meta: dict, path: str) -> Capsule:
+# Every header field is typed and range-checked when a file is read, before a Capsule exists:
+# the values fill fixed-width message fields (msg/CapsuleInfo.msg: uint64 step/position/nbytes,
+# builtin_interfaces/Time created: int32 sec) and the runtime's int64 counters, so a value that
+# does not fit must be refused here, not when an answer is serialised.
+INT64_MAX = 2**63 - 1
+TIME_SEC_MAX = 2**31 - 1        # builtin_interfaces/Time.sec is an int32
+_UINT_RE = re.compile(r"[0-9]{1,19}")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _field(meta: dict, key: str, path: str, default=None) -> str:
+    value = meta.get(key, default)
+    if value is None:
+        raise CapsuleCorrupt(f"capsule file {path}: header field {key!r}: expected a value, found "
+                             f"none; the file is not a whole capsule - delete it or load another")
+    return value
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 40 else value[:40] + "...")
+
+
+def _header_int(meta: dict, key: str, path: str, default=None, upper: int = INT64_MAX) -> int:
+    value = _field(meta, key, path, default)
+    if not _UINT_RE.fullmatch(value) or int(value) > upper:
+        raise CapsuleCorrupt(f"capsule file {path}: header field {key!r}: expected an integer in "
+                             f"[0, {upper}], found {_shown(value)}; the header is damaged or was "
+                             f"edited - delete the file or re-create the capsule")
+    return int(value)
+
+
+def _header_time(meta: dict, key: str, path: str, default=None) -> float:
+    value = _field(meta, key, path, default)
     try:
-        return Capsule(name=meta["name"], parent=meta.get("parent", ""), step=int(meta["step"]),
-                       position=int(meta["position"]), episode=int(meta.get("episode", 0)),
-                       nbytes=os.path.getsize(path), fingerprint=meta["fingerprint"], tier="disk",
-                       pinned=meta.get("pinned") == "1", digest=meta["digest"],
-                       created=float(meta.get("created", 0.0)), path=path)
-    except (KeyError, ValueError) as e:
-        raise CapsuleCorrupt(f"capsule file {path}: header field missing or malformed ({e})") from None
+        t = float(value)
+    except ValueError:
+        t = float("nan")
+    if not (math.isfinite(t) and 0.0 <= t <= TIME_SEC_MAX):
+        raise CapsuleCorrupt(f"capsule file {path}: header field {key!r}: expected a finite time "
+                             f"in [0, {TIME_SEC_MAX}] seconds, found {_shown(value)}; the header "
+                             f"is damaged or was edited - delete the file or re-create the capsule")
+    return t
+
+
+def _header_choice(meta: dict, key: str, path: str, choices, default=None) -> str:
+    value = _field(meta, key, path, default)
+    if value not in choices:
+        raise CapsuleCorrupt(f"capsule file {path}: header field {key!r}: expected one of "
+                             f"{list(choices)}, found {_shown(value)}; the header is damaged or "
+                             f"was edited - delete the file or re-create the capsule")
+    return value
+
+
+def capsule_from_header(meta: dict, path: str) -> Capsule:
+    """The Capsule a header describes; every field typed and range-checked (CapsuleCorrupt)."""
+    name = _field(meta, "name", path)
+    parent = _field(meta, "parent", path, "")
+    for key, value in (("name", name), ("parent", parent)):
+        if value or key == "name":
+            try:
+                check_name(value, f"capsule file {path}: header field {key!r}")
+            except InputError as e:
+                raise CapsuleCorrupt(str(e)) from None
+    digest = _field(meta, "digest", path)
+    if not _HEX64_RE.fullmatch(digest):
+        raise CapsuleCorrupt(f"capsule file {path}: header field 'digest': expected 64 lowercase "
+                             f"hex digits (BLAKE2b-256), found {_shown(digest)}; the header is "
+                             f"damaged - delete the file or re-create the capsule")
+    fingerprint = _field(meta, "fingerprint", path)
+    if not fingerprint or len(fingerprint) > 256 or not fingerprint.isprintable():
+        raise CapsuleCorrupt(f"capsule file {path}: header field 'fingerprint': expected 1-256 "
+                             f"printable characters, found {_shown(fingerprint)}; the header is "
+                             f"damaged - delete the file or re-create the capsule")
+    return Capsule(name=name, parent=parent, step=_header_int(meta, "step", path),
+                   position=_header_int(meta, "position", path),
+                   episode=_header_int(meta, "episode", path, "0"),
+                   nbytes=os.path.getsize(path), fingerprint=fingerprint, tier="disk",
+                   pinned=_header_choice(meta, "pinned", path, ("0", "1"), "0") == "1",
+                   digest=digest, created=_header_time(meta, "created", path, "0.0"), path=path)
 
 
 def read_capsule(path: str, arena: StateArena, fingerprint: str) -> tuple[Capsule, torch.Tensor]:

@@ -1,0 +1,139 @@
+"""Inputs whose values fill fixed-width fields, refused where they enter, never where they are sent.
+
+A capsule file's header, a parameter set at run time, a capsule name, a tier, an observation: each
+is checked (type, range, whole match) when it arrives. A refused one changes nothing - the live
+state, the stored capsules and the node's flags stay as they were - and the node keeps answering.
+Node checks call the callbacks the node registered, in-process, and serialise every answer as rclpy
+would send it (a value that does not fit its message field raises there and kills the node).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flashrt_ros.capsules.file import capsule_path, read_header
+from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
+from flashrt_ros.core.exceptions import CapsuleCorrupt, FlashRTError
+from flashrt_ros.core.runtime import PolicyRuntime
+from flashrt_ros.capsules.store import CapsuleStore
+
+# (header field, bad value): negative, past uint64/int64, not a number, not finite, past int32 sec
+BAD_HEADERS = [
+    ("step", "-1"), ("step", str(2**64)), ("step", str(2**63)), ("step", "1e3"), ("step", " 5"),
+    ("position", "-1"), ("position", str(2**64)), ("episode", "-1"), ("episode", str(2**64)),
+    ("created", "nan"), ("created", "inf"), ("created", "-1.0"), ("created", "1e30"),
+    ("created", "soon"), ("pinned", "yes"), ("digest", "zz"), ("parent", "../x"),
+]
+
+
+def _runtime():
+    rt = PolicyRuntime(load_preset("tiny"), RuntimeConfig(device="cpu"))
+    rt.set_instruction("bounded inputs")
+    return rt
+
+
+def rewrite_header(src: str, dst: str, **changes) -> None:
+    """Copy a capsule file with some header fields replaced (the tensors, hence the digest, kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(src, framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(changes)
+    save_file(tensors, dst, metadata=meta)
+
+
+def _state(rt, store):
+    return (bytes(rt.live_state().numpy()), (rt.step_count, rt.position, rt.episode),
+            {n: (c.tier, c.step, c.position, c.nbytes, c.created) for n, c in store.capsules.items()})
+
+
+@pytest.mark.parametrize("key,value", BAD_HEADERS)
+def test_capsule_header_fields_are_typed_and_range_checked(tmp_path, key, value):
+    rt = _runtime()
+    store = CapsuleStore(rt, StoreConfig(capsule_dir=str(tmp_path / "caps")))
+    for i in range(3):
+        rt.step(np.full(14, 0.1 * i, np.float32))
+    store.snapshot("home", tier="disk")
+    rt.step(np.ones(14, np.float32))
+    bad = capsule_path(store.cfg.capsule_dir, "bad")
+    rewrite_header(capsule_path(store.cfg.capsule_dir, "home"), bad, name="bad", **{key: value})
+    assert read_header(bad)[key] == value
+    store.rebuild_index()                        # a file in the directory at start: skipped
+    assert "bad" not in store.capsules
+    assert any(key in s for s in store.skipped_files), store.skipped_files
+    before = _state(rt, store)
+    for call in (lambda: store.load("bad"), lambda: store.restore("bad")):
+        with pytest.raises(FlashRTError):
+            call()
+        assert _state(rt, store) == before
+    fresh = CapsuleStore(rt, StoreConfig(capsule_dir=store.cfg.capsule_dir))
+    assert sorted(fresh.capsules) == ["home"]
+    msg = [s for s in fresh.skipped_files if s.startswith("bad")][0]
+    assert f"'{key}'" in msg and "expected" in msg and "found" in msg, msg
+    from flashrt_ros.capsules.file import capsule_from_header
+    with pytest.raises(CapsuleCorrupt, match=key):
+        capsule_from_header(read_header(bad), bad)
+
+
+# -- the node: the same files, served -------------------------------------------------------
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    rclpy = pytest.importorskip("rclpy")
+    from rclpy.parameter import Parameter
+
+    from flashrt_ros.ros.node import PolicyNode
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    capsule_dir = tmp_path_factory.mktemp("boundcaps")
+    params = {"managed": True, "runtime.device": "cpu", "instruction": "bounded inputs",
+              "control_mode": "observation", "store.capsule_dir": str(capsule_dir)}
+    n = PolicyNode(context=context, namespace="/bounds",
+                   parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    n.trigger_configure()
+    assert n.runtime is not None
+    for i in range(3):
+        n.runtime.step([0.1 * i] * 14)
+    n.store.snapshot("home", tier="disk")
+    n.runtime.step([0.5] * 14)
+    yield n
+    n.destroy_node()
+    rclpy.try_shutdown(context=context)
+
+
+def call(node, service, **fields):
+    """Call a capsule service's registered callback; serialise the answer as rclpy sends it."""
+    from rclpy.serialization import serialize_message
+    srv_type, cb = {s.srv_name.rsplit("/", 1)[-1]: (s.srv_type, s.callback)
+                    for s in node.capsule_services}[service]
+    res = cb(srv_type.Request(**fields), srv_type.Response())
+    serialize_message(res)            # raises where the node would die sending it
+    return res
+
+
+def _node_state(n):
+    return _state(n.runtime, n.store)
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize("key,value", [("step", "-1"), ("step", str(2**64)), ("position", "-1"),
+                                       ("created", "nan"), ("created", "1e30")])
+def test_a_lying_header_never_reaches_an_answer(node, key, value):
+    d = node.store.cfg.capsule_dir
+    name = f"lie-{key}"
+    rewrite_header(capsule_path(d, "home"), capsule_path(d, name), name=name, **{key: value})
+    try:
+        node.store.rebuild_index()             # as at start, with the file in the directory
+        before = _node_state(node)
+        listed = call(node, "list_capsules")
+        assert listed.success, listed.message
+        assert name not in [c.name for c in listed.capsules]
+        res = call(node, "load_capsule", name=name, restore=True)
+        assert not res.success and "expected" in res.message and key in res.message, res.message
+        assert _node_state(node) == before
+        assert call(node, "list_capsules").success
+    finally:
+        import os
+        os.unlink(capsule_path(d, name))
+        node.store.rebuild_index()
