@@ -266,3 +266,29 @@ def test_policy_executor_does_not_spin_while_a_callback_waits_to_start(ros_conte
         executor.shutdown(timeout_sec=5)
         spinner.join(timeout=5)
         node.destroy_node()
+
+
+def test_the_node_serves_a_checkpoint_directory_written_by_transformers(make_node, tmp_path):
+    """model:=<dir> of transformers' save_pretrained (no policy files: seeded heads): the node's
+    actions equal a runtime built here from the same directory, byte for byte."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    import torch
+
+    from flashrt_ros.core.config import RuntimeConfig
+    from flashrt_ros.core.runtime import PolicyRuntime
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3_5TextConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8)
+    directory = str(tmp_path / "qwen3_5")
+    transformers.Qwen3_5ForCausalLM(cfg).save_pretrained(directory)
+    n = make_node(model=directory, control_mode="observation", observation_qos="reliable")
+    c = n.client
+    assert c.transition("configure") and c.transition("activate")
+    assert n.node.runtime.model.untrained == ("heads",)
+    c.wait_connected()
+    served = [chunk_bytes(c.step(o)) for o in OBS[:4]]
+    torch.set_num_threads(1)                      # as the node pins a model this small
+    here = PolicyRuntime.from_pretrained(directory, RuntimeConfig(device="cpu"))
+    assert served == [here.step(o).astype(np.float32).tobytes() for o in OBS[:4]]
