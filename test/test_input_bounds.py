@@ -137,3 +137,61 @@ def test_a_lying_header_never_reaches_an_answer(node, key, value):
         import os
         os.unlink(capsule_path(d, name))
         node.store.rebuild_index()
+
+
+# -- parameters that fill fixed-width fields -------------------------------------------------
+HUGE = [1e30, float("inf"), float("nan"), -1.0]
+BOUNDED = ["store.gpu_budget_mb", "store.host_budget_mb", "store.disk_budget_mb", "deadline_ms",
+           "stale_observation_s", "action_dt", "control_rate_hz", "status_rate_hz",
+           "runtime.action_noise"]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+@pytest.mark.parametrize("value", HUGE)
+def test_numeric_parameters_are_bounded_where_they_are_set(name, value):
+    from flashrt_ros.core.exceptions import ConfigError
+    from flashrt_ros.ros.params import configs_from_values, parameter_table
+    if name == "runtime.action_noise" and value == 1e30:
+        pytest.skip("action noise fills no fixed-width field; only finiteness is required")
+    values = {n: d for n, d, *_ in parameter_table()}
+    values[name] = value
+    with pytest.raises(ConfigError) as info:
+        configs_from_values(values)
+    assert name.split(".")[-1] in str(info.value) and "expected" in str(info.value)
+
+
+def test_every_integer_parameter_has_a_bound():
+    """An integer parameter that takes any int could overflow the field it fills."""
+    from flashrt_ros.core.exceptions import ConfigError
+    from flashrt_ros.ros.params import configs_from_values, parameter_table
+    for name, default, *_ in parameter_table():
+        if isinstance(default, int) and not isinstance(default, bool):
+            values = {n: d for n, d, *_ in parameter_table()}
+            values[name] = 2**64
+            with pytest.raises(ConfigError):
+                configs_from_values(values)
+
+
+@pytest.mark.ros
+def test_a_huge_budget_set_at_run_time_is_refused_and_status_keeps_publishing(node):
+    from rclpy.parameter import Parameter
+    from rclpy.serialization import serialize_message
+
+    from flashrt_ros.msg import PolicyStatus
+    before = node.store.cfg
+    sent = []
+    publish = node.pub_status.publish
+    node.pub_status.publish = lambda m: (serialize_message(m), sent.append(m), publish(m))
+    try:
+        for value in (1e30, 2.0**64, float("inf")):
+            r = node._on_set_parameters([Parameter("store.disk_budget_mb", value=value)])
+            assert not r.successful and "disk_budget_mb" in r.reason and "expected" in r.reason
+            assert node.store.cfg == before
+            node._publish_status()
+        assert len(sent) == 3 and isinstance(sent[-1], PolicyStatus)
+        r = node._on_set_parameters([Parameter("store.disk_budget_mb", value=float(1 << 40))])
+        assert r.successful, r.reason
+        node._publish_status()                  # the largest accepted budget still fits
+    finally:
+        node.pub_status.publish = publish
+        node._on_set_parameters([Parameter("store.disk_budget_mb", value=before.disk_budget_mb)])

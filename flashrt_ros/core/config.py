@@ -272,6 +272,9 @@ class RuntimeConfig:
                self.threads)
 
 
+MAX_BUDGET_MB = 1 << 40       # 1 EiB: a budget in bytes stays far inside int64/uint64
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Capsule tiers and their budgets."""
@@ -288,7 +291,9 @@ class StoreConfig:
     def __post_init__(self):
         for n in ("gpu_budget_mb", "host_budget_mb", "disk_budget_mb"):
             v = getattr(self, n)
-            _check(_is_number(v) and 0 <= v < float("inf"), f"store.{n}", "a number >= 0", v)
+            # budgets are reported in bytes in uint64 status fields (and sized as int64 pools)
+            _check(_is_number(v) and 0 <= v <= MAX_BUDGET_MB, f"store.{n}",
+                   f"a number of MiB in [0, {MAX_BUDGET_MB}]", v, "pick a size the device has")
         _check(self.default_tier in ("auto", "gpu", "host", "disk"), "store.default_tier",
                "auto, gpu, host or disk", self.default_tier)
         _check(self.eviction in ("demote", "drop"), "store.eviction", "demote or drop", self.eviction)

@@ -70,14 +70,17 @@ class NodeConfig:
                "timer or observation", self.control_mode)
         _check(0 < self.control_rate_hz <= 1000, "control_rate_hz", "a rate in (0, 1000] Hz",
                self.control_rate_hz)
-        _check(self.deadline_ms >= 0, "deadline_ms", "a number >= 0", self.deadline_ms)
-        _check(self.stale_observation_s >= 0, "stale_observation_s", "a number >= 0",
-               self.stale_observation_s)
+        # upper bounds too: these become nanosecond counts and Duration fields (int32 sec)
+        _check(0 <= self.deadline_ms <= 3.6e6, "deadline_ms", "a number of ms in [0, 3600000]",
+               self.deadline_ms)
+        _check(0 <= self.stale_observation_s <= 86400, "stale_observation_s",
+               "a number of seconds in [0, 86400]", self.stale_observation_s)
         _check(self.observation_qos in ("sensor_data", "reliable"), "observation_qos",
                "sensor_data or reliable", self.observation_qos)
         _check(self.command_output in ("none", "float64_multi_array", "joint_trajectory"),
                "command_output", "none, float64_multi_array or joint_trajectory", self.command_output)
-        _check(self.action_dt >= 0, "action_dt", "a number >= 0", self.action_dt)
+        _check(0 <= self.action_dt <= 3600, "action_dt", "a number of seconds in [0, 3600]",
+               self.action_dt)
         _check(0 < self.status_rate_hz <= 100, "status_rate_hz", "a rate in (0, 100] Hz",
                self.status_rate_hz)
         _check(-20 <= self.nice <= 19, "nice", "an integer in [-20, 19]", self.nice)
