@@ -69,6 +69,7 @@ snapshot then re-reads the boundary, and records the lineage of the boundary it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -81,18 +82,11 @@ from flashrt_ros.capsules.memory import Boundary
 from flashrt_ros.capsules.store import CapsuleStore
 from flashrt_ros.core.arena import META_CONTEXT_LEN
 from flashrt_ros.core.config import StoreConfig
+from flashrt_ros.core.config import auto_block_tokens  # noqa: F401 - tests import it from here
 from flashrt_ros.core.exceptions import BudgetExceeded, InputError
 from flashrt_ros.core.runtime import PolicyRuntime
 
 RUN_COPY_LIMIT = 8   # more runs than this: the full KV blocks of a restore go by one gather
-
-
-def auto_block_tokens(small_nbytes: int, kv_row_nbytes: int) -> int:
-    """Largest power of two in [16, 256] with block_tokens * kv_row_nbytes <= small_nbytes / 16."""
-    b = 256
-    while b > 16 and b * kv_row_nbytes * 16 > small_nbytes:
-        b //= 2
-    return b
 
 
 @dataclass(frozen=True)
@@ -142,10 +136,12 @@ class BlockMemory:
         (default `store.cfg.block_tokens`, 0 = auto) rows of KV per block."""
         self.store, self.rt, self.cuda = store, store.rt, store.cuda
         cfg, arena = store.cfg, store.rt.arena
-        bt = block_tokens if block_tokens is not None else getattr(cfg, "block_tokens", 0)
-        if isinstance(bt, bool) or not isinstance(bt, int) or bt < 0:
-            raise InputError(f"block_tokens: expected an integer >= 0 (0 = auto), found {bt!r}")
-        self.block_tokens = bt or auto_block_tokens(arena.small_nbytes, arena.kv_row_nbytes)
+        if block_tokens is not None:
+            bt = block_tokens
+            if isinstance(bt, bool) or not isinstance(bt, int) or bt < 0:
+                raise InputError(f"block_tokens: expected an integer >= 0 (0 = auto), found {bt!r}")
+            cfg = dataclasses.replace(cfg, block_tokens=bt)
+        self.block_tokens = cfg.resolve_block_tokens(arena.small_nbytes, arena.kv_row_nbytes)
         self.block_bytes = self.block_tokens * arena.kv_row_nbytes
         self.n_small = -(-arena.small_nbytes // self.block_bytes)   # chunks of the small state
         self.blocks: dict[str, BlockPool] = {}

@@ -103,9 +103,7 @@ class CapsuleStore:
         return (["gpu"] if self.cuda else []) + ["host", "disk"]
 
     def _tier(self, tier: str | None) -> str:
-        tier = tier or self.cfg.default_tier
-        if tier == "auto":
-            tier = "gpu" if self.cuda else "host"
+        tier = self.cfg.resolve_tier(tier, self.cuda)
         if tier not in TIERS:
             raise InputError(f"tier: expected one of gpu, host, disk (or '' for the default), found "
                              f"{tier!r}")

@@ -4,6 +4,10 @@
 * `RuntimeConfig` - where and how the model runs (device, graphs, prefill buckets, rollback depth).
 * `StoreConfig`   - capsule tiers: budgets, directory, eviction policy.
 
+A config holds what was asked for, "auto" included. `RuntimeConfig.resolve` and the `StoreConfig`
+`resolve_*` methods are the one place where "auto" becomes a concrete value for the machine the
+config runs on (the device, the kernels, the thread count, the default tier, the block size).
+
 Presets live in `config/presets/<name>.yaml` (the `tiny` preset is also embedded here so that the
 package works with no files at all). Every field is documented once, in `field(metadata={"help"})`;
 the node declares its ROS parameters from these tables and the CLI prints them.
@@ -13,9 +17,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from flashrt_ros.core.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _f(default, help, read_only=False, **kw):
@@ -271,6 +278,58 @@ class RuntimeConfig:
                and 0 <= self.threads <= 1024, "runtime.threads", "an integer in [0, 1024] (0 = auto)",
                self.threads)
 
+    def resolve(self, model_cfg: ModelConfig) -> "ResolvedRuntime":
+        """The device, kernels and thread count this config means on this machine for `model_cfg`.
+
+        Raises ConfigError where the machine cannot do what the config asks (a CUDA device where
+        there is none, kernels the device does not run)."""
+        from flashrt_ros.core.kernels import fla_available
+        device = resolve_device(self.device)
+        cuda = device.type == "cuda"
+        kernels = self.kernels
+        if kernels == "auto":
+            # the chunked form has only been validated on the CPU (no CUDA graph capture of its
+            # triangular solve yet), so CUDA without fla keeps the reference loop
+            kernels = ("fla" if fla_available() else "reference") if cuda else "chunked"
+        if kernels == "chunked" and cuda:
+            raise ConfigError("runtime.kernels: 'chunked' runs on the CPU only (its triangular solve "
+                              f"is not validated under CUDA graph capture); found device "
+                              f"{device}; use 'auto', 'fla' or 'reference' on CUDA")
+        if kernels == "fla" and not (cuda and fla_available()):
+            raise ConfigError("runtime.kernels: 'fla' needs a CUDA device and the "
+                              "flash-linear-attention package; found device "
+                              f"{device} and fla importable={fla_available()}; use 'auto'")
+        # tiny ops cost more handed to a second thread than they save
+        threads = self.threads or (1 if model_cfg.d_model <= 256 else 0)
+        return ResolvedRuntime(device=device, kernels=kernels, threads=threads)
+
+
+@dataclass(frozen=True)
+class ResolvedRuntime:
+    """A RuntimeConfig's choices made concrete (`RuntimeConfig.resolve`): no "auto" is left."""
+    device: "torch.device"   # cpu or cuda:N
+    kernels: str             # fla, chunked or reference
+    threads: int             # torch CPU (intra-op) threads; 0 = torch's default
+
+
+def resolve_device(name: str) -> "torch.device":
+    """The torch device `runtime.device` names: auto is cuda when available, else cpu."""
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device: expected a usable CUDA device for {name!r}, found none "
+                          f"(torch {torch.__version__}, cuda available: False); use device 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def auto_block_tokens(small_nbytes: int, kv_row_nbytes: int) -> int:
+    """Largest power of two in [16, 256] with block_tokens * kv_row_nbytes <= small_nbytes / 16."""
+    b = 256
+    while b > 16 and b * kv_row_nbytes * 16 > small_nbytes:
+        b //= 2
+    return b
+
 
 MAX_BUDGET_MB = 1 << 40       # 1 EiB: a budget in bytes stays far inside int64/uint64
 
@@ -303,6 +362,19 @@ class StoreConfig:
                "an integer in [0, 65536] (0 = auto)", self.block_tokens)
         _check(isinstance(self.capsule_dir, str) and self.capsule_dir != "", "store.capsule_dir",
                "a directory path", self.capsule_dir)
+
+    def resolve_tier(self, tier: str | None, cuda: bool) -> str:
+        """The tier a request means: `tier`, or `default_tier` where it names none; auto is gpu
+        on a CUDA runtime, host on a CPU one. The store checks the result against its tiers."""
+        tier = tier or self.default_tier
+        if tier == "auto":
+            return "gpu" if cuda else "host"
+        return tier
+
+    def resolve_block_tokens(self, small_nbytes: int, kv_row_nbytes: int) -> int:
+        """KV rows per block of the paged store for an arena with these sizes (0 = auto:
+        `auto_block_tokens`)."""
+        return self.block_tokens or auto_block_tokens(small_nbytes, kv_row_nbytes)
 
     def budget(self, tier: str) -> int:
         return int({"gpu": self.gpu_budget_mb, "host": self.host_budget_mb,

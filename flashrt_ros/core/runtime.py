@@ -32,23 +32,14 @@ from flashrt_ros.core import checkpoint, tokenizer
 from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION,
                                     META_RNG_SEED, META_STEP, StateArena, StaticIO)
 from flashrt_ros.core.config import TINY, ModelConfig, RuntimeConfig
+from flashrt_ros.core.config import resolve_device  # noqa: F401 - benches import it from here
 from flashrt_ros.core.exceptions import ConfigError, InputError
-from flashrt_ros.core.kernels import fla_available
 from flashrt_ros.core.plans import StepPlan
 from flashrt_ros.core.qwen3_5_policy import Qwen3_5Policy, digest_tensors
 from flashrt_ros.core.rollback import RollbackRing
 
 CAPSULE_FORMAT_VERSION = 2
 GRAPH_PREFILL_MAX = 256   # prefill chunks up to this length are captured; longer ones are compute-bound
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device: expected a usable CUDA device for {name!r}, found none "
-                          f"(torch {torch.__version__}, cuda available: False); use device 'cpu' or 'auto'")
-    return torch.device(name)
 
 
 class PolicyRuntime:
@@ -68,22 +59,10 @@ class PolicyRuntime:
                               f"{type(lock).__name__}; pass one, or None for an RLock")
         self.lock = threading.RLock() if lock is None else lock
         say = progress or (lambda msg: None)
-        self.device = resolve_device(self.cfg.device)
+        self.resolved = self.cfg.resolve(model_cfg)
+        self.device = self.resolved.device
         cuda = self.device.type == "cuda"
-        kernel = self.cfg.kernels
-        if kernel == "auto":
-            # the chunked form has only been validated on the CPU (no CUDA graph capture of its
-            # triangular solve yet), so CUDA without fla keeps the reference loop
-            kernel = ("fla" if fla_available() else "reference") if cuda else "chunked"
-        if kernel == "chunked" and cuda:
-            raise ConfigError("runtime.kernels: 'chunked' runs on the CPU only (its triangular solve "
-                              f"is not validated under CUDA graph capture); found device "
-                              f"{self.device}; use 'auto', 'fla' or 'reference' on CUDA")
-        if kernel == "fla" and not (cuda and fla_available()):
-            raise ConfigError("runtime.kernels: 'fla' needs a CUDA device and the "
-                              "flash-linear-attention package; found device "
-                              f"{self.device} and fla importable={fla_available()}; use 'auto'")
-        self.kernel = kernel
+        self.kernel = kernel = self.resolved.kernels
         t0 = time.perf_counter()
         say(f"building model {model_cfg.name} on {self.device} (kernels: {kernel})")
         self.model = self._build_policy(model_dir, kernel, say)

@@ -137,12 +137,11 @@ def warm_up(rt) -> float:
 
 
 def torch_threads(runtime_cfg, model_cfg) -> int:
-    """The torch CPU (intra-op) thread count `runtime.threads` asks for (0 = torch's default).
-
-    Auto (`runtime.threads` 0): 1 for models with d_model <= 256, whose ops are so small that
-    handing them to a second thread costs more than it saves; torch's default for larger ones.
-    """
-    return runtime_cfg.threads or (1 if model_cfg.d_model <= 256 else 0)
+    """The torch CPU (intra-op) thread count `runtime.threads` asks for (0 = torch's default),
+    as `RuntimeConfig.resolve` resolves it: auto is 1 for models with d_model <= 256, whose ops
+    are so small that handing them to a second thread costs more than it saves; torch's default
+    for larger ones."""
+    return runtime_cfg.resolve(model_cfg).threads
 
 
 _pinned = threading.local()     # the thread count pin_torch_threads set in this thread

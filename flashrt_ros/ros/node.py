@@ -87,7 +87,7 @@ from flashrt_ros.core.exceptions import ConfigError, FlashRTError, NotConfigured
 from flashrt_ros.ros.params import configs_from_values, parameter_table
 from flashrt_ros.core.runtime import PolicyRuntime
 from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_threads,
-                                      set_thread_nice, torch_threads, warm_up)
+                                      set_thread_nice, warm_up)
 from flashrt_ros.capsules.store import make_store
 
 NODE_NAME = "flashrt_policy"
@@ -198,12 +198,14 @@ class PolicyNode(LifecycleNode):
             model_dir = resolve_model(node_cfg.model, say=log.info)
             model_cfg = model_dir.cfg
             self._check_joints(node_cfg, model_cfg)
-            self._threads = torch_threads(rt_cfg, model_cfg)
+            resolved = rt_cfg.resolve(model_cfg)    # every "auto" made concrete, once
+            self._threads = resolved.threads
             self._pin_torch_threads()
             if node_cfg.nice:
                 self._nice_before = set_thread_nice(node_cfg.nice)
                 log.info(f"nice {node_cfg.nice} for the node's threads")
-            log.info(f"configuring: model {node_cfg.model}, device {rt_cfg.device}, "
+            log.info(f"configuring: model {node_cfg.model}, device {resolved.device} "
+                     f"(kernels {resolved.kernels}), "
                      f"{node_cfg.control_mode} control at {node_cfg.control_rate_hz:g} Hz, "
                      f"{torch.get_num_threads()} torch CPU thread(s)")
             # a BoundaryLock: fair to capsule calls (see the module docstring)
@@ -247,7 +249,8 @@ class PolicyNode(LifecycleNode):
             self.pub_command = self.create_publisher(JointTrajectory, "~/joint_trajectory", RELIABLE)
         self.state_label = "inactive"
         log.info(f"configured: {rt.describe()['arena_bytes'] / 2**20:.2f} MiB state arena, "
-                 f"capsule dir {store.cfg.capsule_dir}, {len(store.capsules)} capsule(s) on disk")
+                 f"capsule dir {store.cfg.capsule_dir}, {len(store.capsules)} capsule(s) on disk, "
+                 f"default tier {store.cfg.resolve_tier(None, store.cuda)}")
         return TransitionCallbackReturn.SUCCESS
 
     def _pin_torch_threads(self):
