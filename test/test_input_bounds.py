@@ -195,3 +195,36 @@ def test_a_huge_budget_set_at_run_time_is_refused_and_status_keeps_publishing(no
     finally:
         node.pub_status.publish = publish
         node._on_set_parameters([Parameter("store.disk_budget_mb", value=before.disk_budget_mb)])
+
+
+# -- names are matched whole ----------------------------------------------------------------
+BAD_NAMES = ["home\n", "a" * 128 + "\n", "home\r\n", "\nhome", "ho\nme", "home\x00", "home\t"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_names_are_matched_whole(tmp_path, name):
+    from flashrt_ros.capsules.capsule import check_name
+    from flashrt_ros.core.exceptions import InputError
+    with pytest.raises(InputError, match="expected"):
+        check_name(name)
+    rt = _runtime()
+    store = CapsuleStore(rt, StoreConfig(capsule_dir=str(tmp_path / "caps")))
+    store.snapshot("home", tier="host")
+    before = _state(rt, store)
+    for call in (lambda: store.snapshot(name), lambda: store.fork("home", name),
+                 lambda: store.restore(name), lambda: store.delete(name), lambda: store.save(name),
+                 lambda: store.load(name)):
+        with pytest.raises(InputError):
+            call()
+        assert _state(rt, store) == before
+    import os
+    assert os.listdir(store.cfg.capsule_dir) == []
+    # a header whose name or parent ends in a newline is refused too
+    store.snapshot("disk-home", tier="disk")
+    src = capsule_path(store.cfg.capsule_dir, "disk-home")
+    for key in ("name", "parent"):
+        dst = capsule_path(store.cfg.capsule_dir, f"nl-{key}")
+        rewrite_header(src, dst, **{"name": f"nl-{key}", key: f"nl-{key}\n"})
+        from flashrt_ros.capsules.file import capsule_from_header
+        with pytest.raises(CapsuleCorrupt, match=key):
+            capsule_from_header(read_header(dst), dst)

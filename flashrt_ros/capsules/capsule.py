@@ -22,13 +22,14 @@ import torch
 from flashrt_ros.core.arena import StateArena
 from flashrt_ros.core.exceptions import InputError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+# matched whole (fullmatch): with match/search, `$` also matches before a trailing newline
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 TIERS = ("gpu", "host", "disk")
 
 
 def check_name(name, what: str = "capsule name") -> str:
     """Capsule names are file names inside the capsule directory: they can never escape it."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         shown = name if not isinstance(name, str) or len(name) <= 40 else name[:40] + "..."
         raise InputError(f"{what}: expected 1-128 characters of A-Z a-z 0-9 _ . - (not starting "
                          f"with '.', no '..'), found {shown!r}; pick a plain name like 'home' or "
