@@ -228,3 +228,56 @@ def test_names_are_matched_whole(tmp_path, name):
         from flashrt_ros.capsules.file import capsule_from_header
         with pytest.raises(CapsuleCorrupt, match=key):
             capsule_from_header(read_header(dst), dst)
+
+
+# -- the tier of a request ------------------------------------------------------------------
+BAD_TIERS = ["bogus", "GPU", "t" * 100_000, "gpu"]          # gpu: this runtime is on the CPU
+
+
+@pytest.mark.parametrize("tier", BAD_TIERS, ids=["bogus", "GPU", "100k", "gpu-on-cpu"])
+def test_a_bad_tier_is_refused_by_every_operation_before_anything_else(tmp_path, tier):
+    from flashrt_ros.core.exceptions import InputError
+    rt = _runtime()
+    store = CapsuleStore(rt, StoreConfig(capsule_dir=str(tmp_path / "caps")))
+    store.snapshot("home", tier="host")
+    store.save("home")
+    store.snapshot("memory-only", tier="host")
+    before = _state(rt, store)
+    calls = [lambda: store.load("home", tier=tier), lambda: store.load("memory-only", tier=tier),
+             lambda: store.load("nope", tier=tier), lambda: store.snapshot("new", tier=tier),
+             lambda: store.fork("home", "new", tier=tier), lambda: store.move("home", tier),
+             lambda: store.list(tier)]
+    for call in calls:
+        with pytest.raises(InputError) as info:
+            call()
+        msg = str(info.value)
+        assert "tier" in msg and "expected" in msg and len(msg) < 300, msg[:300]
+        assert _state(rt, store) == before
+
+
+def test_a_load_needs_the_file(tmp_path):
+    from flashrt_ros.core.exceptions import CapsuleNotFound
+    rt = _runtime()
+    store = CapsuleStore(rt, StoreConfig(capsule_dir=str(tmp_path / "caps")))
+    store.snapshot("memory-only", tier="host")
+    before = _state(rt, store)
+    with pytest.raises(CapsuleNotFound, match="expected a saved capsule"):
+        store.load("memory-only")
+    assert _state(rt, store) == before
+    store.save("memory-only")
+    assert store.load("memory-only").tier == "host"        # with its file: a load is a no-op
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize("tier", BAD_TIERS, ids=["bogus", "GPU", "100k", "gpu-on-cpu"])
+def test_load_capsule_of_a_capsule_in_memory_refuses_a_bad_tier(node, tier):
+    if "in-mem" not in node.store.capsules:
+        node.store.snapshot("in-mem", tier="host")
+    before = _node_state(node)
+    for name in ("in-mem", "home"):
+        res = call(node, "load_capsule", name=name, tier=tier, restore=True)
+        assert not res.success and "tier" in res.message and len(res.message) < 300, res.message[:300]
+        assert _node_state(node) == before
+    res = call(node, "load_capsule", name="in-mem")
+    assert not res.success and "no capsule file" in res.message
+    assert _node_state(node) == before

@@ -105,8 +105,9 @@ class CapsuleStore:
     def _tier(self, tier: str | None) -> str:
         tier = self.cfg.resolve_tier(tier, self.cuda)
         if tier not in TIERS:
+            shown = tier if not isinstance(tier, str) or len(tier) <= 40 else tier[:40] + "..."
             raise InputError(f"tier: expected one of gpu, host, disk (or '' for the default), found "
-                             f"{tier!r}")
+                             f"{shown!r}")
         if tier == "gpu" and not self.cuda:
             raise InputError(f"tier: 'gpu' expected a CUDA runtime, found one on {self.rt.device}; "
                              f"use 'host' or 'disk'")
@@ -382,14 +383,15 @@ class CapsuleStore:
     def load(self, name: str, tier: str | None = None) -> Capsule:
         """Verify a capsule file from the capsule directory and bring it into a memory tier."""
         with self.lock:
+            target = self._tier(tier)     # the request is checked whole before anything else
             check_name(name)
             path = capsule_path(self.cfg.capsule_dir, name)
+            if not os.path.exists(path):   # a load needs the file, also for a capsule in memory
+                raise CapsuleNotFound(f"no capsule file {name + SUFFIX!r} in {self.cfg.capsule_dir}; "
+                                      f"expected a saved capsule - save it first or load another")
             cap = self.capsules.get(name)
             if cap is not None and cap.tier != "disk":
                 return cap            # already in memory
-            if not os.path.exists(path):
-                raise CapsuleNotFound(f"no capsule file {name + SUFFIX!r} in {self.cfg.capsule_dir}")
-            target = self._tier(tier)
             if target == "disk":
                 target = "gpu" if self.cuda else "host"
             header, raw = read_capsule(path, self.rt.arena, self.fingerprint)
