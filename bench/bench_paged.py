@@ -126,7 +126,7 @@ def scattered_fork(rt, paged, tier):
     held = pool.allocate(pool.free_blocks)
     pool.decref(held[::2])
     # a KV that matches nothing stored: compare against no candidate
-    mem._anchors = {}
+    mem._donors = {}
     paged.on_reset()
     paged.snapshot("scattered", tier=tier)
     pool.decref(held[1::2])

@@ -219,7 +219,7 @@ def test_a_restore_behind_the_stores_back_is_caught_by_the_comparison(tmp_path, 
     store.snapshot("a")
     other = live(rt)
     other[rt.arena.kv_offset + 5 * rt.arena.kv_row_nbytes] ^= 1    # a different row 5
-    rt.restore_state(other)                     # not through the store: its anchor is stale
+    rt.restore_state(other)                     # not through the store: its donor is stale
     store.snapshot("b")
     assert torch.equal(store.capsule_bytes("b"), other)
     tables, n_small = store.memory.tables, store.memory.n_small

@@ -168,9 +168,9 @@ def test_rollback_does_not_cross_set_instruction_or_reset():
 
 
 @pytest.mark.parametrize("start", ["reset", "reset-empty", "restore", "instruction"])
-def test_rollback_to_the_ring_anchor_is_byte_exact(start):
-    # the ring's oldest entry after a reset/restore/instruction is its anchor buffer (the reset
-    # point), not a ring slot: rolling all the way back must give the bytes of that moment,
+def test_rollback_to_the_ring_reset_point_is_byte_exact(start):
+    # the ring's oldest entry after a reset/restore/instruction is its reset-point buffer, not a
+    # ring slot: rolling all the way back must give the bytes of that moment,
     # episode id included, and reset(keep_context=True) afterwards must still return there
     rt = make(rollback_depth=8)
     rt.set_instruction(INSTRUCTION)

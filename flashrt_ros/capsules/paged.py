@@ -97,8 +97,8 @@ class CommittedDescriptor:
     episode: int
     context_len: int  # instruction tokens in the state (-1: unknown, read from the bytes)
     tier: str
-    anchor: str       # the stored capsule the chunks were compared with ('' = none)
-    table: tuple      # per chunk: the anchor's block id where byte-equal, -1 where new
+    donor: str        # the stored capsule the chunks were compared with ('' = none)
+    table: tuple      # per chunk: the donor's block id where byte-equal, -1 where new
     lineage: str = "" # the capsule the live state descended from at this boundary
 
     @property
@@ -154,7 +154,7 @@ class BlockMemory:
         self.tiers = tuple(self.blocks)
         self.tables: dict[str, np.ndarray] = {}          # memory-tier capsule -> block ids
         self._twins: dict[tuple[str, int], dict[str, int]] = {}
-        self._anchors: dict[str, list] = {}              # tier -> capsules the live state came
+        self._donors: dict[str, list] = {}               # tier -> capsules the live state came
                                                          # from or went into, most recent first
         self._layouts: dict[int, tuple] = {}             # position -> chunk layout (cached)
         self._match_plans: dict[str, dict] = {}          # candidate -> position -> compare plan
@@ -248,24 +248,24 @@ class BlockMemory:
 
     # -- ingest (snapshot, load) ----------------------------------------------------------
     def _candidate(self, tier: str, prefer: str | None = None) -> str:
-        for name in (prefer, *self._anchors.get(tier, ()), self.store.lineage):
+        for name in (prefer, *self._donors.get(tier, ()), self.store.lineage):
             if name and name in self.tables and self.store.capsules[name].tier == tier:
                 return name
         return ""
 
-    def _note_anchor(self, tier: str, name: str) -> None:
-        self._anchors[tier] = [name] + [n for n in self._anchors.get(tier, ()) if n != name][:3]
+    def _note_donor(self, tier: str, name: str) -> None:
+        self._donors[tier] = [name] + [n for n in self._donors.get(tier, ()) if n != name][:3]
 
-    def _match_plan(self, anchor: str, position: int):
+    def _match_plan(self, donor: str, position: int):
         """The comparisons that decide which chunks of a live range at `position` equal the
         candidate's blocks: (chunk indices, [(live offset, pool offset, rows, width)]), one item
         per run of adjacent candidate blocks (full blocks as rows; a partial block alone)."""
-        plans = self._match_plans.setdefault(anchor, {})
+        plans = self._match_plans.setdefault(donor, {})
         plan = plans.get(position)
         if plan is None:
             if len(plans) > 16:
                 plans.clear()
-            cand, pool = self.tables[anchor], self.blocks[self.store.capsules[anchor].tier]
+            cand, pool = self.tables[donor], self.blocks[self.store.capsules[donor].tier]
             bb = self.block_bytes
             offs, sizes = self._layout(position)
             idx = np.arange(min(len(offs), len(cand)))
@@ -290,14 +290,14 @@ class BlockMemory:
         pool = self.blocks[tier]
         offs, _ = self._layout(position)
         table = np.full(len(offs), -1, dtype=np.int64)
-        anchor = self._candidate(tier, prefer) if share else ""
-        if anchor:
-            chunks, items = self._match_plan(anchor, position)
+        donor = self._candidate(tier, prefer) if share else ""
+        if donor:
+            chunks, items = self._match_plan(donor, position)
             if items:
                 same = self._equal(src, pool.storage, items)
                 hit = chunks[same]
-                table[hit] = self.tables[anchor][hit]
-        return CommittedDescriptor(position, step, episode, context_len, tier, anchor,
+                table[hit] = self.tables[donor][hit]
+        return CommittedDescriptor(position, step, episode, context_len, tier, donor,
                                    tuple(table.tolist()), lineage)
 
     def _equal(self, a: torch.Tensor, b: torch.Tensor, items, stream=None) -> np.ndarray:
@@ -342,9 +342,9 @@ class BlockMemory:
             side = self.copy_stream
             side.wait_event(done)
         table = fresh.copy()
-        anchor = self._candidate(tier, prefer)
-        if anchor:
-            cand = self.tables[anchor]
+        donor = self._candidate(tier, prefer)
+        if donor:
+            cand = self.tables[donor]
             n = min(len(offs), len(cand))
             idx = np.arange(n)
             idx = idx[pool.filled[cand[idx]] >= sizes[idx]]
@@ -370,7 +370,7 @@ class BlockMemory:
                 pool.incref(cand[hit])
                 pool.decref(fresh[hit])
         shown = np.where(table == fresh, -1, table)
-        return table, CommittedDescriptor(position, step, episode, context_len, tier, anchor,
+        return table, CommittedDescriptor(position, step, episode, context_len, tier, donor,
                                           tuple(shown.tolist()), lineage)
 
     def _write(self, tier: str, src: torch.Tensor, desc: CommittedDescriptor) -> np.ndarray:
@@ -412,11 +412,11 @@ class BlockMemory:
             with source() as (src, position, step, episode, context_len, lineage):
                 desc = self._describe(tier, src, position, step, episode, context_len, lineage,
                                       prefer, share)
-                keep = protect | ({desc.anchor} if desc.anchor else set())
+                keep = protect | ({desc.donor} if desc.donor else set())
                 try:
                     fits = self._room(tier, len(desc.tail), desc.shared, keep)
                 except BudgetExceeded:
-                    if not desc.anchor:
+                    if not desc.donor:
                         raise
                     share = False
                     continue
@@ -493,13 +493,13 @@ class BlockMemory:
         table, desc = got if got is not None else \
             self._ingest(tier, lambda: self._live(tier), prefer, set())
         self.tables[cap.name] = table
-        self._note_anchor(tier, cap.name)
+        self._note_donor(tier, cap.name)
         return Boundary(desc.position, desc.step, desc.episode, desc.context_len, desc.lineage)
 
     def put(self, cap: Capsule, tier: str, raw: torch.Tensor, protect: set,
             prefer: str | None) -> None:
         """Ingest verified file bytes, sharing blocks with `prefer` (the capsule's recorded parent)
-        or the live state's anchor where the bytes are equal; records the context length they
+        or the live state's donor where the bytes are equal; records the context length they
         carry on `cap`, so its restores need no read-back."""
         pool = self.blocks[tier]
         src = raw if pool.device.type == raw.device.type else raw.to(pool.device)
@@ -531,7 +531,7 @@ class BlockMemory:
         rt.restore_state(rt.arena.base[:cap.nbytes], cap.known())
 
     def restored(self, cap: Capsule) -> None:
-        self._anchors = {cap.tier: [cap.name]} if cap.tier in self.blocks else {}
+        self._donors = {cap.tier: [cap.name]} if cap.tier in self.blocks else {}
 
     def host_bytes(self, cap: Capsule) -> torch.Tensor:
         out = torch.empty(cap.nbytes, dtype=torch.uint8)

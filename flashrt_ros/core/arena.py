@@ -5,7 +5,7 @@ byte range. Every small per-step buffer (metadata, sampler RNG, normaliser, recu
 state, MTP and action-queue state) comes first; the attention KV comes last, token-major across
 layers (`kv[t, layer, k|v, head, dim]`). The live KV prefix `kv[0:position]` is therefore the
 prefix of the KV region, and the whole restorable state at a committed boundary is
-`base[0 : live_nbytes(position)]` - one copy out, one copy in (the performance anchors measured
+`base[0 : live_nbytes(position)]` - one copy out, one copy in (the performance targets measured
 one contiguous copy at 3x the speed of 48 per-buffer copies, even captured in a graph).
 
 Buffers are views into `base` created once; nothing is reallocated after graphs are captured,

@@ -6,9 +6,9 @@ recurrent, conv, MTP and action state) plus the KV prefix it names - which is st
 The ring therefore keeps one copy of `arena.base[0:small_nbytes]` per commit: a single contiguous
 copy per step into a preallocated slot (no allocation, a few KB for `tiny`).
 
-The ring's oldest entry after a reset, restore or new instruction is its *anchor*: the state that
-reset(keep_context=True) returns to. It lives in its own buffer, written once by `rebase`, so that a
-restore pays for one small-state copy, not two (one for the reset point and one for the ring).
+The ring's oldest entry after a reset, restore or new instruction is its *reset point*: the state
+that reset(keep_context=True) returns to. It lives in its own buffer, written once by `rebase`, so
+that a restore pays for one small-state copy, not two (one for the reset point and one for the ring).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from flashrt_ros.core.arena import META_EPISODE, META_LEN, StateArena
 from flashrt_ros.core.exceptions import RollbackUnavailable
 
-ANCHOR = -1  # the slot index of a mark that lives in the anchor buffer
+RESET_POINT = -1  # the slot index of a mark that lives in the reset-point buffer
 
 
 class RollbackRing:
@@ -27,25 +27,25 @@ class RollbackRing:
         self.slots = torch.empty((depth + 1, arena.small_nbytes) if depth > 0 else (0, 0),
                                  dtype=torch.uint8, device=arena.device)
         # allocated now, with everything else, so that nothing is allocated after graph capture
-        self.anchor = torch.zeros(arena.small_nbytes, dtype=torch.uint8, device=arena.device)
+        self.reset_point = torch.zeros(arena.small_nbytes, dtype=torch.uint8, device=arena.device)
         self._marks: list[tuple[int, int, int, int]] = []   # (slot, step, position, episode)
         self._next = 0
 
     def rebase(self, step: int, position: int, episode: int, from_arena: bool = True) -> None:
-        """Make the current state the anchor and the ring's only entry.
+        """Make the current state the reset point and the ring's only entry.
 
-        from_arena=True copies the arena's small state into the anchor (after a restore or an
-        instruction); False means the arena was just loaded from the anchor (reset) and only the
+        from_arena=True copies the arena's small state into the reset point (after a restore or an
+        instruction); False means the arena was just loaded from the reset point (reset) and only the
         new episode number is written into both.
         """
         small = self.arena.base[: self.arena.small_nbytes]
         if from_arena:
-            self.anchor.copy_(small, non_blocking=True)
+            self.reset_point.copy_(small, non_blocking=True)
         else:
             # fill_ on a view: nothing may allocate on the device after capture
             self.arena.meta[META_EPISODE].fill_(episode)
-            self.anchor[: META_LEN * 8].view(torch.int64)[META_EPISODE].fill_(episode)
-        self._marks = [(ANCHOR, step, position, episode)]
+            self.reset_point[: META_LEN * 8].view(torch.int64)[META_EPISODE].fill_(episode)
+        self._marks = [(RESET_POINT, step, position, episode)]
         self._next = 0
 
     def push(self, step: int, position: int, episode: int) -> None:
@@ -75,7 +75,7 @@ class RollbackRing:
                 f"a capsule, or raise runtime.rollback_depth")
         del self._marks[len(self._marks) - k:]
         slot, step, position, episode = self._marks[-1]
-        src = self.anchor if slot == ANCHOR else self.slots[slot]
+        src = self.reset_point if slot == RESET_POINT else self.slots[slot]
         self.arena.base[: self.arena.small_nbytes].copy_(src)
-        self._next = 0 if slot == ANCHOR else (slot + 1) % (self.depth + 1)
+        self._next = 0 if slot == RESET_POINT else (slot + 1) % (self.depth + 1)
         return step, position, episode

@@ -71,7 +71,7 @@ class PolicyRuntime:
         self.arena = StateArena(self.model.state_specs(), self.device)
         self.io = StaticIO(model_cfg, self.device, self.cfg.prefill_buckets)
         self.io.noise_std.fill_(float(self.cfg.action_noise))
-        # also holds the reset point (its anchor): the state reset(keep_context=True) returns to
+        # also holds the reset point: the state reset(keep_context=True) returns to
         self.ring = RollbackRing(self.arena, self.cfg.rollback_depth)
         self.use_graphs = cuda and self.cfg.cuda_graphs
         # replay the captured position-0 plans of long chunks (see _build_plans); benchmarks turn
@@ -175,8 +175,9 @@ class PolicyRuntime:
             if static and GRAPH_PREFILL_MAX < c <= self.max_tokens:
                 # An instruction's first chunk always starts at position 0, where the dynamic form
                 # (causal flash attention over the chunk itself) has static shapes too: capture it.
-                # Eagerly a cold 2k prefill is launch-bound (the anchors measured a graph halving
-                # it); replay and eager run the same kernels, so results are bitwise the same.
+                # Eagerly a cold 2k prefill is launch-bound (the performance targets measured a
+                # graph halving it); replay and eager run the same kernels, so results are bitwise
+                # the same.
                 plans[f"prefill{c}@0"] = StepPlan(
                     f"prefill{c}@0", lambda c=c: m.prefill_chunk(a, io, 0, io.chunks[c]))
         return plans
@@ -367,12 +368,12 @@ class PolicyRuntime:
         """New episode: back to the state right after the instruction, or to an empty context."""
         episode = self.episode + 1
         if keep_context and self.context_len:
-            self.arena.base[: self.arena.small_nbytes].copy_(self.ring.anchor)
+            self.arena.base[: self.arena.small_nbytes].copy_(self.ring.reset_point)
             self._sync_mirrors_from_meta()
         else:
             self._zero_state()
         self.episode = episode
-        # the arena now equals the anchor: rebase only writes the new episode into both
+        # the arena now equals the reset point: rebase only writes the new episode into both
         self.ring.rebase(self.step_count, self.position, episode, from_arena=False)
         return self.episode
 
@@ -400,7 +401,7 @@ class PolicyRuntime:
         `known` = (position, step, episode, context_len) the caller recorded with the bytes (a
         capsule's metadata): then nothing is read back from the device, and a GPU-resident restore
         is one device-to-device copy of the live range plus one of its small per-step region (the
-        ring's anchor, which is also the reset point), with no host synchronisation. Without
+        ring's reset point), with no host synchronisation. Without
         `known`, the values are read from the bytes' own meta header.
         """
         if not isinstance(src, torch.Tensor) or src.dtype != torch.uint8 or src.dim() != 1:
