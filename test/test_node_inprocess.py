@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 
+from flashrt_ros.ros.stamps import stamp_to_s
 from flashrt_ros.ros.waiting import wait_for
 from node_client import PolicyClient, chunk_bytes, observations
 
@@ -190,7 +191,7 @@ def test_joint_trajectory_output(make_node):
     assert traj.joint_names == joints and len(traj.points) == action.horizon
     for i, p in enumerate(traj.points):
         assert list(p.positions) == chunk[i].astype(np.float64).tolist()
-        t = p.time_from_start.sec + p.time_from_start.nanosec * 1e-9
+        t = stamp_to_s(p.time_from_start)
         assert abs(t - 0.1 * (i + 1)) < 1e-6
 
 

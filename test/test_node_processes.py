@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from flashrt_ros.ros.stamps import ns_to_stamp, s_to_ns
 from flashrt_ros.ros.waiting import wait_for
 from node_client import (NodeProcess, PolicyClient, chunk_bytes, executable, node_command,
                          observations)
@@ -306,8 +307,8 @@ def _stamped(client, state, seconds_ago=0.0, stamp=None):
     from flashrt_ros.msg import Observation
     msg = Observation()
     if stamp is None:
-        t = client.node.get_clock().now().nanoseconds - int(seconds_ago * 1e9)
-        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(t, 10**9)
+        now = client.node.get_clock().now().nanoseconds
+        msg.header.stamp = ns_to_stamp(now - s_to_ns(seconds_ago))
     else:
         msg.header.stamp = stamp
     msg.state = [float(x) for x in state]

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
 import time
 from collections import deque
 from typing import NamedTuple
@@ -60,7 +59,6 @@ from typing import NamedTuple
 import numpy as np
 import rclpy
 import torch
-from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -80,7 +78,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from flashrt_ros.ros.executors import PolicyExecutor
 from flashrt_ros.msg import ActionChunk, CapsuleEvent, CapsuleInfo, Observation, PolicyStatus
 from flashrt_ros.ros.operations import OPERATIONS
-from flashrt_ros.ros.stamps import stamp_to_s
+from flashrt_ros.ros.stamps import ns_to_s, s_to_duration, s_to_ns, s_to_stamp, stamp_to_s
 
 from flashrt_ros.core.checkpoint import resolve_model
 from flashrt_ros.core.exceptions import ConfigError, FlashRTError, NotConfiguredError
@@ -116,7 +114,6 @@ class PolicyNode(LifecycleNode):
         self._fixed = {}
         self._threads = 0                      # torch CPU threads (0 = torch's default)
         self._nice_before = None               # the nice value before configure set one
-        self._tls = threading.local()
         for name, default, help_text, fixed, _ in parameter_table():
             # floats take integers too (`control_rate_hz: 30` in YAML); configure checks the type
             desc = ParameterDescriptor(
@@ -272,8 +269,8 @@ class PolicyNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         cfg = self.node_cfg
         self._latest, self._last_obs_stamp = None, 0.0
-        period_ns = int(round(cfg.period_s * 1e9))
-        self.deadlines = DeadlineMonitor(period_ns, int(round(cfg.deadline_s * 1e9)))
+        period_ns = s_to_ns(cfg.period_s)
+        self.deadlines = DeadlineMonitor(period_ns, s_to_ns(cfg.deadline_s))
         if cfg.control_mode == "timer":
             if TimerInfo is None:
                 callback = self._on_tick
@@ -374,7 +371,7 @@ class PolicyNode(LifecycleNode):
                              f"({self._last_obs_stamp:.6f}); out-of-order observation dropped")
                 return
             limit = self.node_cfg.stale_observation_s
-            if limit and self.get_clock().now().nanoseconds * 1e-9 - stamp > limit:
+            if limit and ns_to_s(self.get_clock().now().nanoseconds) - stamp > limit:
                 self._stale += 1
                 return
             self._last_obs_stamp = stamp
@@ -452,8 +449,7 @@ class PolicyNode(LifecycleNode):
         n = len(traj.joint_names)
         for i, row in enumerate(action):
             p = JointTrajectoryPoint(positions=row[:n].astype(float).tolist())
-            t = (i + 1) * dt
-            p.time_from_start.sec, p.time_from_start.nanosec = int(t), int(round((t % 1) * 1e9))
+            p.time_from_start = s_to_duration((i + 1) * dt)
             traj.points.append(p)
         self.pub_command.publish(traj)
 
@@ -591,7 +587,7 @@ class PolicyNode(LifecycleNode):
         info = CapsuleInfo(name=cap.name, parent=cap.parent, step=cap.step, position=cap.position,
                            tier=cap.tier, nbytes=cap.nbytes, pinned=cap.pinned,
                            fingerprint=cap.fingerprint, digest=cap.digest)
-        info.created = TimeMsg(sec=int(cap.created), nanosec=int((cap.created % 1) * 1e9))
+        info.created = s_to_stamp(cap.created)
         return info
 
     @staticmethod

@@ -29,6 +29,11 @@ def sec_nanosec(ns: int) -> tuple[int, int]:
     return divmod(int(ns), NS_PER_S)
 
 
+def ns_to_s(ns: int) -> float:
+    """Seconds of a time in nanoseconds, as a float."""
+    return ns * 1e-9
+
+
 def s_to_ns(seconds: float) -> int:
     """Nanoseconds of a time in seconds, rounded to the nearest one."""
     return int(round(seconds * NS_PER_S))
@@ -45,3 +50,9 @@ def ns_to_stamp(ns: int, msg_type=None):
 def s_to_stamp(seconds: float, msg_type=None):
     """A stamp message (`msg_type`, default builtin_interfaces/Time) for a time in seconds."""
     return ns_to_stamp(s_to_ns(seconds), msg_type)
+
+
+def s_to_duration(seconds: float):
+    """A builtin_interfaces/Duration message for a span in seconds."""
+    from builtin_interfaces.msg import Duration
+    return s_to_stamp(seconds, Duration)
