@@ -293,3 +293,44 @@ def test_the_node_serves_a_checkpoint_directory_written_by_transformers(make_nod
     torch.set_num_threads(1)                      # as the node pins a model this small
     here = PolicyRuntime.from_pretrained(directory, RuntimeConfig(device="cpu"))
     assert served == [here.step(o).astype(np.float32).tobytes() for o in OBS[:4]]
+
+
+def test_a_refused_observation_applies_nothing(make_node):
+    """NaN or wrong-length observations asking for a new episode: refused, and neither the reset
+    nor anything else is applied; the node steps on the next good observation."""
+    import torch
+    n = make_node(control_mode="observation", observation_qos="reliable")
+    c = n.client
+    assert c.transition("configure") and c.transition("activate")
+    c.wait_connected()
+    c.run(OBS[:2])
+    rt = n.node.runtime
+    before, step, episode = rt.live_state().clone(), rt.step_count, rt.episode
+    rejected = n.node._rejected
+    nan = OBS[2].copy()
+    nan[3] = np.nan
+    c.publish(nan, reset=True)
+    c.publish(OBS[2][:5], reset=True)
+    wait_for(lambda: n.node._rejected >= rejected + 2, 15, "two refusals")
+    assert "reset_episode was not applied" in n.node._last_error
+    assert (rt.step_count, rt.episode) == (step, episode)
+    assert torch.equal(rt.live_state(), before)
+    assert c.step(OBS[2]).step == step + 1
+
+
+def test_an_observation_stamped_in_the_future_never_stops_control(make_node):
+    """One observation stamped an hour ahead is refused; it does not become the ordering
+    reference, so the correctly stamped ones after it are stepped."""
+    from flashrt_ros.msg import Observation
+    from flashrt_ros.ros.stamps import ns_to_stamp
+    n = make_node(control_mode="observation", observation_qos="reliable")
+    c = n.client
+    assert c.transition("configure") and c.transition("activate")
+    c.wait_connected()
+    msg = Observation(state=[float(x) for x in OBS[0]])
+    msg.header.stamp = ns_to_stamp(n.node.get_clock().now().nanoseconds + 3600 * 10**9)
+    rejected = n.node._rejected
+    c.pub_obs.publish(msg)
+    wait_for(lambda: n.node._rejected > rejected, 15, "the refusal")
+    assert "ahead of the node's clock" in n.node._last_error
+    assert [c.step(o).step for o in OBS[1:4]] == [1, 2, 3]

@@ -315,6 +315,11 @@ class PolicyRuntime:
         self._commit()
         return self.io.action.cpu().numpy().copy()
 
+    def check_observation(self, obs) -> None:
+        """Raise InputError unless `obs` is what `step` accepts (obs_dim finite numbers); changes
+        nothing."""
+        self._check_obs(obs)
+
     def _check_obs(self, obs) -> torch.Tensor:
         n = self.model_cfg.obs_dim
         try:

@@ -89,6 +89,9 @@ from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_t
 from flashrt_ros.capsules.store import make_store
 
 NODE_NAME = "flashrt_policy"
+# An observation stamped further ahead of the node's clock than this is refused: it would become
+# the ordering reference and every correctly stamped observation after it would look out of order.
+FUTURE_STAMP_TOLERANCE_S = 1.0
 RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
                       history=QoSHistoryPolicy.KEEP_LAST)
 # Services answer many clients through one response writer: with the default KEEP_LAST 10, a
@@ -362,10 +365,23 @@ class PolicyNode(LifecycleNode):
         self._take_observation(np.asarray(values, dtype=np.float32), msg.header, False)
 
     def _take_observation(self, obs, header, reset):
+        """Accept an observation for the next step, or refuse it whole: a refused observation
+        applies nothing (no reset, no new ordering reference, the latest good one stays)."""
         if self.runtime is None or not self.active:
+            return
+        try:
+            self.runtime.check_observation(obs)
+        except FlashRTError as e:
+            self._reject(f"{e}{'; its reset_episode was not applied' if reset else ''}")
             return
         stamp = stamp_to_s(header.stamp)
         if stamp:
+            now = ns_to_s(self.get_clock().now().nanoseconds)
+            if now and stamp - now > FUTURE_STAMP_TOLERANCE_S:
+                self._reject(f"observation: expected a stamp at most {FUTURE_STAMP_TOLERANCE_S:g} s "
+                             f"ahead of the node's clock ({now:.6f}), found {stamp:.6f}; dropped "
+                             f"(check the sender's clock)")
+                return
             if stamp < self._last_obs_stamp:
                 self._reject(f"observation: stamp {stamp:.6f} is older than the last one "
                              f"({self._last_obs_stamp:.6f}); out-of-order observation dropped")
