@@ -123,7 +123,7 @@ def test_behaviours_set_up_and_shut_down_under_rclpy_executor(rclpy_spinning):
 
     tree = create()
     subs = [s for behaviour in tree for s in
-            ([behaviour._events_sub] if hasattr(behaviour, "_events_sub") else behaviour._subs)]
+            ([behaviour.capsules.events_sub] if hasattr(behaviour, "capsules") else behaviour._subs)]
     assert len(subs) == 3 and all(s.event_handlers == [] for s in subs), \
         [len(s.event_handlers) for s in subs]
     destroy(tree)
