@@ -413,7 +413,7 @@ def nice_permitted(nice: int) -> bool:
 def environment(args) -> dict:
     from bench.common import environment as common_environment
     from bench.common import package_version
-    from flashrt_ros.core.runtime import resolve_device
+    from flashrt_ros.core.config import resolve_device
     env = common_environment(resolve_device(args.device))
     env.update(os=platform.platform(), rclpy=package_version("ros-rclpy"),
                rmw=os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp (default)"),

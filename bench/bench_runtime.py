@@ -35,8 +35,8 @@ if __package__ in (None, ""):      # `python bench/bench_runtime.py` from the re
 
 from bench.common import (cuda_event_ms, cuda_kernel_profile, device_slug,  # noqa: E402
                           environment, pyplot, summary, wall_ms, write_report)
-from flashrt_ros.core.config import RuntimeConfig, load_preset  # noqa: E402
-from flashrt_ros.core.runtime import PolicyRuntime, resolve_device  # noqa: E402
+from flashrt_ros.core.config import RuntimeConfig, load_preset, resolve_device  # noqa: E402
+from flashrt_ros.core.runtime import PolicyRuntime  # noqa: E402
 
 GPU_LENGTHS = (2048, 4096, 8192, 16384)
 CPU_LENGTHS = (128, 256, 512, 1024)

@@ -53,9 +53,10 @@ if __package__ in (None, ""):      # `python bench/compare_transformers.py` from
 from bench.common import (cuda_kernel_profile, device_slug, environment,  # noqa: E402
                           package_version, write_report)
 from flashrt_ros.capsules.store import CapsuleStore  # noqa: E402
-from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset  # noqa: E402
+from flashrt_ros.core.config import (RuntimeConfig, StoreConfig, load_preset,  # noqa: E402
+                                     resolve_device)
 from flashrt_ros.core.kernels import fla_available  # noqa: E402
-from flashrt_ros.core.runtime import PolicyRuntime, resolve_device  # noqa: E402
+from flashrt_ros.core.runtime import PolicyRuntime  # noqa: E402
 
 GPU_LENGTHS = (16, 300, 2048)       # one bucket; several buckets + token steps; two 1024 chunks
 CPU_LENGTHS = (5, 70, 133)          # token steps only; 64 + 4 + 2 chunks; 2x64 + 4 + 1

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from flashrt_ros.core.arena import META_EPISODE, META_POSITION, META_RNG_COUNTER, META_STEP
-from flashrt_ros.core.config import ModelConfig, RuntimeConfig, TextConfig, from_dict, load_preset
+from flashrt_ros.core.config import (ModelConfig, RuntimeConfig, TextConfig, from_dict, load_preset,
+                                     resolve_device)
 from flashrt_ros.core.exceptions import ConfigError, InputError, RollbackUnavailable
-from flashrt_ros.core.runtime import PolicyRuntime, resolve_device
+from flashrt_ros.core.runtime import PolicyRuntime
 
 INSTRUCTION = "pick up the red cup and put it on the tray"
 

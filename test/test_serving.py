@@ -12,7 +12,7 @@ from flashrt_ros.core.config import TINY, RuntimeConfig, load_preset
 from flashrt_ros.core.exceptions import ConfigError
 from flashrt_ros.core.runtime import PolicyRuntime
 from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_threads,
-                                      set_thread_nice, torch_threads, warm_up)
+                                      set_thread_nice, warm_up)
 from flashrt_ros.ros.waiting import wait_for
 
 
@@ -103,14 +103,14 @@ def test_warm_up_leaves_the_state_byte_identical():
                            fresh.arena.base[: fresh.live_nbytes()])
 
 
-def test_torch_threads_auto_is_one_for_small_models_and_the_default_else():
+def test_threads_auto_is_one_for_small_models_and_the_default_else():
     tiny = load_preset("tiny")
     assert tiny.d_model <= 256
-    assert torch_threads(RuntimeConfig(), tiny) == 1
-    assert torch_threads(RuntimeConfig(threads=3), tiny) == 3
+    assert RuntimeConfig().resolve(tiny).threads == 1
+    assert RuntimeConfig(threads=3).resolve(tiny).threads == 3
     big = load_preset("hybrid-0.8b")
     assert big.d_model > 256
-    assert torch_threads(RuntimeConfig(), big) == 0
+    assert RuntimeConfig().resolve(big).threads == 0
 
 
 def test_pin_torch_threads_applies_in_the_calling_thread_only():

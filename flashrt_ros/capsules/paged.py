@@ -82,7 +82,6 @@ from flashrt_ros.capsules.memory import Boundary
 from flashrt_ros.capsules.store import CapsuleStore
 from flashrt_ros.core.arena import META_CONTEXT_LEN
 from flashrt_ros.core.config import StoreConfig
-from flashrt_ros.core.config import auto_block_tokens  # noqa: F401 - tests import it from here
 from flashrt_ros.core.exceptions import BudgetExceeded, InputError
 from flashrt_ros.core.runtime import PolicyRuntime
 

@@ -19,6 +19,8 @@ which also moves the q/k L2 norms, the decay gate `g = -exp(A_log) * softplus(a 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -100,6 +102,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state, scale, chunk: int = CHUNK)
     return out.transpose(0, 1).to(v.dtype)
 
 
+@functools.cache        # whether fla imports does not change within a process: try it once
 def fla_available() -> bool:
     try:
         import fla.ops.gated_delta_rule  # noqa: F401

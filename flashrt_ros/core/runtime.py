@@ -32,7 +32,6 @@ from flashrt_ros.core import checkpoint, tokenizer
 from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION,
                                     META_RNG_SEED, META_STEP, StateArena, StaticIO)
 from flashrt_ros.core.config import TINY, ModelConfig, RuntimeConfig
-from flashrt_ros.core.config import resolve_device  # noqa: F401 - benches import it from here
 from flashrt_ros.core.exceptions import ConfigError, InputError
 from flashrt_ros.core.plans import StepPlan
 from flashrt_ros.core.qwen3_5_policy import Qwen3_5Policy, digest_tensors

@@ -6,7 +6,8 @@
     that never ran;
   * `warm_up` - run every plan once and put the exact state back, so that the first control step
     pays no lazy initialisation;
-  * `torch_threads` and `pin_torch_threads` - apply `runtime.threads` in every thread that steps;
+  * `pin_torch_threads` - apply `runtime.threads` (`RuntimeConfig.resolve`) in every thread that
+    steps;
   * `set_thread_nice` - the nice value of every thread of the process.
 
 The ROS node (flashrt_ros/ros/node.py) uses all of them; so can any other server of the runtime.
@@ -134,14 +135,6 @@ def warm_up(rt) -> float:
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
     return time.perf_counter() - t0
-
-
-def torch_threads(runtime_cfg, model_cfg) -> int:
-    """The torch CPU (intra-op) thread count `runtime.threads` asks for (0 = torch's default),
-    as `RuntimeConfig.resolve` resolves it: auto is 1 for models with d_model <= 256, whose ops
-    are so small that handing them to a second thread costs more than it saves; torch's default
-    for larger ones."""
-    return runtime_cfg.resolve(model_cfg).threads
 
 
 _pinned = threading.local()     # the thread count pin_torch_threads set in this thread

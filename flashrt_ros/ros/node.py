@@ -606,12 +606,6 @@ class PolicyNode(LifecycleNode):
         info.created = s_to_stamp(cap.created)
         return info
 
-    @staticmethod
-    def _restore(rt, store, name):
-        """Restore at one boundary: the store copies and sets the lineage under runtime.lock (a
-        disk capsule's file is read and verified before it takes the lock)."""
-        return store.restore(name)
-
     def _srv_snapshot(self, rt, store, req, res, ev):
         ev.name, ev.tier, ev.pin = req.name, req.tier, req.pin
         cap = store.snapshot(req.name, tier=req.tier or None, pin=req.pin)
@@ -621,7 +615,9 @@ class PolicyNode(LifecycleNode):
 
     def _srv_restore(self, rt, store, req, res, ev):
         ev.name = req.name
-        cap = self._restore(rt, store, req.name)
+        # at one boundary: the store copies and sets the lineage under runtime.lock (a disk
+        # capsule's file is read and verified before it takes the lock)
+        cap = store.restore(req.name)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
         res.message = f"restored {cap.name!r}: step {cap.step}, position {cap.position}"
@@ -673,7 +669,7 @@ class PolicyNode(LifecycleNode):
         ev.name, ev.tier, ev.restore = req.name, req.tier, req.restore
         cap = store.load(req.name, tier=req.tier or None)
         if req.restore:
-            cap = self._restore(rt, store, req.name)
+            cap = store.restore(req.name)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
         res.message = f"loaded {req.name!r} into {cap.tier}" + (" and restored it" if req.restore else "")
