@@ -27,12 +27,16 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 TIERS = ("gpu", "host", "disk")
 
 
+def shown(value) -> str:
+    """`value` for an error message: repr, a string cut to 40 characters ("..." marks the cut)."""
+    return repr(value[:40] + "..." if isinstance(value, str) and len(value) > 40 else value)
+
+
 def check_name(name, what: str = "capsule name") -> str:
     """Capsule names are file names inside the capsule directory: they can never escape it."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
-        shown = name if not isinstance(name, str) or len(name) <= 40 else name[:40] + "..."
         raise InputError(f"{what}: expected 1-128 characters of A-Z a-z 0-9 _ . - (not starting "
-                         f"with '.', no '..'), found {shown!r}; pick a plain name like 'home' or "
+                         f"with '.', no '..'), found {shown(name)}; pick a plain name like 'home' or "
                          f"'branch-1'")
     return name
 

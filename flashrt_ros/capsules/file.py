@@ -28,7 +28,7 @@ import tempfile
 import torch
 
 from flashrt_ros.core.arena import DTYPES, StateArena
-from flashrt_ros.capsules.capsule import Capsule, buffer_slices, check_name, content_digest
+from flashrt_ros.capsules.capsule import Capsule, buffer_slices, check_name, content_digest, shown
 from flashrt_ros.core.exceptions import CapsuleCorrupt, CapsuleMismatch, InputError
 
 FORMAT = "flashrt-capsule"
@@ -113,16 +113,17 @@ def _field(meta: dict, key: str, path: str, default=None) -> str:
     return value
 
 
-def _shown(value: str) -> str:
-    return repr(value if len(value) <= 40 else value[:40] + "...")
+def _damaged(path: str, key: str, expected: str, value, edited: bool = True) -> CapsuleCorrupt:
+    """The refusal of a header field that is not what a capsule file holds."""
+    return CapsuleCorrupt(f"capsule file {path}: header field {key!r}: expected {expected}, found "
+                          f"{shown(value)}; the header is damaged{' or was edited' if edited else ''}"
+                          f" - delete the file or re-create the capsule")
 
 
 def _header_int(meta: dict, key: str, path: str, default=None, upper: int = INT64_MAX) -> int:
     value = _field(meta, key, path, default)
     if not _UINT_RE.fullmatch(value) or int(value) > upper:
-        raise CapsuleCorrupt(f"capsule file {path}: header field {key!r}: expected an integer in "
-                             f"[0, {upper}], found {_shown(value)}; the header is damaged or was "
-                             f"edited - delete the file or re-create the capsule")
+        raise _damaged(path, key, f"an integer in [0, {upper}]", value)
     return int(value)
 
 
@@ -133,18 +134,14 @@ def _header_time(meta: dict, key: str, path: str, default=None) -> float:
     except ValueError:
         t = float("nan")
     if not (math.isfinite(t) and 0.0 <= t <= TIME_SEC_MAX):
-        raise CapsuleCorrupt(f"capsule file {path}: header field {key!r}: expected a finite time "
-                             f"in [0, {TIME_SEC_MAX}] seconds, found {_shown(value)}; the header "
-                             f"is damaged or was edited - delete the file or re-create the capsule")
+        raise _damaged(path, key, f"a finite time in [0, {TIME_SEC_MAX}] seconds", value)
     return t
 
 
 def _header_choice(meta: dict, key: str, path: str, choices, default=None) -> str:
     value = _field(meta, key, path, default)
     if value not in choices:
-        raise CapsuleCorrupt(f"capsule file {path}: header field {key!r}: expected one of "
-                             f"{list(choices)}, found {_shown(value)}; the header is damaged or "
-                             f"was edited - delete the file or re-create the capsule")
+        raise _damaged(path, key, f"one of {list(choices)}", value)
     return value
 
 
@@ -160,14 +157,12 @@ def capsule_from_header(meta: dict, path: str) -> Capsule:
                 raise CapsuleCorrupt(str(e)) from None
     digest = _field(meta, "digest", path)
     if not _HEX64_RE.fullmatch(digest):
-        raise CapsuleCorrupt(f"capsule file {path}: header field 'digest': expected 64 lowercase "
-                             f"hex digits (BLAKE2b-256), found {_shown(digest)}; the header is "
-                             f"damaged - delete the file or re-create the capsule")
+        raise _damaged(path, "digest", "64 lowercase hex digits (BLAKE2b-256)", digest,
+                       edited=False)
     fingerprint = _field(meta, "fingerprint", path)
     if not fingerprint or len(fingerprint) > 256 or not fingerprint.isprintable():
-        raise CapsuleCorrupt(f"capsule file {path}: header field 'fingerprint': expected 1-256 "
-                             f"printable characters, found {_shown(fingerprint)}; the header is "
-                             f"damaged - delete the file or re-create the capsule")
+        raise _damaged(path, "fingerprint", "1-256 printable characters", fingerprint,
+                       edited=False)
     return Capsule(name=name, parent=parent, step=_header_int(meta, "step", path),
                    position=_header_int(meta, "position", path),
                    episode=_header_int(meta, "episode", path, "0"),

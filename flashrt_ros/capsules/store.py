@@ -43,7 +43,7 @@ import threading
 
 import torch
 
-from flashrt_ros.capsules.capsule import TIERS, Capsule, check_name, content_digest
+from flashrt_ros.capsules.capsule import TIERS, Capsule, check_name, content_digest, shown
 from flashrt_ros.capsules.extents import ExtentMemory
 from flashrt_ros.capsules.file import (SUFFIX, capsule_from_header, capsule_path, read_capsule,
                                        read_header, write_capsule)
@@ -105,9 +105,8 @@ class CapsuleStore:
     def _tier(self, tier: str | None) -> str:
         tier = self.cfg.resolve_tier(tier, self.cuda)
         if tier not in TIERS:
-            shown = tier if not isinstance(tier, str) or len(tier) <= 40 else tier[:40] + "..."
             raise InputError(f"tier: expected one of gpu, host, disk (or '' for the default), found "
-                             f"{shown!r}")
+                             f"{shown(tier)}")
         if tier == "gpu" and not self.cuda:
             raise InputError(f"tier: 'gpu' expected a CUDA runtime, found one on {self.rt.device}; "
                              f"use 'host' or 'disk'")
@@ -392,8 +391,8 @@ class CapsuleStore:
             cap = self.capsules.get(name)
             if cap is not None and cap.tier != "disk":
                 return cap            # already in memory
-            if target == "disk":
-                target = "gpu" if self.cuda else "host"
+            if target == "disk":          # a load lands in memory: the auto tier
+                target = self.cfg.resolve_tier("auto", self.cuda)
             header, raw = read_capsule(path, self.rt.arena, self.fingerprint)
             cap = cap or header
             self.memory.put(cap, target, raw, {name}, header.parent)
