@@ -5,6 +5,7 @@ GetState, SetParameters, ListParameters, DescribeParameters), as `ros2 lifecycle
 would use them. The ROS-free pieces the node serves with (deadline accounting, the BoundaryLock,
 the warm-up) are tested in test_serving.py.
 """
+import itertools
 import os
 import threading
 
@@ -18,6 +19,7 @@ from node_client import PolicyClient, chunk_bytes, observations
 pytestmark = pytest.mark.ros
 
 OBS = observations(16, seed=2)
+NODE_SEQUENCE = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,9 @@ def make_node(ros_context, tmp_path, request):
     def make(**params):
         params.setdefault("store.capsule_dir", str(tmp_path / "capsules"))
         params.setdefault("runtime.device", "cpu")
-        ns = f"/t{os.getpid()}_{request.node.name.split('[')[0][-24:]}_{len(made)}"
+        # unique in the session: parametrized cases share a test name, and a node of a case
+        # that just ended can still be known to DDS discovery under its old name
+        ns = f"/t{os.getpid()}_{request.node.name.split('[')[0][-24:]}_{next(NODE_SEQUENCE)}"
         n = InProcessNode(ros_context, ns, **params)
         made.append(n)
         return n
