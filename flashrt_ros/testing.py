@@ -23,6 +23,7 @@ import tempfile
 import uuid
 
 from flashrt_ros.bags.play import BagPlayer, RecordedEpisode, ReplayResult
+from flashrt_ros.ros.discovery import loopback_by_default
 from flashrt_ros.ros.process import NodeProcess
 
 # what a lockstep replay needs, whatever the recorded node used: a step per observation, none
@@ -73,6 +74,7 @@ def replay_into_fresh_node(bag_path, *, mode: str = "lockstep", rate: float = 1.
         name = f"flashrt_replay_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         with PolicyNodeProcess(name, params, env) as node:
             node.wait_active(startup_timeout)
+            loopback_by_default()            # the player here, as the node there
             context = rclpy.Context()
             rclpy.init(context=context)
             player = None

@@ -39,6 +39,7 @@ import numpy as np
 
 from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows, store_for,
                         typestore)
+from flashrt_ros.ros.discovery import loopback_by_default
 from flashrt_ros.ros.operations import BY_SERVICE, OPERATIONS, operation
 from flashrt_ros.ros.stamps import ns_to_stamp, stamp_to_ns
 from flashrt_ros.ros.waiting import spin_until
@@ -656,7 +657,7 @@ def main(argv=None) -> int:
     print(f"[play] {episode.summary()}", flush=True)
     for ev, why in episode.skipped_ops:
         print(f"[play] not re-issuing {ev.operation} {ev.name!r}: {why}", flush=True)
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")   # DDS on loopback unless told
+    loopback_by_default()
     import rclpy
     rclpy.init()
     player = None

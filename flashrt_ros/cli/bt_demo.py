@@ -15,6 +15,8 @@ import os
 import statistics
 import time
 
+from flashrt_ros.ros.discovery import loopback_by_default
+
 DEFAULT_NODE = "flashrt_bt_policy"   # not /flashrt_policy: a running `flashrt-ros demo` keeps its own
 
 
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     if a.branches < 1 or a.steps < 1 or a.decisions < 1 or a.warmup < 0:
         raise SystemExit(f"flashrt-ros bt-demo: expected --branches, --steps, --decisions >= 1 and "
                          f"--warmup >= 0, found {a.branches}, {a.steps}, {a.decisions}, {a.warmup}")
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    loopback_by_default()
     import py_trees
     import rclpy
     import torch

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+from flashrt_ros.ros.discovery import loopback_by_default
 from flashrt_ros.ros.waiting import wait_for
 
 
@@ -437,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of `flashrt-ros`. DDS stays on loopback unless the environment says otherwise:
     set here, before any command initialises rclpy (importing this module changes nothing)."""
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    loopback_by_default()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "node":
         from flashrt_ros.ros.node import main as node_main

@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 
+from flashrt_ros.ros.discovery import loopback_by_default
 from flashrt_ros.ros.waiting import wait_for
 
 NODE_NAME = "flashrt_policy"                  # the node's default name (ros/node.py)
@@ -113,7 +114,7 @@ class NodeProcess:
         self.cmd, self.params, self.overrides = cmd, params, overrides
         self.name, self.namespace = name.strip("/"), namespace.strip("/")
         self.env = dict(os.environ if env is None else env)
-        self.env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+        loopback_by_default(self.env)
         self.env["PYTHONUNBUFFERED"] = "1"
         self.stop_timeout = stop_timeout
         self.output: list[str] = []
