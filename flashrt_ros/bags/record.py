@@ -33,6 +33,7 @@ from datetime import datetime
 
 from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, META_RECORDER, ROLES, TOPIC_ROLES, BagError,
                         topic_name, typestore)
+from flashrt_ros.ros.discovery import loopback_by_default
 from flashrt_ros.ros.stamps import sec_nanosec
 
 STORAGES = ("mcap", "sqlite3")
@@ -237,7 +238,8 @@ class BagRecorder:
         # the node's parameter services were discovered (a loaded machine discovers its topics
         # first); a node that published nothing is not waited for
         end = time.monotonic() + 2 * PARAMETER_RETRY_S
-        while self.node_parameters is None and (self._params_sent is not None or self._subs) \
+        heard = any(self.counts.values())
+        while self.node_parameters is None and (self._params_sent is not None or heard) \
                 and time.monotonic() < end:
             self._poll_parameters()
             self.executor.spin_once(timeout_sec=0.05)
@@ -275,7 +277,7 @@ def main(argv=None) -> int:
                                 description="Record a policy node's episode topics to a rosbag2 bag.")
     add_arguments(p)
     args = p.parse_args(argv)
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")   # DDS on loopback unless told
+    loopback_by_default()
     import rclpy
     from rclpy.executors import ExternalShutdownException
     from rclpy.signals import SignalHandlerOptions
