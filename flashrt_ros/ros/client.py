@@ -60,14 +60,18 @@ class PendingCall:
         return self.future.done()
 
     def event(self):
-        """(arrival, CapsuleEvent) of the first event received after sending that reports this
-        call, or None (always None for a query)."""
+        """(arrival, CapsuleEvent) of an event received after sending that reports this call, or
+        None (always None for a query). A successful one goes first: another client's refused
+        call on the same capsule reports alike, and must not hide that ours was applied."""
         if self.operation.query:
             return None
+        failed = None
         for seq, arrival, ev in list(self.capsules.events):
             if seq > self.seen and reports(ev, self.operation.name, self.request):
-                return arrival, ev
-        return None
+                if ev.success:
+                    return arrival, ev
+                failed = failed or (arrival, ev)
+        return failed
 
     def poll(self, timeout: float, grace: float | None = None):
         """The response once it arrived; the reporting CapsuleEvent when the answer is overdue
