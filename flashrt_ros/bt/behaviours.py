@@ -55,11 +55,11 @@ from dataclasses import dataclass
 
 import py_trees
 from py_trees.common import Access, Status
-from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
 from flashrt_ros.msg import ActionChunk, PolicyStatus
 from flashrt_ros.ros.client import CapsuleClient, NoAnswer
+from flashrt_ros.ros.executors import subscribe_without_event_handlers
 from flashrt_ros.ros.operations import operation as lookup_operation
 from flashrt_ros.ros.stamps import stamp_to_ns
 
@@ -94,15 +94,6 @@ class ServiceCall:
                                  # first seen by a tick, if that came first)
     wait_ms: float              # first tick -> request sent (service discovery)
 
-
-def _subscribe(node, msg_type, topic: str, callback, qos):
-    """A subscription without QoS event handlers, so that destroying it in `shutdown()` is safe
-    under any executor: with rclpy 9.1.2 an event handler destroyed while another thread spins the
-    node can kill that executor's spin thread (ros2/rclpy#1284, see executors.py). The handlers
-    only log incompatible-QoS warnings, and these topics' QoS is the node's own."""
-    return node.create_subscription(msg_type, topic, callback, qos,
-                                    event_callbacks=SubscriptionEventCallbacks(
-                                        use_default_callbacks=False))
 
 
 def _node_from(kwargs, who: str):
@@ -362,10 +353,10 @@ class _StatusCondition(py_trees.behaviour.Behaviour):
 
     def setup(self, **kwargs):
         self.node = _node_from(kwargs, self.name)
-        self._subs.append(_subscribe(self.node, PolicyStatus, f"{self.policy}/status",
+        self._subs.append(subscribe_without_event_handlers(self.node, PolicyStatus, f"{self.policy}/status",
                                      self._on_status, _RELIABLE))
         if self.follows_actions:
-            self._subs.append(_subscribe(self.node, ActionChunk, f"{self.policy}/action",
+            self._subs.append(subscribe_without_event_handlers(self.node, ActionChunk, f"{self.policy}/action",
                                          self._on_action, _RELIABLE))
 
     def shutdown(self):

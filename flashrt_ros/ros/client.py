@@ -30,10 +30,10 @@ from __future__ import annotations
 import collections
 import time
 
-from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
 from flashrt_ros.msg import CapsuleEvent
+from flashrt_ros.ros.executors import subscribe_without_event_handlers
 from flashrt_ros.ros.operations import Operation, operation, reports
 
 EVENT_HISTORY = 1000     # events kept for matching (the node publishes one per operation)
@@ -123,13 +123,9 @@ class CapsuleClient:
         self._received = 0
         self.events_sub = None
         if events:
-            # no QoS event handlers: destroying the subscription while another thread spins the
-            # node is then safe under any executor (rclpy 9.1.2 can kill that executor's spin
-            # thread otherwise, ros2/rclpy#1284; see executors.py)
-            self.events_sub = node.create_subscription(
-                CapsuleEvent, self.events_topic, self._on_event,
-                QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE),
-                event_callbacks=SubscriptionEventCallbacks(use_default_callbacks=False))
+            self.events_sub = subscribe_without_event_handlers(
+                node, CapsuleEvent, self.events_topic, self._on_event,
+                QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE))
 
     def _on_event(self, msg):                 # executor thread
         self._received += 1

@@ -21,6 +21,7 @@ import threading
 import time
 
 from rclpy import executors as _rclpy_executors
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import InvalidHandle
 from rclpy.executors import (ConditionReachedException, ExternalShutdownException,
                              ShutdownException, TimeoutException)
@@ -118,3 +119,13 @@ class SpinThread(threading.Thread):
         if self.error is not None:
             raise RuntimeError(f"the executor's spin thread died: {self.error!r}; nothing it "
                                f"served is spun any more") from self.error
+
+
+def subscribe_without_event_handlers(node, msg_type, topic: str, callback, qos):
+    """A subscription without QoS event handlers, so that destroying it while another thread spins
+    the node is safe under any executor: with rclpy 9.1.2 an event handler destroyed then can kill
+    that executor's spin thread (ros2/rclpy#1284, above). The handlers only log incompatible-QoS
+    warnings; the behaviours and CapsuleClient subscribe to topics whose QoS the node sets."""
+    return node.create_subscription(msg_type, topic, callback, qos,
+                                    event_callbacks=SubscriptionEventCallbacks(
+                                        use_default_callbacks=False))
