@@ -523,7 +523,7 @@ class BagPlayer:
                 hint = " (start the node with joint_names:=[...])" if kind == "joint_states" else ""
                 self._spin_until(lambda: pub.get_subscription_count() > 0, timeout,
                                  f"a subscriber of {pub.topic_name}{hint}")
-            ops = {capsule_request(it.msg)[0] for it in episode.capsule_ops}
+            ops = {operation(it.msg.operation) for it in episode.capsule_ops}
             if ops:
                 self._spin_until(self.capsules.events_heard, timeout,
                                  f"the capsule event publisher of {self.target}")

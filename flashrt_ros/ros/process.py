@@ -30,7 +30,7 @@ import time
 import uuid
 
 from flashrt_ros.ros.discovery import loopback_by_default
-from flashrt_ros.ros.waiting import wait_for
+from flashrt_ros.ros.waiting import spin_until, wait_for
 
 NODE_NAME = "flashrt_policy"                  # the node's default name (ros/node.py)
 ACTIVE_LOG_LINE = "active: stepping the policy"
@@ -195,8 +195,7 @@ class NodeProcess:
                 self.check_alive()
                 return seen and seen[-1].lifecycle_state == "active"
             try:
-                wait_for(active, timeout, f"{self.node} to be active", interval=0.05,
-                         idle=lambda t: executor.spin_once(timeout_sec=t))
+                spin_until(executor, active, timeout, f"{self.node} to be active", interval=0.05)
             except TimeoutError as e:
                 state = seen[-1].lifecycle_state if seen else "no status message"
                 raise TimeoutError(f"{e} (found: {state}); its last output:\n{self.log(40)}") \
