@@ -9,6 +9,7 @@ has a deadline (flashrt_ros.ros.waiting.wait_for); nothing sleeps a fixed time.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -201,3 +202,34 @@ class PolicyClient:
             v = parameter_value_to_python(v)
             out[n] = v.tolist() if hasattr(v, "tolist") else v
         return out
+
+
+@contextlib.contextmanager
+def configured_node(namespace: str, capsule_dir: str, **params):
+    """A configured PolicyNode (tiny, CPU, observation mode) in an rclpy context of its own, not
+    spun, after three control steps: the tests call its service callbacks directly."""
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from flashrt_ros.ros.node import PolicyNode
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    params = {"managed": True, "runtime.device": "cpu", "control_mode": "observation",
+              "store.capsule_dir": str(capsule_dir), **params}
+    n = PolicyNode(context=context, namespace=namespace,
+                   parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    try:
+        n.trigger_configure()
+        assert n.runtime is not None
+        for i in range(3):
+            n.runtime.step([0.1 * i] * 14)
+        yield n
+    finally:
+        n.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def service_callbacks(node) -> dict:
+    """{service basename: (srv type, the callback the node registered)} of a node's capsule
+    services."""
+    return {s.srv_name.rsplit("/", 1)[-1]: (s.srv_type, s.callback) for s in node.capsule_services}

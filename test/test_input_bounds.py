@@ -17,6 +17,7 @@ from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
 from flashrt_ros.core.exceptions import CapsuleCorrupt, FlashRTError
 from flashrt_ros.core.runtime import PolicyRuntime
 from flashrt_ros.capsules.store import CapsuleStore
+from node_client import configured_node, service_callbacks
 
 # (header field, bad value): negative, past uint64/int64, not a number, not finite, past int32 sec
 BAD_HEADERS = [
@@ -80,33 +81,18 @@ def test_capsule_header_fields_are_typed_and_range_checked(tmp_path, key, value)
 # -- the node: the same files, served -------------------------------------------------------
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    rclpy = pytest.importorskip("rclpy")
-    from rclpy.parameter import Parameter
-
-    from flashrt_ros.ros.node import PolicyNode
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    capsule_dir = tmp_path_factory.mktemp("boundcaps")
-    params = {"managed": True, "runtime.device": "cpu", "instruction": "bounded inputs",
-              "control_mode": "observation", "store.capsule_dir": str(capsule_dir)}
-    n = PolicyNode(context=context, namespace="/bounds",
-                   parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-    n.trigger_configure()
-    assert n.runtime is not None
-    for i in range(3):
-        n.runtime.step([0.1 * i] * 14)
-    n.store.snapshot("home", tier="disk")
-    n.runtime.step([0.5] * 14)
-    yield n
-    n.destroy_node()
-    rclpy.try_shutdown(context=context)
+    pytest.importorskip("rclpy")
+    with configured_node("/bounds", tmp_path_factory.mktemp("boundcaps"),
+                         instruction="bounded inputs") as n:
+        n.store.snapshot("home", tier="disk")
+        n.runtime.step([0.5] * 14)
+        yield n
 
 
 def call(node, service, **fields):
     """Call a capsule service's registered callback; serialise the answer as rclpy sends it."""
     from rclpy.serialization import serialize_message
-    srv_type, cb = {s.srv_name.rsplit("/", 1)[-1]: (s.srv_type, s.callback)
-                    for s in node.capsule_services}[service]
+    srv_type, cb = service_callbacks(node)[service]
     res = cb(srv_type.Request(**fields), srv_type.Response())
     serialize_message(res)            # raises where the node would die sending it
     return res

@@ -9,6 +9,7 @@ message classes, so field types are those a real client can send.
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from node_client import configured_node, service_callbacks
 
 pytestmark = pytest.mark.ros
 
@@ -20,30 +21,11 @@ TIERS = st.one_of(st.sampled_from(["", "gpu", "host", "disk", "GPU", "tape", "..
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    import rclpy
-    from rclpy.parameter import Parameter
-
-    from flashrt_ros.ros.node import PolicyNode
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    params = {"managed": True, "runtime.device": "cpu", "instruction": "fuzz the services",
-              "control_mode": "observation", "store.host_budget_mb": 0.25,
-              "store.capsule_dir": str(tmp_path_factory.mktemp("fuzzcaps"))}
-    n = PolicyNode(context=context, namespace="/fuzz",
-                   parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-    n.trigger_configure()
-    assert n.runtime is not None
-    for i in range(3):
-        n.runtime.step([0.1 * i] * 14)
-    n.store.snapshot("home")
-    n.store.fork("home", "b1")
-    yield n
-    n.destroy_node()
-    rclpy.try_shutdown(context=context)
-
-
-def _callbacks(node):
-    return {s.srv_name.rsplit("/", 1)[-1]: (s.srv_type, s.callback) for s in node.capsule_services}
+    with configured_node("/fuzz", tmp_path_factory.mktemp("fuzzcaps"),
+                         instruction="fuzz the services", **{"store.host_budget_mb": 0.25}) as n:
+        n.store.snapshot("home")
+        n.store.fork("home", "b1")
+        yield n
 
 
 def _state(node):
@@ -68,7 +50,7 @@ REQUESTS = {
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_requests_never_raise_and_refusals_change_nothing(node, data):
-    callbacks = _callbacks(node)
+    callbacks = service_callbacks(node)
     assert set(callbacks) == set(REQUESTS)
     op = data.draw(st.sampled_from(sorted(REQUESTS)))
     srv_type, callback = callbacks[op]
