@@ -7,6 +7,7 @@ Layers:
     executor) whose answers the test controls - success=false on demand, or held until released;
   * unreachable: a service name nobody serves;
   * status conditions against the live node and against a scripted status publisher;
+  * the sim world paused and run from the tick thread while an executor spins the robot;
   * both example trees against the node process, with the simulated robot in this process;
   * `flashrt-ros bt-demo` in a subprocess (its policy node in-process there) writes its plot;
   * docs/bt/flashrt_capsules.xml declares the same request fields as the srv types.
@@ -308,11 +309,12 @@ def test_each_behaviour_succeeds_against_the_node(ros, policy_node, world):
     assert run(b.Fork(source="ok-a", name="ok-b", **p), node) == Status.SUCCESS
     assert run(b.Restore(name="ok-b", response_key="/t/restore", **p), node) == Status.SUCCESS
     assert bb("/t/restore").capsule.step == bb("/t/rollback").step
-    assert run(b.SaveCapsule(name="ok-b", keep_in_memory=False, **p), node) == Status.SUCCESS
+    assert run(b.SaveCapsule(name="ok-b", evict_from_memory=True, **p), node) == Status.SUCCESS
     assert run(b.LoadCapsule(name="ok-b", **p), node) == Status.SUCCESS
     for name in ("ok-a", "ok-b"):
-        assert run(b.DeleteCapsule(name=name, **p), node) == Status.SUCCESS
-    assert run(b.CapsulePresent("ok-a", **p), node) == Status.FAILURE
+        assert run(b.DeleteCapsule(name=name, delete_file=True, **p), node) == Status.SUCCESS
+    for name in ("ok-a", "ok-b"):
+        assert run(b.CapsulePresent(name, **p), node) == Status.FAILURE
     assert not bb_has(b.ERROR_KEY)           # an absent capsule is an answer, not an error
     done = calls()
     assert [c.outcome for c in done] == ["ok"] * len(done)
@@ -543,6 +545,73 @@ def test_conditions_without_status_fail_after_their_timeout(ros):
     cond = b.StepReached(1, policy="/nobody_publishes_%d" % os.getpid(), status_timeout_s=SHORT_S)
     assert run(cond, ros.node) == Status.FAILURE
     assert "no status: no message on /nobody_publishes_" in bb(b.ERROR_KEY)
+
+
+# -- the sim world under a spinning executor ----------------------------------------------
+PAUSE_CYCLES = 2000
+SWITCH_INTERVAL_S = 1e-6
+
+
+def test_pausing_the_world_from_the_tick_thread_never_cancels_the_robot_timer(ros):
+    """The tick thread pauses and runs the world while an executor spins the robot. A timer that
+    another thread cancels while the executor holds it ready raises out of rclpy 7.1.6's executor
+    (`RCLError: timer is canceled`) and kills its spin thread; rclpy 9.1 skips it silently. The
+    executor here counts every timer it is handed cancelled, so the race shows on either. A 1 kHz
+    timer, pauses timed to when it is due and a tiny GIL switch interval (as in test_executors.py)
+    widen the window; with pause() cancelling the timer this failed 3 runs of 3."""
+    from flashrt_ros.msg import ActionChunk
+    from flashrt_ros.bt.trees import SimWorld
+    from flashrt_ros.ros.executors import SingleThreadedExecutor, SpinThread
+    from flashrt_ros.sim.robot import SimRobotNode
+
+    class CountsCancelledTimers(SingleThreadedExecutor):
+        cancelled = 0
+
+        def _take_timer(self, tmr):         # rclpy: the executor calls the ready timer
+            if tmr.is_canceled():
+                type(self).cancelled += 1
+            return super()._take_timer(tmr)
+
+    assert hasattr(SingleThreadedExecutor, "_take_timer"), "rclpy renamed the executor's timer call"
+    policy = "/bt_pause_%d" % os.getpid()          # nobody serves it: only the robot's timer runs
+    robot = SimRobotNode(policy, 4, 2, 1000.0, lockstep=True)
+    world = SimWorld(robot)
+    executor = CountsCancelledTimers()
+    executor.add_node(robot)
+    spin = SpinThread(executor)
+    spin.start()
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        try:
+            for _ in range(PAUSE_CYCLES):
+                world.run(2)
+                wait_for(lambda: robot.timer.time_until_next_call() <= 0, 5, "the timer to be due",
+                         interval=0)
+                world.pause()
+                if spin.error is not None:
+                    break
+        finally:
+            sys.setswitchinterval(before)
+        assert spin.error is None, "the robot's spin thread died: %r" % spin.error
+        assert CountsCancelledTimers.cancelled == 0, (
+            "the executor was handed a timer cancelled by another thread %d time(s)"
+            % CountsCancelledTimers.cancelled)
+        assert not robot.timer.is_canceled()
+        # still served: an action for the one observation sent lets the robot send the next
+        sent = robot.sent
+        world.run(2)
+        pub = ros.node.create_publisher(ActionChunk, policy + "/action", 10)
+        try:
+            wait_for(lambda: pub.get_subscription_count() > 0, DISCOVERY_S, "the robot's action topic")
+            pub.publish(ActionChunk(horizon=1, action_dim=2, data=[0.0, 0.0]))     # reliable
+            wait_for(lambda: robot.sent > sent, DISCOVERY_S, "the robot's next observation")
+        finally:
+            ros.node.destroy_publisher(pub)
+    finally:
+        world.pause()
+        executor.shutdown(timeout_sec=5)
+        robot.destroy_node()
 
 
 # -- the example trees against the node process -------------------------------------------

@@ -14,7 +14,8 @@ run several futures from one decision point the tree must restore the world too,
 keeps copies of the SimArm on the tree side (`save`/`restore`, and `rewind(k)` from a history of
 the last steps, mirroring the node's rollback ring). SimWorld stands in for the robot node's arm
 (`robot.arm = world`): the SimRobotNode keeps the transport (observation out, action in,
-lockstep), the world keeps the state and is paused between runs (its timer cancelled), so the
+lockstep), the world keeps the state and is paused between runs (`SimRobotNode.pause`: a flag its
+timer reads; the timer is never cancelled from the tick thread, see sim/robot.py), so the
 policy node - stepping once per observation - and the world advance together, step for step. Run
 that node with `control_mode: observation`, reliable observations and `stale_observation_s: 0` (in
 lockstep a late observation is still the next one; dropping it would stall the robot).
@@ -72,7 +73,7 @@ class SimWorld:
         self.robot = robot
         self.state: SimArm = robot.arm
         robot.arm = self
-        robot.timer.cancel()                      # paused until run()
+        robot.pause()                             # until run()
         self.lock = threading.Lock()
         self.saved: dict[str, SimArm] = {}
         self.history: collections.deque[SimArm] = collections.deque(maxlen=history)
@@ -119,11 +120,11 @@ class SimWorld:
         """Let the robot take `steps` more lockstep steps; returns the action count that ends it."""
         target = self.robot.actions + steps
         self.robot.max_steps = target             # the robot stops itself there (SimRobotNode.done)
-        self.robot.timer.reset()
+        self.robot.resume()
         return target
 
     def pause(self) -> None:
-        self.robot.timer.cancel()
+        self.robot.pause()
 
     def explore(self, sigma: float, seed: int | None = None) -> None:
         """Add N(0, sigma) to each executed command from now on (seed None: the next of the world's)."""

@@ -5,10 +5,18 @@ joint velocity command.
 
 Modes: `rate` publishes at a fixed rate (the policy node steps on its own timer); `lockstep`
 publishes the next observation only after the action for the previous one arrived.
+
+Pausing. `pause()` and `resume()` may be called from any thread while an executor spins the node:
+they set a flag that the timer callback reads, under a lock the callback holds while it publishes,
+so once `pause()` returns no further observation goes out. The timer itself keeps running: a timer
+cancelled by another thread while the executor holds it ready raises out of rclpy 7.1.6's (Jazzy's)
+executor (`RCLError: timer is canceled`; later rclpy skips it as TimerCancelledError), which kills
+the spin thread.
 """
 from __future__ import annotations
 
 import argparse
+import threading
 
 import numpy as np
 import rclpy
@@ -32,6 +40,8 @@ class SimRobotNode(Node):
         self.sent = 0
         self.actions = 0
         self.last_action = None
+        self.paused = False
+        self._publishing = threading.Lock()      # held by _tick while it decides and publishes
         self.timer = self.create_timer(1.0 / rate_hz, self._tick)
         self._waiting = False
 
@@ -39,16 +49,26 @@ class SimRobotNode(Node):
     def done(self) -> bool:
         return self.max_steps > 0 and self.actions >= self.max_steps
 
+    def pause(self):
+        """Send no more observations (any thread); an observation already sent still gets its action."""
+        with self._publishing:
+            self.paused = True
+
+    def resume(self):
+        with self._publishing:
+            self.paused = False
+
     def _tick(self):
-        if self.done or (self.lockstep and self._waiting and self.sent > 0):
-            return
-        msg = Observation()
-        msg.header.stamp = self.get_clock().now().to_msg()
-        msg.header.frame_id = "sim_arm"
-        msg.state = self.arm.observe().tolist()
-        self.pub.publish(msg)
-        self.sent += 1
-        self._waiting = True
+        with self._publishing:
+            if self.paused or self.done or (self.lockstep and self._waiting and self.sent > 0):
+                return
+            msg = Observation()
+            msg.header.stamp = self.get_clock().now().to_msg()
+            msg.header.frame_id = "sim_arm"
+            msg.state = self.arm.observe().tolist()
+            self.pub.publish(msg)
+            self.sent += 1
+            self._waiting = True
 
     def _on_action(self, msg: ActionChunk):
         chunk = np.asarray(msg.data, dtype=np.float32).reshape(msg.horizon, msg.action_dim)
