@@ -125,11 +125,14 @@ class PolicyClient:
     def run(self, states) -> list:
         return [self.step(s) for s in states]
 
-    def publisher(self, msg_type, topic, depth=10):
+    def publisher(self, msg_type, topic, depth=10, qos=None):
+        """A reliable publisher (or one with `qos`, e.g. ros/publishing.LATCHED for
+        ~/instruction, which the node subscribes latched)."""
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
         if topic not in self._pubs:
             self._pubs[topic] = self.node.create_publisher(
-                msg_type, topic, QoSProfile(depth=depth, reliability=QoSReliabilityPolicy.RELIABLE))
+                msg_type, topic,
+                qos or QoSProfile(depth=depth, reliability=QoSReliabilityPolicy.RELIABLE))
         return self._pubs[topic]
 
     def collect(self, msg_type, topic) -> list:
@@ -202,6 +205,77 @@ class PolicyClient:
             v = parameter_value_to_python(v)
             out[n] = v.tolist() if hasattr(v, "tolist") else v
         return out
+
+
+class InProcessNode:
+    """A PolicyNode in `context`, spun by its real executor (PolicyExecutor) in a thread, and a
+    PolicyClient for it."""
+
+    def __init__(self, context, namespace, **params):
+        from rclpy.parameter import Parameter
+
+        from flashrt_ros.ros.executors import PolicyExecutor
+        from flashrt_ros.ros.node import PolicyNode
+        overrides = [Parameter(k, value=v) for k, v in params.items()]
+        self.node = PolicyNode(context=context, namespace=namespace, parameter_overrides=overrides)
+        self.executor = PolicyExecutor(num_threads=4, context=context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.client = PolicyClient(f"{namespace}/flashrt_policy", name="inprocess_client")
+
+    def close(self):
+        self.client.close()
+        self.executor.shutdown(timeout_sec=5)
+        self.thread.join(timeout=5)
+        self.node.destroy_node()
+
+
+# -- the real `ros2` tools ----------------------------------------------------------------------
+ROS2_TIMEOUT_S = 90          # one `ros2` command: starts Python, discovers the node, calls
+
+
+def ros2_env(env: dict | None = None) -> dict:
+    """`env` (default: this process's) for a `ros2` command: the ament index of a colcon
+    workspace that was sourced, else this venv's prefix (where the bootstrap installs the package
+    and the tools); this venv's executables first on PATH."""
+    import sys
+    env = dict(os.environ if env is None else env)
+    env.setdefault("AMENT_PREFIX_PATH", sys.prefix)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def ros2_problem() -> str | None:
+    """Why the real `ros2` tools cannot run here, or None."""
+    import shutil
+    exe = executable("ros2")
+    if not (os.path.exists(exe) or shutil.which(exe)):
+        return ("needs the ros2 command-line tools (ros2cli, ros2param, ros2service, ros2topic, "
+                "ros2lifecycle): `bash tools/bootstrap.sh` installs them from ../shared/ros2-tools, "
+                "a sourced ROS 2 install has them")
+    return None
+
+
+def require_ros2():
+    """Skip the calling test, with the reason, where the `ros2` tools are absent."""
+    import pytest
+    problem = ros2_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+def ros2(*args, env: dict | None = None, timeout: float = ROS2_TIMEOUT_S, check: bool = False):
+    """Run `ros2 <args>` (a subprocess); returns the CompletedProcess (stdout and stderr as text).
+    With `check`, a non-zero exit status fails with the command's output."""
+    import subprocess
+    r = subprocess.run([executable("ros2"), *map(str, args)], env=ros2_env(env),
+                       capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check:
+        assert r.returncode == 0, f"ros2 {' '.join(map(str, args))}: exit {r.returncode}\n" \
+                                  f"{r.stdout}\n{r.stderr}"
+    return r
 
 
 @contextlib.contextmanager

@@ -135,28 +135,36 @@ def _bad_bag(kind: str, tmp: Path) -> Path:
         meta = bag / "metadata.yaml"
         meta.write_text(meta.read_text().replace("storage_identifier: mcap",
                                                  "storage_identifier: cassette"))
-    elif kind == "no_metadata":
+    elif kind == "db3_without_metadata":
         (bag / "metadata.yaml").unlink()
+        mcap.rename(mcap.with_suffix(".db3"))
     elif kind == "missing_file":
         mcap.unlink()
     elif kind == "not_a_bag":
-        bag = mcap
+        bag = tmp / "notes.txt"
+        bag.write_text("not a bag")
+    elif kind == "empty_dir":
+        (bag / "metadata.yaml").unlink()
+        mcap.unlink()
     return bag
 
 
 BAD_BAGS = {  # kind -> phrases the error must contain (what was expected / found / what to do)
-    "missing_topics": ["expected an observation topic", "/chatter [std_msgs/msg/String]",
+    "missing_topics": ["expected an observation topic", "/chatter [std_msgs/msg/String] x1",
                        "flashrt-ros record"],
     "wrong_type": ["/flashrt_policy/observation has type std_msgs/msg/String",
                    "expected flashrt_ros/msg/Observation"],
-    "truncated": ["cannot read", "truncated or corrupt", "Re-record"],
-    "truncated_tail": ["cannot read", "truncated or corrupt"],
+    "truncated": ["without the MCAP footer", "holds 0 complete message(s): no topics",
+                  "flashrt-ros bag recover"],
+    "truncated_tail": ["without the MCAP footer", "holds 21 complete message(s)",
+                       "/joint_states [sensor_msgs/msg/JointState] x20", "flashrt-ros bag recover"],
     "truncated_sqlite3": ["cannot read", "truncated or corrupt"],
     "unknown_storage": ["storage 'cassette' is not supported", "expected one of ['mcap', 'sqlite3']",
                         "ros2 bag convert"],
-    "no_metadata": ["expected metadata.yaml", "_0.mcap", "ros2 bag reindex"],
+    "db3_without_metadata": ["no metadata.yaml and no .mcap", "_0.db3", "ros2 bag reindex"],
+    "empty_dir": ["no metadata.yaml and no .mcap", "found no metadata.yaml"],
     "missing_file": ["lists", "not in the directory"],
-    "not_a_bag": ["found a file", "metadata.yaml"],
+    "not_a_bag": ["found a .txt file", "metadata.yaml"],
 }
 
 
@@ -316,6 +324,7 @@ class EpisodeDriver:
 
     def __init__(self, target):
         import rclpy
+        from flashrt_ros.ros.publishing import LATCHED
         from flashrt_ros.ros.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
         from std_msgs.msg import String
@@ -330,7 +339,7 @@ class EpisodeDriver:
         qos = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE)
         self.Observation = Observation
         self.obs_pub = self.node.create_publisher(Observation, f"{target}/observation", qos)
-        self.instr_pub = self.node.create_publisher(String, f"{target}/instruction", qos)
+        self.instr_pub = self.node.create_publisher(String, f"{target}/instruction", LATCHED)
         self.actions_by_stamp = {}
         self.status = None
         self.action_sub = self.node.create_subscription(
@@ -466,10 +475,13 @@ def recorded(tmp_path_factory, ros_env):
 def test_recorded_bag_holds_the_episode(recorded, storage):
     import yaml
     from flashrt_ros.bags.play import RecordedEpisode
+    from flashrt_ros.bags.types import ros_distro
     bag = recorded[storage]
     meta = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
     assert meta["version"] == 9 and meta["storage_identifier"] == storage
-    assert meta["relative_file_paths"] == [f"{bag.name}{'.mcap' if storage == 'mcap' else '.db3'}"]
+    assert meta["relative_file_paths"] == [f"{bag.name}_0.mcap" if storage == "mcap"
+                                           else f"{bag.name}.db3"]
+    assert meta["ros_distro"] == ros_distro()
     ep = RecordedEpisode.open(bag)
     print(f"\n{ep.summary()}; recording timings {recorded['timings']}")
     assert ep.node == recorded["node"]
@@ -596,6 +608,7 @@ def test_recorder_stamps_messages_when_they_arrive_not_when_it_takes_them(tmp_pa
     from flashrt_ros.bags.record import BagRecorder
     from flashrt_ros.bags.play import RecordedEpisode
     from flashrt_ros.msg import Observation
+    from flashrt_ros.ros.publishing import LATCHED
     target = f"/stamp_policy_{os.getpid()}"
     contexts = [rclpy.Context(), rclpy.Context()]
     for c in contexts:
@@ -604,7 +617,7 @@ def test_recorder_stamps_messages_when_they_arrive_not_when_it_takes_them(tmp_pa
         driver = rclpy.create_node(f"stamp_driver_{os.getpid()}", context=contexts[0])
         qos = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
         obs_pub = driver.create_publisher(Observation, f"{target}/observation", qos)
-        instr_pub = driver.create_publisher(String, f"{target}/instruction", qos)
+        instr_pub = driver.create_publisher(String, f"{target}/instruction", LATCHED)
         lines = []
         rec = BagRecorder(target, str(tmp_path / "bag"), "mcap", context=contexts[1],
                           log=lines.append)

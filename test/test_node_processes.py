@@ -70,7 +70,7 @@ def ok(res):
 
 def digest_of(client, name):
     """Digest of a capsule's bytes: save it (the store hashes what it writes)."""
-    return ok(client.capsule("save_capsule", name=name, keep_in_memory=True)).capsule.digest
+    return ok(client.capsule("save_capsule", name=name)).capsule.digest
 
 
 def test_parameters_come_from_the_file_and_the_overrides(client):
@@ -95,6 +95,8 @@ def reference_actions(states) -> list:
 
 def test_actions_equal_a_fresh_runtime_and_reset_returns_to_the_instruction(client):
     from std_msgs.msg import String
+
+    from flashrt_ros.ros.publishing import LATCHED
     expected = reference_actions(OBS[:6])
     if not client.actions:       # the node's very first steps: from the state warm-up put back
         first, steps = run_bytes(client, OBS[:6])
@@ -103,7 +105,7 @@ def test_actions_equal_a_fresh_runtime_and_reset_returns_to_the_instruction(clie
         assert client.actions[0].latency_ms < 250, client.actions[0].latency_ms
     # a new instruction starts a fresh context whatever ran before
     episode = client.latest_status().episode_id
-    pub = client.publisher(String, "/flashrt_policy/instruction")
+    pub = client.publisher(String, "/flashrt_policy/instruction", qos=LATCHED)
     wait_for(lambda: pub.get_subscription_count() > 0, 15, "the node's instruction subscription")
     pub.publish(String(data=INSTRUCTION))
     wait_for(lambda: client.latest_status().episode_id == episode + 1, 15, "the instruction")
@@ -158,7 +160,7 @@ def test_save_load_delete_list(client, node):
     _, capsule_dir = node
     ok(client.capsule("snapshot", name="to-disk"))
     expected, _ = run_bytes(client, OBS[30:34])
-    res = ok(client.capsule("save_capsule", name="to-disk", keep_in_memory=False))
+    res = ok(client.capsule("save_capsule", name="to-disk", evict_from_memory=True))
     assert os.path.isfile(res.path) and os.path.dirname(res.path) == str(capsule_dir)
     listed = {c.name: c for c in ok(client.capsule("list_capsules")).capsules}
     assert listed["to-disk"].tier == "disk" and len(listed["to-disk"].digest) == 64
@@ -166,7 +168,7 @@ def test_save_load_delete_list(client, node):
     assert res.capsule.tier == "host"
     got, _ = run_bytes(client, OBS[30:34])
     assert got == expected
-    ok(client.capsule("delete_capsule", name="to-disk"))
+    ok(client.capsule("delete_capsule", name="to-disk", delete_file=True))
     assert "to-disk" not in {c.name for c in ok(client.capsule("list_capsules")).capsules}
 
 
@@ -342,14 +344,16 @@ def test_stale_and_out_of_order_observations_step_nothing(client):
 
 def test_instruction_over_the_context_limit_is_refused_and_changes_nothing(client):
     from std_msgs.msg import String
+
+    from flashrt_ros.ros.publishing import LATCHED
     ok(client.capsule("reset", keep_context=True))
     client.step(OBS[0])
     name_a, name_b = "before-long-instruction", "after-long-instruction"
     for name in (name_a, name_b):
-        client.capsule("delete_capsule", name=name)
+        client.capsule("delete_capsule", name=name, delete_file=True)
     ok(client.capsule("snapshot", name=name_a))
     before = digest_of(client, name_a)
-    pub = client.publisher(String, "/flashrt_policy/instruction")
+    pub = client.publisher(String, "/flashrt_policy/instruction", qos=LATCHED)
     wait_for(lambda: pub.get_subscription_count() > 0, 15, "the instruction subscriber")
     pub.publish(String(data="x" * 5000))           # tiny: 511 usable tokens
     wait_for(lambda: any(kv.key == "last_error" and "instruction refused" in kv.value

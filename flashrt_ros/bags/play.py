@@ -3,24 +3,35 @@
     flashrt-ros play BAG [--node /flashrt_policy] [--mode timing|lockstep] [--rate 1.0]
 
 Two halves:
-  * `RecordedEpisode.open(path)` reads and checks a bag without ROS: it must hold observations
-    (`flashrt_ros/msg/Observation` or `sensor_msgs/msg/JointState`), and every topic it finds under
-    a known name must have the type that name promises. Whatever is wrong - no such path, no
-    metadata.yaml, an unknown storage, a truncated file, a missing topic, a wrong type - ends in
-    one `BagError` that says what was expected, what was found, and what to do.
+  * `RecordedEpisode.open(path)` reads and checks a bag without ROS (any layout
+    flashrt_ros.bags.reader opens): it must hold observations (`flashrt_ros/msg/Observation` or
+    `sensor_msgs/msg/JointState`), and every topic it finds under a known name must have the
+    type that name promises. Whatever is wrong ends in one `BagError` that says what was
+    expected, what was found (topics, types, counts), and what to do.
   * `BagPlayer` publishes the episode into a running node (rclpy), in one of two modes:
       timing    - inputs at their recorded receive times, scaled by 1/rate;
-      lockstep  - the next input only after the action for the previous observation arrived.
-    Recorded capsule operations (from `capsule_events`) are re-issued as service calls at the same
-    place in the input stream: before the observation whose action the node committed after the
-    operation. That place comes from node-side stamps (an event's stamp against the actions'
-    stamps, both the recording node's clock, and each action's `observation_stamp` naming its
-    observation); the recorder's receive times are only a fallback.
+      lockstep  - the next input only after the action for the previous step arrived.
+
+The replay is a sequence of steps, each the observation one recorded step consumed - each
+action names it by `observation_stamp`:
+  * observation mode (the recorded node stepped once per observation): a step per observation;
+  * timer mode (the node stepped the latest observation on each tick, so some observations
+    were stepped twice and some never): a step per recorded action, on the observation it
+    consumed. Into an observation-mode node in lockstep this repeats the recorded steps exactly.
+A fresh node starts at step 1 of its first episode; a bag recorded from the middle of an episode
+replays from its first instruction or reset (the steps before it are not replayed), and one
+without either is refused with what to record instead.
+Recorded capsule operations (from `capsule_events`) are re-issued as service calls before the
+step whose action the node committed after the operation (the event's stamp against the
+actions' stamps, both the recording node's clock); an instruction goes before the first step of
+the episode it started.
 
 Observations are re-stamped with the player's clock when published (the node drops observations
 older than `stale_observation_s`); each action names the stamp of its observation, which pairs it
-with the recorded action for that observation. Actions are compared field by field, the float32
+with the recorded action of that step. Actions are compared field by field, the float32
 payload byte for byte (whole CDR messages are never compared: their padding bytes are undefined).
+The counts are part of the verdict: a step without an action, an action no step explains, or a
+step the bag holds no action for fails the replay (`--tolerate-count-mismatch` reports them).
 
 Threads: one. The player spins its own single-threaded executor while it waits; every wait has
 a timeout and says what it waited for.
@@ -37,17 +48,19 @@ from pathlib import Path
 
 import numpy as np
 
-from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows, store_for,
-                        typestore)
+from flashrt_ros.bags.reader import open_bag
+from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, PACKAGE, ROLES, BagError, knows,
+                                    store_for, type_hash, typestore)
 from flashrt_ros.ros.discovery import loopback_by_default
 from flashrt_ros.ros.operations import BY_SERVICE, OPERATIONS, operation
+from flashrt_ros.ros.publishing import LATCHED, wait_for_subscribers
 from flashrt_ros.ros.stamps import ns_to_stamp, stamp_to_ns
 from flashrt_ros.ros.waiting import spin_until
 
-STORAGES = {"mcap": ".mcap", "sqlite3": ".db3"}
 # capsule operations a client issues and an event reports (evict happens inside the store, list
 # is a query, an instruction comes as a topic)
 CAPSULE_OPS = tuple(op.name for op in OPERATIONS if not op.query)
+SETTLE_S = 0.3     # after the last action: how long a late extra action is still counted
 COMPARED_FIELDS = ("step", "episode_id", "horizon", "action_dim", "capsule_lineage")
 
 
@@ -59,7 +72,9 @@ class Item:
     t_ns: int            # recorder receive time
     raw: bytes           # CDR as recorded
     msg: object          # decoded (rosbags) message
-    index: int = -1      # observations: position among the episode's observations
+    index: int = -1      # observations: position among the episode's observations; the others
+                         # (and an observation's use in the timeline): the step they go before
+    repeat: bool = False  # timeline: this observation was consumed by an earlier step already
 
 
 @dataclass
@@ -72,60 +87,46 @@ class RecordedEpisode:
     instructions: list = field(default_factory=list)
     capsule_ops: list = field(default_factory=list)
     skipped_ops: list = field(default_factory=list)    # (event, why)
-    actions: dict = field(default_factory=dict)        # observation index -> recorded ActionChunk
+    actions: dict = field(default_factory=dict)        # step position -> recorded ActionChunk
+    steps: list = field(default_factory=list)          # step position -> observation index
+    start: int = 0                                      # first step position replayed
+    timer_mode: bool = False                            # steps consumed observations on a timer
     unlinked_actions: int = 0
     topics: dict = field(default_factory=dict)          # topic -> (type, count)
     start_ns: int = 0                                   # first input's receive time
-    recorded_actions: list = field(default_factory=list, repr=False)  # Items, receive order
+    recorded_actions: list = field(default_factory=list, repr=False)  # Items, step order
 
     # -- reading and checking -------------------------------------------------------------
     @classmethod
     def open(cls, path) -> "RecordedEpisode":
-        path = Path(path)
-        storage = _check_layout(path)
-        from rosbags.rosbag2 import Reader
-        try:
-            reader = Reader(path)
-            reader.open()
-        except BagError:
-            raise
-        except Exception as e:  # noqa: BLE001 - rosbags raises several types for one cause
-            raise _unreadable(path, storage, e) from None
-        try:
-            ep = cls(path, storage, "", None)
-            custom = reader.storage.metadata.custom or {}
-            ep.node = custom.get(META_NODE, "")
-            if custom.get(META_PARAMETERS):
-                ep.parameters = json.loads(custom[META_PARAMETERS])
-            conns = _select_connections(path, reader)
-            ep.topics = {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
-            ep._read(reader, conns)
-        except BagError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a truncated file fails while messages are read
-            raise _unreadable(path, storage, e) from None
-        finally:
-            reader.close()
+        bag = open_bag(path)
+        ep = cls(bag.path, bag.storage, bag.custom.get(META_NODE, ""), None)
+        if bag.custom.get(META_PARAMETERS):
+            try:
+                ep.parameters = json.loads(bag.custom[META_PARAMETERS])
+            except ValueError:
+                ep.parameters = None
+        ep.topics = {t.name: (t.type, t.count) for t in bag.summary().topics}
+        conns = _select_connections(bag)
+        ep._read(bag, conns)
         ep._link()
         return ep
 
-    def _read(self, reader, conns):
-        store = store_for([c for cs in conns.values() for c in cs])
-        by_role = {}
-        for role, cs in conns.items():
-            for c in cs:
-                by_role[c.id] = role
+    def _read(self, bag, conns):
+        chosen = [c for cs in conns.values() for c in cs]
+        store = store_for(chosen)
+        by_role = {c.id: role for role, cs in conns.items() for c in cs}
         actions = []
-        for conn, t_ns, raw in reader.messages(connections=[c for cs in conns.values() for c in cs]):
-            role = by_role[conn.id]
+        for m in bag.messages(chosen):
+            role = by_role[m.topic.id]
             try:
-                msg = store.deserialize_cdr(raw, conn.msgtype)
+                msg = store.deserialize_cdr(m.data, m.topic.msgtype)
             except Exception as e:  # noqa: BLE001
-                raise BagError(f"bag {self.path}: a message on {conn.topic} does not decode as "
-                               f"{conn.msgtype} ({type(e).__name__}: {e}); expected messages of "
+                raise BagError(f"bag {self.path}: a message on {m.topic.topic} does not decode as "
+                               f"{m.topic.msgtype} ({type(e).__name__}: {e}); expected messages of "
                                f"that type - the bag was written with another definition of it, "
                                f"or is corrupt") from None
-            item = Item(role, conn.topic, t_ns, bytes(raw), msg)
+            item = Item(role, m.topic.topic, m.log_time, m.data, msg)
             if role in ("observation", "joint_states"):
                 self.observations.append(item)
             elif role == "instruction":
@@ -138,31 +139,57 @@ class RecordedEpisode:
             getattr(self, key).sort(key=lambda it: it.t_ns)
         for i, it in enumerate(self.observations):
             it.index = i
-        self.recorded_actions = sorted(actions, key=lambda it: it.t_ns)
+        # step order: the node's own commit stamps (a step's action is stamped when it committed)
+        self.recorded_actions = sorted(actions, key=lambda it: (stamp_to_ns(it.msg.header.stamp),
+                                                                it.t_ns))
         self.start_ns = min((it.t_ns for it in self.observations + self.instructions
                              + self.capsule_ops), default=0)
         if not self.observations:
-            raise BagError(f"bag {self.path}: expected observation messages, found none (topics: "
-                           f"{_topic_list(self.topics)}); record while observations are published")
+            raise BagError(f"bag {self.path}: expected observation messages on "
+                           f"{', '.join(c.topic for k in ('observation', 'joint_states') for c in conns.get(k, []))}"
+                           f", found none (the bag holds {bag.found()}); record while "
+                           f"observations are published")
 
     def _link(self):
-        """Pair recorded actions with their observations; place each capsule operation."""
-        stamp_index = {}
+        """The steps to replay: which observation each recorded step consumed, where the capsule
+        operations and instructions go among them, and the first step a fresh node can repeat."""
+        stamp_index, shared = {}, set()
         for it in self.observations:
             s = stamp_to_ns(it.msg.header.stamp)
-            if s:
-                stamp_index.setdefault(s, it.index)
-        action_at = []                                # (node stamp of the action, obs index)
+            if s in stamp_index:
+                shared.add(s)
+            stamp_index.setdefault(s, it.index)
+        stamp_index.pop(0, None)
+        consumed = []                                 # (action Item, observation index or None)
         for n, it in enumerate(self.recorded_actions):
-            obs = stamp_index.get(stamp_to_ns(it.msg.observation_stamp))
+            s = stamp_to_ns(it.msg.observation_stamp)
+            obs = stamp_index.get(s)
             if obs is None and not stamp_index and n < len(self.observations):
                 obs = n                               # unstamped inputs: one action per observation
-            if obs is None:
-                self.unlinked_actions += 1
-                continue
-            self.actions[obs] = it.msg
-            action_at.append((stamp_to_ns(it.msg.header.stamp), obs))
-        action_at.sort()
+            if s in shared:
+                raise BagError(
+                    f"bag {self.path}: the action of step {it.msg.step} names observation stamp "
+                    f"{s}, which {sum(1 for o in self.observations if stamp_to_ns(o.msg.header.stamp) == s)}"
+                    f" observations share; expected distinct observation stamps, which pair each "
+                    f"step with the observation it consumed. Stamp every observation (header.stamp) "
+                    f"when it is published, and record again")
+            consumed.append((it, obs))
+        uses = [o for _, o in consumed if o is not None]
+        declared = (self.parameters or {}).get("control_mode")
+        self.timer_mode = declared == "timer" or (declared is None and len(uses) != len(set(uses)))
+        if self.timer_mode:
+            # a step per recorded action, each on the observation it consumed (the latest one
+            # at its tick: some twice, some never)
+            self.steps = [o for _, o in consumed]
+            recorded = {p: it for p, (it, _) in enumerate(consumed)}
+        else:
+            # a step per observation; its action, if the recorder has it
+            self.steps = [it.index for it in self.observations]
+            recorded = {o: it for it, o in consumed if o is not None}
+        self.unlinked_actions = sum(1 for _, o in consumed if o is None) if not self.timer_mode \
+            else 0
+        self.actions = {p: it.msg for p, it in recorded.items()}
+        action_at = sorted((stamp_to_ns(it.msg.header.stamp), p) for p, it in recorded.items())
         ops = []
         for it in self.capsule_ops:
             ev = it.msg
@@ -175,22 +202,94 @@ class RecordedEpisode:
                 self.skipped_ops.append((ev, f"it failed when recorded: {ev.message}"))
                 continue
             ev_stamp = stamp_to_ns(ev.header.stamp)
-            before = [obs for t, obs in action_at if t <= ev_stamp]
+            before = [p for t, p in action_at if t <= ev_stamp]
             if action_at and ev_stamp:
-                it.index = (max(before) + 1) if before else 0   # goes before observation `index`
+                it.index = (max(before) + 1) if before else 0   # goes before step `index`
             else:
-                it.index = sum(1 for o in self.observations if o.t_ns <= it.t_ns)
+                it.index = self._position_after(it.t_ns)
             ops.append(it)
         self.capsule_ops = ops
         for it in self.instructions:
-            it.index = sum(1 for o in self.observations if o.t_ns <= it.t_ns)
+            it.index = self._instruction_position(it.t_ns, recorded)
+        self._find_start(recorded)
+
+    def _position_after(self, t_ns: int) -> int:
+        """The first step whose observation the recorder received after `t_ns`."""
+        return next((p for p, o in enumerate(self.steps)
+                     if o is not None and self.observations[o].t_ns > t_ns), len(self.steps))
+
+    def _instruction_position(self, t_ns: int, recorded: dict) -> int:
+        """The step an instruction received at `t_ns` goes before: the first step after it that
+        starts a new episode (the node prefills, then steps in the new episode), else the first
+        step after it."""
+        p = (next((p for p in sorted(recorded) if recorded[p].t_ns > t_ns), len(self.steps))
+             if recorded else self._position_after(t_ns))
+        first = p
+        while p in recorded and p - 1 in recorded and \
+                recorded[p].msg.episode_id == recorded[p - 1].msg.episode_id:
+            p += 1
+        return p if p in recorded else first
+
+    def _find_start(self, recorded: dict):
+        """A fresh node is at step 0 of its first episode (configure prefilled the instruction).
+        A bag that does not start there replays from its first instruction or reset, which puts
+        the node into a state the replay knows; steps before it are not replayed."""
+        first = recorded[min(recorded)].msg if recorded else None
+        if first is None or (int(first.step), int(first.episode_id)) == (1, 1):
+            self.start = 0
+        else:
+            known = [it.index for it in self.instructions] + [
+                it.index for it in self.capsule_ops if it.msg.operation == "reset"]
+            if not known:
+                raise BagError(
+                    f"bag {self.path}: the recording starts at step {first.step} of episode "
+                    f"{first.episode_id}, in the middle of an episode, and holds no instruction "
+                    f"or reset after which a fresh node's state is known: it cannot replay "
+                    f"faithfully. Record from the node's start (start the recorder before the "
+                    f"node is activated), or run `flashrt-ros reset` (or `flashrt-ros instruct "
+                    f"...`) once the recorder is ready: the steps after it replay")
+            self.start = min(known)
+        for it in [o for o in self.capsule_ops if o.index < self.start]:
+            self.skipped_ops.append((it.msg, f"it came before step {self.start}, where the "
+                                             f"replay starts"))
+        self.capsule_ops = [it for it in self.capsule_ops if it.index >= self.start]
+        self.instructions = [it for it in self.instructions if it.index >= self.start]
+        missing = [p for p in range(self.start, len(self.steps)) if self.steps[p] is None]
+        if missing:
+            a = self.actions[missing[0]]
+            raise BagError(
+                f"bag {self.path}: the action of step {a.step} (episode {a.episode_id}) consumed "
+                f"the observation stamped {stamp_to_ns(a.observation_stamp)}, which the bag does "
+                f"not hold ({len(missing)} such step(s)): the recorder missed it. Expected every "
+                f"consumed observation in the bag; start the recorder before the episode and "
+                f"record observations with reliable QoS")
 
     def timeline(self) -> list:
-        """Everything to replay, in order: capsule operations and instructions before the
-        observation they preceded (in recorded order among themselves), then that observation."""
+        """Everything to replay, in order: capsule operations and instructions before the step
+        they preceded (in recorded order among themselves), then that step's observation."""
         keyed = [((it.index, 0, it.t_ns), it) for it in self.capsule_ops + self.instructions]
-        keyed += [((it.index, 1, it.t_ns), it) for it in self.observations]
+        seen = set()
+        for p in range(self.start, len(self.steps)):
+            o = self.observations[self.steps[p]]
+            use = Item(o.kind, o.topic, o.t_ns, o.raw, o.msg, p, repeat=o.index in seen)
+            if self.timer_mode and p in self.actions:
+                use.t_ns = max(o.t_ns, self._recorded_t(p - 1))
+            seen.add(o.index)
+            keyed.append(((p, 1, 0), use))
         return [it for _, it in sorted(keyed, key=lambda kv: kv[0])]
+
+    def _recorded_t(self, p: int) -> int:
+        """When the recorder received step p's action (0 for none): a timer-mode step came after
+        the previous one, so timing mode sends its observation no earlier."""
+        for it in self.recorded_actions:
+            if it.msg is self.actions.get(p):
+                return it.t_ns
+        return 0
+
+    @property
+    def replayed_actions(self) -> dict:
+        """The recorded actions the replay is compared with: those of the replayed steps."""
+        return {p: a for p, a in self.actions.items() if p >= self.start}
 
     def summary(self) -> str:
         roles = {}
@@ -200,9 +299,15 @@ class RecordedEpisode:
         text = (f"{self.path} ({self.storage}): {obs}, {len(self.instructions)} instruction(s), "
                 f"{len(self.capsule_ops)} capsule operation(s), {len(self.actions)} recorded "
                 f"action(s)")
-        if self.actions:    # a fresh node starts at step 0: a bag cut from mid-episode won't match
+        if self.actions:
             first = self.actions[min(self.actions)]
             text += f" from step {first.step} of episode {first.episode_id}"
+        if self.timer_mode:
+            unused = len(self.observations) - len({o for o in self.steps if o is not None})
+            text += (f"; timer mode: {len(self.steps)} steps on the observations they consumed "
+                     f"({unused} observation(s) no step took are not replayed)")
+        if self.start:
+            text += f"; replayed from step {self.start} (the first instruction or reset)"
         return text + (f", recorded from {self.node}" if self.node else "")
 
 
@@ -218,66 +323,13 @@ def _ranges(indices) -> str:
     return ", ".join(out)
 
 
-def _topic_list(topics: dict) -> str:
-    return ", ".join(f"{t} [{ty}]" for t, (ty, _) in sorted(topics.items())) or "none"
-
-
-def _check_layout(path: Path) -> str:
-    """The bag's storage identifier, after checking what rosbags would otherwise trip over."""
-    what = ("a rosbag2 bag directory (metadata.yaml + .mcap or .db3 files), as written by "
-            "`flashrt-ros record` or `ros2 bag record`")
-    if not path.exists():
-        raise BagError(f"bag {path}: no such file or directory; expected {what}")
-    if not path.is_dir():
-        raise BagError(f"bag {path}: expected {what}, found a file; pass the directory that holds "
-                       f"it and its metadata.yaml")
-    meta = path / "metadata.yaml"
-    if not meta.exists():
-        found = sorted(p.name for p in path.iterdir())
-        raise BagError(f"bag {path}: expected metadata.yaml in the bag directory, found {found}; "
-                       f"a recorder that was killed instead of stopped (Ctrl-C) leaves no "
-                       f"metadata.yaml - `ros2 bag reindex {path}` can rebuild it on a ROS machine")
-    import yaml
-    try:
-        info = yaml.safe_load(meta.read_text(encoding="utf-8"))["rosbag2_bagfile_information"]
-        storage = info["storage_identifier"]
-        files = list(info.get("relative_file_paths") or [])
-    except Exception as e:  # noqa: BLE001
-        raise BagError(f"bag {path}: metadata.yaml is not rosbag2 metadata ({type(e).__name__}: "
-                       f"{e}); expected a `rosbag2_bagfile_information` mapping with a "
-                       f"storage_identifier") from None
-    if storage not in STORAGES:
-        raise BagError(f"bag {path}: storage {storage!r} is not supported; expected one of "
-                       f"{sorted(STORAGES)} (what rosbags reads); convert the bag on a ROS machine "
-                       f"with `ros2 bag convert` to mcap")
-    missing = [f for f in files if not (path / Path(f).name).exists()]
-    if missing:
-        raise BagError(f"bag {path}: metadata.yaml lists {missing}, which are not in the directory; "
-                       f"copy the whole bag directory")
-    odd = [f for f in files if not f.endswith(STORAGES[storage])]
-    if odd:
-        raise BagError(f"bag {path}: metadata.yaml says storage {storage!r} but lists {odd}; "
-                       f"expected {STORAGES[storage]} files")
-    return storage
-
-
-def _unreadable(path: Path, storage: str, e: Exception) -> BagError:
-    fix = ("`mcap recover` (the mcap CLI) on the .mcap file, then `ros2 bag reindex`"
-           if storage == "mcap" else "sqlite3's `.recover` on the .db3 file")
-    return BagError(f"bag {path}: cannot read its storage file(s) ({type(e).__name__}: {e}); "
-                    f"expected a complete {storage} file - it is truncated or corrupt (a recorder "
-                    f"that was killed instead of stopped leaves an unfinished file, and a copy "
-                    f"can be cut short). Re-record, or try {fix}")
-
-
-def _select_connections(path: Path, reader) -> dict:
-    """Connections by role; a known name with a wrong type, or no observations, is an error."""
+def _select_connections(bag) -> dict:
+    """Topics by role; a known name with a wrong type, or no observations, is an error."""
     conns = {}
-    found = {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
-    for c in reader.connections:
+    for c in bag.topics:
         role = _role_by_name(c.topic)
         if role is not None and c.msgtype != role.msgtype:
-            raise BagError(f"bag {path}: topic {c.topic} has type {c.msgtype}; expected "
+            raise BagError(f"bag {bag.path}: topic {c.topic} has type {c.msgtype}; expected "
                            f"{role.msgtype} for a policy node's {role.role} topic. Record the node "
                            f"with `flashrt-ros record`, or remap the topic")
         by_type = next((r for r in ROLES.values() if r.msgtype == c.msgtype and
@@ -287,26 +339,28 @@ def _select_connections(path: Path, reader) -> dict:
         # Capsule events are only read (their fields build the requests), so a bag from a
         # release with an older CapsuleEvent still replays, decoded with its own definition
         # (store_for). Observations and actions are re-published or compared as CDR: same
-        # definition only.
-        if c.msgtype.startswith(f"{PACKAGE}/") and c.digest and by_type.role != "capsule_events":
+        # definition only - told by the bag's type hash, or by its definition when it states
+        # no hash (mcap_ros2's writer, a salvaged file).
+        if c.msgtype.startswith(f"{PACKAGE}/") and by_type.role != "capsule_events":
             ours = typestore().hash_rihs01(c.msgtype)
-            if c.digest != ours:
-                raise BagError(f"bag {path}: {c.topic} was recorded with another definition of "
-                               f"{c.msgtype} (type hash {c.digest}; this package's is {ours}); "
+            theirs = c.type_hash or (type_hash(c.msgtype, c.msgdef) if c.msgdef else "")
+            if theirs and theirs != ours:
+                raise BagError(f"bag {bag.path}: {c.topic} was recorded with another definition "
+                               f"of {c.msgtype} (type hash {theirs}; this package's is {ours}); "
                                f"replay it with the {PACKAGE} version that recorded it")
         if not knows(c.msgtype) or by_type.role == "status":      # status: not replayed
             continue
         conns.setdefault(by_type.role, []).append(c)
     if "observation" not in conns and "joint_states" not in conns:
-        raise BagError(f"bag {path}: expected an observation topic ({ROLES['observation'].msgtype}, "
-                       f"`<node>/observation`) or a joint state topic "
-                       f"({ROLES['joint_states'].msgtype}), found topics: {_topic_list(found)}. "
-                       f"Record the node with `flashrt-ros record` (add --joint-states for "
-                       f"JointState input)")
+        raise BagError(f"bag {bag.path}: expected an observation topic "
+                       f"({ROLES['observation'].msgtype}, `<node>/observation`) or a joint state "
+                       f"topic ({ROLES['joint_states'].msgtype}), found {bag.found()}. Record the "
+                       f"node with `flashrt-ros record` (add --joint-states for JointState input)")
     if len(conns.get("observation", [])) > 1:
-        names = [c.topic for c in conns["observation"]]
-        raise BagError(f"bag {path}: expected one observation topic, found {names}; a bag of one "
-                       f"node's episode has one")
+        names = sorted({c.topic for c in conns["observation"]})
+        if len(names) > 1:
+            raise BagError(f"bag {bag.path}: expected one observation topic, found {names}; a bag "
+                           f"of one node's episode has one")
     return conns
 
 
@@ -399,12 +453,15 @@ def capsule_request(event):
     elif op == "rollback":
         request = Request(k=int(event.k))
     elif op == "delete":
-        request = Request(name=event.name)
+        # older bags recorded deletes that took the saved file along
+        request = Request(name=event.name, delete_file=bool(getattr(event, "delete_file", True)))
     elif op == "reset":
         request = Request(keep_context=_flag(event, "keep_context", "instruction context"))
     elif op == "save":
-        keep = getattr(event, "keep_in_memory", None)     # older bags: the default, True
-        request = Request(name=event.name, keep_in_memory=bool(keep) if keep is not None else True)
+        evict = getattr(event, "evict_from_memory", None)
+        if evict is None:       # older bags: keep_in_memory (its default True), or no flag at all
+            evict = not getattr(event, "keep_in_memory", True)
+        request = Request(name=event.name, evict_from_memory=bool(evict))
     else:   # load
         request = Request(name=event.name, tier="" if event.tier == "disk" else event.tier,
                           restore=_flag(event, "restore", "and restored it"))
@@ -415,32 +472,63 @@ def capsule_request(event):
 @dataclass
 class ReplayResult:
     mode: str
-    observations: int = 0
+    observations: int = 0       # observations published (one per replayed step)
     instructions: int = 0
     capsule_ops: int = 0
     capsule_failures: list = field(default_factory=list)   # (operation, recorded msg, replay msg)
     answers_lost: int = 0       # capsule calls whose answer DDS lost; their events stood in
-    actions: dict = field(default_factory=dict)            # observation index -> ActionChunk
+    actions: dict = field(default_factory=dict)            # step position -> ActionChunk
+    steps: list = field(default_factory=list)              # step positions replayed, in order
+    extra: list = field(default_factory=list)              # actions no replayed step explains
+    unrecorded: list = field(default_factory=list)         # replayed steps the bag has no action for
+    recorded_steps: dict = field(default_factory=dict)     # position -> recorded ActionChunk
+    tolerate_counts: bool = False
     comparison: ActionComparison | None = None
     error: str = ""
     seconds: float = 0.0
 
     @property
+    def missing(self) -> list:
+        """Replayed steps no action came back for."""
+        return [p for p in self.steps if p not in self.actions]
+
+    @property
+    def counts_match(self) -> bool:
+        return not (self.missing or self.extra or (self.unrecorded and self.recorded_steps))
+
+    @property
     def ok(self) -> bool:
         if self.error or self.capsule_failures:
             return False
+        if not self.counts_match and not self.tolerate_counts:
+            return False
         c = self.comparison
-        return c.all_identical if c and c.recorded else len(self.actions) == self.observations
+        return c.all_identical if c and c.recorded else not self.missing
 
     def describe(self) -> str:
         lines = [f"replayed ({self.mode}) {self.observations} observation(s), "
                  f"{self.instructions} instruction(s), {self.capsule_ops} capsule operation(s) "
                  f"in {self.seconds:.2f} s"]
+        lines.append(f"steps: {len(self.steps)} replayed, {len(self.actions)} answered, "
+                     f"{len(self.extra)} extra action(s), {len(self.recorded_steps)} recorded")
         if self.comparison is not None:
             lines.append("actions: " + self.comparison.describe())
-        missing = [i for i in range(self.observations) if i not in self.actions]
+        verdict = "reported only (--tolerate-count-mismatch)" if self.tolerate_counts else "FAILED"
+        missing = self.missing
         if missing:
-            lines.append(f"no action for observation(s) {_ranges(missing)}")
+            p = missing[0]
+            rec = self.recorded_steps.get(p)
+            what = f" (recorded step {rec.step} of episode {rec.episode_id})" if rec else ""
+            lines.append(f"counts {verdict}: no action came back for {len(missing)} step(s) "
+                         f"{_ranges(missing)}; the first missing step is {p}{what}")
+        if self.unrecorded and self.recorded_steps:
+            lines.append(f"counts {verdict}: the bag holds no action for step(s) "
+                         f"{_ranges(self.unrecorded)}, which the replay stepped (the recorder "
+                         f"lost it, or the recorded node refused that observation); the first "
+                         f"is step {self.unrecorded[0]}")
+        if self.extra:
+            lines.append(f"counts {verdict}: {len(self.extra)} extra action(s); the first: "
+                         f"{self.extra[0]}")
         for op, rec, got in self.capsule_failures:
             lines.append(f"capsule operation {op} failed on replay: {got} (recorded: {rec})")
         if self.answers_lost:
@@ -475,11 +563,12 @@ class BagPlayer:
         self.joint_states_topic = joint_states_topic or ROLES["joint_states"].suffix
         self.pub = {
             "observation": self.node.create_publisher(Observation, f"{self.target}/observation", qos),
-            "instruction": self.node.create_publisher(String, f"{self.target}/instruction", qos),
+            "instruction": self.node.create_publisher(String, f"{self.target}/instruction",
+                                                      LATCHED),
             "joint_states": self.node.create_publisher(JointState, self.joint_states_topic, qos),
         }
         self.msg_class = {"observation": Observation, "joint_states": JointState}
-        self._actions = {}                        # observation stamp (ns) -> ActionChunk
+        self._actions = {}                        # observation stamp (ns) -> [ActionChunk, ...]
         self.status = None
         self.action_sub = self.node.create_subscription(ActionChunk, f"{self.target}/action",
                                                         self._on_action, qos)
@@ -490,7 +579,7 @@ class BagPlayer:
         self._last_stamp = 0
 
     def _on_action(self, msg):
-        self._actions[stamp_to_ns(msg.observation_stamp)] = msg
+        self._actions.setdefault(stamp_to_ns(msg.observation_stamp), []).append(msg)
 
     def _on_status(self, msg):
         self.status = msg
@@ -523,6 +612,9 @@ class BagPlayer:
                 hint = " (start the node with joint_names:=[...])" if kind == "joint_states" else ""
                 self._spin_until(lambda: pub.get_subscription_count() > 0, timeout,
                                  f"a subscriber of {pub.topic_name}{hint}")
+                # and every other subscriber, a recorder's included: none misses the first input
+                wait_for_subscribers(self.node, pub, timeout,
+                                     idle=lambda t: self.executor.spin_once(timeout_sec=t))
             ops = {operation(it.msg.operation) for it in episode.capsule_ops}
             if ops:
                 self._spin_until(self.capsules.events_heard, timeout,
@@ -545,6 +637,8 @@ class BagPlayer:
         msg = deserialize_message(it.raw, self.msg_class[it.kind])
         stamp = self._stamp()
         msg.header.stamp = ns_to_stamp(stamp)
+        if it.repeat and hasattr(msg, "reset_episode"):
+            msg.reset_episode = False        # the node applied it on the step that took it first
         self.pub[it.kind].publish(msg)
         return stamp
 
@@ -588,21 +682,27 @@ class BagPlayer:
             result.capsule_failures.append((ev.operation, ev.message, res.message))
 
     def play(self, episode: RecordedEpisode, mode: str = "lockstep", rate: float = 1.0,
-             ops: bool = True) -> ReplayResult:
-        """Replay `episode`; returns what came back and how it compares with the recording."""
+             ops: bool = True, tolerate_counts: bool = False) -> ReplayResult:
+        """Replay `episode`; returns what came back and how it compares with the recording.
+        A step without an action, an action no step explains, or a replayed step the bag has
+        no action for fail the replay unless `tolerate_counts` (then they are reported)."""
         if mode not in ("timing", "lockstep"):
             raise BagError(f"play: mode: expected timing or lockstep, found {mode!r}")
         if not rate > 0:
             raise BagError(f"play: rate: expected a number > 0, found {rate!r}")
         self.wait_for_node(episode)
-        result = ReplayResult(mode)
-        stamps = {}                               # observation index -> stamp published
+        result = ReplayResult(mode, tolerate_counts=tolerate_counts,
+                              recorded_steps=episode.replayed_actions)
+        stamps = {}                               # step position -> stamp published
         t0 = time.monotonic()
+        timeline = episode.timeline()
+        t_first = min((it.t_ns for it in timeline), default=0)
         lockstep = mode == "lockstep"
+        self._actions.clear()
         try:
-            for it in episode.timeline():
+            for it in timeline:
                 if not lockstep:
-                    due = t0 + (it.t_ns - episode.start_ns) / 1e9 / rate
+                    due = t0 + (it.t_ns - t_first) / 1e9 / rate
                     while time.monotonic() < due:
                         self.executor.spin_once(timeout_sec=min(0.005, due - time.monotonic()))
                 if it.kind == "capsule_events":
@@ -614,18 +714,33 @@ class BagPlayer:
                 else:
                     stamp = self._publish_observation(it)
                     stamps[it.index] = stamp
+                    result.steps.append(it.index)
                     result.observations += 1
                     if lockstep:
                         self._spin_until(lambda: stamp in self._actions, self.timeout,
-                                         f"the action for observation {it.index} (did the node "
-                                         f"reject it? see its log or /diagnostics last_error)")
+                                         f"the action for step {it.index} (did the node reject "
+                                         f"its observation? see its log or /diagnostics "
+                                         f"last_error)")
             pending = lambda: all(s in self._actions for s in stamps.values())  # noqa: E731
-            self._spin_until(pending, self.timeout, "the actions for the last observations")
+            self._spin_until(pending, self.timeout, "the actions for the last steps")
         except TimeoutError as e:
             result.error = str(e)
+        # an action that comes a little late (a timer-mode node stepping again) counts as well
+        end = time.monotonic() + SETTLE_S
+        while time.monotonic() < end:
+            self.executor.spin_once(timeout_sec=max(0.0, end - time.monotonic()))
         result.seconds = time.monotonic() - t0
-        result.actions = {i: self._actions[s] for i, s in stamps.items() if s in self._actions}
-        result.comparison = compare_actions(episode.actions, result.actions)
+        result.actions = {p: self._actions[s][0] for p, s in stamps.items() if s in self._actions}
+        by_stamp = {s: p for p, s in stamps.items()}
+        for s, got in sorted(self._actions.items()):
+            p = by_stamp.get(s)
+            for a in (got[1:] if p is not None else got):
+                result.extra.append(f"step {a.step} of episode {a.episode_id} for "
+                                    + (f"step {p}, which had its action already" if p is not None
+                                       else f"an observation stamped {s}, which the replay did "
+                                            f"not publish"))
+        result.unrecorded = [p for p in result.steps if p not in episode.actions]
+        result.comparison = compare_actions(episode.replayed_actions, result.actions)
         return result
 
 
@@ -642,6 +757,8 @@ def add_arguments(p: argparse.ArgumentParser):
                    help=f"where to publish JointState (default {ROLES['joint_states'].suffix})")
     p.add_argument("--no-capsule-ops", action="store_true",
                    help="do not re-issue the recorded capsule operations")
+    p.add_argument("--tolerate-count-mismatch", action="store_true",
+                   help="report a missing or extra action instead of failing on it")
 
 
 def main(argv=None) -> int:
@@ -664,7 +781,8 @@ def main(argv=None) -> int:
     try:
         player = BagPlayer(args.node, args.joint_states_topic, args.timeout,
                            log=lambda s: print(s, flush=True))
-        result = player.play(episode, args.mode, args.rate, ops=not args.no_capsule_ops)
+        result = player.play(episode, args.mode, args.rate, ops=not args.no_capsule_ops,
+                             tolerate_counts=args.tolerate_count_mismatch)
     except BagError as e:
         print(f"flashrt-ros play: {e}", file=sys.stderr)
         return 2

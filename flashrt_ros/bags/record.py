@@ -5,21 +5,28 @@
 
 Topics (bag_types.TOPIC_ROLES): `<node>/observation`, `<node>/instruction`, `<node>/action`,
 `<node>/status`, `<node>/capsule_events`, and with `--joint-states` the JointState topic.
-The bag is written by `rosbags` (MCAP by default, sqlite3 on request) with `metadata.yaml`, as
-`ros2 bag info` / `ros2 bag play` read it on a ROS machine.
+The bag is a rosbag2 directory as `ros2 bag record` leaves it (flashrt_ros.bags.rosbag2):
+`<bag>_0.mcap`, written crash-safe by McapBagWriter (a killed recorder loses at most its last
+second; `flashrt-ros bag recover` completes the file), and `metadata.yaml`. `--storage sqlite3`
+writes `<bag>.db3` with `rosbags` instead, complete only when the recorder stops.
 
 Design:
-  * Subscribed like `ros2 bag record` does: a topic is subscribed once a publisher of it shows up
-    in the graph, with the publishers' QoS (reliable only if every publisher is reliable), and the
-    publishers' offered QoS goes into the bag. A topic nobody publishes is not in the bag.
-  * Raw subscriptions: the CDR bytes rclpy receives are written unchanged, with the receive
-    timestamp of the middleware (rclpy's MessageInfo), so nothing is decoded on the way.
+  * Every topic is subscribed at start (reliable; the instruction latched, as the node takes
+    it), so a recorder that runs before an input's publisher appears is matched as soon as it
+    is discovered: a player or `flashrt-ros instruct` that waits for its subscribers
+    (ros/publishing.py) then waits for the recorder too, and nothing one-shot escapes the bag.
+    Once a topic's publishers show up, it is subscribed as `ros2 bag record` does, with their
+    QoS (best effort if any publisher is; transient local if all are) - a new subscription when
+    that differs from the first; the one it replaces is ignored from then on - and their offered
+    QoS goes into the bag's channel. A topic nobody publishes is not in the bag.
+  * Raw subscriptions: the CDR bytes rclpy receives are written unchanged, stamped from rclpy's
+    MessageInfo as rosbag2 stamps them: log time = when the middleware received the message,
+    publish time = the sender's source timestamp, sequence = the publisher's sequence number.
   * The policy node's parameters (read once over its parameter services) go into the bag's
-    `custom_data`, so that a replay can start a node configured as the recorded one was.
+    custom data, so that a replay can start a node configured as the recorded one was.
   * One thread: a single-threaded executor runs every callback and the writer, so the writer
-    needs no lock. `rosbags` buffers MCAP chunks in memory and finishes the file on close;
-    Ctrl-C (SIGINT), SIGTERM and --duration all end in that close. A killed recorder leaves an
-    unfinished file without metadata.yaml.
+    needs no lock. Ctrl-C (SIGINT), SIGTERM and --duration all end in `close()`, which finishes
+    the bag.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import time
 from datetime import datetime
 
 from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, META_RECORDER, ROLES, TOPIC_ROLES, BagError,
-                        topic_name, typestore)
+                        topic_name, type_hash, typestore)
 from flashrt_ros.ros.discovery import loopback_by_default
 from flashrt_ros.ros.stamps import sec_nanosec
 
@@ -59,11 +66,16 @@ def _qos_to_bag(profile):
                t(profile.liveliness_lease_duration), bool(profile.avoid_ros_namespace_conventions))
 
 
-def _subscription_qos(publishers):
-    """The QoS that receives from all `publishers` (what `ros2 bag record` chooses)."""
+def _subscription_qos(publishers=None, latched=False):
+    """The QoS that receives from all `publishers` (what `ros2 bag record` chooses); before any
+    publisher is known, reliable, and transient local for a latched input."""
     from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
-    reliable = all(p.qos_profile.reliability == ReliabilityPolicy.RELIABLE for p in publishers)
-    latched = all(p.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL for p in publishers)
+    if publishers:
+        reliable = all(p.qos_profile.reliability == ReliabilityPolicy.RELIABLE for p in publishers)
+        latched = all(p.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL
+                      for p in publishers)
+    else:
+        reliable = True
     return QoSProfile(
         history=HistoryPolicy.KEEP_LAST, depth=1000,
         reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
@@ -85,22 +97,64 @@ def _parameter_value(value):
     }.get(value.type, lambda v: None)(value)
 
 
+class _Sqlite3Bag:
+    """`--storage sqlite3`: a bag written by rosbags (complete only once closed), behind the
+    McapBagWriter methods the recorder calls."""
+
+    def __init__(self, out):
+        from rosbags.rosbag2 import StoragePlugin, Writer
+        from rosbags.rosbag2.errors import WriterError
+        self.writer = Writer(out, version=Writer.VERSION_LATEST, storage_plugin=StoragePlugin.SQLITE3)
+        try:
+            self.writer.open()
+        except (WriterError, OSError) as e:
+            raise BagError(f"cannot create the bag {out}: {e} Expected a path that does not exist "
+                           f"yet; choose another one") from None
+        self._conns = []
+
+    def add_topic(self, topic, msgtype, definition, type_hash, offered_qos):
+        from rosbags.rosbag2.metadata import parse_qos
+        qos = parse_qos(list(offered_qos)) if offered_qos else []
+        self._conns.append(self.writer.add_connection(topic, msgtype, typestore=typestore(),
+                                                      offered_qos_profiles=qos))
+        return len(self._conns) - 1
+
+    def set_custom(self, key, value):
+        self.writer.set_custom_data(key, value)
+
+    def write(self, channel, log_time, data, publish_time=0, sequence=0):
+        self.writer.write(self._conns[channel], log_time, data)
+
+    def flush_if_due(self):
+        pass
+
+    def close(self):
+        from flashrt_ros.bags import rosbag2
+        from flashrt_ros.bags.types import ros_distro
+        self.writer.close()
+        # rosbags names itself the distro; rosbag2 writes the distro's name
+        meta = rosbag2.read_metadata(self.writer.path)
+        meta["ros_distro"] = ros_distro()
+        (self.writer.path / rosbag2.METADATA_FILE).write_text(
+            rosbag2.dump({"rosbag2_bagfile_information": meta}), encoding="utf-8")
+
+
 class BagRecorder:
     """Records the episode topics of policy node `node` into a new bag at `out`.
 
     Drive it with `spin_once()`; `close()` finishes the bag. `counts` holds the messages written
-    per role; `ready` is True once every topic is subscribed; `node_parameters` holds the policy
-    node's parameters once they were read (they go into the bag's custom_data).
+    per role; `ready` is True once every topic's publishers were seen (and its channel is in the
+    bag); `node_parameters` holds the policy node's parameters once they were read.
     """
 
     def __init__(self, node: str = "/flashrt_policy", out: str | None = None,
                  storage: str = "mcap", joint_states: str | None = None, context=None,
-                 log=print):
+                 log=print, flush_interval_s: float | None = None):
         from rcl_interfaces.srv import GetParameters, ListParameters
         from flashrt_ros.ros.executors import SingleThreadedExecutor
         from rclpy.node import Node
-        from rosbags.rosbag2 import StoragePlugin, Writer
-        from rosbags.rosbag2.errors import WriterError
+
+        from flashrt_ros.bags.writer import FLUSH_INTERVAL_S, McapBagWriter
 
         if storage not in STORAGES:
             raise BagError(f"record: storage: expected one of {list(STORAGES)}, found {storage!r}")
@@ -116,22 +170,20 @@ class BagRecorder:
                 self.topics[topic_name(role, self.target)] = role
         self.counts = {r.role: 0 for r in self.topics.values()}
         self.nbytes = 0
-        self._subs = {}                          # topic -> (subscription, connection)
+        self._subs = {}                          # topic -> (subscription, its QoS)
+        self._channels = {}                      # topic -> channel in the bag
         self._warned = set()
         self._params_sent = None        # when the parameters were last asked for
         self.node_parameters = None
-        self._store = typestore()
         try:
-            self.writer = Writer(self.out, version=Writer.VERSION_LATEST,
-                                 storage_plugin={"mcap": StoragePlugin.MCAP,
-                                                 "sqlite3": StoragePlugin.SQLITE3}[storage])
-            self.writer.open()
-        except (WriterError, OSError) as e:
-            raise BagError(f"record: cannot create the bag {self.out}: {e} Expected a path that "
-                           f"does not exist yet; choose another --out") from None
-        self.writer.set_custom_data(META_NODE, self.target)
+            self.writer = (McapBagWriter(self.out, flush_interval_s=flush_interval_s
+                                         or FLUSH_INTERVAL_S)
+                           if storage == "mcap" else _Sqlite3Bag(self.out))
+        except BagError as e:
+            raise BagError(f"record: {e}") from None
+        self.writer.set_custom(META_NODE, self.target)
         from flashrt_ros import __version__
-        self.writer.set_custom_data(META_RECORDER, f"flashrt_ros {__version__}")
+        self.writer.set_custom(META_RECORDER, f"flashrt_ros {__version__}")
         self.node = Node(f"flashrt_bag_recorder_{os.getpid()}", context=context)
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
@@ -139,18 +191,18 @@ class BagRecorder:
                                                     f"{self.target}/list_parameters")
         self._get_client = self.node.create_client(GetParameters, f"{self.target}/get_parameters")
         self.started = time.monotonic()
+        for topic, role in self.topics.items():
+            self._subscribe(topic, role, _subscription_qos(latched=role.role == "instruction"))
         self.node.create_timer(0.1, self._discover)
 
     @property
     def ready(self) -> bool:
-        return len(self._subs) == len(self.topics)
+        return len(self._channels) == len(self.topics)
 
-    # -- discovery: subscribe a topic once it has publishers ------------------------------
+    # -- discovery: the publishers' QoS and types ------------------------------------------
     def _discover(self):
         self._poll_parameters()
         for topic, role in self.topics.items():
-            if topic in self._subs:
-                continue
             pubs = self.node.get_publishers_info_by_topic(topic)
             if not pubs:
                 continue
@@ -159,34 +211,59 @@ class BagRecorder:
                 if topic not in self._warned:
                     self._warned.add(topic)
                     self.log(f"[record] {topic}: expected type {role.msgtype}, found publishers "
-                             f"of {sorted(wrong)}; not recording it")
-                continue
-            self._subscribe(topic, role, pubs)
+                             f"of {sorted(wrong)}; not recording those")
+                pubs = [p for p in pubs if p.topic_type == role.msgtype]
+                if not pubs:
+                    continue
+            self._channel(topic, role, pubs)
+            want = _subscription_qos(pubs)
+            have = self._subs[topic][1]
+            if (want.reliability, want.durability) != (have.reliability, have.durability):
+                self._subscribe(topic, role, want)
 
-    def _subscribe(self, topic, role, pubs):
+    def _channel(self, topic, role, pubs=None) -> int:
+        """The topic's channel in the bag, added with the publishers' offered QoS on first use."""
+        if topic in self._channels:
+            return self._channels[topic]
+        if pubs is None:
+            pubs = [p for p in self.node.get_publishers_info_by_topic(topic)
+                    if p.topic_type == role.msgtype]
+        from rosbags.rosbag2.metadata import dump_qos_v9
+        profiles = [_qos_to_bag(p.qos_profile) for p in pubs]
+        definition, _ = typestore().generate_msgdef(role.msgtype, ros_version=2)
+        self._channels[topic] = self.writer.add_topic(topic, role.msgtype, definition,
+                                                      type_hash(role.msgtype),
+                                                      dump_qos_v9(profiles))
+        self.log(f"[record] recording {topic} ({role.msgtype}, {len(pubs)} publisher(s))")
+        if self.ready:
+            self.log(f"[record] ready: recording {len(self.topics)} topics to {self.out}")
+        return self._channels[topic]
+
+    def _subscribe(self, topic, role, qos):
         msg_class = _message_class(role.msgtype)
-        conn = self.writer.add_connection(topic, role.msgtype, typestore=self._store,
-                                          offered_qos_profiles=[_qos_to_bag(p.qos_profile)
-                                                                for p in pubs])
+        previous = self._subs.get(topic)
 
         # Two parameters, neither with a default: rclpy passes the MessageInfo only to a callback
-        # that cannot be called with the message alone. The stamp is the reception time in the
-        # DDS layer (as `ros2 bag record` stamps), not when this callback runs: an executor that
-        # wakes to several ready topics takes them in subscription order, so callback times can
-        # put an instruction after the observation that followed it.
+        # that cannot be called with the message alone. The log time is the reception time in
+        # the DDS layer (as `ros2 bag record` stamps), not when this callback runs: an executor
+        # that wakes to several ready topics takes them in subscription order, so callback times
+        # can put an instruction after the observation that followed it.
         def on_message(raw: bytes, info):
-            stamp = info.get("received_timestamp") or time.time_ns()
-            self.writer.write(conn, stamp, raw)
+            if self._subs[topic][0] is not sub:        # replaced by one with the publishers' QoS
+                return
+            received = info.get("received_timestamp") or time.time_ns()
+            self.writer.write(self._channel(topic, role), received, raw,
+                              info.get("source_timestamp") or 0,
+                              info.get("publication_sequence_number") or 0)
             self.counts[role.role] += 1
             self.nbytes += len(raw)
             if self.counts[role.role] == 1:
                 self.log(f"[record] first message on {topic}")
-        sub = self.node.create_subscription(msg_class, topic, on_message,
-                                            _subscription_qos(pubs), raw=True)
-        self._subs[topic] = (sub, conn)
-        self.log(f"[record] subscribed {topic} ({role.msgtype}, {len(pubs)} publisher(s))")
-        if self.ready:
-            self.log(f"[record] ready: recording {len(self.topics)} topics to {self.out}")
+        sub = self.node.create_subscription(msg_class, topic, on_message, qos, raw=True)
+        self._subs[topic] = (sub, qos)
+        if previous is not None:
+            self.log(f"[record] {topic}: subscribed again with the publishers' QoS "
+                     f"({qos.reliability.name.lower()}, {qos.durability.name.lower()})")
 
     # -- the node's parameters, for a replay that configures a node the same way ----------
     def _poll_parameters(self):
@@ -214,7 +291,7 @@ class BagRecorder:
             values[name] = _parameter_value(got[0]) if got else None
             if len(values) == len(names) and self.node_parameters is None:
                 params = {n: values[n] for n in sorted(names)}
-                self.writer.set_custom_data(META_PARAMETERS, json.dumps(params, sort_keys=True))
+                self.writer.set_custom(META_PARAMETERS, json.dumps(params, sort_keys=True))
                 self.node_parameters = params
                 self.log(f"[record] stored the {len(params)} parameters of {self.target} in the bag")
         for name in names:
@@ -224,16 +301,17 @@ class BagRecorder:
     # -- running --------------------------------------------------------------------------
     def spin_once(self, timeout_sec: float = 0.1):
         self.executor.spin_once(timeout_sec=timeout_sec)
+        self.writer.flush_if_due()
 
     def progress_line(self) -> str:
         per_topic = "  ".join(f"{k} {v}" for k, v in self.counts.items())
-        waiting = [t for t in self.topics if t not in self._subs]
+        waiting = [t for t in self.topics if t not in self._channels]
         line = (f"[record] {time.monotonic() - self.started:6.1f} s  {per_topic}  "
                 f"({self.nbytes / 2**20:.2f} MiB)")
         return line + (f"  waiting for publishers of {waiting}" if waiting else "")
 
     def close(self):
-        """Finish the bag (metadata.yaml, MCAP summary / sqlite3 commit) and release ROS."""
+        """Finish the bag (MCAP summary and metadata.yaml / sqlite3 commit) and release ROS."""
         # a short episode may end before a lost parameter answer was asked for again, or before
         # the node's parameter services were discovered (a loaded machine discovers its topics
         # first); a node that published nothing is not waited for
@@ -268,8 +346,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--joint-states", nargs="?", const=ROLES["joint_states"].suffix, default=None,
                    metavar="TOPIC", help="also record sensor_msgs/JointState (default topic "
                                          f"{ROLES['joint_states'].suffix})")
-    p.add_argument("--progress", type=float, default=1.0,
-                   help="seconds between progress lines (0 = none)")
+    p.add_argument("--progress", type=float, default=None, metavar="S",
+                   help="seconds between progress lines (0 = none; default: 1 on a terminal, "
+                        "none when the output goes to a file or a launch log)")
 
 
 def main(argv=None) -> int:
@@ -300,6 +379,8 @@ def main(argv=None) -> int:
     print(f"[record] {args.storage} bag {rec.out}: waiting for publishers of "
           f"{list(rec.topics)} (Ctrl-C stops)", flush=True)
     end = time.monotonic() + args.duration if args.duration > 0 else None
+    if args.progress is None:
+        args.progress = 1.0 if sys.stdout.isatty() else 0.0
     next_progress = time.monotonic() + args.progress
     try:
         while stop["why"] is None:

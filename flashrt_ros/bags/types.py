@@ -85,9 +85,28 @@ def msg_dir() -> Path:
                    f"or tools/bootstrap.sh) or run from a source checkout")
 
 
+# rclpy's major version -> the distro it was released for (PyPI's ROS wheels set no ROS_DISTRO)
+RCLPY_DISTROS = {3: "humble", 7: "jazzy", 9: "kilted"}
+
+
+def ros_distro() -> str:
+    """The ROS distro's name: `$ROS_DISTRO` (set by a ROS install's setup script), else the one
+    the installed rclpy was released for, else "unknown"."""
+    if os.environ.get("ROS_DISTRO"):
+        return os.environ["ROS_DISTRO"].lower()
+    from importlib import metadata
+    for dist in ("ros-rclpy", "rclpy"):
+        try:
+            major = int(metadata.version(dist).split(".")[0])
+        except (metadata.PackageNotFoundError, ValueError):
+            continue
+        return RCLPY_DISTROS.get(major, "unknown")
+    return "unknown"
+
+
 def _store_name(distro: str | None):
     from rosbags.typesys import Stores
-    distro = (distro or os.environ.get("ROS_DISTRO") or "kilted").lower()
+    distro = (distro or ros_distro()).lower()
     return {"jazzy": Stores.ROS2_JAZZY, "kilted": Stores.ROS2_KILTED}.get(distro, Stores.ROS2_KILTED)
 
 
@@ -104,8 +123,20 @@ def typestore(distro: str | None = None):
     return store
 
 
+def type_hash(msgtype: str, definition: str = "") -> str:
+    """The RIHS01 hash of `msgtype` (what rosidl computes): from `definition` (a bag's ros2msg
+    text) when given, else from this package's typestore; "" for a type neither knows."""
+    from rosbags.typesys import get_types_from_msg, get_typestore
+    if not definition:
+        return typestore().hash_rihs01(msgtype) if knows(msgtype) else ""
+    store = get_typestore(_store_name(None))
+    store.register(get_types_from_msg(definition, msgtype))
+    return store.hash_rihs01(msgtype)
+
+
 def store_for(connections):
-    """The typestore to decode a bag's messages with: `typestore()`, unless the bag carries another
+    """The typestore to decode a bag's messages with (`connections`: its topics, with `.msgtype`
+    and the `.msgdef` text): `typestore()`, unless the bag carries another
     definition of one of this package's types (a bag recorded by an older release, e.g. before
     CapsuleEvent had its request flags). Then a store with the bag's own definitions of those types,
     so the bag still decodes; fields it lacks are simply absent from its messages."""
@@ -113,7 +144,7 @@ def store_for(connections):
     ours = typestore()
     theirs = {}
     for c in connections:
-        data = getattr(getattr(c, "msgdef", None), "data", "")
+        data = c.msgdef
         if not c.msgtype.startswith(PACKAGE + "/") or not data:
             continue
         types = get_types_from_msg(data, c.msgtype)

@@ -126,8 +126,8 @@ REQUEST_FIELDS = {
     "fork": lambda a: dict(source=a.source, name=a.name, switch_to=a.switch, tier=a.tier),
     "rollback": lambda a: dict(k=a.k),
     "list": lambda a: dict(tier=a.tier),
-    "delete": lambda a: dict(name=a.name),
-    "save": lambda a: dict(name=a.name, keep_in_memory=not a.move),
+    "delete": lambda a: dict(name=a.name, delete_file=a.delete_file),
+    "save": lambda a: dict(name=a.name, evict_from_memory=a.move),
     "load": lambda a: dict(name=a.name, tier=a.tier, restore=a.restore),
     "reset": lambda a: dict(keep_context=not a.clear_context),
 }
@@ -219,14 +219,25 @@ def _lifecycle(args) -> int:
 
 
 def _instruct(args) -> int:
+    """Publish one instruction, latched (ros/publishing.py), once the node and every other
+    subscriber (a recorder) matched; return once each of them acknowledged it."""
+    from rclpy.duration import Duration
     from std_msgs.msg import String
+
+    from flashrt_ros.ros.publishing import LATCHED, wait_for_subscribers
     client = Client.from_args(args)
     try:
-        pub = client.node.create_publisher(String, f"{client.target}/instruction", 10)
-        if not client.spin_until(pub.get_subscription_count, client.discovery_timeout):
-            raise SystemExit(f"flashrt-ros: nobody subscribes {client.target}/instruction")
+        pub = client.node.create_publisher(String, f"{client.target}/instruction", LATCHED)
+        try:
+            wait_for_subscribers(client.node, pub, client.discovery_timeout,
+                                 idle=lambda t: client.rclpy.spin_once(client.node, timeout_sec=t))
+        except TimeoutError as e:
+            raise SystemExit(f"flashrt-ros instruct: no instruction sent: {e}") from None
         pub.publish(String(data=args.text))
-        client.rclpy.spin_once(client.node, timeout_sec=0.2)
+        if not pub.wait_for_all_acked(Duration(seconds=client.timeout)):
+            raise SystemExit(f"flashrt-ros instruct: sent, but not every subscriber of "
+                             f"{client.target}/instruction acknowledged it within "
+                             f"{client.timeout:g} s")
     finally:
         client.close()
     print("instruction sent")
@@ -375,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "record --help`)", add_help=False)
     sub.add_parser("play", help="replay a bag into the node and compare the actions (see "
                                 "`flashrt-ros play --help`)", add_help=False)
+    sub.add_parser("bag", help="bag tools without ROS: `bag info BAG` (as `ros2 bag info`), `bag "
+                               "recover DIR` (a killed recording -> a complete bag)", add_help=False)
     s = sub.add_parser("snapshot", help="capture the live state as a capsule")
     s.add_argument("name")
     s.add_argument("--tier", default="", help="gpu, host or disk (default: the node's default tier)")
@@ -390,11 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("k", type=int)
     s = sub.add_parser("list", help="list stored capsules")
     s.add_argument("--tier", default="")
-    s = sub.add_parser("delete", help="delete a capsule")
+    s = sub.add_parser("delete", help="delete a capsule (its saved file stays unless --delete-file)")
     s.add_argument("name")
+    s.add_argument("--delete-file", action="store_true",
+                   help="also delete its file in the capsule directory")
     s = sub.add_parser("save", help="write a capsule to the capsule directory")
     s.add_argument("name")
-    s.add_argument("--move", action="store_true", help="drop the memory copy (demote to disk)")
+    s.add_argument("--move", action="store_true",
+                   help="drop the memory copy (demote to disk); default: keep it")
     s = sub.add_parser("load", help="verify and load a capsule file into memory")
     s.add_argument("name")
     s.add_argument("--tier", default="")
@@ -451,6 +467,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "record":
         from flashrt_ros.bags.record import main as record_main
         return record_main(argv[1:])
+    if argv and argv[0] == "bag":
+        from flashrt_ros.bags.command import main as bag_main
+        return bag_main(argv[1:])
     if argv and argv[0] == "play":
         from flashrt_ros.bags.play import main as play_main
         return play_main(argv[1:])

@@ -13,7 +13,8 @@ Lifecycle (a managed node; `managed:=false` configures and activates at start):
   deactivate - stop stepping; capsule services keep working on the (frozen) live state;
   cleanup    - drop runtime and store (memory capsules are lost; disk capsules stay), the nice
                value back;
-  shutdown   - as cleanup.
+  shutdown   - as cleanup; then `main` ends the process (exit status 0): a finalized node can
+               do nothing more.
 A failed configure logs why, leaves the node unconfigured and alive; fix the parameter, configure
 again. Fixed parameters refuse changes while the node is configured (see node_config.py).
 
@@ -52,6 +53,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import threading
 import time
 from collections import deque
 from typing import NamedTuple
@@ -80,8 +83,10 @@ from flashrt_ros.msg import ActionChunk, CapsuleEvent, CapsuleInfo, Observation,
 from flashrt_ros.ros.operations import OPERATIONS
 from flashrt_ros.ros.stamps import ns_to_s, s_to_duration, s_to_ns, s_to_stamp, stamp_to_s
 
+from flashrt_ros.core.bringup import LatePlans, Phases
 from flashrt_ros.core.checkpoint import resolve_model
-from flashrt_ros.core.exceptions import ConfigError, FlashRTError, NotConfiguredError
+from flashrt_ros.core.exceptions import ConfigError, FlashRTError, InputError, NotConfiguredError
+from flashrt_ros.ros.publishing import LATCHED
 from flashrt_ros.ros.params import configs_from_values, parameter_table
 from flashrt_ros.core.runtime import PolicyRuntime
 from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_threads,
@@ -92,6 +97,10 @@ NODE_NAME = "flashrt_policy"
 # An observation stamped further ahead of the node's clock than this is refused: it would become
 # the ordering reference and every correctly stamped observation after it would look out of order.
 FUTURE_STAMP_TOLERANCE_S = 1.0
+# After the lifecycle shutdown transition the process ends: main() checks for it this often, and
+# serves this long after it before it ends.
+FINALIZED_POLL_S = 0.1
+FINALIZED_LINGER_S = 0.5
 RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
                       history=QoSHistoryPolicy.KEEP_LAST)
 # Services answer many clients through one response writer: with the default KEEP_LAST 10, a
@@ -101,6 +110,13 @@ SERVICE_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
                          history=QoSHistoryPolicy.KEEP_LAST)
 EVENTS_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
                         durability=QoSDurabilityPolicy.VOLATILE)
+
+
+# The loaded model's shapes, readable as read-only parameters once the node is configured (and in
+# every ~/status).
+MODEL_SHAPE = {"obs_dim": "observation size (Observation.state length)",
+               "action_dim": "action size (ActionChunk.action_dim)",
+               "horizon": "rows of an action chunk (ActionChunk.horizon)"}
 
 
 class Latest(NamedTuple):
@@ -123,15 +139,25 @@ class PolicyNode(LifecycleNode):
                 description=help_text + (" [fixed while configured]" if fixed else ""),
                 dynamic_typing=isinstance(default, float))
             if isinstance(default, list) and not default:
-                # an empty list has no type (rclpy would make it a byte array): declared as a
-                # string array, not set until given; _param_values reads "not set" as empty
-                default = Parameter.Type.STRING_ARRAY
-            self.declare_parameter(name, default, desc)
+                # an empty list has no type of its own (rclpy would make it a byte array), and a
+                # parameter declared without a value makes every get_parameters that names it
+                # answer no values at all (rclpy 9.1: `ros2 param dump` prints nothing): declared
+                # as a string array, then given its empty value unless an override set one
+                self.declare_parameter(name, Parameter.Type.STRING_ARRAY, desc)
+                if self.get_parameter_or(name).value is None:
+                    self.set_parameters([Parameter(name, Parameter.Type.STRING_ARRAY, [])])
+            else:
+                self.declare_parameter(name, default, desc)
             self._fixed[name] = fixed
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.finalized = threading.Event()      # set by the shutdown transition
         self.runtime: PolicyRuntime | None = None
         self.store = None
         self.node_cfg = None
+        # bring-up: the time of each phase, and the late plans (core/bringup.py)
+        self.bringup = Phases()
+        self.bringup.mark("node")
+        self.late: LatePlans | None = None
         self.active = False
         self.state_label = "unconfigured"
         self._latest: Latest | None = None
@@ -158,13 +184,19 @@ class PolicyNode(LifecycleNode):
     # -- parameters -----------------------------------------------------------------------
     def _param_values(self) -> dict:
         out = {}
-        for name, default, *_ in parameter_table():
-            v = self.get_parameter_or(name).value        # None: declared, not set
-            v = default if v is None else v
+        for name, *_ in parameter_table():
+            v = self.get_parameter(name).value
             out[name] = list(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else v
         return out
 
     def _on_set_parameters(self, params) -> SetParametersResult:
+        # a parameter without a value would make every get_parameters that names it answer
+        # nothing (see __init__), and configure needs them all: `ros2 param delete` is refused
+        unset = [p.name for p in params if p.type_ == Parameter.Type.NOT_SET]
+        if unset:
+            return SetParametersResult(successful=False, reason=(
+                f"{', '.join(unset)}: expected a value, found none (a delete); the node needs "
+                f"every parameter - set one instead (its default: `flashrt-ros params`)"))
         if self.runtime is None:      # unconfigured: anything goes; configure validates
             return SetParametersResult(successful=True)
         fixed = [p.name for p in params if self._fixed.get(p.name)]
@@ -193,12 +225,21 @@ class PolicyNode(LifecycleNode):
     # -- lifecycle ------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         log = self.get_logger()
+        phases = Phases()          # this configure's; the process age at node creation stays
+        phases.marks["node"] = self.bringup.marks["node"]
+        phase = phases.phase
         try:
             node_cfg, rt_cfg, store_cfg = configs_from_values(self._param_values())
-            model_dir = resolve_model(node_cfg.model, say=log.info)
+            with phase("model"):
+                model_dir = resolve_model(node_cfg.model, say=log.info)
             model_cfg = model_dir.cfg
             self._check_joints(node_cfg, model_cfg)
-            resolved = rt_cfg.resolve(model_cfg)    # every "auto" made concrete, once
+            self._check_model_shape(model_cfg)
+            with phase("resolve"):      # CUDA context, compile cache, fla's import
+                resolved = rt_cfg.resolve(model_cfg)    # every "auto" made concrete, once
+            if resolved.compile_cache:
+                log.info(f"compile cache {resolved.compile_cache}")
+            late = node_cfg.capture_prefill == "background"
             self._threads = resolved.threads
             self._pin_torch_threads()
             if node_cfg.nice:
@@ -209,8 +250,9 @@ class PolicyNode(LifecycleNode):
                      f"{node_cfg.control_mode} control at {node_cfg.control_rate_hz:g} Hz, "
                      f"{torch.get_num_threads()} torch CPU thread(s)")
             # a BoundaryLock: fair to capsule calls (see the module docstring)
-            rt = PolicyRuntime(runtime_cfg=rt_cfg, progress=log.info, model_dir=model_dir,
-                               lock=BoundaryLock())
+            with phase("runtime"):
+                rt = PolicyRuntime(runtime_cfg=rt_cfg, progress=log.info, model_dir=model_dir,
+                                   lock=BoundaryLock(), late_plans=late)
             untrained = rt.model.untrained
             if "heads" in untrained:
                 log.warning(f"the {' and '.join(untrained)} of model {model_cfg.name!r} "
@@ -220,11 +262,16 @@ class PolicyNode(LifecycleNode):
                 log.info(f"the backbone of model {model_cfg.name!r} is drawn from the seed; its "
                          f"heads were trained on that backbone")
             if node_cfg.instruction:
-                n = rt.set_instruction(node_cfg.instruction)
+                with phase("instruction"):
+                    n = rt.set_instruction(node_cfg.instruction)
                 log.info(f"instruction prefilled: {n} tokens")
             if node_cfg.warm_up:
-                log.info(f"warm-up: every plan ran once in {warm_up(rt):.2f} s; state put back")
-            store = make_store(rt, store_cfg)
+                with phase("warm-up"):
+                    took = warm_up(rt, prefill=not late)
+                log.info(f"warm-up: every {'step ' if late else ''}plan ran once in {took:.2f} s; "
+                         f"state put back")
+            with phase("store"):
+                store = make_store(rt, store_cfg)
             for skipped in store.skipped_files:
                 log.warning(f"capsule directory: skipped {skipped}")
         except Exception as e:  # noqa: BLE001 - a bad configuration must not kill the node
@@ -233,12 +280,16 @@ class PolicyNode(LifecycleNode):
             log.error(f"configure failed: {what}. The node stays unconfigured: fix the "
                       f"parameter and configure again")
             return TransitionCallbackReturn.FAILURE
+        self._declare_model_shape(model_cfg)
         self.node_cfg, self.runtime, self.store = node_cfg, rt, store
+        self.bringup = phases
+        self.late = LatePlans(rt, say=log.info) if late else None
         obs_qos = qos_profile_sensor_data if node_cfg.observation_qos == "sensor_data" else RELIABLE
         self.sub_obs = self.create_subscription(Observation, "~/observation", self._on_observation,
                                                 obs_qos, callback_group=self._control)
+        # latched: an instruction published just before this subscription matched still comes
         self.sub_instr = self.create_subscription(String, "~/instruction", self._on_instruction,
-                                                  RELIABLE, callback_group=self._capsule)
+                                                  LATCHED, callback_group=self._capsule)
         if node_cfg.joint_names:
             self.sub_joints = self.create_subscription(JointState, "joint_states",
                                                        self._on_joint_state, obs_qos,
@@ -257,6 +308,28 @@ class PolicyNode(LifecycleNode):
         """`runtime.threads` in the calling executor thread (serving.pin_torch_threads says why
         every thread that steps needs it)."""
         pin_torch_threads(self._threads)
+
+    def _check_model_shape(self, model_cfg):
+        """A later configure must load a model of the shapes the read-only parameters declared:
+        ROS never changes a read-only parameter, and they must not lie."""
+        declared = {name: self.get_parameter(name).value for name in MODEL_SHAPE
+                    if self.has_parameter(name)}
+        found = {name: getattr(model_cfg, name) for name in declared}
+        if declared != found:
+            raise ConfigError(f"model: expected a model of the shapes this process declared as "
+                              f"read-only parameters at its first configure ({declared}), found "
+                              f"{found} in model {model_cfg.name!r}; restart the node to serve a "
+                              f"model of other shapes")
+
+    def _declare_model_shape(self, model_cfg):
+        """`obs_dim`, `action_dim`, `horizon` of the loaded model as read-only parameters (at the
+        first configure; a params file's values for them are ignored: the model says)."""
+        for name, help_text in MODEL_SHAPE.items():
+            if not self.has_parameter(name):
+                self.declare_parameter(name, int(getattr(model_cfg, name)), ParameterDescriptor(
+                    description=f"{help_text} of the loaded model (read-only: set at the first "
+                                f"configure from the model)", read_only=True),
+                    ignore_override=True)
 
     @staticmethod
     def _check_joints(node_cfg, model_cfg):
@@ -289,7 +362,13 @@ class PolicyNode(LifecycleNode):
             self.deadlines.start(t.clock.now().nanoseconds + t.time_until_next_call() - period_ns)
         self.active = True
         self.state_label = "active"
-        self.get_logger().info("active: stepping the policy")
+        self.bringup.mark("active")
+        self.get_logger().info(f"active: stepping the policy ({self.bringup.text()})")
+        if self.late is not None:
+            if self.late.order:
+                self.get_logger().info(f"capturing {len(self.late.order)} prefill plans in the "
+                                       f"background, between steps")
+            self.late.start()
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -309,6 +388,8 @@ class PolicyNode(LifecycleNode):
         self.active = False
         self._teardown()
         self.state_label = "finalized"
+        self.get_logger().info("finalized: the process ends")
+        self.finalized.set()          # main() stops spinning (a finalized node serves nothing)
         return TransitionCallbackReturn.SUCCESS
 
     def _destroy_control_timer(self):
@@ -318,6 +399,11 @@ class PolicyNode(LifecycleNode):
 
     def _teardown(self):
         self._destroy_control_timer()
+        if self.late is not None:
+            if not self.late.stop(timeout=0):
+                self.get_logger().info("waiting for the late plan in progress to finish")
+                self.late.stop()
+            self.late = None
         for attr in ("sub_obs", "sub_instr", "sub_joints"):
             sub = getattr(self, attr)
             if sub is not None:
@@ -453,6 +539,9 @@ class PolicyNode(LifecycleNode):
         self.pub_action.publish(out)
         if self.pub_command is not None:
             self._publish_command(action)
+        if "first action" not in self.bringup.marks:
+            self.get_logger().info(f"first action {self.bringup.mark('first action'):.2f} s "
+                                   f"after the process started")
 
     def _publish_command(self, action):
         if self.node_cfg.command_output == "float64_multi_array":
@@ -476,6 +565,10 @@ class PolicyNode(LifecycleNode):
             return
         self._pin_torch_threads()
         try:
+            late = self.late
+            if late is not None:      # before any lock: steps go on while it waits
+                late.wait_for_instruction(len(rt.tokenizer.encode(msg.data)),
+                                          say=self.get_logger().info)
             with store.lock, rt.lock:
                 n = rt.set_instruction(msg.data)
                 store.on_reset()
@@ -496,10 +589,14 @@ class PolicyNode(LifecycleNode):
         s.lifecycle_state = self.state_label
         dl = self.deadlines
         s.deadline_misses, s.stale_observations = dl.misses, self._stale
+        s.rejected_inputs = self._rejected
         if rt is not None and store is not None:
             s.device, s.preset = str(rt.device), rt.model_cfg.name
+            s.obs_dim, s.action_dim, s.horizon = (getattr(rt.model_cfg, n) for n in MODEL_SHAPE)
             s.step, s.position, s.episode_id = rt.step_count, rt.position, rt.episode
             s.capsule_lineage = store.lineage
+            late = self.late
+            s.bringup = late.progress() if late is not None else "ready"
             lat = np.asarray(self._step_ms, dtype=np.float64)
             if lat.size:
                 s.last_step_ms = float(lat[-1])
@@ -524,7 +621,12 @@ class PolicyNode(LifecycleNode):
               "stale_observations": self._stale, "idle_ticks": self._idle,
               "rejected_inputs": self._rejected, "capsules": s.capsules,
               "gpu_bytes": f"{s.gpu_bytes}/{s.gpu_budget}", "host_bytes": f"{s.host_bytes}/{s.host_budget}",
-              "disk_bytes": f"{s.disk_bytes}/{s.disk_budget}", "last_error": self._last_error}
+              "disk_bytes": f"{s.disk_bytes}/{s.disk_budget}", "last_error": self._last_error,
+              "bringup": s.bringup}
+        kv.update({f"bringup.{k}": v for k, v in self.bringup.values().items()})
+        late = self.late
+        if late is not None:
+            kv.update({f"late.{k}": v for k, v in late.values().items()})
         st.values = [KeyValue(key=k, value=str(v)) for k, v in kv.items()]
         self.pub_diag.publish(DiagnosticArray(header=s.header, status=[st]))
 
@@ -644,9 +746,22 @@ class PolicyNode(LifecycleNode):
         res.message = f"{len(res.capsules)} capsule(s)"
 
     def _srv_delete(self, rt, store, req, res, ev):
-        ev.name = req.name
-        store.delete(req.name)
-        res.message = f"deleted {req.name!r}"
+        """Without delete_file a saved file always stays: a capsule that has one is demoted to
+        the disk tier (its memory copy dropped), one that is only on disk is refused."""
+        ev.name, ev.delete_file = req.name, req.delete_file
+        cap = store.get(req.name)
+        saved = bool(cap.path) and os.path.isfile(cap.path)
+        if req.delete_file or not saved:
+            store.delete(req.name)
+            res.message = f"deleted {req.name!r}" + (f" and its file {cap.path}" if saved else "")
+        elif cap.tier == "disk":
+            raise InputError(f"delete {req.name!r}: the capsule is only on disk ({cap.path}); "
+                             f"expected delete_file: true to delete its file - nothing deleted")
+        else:
+            store.move(req.name, "disk")
+            res.message = (f"dropped the memory copy of {req.name!r}; its file {cap.path} stays "
+                           f"(listed in the disk tier; delete_file: true deletes it)")
+        ev.tier = cap.tier if req.name in store.capsules else ""
 
     def _srv_reset(self, rt, store, req, res, ev):
         ev.keep_context = req.keep_context
@@ -658,15 +773,19 @@ class PolicyNode(LifecycleNode):
                        f", episode {res.episode_id}")
 
     def _srv_save(self, rt, store, req, res, ev):
-        ev.name, ev.keep_in_memory = req.name, req.keep_in_memory
-        res.path = store.save(req.name, keep_in_memory=req.keep_in_memory)
+        ev.name, ev.evict_from_memory = req.name, req.evict_from_memory
+        res.path = store.save(req.name, keep_in_memory=not req.evict_from_memory)
         cap = store.get(req.name)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
-        res.message = f"saved {req.name!r} to {res.path}"
+        res.message = f"saved {req.name!r} to {res.path}" + (
+            " (memory copy dropped)" if req.evict_from_memory else f", {cap.tier} copy kept")
 
     def _srv_load(self, rt, store, req, res, ev):
         ev.name, ev.tier, ev.restore = req.name, req.tier, req.restore
+        if req.tier == "disk":      # the store reads "disk" as its default memory tier
+            raise InputError(f"load_capsule: expected tier gpu, host or '' (the default memory "
+                             f"tier), found 'disk'; a load brings a capsule file into memory")
         cap = store.load(req.name, tier=req.tier or None)
         if req.restore:
             cap = store.restore(req.name)
@@ -690,7 +809,14 @@ def main(args=None):
                                     "unconfigured (fix the parameters, then `flashrt-ros lifecycle "
                                     "configure` and `activate`)")
     try:
-        executor.spin()
+        while rclpy.ok() and not node.finalized.is_set():
+            executor.spin_once(timeout_sec=FINALIZED_POLL_S)
+        if node.finalized.is_set():
+            # the answer to the shutdown call is on the wire; serve a moment longer so that DDS
+            # can resend it if it was lost, then end (exit status 0)
+            deadline = time.monotonic() + FINALIZED_LINGER_S
+            while rclpy.ok() and time.monotonic() < deadline:
+                executor.spin_once(timeout_sec=FINALIZED_POLL_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -44,6 +44,7 @@ class SimRobotNode(Node):
         self._publishing = threading.Lock()      # held by _tick while it decides and publishes
         self.timer = self.create_timer(1.0 / rate_hz, self._tick)
         self._waiting = False
+        self._said_waiting = False
 
     @property
     def done(self) -> bool:
@@ -62,6 +63,8 @@ class SimRobotNode(Node):
         with self._publishing:
             if self.paused or self.done or (self.lockstep and self._waiting and self.sent > 0):
                 return
+            if self.lockstep and self.sent == 0 and not self._policy_matched():
+                return          # lockstep waits for an action: the first observation must arrive
             msg = Observation()
             msg.header.stamp = self.get_clock().now().to_msg()
             msg.header.frame_id = "sim_arm"
@@ -69,6 +72,17 @@ class SimRobotNode(Node):
             self.pub.publish(msg)
             self.sent += 1
             self._waiting = True
+
+    def _policy_matched(self) -> bool:
+        """The policy node hears the observations and we hear its actions; says once that it
+        waits for that."""
+        if self.pub.get_subscription_count() and self.sub.get_publisher_count():
+            return True
+        if not self._said_waiting:
+            self._said_waiting = True
+            self.get_logger().info(f"lockstep: waiting for the policy node to subscribe "
+                                   f"{self.pub.topic_name} and publish {self.sub.topic_name}")
+        return False
 
     def _on_action(self, msg: ActionChunk):
         chunk = np.asarray(msg.data, dtype=np.float32).reshape(msg.horizon, msg.action_dim)

@@ -1,0 +1,57 @@
+"""Inputs that must not be lost: latched QoS, and publishing only once every subscriber listens.
+
+A one-shot message (an instruction, a joint state a replay sends first) published before its
+subscribers matched is gone for them: DDS delivers a volatile message only to the readers matched
+when it is written. Two measures, used on both sides:
+
+  * `LATCHED`: reliable + transient local, depth 1 (what `ros2 topic pub --qos-durability
+    transient_local` offers). The node's `~/instruction` subscription requests it, so a publisher
+    that is matched a little late still delivers its last instruction, and so does every
+    publisher of an instruction in this package. (DDS matches a transient-local reader only with
+    transient-local writers: a volatile publisher does not reach the node's `~/instruction`.)
+  * `wait_for_subscribers(...)`: before the first message, wait (bounded) until the publisher
+    matched at least one subscription and every subscription the graph shows on its topic - a
+    bag recorder beside the node included - so nobody who listens misses the first message.
+"""
+from __future__ import annotations
+
+from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
+
+from flashrt_ros.ros.waiting import wait_for
+
+LATCHED = QoSProfile(depth=1, history=QoSHistoryPolicy.KEEP_LAST,
+                     reliability=QoSReliabilityPolicy.RELIABLE,
+                     durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def unmatched(node, publisher) -> list:
+    """The subscriptions on the publisher's topic in the graph it has not matched yet, as
+    'node (QoS)' strings; ['(none)'] while it has matched none at all."""
+    subs = node.get_subscriptions_info_by_topic(publisher.topic_name)
+    matched = publisher.get_subscription_count()
+    if matched == 0:
+        return ["(none)"]
+    if matched >= len(subs):
+        return []
+    return [f"{s.node_namespace.rstrip('/')}/{s.node_name} ({s.qos_profile.reliability.name.lower()}"
+            f", {s.qos_profile.durability.name.lower()})" for s in subs][matched:]
+
+
+def wait_for_subscribers(node, publisher, timeout: float, idle):
+    """Wait until `publisher` matched every subscription of its topic (at least one).
+
+    Args:
+        node: the rclpy node that owns `publisher` (its graph view).
+        idle: how to spend a pause, e.g. `lambda t: executor.spin_once(timeout_sec=t)`.
+    Raises:
+        TimeoutError: naming the topic and the subscriptions still unmatched (a subscription
+            whose QoS the publisher cannot serve stays unmatched).
+    """
+    try:
+        wait_for(lambda: not unmatched(node, publisher), timeout, "", interval=0.02, idle=idle)
+    except TimeoutError:
+        left = unmatched(node, publisher)
+        what = ("no subscriber at all (is the node running, with the same ROS_DOMAIN_ID?)"
+                if left == ["(none)"] else f"not matched: {', '.join(left)} (incompatible QoS?)")
+        raise TimeoutError(f"subscribers of {publisher.topic_name} within {timeout:g} s: "
+                           f"{what}") from None
