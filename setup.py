@@ -198,10 +198,10 @@ setup(
     data_files=DATA_FILES,
     install_requires=["numpy", "pyyaml", "safetensors", "tokenizers", "torch>=2.4"],
     extras_require={
-        "ros": ["rosbags>=0.10", "py_trees>=2.2"],
+        "ros": ["rosbags>=0.10", "mcap>=1.6", "py_trees>=2.2"],
         "gpu": ["flash-linear-attention>=0.6", "cupy-cuda12x"],
         "bench": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "matplotlib"],
+        "test": ["pytest", "hypothesis", "matplotlib", "mcap-ros2-support"],
     },
     entry_points={"console_scripts": ["%s = %s" % item for item in CONSOLE_SCRIPTS.items()]},
     cmdclass={"build_interfaces": BuildInterfaces, "install_ament": InstallAment,
