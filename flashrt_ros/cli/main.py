@@ -73,8 +73,9 @@ class Client:
         client = self.node.create_client(srv_type, name)
         self._wait_for_service(client, name)
         future = client.call_async(request)
-        self.rclpy.spin_until_future_complete(self.node, future, timeout_sec=self.timeout)
-        if future.done():
+        # not rclpy.spin_until_future_complete: on Jazzy (rclpy 7.1.x) each call leaves a
+        # done-callback behind, and a process that calls many times slows down
+        if self.spin_until(future.done, self.timeout):
             return future.result()
         raise SystemExit(f"flashrt-ros: {name} did not answer within {self.timeout:g} s")
 
