@@ -69,6 +69,20 @@ def test_reference_carries_state_across_calls_bitwise():
     assert torch.equal(o1, o2) and torch.equal(S1, S2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_token_step_is_the_reference_bitwise(dtype):
+    """gated_delta_rule_step (a control step's path on the CPU) runs the reference loop's body:
+    over several tokens, token by token, the same output and state bits."""
+    q, k, v, gate, beta, state = _inputs(T=5, H=3, K=4, V=6, seed=2, dtype=dtype)
+    S_ref, S = state.clone(), state.clone()
+    for t in range(q.shape[0]):
+        one = [x[t:t + 1] for x in (q, k, v, gate, beta)]
+        want = kernels.gated_delta_rule_reference(*one, S_ref, 0.5)
+        got = kernels.gated_delta_rule_step(*one, S, 0.5)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want) and torch.equal(S, S_ref)
+
+
 def test_reference_bf16_inputs_keep_fp32_state():
     q, k, v, gate, beta, state = _inputs(dtype=torch.bfloat16)
     S = state.clone()

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashrt_ros.core import kernels
+
 OBS_CLIP = 5.0          # normalised observations are clipped to +-OBS_CLIP
 
 
@@ -29,7 +31,8 @@ class ObservationEncoder(nn.Module):
     def forward(self, obs):
         """obs: [obs_dim] fp32 -> [d] in the weights' dtype."""
         z = ((obs - self.mean) / self.std).clamp(-OBS_CLIP, OBS_CLIP)
-        return self.proj(z.to(self.proj.weight.dtype))
+        w = self.proj.weight
+        return F.linear(z if z.dtype == w.dtype else z.to(w.dtype), w)
 
 
 class ActionHead(nn.Module):
@@ -42,7 +45,8 @@ class ActionHead(nn.Module):
         self.fc2 = nn.Linear(d, horizon * action_dim, bias=False)
 
     def forward(self, h):
-        return self.fc2(F.silu(self.fc1(h))).float().view(self.horizon, self.action_dim)
+        chunk = F.linear(F.silu(F.linear(h, self.fc1.weight)), self.fc2.weight)
+        return kernels.f32(chunk).view(self.horizon, self.action_dim)
 
 
 class MTPHead(nn.Module):
@@ -56,4 +60,4 @@ class MTPHead(nn.Module):
         self.scale = nn.Parameter(torch.full((1,), 0.5))
 
     def forward(self, h):
-        return self.proj(h).view(self.depth, self.d)
+        return F.linear(h, self.proj.weight).view(self.depth, self.d)

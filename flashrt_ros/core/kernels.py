@@ -33,6 +33,13 @@ CHUNK = 64          # tokens per chunk: a [H, 64, 64] triangular solve per chunk
 # reassociates the sums, so equality is not expected; these bound the drift over 64 tokens.
 FLA_ATOL = 2e-2
 FLA_RTOL = 2e-2
+L2NORM_EPS = 1e-6   # of the q/k L2 norm, as transformers and fla write it
+
+
+def f32(x):
+    """x in fp32; x itself when it already is (a no-op `.float()` still costs a dispatch, which on
+    the CPU is what a control step of a small model spends its time on)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def gated_delta_rule_reference(q, k, v, g, beta, state, scale):
@@ -58,6 +65,23 @@ def gated_delta_rule_reference(q, k, v, g, beta, state, scale):
         S.baddbmm_(kf[t][:, :, None], u[:, None, :])            # S += k u^T
         out.append(torch.bmm((qf[t] * scale)[:, None, :], S)[:, 0])
     return torch.stack(out).to(v.dtype)
+
+
+def gated_delta_rule_step(q, k, v, g, beta, state, scale):
+    """One token (T == 1) of `gated_delta_rule_reference`: the loop's body, the same operations in
+    the same order (so the same bits), on [H, 1, .] rows instead of per-token indexing - a control
+    step's path on the CPU, where each indexing operation costs as much as the arithmetic.
+
+    Same arguments and contract as the reference with T == 1; returns o: [1, H, V] in v's dtype.
+    """
+    H, K, V = state.shape
+    S = state
+    q1, k1, v1 = (f32(x).view(H, 1, -1) for x in (q, k, v))                    # [H, 1, .]
+    S.mul_(torch.exp(f32(g)).view(H, 1, 1))
+    u = f32(beta).view(H, 1, 1) * (v1 - torch.bmm(k1, S))                       # [H, 1, V]
+    S.baddbmm_(k1.transpose(1, 2), u)                                           # S += k u^T
+    o = torch.bmm(q1 * scale, S).view(1, H, V)
+    return o if o.dtype == v.dtype else o.to(v.dtype)
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, state, scale, chunk: int = CHUNK):
@@ -133,13 +157,20 @@ def gate_reference(q, k, a, b, A_log, dt_bias):
     Returns:
         (q, k, g, beta), all fp32
     """
-    g = -torch.exp(A_log.float()) * F.softplus(a.float() + dt_bias.float())
-    return l2norm(q.float()), l2norm(k.float()), g, torch.sigmoid(b.float())
+    return (l2norm(q.float()), l2norm(k.float()),
+            *decay_gate(a, b, -torch.exp(A_log.float()), dt_bias))
 
 
-def l2norm(x, eps: float = 1e-6):
-    """`x / sqrt(sum(x^2) + eps)` along the last axis: the form fla's kernels and transformers use."""
-    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+def decay_gate(a, b, neg_A, dt_bias):
+    """Log decay `g = neg_A * softplus(a + dt_bias)` and write strength `beta = sigmoid(b)`, both
+    fp32 ([T, H] each), as transformers computes them; neg_A = -exp(A_log) in fp32 ([H])."""
+    return neg_A * F.softplus(f32(a) + f32(dt_bias)), torch.sigmoid(f32(b))
+
+
+def l2norm(x, eps=L2NORM_EPS):
+    """`x / sqrt(sum(x^2) + eps)` along the last axis: the form fla's kernels and transformers use.
+    eps: a float, or a 0-d tensor (cheaper on the CPU's per-operation path)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
 def gated_delta_rule_fla_gated(q, k, v, a, b, A_log, dt_bias, state, scale, chunked: bool):

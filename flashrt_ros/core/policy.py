@@ -10,13 +10,15 @@ The runtime, its plans, the capsule stores and the node see a policy only throug
                      [horizon, action_dim]; commits step += 1.
 * `token_step(arena, io, pos)` - decode one token: `io.token` -> `io.logits`, `io.next_token`.
 * `lm_head(arena, io)` - logits of the next token from the last hidden state.
+* `prepare()` - called once by the runtime after the weights are loaded and before any step: the
+                     policy derives what its steps read from the weights (packed projections...).
 * `weights_digest` - a digest of every weight, which capsule fingerprints include.
 * `reset` is the runtime's (`PolicyRuntime.reset`): state lives in the arena, so a reset is a copy
   of the post-instruction state or zeros, never a call into the network.
 
 `pos` is the position of the first new token as a host int (the eager form), or None: the static
 form captured in CUDA graphs, which reads the position from `arena.meta` on the device. Every
-method runs under `torch.no_grad()` and allocates nothing that outlives the call.
+method runs under `torch.inference_mode()` and allocates nothing that outlives the call.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ class Policy(nn.Module):
     untrained: tuple = ()      # names of parts whose weights came from the seed, not a file
 
     def state_specs(self) -> list[BufferSpec]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
         raise NotImplementedError
 
     def prefill_chunk(self, arena: StateArena, io: StaticIO, pos, tokens) -> None:

@@ -33,6 +33,40 @@ from torch import nn
 from flashrt_ros.core import kernels
 from flashrt_ros.core.arena import META_POSITION, BufferSpec
 from flashrt_ros.core.config import TextConfig
+from flashrt_ros.core.kernels import f32
+
+
+def _as(y, dtype):
+    """y in `dtype` (y itself when it already is)."""
+    return y if y.dtype == dtype else y.to(dtype)
+
+
+def rms_normalize(x, eps, n):
+    """`x * rsqrt(mean(x^2) + eps)` along the last axis (n elements), in fp32.
+
+    eps and n are 0-d fp32 tensors on x's device (`norm_constants`): a Python number in an
+    operation is first wrapped into a tensor and converted, which costs more than the arithmetic
+    at a control step's sizes. `addcdiv` is `eps + sum / n`, the roundings of `mean + eps`."""
+    xf = f32(x)
+    return xf * torch.rsqrt(torch.addcdiv(eps, (xf * xf).sum(-1, keepdim=True), n))
+
+
+def norm_constants(eps: float, n: int, device) -> tuple:
+    """(eps, n) as 0-d fp32 tensors for `rms_normalize`."""
+    return (torch.tensor(eps, dtype=torch.float32, device=device),
+            torch.tensor(float(n), dtype=torch.float32, device=device))
+
+
+def pack_weights(*linears: nn.Linear) -> torch.Tensor:
+    """One [sum of outputs, inputs] matrix for linears that read the same input; each weight is
+    rebound as a view of it (same storage, same names), so one matmul replaces several."""
+    packed = torch.cat([lin.weight for lin in linears])
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(packed[row:row + n], requires_grad=False)
+        row += n
+    return packed
 
 
 class RMSNorm(nn.Module):
@@ -42,11 +76,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
+        self.scale = self.constants = None      # 1 + weight in fp32 and (eps, n): prepare()
+
+    def prepare(self) -> None:
+        self.scale = 1.0 + self.weight.float()
+        self.constants = norm_constants(self.eps, self.weight.shape[0], self.weight.device)
 
     def forward(self, x):
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return _as(rms_normalize(x, *self.constants) * self.scale, x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -56,50 +93,59 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.constants = None                   # (eps, n): prepare()
+
+    def prepare(self) -> None:
+        self.constants = norm_constants(self.eps, self.weight.shape[0], self.weight.device)
 
     def forward(self, x, gate):
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        y = self.weight * y
-        return (y * F.silu(gate.float())).to(x.dtype)
+        y = self.weight * _as(rms_normalize(x, *self.constants), x.dtype)
+        return _as(y * F.silu(f32(gate)), x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
     """Partial rotary embedding: the first `rotary_dim` of each head's dims rotate, the rest pass.
 
     cos/sin for every position the arena can hold are computed once (fp32, then the activations'
-    dtype, as transformers does) and looked up by position: a graph reads them by address.
+    dtype, as transformers does) and looked up by position: a graph reads them by address. The
+    tables span the whole head (cos 1 and sin 0 on the dims that pass) and the rotation of the
+    rotary half is a signed permutation matrix, so that `x * cos + (x @ rotate) * sin` is the
+    whole embedding in four operations, with transformers' roundings (the permutation is exact).
     """
 
     def __init__(self, cfg: TextConfig, max_context: int, dtype: torch.dtype):
         super().__init__()
-        self.dim, self.theta, self.max_context, self.dtype = cfg.rotary_dim, cfg.rope_theta, \
-            max_context, dtype
-        self.register_buffer("cos", torch.empty(max_context, self.dim, dtype=dtype),
-                             persistent=False)
-        self.register_buffer("sin", torch.empty(max_context, self.dim, dtype=dtype),
-                             persistent=False)
+        self.dim, self.head_dim, self.theta = cfg.rotary_dim, cfg.head_dim, cfg.rope_theta
+        self.max_context, self.dtype = max_context, dtype
+        D = self.head_dim
+        for name, shape in (("cos", (max_context, D)), ("sin", (max_context, D)),
+                            ("rotate", (D, D))):
+            self.register_buffer(name, torch.empty(shape, dtype=dtype), persistent=False)
         if self.cos.device.type != "meta":
             self.materialize(self.cos.device)
 
     def materialize(self, device) -> None:
         """Compute the tables on `device` in fp32, as transformers does, then cast them."""
-        dim = self.dim
+        dim, D, half = self.dim, self.head_dim, self.dim // 2
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu")
                                          / dim))
         positions = torch.arange(self.max_context, device=device).float()
         freqs = positions[:, None] * inv_freq.to(device)[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)                                # [max_ctx, rot]
-        self.cos = emb.cos().to(self.dtype)
-        self.sin = emb.sin().to(self.dtype)
+        cos = torch.ones(self.max_context, D, device=device)
+        sin = torch.zeros(self.max_context, D, device=device)
+        cos[:, :dim], sin[:, :dim] = emb.cos(), emb.sin()
+        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
+        # (x @ rotate)[:dim] = [-x[half:dim], x[:half]] (transformers' rotate_half), 0 beyond dim
+        rotate = torch.zeros(D, D, device=device)
+        i = torch.arange(half, device=device)
+        rotate[i + half, i] = -1.0
+        rotate[i, i + half] = 1.0
+        self.rotate = rotate.to(self.dtype)
 
     def forward(self, x, cos, sin):
-        """x: [T, H, D]; cos, sin: [T, rot] -> x with its first rot dims rotated."""
-        rot, rest = x[..., :self.dim], x[..., self.dim:]
-        half = self.dim // 2
-        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        rot = rot * cos[:, None] + rotated * sin[:, None]
-        return torch.cat([rot, rest], dim=-1)
+        """x: [T, H, D]; cos, sin: [T, D] -> x with its first rotary_dim dims rotated."""
+        return x * cos[:, None] + torch.matmul(x, self.rotate) * sin[:, None]
 
 
 class Positions:
@@ -130,13 +176,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * D, d, bias=False)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.qkv_weight = self.qk_scale = None              # derived by prepare()
+
+    def prepare(self) -> None:
+        self.qkv_weight = pack_weights(self.q_proj, self.k_proj, self.v_proj)
+        # the q and k norms in one pass: per-row scales of [q heads | k heads]
+        self.qk_scale = torch.cat([self.q_norm.scale.expand(self.H, self.D),
+                                   self.k_norm.scale.expand(self.Hkv, self.D)])
 
     def forward(self, h, arena, at: Positions, rotary: RotaryEmbedding):
         T, H, Hkv, D = h.shape[0], self.H, self.Hkv, self.D
-        q, gate = self.q_proj(h).view(T, H, 2 * D).chunk(2, dim=-1)            # [T, H, D] each
-        q = rotary(self.q_norm(q), at.cos, at.sin)
-        k = rotary(self.k_norm(self.k_proj(h).view(T, Hkv, D)), at.cos, at.sin)
-        v = self.v_proj(h).view(T, Hkv, D)
+        p = F.linear(h, self.qkv_weight)                                        # [T, (2H+2Hkv)D]
+        qg = p[:, :2 * H * D].view(T, H, 2 * D)
+        gate = qg[..., D:]                                                      # [T, H, D]
+        new = p[:, 2 * H * D:].view(T, 2, Hkv, D)                               # k | v
+        qk = torch.cat([qg[..., :D], new[:, 0]], dim=1)                         # [T, H+Hkv, D]
+        qk = rotary(_as(rms_normalize(qk, *self.q_norm.constants) * self.qk_scale, h.dtype),
+                    at.cos, at.sin)
+        q, k, v = qk[:, :H], qk[:, H:], new[:, 1]
         kv = arena["kv"][:, self.attn_index]                                    # [max_ctx, 2, Hkv, D]
         q = q.transpose(0, 1)                                                   # [H, T, D]
         if at.pos is None:
@@ -154,8 +211,7 @@ class Attention(nn.Module):
             o = torch.matmul(torch.softmax(scores, dim=-1).to(vals.dtype), vals).view(H, T, D)
         else:
             p = at.pos
-            kv[p:p + T, 0] = k
-            kv[p:p + T, 1] = v
+            kv[p:p + T] = torch.stack([k, v], dim=1)
             keys, vals = kv[:p + T, 0].transpose(0, 1), kv[:p + T, 1].transpose(0, 1)
             mask = None
             if T > 1:
@@ -164,7 +220,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q[None], keys[None], vals[None], attn_mask=mask,
                                                enable_gqa=True)[0]
         o = o.transpose(0, 1).reshape(T, H * D) * torch.sigmoid(gate.reshape(T, H * D))
-        return self.o_proj(o)
+        return F.linear(o, self.o_proj.weight)
 
 
 class GatedDeltaNet(nn.Module):
@@ -190,35 +246,54 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.Hv), requires_grad=False)
         self.norm = GatedRMSNorm(self.Dv, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(value_dim, d, bias=False)
+        self.in_sizes = (cfg.conv_dim, value_dim, self.Hv, self.Hv)     # q|k|v, z, b, a
+        self.in_weight = self.constants = self.neg_A = self.conv_weight = None   # prepare()
+
+    def prepare(self) -> None:
+        self.in_weight = pack_weights(self.in_proj_qkv, self.in_proj_z, self.in_proj_b,
+                                      self.in_proj_a)
+        self.conv_weight = self.conv1d.weight.detach()[:, 0]                   # [conv_dim, K]
+        self.neg_A = -torch.exp(self.A_log.detach().float())                   # decay rates
+        # the L2 norm's eps and the query scale Dk^-0.5 (tensors: see rms_normalize)
+        self.constants = tuple(torch.tensor(v, dtype=torch.float32, device=self.A_log.device)
+                               for v in (kernels.L2NORM_EPS, self.Dk ** -0.5))
 
     def forward(self, h, conv_state, state):
         """h: [T, d]; conv_state: [K-1, conv_dim] (the last K-1 conv inputs); state: [Hv, Dk, Dv]."""
-        T = h.shape[0]
-        qkv = self.in_proj_qkv(h)                                               # [T, conv_dim]
+        T, Hk, Hv = h.shape[0], self.Hk, self.Hv
+        qkv, z, b, a = F.linear(h, self.in_weight).split(self.in_sizes, dim=-1)
         xs = torch.cat([conv_state, qkv], dim=0)                                # [K-1+T, conv_dim]
         conv_state.copy_(xs[T:])
-        w = self.conv1d.weight[:, 0]                                            # [conv_dim, K]
-        y = F.silu((xs.unfold(0, self.K, 1) * w).sum(-1))                       # [T, conv_dim]
-        q, k, v = y.split([self.Hk * self.Dk, self.Hk * self.Dk, self.Hv * self.Dv], dim=-1)
-        q, k = q.view(T, self.Hk, self.Dk), k.view(T, self.Hk, self.Dk)
-        v = v.reshape(T, self.Hv, self.Dv)
-        if self.Hv != self.Hk:
-            q = q.repeat_interleave(self.Hv // self.Hk, dim=1)
-            k = k.repeat_interleave(self.Hv // self.Hk, dim=1)
-        a, b = self.in_proj_a(h), self.in_proj_b(h)                             # [T, Hv]
-        scale = self.Dk ** -0.5
+        y = F.silu((xs.unfold(0, self.K, 1) * self.conv_weight).sum(-1))        # [T, conv_dim]
+        qk = y[:, :2 * Hk * self.Dk].view(T, 2 * Hk, self.Dk)                   # q heads | k heads
+        v = y[:, 2 * Hk * self.Dk:].view(T, Hv, self.Dv)
         if self.kernel == "fla":
             # the L2 norms, the decay gate and the beta sigmoid run inside the fla kernels;
             # test_kernels holds them to the reference prologue below
+            q, k = self._value_heads(qk)
             o = kernels.gated_delta_rule_fla_gated(q, k, v, a, b, self.A_log, self.dt_bias, state,
-                                                   scale, chunked=T > 1)
+                                                   self.Dk ** -0.5, chunked=T > 1)
         else:
-            q, k, g, beta = kernels.gate_reference(q, k, a, b, self.A_log, self.dt_bias)
-            rule = kernels.gated_delta_rule_chunked if self.kernel == "chunked" and T > 1 \
-                else kernels.gated_delta_rule_reference
+            eps, scale = self.constants
+            q, k = self._value_heads(kernels.l2norm(f32(qk), eps))             # both in one pass
+            g, beta = kernels.decay_gate(a, b, self.neg_A, self.dt_bias)
+            if T == 1:
+                rule = kernels.gated_delta_rule_step
+            elif self.kernel == "chunked":
+                rule = kernels.gated_delta_rule_chunked
+            else:
+                rule = kernels.gated_delta_rule_reference
             o = rule(q, k, v, g, beta, state, scale)                            # [T, Hv, Dv]
-        z = self.in_proj_z(h).view(T, self.Hv, self.Dv)
-        return self.out_proj(self.norm(o, z).reshape(T, self.Hv * self.Dv))
+        o = self.norm(o, z.view(T, Hv, self.Dv))
+        return F.linear(o.reshape(T, Hv * self.Dv), self.out_proj.weight)
+
+    def _value_heads(self, qk):
+        """[T, 2 Hk, Dk] -> q, k of [T, Hv, Dk]: each key head serves Hv/Hk value heads."""
+        q, k = qk[:, :self.Hk], qk[:, self.Hk:]
+        if self.Hv != self.Hk:
+            q = q.repeat_interleave(self.Hv // self.Hk, dim=1)
+            k = k.repeat_interleave(self.Hv // self.Hk, dim=1)
+        return q, k
 
 
 class MLP(nn.Module):
@@ -229,9 +304,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, ffn, bias=False)
         self.up_proj = nn.Linear(d, ffn, bias=False)
         self.down_proj = nn.Linear(ffn, d, bias=False)
+        self.gate_up_weight = None                          # derived by prepare()
+
+    def prepare(self) -> None:
+        self.gate_up_weight = pack_weights(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -245,6 +325,7 @@ class DecoderLayer(nn.Module):
             self.self_attn = Attention(cfg, cfg.attn_layers.index(index))
         else:
             self.linear_attn = GatedDeltaNet(cfg, kernel)
+            self.state_names = (f"layers.{index}.conv_state", f"layers.{index}.recurrent_state")
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -254,8 +335,8 @@ class DecoderLayer(nn.Module):
         if self.is_attention:
             x = x + self.self_attn(h, arena, at, rotary)
         else:
-            pre = f"layers.{self.index}."
-            x = x + self.linear_attn(h, arena[pre + "conv_state"], arena[pre + "recurrent_state"])
+            conv, recurrent = self.state_names
+            x = x + self.linear_attn(h, arena[conv], arena[recurrent])
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -264,7 +345,10 @@ class TextModel(nn.Module):
 
     def __init__(self, cfg: TextConfig, max_context: int, dtype: torch.dtype, kernel: str):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # built with its (uninitialised) weight given: the runtime writes every weight, and on the
+        # meta device nn.Embedding's own normal_ init imports torch._dynamo (~2 s at start)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, kernel)
                                     for i in range(cfg.num_hidden_layers))
@@ -290,6 +374,18 @@ class Qwen3_5ForCausalLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         for p in self.parameters():
             p.requires_grad_(False)
+
+    def prepare(self) -> None:
+        """Derive the inference-time tensors from the loaded weights, once, before any step: the
+        packed projections (one matmul per input, the weights rebound as views of it, so no
+        memory is added) and the norms' fp32 scales. The weights are read-only afterwards."""
+        modules = list(self.modules())
+        for m in modules:                   # the norms first: attention stacks its q/k scales
+            if isinstance(m, (RMSNorm, GatedRMSNorm)):
+                m.prepare()
+        for m in modules:
+            if isinstance(m, (Attention, GatedDeltaNet, MLP)):
+                m.prepare()
 
     def logits(self, hidden):
         w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight

@@ -144,23 +144,31 @@ class Qwen3_5Policy(Policy):
                 *Qwen3_5ForCausalLM.state_specs(c.text, c.max_context, dt)]
 
     # -- step functions (what the plans run) ---------------------------------------------------
-    @torch.no_grad()
+    def prepare(self) -> None:
+        """Derive the backbone's inference-time tensors from the loaded weights (see
+        `Qwen3_5ForCausalLM.prepare`); the runtime calls it once, after loading, before any step."""
+        self.backbone.prepare()
+        self.ensemble = torch.full((1,), ENSEMBLE, device=self.mtp_head.scale.device)
+
+    @torch.inference_mode()
     def predict_action_chunk(self, arena, io, pos):
         """One control step: io.obs -> io.action; commits step += 1 (position unchanged)."""
         mtp = arena["mtp_hidden"]
-        x = self.obs_encoder(io.obs) + mtp[0] * self.mtp_head.scale.to(self.dtype)
+        scale = self.mtp_head.scale
+        x = self.obs_encoder(io.obs) + mtp[0] * (scale if scale.dtype == self.dtype
+                                                  else scale.to(self.dtype))
         h = self.backbone.model(x[None], arena, pos)[0]
         arena["last_hidden"].copy_(h)
         mtp.copy_(self.mtp_head(h))
         chunk = self.action_head(h)
         queue = arena["action_queue"]
         # temporal ensembling: each row blends this chunk's plan with the previous chunk's plan for
-        # the same instant; the last row has no previous plan, nor has any row at an episode's
-        # first step (`queue_valid` is 0 in a zeroed arena, 1 after the first step)
+        # the same instant (the queue shifted by one step); the last row has no previous plan, nor
+        # has any row at an episode's first step (`queue_valid` is 0 in a zeroed arena, 1 after the
+        # first step): lerp(x, x, w) is x exactly
         valid = arena["queue_valid"]
-        w = ENSEMBLE * valid
-        out = chunk.clone()
-        out[:-1] = w * queue[1:] + (1.0 - w) * chunk[:-1]
+        previous = torch.cat([queue[1:], chunk[-1:]])
+        out = torch.lerp(chunk, previous, valid * self.ensemble)
         valid.fill_(1.0)
         meta = arena.meta
         if self.sample_actions:
@@ -171,7 +179,7 @@ class Qwen3_5Policy(Policy):
         io.action.copy_(out)
         meta.add_(io.step_increment)                 # step += 1, rng counter += 1
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def token_step(self, arena, io, pos):
         """Decode one token: io.token -> io.logits, io.next_token (greedy); position += 1."""
         h = self.backbone.model(self.backbone.model.embed_tokens(io.token), arena, pos)[-1]
@@ -179,14 +187,14 @@ class Qwen3_5Policy(Policy):
         self._lm_head(arena, io)
         arena.meta[META_POSITION] += 1
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill_chunk(self, arena, io, pos, tokens):
         """Append T context tokens (tokens: [T] int64); position += T; last_hidden updated."""
         h = self.backbone.model(self.backbone.model.embed_tokens(tokens), arena, pos)[-1]
         arena["last_hidden"].copy_(h)
         arena.meta[META_POSITION] += tokens.shape[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def lm_head(self, arena, io):
         """Logits of the next token from last_hidden (the first token after a prefill or restore)."""
         self._lm_head(arena, io)
