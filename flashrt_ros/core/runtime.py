@@ -148,6 +148,7 @@ class PolicyRuntime:
         policy.untrained = tuple(untrained)
         policy.weights_digest = hashlib.blake2b(f"{backbone_digest}|{heads_digest}".encode(),
                                                 digest_size=16).hexdigest()
+        policy.prepare()
         return policy
 
     # -- plans ----------------------------------------------------------------------------
