@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashrt_ros.capsules.file import capsule_path
+from flashrt_ros.capsules.file import capsule_path, temp_path
 from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
 from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleCorrupt, CapsuleExists, CapsuleMismatch,
                                     CapsuleNotFound, InputError)
@@ -187,10 +187,11 @@ def test_failed_operations_change_nothing(tmp_path):
 
 
 def _write_bad_file(store, name, mutate):
-    path = capsule_path(store.cfg.capsule_dir, "home")
-    data = bytearray(open(path, "rb").read())
-    data = mutate(data)
-    with open(capsule_path(store.cfg.capsule_dir, name), "wb") as f:
+    """Capsule `name` (a disk fork of "home": its file names it), its file then mutated."""
+    store.fork("home", name, tier="disk")
+    path = capsule_path(store.cfg.capsule_dir, name)
+    data = mutate(bytearray(open(path, "rb").read()))
+    with open(path, "wb") as f:
         f.write(bytes(data))
 
 
@@ -206,7 +207,7 @@ def _lie_about_position(d):
 @pytest.mark.parametrize("mutate,exc", [
     (lambda d: d[: len(d) // 2], CapsuleCorrupt),                       # truncated
     (_flip_last_byte, CapsuleCorrupt),                                   # bit flip in the data
-    (lambda d: d.replace(b'"format_version":"1"', b'"format_version":"9"'), CapsuleMismatch),
+    (lambda d: d.replace(b'"format_version":"2"', b'"format_version":"9"'), CapsuleMismatch),
     (_lie_about_position, CapsuleCorrupt),                                # manifest lies about sizes
     (lambda d: b"not a capsule at all", CapsuleCorrupt),
 ])
@@ -288,7 +289,7 @@ def test_store_rebuilds_index_from_disk_and_drops_temp_files(tmp_path):
     run(rt, observations(2))
     store.snapshot("a", tier="disk")
     expected = store.capsule_bytes("a")
-    tmp = os.path.join(store.cfg.capsule_dir, ".b.capsule.tmp-123")
+    tmp = temp_path(capsule_path(store.cfg.capsule_dir, "b"))   # a write killed before its rename
     open(tmp, "wb").write(b"half a capsule")
     rt2, _ = make("cpu", tmp_path)
     store2 = CapsuleStore(rt2, StoreConfig(capsule_dir=store.cfg.capsule_dir))

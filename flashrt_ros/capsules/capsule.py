@@ -3,8 +3,8 @@
 Content: every named arena buffer (for the KV only the live prefix `[0:position]`), stored as
 the arena's contiguous live byte range in a memory tier, or as a capsule file on disk.
 Metadata: name, lineage (parent capsule, step, position, episode), the fingerprint of the runtime
-that took it (model config + buffer layout + weights digest + format version), and a BLAKE2b-256
-content digest over the buffers' bytes in layout order.
+that took it (model config + buffer layout + weights digest + format version), and a content
+digest over the buffers' bytes in layout order (digest.py: a BLAKE2b-256 tree over 4 MiB leaves).
 
 The digest is computed when a capsule is written to disk (and checked whenever one is read), or on
 demand (`CapsuleStore.verify`). It is not computed on the GPU/host snapshot path: hashing 200 MB on
@@ -12,13 +12,13 @@ the CPU takes far longer than the copy it would guard, and memory tiers never le
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from flashrt_ros.capsules.digest import tree_digest
 from flashrt_ros.core.arena import StateArena
 from flashrt_ros.core.exceptions import InputError
 
@@ -49,12 +49,9 @@ def buffer_slices(arena: StateArena, position: int):
 
 
 def content_digest(arena: StateArena, raw: torch.Tensor, position: int) -> str:
-    """BLAKE2b-256 over each buffer's bytes (padding excluded) of a live range held on the host."""
+    """The content digest (digest.py) of each buffer's bytes (padding excluded) of a live range."""
     data = raw.numpy() if raw.device.type == "cpu" else raw.cpu().numpy()
-    h = hashlib.blake2b(digest_size=32)
-    for _, off, n in buffer_slices(arena, position):
-        h.update(memoryview(data[off:off + n]))
-    return h.hexdigest()
+    return tree_digest([data[off:off + n] for _, off, n in buffer_slices(arena, position)])
 
 
 @dataclass

@@ -1,100 +1,316 @@
 """Capsule files: the disk tier's format, written atomically and verified before use.
 
-Format (version 1): a safetensors file `<capsule_dir>/<name>.capsule`.
-  * one tensor per arena buffer, named as in the arena, in its own dtype and shape; the KV tensor
-    holds only the live prefix (`[position, n_attn_layers, 2, n_kv_heads, head_dim]`);
+Format (version 2): a safetensors file `<capsule_dir>/<name>.capsule`.
+  * one tensor per arena buffer, named as in the arena, in its own dtype and shape, in layout
+    order; the KV tensor holds only the live prefix (`[position, n_attn_layers, 2, n_kv_heads,
+    head_dim]`). The data section is thus exactly D, the bytes the content digest covers;
   * `__metadata__` (strings): format="flashrt-capsule", format_version, name, parent, step,
-    position, episode, pinned, created, fingerprint (of the runtime that wrote it), digest
-    (BLAKE2b-256 over the buffers' bytes in layout order).
-safetensors holds no code (no pickle); its header is bounded and checked against the file length
-by the library.
+    position, episode, pinned, created, fingerprint (of the runtime that wrote it), weights (its
+    weights digest), digest (the content digest of D, digest.py's BLAKE2b tree) and header_digest:
+    BLAKE2b-256 over every other metadata field (canonical JSON: sorted keys, no spaces, ASCII).
+    An edit of any header field, or of the tensors, is refused; a file carries no key, so the two
+    digests detect damage and edits, not a forger who recomputes them (access control is the
+    directory's permissions and SROS2, docs/safety.md).
+Version 1 files (no header digest, a one-pass digest) are refused with a message that says so.
 
-Writing: serialise, write to a temp file in the same directory, fsync, rename over the final name,
-fsync the directory. A crash leaves either the old file or the new one, never a torn one; stray
-temp files are removed when the store indexes the directory.
+Identity: a capsule's file name is its identity. A file whose header names another capsule (a
+copy, a rename) is refused, at indexing and on load, so one name never stands for two files.
+
+Opening: only regular files, opened with O_NOFOLLOW | O_NONBLOCK and checked with fstat on the
+open descriptor: a symlink is never followed out of the directory, a FIFO never blocks the open.
+
+Writing streams: the safetensors header goes first with both digests as placeholders, then the
+buffers' bytes straight from the live range (no serialised copy) while the hashing threads digest
+each leaf; the digests are written into the header, the temp file is fsynced, renamed over the
+final name and the directory fsynced. A crash leaves the old file or the new one, never a torn
+one. Temp files are named `.<name>.capsule.tmp-<16 hex>`; only regular files of exactly that
+pattern are the store's to remove (`is_own_temp`). `begin_write` leaves the written temp file
+pending, so the store can evict for it only once the write succeeded.
 
 Reading (`read_capsule`) checks, in order and before anything touches the live state: the file
-structure (safetensors), format and version, the fingerprint, every buffer's name, dtype and shape
-against this runtime's layout (so sizes are bounded before anything is allocated), then the
-digest of the bytes. The result is a host byte range in the arena's live layout, ready for one copy.
+(regular, not a link), the safetensors header (bounded, offsets contiguous and covering the file),
+format and version, every header field's type and range, the header digest, the name, the
+fingerprint and weights against this runtime's, every buffer's name, dtype and shape against this
+runtime's layout (so sizes are bounded before anything is allocated). Then it reads the data with
+large sequential reads into one host buffer (pinned on request) while the leaves are hashed, and
+compares the digest and the position, step and episode the state itself carries with the header.
+The result is a host byte range in the arena's live layout, ready for one copy.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
 import math
 import os
 import re
-import tempfile
+import secrets
+import stat
 
+import numpy as np
 import torch
 
-from flashrt_ros.core.arena import DTYPES, StateArena
-from flashrt_ros.capsules.capsule import Capsule, buffer_slices, check_name, content_digest, shown
-from flashrt_ros.core.exceptions import CapsuleCorrupt, CapsuleMismatch, InputError
+from flashrt_ros.capsules.capsule import Capsule, buffer_slices, check_name, shown
+from flashrt_ros.capsules.digest import TreeHash, leaves
+from flashrt_ros.core.arena import META_EPISODE, META_POSITION, META_STEP, StateArena
+from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleCorrupt, CapsuleMismatch,
+                                         CapsuleNotFound, InputError)
 
 FORMAT = "flashrt-capsule"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".capsule"
+MAX_HEADER_BYTES = 1 << 20      # a capsule's safetensors header is a few KiB
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64", "U8": "uint8"}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "uint8": 1}
+_PLACEHOLDER = "0" * 64
+_TEMP_RE = re.compile(r"\.(?P<name>.+)\.capsule\.tmp-[0-9a-f]{16}")
 
 
 def capsule_path(directory: str, name: str) -> str:
     return os.path.join(directory, name + SUFFIX)
 
 
-def write_capsule(path: str, arena: StateArena, raw: torch.Tensor, cap: Capsule) -> str:
-    """Write a live byte range (host tensor) as a capsule file, atomically. Returns the digest."""
-    from safetensors.torch import save
-    raw = raw if raw.device.type == "cpu" else raw.cpu()
-    digest = content_digest(arena, raw, cap.position)
-    tensors = {}
-    for name, off, n in buffer_slices(arena, cap.position):
+def temp_path(path: str) -> str:
+    """A fresh temp file name beside `path`, in the pattern `is_own_temp` recognises."""
+    d, base = os.path.split(path)
+    return os.path.join(d, f".{base}.tmp-{secrets.token_hex(8)}")
+
+
+def is_own_temp(fname: str) -> bool:
+    """Whether a directory entry's name is one `temp_path` makes (of a valid capsule name)."""
+    m = _TEMP_RE.fullmatch(fname)
+    if m is None:
+        return False
+    try:
+        check_name(m["name"])
+    except InputError:
+        return False
+    return True
+
+
+# -- opening: regular files only ----------------------------------------------------------
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+@contextlib.contextmanager
+def open_regular(path: str):
+    """A read-only descriptor of `path` and its size, if it is a regular file: a symlink is not
+    followed (O_NOFOLLOW), a FIFO or device does not block (O_NONBLOCK; fstat then refuses it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CapsuleNotFound(f"no capsule file {path}; expected a saved capsule - save it first "
+                              f"or load another") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CapsuleCorrupt(f"capsule file {path}: expected a regular file, found a symbolic "
+                                 f"link; links are not followed out of the capsule directory - "
+                                 f"copy the capsule file itself there") from None
+        raise CapsuleCorrupt(f"capsule file {path}: expected a readable regular file, found "
+                             f"{e.strerror}; check its permissions") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CapsuleCorrupt(f"capsule file {path}: expected a regular file, found "
+                                 f"{_KINDS.get(stat.S_IFMT(st.st_mode), 'a special file')}; "
+                                 f"remove it from the capsule directory")
+        yield fd, st.st_size
+    finally:
+        os.close(fd)
+
+
+def _pread_exactly(fd: int, views, offset: int, path: str) -> None:
+    """Fill the writable views from file offset `offset` on (one preadv per short read)."""
+    views = [v for v in views if len(v)]
+    while views:
+        n = os.preadv(fd, views, offset)
+        if n == 0:
+            raise CapsuleCorrupt(f"capsule file {path}: expected more data at byte {offset}, found "
+                                 f"the end of the file; it is truncated - delete it or load another")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+def _write_all(fd: int, views) -> None:
+    views = [v for v in views if len(v)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+# -- the safetensors header -----------------------------------------------------------------
+def _not_safetensors(path: str, what: str) -> CapsuleCorrupt:
+    return CapsuleCorrupt(f"capsule file {path}: not a readable capsule ({what}); the file is "
+                          f"truncated or not a capsule - delete it or load another")
+
+
+def _read_st_header(fd: int, size: int, path: str):
+    """(metadata, {tensor: (dtype, shape, begin, end)}, data start) of a safetensors file, checked
+    as the format requires: a bounded JSON header; tensors whose byte ranges match their dtype and
+    shape and tile the data section without gap or overlap."""
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise _not_safetensors(path, f"{size} bytes, shorter than a header")
+    n = int.from_bytes(head, "little")
+    if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+        raise _not_safetensors(path, f"a header of {n} bytes in a file of {size} bytes (expected "
+                                     f"at most {MAX_HEADER_BYTES})")
+    try:
+        obj = json.loads(os.pread(fd, n, 8).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _not_safetensors(path, f"its header is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _not_safetensors(path, "its header is not a JSON object")
+    meta = obj.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _not_safetensors(path, "__metadata__ is not a map of strings")
+    tensors, spans = {}, []
+    for name, t in obj.items():
+        try:
+            dtype, shape, (begin, end) = _ST_DTYPES[t["dtype"]], t["shape"], t["data_offsets"]
+            ok = (all(type(d) is int and d >= 0 for d in shape) and type(begin) is int
+                  and type(end) is int and end - begin == math.prod(shape) * _ITEMSIZE[dtype])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _not_safetensors(path, f"tensor {shown(name)}: {shown(str(t))} is not a dtype, "
+                                         f"shape and matching byte range")
+        tensors[name] = (dtype, list(shape), begin, end)
+        spans.append((begin, end))
+    at = 0
+    for begin, end in sorted(spans):
+        if begin != at:
+            raise _not_safetensors(path, f"tensor bytes from {begin}, expected from {at}")
+        at = end
+    if 8 + n + at != size:
+        raise _not_safetensors(path, f"{size} bytes, expected {8 + n + at} from its header")
+    return meta, tensors, 8 + n
+
+
+def _st_header(meta: dict, tensors) -> tuple[bytes, dict]:
+    """A safetensors header for `tensors` [(name, dtype, shape, nbytes)] in this order; returns it
+    (length prefix included, padded to 8 bytes as the library does) and the byte offset of each
+    metadata value that is `_PLACEHOLDER`."""
+    obj, at = {"__metadata__": meta}, 0
+    for name, dtype, shape, n in tensors:
+        obj[name] = {"dtype": _ST_NAMES[dtype], "shape": shape, "data_offsets": [at, at + n]}
+        at += n
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+    text += " " * (-len(text) % 8)
+    where = {}
+    for key, value in meta.items():
+        if value == _PLACEHOLDER:
+            where[key] = 8 + text.index(f'"{key}":"{_PLACEHOLDER}"') + len(key) + 4
+    return len(text).to_bytes(8, "little") + text.encode("ascii"), where
+
+
+def header_digest(meta: dict) -> str:
+    """BLAKE2b-256 of every metadata field but `header_digest`, as canonical JSON."""
+    covered = {k: v for k, v in meta.items() if k != "header_digest"}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.blake2b(text.encode("ascii"), digest_size=32,
+                           person=b"flashrt-header").hexdigest()
+
+
+# -- writing --------------------------------------------------------------------------------
+def _tensors(arena: StateArena, position: int):
+    """(name, dtype, shape, live offset, nbytes) of every buffer of a live range, layout order."""
+    for name, off, n in buffer_slices(arena, position):
         spec = arena.specs[name]
         shape = list(spec.shape)
         if spec.role == "kv":
-            shape[0] = cap.position
-        tensors[name] = raw[off:off + n].view(DTYPES[spec.dtype]).view(shape)
+            shape[0] = position
+        yield name, spec.dtype, shape, off, n
+
+
+class PendingWrite:
+    """A capsule file written and fsynced under its temp name: `commit()` renames it into place
+    (and fsyncs the directory), `discard()` removes it. `nbytes` is its size, `digest` its
+    content digest."""
+
+    def __init__(self, tmp: str, path: str, nbytes: int, digest: str):
+        self.tmp, self.path, self.nbytes, self.digest = tmp, path, nbytes, digest
+
+    def commit(self) -> str:
+        os.replace(self.tmp, self.path)
+        dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return self.path
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+def _disk_full(path: str, e: OSError, need: int) -> BudgetExceeded:
+    d = os.path.dirname(path)
+    try:
+        st = os.statvfs(d)
+        free = f"{st.f_bavail * st.f_frsize / 2**20:.2f} MiB free"
+    except OSError:
+        free = "no free space reported"
+    return BudgetExceeded(f"tier disk: the filesystem of {d} is full ({errno.errorcode[e.errno]} "
+                          f"writing {os.path.basename(path)}): expected room for "
+                          f"{need / 2**20:.2f} MiB, found {free}; nothing was changed - free space "
+                          f"there, delete capsules, or lower store.disk_budget_mb to what the "
+                          f"filesystem holds")
+
+
+def begin_write(path: str, arena: StateArena, raw: torch.Tensor, cap: Capsule,
+                weights: str) -> PendingWrite:
+    """Write the live byte range `raw` (host or device) as `cap`'s capsule file under a temp
+    name, fsynced, not yet in place. A full filesystem raises BudgetExceeded; nothing is left."""
+    raw = raw if raw.device.type == "cpu" else raw.cpu()
+    src = raw.numpy()
+    parts = list(_tensors(arena, cap.position))
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "name": cap.name,
             "parent": cap.parent, "step": str(cap.step), "position": str(cap.position),
             "episode": str(cap.episode), "pinned": "1" if cap.pinned else "0",
-            "created": repr(cap.created), "fingerprint": cap.fingerprint, "digest": digest}
-    blob = save(tensors, metadata=meta)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".tmp-", dir=directory)
+            "created": repr(cap.created), "fingerprint": cap.fingerprint, "weights": weights,
+            "digest": _PLACEHOLDER, "header_digest": _PLACEHOLDER}
+    header, where = _st_header(meta, [(n, dt, sh, k) for n, dt, sh, _, k in parts])
+    total = sum(k for *_, k in parts)
+    tmp = temp_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
+            _write_all(fd, [memoryview(header)])
+            digest = TreeHash(total)
+            for _, pieces in leaves([k for *_, k in parts]):
+                views = [memoryview(src[parts[p][3] + at:parts[p][3] + at + n]) for p, at, n in pieces]
+                _write_all(fd, views)
+                digest.add(views)
+            meta["digest"] = digest.hexdigest()
+            meta["header_digest"] = header_digest(meta)
+            for key, at in where.items():
+                os.pwrite(fd, meta[key].encode("ascii"), at)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(path, e, len(header) + total) from None
         raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return digest
+    return PendingWrite(tmp, path, len(header) + total, meta["digest"])
 
 
-def read_header(path: str) -> dict:
-    """The metadata of a capsule file (cheap: the header only). Raises CapsuleCorrupt."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CapsuleCorrupt(f"capsule file {path}: not a readable capsule ({e}); the file is "
-                             f"truncated or not a capsule - delete it or load another") from None
-    if meta.get("format") != FORMAT:
-        raise CapsuleCorrupt(f"capsule file {path}: expected format {FORMAT!r}, found "
-                             f"{meta.get('format')!r}")
-    return meta
-
-
+# -- the header's fields --------------------------------------------------------------------
 # Every header field is typed and range-checked when a file is read, before a Capsule exists:
 # the values fill fixed-width message fields (msg/CapsuleInfo.msg: uint64 step/position/nbytes,
 # builtin_interfaces/Time created: int32 sec) and the runtime's int64 counters, so a value that
@@ -145,7 +361,14 @@ def _header_choice(meta: dict, key: str, path: str, choices, default=None) -> st
     return value
 
 
-def capsule_from_header(meta: dict, path: str) -> Capsule:
+def _header_label(meta: dict, key: str, path: str) -> str:
+    value = _field(meta, key, path)
+    if not value or len(value) > 256 or not value.isprintable():
+        raise _damaged(path, key, "1-256 printable characters", value, edited=False)
+    return value
+
+
+def capsule_from_header(meta: dict, path: str, nbytes: int | None = None) -> Capsule:
     """The Capsule a header describes; every field typed and range-checked (CapsuleCorrupt)."""
     name = _field(meta, "name", path)
     parent = _field(meta, "parent", path, "")
@@ -155,73 +378,127 @@ def capsule_from_header(meta: dict, path: str) -> Capsule:
                 check_name(value, f"capsule file {path}: header field {key!r}")
             except InputError as e:
                 raise CapsuleCorrupt(str(e)) from None
-    digest = _field(meta, "digest", path)
-    if not _HEX64_RE.fullmatch(digest):
-        raise _damaged(path, "digest", "64 lowercase hex digits (BLAKE2b-256)", digest,
-                       edited=False)
-    fingerprint = _field(meta, "fingerprint", path)
-    if not fingerprint or len(fingerprint) > 256 or not fingerprint.isprintable():
-        raise _damaged(path, "fingerprint", "1-256 printable characters", fingerprint,
-                       edited=False)
+    for key in ("digest", "header_digest"):
+        if key in meta or key == "digest":
+            value = _field(meta, key, path)
+            if not _HEX64_RE.fullmatch(value):
+                raise _damaged(path, key, "64 lowercase hex digits (BLAKE2b-256)", value,
+                               edited=False)
     return Capsule(name=name, parent=parent, step=_header_int(meta, "step", path),
                    position=_header_int(meta, "position", path),
                    episode=_header_int(meta, "episode", path, "0"),
-                   nbytes=os.path.getsize(path), fingerprint=fingerprint, tier="disk",
+                   nbytes=os.path.getsize(path) if nbytes is None else nbytes,
+                   fingerprint=_header_label(meta, "fingerprint", path), tier="disk",
                    pinned=_header_choice(meta, "pinned", path, ("0", "1"), "0") == "1",
-                   digest=digest, created=_header_time(meta, "created", path, "0.0"), path=path)
+                   digest=meta["digest"], created=_header_time(meta, "created", path, "0.0"),
+                   path=path)
 
 
-def read_capsule(path: str, arena: StateArena, fingerprint: str) -> tuple[Capsule, torch.Tensor]:
-    """Verify a capsule file completely and return it with its bytes in the arena's live layout.
-
-    Nothing here touches the live state; callers copy the returned bytes in only on success.
-    """
-    from safetensors import SafetensorError, safe_open
-    meta = read_header(path)
+def _checked_header(meta: dict, path: str, nbytes: int) -> Capsule:
+    """The Capsule of a version-2 header whose fields, seal and name hold."""
+    if meta.get("format") != FORMAT:
+        raise CapsuleCorrupt(f"capsule file {path}: expected format {FORMAT!r}, found "
+                             f"{shown(meta.get('format'))}; it is not a capsule - remove it")
     version = meta.get("format_version", "?")
     if version != str(FORMAT_VERSION):
         raise CapsuleMismatch(f"capsule file {path}: expected format version {FORMAT_VERSION}, "
-                              f"found {version!r} (written by another flashrt_ros version); "
+                              f"found {shown(version)} (written by another flashrt_ros version; "
+                              f"version 1 files carry no header digest and cannot be verified); "
                               f"re-create the capsule with this version")
-    cap = capsule_from_header(meta, path)
-    if cap.fingerprint != fingerprint:
-        raise CapsuleMismatch(f"capsule {cap.name!r}: expected fingerprint {fingerprint} (this "
-                              f"runtime's model, layout and weights), found {cap.fingerprint}; it "
-                              f"was taken from another preset, weights or version and cannot be "
-                              f"restored here")
-    max_pos = arena.max_context - 1
-    if not 0 <= cap.position <= max_pos:
-        raise CapsuleCorrupt(f"capsule {cap.name!r}: position {cap.position} outside [0, {max_pos}]")
-    raw = torch.zeros(arena.live_nbytes(cap.position), dtype=torch.uint8)
-    try:
-        with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-            expected = [n for n, _, _ in buffer_slices(arena, cap.position)]
-            if keys != set(expected):
-                raise CapsuleCorrupt(f"capsule {cap.name!r}: expected buffers {sorted(expected)}, "
-                                     f"found {sorted(keys)}")
-            for name, off, n in buffer_slices(arena, cap.position):
-                spec = arena.specs[name]
-                shape = list(spec.shape)
-                if spec.role == "kv":
-                    shape[0] = cap.position
-                sl = f.get_slice(name)
-                got_dtype = _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype())
-                if list(sl.get_shape()) != shape or got_dtype != spec.dtype:
-                    raise CapsuleCorrupt(
-                        f"capsule {cap.name!r}: buffer {name} expected {spec.dtype}{shape}, found "
-                        f"{got_dtype}{list(sl.get_shape())}; the manifest does not match the data")
-                t = f.get_tensor(name)
-                raw[off:off + n].copy_(t.contiguous().view(-1).view(torch.uint8))
-    except SafetensorError as e:
-        raise CapsuleCorrupt(f"capsule file {path}: unreadable ({e})") from None
-    digest = content_digest(arena, raw, cap.position)
-    if digest != cap.digest:
-        raise CapsuleCorrupt(f"capsule {cap.name!r}: expected digest {cap.digest}, found {digest}; "
+    cap = capsule_from_header(meta, path, nbytes)
+    _header_label(meta, "weights", path)
+    sealed = _field(meta, "header_digest", path)
+    if sealed != header_digest(meta):
+        raise CapsuleCorrupt(f"capsule file {path}: expected header digest {sealed}, found "
+                             f"{header_digest(meta)}; the header was edited or damaged after it "
+                             f"was written - delete the file or re-create the capsule")
+    stem = os.path.basename(path)[:-len(SUFFIX)]
+    if cap.name != stem:
+        raise CapsuleMismatch(f"capsule file {stem + SUFFIX!r}: expected the capsule {stem!r} (a "
+                              f"capsule's file name is its identity), found the capsule "
+                              f"{cap.name!r}; the file is a copy or was renamed - rename it back "
+                              f"to {cap.name + SUFFIX!r}, or load {cap.name!r} and fork it")
+    return cap
+
+
+def read_header(path: str) -> dict:
+    """The metadata of a capsule file (cheap: the header only), unchecked but for the format's
+    structure. Raises CapsuleCorrupt."""
+    with open_regular(path) as (fd, size):
+        return _read_st_header(fd, size, path)[0]
+
+
+def index_capsule(path: str) -> Capsule:
+    """The Capsule a capsule file holds, from its header alone (fields, seal and name checked),
+    for the index: the tensors are verified when it is loaded."""
+    with open_regular(path) as (fd, size):
+        return _checked_header(_read_st_header(fd, size, path)[0], path, size)
+
+
+# -- reading --------------------------------------------------------------------------------
+def read_capsule(path: str, arena: StateArena, fingerprint: str, weights: str,
+                 pin_memory: bool = False) -> tuple[Capsule, torch.Tensor]:
+    """Verify a capsule file completely and return it with its bytes in the arena's live layout
+    (a host tensor, pinned if `pin_memory`).
+
+    Nothing here touches the live state; callers copy the returned bytes in only on success.
+    """
+    with open_regular(path) as (fd, size):
+        meta, tensors, data_start = _read_st_header(fd, size, path)
+        cap = _checked_header(meta, path, size)
+        if cap.fingerprint != fingerprint or meta["weights"] != weights:
+            raise CapsuleMismatch(f"capsule {cap.name!r}: expected fingerprint {fingerprint} and "
+                                  f"weights {weights} (this runtime's model, layout and weights), "
+                                  f"found {cap.fingerprint} and {shown(meta['weights'])}; it was "
+                                  f"taken from another preset, weights or version and cannot be "
+                                  f"restored here")
+        max_pos = arena.max_context - 1
+        if not 0 <= cap.position <= max_pos:
+            raise CapsuleCorrupt(f"capsule {cap.name!r}: position {cap.position} outside "
+                                 f"[0, {max_pos}]")
+        parts = list(_tensors(arena, cap.position))
+        expected = [p[0] for p in parts]
+        if set(tensors) != set(expected):
+            raise CapsuleCorrupt(f"capsule {cap.name!r}: expected buffers {sorted(expected)}, "
+                                 f"found {sorted(tensors)[:40]}")
+        for name, dtype, shape, _, _ in parts:
+            got = tensors[name]
+            if (got[0], got[1]) != (dtype, shape):
+                raise CapsuleCorrupt(f"capsule {cap.name!r}: buffer {name} expected {dtype}{shape}, "
+                                     f"found {got[0]}{got[1]}; the manifest does not match the data")
+        n = arena.live_nbytes(cap.position)
+        raw = torch.empty(n, dtype=torch.uint8, pin_memory=pin_memory)
+        dst = raw.numpy()
+        at = 0
+        for _, _, _, off, k in parts:        # the alignment padding between buffers
+            dst[at:off] = 0
+            at = off + k
+        digest = TreeHash(sum(k for *_, k in parts))
+        for _, pieces in leaves([k for *_, k in parts]):
+            views, runs = [], []             # runs: (file offset, views) of contiguous file bytes
+            for p, at, k in pieces:
+                name, _, _, off, _ = parts[p]
+                v = memoryview(dst[off + at:off + at + k])
+                where = data_start + tensors[name][2] + at
+                if runs and runs[-1][0] + sum(len(x) for x in runs[-1][1]) == where:
+                    runs[-1][1].append(v)
+                else:
+                    runs.append((where, [v]))
+                views.append(v)
+            for where, vs in runs:
+                _pread_exactly(fd, vs, where, path)
+            digest.add(views)
+        found = digest.hexdigest()
+    if found != cap.digest:
+        raise CapsuleCorrupt(f"capsule {cap.name!r}: expected digest {cap.digest}, found {found}; "
                              f"the file was modified or damaged after it was written")
-    # metadata the runtime adopts must agree with the header
-    meta_t = raw[arena.specs["meta"].offset:][:arena.specs["meta"].nbytes].view(torch.int64)
-    if int(meta_t[0]) != cap.position:
-        raise CapsuleCorrupt(f"capsule {cap.name!r}: header position {cap.position} disagrees with "
-                             f"the stored state's position {int(meta_t[0])}")
+    # the counters the runtime adopts from the bytes must agree with the header
+    spec = arena.specs["meta"]
+    state = np.frombuffer(dst[spec.offset:spec.offset + spec.nbytes].tobytes(), dtype=np.int64)
+    for key, index, value in (("position", META_POSITION, cap.position),
+                              ("step", META_STEP, cap.step), ("episode", META_EPISODE, cap.episode)):
+        if int(state[index]) != value:
+            raise CapsuleCorrupt(f"capsule {cap.name!r}: header {key} {value} disagrees with the "
+                                 f"stored state's {key} {int(state[index])}")
     return cap, raw
+

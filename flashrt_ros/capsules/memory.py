@@ -20,6 +20,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from flashrt_ros.capsules.capsule import Capsule
+from flashrt_ros.core.arena import META_CONTEXT_LEN
 
 
 class Boundary(NamedTuple):
@@ -29,6 +30,12 @@ class Boundary(NamedTuple):
     episode: int
     context_len: int
     lineage: str        # the capsule the live state descended from there ("" = none)
+
+
+def context_len_of(arena, raw: torch.Tensor) -> int:
+    """The instruction tokens a live range (host bytes) carries in its meta buffer."""
+    off = arena.specs["meta"].offset + 8 * META_CONTEXT_LEN
+    return int(raw[off:off + 8].view(torch.int64)[0])
 
 
 def live_boundary(store) -> Boundary:

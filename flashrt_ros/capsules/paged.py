@@ -80,7 +80,6 @@ from flashrt_ros.capsules.blocks import BlockPool
 from flashrt_ros.capsules.capsule import Capsule
 from flashrt_ros.capsules.memory import Boundary
 from flashrt_ros.capsules.store import CapsuleStore
-from flashrt_ros.core.arena import META_CONTEXT_LEN
 from flashrt_ros.core.config import StoreConfig
 from flashrt_ros.core.exceptions import BudgetExceeded, InputError
 from flashrt_ros.core.runtime import PolicyRuntime
@@ -498,12 +497,10 @@ class BlockMemory:
     def put(self, cap: Capsule, tier: str, raw: torch.Tensor, protect: set,
             prefer: str | None) -> None:
         """Ingest verified file bytes, sharing blocks with `prefer` (the capsule's recorded parent)
-        or the live state's donor where the bytes are equal; records the context length they
-        carry on `cap`, so its restores need no read-back."""
+        or the live state's donor where the bytes are equal (the store has set `cap.context_len`
+        from the bytes, so its restores need no read-back)."""
         pool = self.blocks[tier]
         src = raw if pool.device.type == raw.device.type else raw.to(pool.device)
-        off = self.rt.arena.specs["meta"].offset + 8 * META_CONTEXT_LEN
-        cap.context_len = int(raw[off:off + 8].view(torch.int64)[0])
         self.tables[cap.name], _ = self._ingest(tier, lambda: contextlib.nullcontext(
             (src, cap.position, cap.step, cap.episode, cap.context_len, "")), prefer, protect)
 

@@ -39,15 +39,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 import threading
 
 import torch
 
 from flashrt_ros.capsules.capsule import TIERS, Capsule, check_name, content_digest, shown
 from flashrt_ros.capsules.extents import ExtentMemory
-from flashrt_ros.capsules.file import (SUFFIX, capsule_from_header, capsule_path, read_capsule,
-                                       read_header, write_capsule)
-from flashrt_ros.capsules.memory import live_boundary
+from flashrt_ros.capsules.file import (SUFFIX, begin_write, capsule_path, index_capsule,
+                                       is_own_temp, read_capsule)
+from flashrt_ros.capsules.memory import context_len_of, live_boundary
 from flashrt_ros.core.config import StoreConfig
 from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleCorrupt, CapsuleExists,
                                          CapsuleMismatch, CapsuleNotFound, InputError)
@@ -67,6 +68,8 @@ class CapsuleStore:
         self.lineage = ""          # the capsule the live state descends from ("" = none); written
                                    # under the runtime lock only (see the module docstring)
         self.fingerprint = runtime.fingerprint()
+        self.weights = runtime.model.weights_digest
+        self.cfg.resolve_tier(None, self.cuda)     # a default tier this runtime has (ConfigError)
         self.memory = (memory or ExtentMemory)(self)
         os.makedirs(self.cfg.capsule_dir, exist_ok=True)
         self.skipped_files: list[str] = []
@@ -74,14 +77,18 @@ class CapsuleStore:
 
     # -- index ----------------------------------------------------------------------------
     def rebuild_index(self) -> None:
-        """Index the capsule directory (after a restart): whole capsule files only, temps removed."""
+        """Index the capsule directory (after a restart): whole capsule files only, named by their
+        file names; the store's own stray temp files (regular files of its exact pattern, writes
+        that never reached their rename) are removed, nothing else is touched."""
         with self.lock:
             d = self.cfg.capsule_dir
             self.skipped_files = []
             for fname in sorted(os.listdir(d)):
                 path = os.path.join(d, fname)
-                if fname.startswith(".") and ".tmp-" in fname:
-                    os.unlink(path)         # a write that never reached its rename
+                if is_own_temp(fname):
+                    with contextlib.suppress(FileNotFoundError):
+                        if stat.S_ISREG(os.lstat(path).st_mode):
+                            os.unlink(path)
                     continue
                 if not fname.endswith(SUFFIX):
                     continue
@@ -90,14 +97,9 @@ class CapsuleStore:
                     continue
                 try:
                     check_name(name)
-                    cap = capsule_from_header(read_header(path), path)
+                    self.capsules[name] = index_capsule(path)
                 except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, not fatal
                     self.skipped_files.append(f"{fname}: {e}")
-                    continue
-                if cap.name != name:
-                    self.skipped_files.append(f"{fname}: header names {cap.name!r}")
-                    continue
-                self.capsules[name] = cap
 
     def tiers(self) -> list[str]:
         return (["gpu"] if self.cuda else []) + ["host", "disk"]
@@ -147,14 +149,19 @@ class CapsuleStore:
             return out
 
     # -- eviction and the disk tier -------------------------------------------------------
+    def _lru(self, tier: str, protect: set) -> list[Capsule]:
+        """The capsules of `tier` eviction may take, least recently used first."""
+        return sorted((c for c in self.capsules.values()
+                       if c.tier == tier and not c.pinned and c.name not in protect),
+                      key=lambda c: c.last_used)
+
     def evict_lru(self, tier: str, protect: set) -> bool:
         """Evict the least recently used unpinned capsule of `tier` that is not in `protect`
         (demote it or drop it, see _evict); False if there is none."""
-        victims = [c for c in self.capsules.values()
-                   if c.tier == tier and not c.pinned and c.name not in protect]
+        victims = self._lru(tier, protect)
         if not victims:
             return False
-        self._evict(min(victims, key=lambda c: c.last_used), protect)
+        self._evict(victims[0], protect)
         return True
 
     def _evict(self, cap: Capsule, protect: set) -> None:
@@ -183,34 +190,62 @@ class CapsuleStore:
                    if c.tier == "disk" or self._has_disk_copy(c))
 
     def _make_disk_room(self, nbytes: int, protect: set) -> None:
-        budget = self.cfg.budget("disk")
-        while self._disk_used() + nbytes > budget:
-            victims = sorted((c for c in self.capsules.values()
-                              if c.tier == "disk" and not c.pinned and c.name not in protect),
-                             key=lambda c: c.last_used)
-            if not victims:
-                raise BudgetExceeded(f"tier disk: no room for {nbytes / 2**20:.2f} MiB within "
-                                     f"{budget / 2**20:.2f} MiB (all stored capsules pinned); raise "
-                                     f"store.disk_budget_mb or delete capsules")
-            self._drop(victims[0])
+        """Drop least recently used unpinned disk capsules until `nbytes` more fit the budget;
+        the victims are chosen first, so a request that cannot fit drops nothing."""
+        self._check_disk_room(nbytes, protect)
+        budget, used = self.cfg.budget("disk"), self._disk_used()
+        victims = []
+        for c in self._lru("disk", protect):
+            if used + nbytes <= budget:
+                break
+            victims.append(c)
+            used -= c.nbytes
+        if used + nbytes > budget:
+            raise BudgetExceeded(f"tier disk: expected room for {nbytes / 2**20:.2f} MiB within "
+                                 f"{budget / 2**20:.2f} MiB, found {used / 2**20:.2f} MiB held by "
+                                 f"pinned capsules and saved copies of memory capsules; raise "
+                                 f"store.disk_budget_mb or delete capsules")
+        for c in victims:
+            self._drop(c)
 
     @staticmethod
     def _has_disk_copy(cap: Capsule) -> bool:
         return cap.tier != "disk" and bool(cap.path) and os.path.exists(cap.path)
 
-    def _write_file(self, cap: Capsule, raw: torch.Tensor) -> str:
-        """Write host bytes `raw` as `cap`'s capsule file (records its digest); returns the path."""
-        path = capsule_path(self.cfg.capsule_dir, cap.name)
-        cap.digest = write_capsule(path, self.rt.arena, raw, cap)
+    def _write_file(self, cap: Capsule, raw: torch.Tensor, protect: set) -> str:
+        """Write host bytes `raw` as `cap`'s capsule file (records its digest); returns the path.
+        Room under the disk budget is made only once the file is written and fsynced (and before
+        it is renamed into place): a write that fails evicts nothing."""
+        self._check_disk_room(raw.numel(), protect)
+        pending = begin_write(capsule_path(self.cfg.capsule_dir, cap.name), self.rt.arena, raw,
+                              cap, self.weights)
+        try:
+            self._make_disk_room(pending.nbytes, protect | {cap.name})
+            path = pending.commit()
+        except BaseException:
+            pending.discard()
+            raise
+        cap.digest = pending.digest
         return path
 
+    def _read_file(self, path: str):
+        """(header capsule, host bytes) of a capsule file, verified against this runtime."""
+        return read_capsule(path, self.rt.arena, self.fingerprint, self.weights,
+                            pin_memory=self.cuda)
+
     def _drop(self, cap: Capsule) -> None:
-        """Forget a capsule and free its storage: its memory, and its file if any."""
+        """Forget a capsule and free its storage: its index entry, its memory, and its file (the
+        one its name owns) if any."""
+        name = cap.name
+        if self.capsules.get(name) is not cap:
+            raise CapsuleNotFound(f"no capsule named {name!r} in the index; stored: "
+                                  f"{sorted(self.capsules)[:20]}")
+        del self.capsules[name]
         if cap.tier in self.memory.tiers:
             self.memory.release(cap)
-        if cap.path and os.path.exists(cap.path):
-            os.unlink(cap.path)
-        del self.capsules[cap.name]
+        if cap.path == capsule_path(self.cfg.capsule_dir, name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cap.path)
 
     def _move(self, cap: Capsule, tier: str, protect: set) -> None:
         """Move a capsule to another tier (promote or demote); the copy stays valid on failure."""
@@ -218,15 +253,14 @@ class CapsuleStore:
             return
         protect = protect | {cap.name}
         if cap.tier == "disk":
-            _, raw = read_capsule(cap.path, self.rt.arena, self.fingerprint)
+            raw = self._read_file(cap.path)[1]
+            cap.context_len = context_len_of(self.rt.arena, raw)
             self.memory.put(cap, tier, raw, protect, cap.parent)
             os.unlink(cap.path)
             cap.tier, cap.path, cap.nbytes = tier, None, raw.numel()
         elif tier == "disk":
-            self._check_disk_room(cap.nbytes, protect)
             if not self._has_disk_copy(cap):      # capsules are immutable: a saved copy is current
-                self._make_disk_room(cap.nbytes, protect)
-                cap.path = self._write_file(cap, self.memory.host_bytes(cap))
+                cap.path = self._write_file(cap, self.memory.host_bytes(cap), protect)
             self.memory.release(cap)
             cap.tier, cap.nbytes = "disk", os.path.getsize(cap.path)
         else:
@@ -252,27 +286,21 @@ class CapsuleStore:
                 at.step, at.position, at.episode, at.context_len
             cap.nbytes = self.rt.arena.live_nbytes(at.position)
             if tier == "disk":   # the file write happens outside the runtime lock
-                cap.path = self._write_file(cap, raw)
+                cap.path = self._write_file(cap, raw, set())
                 cap.nbytes = os.path.getsize(cap.path)
             self.capsules[name] = cap
             return cap
 
     def _live_on_host(self, name: str):
-        """(boundary, a host copy of the live bytes) for a disk snapshot, room made first. Room is
-        made without the runtime lock (it may delete files); the live size can grow meanwhile
-        (tokens decoded by another thread), so it is checked again under the lock."""
+        """(boundary, a host copy of the live bytes) for a disk snapshot: the file is written from
+        the copy without the runtime lock."""
         rt = self.rt
-        for _ in range(8):
-            with rt.lock:
-                nbytes = rt.live_nbytes()
-            self._check_disk_room(nbytes, set())
-            self._make_disk_room(nbytes, set())
-            with rt.lock:
-                if rt.live_nbytes() == nbytes:
-                    live = rt.live_state()
-                    return live_boundary(self), live.cpu().clone() if self.cuda else live.clone()
-        raise BudgetExceeded(f"snapshot {name!r}: expected the live state to hold still between "
-                             f"two steps, found it growing on every try; retry")
+        with rt.lock:
+            nbytes = rt.live_nbytes()
+        self._check_disk_room(nbytes, set())      # before the copy: a file that never fits
+        with rt.lock:
+            live = rt.live_state()
+            return live_boundary(self), live.cpu() if self.cuda else live.clone()
 
     def restore(self, name: str) -> Capsule:
         """Copy a capsule into the live state (verified first; nothing changes on failure)."""
@@ -284,10 +312,11 @@ class CapsuleStore:
                                       f"{cap.fingerprint}; it was taken from another preset, "
                                       f"weights or version and cannot be restored here")
             if cap.tier == "disk":
-                _, src = read_capsule(cap.path, self.rt.arena, self.fingerprint)
+                header, src = self._read_file(cap.path)
                 with self.rt.lock:      # host bytes: the runtime reads their header for free
                     self.rt.restore_state(src, None)
                     self.lineage = name
+                cap = self._adopt(header)
             else:
                 with self.rt.lock:
                     self.memory.restore(cap)
@@ -328,18 +357,24 @@ class CapsuleStore:
                       context_len=src.context_len)
         keep = {src.name}
         if tier == "disk":
-            raw = read_capsule(src.path, self.rt.arena, self.fingerprint)[1] \
-                if src.tier == "disk" else self.memory.host_bytes(src)
-            self._check_disk_room(raw.numel(), keep)
-            self._make_disk_room(raw.numel(), keep)
-            cap.path = self._write_file(cap, raw)
+            raw = self._read_file(src.path)[1] if src.tier == "disk" else self.memory.host_bytes(src)
+            cap.path = self._write_file(cap, raw, keep)
             cap.nbytes = os.path.getsize(cap.path)
         elif src.tier == "disk":
-            header, raw = read_capsule(src.path, self.rt.arena, self.fingerprint)
-            cap.digest = header.digest
+            header, raw = self._read_file(src.path)
+            cap.digest, cap.context_len = header.digest, context_len_of(self.rt.arena, raw)
             self.memory.put(cap, tier, raw, keep, header.parent)
         else:
             self.memory.copy(src, cap, keep)
+        return cap
+
+    def _adopt(self, header: Capsule) -> Capsule:
+        """A disk capsule's index entry, updated to what its file (just verified) holds: the file
+        may have been replaced since it was indexed."""
+        cap = self.capsules[header.name]
+        for f in ("parent", "step", "position", "episode", "pinned", "created", "digest",
+                  "fingerprint", "nbytes"):
+            setattr(cap, f, getattr(header, f))
         return cap
 
     def delete(self, name: str) -> None:
@@ -375,8 +410,7 @@ class CapsuleStore:
                 return cap.path
             # a disk copy next to the memory copy: stored under the same name as a file, the
             # in-memory capsule stays authoritative for restore
-            self._make_disk_room(cap.nbytes, {name})
-            cap.path = self._write_file(cap, self.memory.host_bytes(cap))
+            cap.path = self._write_file(cap, self.memory.host_bytes(cap), {name})
             return cap.path
 
     def load(self, name: str, tier: str | None = None) -> Capsule:
@@ -385,7 +419,7 @@ class CapsuleStore:
             target = self._tier(tier)     # the request is checked whole before anything else
             check_name(name)
             path = capsule_path(self.cfg.capsule_dir, name)
-            if not os.path.exists(path):   # a load needs the file, also for a capsule in memory
+            if not os.path.lexists(path):  # a load needs the file, also for a capsule in memory
                 raise CapsuleNotFound(f"no capsule file {name + SUFFIX!r} in {self.cfg.capsule_dir}; "
                                       f"expected a saved capsule - save it first or load another")
             cap = self.capsules.get(name)
@@ -393,12 +427,11 @@ class CapsuleStore:
                 return cap            # already in memory
             if target == "disk":          # a load lands in memory: the auto tier
                 target = self.cfg.resolve_tier("auto", self.cuda)
-            header, raw = read_capsule(path, self.rt.arena, self.fingerprint)
-            cap = cap or header
-            self.memory.put(cap, target, raw, {name}, header.parent)
-            cap.tier, cap.nbytes = target, raw.numel()
-            cap.digest = header.digest
-            cap.path = path
+            header, raw = self._read_file(path)   # the file, not the index, says what it holds
+            cap = header if cap is None else self._adopt(header)
+            cap.context_len = context_len_of(self.rt.arena, raw)
+            self.memory.put(cap, target, raw, {name}, cap.parent)
+            cap.tier, cap.nbytes, cap.path = target, raw.numel(), path
             self.capsules[name] = cap
             cap.touch()
             return cap
@@ -408,8 +441,7 @@ class CapsuleStore:
         with self.lock:
             cap = self.get(name)
             if cap.tier == "disk":
-                read_capsule(cap.path, self.rt.arena, self.fingerprint)
-                return cap.digest
+                return self._adopt(self._read_file(cap.path)[0]).digest
             digest = content_digest(self.rt.arena, self.memory.host_bytes(cap), cap.position)
             if cap.digest and cap.digest != digest:
                 raise CapsuleCorrupt(f"capsule {name!r}: memory copy digest {digest} differs from "
@@ -422,7 +454,7 @@ class CapsuleStore:
         with self.lock:
             cap = self.get(name)
             if cap.tier == "disk":
-                return read_capsule(cap.path, self.rt.arena, self.fingerprint)[1]
+                return self._read_file(cap.path)[1]
             return self.memory.host_bytes(cap).clone()
 
     def on_reset(self) -> None:

@@ -253,6 +253,9 @@ class RuntimeConfig:
     threads: int = _f(0, "torch CPU (intra-op) threads the node sets at configure: 0 = auto (1 for "
                          "presets with d_model <= 256, where handing tiny ops to a second thread "
                          "costs more than it saves; else torch's default), N > 0 = N", True)
+    cache_dir: str = _f("~/.flashrt/cache", "directory of the compile and autotuning caches "
+                                            "(Triton; CUDA only), one subdirectory per GPU, driver "
+                                            "and package versions ('' = Triton's defaults)", True)
 
     def __post_init__(self):
         d = self.device
@@ -277,15 +280,20 @@ class RuntimeConfig:
         _check(isinstance(self.threads, int) and not isinstance(self.threads, bool)
                and 0 <= self.threads <= 1024, "runtime.threads", "an integer in [0, 1024] (0 = auto)",
                self.threads)
+        _check(isinstance(self.cache_dir, str), "runtime.cache_dir", "a directory path or ''",
+               self.cache_dir)
 
     def resolve(self, model_cfg: ModelConfig) -> "ResolvedRuntime":
         """The device, kernels and thread count this config means on this machine for `model_cfg`.
 
         Raises ConfigError where the machine cannot do what the config asks (a CUDA device where
         there is none, kernels the device does not run)."""
+        from flashrt_ros.core.compile_cache import use_compile_cache
         from flashrt_ros.core.kernels import fla_available
         device = resolve_device(self.device)
         cuda = device.type == "cuda"
+        # before fla is imported: its autotuners read the cache setting when they load
+        compile_cache = use_compile_cache(self.cache_dir, device)
         kernels = self.kernels
         if kernels == "auto":
             # the chunked form has only been validated on the CPU (no CUDA graph capture of its
@@ -301,7 +309,8 @@ class RuntimeConfig:
                               f"{device} and fla importable={fla_available()}; use 'auto'")
         # tiny ops cost more handed to a second thread than they save
         threads = self.threads or (1 if model_cfg.d_model <= 256 else 0)
-        return ResolvedRuntime(device=device, kernels=kernels, threads=threads)
+        return ResolvedRuntime(device=device, kernels=kernels, threads=threads,
+                               compile_cache=compile_cache)
 
 
 @dataclass(frozen=True)
@@ -310,6 +319,7 @@ class ResolvedRuntime:
     device: "torch.device"   # cpu or cuda:N
     kernels: str             # fla, chunked or reference
     threads: int             # torch CPU (intra-op) threads; 0 = torch's default
+    compile_cache: str = ""  # Triton's cache directory (core/compile_cache.py); '' = not set
 
 
 def resolve_device(name: str) -> "torch.device":
@@ -365,7 +375,11 @@ class StoreConfig:
 
     def resolve_tier(self, tier: str | None, cuda: bool) -> str:
         """The tier a request means: `tier`, or `default_tier` where it names none; auto is gpu
-        on a CUDA runtime, host on a CPU one. The store checks the result against its tiers."""
+        on a CUDA runtime, host on a CPU one. The store checks the result against its tiers; a
+        default tier of gpu on a CPU runtime is this config's error (ConfigError)."""
+        if not tier and self.default_tier == "gpu" and not cuda:
+            raise ConfigError("store.default_tier: 'gpu' expected a CUDA runtime, found one on "
+                              "the CPU; set it to auto, host or disk")
         tier = tier or self.default_tier
         if tier == "auto":
             return "gpu" if cuda else "host"
