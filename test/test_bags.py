@@ -575,6 +575,16 @@ def test_foreign_joint_state_bag_replays_into_a_node_with_joint_names(tmp_path, 
     name = f"flashrt_joints_{os.getpid()}"
     with PolicyNodeProcess(name, params, ros_env) as node:
         node.wait_active(STARTUP_TIMEOUT_S)
+        # a recorder beside the replay gets every input the player sends (the player waits
+        # for all subscribers, the recorder subscribes at start)
+        recorder = subprocess.Popen(
+            [sys.executable, "-m", "flashrt_ros.cli", "record", "--node", f"/{name}", "--out",
+             str(tmp_path / "replayed"), "--joint-states", "--progress", "0"], env=ros_env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        rec_lines = []
+        threading.Thread(target=lambda: rec_lines.extend(recorder.stdout), daemon=True).start()
+        wait_for(lambda: any("first message on" in x for x in rec_lines), DISCOVERY_TIMEOUT_S,
+                 "the recorder to hear the node")
         play = [sys.executable, "-m", "flashrt_ros.cli", "play", str(bag), "--node", f"/{name}",
                 "--timeout", str(DISCOVERY_TIMEOUT_S)]
         out = subprocess.run(play + ["--mode", "lockstep"], env=ros_env, capture_output=True,
@@ -593,6 +603,11 @@ def test_foreign_joint_state_bag_replays_into_a_node_with_joint_names(tmp_path, 
         # 40 messages at 50 Hz span 0.78 s; at rate 0.5 that is 1.56 s of publishing
         assert 1.56 <= replayed < took, out.stdout
         assert "40 action(s) received" in out.stdout
+        recorder.send_signal(signal.SIGINT)
+        assert recorder.wait(timeout=30) == 0, "".join(rec_lines)
+    from flashrt_ros.bags.reader import open_bag
+    counts = {t.topic: t.count for t in open_bag(tmp_path / "replayed").topics}
+    assert counts.get("/joint_states") == 80, ("".join(rec_lines), counts)   # both replays
 
 
 @pytest.mark.ros
@@ -710,3 +725,47 @@ def test_player_takes_the_capsule_event_when_an_answer_is_lost(tmp_path):
     assert result.capsule_ops == 1 and result.answers_lost == 1 and not result.capsule_failures
     assert len(result.actions) == 1 and not result.error
     assert "1 capsule answer(s) lost in DDS" in result.describe()
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+def test_the_readme_demo_recording_replays_byte_identical(tmp_path, ros_env):
+    """The README's record section, as a user does it: `flashrt-ros demo` (timer mode, the
+    simulated robot at its own rate), `flashrt-ros record`, `flashrt-ros reset`, Ctrl-C. The
+    timer-mode bag replays in lockstep into a fresh node: every step after the reset, on the
+    observation it consumed, byte-identical; the steps before the reset are not replayed."""
+    from flashrt_ros.bags.play import RecordedEpisode
+    from flashrt_ros.testing import assert_bag_replays
+    cli = [sys.executable, "-m", "flashrt_ros.cli"]
+    demo = subprocess.Popen(cli + ["demo", "--capsule-dir", str(tmp_path / "capsules")],
+                            env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True).start()
+    rec = None
+    try:
+        wait_for(lambda: any("[flashrt] live" in x for x in lines) or demo.poll() is not None,
+                 STARTUP_TIMEOUT_S, "the demo to go live")
+        assert demo.poll() is None, "".join(lines)
+        rec = Recorder("/flashrt_policy", tmp_path / "demo_ep", "mcap", ros_env)
+        wait_for(lambda: rec.saw("first message on /flashrt_policy/action"), DISCOVERY_TIMEOUT_S,
+                 "the recorder to hear the demo's actions")
+        out = subprocess.run(cli + ["--discovery-timeout", str(DISCOVERY_TIMEOUT_S), "reset"],
+                             env=ros_env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        n = rec.counts().get("action", 0)
+        wait_for(lambda: rec.counts().get("action", 0) >= n + 40, DISCOVERY_TIMEOUT_S,
+                 "40 steps after the reset")
+        assert rec.stop() == 0, "".join(rec.lines)
+    finally:
+        if rec is not None:
+            rec.kill()
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=30)
+    episode = RecordedEpisode.open(tmp_path / "demo_ep")
+    print(f"\n{episode.summary()}")
+    assert episode.timer_mode and episode.start > 0
+    assert [it.msg.operation for it in episode.capsule_ops] == ["reset"]
+    result = assert_bag_replays(tmp_path / "demo_ep", env=ros_env)
+    print(result.describe())
+    assert result.comparison.identical == len(episode.replayed_actions) >= 40
+    assert result.counts_match

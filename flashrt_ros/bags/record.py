@@ -109,7 +109,7 @@ class _Sqlite3Bag:
             self.writer.open()
         except (WriterError, OSError) as e:
             raise BagError(f"cannot create the bag {out}: {e} Expected a path that does not exist "
-                           f"yet; choose another one") from None
+                           f"yet") from None
         self._conns = []
 
     def add_topic(self, topic, msgtype, definition, type_hash, offered_qos):
@@ -180,7 +180,7 @@ class BagRecorder:
                                          or FLUSH_INTERVAL_S)
                            if storage == "mcap" else _Sqlite3Bag(self.out))
         except BagError as e:
-            raise BagError(f"record: {e}") from None
+            raise BagError(f"{e}: choose another --out") from None
         self.writer.set_custom(META_NODE, self.target)
         from flashrt_ros import __version__
         self.writer.set_custom(META_RECORDER, f"flashrt_ros {__version__}")

@@ -53,7 +53,7 @@ class McapBagWriter:
             self._file = open(self.path, "xb")
         except OSError as e:
             raise BagError(f"cannot create the bag {self.dir}: {e.strerror or e}; expected a path "
-                           f"that does not exist yet: choose another one") from None
+                           f"that does not exist yet") from None
         self._mcap = Writer(self._file, chunk_size=chunk_size,
                             compression={"zstd": CompressionType.ZSTD, "lz4": CompressionType.LZ4,
                                          "": CompressionType.NONE}[compression])
