@@ -39,15 +39,22 @@ from flashrt_ros.core.rollback import RollbackRing
 
 CAPSULE_FORMAT_VERSION = 2
 GRAPH_PREFILL_MAX = 256   # prefill chunks up to this length are captured; longer ones are compute-bound
+# the plans a control step and decoding run; with late_plans=True only these are captured at
+# construction, the prefill plans later (core/bringup.py)
+STEP_PLANS = ("observation", "token", "lm_head")
 
 
 class PolicyRuntime:
     def __init__(self, model_cfg: ModelConfig = TINY, runtime_cfg: RuntimeConfig | None = None,
-                 progress=None, model_dir: checkpoint.ModelDir | None = None, lock=None):
+                 progress=None, model_dir: checkpoint.ModelDir | None = None, lock=None,
+                 late_plans: bool = False):
         """A runtime for `model_cfg` with seeded weights (a preset), or for a checkpoint directory
         read by `checkpoint.read_model_dir` (use `PolicyRuntime.from_pretrained`).
 
-        `lock`: the reentrant lock callers serialise on (`runtime.lock`; default a new RLock)."""
+        `lock`: the reentrant lock callers serialise on (`runtime.lock`; default a new RLock).
+        `late_plans`: capture only STEP_PLANS now; the other plans run eagerly (the same
+        kernels, the same bytes) until `capture_plan` captures them (core/bringup.LatePlans).
+        `timings` keeps the seconds of each construction phase (weights, arena, captures)."""
         if model_dir is not None:
             model_cfg = model_dir.cfg
         self.model_cfg = model_cfg
@@ -63,10 +70,13 @@ class PolicyRuntime:
         cuda = self.device.type == "cuda"
         self.kernel = kernel = self.resolved.kernels
         t0 = time.perf_counter()
+        self.timings: dict[str, float] = {}
         say(f"building model {model_cfg.name} on {self.device} (kernels: {kernel})")
         self.model = self._build_policy(model_dir, kernel, say)
         self.tokenizer = tokenizer.load(model_dir.tokenizer_file if model_dir else "",
                                         model_cfg.vocab_size)
+        t1 = time.perf_counter()
+        self.timings["weights"] = t1 - t0
         self.arena = StateArena(self.model.state_specs(), self.device)
         self.io = StaticIO(model_cfg, self.device, self.cfg.prefill_buckets)
         self.io.noise_std.fill_(float(self.cfg.action_noise))
@@ -83,8 +93,12 @@ class PolicyRuntime:
         self.context_len = 0
         self.context_tokens: list[int] = []
         self._zero_state()
+        self.timings["arena"] = time.perf_counter() - t1
+        # the plans left to capture_plan (all eager on the CPU, where nothing is captured)
+        self.late_plans = [n for n in self.plans if n not in STEP_PLANS] if late_plans else []
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         if self.use_graphs:
-            self._capture(say)
+            self._capture(say, [n for n in self.plans if n not in self.late_plans])
         say(f"runtime ready in {time.perf_counter() - t0:.2f} s: state arena "
             f"{self.arena.nbytes / 2**20:.1f} MiB, {len(self.arena.names())} buffers, "
             f"{sum(p.captured for p in self.plans.values())} captured plans")
@@ -153,53 +167,77 @@ class PolicyRuntime:
 
     # -- plans ----------------------------------------------------------------------------
     def _build_plans(self) -> dict[str, StepPlan]:
-        m, a, io = self.model, self.arena, self.io
+        plans = {}
+        for name, (fn, graph) in self.plan_functions(self.arena, self.io,
+                                                     lambda: self.position).items():
+            plans[name] = StepPlan(name, fn)
+            plans[name].graph_eligible = graph
+        return plans
+
+    def plan_functions(self, a: StateArena, io: StaticIO, position) -> dict:
+        """{plan name: (step function over arena `a` and I/O `io`, whether it is captured)}.
+
+        `position()` is the host position the eager forms read: the runtime's own for its plans;
+        core/bringup.py builds the same functions over scratch buffers to warm them up."""
+        m = self.model
         static = self.use_graphs
         # Graph plans read the position from the arena on the device; eager plans get it from the
         # host mirror (no device sync, and slices of the live prefix instead of masks).
         def pos():
-            return None if static else self.position
+            return None if static else position()
         plans = {
-            "observation": StepPlan("observation", lambda: m.predict_action_chunk(a, io, pos())),
-            "token": StepPlan("token", lambda: m.token_step(a, io, pos())),
-            "lm_head": StepPlan("lm_head", lambda: m.lm_head(a, io)),
+            "observation": (lambda: m.predict_action_chunk(a, io, pos()), static),
+            "token": (lambda: m.token_step(a, io, pos()), static),
+            "lm_head": (lambda: m.lm_head(a, io), static),
         }
         for c in self.cfg.prefill_buckets:
             # a bucket longer than the usable context is never picked by _prefill; capturing it
             # would index KV rows past max_context during warm-up
             graph = static and c <= min(GRAPH_PREFILL_MAX, self.max_tokens)
             fn = (lambda c=c: m.prefill_chunk(a, io, None, io.chunks[c])) if graph else \
-                 (lambda c=c: m.prefill_chunk(a, io, self.position, io.chunks[c]))
-            plans[f"prefill{c}"] = StepPlan(f"prefill{c}", fn)
-            plans[f"prefill{c}"].graph_eligible = graph
+                 (lambda c=c: m.prefill_chunk(a, io, position(), io.chunks[c]))
+            plans[f"prefill{c}"] = (fn, graph)
             if static and GRAPH_PREFILL_MAX < c <= self.max_tokens:
                 # An instruction's first chunk always starts at position 0, where the dynamic form
                 # (causal flash attention over the chunk itself) has static shapes too: capture it.
                 # Eagerly a cold 2k prefill is launch-bound (the performance targets measured a
                 # graph halving it); replay and eager run the same kernels, so results are bitwise
                 # the same.
-                plans[f"prefill{c}@0"] = StepPlan(
-                    f"prefill{c}@0", lambda c=c: m.prefill_chunk(a, io, 0, io.chunks[c]))
+                plans[f"prefill{c}@0"] = (lambda c=c: m.prefill_chunk(a, io, 0, io.chunks[c]),
+                                          True)
         return plans
 
-    def _capture(self, say):
+    def capture_plan(self, name: str) -> None:
+        """Capture late plan `name`, warmed already (core/bringup.py): nothing executes, the live
+        state is not touched. Call it under `self.lock`, between steps; a no-op where the plan
+        is not captured (the CPU, a plan that always runs eagerly)."""
+        if self.use_graphs and self.plans[name].graph_eligible and not self.plans[name].captured:
+            self._capture(lambda msg: None, [name], warmup=0, capture_error_mode="thread_local")
+
+    def _capture(self, say, names, warmup: int = 2, capture_error_mode: str = "global"):
         # Python's cyclic collector must not run while a stream is capturing: finalising garbage
         # from an earlier runtime or store (a lifecycle re-configure, a test before this one)
         # frees pinned host memory and CUDA events, and the CUDA calls behind that invalidate
         # the capture (cudaErrorStreamCaptureInvalidated). torch no longer collects before a
         # capture by default, so collect here and hold the collector off until all plans are in.
+        # (All plans share one graph pool: they never run concurrently.)
         gc.collect()
         collecting = gc.isenabled()
         gc.disable()
         try:
-            saved = self.arena.base.clone()
-            pool = torch.cuda.graph_pool_handle()
-            for name, plan in self.plans.items():
-                if getattr(plan, "graph_eligible", True):
+            saved = self.arena.base.clone() if warmup else None
+            for name in names:
+                plan = self.plans[name]
+                if plan.graph_eligible:
                     t = time.perf_counter()
-                    plan.capture(pool, prepare=lambda: self.arena.base.copy_(saved))
-                    say(f"captured plan {name} ({(time.perf_counter() - t) * 1e3:.0f} ms)")
-            self.arena.base.copy_(saved)
+                    plan.capture(self._graph_pool, warmup=warmup,
+                                 prepare=lambda: self.arena.base.copy_(saved),
+                                 capture_error_mode=capture_error_mode)
+                    self.timings[f"capture {name}"] = time.perf_counter() - t
+                    say(f"captured plan {name} ({(time.perf_counter() - t) * 1e3:.0f} ms, "
+                        f"{plan.warm_s * 1e3:.0f} ms of it warm-up)")
+            if saved is not None:
+                self.arena.base.copy_(saved)
             torch.cuda.synchronize(self.device)
         finally:
             if collecting:
@@ -288,23 +326,32 @@ class PolicyRuntime:
                 f"{self.max_tokens} usable tokens (max_context {self.model_cfg.max_context}); shorten "
                 f"the instruction or use a preset with a larger max_context")
 
+    def prefill_chunks(self, n: int, position: int):
+        """(offset, length, plan name) of each chunk that prefilling n tokens from `position`
+        runs, in order: the largest bucket that fits, token steps for a remainder shorter than
+        the smallest bucket."""
+        i = 0
+        while i < n:
+            size = next((c for c in self.cfg.prefill_buckets if c <= n - i), None)
+            if size is None:            # fewer tokens than the smallest bucket: token steps
+                yield i, 1, "token"
+                i += 1
+                continue
+            name = f"prefill{size}"
+            if position + i == 0 and self.cold_prefill_graphs and name + "@0" in self.plans:
+                name += "@0"
+            yield i, size, name
+            i += size
+
     def _prefill(self, tokens):
         t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-        i = 0
-        while i < len(tokens):
-            n = len(tokens) - i
-            size = next((c for c in self.cfg.prefill_buckets if c <= n), None)
-            if size is None:            # fewer tokens than the smallest bucket: token steps
+        for i, size, name in self.prefill_chunks(len(tokens), self.position):
+            if name == "token":
                 self.io.token.copy_(t[i:i + 1])
-                self.plans["token"].run()
-                i, self.position = i + 1, self.position + 1
-                continue
-            self.io.chunks[size].copy_(t[i:i + size], non_blocking=True)
-            name = f"prefill{size}"
-            if self.position == 0 and self.cold_prefill_graphs and name + "@0" in self.plans:
-                name += "@0"
+            else:
+                self.io.chunks[size].copy_(t[i:i + size], non_blocking=True)
             self.plans[name].run()
-            i, self.position = i + size, self.position + size
+            self.position += size
 
     def step(self, obs) -> np.ndarray:
         """One control step: observation [obs_dim] -> action chunk [horizon, action_dim] (a copy)."""

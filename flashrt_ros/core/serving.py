@@ -112,9 +112,10 @@ class DeadlineMonitor:
         return self.late + self.skipped
 
 
-def warm_up(rt) -> float:
+def warm_up(rt, prefill: bool = True) -> float:
     """Run every plan of PolicyRuntime `rt` once, then put back the exact state; returns the
-    seconds it took.
+    seconds it took. `prefill=False`: only the plans a control step needs (a one-token
+    instruction and a step); the prefill plans are warmed by core/bringup.LatePlans.
 
     On CPU the first call of each op pays torch's lazy initialisation (~2 s for the first prefill,
     ~0.2 s for each new prefill length): without this the first control step would miss its
@@ -128,6 +129,8 @@ def warm_up(rt) -> float:
     known = (rt.position, rt.step_count, rt.episode, rt.context_len)
     buckets = [c for c in rt.cfg.prefill_buckets if c < rt.max_tokens]
     n = max(1, min(sum(buckets) + 1, rt.max_tokens))      # every bucket once, then one token step
+    if not prefill:
+        n = 1
     rt.set_instruction([WARM_UP_TOKEN] * n)
     rt.step(np.zeros(rt.model_cfg.obs_dim, dtype=np.float32))
     rt.restore_state(clean, known)

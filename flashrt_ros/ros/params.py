@@ -60,6 +60,11 @@ class NodeConfig:
     status_rate_hz: float = _f(2.0, "rate of ~/status and /diagnostics", True)
     warm_up: bool = _f(True, "at configure, run every plan once and put the exact state back, so "
                              "that the first control step pays no lazy initialisation", True)
+    capture_prefill: str = _f("background", "when the prefill plans are captured (CUDA) or warmed "
+                                            "up (CPU): background = after activation, between "
+                                            "steps (configure prepares only what a step needs; an "
+                                            "instruction waits for its plans); configure = all "
+                                            "before configure returns", True)
     nice: int = _f(0, "nice value of the node's threads from configure to cleanup (-20..19): "
                       "below 0 gives the control loop a larger share of contended CPUs; needs "
                       "CAP_SYS_NICE or a nice limit (`ulimit -e`). Not SCHED_FIFO: Python threads "
@@ -84,6 +89,8 @@ class NodeConfig:
         _check(0 < self.status_rate_hz <= 100, "status_rate_hz", "a rate in (0, 100] Hz",
                self.status_rate_hz)
         _check(-20 <= self.nice <= 19, "nice", "an integer in [-20, 19]", self.nice)
+        _check(self.capture_prefill in ("background", "configure"), "capture_prefill",
+               "background or configure", self.capture_prefill)
         object.__setattr__(self, "joint_names", tuple(self.joint_names))
         _check(all(isinstance(n, str) and n for n in self.joint_names), "joint_names",
                "a list of non-empty joint names", list(self.joint_names))

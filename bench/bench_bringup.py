@@ -1,0 +1,339 @@
+"""Bring-up: wall time from process start to the first action, phase by phase, cold and warm.
+
+Every start is a fresh process, so that the interpreter, the imports and the CUDA context count:
+
+  * runtime - `python bench/bench_bringup.py --child ...`: imports, CUDA context, resolve (the
+    compile cache directory, fla's import), weights, arena, each plan's capture (its warm-up part
+    is where Triton compiles and autotunes), the warm-up, the first action (`rt.step`), then the
+    late plans (core/bringup.py) until every plan is ready. No ROS: this is what the GPU session
+    measures (bench/gpu_session.sh stage `bringup`).
+  * node - `ros2 launch flashrt_ros flashrt_policy.launch.py managed:=false` (where ROS and the
+    `ros2` tools are): this process publishes observations from the start and times the first
+    ActionChunk; the node's phases come from its /diagnostics (`bringup.*`, `late.*`).
+
+Each is run with the prefill plans captured in the background (`capture_prefill: background`,
+the default) and, as the baseline in the same run, all at configure (`configure`); each cold
+(a new, empty compile cache directory) and warm (a second start on the same directory). The
+operating system's file cache is warm in both (nothing here drops it).
+
+Not a test: numbers go to `<out>.md` and `<out>.json` (default docs/bench/bringup-<device>).
+
+    python bench/bench_bringup.py                       # CPU, tiny: runtime and node
+    python bench/bench_bringup.py --device cuda --preset hybrid-0.8b --paths runtime
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Nothing heavy at module level: a child times its own imports.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTURES = ("background", "configure")
+STARTS = ("cold", "warm")
+TARGETS = {  # (path, preset, device type) -> (first action limit s, start) from the issue
+    ("runtime", "hybrid-0.8b", "cuda", "warm"): 5.0,
+    ("runtime", "hybrid-0.8b", "cuda", "cold"): 15.0,
+    ("node", "hybrid-0.8b", "cuda", "warm"): 8.0,
+    ("runtime", "tiny", "cpu", "warm"): 3.0,
+    ("node", "tiny", "cpu", "warm"): 3.0,
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    p.add_argument("--paths", default=None,
+                   help="runtime,node (default: both where rclpy and `ros2` are, else runtime)")
+    p.add_argument("--captures", default=",".join(CAPTURES), help="background,configure")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per start")
+    p.add_argument("--out", default=None, help="report stem (default docs/bench/bringup-<device>)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)     # runtime child: capture
+    p.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
+    p.add_argument("--result", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# -- the runtime child ----------------------------------------------------------------------
+def child(args) -> None:
+    """One bring-up in this fresh process; its phases (seconds) to `args.result` as JSON."""
+    entered = time.time()
+    phases, marks = {}, {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        value = fn()
+        phases[name] = time.perf_counter() - t
+        return value
+
+    torch = timed("import torch", lambda: __import__("torch"))
+    def imports():
+        from flashrt_ros.core import bringup, config, runtime, serving
+        return bringup, config, runtime, serving
+    bringup, config, runtime, serving = timed("import flashrt_ros", imports)
+    started = bringup.process_start_time()
+    phases = {"python start": entered - started, **phases}
+    device = config.resolve_device(args.device)
+    if device.type == "cuda":
+        def context():
+            torch.empty(1, device=device)
+            torch.cuda.synchronize(device)
+        timed("CUDA context", context)
+    cfg = config.RuntimeConfig(device=args.device, cache_dir=args.cache_dir)
+    model_cfg = config.load_preset(args.preset)
+    resolved = timed("resolve (compile cache, fla)", lambda: cfg.resolve(model_cfg))
+    late = args.child == "background"
+    rt = runtime.PolicyRuntime(model_cfg, cfg, late_plans=late)
+    phases.update(rt.timings)
+    plans = {n: {"warm_s": p.warm_s, "capture_s": p.capture_s}
+             for n, p in rt.plans.items() if p.captured}
+    timed("warm-up", lambda: serving.warm_up(rt, prefill=not late))
+    obs = [0.0] * model_cfg.obs_dim
+    timed("first step", lambda: rt.step(obs))
+    marks["first action"] = time.time() - started
+    if late:
+        schedule = bringup.LatePlans(rt)
+        schedule.run()
+        for n in schedule.order:
+            plans[n] = {"warm_s": schedule.warm_s.get(n, 0.0),
+                        "capture_s": schedule.capture_s.get(n, 0.0), "late": True}
+    marks["all plans ready"] = time.time() - started
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with open(args.result, "w", encoding="utf-8") as f:
+        json.dump({"phases": phases, "marks": marks, "plans": plans,
+                   "kernels": resolved.kernels, "compile_cache": resolved.compile_cache,
+                   "cuda_graphs": rt.use_graphs}, f, indent=2)
+
+
+def run_child(args, capture: str, cache_dir: str, workdir: str) -> dict:
+    import subprocess
+    result = os.path.join(workdir, f"result-{capture}-{time.monotonic_ns()}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", capture, "--device", args.device,
+           "--preset", args.preset, "--cache-dir", cache_dir, "--result", result]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout,
+                       env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep +
+                                os.environ.get("PYTHONPATH", "")))
+    wall = time.time() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"bench_bringup: the child failed (exit {r.returncode}):\n"
+                         f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    with open(result, encoding="utf-8") as f:
+        data = json.load(f)
+    data["wall_s"] = wall
+    return data
+
+
+# -- the node under ros2 launch -------------------------------------------------------------
+def launch_node(args, capture: str, cache_dir: str, workdir: str, index: int) -> dict:
+    """`ros2 launch ... managed:=false`; observations from the start; the first ActionChunk."""
+    import signal
+    import subprocess
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+
+    from flashrt_ros.core.config import load_preset
+    from flashrt_ros.msg import ActionChunk, Observation, PolicyStatus
+    from flashrt_ros.ros.discovery import loopback_by_default
+    from flashrt_ros.ros.process import executable
+    loopback_by_default()
+    ns = f"bringup{os.getpid()}_{index}"
+    target = f"/{ns}/flashrt_policy"
+    params = os.path.join(workdir, f"params-{index}.yaml")
+    with open(params, "w", encoding="utf-8") as f:
+        f.write(f"/**/flashrt_policy:\n  ros__parameters:\n    capture_prefill: {capture}\n"
+                f"    runtime:\n      device: {args.device}\n      cache_dir: \"{cache_dir}\"\n"
+                f"    store:\n      capsule_dir: \"{os.path.join(workdir, 'capsules')}\"\n")
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node(f"bringup_bench_{os.getpid()}", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    reliable = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE)
+    got = {"actions": [], "status": None, "diag": {}}
+
+    def on_action(msg):
+        got["actions"].append(time.time())
+
+    def on_status(msg):
+        got["status"] = msg.bringup
+
+    def on_diag(msg):
+        for st in msg.status:
+            if st.name.startswith(target):
+                got["diag"] = {kv.key: kv.value for kv in st.values}
+
+    node.create_subscription(ActionChunk, f"{target}/action", on_action, reliable)
+    node.create_subscription(PolicyStatus, f"{target}/status", on_status, reliable)
+    node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, reliable)
+    pub = node.create_publisher(Observation, f"{target}/observation", reliable)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("AMENT_PREFIX_PATH", sys.prefix)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    cmd = [executable("ros2"), "launch", "flashrt_ros", "flashrt_policy.launch.py",
+           "managed:=false", f"namespace:={ns}", f"model:={args.preset}", f"config:={params}"]
+    log = open(os.path.join(workdir, f"node-{index}.log"), "w", encoding="utf-8")
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    msg = Observation()
+    msg.state = [0.0] * load_preset(args.preset).obs_dim
+    try:
+        deadline = t0 + args.timeout
+        while time.time() < deadline and proc.poll() is None:
+            msg.header.stamp = node.get_clock().now().to_msg()
+            pub.publish(msg)
+            executor.spin_once(timeout_sec=0.01)
+            # the status says every plan is ready, and a /diagnostics message since says so too
+            diag = got["diag"]
+            if got["actions"] and (got["status"] or "").startswith("ready") and \
+                    diag.get("bringup", "").startswith("ready") and \
+                    "bringup.first action_at_s" in diag:
+                break
+        if not got["actions"]:
+            raise SystemExit(f"bench_bringup: no action from {target} within {args.timeout:g} s "
+                             f"(exit {proc.poll()}); see {log.name}")
+        ready_at = time.time() - t0
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+    diag = got["diag"]
+    phases = {k[len("bringup."):-2]: float(v) for k, v in diag.items()
+              if k.startswith("bringup.") and k.endswith("_s") and not k.endswith("_at_s")}
+    marks = {k[len("bringup."):-5]: float(v) for k, v in diag.items()
+             if k.startswith("bringup.") and k.endswith("_at_s")}
+    plans = {}
+    for k, v in diag.items():
+        if k.startswith("late.") and k.endswith("_ms"):
+            name, part = k[len("late."):-3].rsplit("_", 1)
+            plans.setdefault(name, {"late": True})[f"{part}_s"] = float(v) / 1e3
+    first = got["actions"][0] - t0
+    return {"phases": phases, "marks": marks, "plans": plans, "first_action_s": first,
+            "ready_s": ready_at, "status": got["status"]}
+
+
+# -- the report -----------------------------------------------------------------------------
+def fmt(v) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+def plan_cell(run: dict, name: str, part: str) -> str:
+    plan = run["data"]["plans"].get(name, {})
+    if f"{part}_s" not in plan:
+        return ""
+    return fmt(plan[f"{part}_s"]) + (" (late)" if plan.get("late") else "")
+
+
+def report(args, runs: list, out: str):
+    import torch
+
+    from bench.common import device_slug, environment, write_report
+    from flashrt_ros.core.config import resolve_device
+    env = environment(resolve_device(args.device), code=("flashrt_ros", "bench", "config"))
+    env["preset"] = args.preset
+    stem = out or os.path.join(ROOT, "docs", "bench", f"bringup-{device_slug(env)}")
+    summary_rows, verdicts = [], []
+    for r in runs:
+        d = r["data"]
+        first = d.get("first_action_s", d["marks"].get("first action"))
+        ready = d.get("ready_s", d["marks"].get("all plans ready"))
+        summary_rows.append([r["path"], r["capture"], r["start"], fmt(first), fmt(ready)])
+        limit = TARGETS.get((r["path"], args.preset, torch.device(args.device).type, r["start"]))
+        if limit is not None and r["capture"] == "background":
+            verdicts.append(f"- {r['path']}, {r['start']}: first action {first:.2f} s, target "
+                            f"<= {limit:g} s: " + ("met" if first <= limit else
+                                                   f"missed by {first - limit:.2f} s"))
+    phase_names = list(dict.fromkeys(n for r in runs for n in r["data"]["phases"]))
+    plan_names = list(dict.fromkeys(n for r in runs for n in r["data"]["plans"]))
+    columns = ["phase (s)"] + [f"{r['path']} {r['capture']} {r['start']}" for r in runs]
+    rows = [[n] + [fmt(r["data"]["phases"].get(n)) for r in runs] for n in phase_names]
+    for n in plan_names:
+        for part, label in (("warm", "warm-up"), ("capture", "capture")):
+            rows.append([f"plan {n}: {label}"] + [plan_cell(r, n, part) for r in runs])
+    marks = list(dict.fromkeys(n for r in runs for n in r["data"]["marks"]))
+    rows += [[f"{m} (after process start)"] + [fmt(r["data"]["marks"].get(m)) for r in runs]
+             for m in marks]
+    sections = [
+        {"heading": "First action and every plan ready (seconds after the start)",
+         "columns": ["path", "prefill capture", "start", "first action", "every plan ready"],
+         "rows": summary_rows,
+         "notes": ["runtime: from the child's process start (/proc) to `rt.step` returning, then "
+                   "to the last late plan; node: from `ros2 launch` to the first ActionChunk "
+                   "received here (observations published from the start), then to ~/status "
+                   "saying ready. cold = a new compile cache directory; warm = the second start "
+                   "on it. The OS file cache is warm in both."] + ([""] + verdicts if verdicts
+                                                                   else [])},
+        {"heading": "Phases", "columns": columns, "rows": rows,
+         "notes": ["`plan X: warm` is the plan's warm-up (Triton compiles and autotunes there on "
+                   "CUDA; torch's lazy initialisation on the CPU), `capture` the graph capture; "
+                   "(late) = in the background after the first action (core/bringup.py). Node "
+                   "phases are the node's configure phases from /diagnostics; `node` is the "
+                   "process age when the node was created (interpreter, imports, rclpy.init)."]},
+    ]
+    md, js = write_report(stem, f"Bring-up: {args.preset} on {args.device}", env, sections,
+                          {"runs": runs})
+    print(f"wrote {md} and {js}")
+
+
+def has_ros_tools() -> bool:
+    try:
+        import rclpy  # noqa: F401
+
+        import flashrt_ros.msg  # noqa: F401
+        from flashrt_ros.ros.process import executable
+    except ImportError:
+        return False
+    import shutil
+    exe = executable("ros2")
+    return os.path.exists(exe) or shutil.which(exe) is not None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    import shutil
+    import tempfile
+    sys.path.insert(0, ROOT)
+    paths = args.paths.split(",") if args.paths else \
+        (["runtime", "node"] if has_ros_tools() else ["runtime"])
+    runs = []
+    workdir = tempfile.mkdtemp(prefix="flashrt-bringup-")
+    try:
+        for path in paths:
+            for capture in args.captures.split(","):
+                cache_dir = os.path.join(workdir, f"cache-{path}-{capture}")   # new: cold
+                for start in STARTS:
+                    t = time.time()
+                    data = run_child(args, capture, cache_dir, workdir) if path == "runtime" \
+                        else launch_node(args, capture, cache_dir, workdir, len(runs))
+                    runs.append({"path": path, "capture": capture, "start": start, "data": data})
+                    first = data.get("first_action_s", data["marks"].get("first action"))
+                    print(f"{path:8} {capture:10} {start}: first action {first:.2f} s "
+                          f"({time.time() - t:.1f} s in all)", flush=True)
+        report(args, runs, args.out)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

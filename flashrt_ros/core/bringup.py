@@ -1,0 +1,264 @@
+"""Bring-up: from process start to the first action, the control loop first (no ROS imports).
+
+A server builds its runtime with `late_plans=True`: only the plans a control step needs
+(observation, token, LM head: runtime.STEP_PLANS) are captured while it configures, and it can
+step as soon as they are. `LatePlans` then captures the others (the prefill plans) in a
+background thread while the server steps:
+
+  1. warm-up, without `runtime.lock`: the plan's function runs twice on a scratch arena and
+     scratch I/O of the live layout (`PolicyRuntime.plan_functions` over other buffers), on a
+     side stream on CUDA. Triton compiles and autotunes here, and torch pays its lazy
+     initialisation (on the CPU the first prefill imports torch._dynamo: ~2 s); the live state
+     is never touched, so steps go on meanwhile.
+  2. capture, under `runtime.lock` (a call of the BoundaryLock: it goes between two steps, and
+     no step runs during it): `PolicyRuntime.capture_plan` captures with no warm-up run, so
+     nothing executes on the device and the live state is not touched, in torch.cuda.graph's
+     "thread_local" capture mode (a CUDA call another thread makes meanwhile, such as a capsule
+     copy, neither fails nor invalidates the capture). On the CPU nothing is captured: the
+     same schedule runs and step 2 does nothing.
+
+Order: shortest chunk first, so the plans short instructions use are ready first.
+
+A plan is *ready* after step 1. Until it is captured the runtime runs the same function
+eagerly: the same kernels, so the same bytes as the replay (test/test_bringup.py compares a
+late-captured runtime with one captured all at construction byte for byte). An instruction
+whose plans are not ready yet waits for them (`wait_for_instruction`, called before the
+caller takes any lock, with a line saying so) rather than autotuning in its own thread
+beside the background one.
+
+`Phases` keeps the seconds of each bring-up phase and the process age at its milestones
+(active, first action), for the log, ~/status and /diagnostics.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+import torch
+
+from flashrt_ros.core.arena import StateArena, StaticIO
+
+_IMPORTED = time.time()
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process started (Linux /proc), else when this module was imported."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            # field 22 (starttime, clock ticks after boot) comes after the parenthesised name
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (10 ms resolution on Linux)."""
+    return time.time() - process_start_time()
+
+
+class Phases:
+    """Seconds of each bring-up phase (`phase`), and the process age at milestones (`mark`)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.marks: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def mark(self, name: str) -> float:
+        """Record (once) and return the process age at milestone `name`."""
+        return self.marks.setdefault(name, process_age_s())
+
+    def text(self) -> str:
+        """'model 0.01 s, runtime 0.05 s, ...; active at 2.41 s after process start'."""
+        parts = ", ".join(f"{n} {s:.2f} s" for n, s in self.seconds.items())
+        marks = ", ".join(f"{n} at {s:.2f} s" for n, s in self.marks.items())
+        return parts + (f"; {marks} after process start" if marks else "")
+
+    def values(self) -> dict:
+        """Flat {key: seconds} for /diagnostics and the benchmark."""
+        out = {f"{n}_s": round(s, 4) for n, s in self.seconds.items()}
+        out.update({f"{n}_at_s": round(s, 3) for n, s in self.marks.items()})
+        return out
+
+
+PENDING, WARMING, READY, CAPTURED, FAILED = "pending", "warming up", "ready", "captured", "failed"
+
+
+def chunk_length(name: str) -> int:
+    """The chunk length of a prefill plan name ('prefill256', 'prefill4096@0')."""
+    return int(name[len("prefill"):].split("@")[0])
+
+
+class _Scratch:
+    """Buffers of the live layout, for warm-ups that must not touch the live state."""
+
+    def __init__(self, rt):
+        self.arena = StateArena(rt.model.state_specs(), rt.device)
+        self.io = StaticIO(rt.model_cfg, rt.device, rt.cfg.prefill_buckets)
+        self.fns = rt.plan_functions(self.arena, self.io, lambda: 0)
+
+
+class LatePlans:
+    """Captures (CUDA) or warms up (CPU) a runtime's late plans in a background thread.
+
+    `rt` was built with late_plans=True. Thread-safety: `start`, `stop`, `ready`, `wait*` and
+    `progress` may be called from any thread; the state of each plan is guarded by a condition.
+    """
+
+    def __init__(self, rt, say=None):
+        self.rt = rt
+        self.say = say or (lambda msg: None)
+        # a bucket longer than the usable context is never run: nothing to warm
+        names = [n for n in rt.late_plans if chunk_length(n) <= rt.max_tokens]
+        self.order = sorted(names, key=lambda n: (chunk_length(n), n))
+        self.state = {n: PENDING for n in self.order}
+        self.warm_s: dict[str, float] = {}
+        self.capture_s: dict[str, float] = {}
+        self.errors: dict[str, str] = {}
+        self.started = self.finished = None      # perf_counter times
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = None
+
+    # -- the schedule ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background thread (once)."""
+        if self._thread is None:
+            self.started = time.perf_counter()
+            self._thread = threading.Thread(target=self._run, name="flashrt-late-plans",
+                                            daemon=True)
+            self._thread.start()
+
+    def run(self) -> None:
+        """The whole schedule in the calling thread (what the thread runs)."""
+        self.started = self.started or time.perf_counter()
+        self._run()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop after the plan in progress; True when the thread has ended."""
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def _set(self, name, state):
+        with self._cv:
+            self.state[name] = state
+            self._cv.notify_all()
+
+    def _run(self):
+        scratch = None
+        try:
+            for name in self.order:
+                if self._stop.is_set():
+                    return
+                self._set(name, WARMING)
+                try:
+                    if scratch is None:
+                        scratch = _Scratch(self.rt)
+                    t = time.perf_counter()
+                    self._warm(scratch, name)
+                    self.warm_s[name] = time.perf_counter() - t
+                    self._set(name, READY)
+                    t = time.perf_counter()
+                    with self.rt.lock:
+                        if self._stop.is_set():
+                            return
+                        self.rt.capture_plan(name)
+                    self.capture_s[name] = time.perf_counter() - t
+                    self._set(name, CAPTURED)
+                except Exception as e:  # noqa: BLE001 - a failed plan stays eager; go on
+                    self.errors[name] = f"{type(e).__name__}: {e}"
+                    self._set(name, FAILED)
+                    self.say(f"late plan {name}: {self.errors[name]}; it runs eagerly")
+                    continue
+                done = sum(s in (CAPTURED, FAILED) for s in self.state.values())
+                self.say(f"late plan {name} ready ({done}/{len(self.order)}): warm-up "
+                         f"{self.warm_s[name] * 1e3:.0f} ms, capture "
+                         f"{self.capture_s[name] * 1e3:.0f} ms")
+        finally:
+            del scratch
+            with self._cv:
+                self.finished = time.perf_counter()
+                self._cv.notify_all()
+            if not self._stop.is_set() and self.order:
+                self.say(f"all {len(self.order)} late plans ready "
+                         f"{self.finished - self.started:.2f} s after they started")
+
+    def _warm(self, scratch: _Scratch, name: str):
+        fn = scratch.fns[name][0]
+        cuda = self.rt.device.type == "cuda"
+        side = torch.cuda.Stream(self.rt.device) if cuda else None
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            for _ in range(2):
+                scratch.arena.zero_()          # position 0, as an instruction's first chunk
+                fn()
+        if cuda:
+            side.synchronize()
+
+    # -- readiness ------------------------------------------------------------------------
+    def ready(self, name: str) -> bool:
+        """Whether plan `name` runs without waiting (any plan this schedule does not hold is)."""
+        return self.state.get(name, READY) != PENDING and self.state.get(name) != WARMING
+
+    def wait(self, names, timeout: float | None = None) -> bool:
+        """Block until every plan in `names` is ready (or the schedule stops); True if they are."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._stop.is_set() or all(self.ready(n) for n in names),
+                              timeout)
+            return all(self.ready(n) for n in names)
+
+    def wait_for_instruction(self, n_tokens: int, say=None) -> float:
+        """Before an instruction of n_tokens is prefilled: wait (saying so) for the plans it
+        runs; returns the seconds waited. Call it holding no lock of the runtime or store."""
+        names = [name for _, _, name in self.rt.prefill_chunks(n_tokens, 0)]
+        pending = [n for n in dict.fromkeys(names) if not self.ready(n)]
+        if not pending:
+            return 0.0
+        (say or self.say)(f"instruction of {n_tokens} tokens waits for late plan(s) "
+                          f"{', '.join(pending)}, being captured in the background "
+                          f"({self.progress()})")
+        t = time.perf_counter()
+        self.wait(pending)
+        return time.perf_counter() - t
+
+    # -- reporting ------------------------------------------------------------------------
+    def progress(self) -> str:
+        """One line for ~/status: 'ready', or what is still being captured."""
+        n = len(self.order)
+        done = sum(s in (CAPTURED, FAILED) for s in self.state.values())
+        failed = sum(s == FAILED for s in self.state.values())
+        tail = f", {failed} failed (eager)" if failed else ""
+        if done == n:
+            took = f" in {self.finished - self.started:.2f} s" if self.finished and self.started \
+                else ""
+            return f"ready: {n} late plans{took}{tail}"
+        now = next((k for k, s in self.state.items() if s in (WARMING, READY)), "")
+        if self.started is None:
+            return f"{n - done} late plans pending"
+        return f"capturing late plans: {done}/{n} ready" + (f", now {now}" if now else "") + tail
+
+    def values(self) -> dict:
+        """Flat {key: milliseconds} of each plan's warm-up and capture, for /diagnostics."""
+        out = {}
+        for name in self.order:
+            if name in self.warm_s:
+                out[f"{name}_warm_ms"] = round(self.warm_s[name] * 1e3, 1)
+            if name in self.capture_s:
+                out[f"{name}_capture_ms"] = round(self.capture_s[name] * 1e3, 1)
+        return out
