@@ -14,7 +14,7 @@ import pytest
 
 from flashrt_ros.ros.stamps import stamp_to_s
 from flashrt_ros.ros.waiting import wait_for
-from node_client import PolicyClient, chunk_bytes, observations
+from node_client import InProcessNode, chunk_bytes, observations
 
 pytestmark = pytest.mark.ros
 
@@ -29,29 +29,6 @@ def ros_context():
     rclpy.init(context=context)
     yield context
     rclpy.try_shutdown(context=context)
-
-
-class InProcessNode:
-    """A PolicyNode spun by a PolicyExecutor in a thread, and a client for it."""
-
-    def __init__(self, context, namespace, **params):
-        from rclpy.parameter import Parameter
-
-        from flashrt_ros.ros.executors import PolicyExecutor
-        from flashrt_ros.ros.node import PolicyNode
-        overrides = [Parameter(k, value=v) for k, v in params.items()]
-        self.node = PolicyNode(context=context, namespace=namespace, parameter_overrides=overrides)
-        self.executor = PolicyExecutor(num_threads=4, context=context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-        self.client = PolicyClient(f"{namespace}/flashrt_policy", name="inprocess_client")
-
-    def close(self):
-        self.client.close()
-        self.executor.shutdown(timeout_sec=5)
-        self.thread.join(timeout=5)
-        self.node.destroy_node()
 
 
 @pytest.fixture

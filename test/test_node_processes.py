@@ -283,10 +283,9 @@ def test_calls_while_unconfigured_fail_and_the_node_keeps_answering(ros_env, tmp
             assert res.capsule.step == 0
             r = cli(ros_env, "/unconf/flashrt_policy", "lifecycle", "shutdown")
             assert r.returncode == 0, r.stdout
-            assert c.state() == "finalized"
         finally:
             c.close()
-        assert proc.alive(), proc.log()
+        assert proc.proc.wait(timeout=30) == 0, proc.log()     # finalized: the process ended
     assert os.path.isdir(tmp_path / "c")
 
 

@@ -40,8 +40,8 @@ REQUESTS = {
                            tier=d.draw(TIERS)),
     "rollback": lambda d: dict(k=d.draw(st.integers(0, 2**32 - 1))),
     "list_capsules": lambda d: dict(tier=d.draw(TIERS)),
-    "delete_capsule": lambda d: dict(name=d.draw(NAMES)),
-    "save_capsule": lambda d: dict(name=d.draw(NAMES), keep_in_memory=d.draw(st.booleans())),
+    "delete_capsule": lambda d: dict(name=d.draw(NAMES), delete_file=d.draw(st.booleans())),
+    "save_capsule": lambda d: dict(name=d.draw(NAMES), evict_from_memory=d.draw(st.booleans())),
     "load_capsule": lambda d: dict(name=d.draw(NAMES), tier=d.draw(TIERS), restore=d.draw(st.booleans())),
     "reset": lambda d: dict(keep_context=d.draw(st.booleans())),
 }

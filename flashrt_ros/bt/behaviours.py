@@ -302,7 +302,7 @@ class Reset(CapsuleService, operation="reset"):
 
 
 class SaveCapsule(CapsuleService, operation="save"):
-    """Write capsule `name` to the node's capsule directory (fields: name, keep_in_memory)."""
+    """Write capsule `name` to the node's capsule directory (fields: name, evict_from_memory)."""
 
 
 class LoadCapsule(CapsuleService, operation="load"):
@@ -310,7 +310,7 @@ class LoadCapsule(CapsuleService, operation="load"):
 
 
 class DeleteCapsule(CapsuleService, operation="delete"):
-    """Delete capsule `name` (field: name)."""
+    """Delete capsule `name` (fields: name, delete_file; its saved file stays unless delete_file)."""
 
 
 class CapsulePresent(CapsuleService, operation="list"):

@@ -1,0 +1,319 @@
+"""What the real `ros2` tools found in the node, each held by a test (docs/node.md says the rules).
+
+  * every parameter has a typed value: `ros2 param get/dump/describe` answer for all of them
+    (a parameter declared without one made every get_parameters that named it answer nothing);
+  * the loaded model's `obs_dim`, `action_dim`, `horizon` are read-only parameters and in ~/status;
+  * `rejected_inputs` counts each refused observation once, not each control tick after it;
+  * the capsule requests' defaults lose nothing: `save_capsule` copies, `delete_capsule` keeps a
+    saved file; `load_capsule` needs the file and a memory tier;
+  * nothing reaches a controller before a step on an accepted observation, and that step's chunk
+    is the model's output (not zeros: the observation statistics are weights);
+  * the lifecycle `shutdown` transition ends the process with exit status 0;
+  * `ros2 param set` of a bad value is refused with the reason.
+
+The `ros2` tests run the tools as subprocesses against a node process (node_client.ros2) and skip
+with the reason where the tools are absent; the others drive a node in this process or in a child
+process through rclpy.
+"""
+import itertools
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from flashrt_ros.ros.waiting import wait_for
+from node_client import (DISCOVERY_TIMEOUT_S, InProcessNode, NodeProcess, PolicyClient,
+                         node_command, observations, require_ros2, ros2)
+
+pytestmark = pytest.mark.ros
+
+OBS = observations(8, seed=5)
+SEQUENCE = itertools.count()
+NS = f"/defects{os.getpid()}"
+NODE = f"{NS}/flashrt_policy"
+EXIT_TIMEOUT_S = 30
+
+
+# -- a node in this process ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ros_context():
+    import rclpy
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+@pytest.fixture
+def in_process(ros_context, tmp_path):
+    made = []
+
+    def make(**params):
+        params.setdefault("store.capsule_dir", str(tmp_path / "capsules"))
+        params.setdefault("runtime.device", "cpu")
+        n = InProcessNode(ros_context, f"{NS}_in{next(SEQUENCE)}", **params)
+        made.append(n)
+        return n
+    yield make
+    for n in made:
+        n.close()
+
+
+def diagnostic(client, key: str):
+    """The latest value of `key` in the node's /diagnostics (a string), or None."""
+    for d in reversed(client.diagnostics):
+        for st in d.status:
+            if st.name.startswith(client.target):
+                for kv in st.values:
+                    if kv.key == key:
+                        return kv.value
+    return None
+
+
+def test_get_parameters_answers_every_parameter_with_a_value(in_process):
+    from flashrt_ros.ros.params import parameter_table
+    n = in_process()
+    names = [name for name, *_ in parameter_table()]
+    values = n.client.get_parameters(names)             # one value per name, or none at all
+    assert len(values) == len(names) and values["joint_names"] == []
+    assert values["control_rate_hz"] == 30.0
+
+
+def test_nothing_reaches_a_controller_before_an_accepted_observation(in_process):
+    """Timer mode with a command output: ticks before the first observation (and after refused
+    ones) publish nothing; the first step's chunk, on a constant observation, is not all zeros,
+    and neither is the command made of it."""
+    from std_msgs.msg import Float64MultiArray
+    n = in_process(control_mode="timer", control_rate_hz=50.0, observation_qos="reliable",
+                   command_output="float64_multi_array", status_rate_hz=20.0)
+    c = n.client
+    commands = c.collect(Float64MultiArray, f"{c.target}/command")
+    assert c.transition("configure") and c.transition("activate")
+    c.wait_connected()
+    wait_for(lambda: c.matched(c.subs[-1]), DISCOVERY_TIMEOUT_S, "the command publisher")
+    c.publish(np.full(5, 0.5, np.float32))              # refused: wrong length
+    wait_for(lambda: int(diagnostic(c, "idle_ticks") or 0) >= 25, 30, "25 idle ticks")
+    assert c.actions == [] and commands == [] and n.node.runtime.step_count == 0
+    c.publish(np.zeros(14, np.float32))                 # a constant observation, stepped each tick
+    wait_for(lambda: len(c.actions) >= 3 and len(commands) >= 3, 30, "three actions and commands")
+    for action, command in zip(c.actions[:3], commands[:3]):
+        chunk = np.asarray(action.data, np.float32).reshape(action.horizon, action.action_dim)
+        assert np.abs(chunk).max() > 1e-3, f"step {action.step}: an all-zero chunk"
+        assert np.asarray(command.data).tolist() == chunk[0].astype(np.float64).tolist()
+    assert c.actions[0].step == 1
+
+
+# -- a node process, driven by the real tools ---------------------------------------------------
+@pytest.fixture(scope="module")
+def node(ros_env, tmp_path_factory):
+    """A node process (timer mode, reliable observations) for the `ros2` tests; its capsule dir."""
+    tmp = tmp_path_factory.mktemp("defects")
+    capsules = tmp / "capsules"
+    cmd = node_command("", {"managed": False, "runtime.device": "cpu", "observation_qos": "reliable",
+                            "status_rate_hz": 10.0, "store.capsule_dir": str(capsules)},
+                       namespace=NS)
+    with NodeProcess(cmd, ros_env, namespace=NS) as proc:
+        proc.wait_log("active: stepping the policy")
+        yield proc, capsules
+        assert proc.alive(), f"the node died:\n{proc.log()}"
+
+
+@pytest.fixture(scope="module")
+def client(node):
+    c = PolicyClient(NODE, name="defects_client")
+    try:
+        wait_for(lambda: c.statuses, DISCOVERY_TIMEOUT_S, f"a status from {NODE}")
+        yield c
+    finally:
+        c.close()
+
+
+def service(name: str, srv: str, request: str):
+    """`ros2 service call` of the node's `name` service; returns (success, message, stdout)."""
+    r = ros2("service", "call", f"{NODE}/{name}", f"flashrt_ros/srv/{srv}", request, check=True)
+    out = r.stdout
+    assert "response:" in out, out
+    success = "success=True" in out
+    return success, out
+
+
+def test_param_dump_get_and_describe(node, client):
+    require_ros2()
+    from flashrt_ros.ros.params import parameter_table
+    r = ros2("param", "dump", NODE, "--timeout", DISCOVERY_TIMEOUT_S, check=True)
+    dumped = yaml.safe_load(r.stdout)[NODE]["ros__parameters"]
+
+    def value(name):
+        d = dumped
+        for part in name.split("."):
+            d = d[part]
+        return d
+    for name, default, *_ in parameter_table():
+        if name not in ("managed", "runtime.device", "observation_qos", "status_rate_hz",
+                        "store.capsule_dir"):
+            assert value(name) == default, name
+    assert value("joint_names") == []
+    assert (value("obs_dim"), value("action_dim"), value("horizon")) == (14, 7, 8)
+    r = ros2("param", "get", NODE, "joint_names", "--timeout", DISCOVERY_TIMEOUT_S, check=True)
+    assert "String values are: []" in r.stdout, r.stdout
+    r = ros2("param", "describe", NODE, "obs_dim", "joint_names", "--timeout", DISCOVERY_TIMEOUT_S,
+             check=True)
+    obs_dim, joint_names = r.stdout.split("Parameter name: ")[1:]
+    assert "Type: integer" in obs_dim and "Read only: true" in obs_dim, r.stdout
+    assert "Type: string array" in joint_names and "Read only" not in joint_names, r.stdout
+    status = client.latest_status()
+    assert (status.obs_dim, status.action_dim, status.horizon) == (14, 7, 8)
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("obs_dim", "3", "read-only"),                              # the model says
+    ("control_rate_hz", "60.0", "fixed while the node is active"),
+    ("stale_observation_s", "-1.0", "stale_observation_s: expected"),
+    ("store.host_budget_mb", "1.0e+30", "fixed while the node is active"),
+    ("store.disk_budget_mb", "1.0e+30", "disk_budget_mb: expected"),
+    ("instruction", "5", "Wrong parameter type"),                 # rclpy's own check
+])
+def test_param_set_of_a_bad_value_is_refused_with_the_reason(node, name, value, says):
+    require_ros2()
+    before = ros2("param", "get", NODE, name, "--timeout", DISCOVERY_TIMEOUT_S, check=True).stdout
+    r = ros2("param", "set", NODE, name, value, "--timeout", DISCOVERY_TIMEOUT_S)
+    out = r.stdout + r.stderr
+    assert "Setting parameter failed" in out and says in out, out
+    assert ros2("param", "get", NODE, name, "--timeout", DISCOVERY_TIMEOUT_S).stdout == before
+
+
+def test_param_delete_is_refused(node):
+    require_ros2()
+    r = ros2("param", "delete", NODE, "deadline_ms", "--timeout", DISCOVERY_TIMEOUT_S)
+    assert "expected a value" in r.stdout + r.stderr, r.stdout + r.stderr
+    ros2("param", "get", NODE, "deadline_ms", "--timeout", DISCOVERY_TIMEOUT_S, check=True)
+
+
+def test_each_refused_observation_counts_once(node, client):
+    """Four bad observations from `ros2 topic pub`, then many control ticks: 4 refusals."""
+    require_ros2()
+    wait_for(lambda: diagnostic(client, "rejected_inputs") is not None, DISCOVERY_TIMEOUT_S,
+             "/diagnostics from the node")
+    before = client.latest_status().rejected_inputs
+    ros2("topic", "pub", "--times", 4, "--rate", 20, "-w", 1, "--qos-reliability", "reliable",
+         f"{NODE}/observation", "flashrt_ros/msg/Observation", "{state: [1.0, 2.0, 3.0]}",
+         check=True)
+    wait_for(lambda: client.latest_status().rejected_inputs >= before + 4, 30, "four refusals")
+    ticks = int(diagnostic(client, "ticks"))
+    # a second's ticks (30 Hz) after them: one refused observation used to count once per tick
+    wait_for(lambda: int(diagnostic(client, "ticks")) >= ticks + 30, 30, "30 more control ticks")
+    assert client.latest_status().rejected_inputs == before + 4
+    assert "expected shape (14,)" in diagnostic(client, "last_error")
+
+
+def capsules(client) -> dict:
+    from flashrt_ros.srv import ListCapsules
+    return {c.name: c.tier for c in client.call(ListCapsules, "list_capsules").capsules}
+
+
+def test_save_and_delete_defaults_lose_nothing(node, client):
+    """`ros2 service call` with only a name: save copies (the memory copy stays), delete keeps
+    the saved file; only the flags move or delete a file."""
+    require_ros2()
+    _, capsule_dir = node
+    path = capsule_dir / "keep.capsule"
+    assert service("snapshot", "Snapshot", "{name: keep}")[0]
+    ok, out = service("save_capsule", "SaveCapsule", "{name: keep}")
+    assert ok and path.is_file(), out
+    assert capsules(client)["keep"] == "host"                  # still in memory
+    ok, out = service("delete_capsule", "DeleteCapsule", "{name: keep}")
+    assert ok and "stays" in out and path.is_file(), out
+    assert capsules(client)["keep"] == "disk"                  # the file is the capsule now
+    ok, out = service("delete_capsule", "DeleteCapsule", "{name: keep}")
+    assert not ok and "delete_file: true" in out and path.is_file(), out
+    ok, out = service("delete_capsule", "DeleteCapsule", "{name: keep, delete_file: true}")
+    assert ok and not path.exists() and "keep" not in capsules(client), out
+    # the flags, and the events that report them (a bag replays a call from its event)
+    assert service("snapshot", "Snapshot", "{name: moved}")[0]
+    assert service("save_capsule", "SaveCapsule", "{name: moved, evict_from_memory: true}")[0]
+    assert capsules(client)["moved"] == "disk"
+    assert service("delete_capsule", "DeleteCapsule", "{name: moved, delete_file: true}")[0]
+    assert not (capsule_dir / "moved.capsule").exists()
+    wait_for(lambda: [e for e in client.events if e.name == "moved" and e.operation == "delete"],
+             DISCOVERY_TIMEOUT_S, "the delete's event")
+    flags = [(e.operation, e.name, e.success, e.evict_from_memory, e.delete_file)
+             for e in client.events if e.name in ("keep", "moved") and e.operation != "snapshot"]
+    assert flags == [("save", "keep", True, False, False), ("delete", "keep", True, False, False),
+                     ("delete", "keep", False, False, False), ("delete", "keep", True, False, True),
+                     ("save", "moved", True, True, False), ("delete", "moved", True, False, True)]
+    # a delete of a capsule that was never saved drops it (there is nothing to keep)
+    assert service("snapshot", "Snapshot", "{name: scratch}")[0]
+    assert service("delete_capsule", "DeleteCapsule", "{name: scratch}")[0]
+    assert "scratch" not in capsules(client)
+
+
+def test_the_cli_has_the_same_defaults(node, client, ros_env):
+    import subprocess
+
+    from node_client import executable
+    _, capsule_dir = node
+
+    def cli(*args):
+        r = subprocess.run([executable("flashrt-ros"), "--node", NODE, "--timeout", "20", *args],
+                           env=ros_env, capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0, r.stdout + r.stderr
+    cli("snapshot", "cli-keep")
+    cli("save", "cli-keep")
+    assert capsules(client)["cli-keep"] == "host"
+    cli("delete", "cli-keep")
+    assert (capsule_dir / "cli-keep.capsule").is_file() and capsules(client)["cli-keep"] == "disk"
+    cli("delete", "cli-keep", "--delete-file")
+    assert not (capsule_dir / "cli-keep.capsule").exists() and "cli-keep" not in capsules(client)
+
+
+def test_load_capsule_needs_the_file_and_a_memory_tier(node, client):
+    require_ros2()
+    assert service("snapshot", "Snapshot", "{name: only-in-memory}")[0]
+    before = capsules(client)
+    ok, out = service("load_capsule", "LoadCapsule", "{name: only-in-memory}")
+    assert not ok and "no capsule file" in out, out
+    assert service("snapshot", "Snapshot", "{name: on-disk, tier: disk}")[0]
+    for tier in ("disk", "tape", "GPU"):
+        ok, out = service("load_capsule", "LoadCapsule", f"{{name: on-disk, tier: {tier}}}")
+        assert not ok and "tier" in out and "expected" in out, out
+    assert capsules(client) == {**before, "on-disk": "disk"}
+    ok, out = service("load_capsule", "LoadCapsule", "{name: on-disk}")
+    assert ok and capsules(client)["on-disk"] == "host", out
+
+
+# -- the end of a process -----------------------------------------------------------------------
+def shutdown_ends_the_process(ros_env, tmp_path, managed: bool, transition):
+    namespace = f"{NS}_end{next(SEQUENCE)}"
+    cmd = node_command("", {"managed": managed, "runtime.device": "cpu",
+                            "store.capsule_dir": str(tmp_path / "capsules")}, namespace=namespace)
+    with NodeProcess(cmd, ros_env, namespace=namespace) as proc:
+        if not managed:
+            proc.wait_log("active: stepping the policy")
+        transition(proc)
+        code = proc.proc.wait(timeout=EXIT_TIMEOUT_S)
+        assert code == 0, proc.log()
+        assert "finalized: the process ends" in proc.log()
+
+
+def test_lifecycle_shutdown_ends_the_process(ros_env, tmp_path):
+    """Through `ros2 lifecycle set` on an active node: the answer comes, then the process ends."""
+    require_ros2()
+
+    def transition(proc):
+        wait_for(lambda: "shutdown" in ros2("lifecycle", "list", proc.node).stdout, 60,
+                 f"the lifecycle services of {proc.node}")
+        r = ros2("lifecycle", "set", proc.node, "shutdown", check=True)
+        assert "Transitioning successful" in r.stdout, r.stdout + r.stderr
+    shutdown_ends_the_process(ros_env, tmp_path, False, transition)
+
+
+def test_shutdown_of_an_unconfigured_node_ends_the_process(ros_env, tmp_path):
+    def transition(proc):
+        c = PolicyClient(proc.node, name="shutdown_client")
+        try:
+            assert c.state() == "unconfigured"
+            assert c.transition("shutdown")
+        finally:
+            c.close()
+    shutdown_ends_the_process(ros_env, tmp_path, True, transition)
