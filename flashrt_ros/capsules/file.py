@@ -151,8 +151,9 @@ def _write_all(fd: int, views) -> None:
 
 # -- the safetensors header -----------------------------------------------------------------
 def _not_safetensors(path: str, what: str) -> CapsuleCorrupt:
-    return CapsuleCorrupt(f"capsule file {path}: not a readable capsule ({what}); the file is "
-                          f"truncated or not a capsule - delete it or load another")
+    return CapsuleCorrupt(f"capsule file {path}: expected a safetensors capsule file, found "
+                          f"{what}; the file is truncated or not a capsule - delete it or load "
+                          f"another")
 
 
 def _read_st_header(fd: int, size: int, path: str):
@@ -454,8 +455,9 @@ def read_capsule(path: str, arena: StateArena, fingerprint: str, weights: str,
                                   f"restored here")
         max_pos = arena.max_context - 1
         if not 0 <= cap.position <= max_pos:
-            raise CapsuleCorrupt(f"capsule {cap.name!r}: position {cap.position} outside "
-                                 f"[0, {max_pos}]")
+            raise CapsuleCorrupt(f"capsule {cap.name!r}: header field 'position': expected an "
+                                 f"integer in [0, {max_pos}] (this runtime's context), found "
+                                 f"{cap.position}; it was taken with another max_context")
         parts = list(_tensors(arena, cap.position))
         expected = [p[0] for p in parts]
         if set(tensors) != set(expected):
@@ -498,7 +500,9 @@ def read_capsule(path: str, arena: StateArena, fingerprint: str, weights: str,
     for key, index, value in (("position", META_POSITION, cap.position),
                               ("step", META_STEP, cap.step), ("episode", META_EPISODE, cap.episode)):
         if int(state[index]) != value:
-            raise CapsuleCorrupt(f"capsule {cap.name!r}: header {key} {value} disagrees with the "
-                                 f"stored state's {key} {int(state[index])}")
+            raise CapsuleCorrupt(f"capsule {cap.name!r}: header field {key!r}: expected "
+                                 f"{int(state[index])} (the {key} its state carries), found "
+                                 f"{value}; the header was edited - delete the file or re-create "
+                                 f"the capsule")
     return cap, raw
 
