@@ -87,12 +87,14 @@ def child(args) -> None:
     cfg = config.RuntimeConfig(device=args.device, cache_dir=args.cache_dir)
     model_cfg = config.load_preset(args.preset)
     resolved = timed("resolve (compile cache, fla)", lambda: cfg.resolve(model_cfg))
+    serving.pin_torch_threads(resolved.threads)         # as the node does
     late = args.child == "background"
     rt = runtime.PolicyRuntime(model_cfg, cfg, late_plans=late)
     phases.update(rt.timings)
     plans = {n: {"warm_s": p.warm_s, "capture_s": p.capture_s}
              for n, p in rt.plans.items() if p.captured}
-    timed("warm-up", lambda: serving.warm_up(rt, prefill=not late))
+    timed("warm-up: step plans" if late else "warm-up: every plan",
+          lambda: serving.warm_up(rt, prefill=not late))
     obs = [0.0] * model_cfg.obs_dim
     timed("first step", lambda: rt.step(obs))
     marks["first action"] = time.time() - started
@@ -225,6 +227,8 @@ def launch_node(args, capture: str, cache_dir: str, workdir: str, index: int) ->
             name, part = k[len("late."):-3].rsplit("_", 1)
             plans.setdefault(name, {"late": True})[f"{part}_s"] = float(v) / 1e3
     first = got["actions"][0] - t0
+    # what the node's own clock does not see: ros2 launch starting it, and the action's delivery
+    phases = {"ros2 launch, delivery": first - marks.get("first action", first), **phases}
     return {"phases": phases, "marks": marks, "plans": plans, "first_action_s": first,
             "ready_s": ready_at, "status": got["status"]}
 

@@ -3,7 +3,7 @@
 # ROS: the GPU tests, the comparison with transformers, and the benchmarks of the hybrid-0.8b preset.
 #
 #   bash bench/gpu_session.sh STAGE [STAGE ...]
-#   stages: tests compare (bf16) compare32 (fp32) runtime capsules paged
+#   stages: tests compare (bf16) compare32 (fp32) runtime capsules paged bringup
 #
 # fla travels as wheels in .whl/ (../shared/tools/gpu-wheels.sh fetches them). Logs go to $OUT
 # (or ./out) as <stage>.log; the benchmarks write their tables under docs/bench/, and what they
@@ -47,7 +47,9 @@ for stage in "$@"; do
     capsules) run capsules python3 bench/bench_capsules.py --preset hybrid-0.8b --device cuda \
                 --contexts 2048,16384 ;;
     paged)    run paged python3 bench/bench_paged.py --preset hybrid-0.8b --device cuda ;;
-    *) echo "unknown stage $stage (tests compare compare32 runtime capsules paged)" >&2; rc=2 ;;
+    bringup)  run bringup python3 bench/bench_bringup.py --preset hybrid-0.8b --device cuda \
+                --paths runtime ;;
+    *) echo "unknown stage $stage (tests compare compare32 runtime capsules paged bringup)" >&2; rc=2 ;;
   esac
 done
 exit "$rc"

@@ -247,21 +247,15 @@ def test_the_gpu_key_names_the_device_and_driver(monkeypatch, tmp_path):
 NODE_SEQUENCE = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def ros_context():
-    import rclpy
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
 @pytest.mark.ros
-def test_a_late_captured_node_acts_as_one_captured_at_configure(ros_context, tmp_path):
+def test_a_late_captured_node_acts_as_one_captured_at_configure(tmp_path):
+    import rclpy
     from std_msgs.msg import String
 
     from flashrt_ros.ros.publishing import LATCHED
     from node_client import InProcessNode, chunk_bytes
+    ros_context = rclpy.Context()
+    rclpy.init(context=ros_context)
     nodes = {}
     try:
         for mode in ("background", "configure"):
@@ -303,3 +297,4 @@ def test_a_late_captured_node_acts_as_one_captured_at_configure(ros_context, tmp
     finally:
         for n in nodes.values():
             n.close()
+        rclpy.try_shutdown(context=ros_context)

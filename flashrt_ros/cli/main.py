@@ -344,6 +344,7 @@ BENCH_EXPERIMENTS = {
     "runtime": ("bench_runtime.py", []),
     "ros": ("bench_ros.py", []),
     "paged": ("bench_paged.py", []),
+    "bringup": ("bench_bringup.py", []),
     "transformers-compare": ("compare_transformers.py", []),
 }
 

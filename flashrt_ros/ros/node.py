@@ -6,9 +6,11 @@ callbacks read the request, call the core, fill the response. Failures go back a
 
 Lifecycle (a managed node; `managed:=false` configures and activates at start):
   configure  - validate parameters, set torch's CPU threads (and the threads' `nice` value),
-               build the runtime (allocate the arena, capture graphs;
+               build the runtime (allocate the arena, capture the plans a step needs;
                progress in the log), prefill `instruction`, warm up (every plan runs once, then
-               the exact state is put back), open the capsule store;
+               the exact state is put back), open the capsule store; with capture_prefill
+               background, the prefill plans follow in a thread (core/bringup.py: between
+               steps; an instruction waits for its plans);
   activate   - start stepping (timer or per observation) and publishing actions;
   deactivate - stop stepping; capsule services keep working on the (frozen) live state;
   cleanup    - drop runtime and store (memory capsules are lost; disk capsules stay), the nice
@@ -284,6 +286,12 @@ class PolicyNode(LifecycleNode):
         self.node_cfg, self.runtime, self.store = node_cfg, rt, store
         self.bringup = phases
         self.late = LatePlans(rt, say=log.info) if late else None
+        if self.late is not None and self.late.order:
+            # from now on, also while the node waits for activate: an instruction waits for
+            # the plans it runs, so they must come without a step or an activation
+            log.info(f"capturing {len(self.late.order)} prefill plans in the background, "
+                     f"between steps")
+            self.late.start()
         obs_qos = qos_profile_sensor_data if node_cfg.observation_qos == "sensor_data" else RELIABLE
         self.sub_obs = self.create_subscription(Observation, "~/observation", self._on_observation,
                                                 obs_qos, callback_group=self._control)
@@ -364,11 +372,6 @@ class PolicyNode(LifecycleNode):
         self.state_label = "active"
         self.bringup.mark("active")
         self.get_logger().info(f"active: stepping the policy ({self.bringup.text()})")
-        if self.late is not None:
-            if self.late.order:
-                self.get_logger().info(f"capturing {len(self.late.order)} prefill plans in the "
-                                       f"background, between steps")
-            self.late.start()
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
