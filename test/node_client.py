@@ -307,3 +307,14 @@ def service_callbacks(node) -> dict:
     """{service basename: (srv type, the callback the node registered)} of a node's capsule
     services."""
     return {s.srv_name.rsplit("/", 1)[-1]: (s.srv_type, s.callback) for s in node.capsule_services}
+
+
+def call_service(node, service: str, **fields):
+    """Call the capsule service callback `service` (its basename) a node registered, as its
+    executor would, and serialise the answer as rclpy sends it (a value that does not fit its
+    message field raises there: where the node would die sending it)."""
+    from rclpy.serialization import serialize_message
+    srv_type, cb = service_callbacks(node)[service]
+    res = cb(srv_type.Request(**fields), srv_type.Response())
+    serialize_message(res)
+    return res

@@ -22,7 +22,7 @@ from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
 from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleNotFound, ConfigError,
                                          FlashRTError)
 from flashrt_ros.core.runtime import PolicyRuntime
-from node_client import configured_node, service_callbacks
+from node_client import call_service as call, configured_node
 
 STORES = ["flat", "paged"]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -365,11 +365,3 @@ def test_a_gpu_default_tier_on_a_cpu_runtime_fails_configure(tmp_path, capfd):
         n.destroy_node()
         rclpy.try_shutdown(context=context)
 
-
-def call(node, service, **fields):
-    """Call a capsule service's registered callback; serialise the answer as rclpy sends it."""
-    from rclpy.serialization import serialize_message
-    srv_type, cb = service_callbacks(node)[service]
-    res = cb(srv_type.Request(**fields), srv_type.Response())
-    serialize_message(res)
-    return res

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from flashrt_ros.capsules.capsule import buffer_slices
 from flashrt_ros.capsules.file import capsule_path, header_digest
 from flashrt_ros.core.arena import DTYPES
+from node_client import call_service as call, configured_node
 
 pytestmark = pytest.mark.ros
 CAMPAIGN = dict(deadline=None, derandomize=True, database=None, print_blob=False)
@@ -38,7 +39,6 @@ def node(tmp_path_factory):
     """An active node with a capsule 'home' on disk; `template` is a genuine file of a capsule
     named 'victim' (the bytes of 'home'), kept aside for the file family to mutate."""
     pytest.importorskip("rclpy")
-    from node_client import configured_node
     with configured_node("/campaign", tmp_path_factory.mktemp("campaign"),
                          instruction="a campaign of inputs", observation_qos="reliable") as n:
         n.trigger_activate()
@@ -54,16 +54,6 @@ def node(tmp_path_factory):
         store.delete("victim")
         n.params = {name: n.get_parameter(name).value for name in _settable()}
         yield n
-
-
-def call(n, service, **fields):
-    from rclpy.serialization import serialize_message
-
-    from node_client import service_callbacks
-    srv_type, cb = service_callbacks(n)[service]
-    res = cb(srv_type.Request(**fields), srv_type.Response())
-    serialize_message(res)              # raises where the node would die sending it
-    return res
 
 
 def state(n):

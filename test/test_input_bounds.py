@@ -17,7 +17,7 @@ from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
 from flashrt_ros.core.exceptions import CapsuleCorrupt, FlashRTError
 from flashrt_ros.core.runtime import PolicyRuntime
 from flashrt_ros.capsules.store import CapsuleStore
-from node_client import configured_node, service_callbacks
+from node_client import call_service as call, configured_node
 
 # (header field, bad value): negative, past uint64/int64, not a number, not finite, past int32 sec
 BAD_HEADERS = [
@@ -87,15 +87,6 @@ def node(tmp_path_factory):
         n.store.snapshot("home", tier="disk")
         n.runtime.step([0.5] * 14)
         yield n
-
-
-def call(node, service, **fields):
-    """Call a capsule service's registered callback; serialise the answer as rclpy sends it."""
-    from rclpy.serialization import serialize_message
-    srv_type, cb = service_callbacks(node)[service]
-    res = cb(srv_type.Request(**fields), srv_type.Response())
-    serialize_message(res)            # raises where the node would die sending it
-    return res
 
 
 def _node_state(n):
