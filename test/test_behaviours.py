@@ -555,11 +555,15 @@ SWITCH_INTERVAL_S = 1e-6
 def test_pausing_the_world_from_the_tick_thread_never_cancels_the_robot_timer(ros):
     """The tick thread pauses and runs the world while an executor spins the robot. A timer that
     another thread cancels while the executor holds it ready raises out of rclpy 7.1.6's executor
-    (`RCLError: timer is canceled`) and kills its spin thread; rclpy 9.1 skips it silently. The
-    executor here counts every timer it is handed cancelled, so the race shows on either. A 1 kHz
-    timer, pauses timed to when it is due and a tiny GIL switch interval (as in test_executors.py)
-    widen the window; with pause() cancelling the timer this failed 3 runs of 3."""
-    from flashrt_ros.msg import ActionChunk
+    (`RCLError: timer is canceled`) and kills its spin thread; rclpy 9.1 skips it silently. So
+    the test records every cancel of the robot's timer from a thread other than the executor's
+    (the mechanism, on any rclpy), counts the timers the executor is handed cancelled (the race
+    itself, where it hits), and checks that the spin thread lives and serves (what dies on
+    Jazzy). A 1 kHz timer, pauses timed to when it is due and a tiny GIL switch interval (as in
+    test_executors.py) widen the window. With pause() cancelling the timer this failed 3 runs
+    of 3 on the recorded cancels; the cancelled takes alone caught it in 3 runs of 3 at one
+    time and in 0 of 4 at another (they depend on the machine's load)."""
+    from flashrt_ros.msg import ActionChunk, Observation
     from flashrt_ros.bt.trees import SimWorld
     from flashrt_ros.ros.executors import SingleThreadedExecutor, SpinThread
     from flashrt_ros.sim.robot import SimRobotNode
@@ -573,15 +577,28 @@ def test_pausing_the_world_from_the_tick_thread_never_cancels_the_robot_timer(ro
             return super()._take_timer(tmr)
 
     assert hasattr(SingleThreadedExecutor, "_take_timer"), "rclpy renamed the executor's timer call"
-    policy = "/bt_pause_%d" % os.getpid()          # nobody serves it: only the robot's timer runs
+    policy = "/bt_pause_%d" % os.getpid()
     robot = SimRobotNode(policy, 4, 2, 1000.0, lockstep=True)
     world = SimWorld(robot)
     executor = CountsCancelledTimers()
     executor.add_node(robot)
     spin = SpinThread(executor)
+    cancels = []                        # threads, other than the executor's, that cancelled it
+    cancel = robot.timer.cancel
+
+    def recorded_cancel():
+        if threading.current_thread() is not spin:
+            cancels.append(threading.current_thread().name)
+        cancel()
+    robot.timer.cancel = recorded_cancel
     spin.start()
+    # the test's node plays the policy's topics (a lockstep robot sends once they are matched)
+    observations = []
+    sub = ros.node.create_subscription(Observation, policy + "/observation", observations.append, 10)
+    pub = ros.node.create_publisher(ActionChunk, policy + "/action", 10)
     before = sys.getswitchinterval()
     try:
+        wait_for(world.connected, DISCOVERY_S, "the robot to match the test's topics")
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             for _ in range(PAUSE_CYCLES):
@@ -594,22 +611,27 @@ def test_pausing_the_world_from_the_tick_thread_never_cancels_the_robot_timer(ro
         finally:
             sys.setswitchinterval(before)
         assert spin.error is None, "the robot's spin thread died: %r" % spin.error
+        assert not cancels, "the robot's timer was cancelled %d time(s) from thread(s) %s while " \
+            "the executor spun" % (len(cancels), sorted(set(cancels)))
         assert CountsCancelledTimers.cancelled == 0, (
             "the executor was handed a timer cancelled by another thread %d time(s)"
             % CountsCancelledTimers.cancelled)
         assert not robot.timer.is_canceled()
-        # still served: an action for the one observation sent lets the robot send the next
-        sent = robot.sent
+        # still served: the robot sends its next observation (after an action for its last one)
+        sent, actions = robot.sent, robot.actions
         world.run(2)
-        pub = ros.node.create_publisher(ActionChunk, policy + "/action", 10)
-        try:
-            wait_for(lambda: pub.get_subscription_count() > 0, DISCOVERY_S, "the robot's action topic")
-            pub.publish(ActionChunk(horizon=1, action_dim=2, data=[0.0, 0.0]))     # reliable
-            wait_for(lambda: robot.sent > sent, DISCOVERY_S, "the robot's next observation")
-        finally:
-            ros.node.destroy_publisher(pub)
+
+        def next_observation():
+            # again until one lands: the robot's side may match our publisher after we saw the
+            # match, and a message published before that is not delivered (volatile)
+            if sent and robot.actions == actions:
+                pub.publish(ActionChunk(horizon=1, action_dim=2, data=[0.0, 0.0]))
+            return robot.sent > sent
+        wait_for(next_observation, DISCOVERY_S, "the robot's next observation")
     finally:
         world.pause()
+        ros.node.destroy_publisher(pub)
+        ros.node.destroy_subscription(sub)
         executor.shutdown(timeout_sec=5)
         robot.destroy_node()
 
@@ -772,7 +794,8 @@ def test_bt_cpp_xml_declares_the_srv_request_fields_as_ports():
         assert outputs <= set(srv_type.Response.get_fields_and_field_types()), node_id
     # every node used in the trees is declared (or built in), with declared ports only
     builtin = {"Sequence", "Fallback", "ReactiveSequence", "RetryUntilSuccessful", "ForceFailure",
-               "Inverter", "Script", "ScriptCondition", "SubTree", "Timeout", "KeepRunningUntilFailure"}
+               "Inverter", "Script", "ScriptCondition", "SubTree", "Timeout", "KeepRunningUntilFailure",
+               "Delay"}
     for tree in root.findall("BehaviorTree"):
         for e in tree.iter():
             if e is tree:

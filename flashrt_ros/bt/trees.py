@@ -225,12 +225,13 @@ class RestoreWorld(_WorldBehaviour):
 class RewindWorld(_WorldBehaviour):
     """Take the world back k steps (as Rollback(k) takes the policy), then explore afresh."""
 
-    def __init__(self, world: SimWorld, k: int, explore: float = 0.0, label: str | None = None):
-        self.k, self.sigma = int(k), explore
-        super().__init__(label or f"RewindWorld {k}", world)
+    def __init__(self, world: SimWorld, k, explore: float = 0.0, label: str | None = None):
+        self.k, self.sigma = k if isinstance(k, FromBlackboard) else int(k), explore
+        super().__init__(label or f"RewindWorld {k}", world,
+                         reads=[k.key] if isinstance(k, FromBlackboard) else [])
 
     def act(self):
-        self.world.rewind(self.k)
+        self.world.rewind(int(self.resolve(self.k)))
         self.world.explore(self.sigma)
         return f"world back at step {self.world.t}"
 
@@ -238,12 +239,13 @@ class RewindWorld(_WorldBehaviour):
 class RunSimSteps(py_trees.behaviour.Behaviour):
     """RUNNING while the robot takes `steps` more steps (or until world step `until`), then SUCCESS.
 
-    FAILURE if the policy node is not discovered, or an action takes longer than `timeout_s`. A halt
-    pauses the robot (an observation already sent still gets its action).
+    `steps` or `until` may be a FromBlackboard key, read when the run starts. FAILURE if the policy
+    node is not discovered, or an action takes longer than `timeout_s`. A halt pauses the robot (an
+    observation already sent still gets its action).
     """
 
-    def __init__(self, world: SimWorld, steps: int | None = None, until: int | None = None,
-                 timeout_s: float = 5.0, label: str | None = None):
+    def __init__(self, world: SimWorld, steps=None, until=None, timeout_s: float = 5.0,
+                 label: str | None = None):
         if (steps is None) == (until is None):
             raise ValueError(f"RunSimSteps: expected exactly one of steps or until, found "
                              f"steps={steps!r}, until={until!r}")
@@ -252,6 +254,12 @@ class RunSimSteps(py_trees.behaviour.Behaviour):
         self.world, self.steps, self.until, self.timeout_s = world, steps, until, float(timeout_s)
         self.bb = self.attach_blackboard_client(name=self.name)
         self.bb.register_key(ERROR_KEY, access=Access.WRITE)
+        for value in (steps, until):
+            if isinstance(value, FromBlackboard):
+                self.bb.register_key(value.key, access=Access.READ)
+
+    def _resolve(self, value) -> int:
+        return int(self.bb.get(value.key) if isinstance(value, FromBlackboard) else value)
 
     def initialise(self):
         self._target = None
@@ -266,7 +274,8 @@ class RunSimSteps(py_trees.behaviour.Behaviour):
                                       f"matched within {self.timeout_s:g} s")
                 self.feedback_message = "waiting for the policy node"
                 return Status.RUNNING
-            n = self.steps if self.steps is not None else self.until - world.t
+            n = self._resolve(self.steps) if self.steps is not None else \
+                self._resolve(self.until) - world.t
             if n <= 0:
                 return Status.SUCCESS
             self._target, self._since = world.run(n), now
