@@ -298,3 +298,14 @@ def test_a_late_captured_node_acts_as_one_captured_at_configure(tmp_path):
         for n in nodes.values():
             n.close()
         rclpy.try_shutdown(context=ros_context)
+
+
+@pytest.mark.gpu
+def test_weights_drawn_for_the_gpu_are_the_cpu_ones():
+    """The seed draws on the CPU generator, each tensor goes to the device as it is drawn: the
+    same bytes on every device (the tiny heads were trained against them)."""
+    cfg = {"cache_dir": "", "cuda_graphs": False}
+    cpu = PolicyRuntime(runtime_cfg=RuntimeConfig(device="cpu", **cfg))
+    gpu = PolicyRuntime(runtime_cfg=RuntimeConfig(device="cuda", **cfg))
+    assert cpu.model.weights_digest == gpu.model.weights_digest
+    assert all(p.device.type == "cuda" for p in gpu.model.parameters())

@@ -212,12 +212,17 @@ def load_backbone(policy, files, device, say=None) -> str:
     for path, names in by_file.items():
         with _open(path) as f:
             for name in names:
+                # one tensor at a time from the mapped file into its device parameter: the
+                # model is never whole on the host; the digest reads the bytes in place
                 t = f.get_tensor(where[name][1])
                 dst = params[name]
-                t = t.to(dst.dtype)
+                if t.dtype != dst.dtype:
+                    t = t.to(dst.dtype)
+                t = t.contiguous()
                 h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-                dst.data.copy_(t.to(device))
+                if t.numel():
+                    h.update(memoryview(t.view(torch.uint8).numpy()))
+                dst.data.copy_(t)
     if extra_lm_head:
         path, key, _ = where["lm_head.weight"]
         with _open(path) as f:

@@ -94,17 +94,18 @@ class Qwen3_5Policy(Policy):
             if isinstance(m, GatedDeltaNet):
                 m.kernel = kernel
 
-    def seeded_weights(self, names, seed: int) -> dict:
-        """Deterministic weights for `names` (CPU generator: the same values on every device)."""
+    def seeded_weights(self, names, seed: int, device="cpu"):
+        """Deterministic weights for `names`, as (name, tensor on `device`) pairs in order (CPU
+        generator: the same values on every device). Each is moved to `device` as soon as it is
+        drawn, so the whole model is never on the host."""
         g = torch.Generator().manual_seed(seed)
-        params = {**self.backbone_parameters(), **self.head_parameters()}
+        backbone = self.backbone_parameters()
+        params = {**backbone, **self.head_parameters()}
         modules = dict(self.named_modules())
         n_layers = self.cfg.text.num_hidden_layers
-        out = {}
         for name in names:
             p = params[name]
-            owner = modules.get(_owner(name, "backbone." if name in self.backbone_parameters()
-                                       else ""))
+            owner = modules.get(_owner(name, "backbone." if name in backbone else ""))
             leaf = name.rsplit(".", 1)[-1]
             shape = tuple(p.shape)
             if isinstance(owner, RMSNorm):
@@ -130,8 +131,7 @@ class Qwen3_5Policy(Policy):
                 if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
                     std /= math.sqrt(2 * n_layers)          # residual branches
                 t = torch.randn(shape, generator=g) * std
-            out[name] = t.to(self.param_dtype(name))
-        return out
+            yield name, t.to(self.param_dtype(name)).to(device)
 
     # -- state -------------------------------------------------------------------------------
     def state_specs(self) -> list[BufferSpec]:
@@ -215,5 +215,6 @@ def digest_tensors(tensors: dict) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():       # the bytes in place (a memoryview), not a copy of them
+            h.update(memoryview(t.view(torch.uint8).numpy()))
     return h.hexdigest()

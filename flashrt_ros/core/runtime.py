@@ -137,10 +137,9 @@ class PolicyRuntime:
             backbone_digest = checkpoint.load_backbone(policy, model_dir.weight_files, self.device,
                                                        say)
         else:
-            seeded = policy.seeded_weights(list(backbone), cfg.seed)
-            for n, v in seeded.items():
+            for n, v in policy.seeded_weights(list(backbone), cfg.seed, self.device):
                 backbone[n].data.copy_(v)
-            backbone_digest = digest_tensors(seeded)
+            backbone_digest = digest_tensors(backbone)
             untrained.append("backbone")
         policy.backbone_digest = backbone_digest
         heads_file = model_dir.policy_weights if model_dir is not None else ""
@@ -154,10 +153,9 @@ class PolicyRuntime:
             say(f"loading the heads from {heads_file}")
             heads_digest = checkpoint.load_heads(policy, heads_file, self.device)
         else:
-            seeded = policy.seeded_weights(list(heads), cfg.seed)
-            for n, v in seeded.items():
+            for n, v in policy.seeded_weights(list(heads), cfg.seed, self.device):
                 heads[n].data.copy_(v)
-            heads_digest = digest_tensors(seeded)
+            heads_digest = digest_tensors(heads)
             untrained.append("heads")
         policy.untrained = tuple(untrained)
         policy.weights_digest = hashlib.blake2b(f"{backbone_digest}|{heads_digest}".encode(),
