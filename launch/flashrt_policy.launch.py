@@ -3,21 +3,25 @@
     ros2 launch flashrt_ros flashrt_policy.launch.py
     ros2 launch flashrt_ros flashrt_policy.launch.py namespace:=robot device:=cuda managed:=false
     ros2 launch flashrt_ros flashrt_policy.launch.py config:=/path/params.yaml record:=true
+    ros2 launch -s flashrt_ros flashrt_policy.launch.py     # the arguments
+    ros2 launch -p flashrt_ros flashrt_policy.launch.py     # what it starts
 
 Arguments: config (params file; default the package's config/flashrt_policy.yaml), namespace,
-device and model ('' = as the params file says), managed ('' = as the params file says; false
-= configure and activate at start), record (true = also run `flashrt-ros record` on the node's
-topics), bag (the recorder's output directory; '' = its default).
+device and model ('' = as the params file says), managed (true, false, or '' = as the params
+file says; false = configure and activate at start), record (true: also run `flashrt-ros record`
+on the node's topics), bag (the recorder's output directory; '' = its default). A boolean that is
+neither true nor false is refused.
 
-`node_arguments()` holds everything the node is started with - executable, params file,
-overrides, remappings - and needs no `launch` import: generate_launch_description() builds the
-launch_ros Node from it, and test/test_launch.py starts the executable with exactly the same
-(`command_line()`) on machines where launch_ros is not installable.
+The node is a launch_ros LifecycleNode and the recorder a process of the package's own
+executable (lib/flashrt_ros/flashrt-ros). `node_arguments()` holds the same start - executable,
+params file, overrides, remappings - without any `launch` import: test/test_launch.py starts
+the executable with exactly that (`command_line()`) where launch_ros is not installed.
 """
 import os
 
 PACKAGE = "flashrt_ros"
 EXECUTABLE = "flashrt_node"
+RECORDER = "flashrt-ros"
 NODE_NAME = "flashrt_policy"
 CONFIG_FILE = "flashrt_policy.yaml"
 # The node's ros2_control outputs, pointed at the usual controllers' command topics (relative:
@@ -27,16 +31,19 @@ REMAPPINGS = [
     ("~/command", "forward_position_controller/commands"),
     ("~/joint_trajectory", "joint_trajectory_controller/joint_trajectory"),
 ]
-ARGUMENTS = [  # (name, default, description)
-    ("config", "", "params file (default: the package's config/flashrt_policy.yaml)"),
-    ("namespace", "", "namespace of the node"),
-    ("device", "", "cpu, cuda, cuda:N or auto ('' = as the params file says)"),
-    ("model", "", "a preset name or a checkpoint directory ('' = as the params file says)"),
+BOOLEAN = ("true", "false")
+ARGUMENTS = [  # (name, default, description, choices or None)
+    ("config", None, "params file (default: the package's config/flashrt_policy.yaml)", None),
+    ("namespace", "", "namespace of the node", None),
+    ("device", "", "cpu, cuda, cuda:N or auto ('' = as the params file says)", None),
+    ("model", "", "a preset name or a checkpoint directory ('' = as the params file says)", None),
     ("managed", "", "true: wait for configure/activate; false: start stepping at once "
-                    "('' = as the params file says)"),
-    ("record", "false", "also record the node's topics to a bag (`flashrt-ros record`)"),
-    ("bag", "", "output directory of the recorded bag ('' = the recorder's default)"),
+                    "('' = as the params file says)", ("",) + BOOLEAN),
+    ("record", "false", "also record the node's topics to a bag (`flashrt-ros record`)", BOOLEAN),
+    ("bag", "", "output directory of the recorded bag ('' = the recorder's default)", None),
 ]
+# The launch arguments that override a node parameter when not '': argument -> parameter.
+OVERRIDES = {"device": "runtime.device", "model": "model", "managed": "managed"}
 
 
 def default_config() -> str:
@@ -52,24 +59,33 @@ def default_config() -> str:
                         CONFIG_FILE)
 
 
-def _true(text: str) -> bool:
-    return str(text).strip().lower() in ("1", "true", "yes", "on")
+def boolean(name: str, text: str) -> bool:
+    """A boolean launch argument's value; anything but true/false is refused (a typo such as
+    `managed:=ture` must not be taken as false)."""
+    value = str(text).strip().lower()
+    if value not in BOOLEAN:
+        raise ValueError(f"launch argument {name}:={text!r}: expected true or false")
+    return value == "true"
+
+
+def overrides(values: dict) -> dict:
+    """The node parameters that the launch arguments `values` ({argument: text}) override."""
+    out = {}
+    for arg, param in OVERRIDES.items():
+        text = values.get(arg, "")
+        if text != "":
+            out[param] = boolean(arg, text) if arg == "managed" else text
+    return out
 
 
 def node_arguments(config="", namespace="", device="", model="", managed="") -> dict:
     """What the node is started with: executable, name, namespace, params file, overrides, remappings."""
-    overrides = {}
-    if device:
-        overrides["runtime.device"] = device
-    if model:
-        overrides["model"] = model
-    if managed != "":
-        overrides["managed"] = _true(managed)
     namespace = namespace.strip("/")
     return {"package": PACKAGE, "executable": EXECUTABLE, "name": NODE_NAME,
             "namespace": "/" + namespace if namespace else "",
             "params_file": os.path.abspath(config) if config else default_config(),
-            "parameters": overrides, "remappings": list(REMAPPINGS)}
+            "parameters": overrides({"device": device, "model": model, "managed": managed}),
+            "remappings": list(REMAPPINGS)}
 
 
 def node_fqn(args: dict) -> str:
@@ -94,31 +110,63 @@ def command_line(args: dict) -> list:
 
 
 def recorder_command(args: dict, bag="") -> list:
-    return ["flashrt-ros", "record", "--node", node_fqn(args)] + (["--out", bag] if bag else [])
+    return [RECORDER, "record", "--node", node_fqn(args)] + (["--out", bag] if bag else [])
 
 
-def _launch_setup(context):
-    from launch.actions import ExecuteProcess
-    from launch_ros.actions import Node
+def _overrides_file():
+    """A substitution that writes the non-empty overrides to a params file and gives its path
+    (a launch argument of '' leaves the params file's value, and a command line cannot drop an
+    argument; launch_ros passes its own parameter dicts to a node the same way)."""
+    import tempfile
 
-    def value(name):
-        from launch.substitutions import LaunchConfiguration
-        return LaunchConfiguration(name).perform(context)
+    import yaml
+    from launch import Substitution
+    from launch.substitutions import LaunchConfiguration
 
-    args = node_arguments(value("config"), value("namespace"), value("device"), value("model"),
-                          value("managed"))
-    actions = [Node(package=args["package"], executable=args["executable"], name=args["name"],
-                    namespace=args["namespace"], output="screen",
-                    parameters=[args["params_file"]] + ([args["parameters"]] if args["parameters"] else []),
-                    remappings=args["remappings"])]
-    if _true(value("record")):
-        actions.append(ExecuteProcess(cmd=recorder_command(args, value("bag")), output="screen"))
-    return actions
+    class OverridesFile(Substitution):
+        def describe(self):
+            return "overrides(%s)" % ", ".join(f"{p}=LaunchConfig('{a}')" for a, p in OVERRIDES.items())
+
+        def perform(self, context):
+            values = {a: LaunchConfiguration(a).perform(context) for a in OVERRIDES}
+            tree = {}
+            for name, value in overrides(values).items():
+                *groups, leaf = name.split(".")
+                node = tree
+                for g in groups:
+                    node = node.setdefault(g, {})
+                node[leaf] = value
+            fd, path = tempfile.mkstemp(prefix="flashrt_launch_", suffix=".yaml")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yaml.safe_dump({f"/**/{NODE_NAME}": {"ros__parameters": tree}}, f)
+            return path
+
+    return OverridesFile()
 
 
 def generate_launch_description():
     from launch import LaunchDescription
-    from launch.actions import DeclareLaunchArgument, OpaqueFunction
-    return LaunchDescription(
-        [DeclareLaunchArgument(n, default_value=d, description=h) for n, d, h in ARGUMENTS]
-        + [OpaqueFunction(function=_launch_setup)])
+    from launch.actions import DeclareLaunchArgument, ExecuteProcess
+    from launch.conditions import IfCondition
+    from launch.substitutions import LaunchConfiguration
+    from launch_ros.actions import LifecycleNode
+    from launch_ros.substitutions import ExecutableInPackage
+
+    arg = LaunchConfiguration
+    declared = [DeclareLaunchArgument(name, default_value=default_config() if default is None else default,
+                                      description=help_, **({"choices": list(c)} if c else {}))
+                for name, default, help_, c in ARGUMENTS]
+    # The params file, the overrides and the remappings are given as the node's ROS arguments
+    # (not as launch_ros `parameters=`/`remappings=`, which end on the same command line): there
+    # `ros2 launch -p`, which prints a node's command line, shows them.
+    remaps = [a for frm, to in REMAPPINGS for a in ("-r", f"{frm}:={to}")]
+    node = LifecycleNode(
+        package=PACKAGE, executable=EXECUTABLE, name=NODE_NAME, namespace=arg("namespace"),
+        output="screen",
+        ros_arguments=["--params-file", arg("config"), "--params-file", _overrides_file(), *remaps])
+    # The recorder is the package's executable (lib/flashrt_ros/ on a colcon install, not on PATH).
+    recorder = ExecuteProcess(
+        cmd=[ExecutableInPackage(executable=RECORDER, package=PACKAGE), "record",
+             "--node", [arg("namespace"), "/", NODE_NAME], ["--out=", arg("bag")]],
+        output="screen", condition=IfCondition(arg("record")))
+    return LaunchDescription(declared + [node, recorder])

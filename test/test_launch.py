@@ -1,7 +1,8 @@
 """launch/flashrt_policy.launch.py and config/flashrt_policy.yaml.
 
-With launch_ros importable (a ROS 2 machine), the launch file runs in a LaunchService and the node
-it starts answers. Everywhere, the launch file's `node_arguments()` - what generate_launch_description
+With launch_ros importable (a ROS 2 machine, or the venv with ../shared/ros2-tools), the launch file
+runs in a LaunchService and the node it starts answers; test/test_ros2_cli.py runs it with the real
+`ros2 launch`. Everywhere, the launch file's `node_arguments()` - what generate_launch_description
 starts the node with - is started as a plain process with exactly that executable, params file,
 overrides and remappings, and the node must work: an action comes out, a service answers, and the
 parameters rclpy read from the params file are the dataclasses' defaults.
@@ -14,12 +15,14 @@ import numpy as np
 import pytest
 
 from flashrt_ros.ros.waiting import wait_for
+from flashrt_ros.ros.process import STARTUP_TIMEOUT_S
 from node_client import NodeProcess, PolicyClient, executable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_FILE = os.path.join(ROOT, "launch", "flashrt_policy.launch.py")
 CONFIG_FILE = os.path.join(ROOT, "config", "flashrt_policy.yaml")
-NO_LAUNCH_ROS = "launch_ros is not installable from PyPI; runs on a ROS 2 machine"
+NO_LAUNCH_ROS = ("needs launch_ros: `bash tools/bootstrap.sh` installs it from ../shared/ros2-tools, "
+                 "a ROS 2 machine has it")
 
 
 def load_launch_module():
@@ -63,10 +66,15 @@ def test_launch_module_needs_no_launch_import_for_its_arguments():
     args = m.node_arguments(namespace="robot", device="cpu", model="tiny", managed="false")
     assert args["executable"] == "flashrt_node" and args["name"] == "flashrt_policy"
     assert args["namespace"] == "/robot"
-    assert os.path.samefile(args["params_file"], CONFIG_FILE)
+    # the installed copy (a colcon install, the venv's ament prefix) where there is one
+    with open(args["params_file"], encoding="utf-8") as f, open(CONFIG_FILE, encoding="utf-8") as g:
+        assert f.read() == g.read(), f"{args['params_file']} differs from {CONFIG_FILE}: reinstall"
     assert args["parameters"] == {"runtime.device": "cpu", "model": "tiny", "managed": False}
     assert args["remappings"] == m.REMAPPINGS
     assert m.node_arguments()["parameters"] == {}           # '' = as the params file says
+    assert m.node_arguments(managed="TRUE")["parameters"] == {"managed": True}
+    with pytest.raises(ValueError, match="managed:='ture': expected true or false"):
+        m.node_arguments(managed="ture")                    # a typo is not false
     assert m.recorder_command(args) == ["flashrt-ros", "record", "--node", "/robot/flashrt_policy"]
     assert m.recorder_command(args, "bags/run1")[-2:] == ["--out", "bags/run1"]
 
@@ -115,6 +123,9 @@ def test_node_started_as_the_launch_file_says_works(ros_env, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not has_launch_ros(), reason=NO_LAUNCH_ROS)
 def test_launch_file_starts_the_node(ros_env, tmp_path, monkeypatch):
+    """The launch file in a LaunchService, as `ros2 launch` runs it: on this (the main) thread,
+    where launch installs its signal handlers; the client works in a thread of its own and ends
+    the launch when it is done."""
     import threading
 
     from launch import LaunchDescription, LaunchService
@@ -126,14 +137,28 @@ def test_launch_file_starts_the_node(ros_env, tmp_path, monkeypatch):
     ls.include_launch_description(LaunchDescription([IncludeLaunchDescription(
         PythonLaunchDescriptionSource(LAUNCH_FILE),
         launch_arguments={"namespace": namespace, "device": "cpu", "managed": "false"}.items())]))
-    runner = threading.Thread(target=ls.run, daemon=True)
-    runner.start()
-    c = PolicyClient(f"/{namespace}/flashrt_policy", name="launch_service_client")
-    try:
-        c.wait_connected(timeout=60)
-        res = c.capsule("list_capsules")
-        assert res.success, res.message
-    finally:
-        c.close()
-        ls.shutdown()
-        runner.join(timeout=30)
+    result = {}
+
+    def client():
+        c = None
+        try:
+            c = PolicyClient(f"/{namespace}/flashrt_policy", name="launch_service_client")
+            c.wait_connected(timeout=STARTUP_TIMEOUT_S)
+            res = c.capsule("list_capsules")
+            assert res.success, res.message
+            result["parameters"] = c.get_parameters(["runtime.device", "managed"])
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            result["error"] = e
+        finally:
+            if c is not None:
+                c.close()
+            ls.shutdown()                           # thread-safe: ends ls.run() below
+
+    worker = threading.Thread(target=client, daemon=True)
+    worker.start()
+    rc = ls.run()
+    worker.join(timeout=30)
+    if "error" in result:
+        raise result["error"]
+    assert result["parameters"] == {"runtime.device": "cpu", "managed": False}
+    assert rc == 0
