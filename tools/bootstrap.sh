@@ -8,7 +8,7 @@
 #
 # Idempotent and fast when nothing changed: stamp files in the venv hold hashes of what each step
 # depends on, and a step runs only when its hash differs.
-#   requirements stamp: the requirements file + this script  -> pip install -r <requirements>
+#   requirements stamp: requirements.txt (+ requirements-<distro>.txt) + this script -> pip install
 #   interfaces stamp:   setup.py, CMakeLists.txt, package.xml, msg/, srv/
 #                       -> pip install -e ., then setup.py build_interfaces
 #   ament stamp:        setup.py and the names of the files it links -> setup.py install_ament
@@ -21,7 +21,8 @@
 # printed.
 #
 # Environment: FLASHRT_ROS_DISTRO  kilted (default: .venv from requirements.txt) or jazzy
-#                                  (.venv-jazzy from requirements-jazzy.txt)
+#                                  (.venv-jazzy: requirements.txt with requirements-jazzy.txt's
+#                                  ROS wheels in place of its own)
 #              FLASHRT_PYTHON      interpreter to create the venv with (default: python3.11, python3).
 
 _flashrt_bootstrap() (
@@ -32,8 +33,8 @@ _flashrt_bootstrap() (
   # Per distro: the venv, its requirements, and the branch of the ros2-tools wheels that matches
   # its rclpy (Kilted has no branch of its own there; rolling of Dec 2024 is the closest).
   case "$distro" in
-    kilted) venv="$root/.venv" requirements="requirements.txt" tools_branch="rolling" ;;
-    jazzy) venv="$root/.venv-jazzy" requirements="requirements-jazzy.txt" tools_branch="jazzy" ;;
+    kilted) venv="$root/.venv" ros_requirements="" tools_branch="rolling" ;;
+    jazzy) venv="$root/.venv-jazzy" ros_requirements="requirements-jazzy.txt" tools_branch="jazzy" ;;
     *) echo "[flashrt] error: FLASHRT_ROS_DISTRO=$distro; expected kilted or jazzy" >&2; exit 1 ;;
   esac
   py="$venv/bin/python"
@@ -80,7 +81,7 @@ _flashrt_bootstrap() (
   mkdir -p "$root/build"
   # Two bootstraps at once (tests and demo started together) would install over each other.
   if command -v flock >/dev/null; then
-    exec 9>"$root/build/.bootstrap.lock"
+    exec 9>"$root/build/.bootstrap-$distro.lock"
     flock 9
   fi
 
@@ -106,7 +107,7 @@ _flashrt_bootstrap() (
   ifc_stamp="$venv/.flashrt-interfaces.sha256"
   ament_stamp="$venv/.flashrt-ament.sha256"
   tools_stamp="$venv/.flashrt-ros2-tools.sha256"
-  req_hash="$(hash_of "$requirements" tools/bootstrap.sh)"
+  req_hash="$(hash_of requirements.txt $ros_requirements tools/bootstrap.sh)"
   ifc_hash="$(hash_of setup.py CMakeLists.txt package.xml msg srv)"
   ament_hash="$( (cat setup.py; find launch config resource | LC_ALL=C sort) | sha256sum | cut -d' ' -f1)"
 
@@ -117,8 +118,14 @@ _flashrt_bootstrap() (
   if [ "$(cat "$req_stamp" 2>/dev/null)" != "$req_hash" ]; then
     rm -f "$req_stamp" "$ifc_stamp" "$ament_stamp" "$tools_stamp"
     step "installing pip $pip_version" "$py" -m pip install --upgrade "pip==$pip_version"
-    step "installing $requirements (ROS 2 $distro wheels, torch CPU, test tools)" \
-      "$py" -m pip install -r "$root/$requirements"
+    if [ -z "$ros_requirements" ]; then
+      step "installing requirements.txt (ROS 2 $distro wheels, torch CPU, test tools)" \
+        "$py" -m pip install -r requirements.txt
+    else
+      # Another distro's ROS wheels in place of requirements.txt's (its `ros-*` lines).
+      step "installing requirements.txt with $ros_requirements (ROS 2 $distro wheels, torch CPU, test tools)" \
+        "$py" -m pip install -r <(grep -v '^ros-' requirements.txt) -r "$ros_requirements"
+    fi
     echo "$req_hash" >"$req_stamp"
   fi
 
