@@ -195,14 +195,15 @@ def test_each_refused_observation_counts_once(node, client):
     require_ros2()
     wait_for(lambda: diagnostic(client, "rejected_inputs") is not None, DISCOVERY_TIMEOUT_S,
              "/diagnostics from the node")
-    before = client.latest_status().rejected_inputs
+    before = int(diagnostic(client, "rejected_inputs"))
     ros2("topic", "pub", "--times", 4, "--rate", 20, "-w", 1, "--qos-reliability", "reliable",
          f"{NODE}/observation", "flashrt_ros/msg/Observation", "{state: [1.0, 2.0, 3.0]}",
          check=True)
-    wait_for(lambda: client.latest_status().rejected_inputs >= before + 4, 30, "four refusals")
+    wait_for(lambda: int(diagnostic(client, "rejected_inputs")) >= before + 4, 30, "four refusals")
     ticks = int(diagnostic(client, "ticks"))
     # a second's ticks (30 Hz) after them: one refused observation used to count once per tick
     wait_for(lambda: int(diagnostic(client, "ticks")) >= ticks + 30, 30, "30 more control ticks")
+    assert int(diagnostic(client, "rejected_inputs")) == before + 4
     assert client.latest_status().rejected_inputs == before + 4
     assert "expected shape (14,)" in diagnostic(client, "last_error")
 

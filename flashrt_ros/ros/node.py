@@ -18,7 +18,7 @@ Lifecycle (a managed node; `managed:=false` configures and activates at start):
   shutdown   - as cleanup; then `main` ends the process (exit status 0): a finalized node can
                do nothing more.
 A failed configure logs why, leaves the node unconfigured and alive; fix the parameter, configure
-again. Fixed parameters refuse changes while the node is configured (see node_config.py).
+again. Fixed parameters refuse changes while the node is configured (see params.py).
 
 Concurrency (a `PolicyExecutor`: rclpy's MultiThreadedExecutor without its busy loop, safe against
 entities destroyed mid-collection, see executors.py; four callback groups, each mutually exclusive):
