@@ -257,3 +257,142 @@ def test_fla_gate_prologue_matches_reference_gate_in_fp32():
     o = kernels.gated_delta_rule_fla_gated(q, k, v, a, b, A_log, dt_bias, S_gated, 0.125, False)
     torch.testing.assert_close(o, o_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(S_gated, S_ref, atol=1e-4, rtol=1e-4)
+
+
+# -- fused single-token kernels (core/fused.py) vs their references --------------------------------
+# fp32: the kernels sum in another order and use another rsqrt/exp: rounding only. bf16: both
+# sides round at the same points, so the results differ by the last bit of a rounding that fell
+# the other way (a few bf16 steps after a sum); attention also rounds its unnormalised
+# probabilities to bf16 for the tensor-core product, as fla and flash attention do.
+FUSED_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _randn(*shape, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_elementwise_kernels_match_their_references(dtype):
+    from flashrt_ros.core import fused
+    tol = FUSED_TOL[dtype]
+    x, d = _randn(1024, dtype=dtype, seed=1), _randn(1024, dtype=dtype, seed=2)
+    scale = 1 + 0.1 * _randn(1024, dtype=torch.float32, seed=3)
+    for delta in (d, None):
+        x_ref, h_ref = fused.add_rms_norm_reference(x.clone(), delta, scale, 1e-6)
+        x_k, h_k = fused.add_rms_norm(x.clone(), delta, scale, 1e-6)
+        assert torch.equal(x_k, x_ref), "the residual add rounds once: it must be exact"
+        torch.testing.assert_close(h_k, h_ref, **tol)
+    for K in (3, 4):
+        C = 6144 + 40                                   # not a multiple of the block
+        xc, w = _randn(C, dtype=dtype, seed=K), _randn(C, 1, K, dtype=dtype, seed=K + 1)[:, 0]
+        cs = _randn(K - 1, C, dtype=dtype, seed=K + 2)
+        cs_ref, cs_k = cs.clone(), cs.clone()
+        y_ref = fused.conv_step_reference(xc, cs_ref, w)
+        y_k = fused.conv_step(xc, cs_k, w)
+        assert torch.equal(cs_k, cs_ref), "the conv state shift is a copy: it must be exact"
+        torch.testing.assert_close(y_k, y_ref, **tol)
+    o, z = _randn(16, 128, dtype=dtype, seed=7), _randn(16, 128, dtype=dtype, seed=8)
+    w = (1 + 0.1 * _randn(128, dtype=torch.float32, seed=9)).to(dtype)
+    torch.testing.assert_close(fused.gated_rms_norm(o, z, w, 1e-6),
+                               fused.gated_rms_norm_reference(o, z, w, 1e-6), **tol)
+    gu = _randn(2 * 3584, dtype=dtype, seed=10)
+    torch.testing.assert_close(fused.swiglu(gu), fused.swiglu_reference(gu), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("H, Hkv, D, rotary, max_ctx, pos", [
+    (2, 1, 32, 0.25, 512, 5),            # tiny
+    (4, 2, 24, 0.5, 700, 600),           # a head dim that is not a power of 2
+    (8, 2, 256, 0.25, 16640, 2047),      # hybrid-0.8b at 2k
+    (8, 2, 256, 0.25, 16640, 16383),     # and at 16k
+])
+def test_fused_attention_matches_its_reference(dtype, H, Hkv, D, rotary, max_ctx, pos):
+    """q/k norm + RoPE + KV write, then attention over the live prefix (length from meta)."""
+    from flashrt_ros.core import fused
+    from flashrt_ros.core.arena import META_LEN
+    from flashrt_ros.core.config import TextConfig
+    from flashrt_ros.core.qwen3_5 import RotaryEmbedding
+    tol = FUSED_TOL[dtype]
+    cfg = TextConfig(hidden_size=64, num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D,
+                     partial_rotary_factor=rotary, linear_num_key_heads=1,
+                     linear_num_value_heads=1, linear_key_head_dim=8, linear_value_head_dim=8)
+    with torch.device("cuda"):
+        rot = RotaryEmbedding(cfg, max_ctx, dtype)
+    p = _randn((2 * H + 2 * Hkv) * D, dtype=dtype, seed=pos)
+    qk_scale = 1 + 0.1 * _randn(H + Hkv, D, dtype=torch.float32, seed=pos + 1)
+    kv = _randn(max_ctx, 3, 2, Hkv, D, dtype=dtype, seed=pos + 2)[:, 1]    # one layer's view
+    meta = torch.zeros(META_LEN, dtype=torch.int64, device="cuda")
+    meta[0] = pos
+    kv_ref, kv_k = kv.clone(), kv.clone()
+    q_ref = fused.attention_prep_reference(p, qk_scale, 1e-6, rot, kv_ref, meta, H, Hkv, D)
+    q_k = fused.attention_prep(p, qk_scale, 1e-6, rot, kv_k, meta, H, Hkv, D)
+    torch.testing.assert_close(q_k, q_ref, **tol)
+    torch.testing.assert_close(kv_k[pos, 0], kv_ref[pos, 0], **tol)
+    assert torch.equal(kv_k[pos, 1], kv_ref[pos, 1]), "v is copied, not computed"
+    others = torch.ones(max_ctx, dtype=torch.bool, device="cuda")
+    others[pos] = False
+    assert torch.equal(kv_k[others], kv[others]), "only the row at the position is written"
+    gate = p[:2 * H * D].view(H, 2 * D)[:, D:]
+    torch.testing.assert_close(fused.decode_attention(q_ref, gate, kv_ref, meta),
+                               fused.decode_attention_reference(q_ref, gate, kv_ref, meta), **tol)
+
+
+@pytest.mark.parametrize("Hk, Hv, K", [(2, 2, 32), (2, 4, 16), (16, 16, 128)])
+def test_fla_step_in_place_is_the_gated_kernel_bitwise(Hk, Hv, K):
+    """gated_delta_rule_fla_step runs fla's recurrent kernel with the state as its own initial and
+    final state: the same bits as the public call plus a copy back."""
+    if not kernels.fla_available():
+        pytest.fail("fla does not import on this CUDA machine; install the flash-linear-attention "
+                    "wheels")
+    q, k = (_randn(1, 1, Hk, K, dtype=torch.bfloat16, seed=s) for s in (1, 2))
+    v = _randn(1, 1, Hv, K, dtype=torch.bfloat16, seed=3)
+    a, b = (_randn(1, 1, Hv, dtype=torch.bfloat16, seed=s) for s in (4, 5))
+    A_log = torch.log(torch.rand(Hv, device="cuda") * 15 + 1)
+    dt_bias = torch.rand(Hv, device="cuda") * 2 - 4
+    state = _randn(Hv, K, K, dtype=torch.float32, seed=6) * 0.1
+    S_step, S_gated = state.clone(), state.clone()
+    o_step = kernels.gated_delta_rule_fla_step(q, k, v, a, b, A_log, dt_bias, S_step, K ** -0.5)
+    G = Hv // Hk
+    o_gated = kernels.gated_delta_rule_fla_gated(
+        q[0].repeat_interleave(G, 1), k[0].repeat_interleave(G, 1), v[0], a[0], b[0], A_log,
+        dt_bias, S_gated, K ** -0.5, chunked=False)
+    assert torch.equal(o_step[0], o_gated) and torch.equal(S_step, S_gated)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_step_matches_the_unfused_static_form(dtype):
+    """The captured single-token functions with the fused kernels against the same functions
+    through the torch ops (the fused kernels' references, composed), from the same bytes."""
+    rt = runtime(dtype)
+    m, a, io = rt.model, rt.arena, rt.io
+    tm = m.backbone.model
+    assert tm.fused, "on CUDA with fla the single-token steps use core/fused.py"
+    rt.set_instruction(INSTRUCTION)
+    for o in observations(3):
+        rt.step(o)
+    io.obs.copy_(torch.from_numpy(observations(1, seed=5)[0]))
+    io.token.fill_(65)
+    start = a.base.clone()
+    tol = CROSS_FORM_ATOL if dtype == "float32" else 5e-2
+    try:
+        for fn in (lambda: m.predict_action_chunk(a, io, None), lambda: m.token_step(a, io, None)):
+            outs = []
+            for use_fused in (True, False):
+                a.base.copy_(start)
+                tm.fused = use_fused
+                fn()
+                torch.cuda.synchronize()
+                outs.append((a.base.clone(), io.action.clone(), io.logits.clone()))
+            (b1, act1, log1), (b0, act0, log0) = outs
+            assert torch.equal(b1[:64], b0[:64])                 # meta: same updates
+            torch.testing.assert_close(act1, act0, atol=tol, rtol=0)
+            torch.testing.assert_close(log1, log0, atol=tol, rtol=0)
+            for name in a.names():
+                s = a.specs[name]
+                torch.testing.assert_close(b1[s.offset:s.offset + s.nbytes].view(a[name].dtype),
+                                           b0[s.offset:s.offset + s.nbytes].view(a[name].dtype),
+                                           atol=tol, rtol=0, msg=name)
+    finally:
+        tm.fused = True
+        a.base.copy_(start)

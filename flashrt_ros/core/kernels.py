@@ -189,3 +189,30 @@ def gated_delta_rule_fla_gated(q, k, v, a, b, A_log, dt_bias, state, scale, chun
                   dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
     state.copy_(final[0])
     return o[0]
+
+
+def gated_delta_rule_fla_step(q, k, v, a, b, A_log, dt_bias, state, scale):
+    """One token through fla's fused recurrent kernel, gates and L2 norms in the kernel as in
+    `gated_delta_rule_fla_gated`, with `state` as both its initial and its final state: updated
+    in place (each program reads its block of the state before it writes it), so no final state
+    is allocated and copied back per layer.
+
+    Args:
+        q, k: [1, 1, Hk, K] raw; v: [1, 1, Hv, V] (Hv a multiple of Hk: each key head serves
+        Hv/Hk value heads, as `repeat_interleave` would); a, b: [1, 1, Hv] raw
+        A_log, dt_bias: [Hv] fp32; state: [Hv, K, V] fp32, updated in place
+    Returns:
+        o: [1, 1, Hv, V] in v's dtype
+    """
+    import triton
+    from fla.ops.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_fwd_kernel
+    Hk, K, Hv, V = k.shape[2], k.shape[3], v.shape[2], v.shape[3]
+    BV = min(8, triton.next_power_of_2(V))          # fla's own launch parameters
+    o = torch.empty_like(v)
+    fused_recurrent_gated_delta_rule_fwd_kernel[(triton.cdiv(V, BV) * Hv,)](
+        q=q, k=k, v=v, g=a, gk=None, gv=None, beta=b, A_log=A_log, dt_bias=dt_bias, o=o,
+        h0=state, ht=state, cu_seqlens=None, scale=scale, T=1, H=Hk, HV=Hv, K=K, V=V,
+        BK=triton.next_power_of_2(K), BV=BV, IS_BETA_HEADWISE=True, USE_QK_L2NORM_IN_KERNEL=True,
+        APPLY_BETA_SIGMOID=True, ALLOW_NEG_EIGVAL=False, STATE_V_FIRST=False, num_warps=1,
+        num_stages=3)
+    return o

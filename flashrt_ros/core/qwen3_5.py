@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashrt_ros.core import fused as fused_kernels
 from flashrt_ros.core import kernels
 from flashrt_ros.core.arena import META_POSITION, BufferSpec
 from flashrt_ros.core.config import TextConfig
@@ -84,6 +85,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return _as(rms_normalize(x, *self.constants) * self.scale, x.dtype)
+
+    def add_forward(self, x, delta, fused: bool):
+        """(x + delta, norm(x + delta)): a residual add and the norm after it (delta None: no add).
+        fused: one kernel for a single token on the GPU (x is updated in place then)."""
+        if fused:
+            _, h = fused_kernels.add_rms_norm(x.view(-1), None if delta is None else delta.view(-1),
+                                              self.scale, self.eps)
+            return x, h.view(x.shape)
+        if delta is not None:
+            x = x + delta
+        return x, self(x)
 
 
 class GatedRMSNorm(nn.Module):
@@ -151,9 +163,14 @@ class RotaryEmbedding(nn.Module):
 class Positions:
     """Where the T new tokens of one call go: host ints (eager) or device tensors (graphs)."""
 
-    def __init__(self, arena, pos, T: int, rotary: RotaryEmbedding, device):
+    def __init__(self, arena, pos, T: int, rotary: RotaryEmbedding, device, fused: bool = False):
         self.pos, self.T = pos, T
-        if pos is None:
+        # a single token of the static form through the fused kernels, which read the position
+        # from meta themselves
+        self.fused = fused and pos is None and T == 1
+        if self.fused:
+            self.rows = self.cos = self.sin = None
+        elif pos is None:
             p = arena.meta[META_POSITION]
             self.rows = p + torch.arange(T, device=device)                      # [T]
             self.cos, self.sin = rotary.cos[self.rows], rotary.sin[self.rows]
@@ -187,6 +204,15 @@ class Attention(nn.Module):
     def forward(self, h, arena, at: Positions, rotary: RotaryEmbedding):
         T, H, Hkv, D = h.shape[0], self.H, self.Hkv, self.D
         p = F.linear(h, self.qkv_weight)                                        # [T, (2H+2Hkv)D]
+        if at.fused:
+            # q/k norms, RoPE and the KV write in one kernel; attention over the live prefix
+            p = p.view(-1)
+            kv = arena["kv"][:, self.attn_index]
+            q = fused_kernels.attention_prep(p, self.qk_scale, self.q_norm.eps, rotary, kv,
+                                             arena.meta, H, Hkv, D)
+            gate = p[:2 * H * D].view(H, 2 * D)[:, D:]
+            o = fused_kernels.decode_attention(q, gate, kv, arena.meta)
+            return F.linear(o.view(1, H * D), self.o_proj.weight)
         qg = p[:, :2 * H * D].view(T, H, 2 * D)
         gate = qg[..., D:]                                                      # [T, H, D]
         new = p[:, 2 * H * D:].view(T, 2, Hkv, D)                               # k | v
@@ -258,10 +284,14 @@ class GatedDeltaNet(nn.Module):
         self.constants = tuple(torch.tensor(v, dtype=torch.float32, device=self.A_log.device)
                                for v in (kernels.L2NORM_EPS, self.Dk ** -0.5))
 
-    def forward(self, h, conv_state, state):
-        """h: [T, d]; conv_state: [K-1, conv_dim] (the last K-1 conv inputs); state: [Hv, Dk, Dv]."""
+    def forward(self, h, conv_state, state, fused: bool = False):
+        """h: [T, d]; conv_state: [K-1, conv_dim] (the last K-1 conv inputs); state: [Hv, Dk, Dv].
+        fused: one token through the fused kernels (GPU)."""
         T, Hk, Hv = h.shape[0], self.Hk, self.Hv
-        qkv, z, b, a = F.linear(h, self.in_weight).split(self.in_sizes, dim=-1)
+        p = F.linear(h, self.in_weight)
+        if fused:
+            return self._fused_step(p.view(-1), conv_state, state)
+        qkv, z, b, a = p.split(self.in_sizes, dim=-1)
         xs = torch.cat([conv_state, qkv], dim=0)                                # [K-1+T, conv_dim]
         conv_state.copy_(xs[T:])
         y = F.silu((xs.unfold(0, self.K, 1) * self.conv_weight).sum(-1))        # [T, conv_dim]
@@ -287,6 +317,21 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o, z.view(T, Hv, self.Dv))
         return F.linear(o.reshape(T, Hv * self.Dv), self.out_proj.weight)
 
+    def _fused_step(self, p, conv_state, state):
+        """One token: conv + silu (one kernel), fla's recurrence with the gates and L2 norms in its
+        kernel and the state updated in place, the gated norm (one kernel), out_proj."""
+        C, Vd, Hv, _ = self.in_sizes
+        kd = self.Hk * self.Dk
+        y = fused_kernels.conv_step(p[:C], conv_state, self.conv_weight)         # [C]
+        o = kernels.gated_delta_rule_fla_step(
+            y[:kd].view(1, 1, self.Hk, self.Dk), y[kd:2 * kd].view(1, 1, self.Hk, self.Dk),
+            y[2 * kd:].view(1, 1, Hv, self.Dv), p[C + Vd + Hv:].view(1, 1, Hv),
+            p[C + Vd:C + Vd + Hv].view(1, 1, Hv), self.A_log, self.dt_bias, state,
+            self.Dk ** -0.5)
+        o = fused_kernels.gated_rms_norm(o.view(Hv, self.Dv), p[C:C + Vd].view(Hv, self.Dv),
+                                         self.norm.weight, self.norm.eps)
+        return F.linear(o.view(1, Vd), self.out_proj.weight)
+
     def _value_heads(self, qk):
         """[T, 2 Hk, Dk] -> q, k of [T, Hv, Dk]: each key head serves Hv/Hk value heads."""
         q, k = qk[:, :self.Hk], qk[:, self.Hk:]
@@ -309,9 +354,14 @@ class MLP(nn.Module):
     def prepare(self) -> None:
         self.gate_up_weight = pack_weights(self.gate_proj, self.up_proj)
 
-    def forward(self, x):
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+    def forward(self, x, fused: bool = False):
+        gate_up = F.linear(x, self.gate_up_weight)
+        if fused:
+            y = fused_kernels.swiglu(gate_up.view(-1)).view(1, -1)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            y = F.silu(gate) * up
+        return F.linear(y, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -330,14 +380,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, arena, at: Positions, rotary: RotaryEmbedding):
-        h = self.input_layernorm(x)
+    def forward(self, x, delta, arena, at: Positions, rotary: RotaryEmbedding):
+        """(x, delta) -> (x', delta'): the residual stream and the previous layer's MLP output,
+        not yet added (the add is fused with the norm that follows it)."""
+        x, h = self.input_layernorm.add_forward(x, delta, at.fused)
         if self.is_attention:
-            x = x + self.self_attn(h, arena, at, rotary)
+            mixed = self.self_attn(h, arena, at, rotary)
         else:
             conv, recurrent = self.state_names
-            x = x + self.linear_attn(h, arena[conv], arena[recurrent])
-        return x + self.mlp(self.post_attention_layernorm(x))
+            mixed = self.linear_attn(h, arena[conv], arena[recurrent], at.fused)
+        x, h = self.post_attention_layernorm.add_forward(x, mixed, at.fused)
+        return x, self.mlp(h, at.fused)
 
 
 class TextModel(nn.Module):
@@ -354,13 +407,20 @@ class TextModel(nn.Module):
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg, max_context, dtype)
+        self.fused = False      # single tokens of the static form through core/fused.py: prepare()
+
+    def prepare(self) -> None:
+        self.fused = (self.embed_tokens.weight.device.type == "cuda" and fused_kernels.available()
+                      and all(layer.linear_attn.kernel == "fla" for layer in self.layers
+                              if not layer.is_attention))
 
     def forward(self, x, arena, pos):
         """x: [T, d] input embeddings -> final-normed hidden states [T, d]; appends T KV rows."""
-        at = Positions(arena, pos, x.shape[0], self.rotary, x.device)
+        at = Positions(arena, pos, x.shape[0], self.rotary, x.device, self.fused)
+        delta = None
         for layer in self.layers:
-            x = layer(x, arena, at, self.rotary)
-        return self.norm(x)
+            x, delta = layer(x, delta, arena, at, self.rotary)
+        return self.norm.add_forward(x, delta, at.fused)[1]
 
 
 class Qwen3_5ForCausalLM(nn.Module):
@@ -384,7 +444,7 @@ class Qwen3_5ForCausalLM(nn.Module):
             if isinstance(m, (RMSNorm, GatedRMSNorm)):
                 m.prepare()
         for m in modules:
-            if isinstance(m, (Attention, GatedDeltaNet, MLP)):
+            if isinstance(m, (Attention, GatedDeltaNet, MLP, TextModel)):
                 m.prepare()
 
     def logits(self, hidden):

@@ -1,0 +1,367 @@
+"""Fused Triton kernels of the single-token step (an observation or a decoded token) on the GPU.
+
+A captured step of the hybrid-0.8b preset launched ~1450 kernels, most of them small elementwise
+ones (norms, gates, activations, residual adds, the conv update, the attention's softmax), and a
+graph replays each at a fixed cost of a few microseconds. Here each chain between two matmuls is
+one kernel, in the style of fla: a short, readable torch reference beside every kernel, and
+test_runtime_gpu.py holds the two together with named tolerances.
+
+    add_rms_norm        x += delta; h = norm(x) * scale           (every norm of the residual stream)
+    conv_step           the short causal conv of one token + silu, shifting the conv state
+    gated_rms_norm      weight * norm(o) * silu(z)                 (the DeltaNet output norm)
+    swiglu              silu(gate) * up
+    attention_prep      q/k RMSNorm + RoPE; k, v written to the KV row at the position in meta
+    decode_attention    attention of one query over the live prefix only, flash-decoding style:
+                        the length is read from `meta` on the device, so a captured graph covers
+                        every context, and blocks past the prefix return at once; then the
+                        output gate sigmoid(g)
+
+The kernels keep the references' rounding points (a bf16 reference rounds after each operation,
+and the kernel rounds there too); what differs is the order of the sums and the rsqrt/exp
+implementations. The Gated DeltaNet recurrence is fla's own kernel, called with the state buffer
+as both initial and final state (updated in place: no extra copy per layer).
+
+Only for CUDA tensors with Triton importable (`available()`); the model uses them in the static
+form (pos=None) of single-token calls when its kernels are "fla".
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from flashrt_ros.core.arena import META_POSITION
+
+# Attention over the prefix in splits of SPLIT rows (one program per split and KV head), each
+# split in tiles of TILE rows; a split past the live length returns at once.
+SPLIT = 256
+TILE = 64
+
+
+@functools.cache
+def available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001 - ImportError or a driver failure at import
+        return False
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+# -- references (torch): what each kernel computes, with the same rounding points ----------------
+def add_rms_norm_reference(x, delta, scale, eps):
+    """x: [N] residual (updated: x + delta, in x's dtype), delta: [N] or None, scale: [N] fp32
+    (1 + weight) -> (x, h) with h = x * rsqrt(mean(x^2) + eps) * scale in x's dtype."""
+    if delta is not None:
+        x = x + delta
+    xf = x.float()
+    h = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * scale
+    return x, h.to(x.dtype)
+
+
+def conv_step_reference(x, conv_state, weight):
+    """x: [C] this token's conv input, conv_state: [K-1, C] the previous inputs (shifted in place),
+    weight: [C, K] -> silu(causal conv) [C] in x's dtype."""
+    xs = torch.cat([conv_state, x[None]], dim=0)                           # [K, C]
+    conv_state.copy_(xs[1:])
+    return F.silu((xs.t() * weight).sum(-1))
+
+
+def gated_rms_norm_reference(o, z, weight, eps):
+    """o: [H, D], z: [H, D] gate, weight: [D] -> weight * norm(o) (o's dtype) * silu(z) ([H, D])."""
+    of = o.float()
+    y = weight * (of * torch.rsqrt(of.square().mean(-1, keepdim=True) + eps)).to(o.dtype)
+    return (y * F.silu(z.float())).to(o.dtype)
+
+
+def swiglu_reference(gate_up):
+    """gate_up: [2F] (gate | up) -> silu(gate) * up [F]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def attention_prep_reference(p, qk_scale, eps, rotary, kv, meta, H, Hkv, D):
+    """p: [(2H + 2Hkv) D] the q|gate, k, v projection of one token; qk_scale: [H+Hkv, D] fp32;
+    rotary: the model's RotaryEmbedding (cos, sin: [max_ctx, D], rotate: [D, D]); kv:
+    [max_ctx, 2, Hkv, D] this layer's KV; meta: the arena's int64 meta. Writes k, v to
+    kv[position] -> q [H, D] (normed, rotated)."""
+    pos = meta[META_POSITION]
+    cos, sin, rotate = rotary.cos, rotary.sin, rotary.rotate
+    qg = p[:2 * H * D].view(H, 2 * D)
+    new = p[2 * H * D:].view(2, Hkv, D)
+    x = torch.cat([qg[:, :D], new[0]]).float()                              # [H+Hkv, D]
+    y = (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * qk_scale).to(p.dtype)
+    c, s = cos[pos], sin[pos]
+    y = y * c + torch.matmul(y, rotate) * s
+    kv[pos] = torch.stack([y[H:], new[1]])
+    return y[:H]
+
+
+def decode_attention_reference(q, gate, kv, meta):
+    """q: [H, D] one query, gate: [H, D] output gate, kv: [max_ctx, 2, Hkv, D], meta: int64 meta
+    -> sigmoid(gate) * softmax(q k^T / sqrt(D)) v over the rows 0..position ([H, D])."""
+    L = int(meta[META_POSITION]) + 1
+    H, D = q.shape
+    Hkv = kv.shape[2]
+    G = H // Hkv
+    keys, vals = kv[:L, 0].transpose(0, 1), kv[:L, 1].transpose(0, 1)       # [Hkv, L, D]
+    scores = torch.matmul(q.view(Hkv, G, D).float(), keys.float().transpose(1, 2)) * D ** -0.5
+    o = torch.matmul(torch.softmax(scores, dim=-1), vals.float()).view(H, D).to(q.dtype)
+    return o * torch.sigmoid(gate)
+
+
+# -- kernels ------------------------------------------------------------------------------------
+@functools.cache
+def _kernels():
+    """The Triton kernels, compiled on first use (importing this module needs no Triton)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_rms_norm_kernel(X, D, H, S, eps, N: tl.constexpr, BLOCK: tl.constexpr,
+                            HAS_DELTA: tl.constexpr):
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + cols, mask=mask, other=0.0)
+        if HAS_DELTA:
+            x = (x.to(tl.float32) + tl.load(D + cols, mask=mask, other=0.0).to(tl.float32)
+                 ).to(X.dtype.element_ty)
+            tl.store(X + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
+        h = xf * r * tl.load(S + cols, mask=mask, other=0.0)
+        tl.store(H + cols, h.to(H.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def conv_step_kernel(X, CS, W, Y, C, K: tl.constexpr, BLOCK: tl.constexpr):
+        c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < C
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(K - 1):
+            s = tl.load(CS + j * C + c, mask=mask, other=0.0)
+            prod = (s.to(tl.float32) * tl.load(W + c * K + j, mask=mask, other=0.0).to(tl.float32))
+            acc += prod.to(X.dtype.element_ty).to(tl.float32)
+            if j > 0:
+                tl.store(CS + (j - 1) * C + c, s, mask=mask)
+        x = tl.load(X + c, mask=mask, other=0.0)
+        prod = x.to(tl.float32) * tl.load(W + c * K + K - 1, mask=mask, other=0.0).to(tl.float32)
+        acc += prod.to(X.dtype.element_ty).to(tl.float32)
+        tl.store(CS + (K - 2) * C + c, x, mask=mask)
+        y = acc.to(X.dtype.element_ty).to(tl.float32)
+        tl.store(Y + c, (y * tl.sigmoid(y)).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def gated_rms_norm_kernel(O, Z, W, Y, eps, D: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        o = tl.load(O + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        n = (o / tl.sqrt(tl.sum(o * o, 0) / D + eps)).to(Y.dtype.element_ty).to(tl.float32)
+        y = (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) * n).to(Y.dtype.element_ty)
+        z = tl.load(Z + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        out = y.to(tl.float32) * (z * tl.sigmoid(z))
+        tl.store(Y + row * D + cols, out.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def swiglu_kernel(GU, Y, F_, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < F_
+        g = tl.load(GU + i, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(GU + F_ + i, mask=mask, other=0.0).to(tl.float32)
+        s = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
+        tl.store(Y + i, (s * u).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def attention_prep_kernel(P, QS, COS, SIN, KV, META, Q, eps, kv_row_stride,
+                              H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                              ROT: tl.constexpr, BLOCK: tl.constexpr):
+        # one program per row of [q heads | k heads]; the k programs also copy their v row
+        r = tl.program_id(0)
+        d = tl.arange(0, BLOCK)
+        mask = d < D
+        half = ROT // 2
+        partner = tl.where(d < half, d + half, d - half)
+        sign = tl.where(d < half, -1.0, 1.0)
+        rot_mask = mask & (d < ROT)
+        if r < H:
+            base = r * 2 * D
+        else:
+            base = 2 * H * D + (r - H) * D
+        x = tl.load(P + base + d, mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(P + base + partner, mask=rot_mask, other=0.0).to(tl.float32)
+        rs = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+        y = (x * rs * tl.load(QS + r * D + d, mask=mask, other=0.0)).to(Q.dtype.element_ty)
+        yp = (xp * rs * tl.load(QS + r * D + partner, mask=rot_mask, other=0.0)
+              ).to(Q.dtype.element_ty)
+        pos = tl.load(META)                          # META_POSITION = 0
+        c = tl.load(COS + pos * D + d, mask=mask, other=1.0).to(tl.float32)
+        s = tl.load(SIN + pos * D + d, mask=mask, other=0.0).to(tl.float32)
+        a = (y.to(tl.float32) * c).to(Q.dtype.element_ty).to(tl.float32)
+        b = (tl.where(d < ROT, sign * yp.to(tl.float32), 0.0) * s).to(Q.dtype.element_ty)
+        out = (a + b.to(tl.float32)).to(Q.dtype.element_ty)
+        if r < H:
+            tl.store(Q + r * D + d, out, mask=mask)
+        else:
+            j = r - H
+            row = KV + pos * kv_row_stride
+            tl.store(row + j * D + d, out, mask=mask)                           # k
+            v = tl.load(P + 2 * H * D + HKV * D + j * D + d, mask=mask, other=0.0)
+            tl.store(row + HKV * D + j * D + d, v, mask=mask)                   # v
+
+    @triton.jit
+    def decode_attention_split_kernel(Q, KV, META, OP, MP, LP, kv_row_stride, sm_scale,
+                                      NSPLIT, G: tl.constexpr, GP: tl.constexpr,
+                                      HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                      SPLIT_: tl.constexpr, TILE_: tl.constexpr,
+                                      IEEE: tl.constexpr):
+        j, s = tl.program_id(0), tl.program_id(1)
+        L = tl.load(META).to(tl.int32) + 1           # rows 0..position (META_POSITION = 0)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, BLOCK_D)
+        gmask = g < G
+        dmask = d < D
+        part = (j * NSPLIT + s) * GP
+        start = s * SPLIT_
+        # a split past the live rows runs no tile and leaves (m, l) = (-inf, 0); the combine
+        # reads only the splits below the length
+        q = tl.load(Q + (j * G + g)[:, None] * D + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)            # [GP, BLOCK_D]
+        m = tl.full([GP], float("-inf"), tl.float32)
+        l_ = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, BLOCK_D], tl.float32)
+        end = tl.minimum(start + SPLIT_, L)
+        for t0 in range(start, end, TILE_):
+            t = t0 + tl.arange(0, TILE_)
+            tmask = t < end
+            kmask = tmask[:, None] & dmask[None, :]
+            rows = KV + t[:, None] * kv_row_stride + d[None, :]
+            k = tl.load(rows + j * D, mask=kmask, other=0.0)                     # [TILE, BLOCK_D]
+            v = tl.load(rows + (HKV + j) * D, mask=kmask, other=0.0)
+            if IEEE:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            sc = tl.where(tmask[None, :], sc * sm_scale, float("-inf"))         # [GP, TILE]
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp(m - m_new)
+            pr = tl.exp(sc - m_new[:, None])
+            l_ = l_ * alpha + tl.sum(pr, 1)
+            if IEEE:
+                pv = tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(pr.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        tl.store(MP + part + g, m)
+        tl.store(LP + part + g, l_)
+        tl.store(OP + (part + g)[:, None] * BLOCK_D + d[None, :], acc)
+
+    @triton.jit
+    def decode_attention_combine_kernel(OP, MP, LP, GATE, META, OUT, NSPLIT,
+                                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                                        BLOCK_D: tl.constexpr, SPLIT_: tl.constexpr):
+        h = tl.program_id(0)
+        j, gi = h // G, h % G
+        L = tl.load(META).to(tl.int32) + 1
+        n = (L + SPLIT_ - 1) // SPLIT_
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        one = tl.arange(0, 1)
+        m = tl.full([1], float("-inf"), tl.float32)
+        for s in range(0, n):
+            m = tl.maximum(m, tl.load(MP + (j * NSPLIT + s) * GP + gi + one))
+        l_ = tl.zeros([1], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s in range(0, n):
+            part = (j * NSPLIT + s) * GP + gi
+            w = tl.exp(tl.load(MP + part + one) - m)
+            l_ += w * tl.load(LP + part + one)
+            acc += w * tl.load(OP + part * BLOCK_D + d)
+        o = (acc / l_).to(OUT.dtype.element_ty).to(tl.float32)
+        gate = tl.load(GATE + h * 2 * D + d, mask=dmask, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(gate).to(OUT.dtype.element_ty).to(tl.float32)
+        tl.store(OUT + h * D + d, (o * sg).to(OUT.dtype.element_ty), mask=dmask)
+
+    return dict(add_rms_norm=add_rms_norm_kernel, conv_step=conv_step_kernel,
+                gated_rms_norm=gated_rms_norm_kernel, swiglu=swiglu_kernel,
+                attention_prep=attention_prep_kernel,
+                decode_attention_split=decode_attention_split_kernel,
+                decode_attention_combine=decode_attention_combine_kernel)
+
+
+# -- launchers: same arguments as the references ------------------------------------------------
+def add_rms_norm(x, delta, scale, eps):
+    """Fused `add_rms_norm_reference` (x updated in place when delta is given)."""
+    N = x.numel()
+    h = torch.empty_like(x)
+    _kernels()["add_rms_norm"][(1,)](x, x if delta is None else delta, h, scale, eps, N=N,
+                                     BLOCK=_pow2(N), HAS_DELTA=delta is not None, num_warps=4)
+    return x, h
+
+
+def conv_step(x, conv_state, weight):
+    """Fused `conv_step_reference`."""
+    C, K = weight.shape
+    y = torch.empty_like(x)
+    block = 512
+    _kernels()["conv_step"][(triton_cdiv(C, block),)](x, conv_state, weight, y, C, K=K,
+                                                      BLOCK=block, num_warps=4)
+    return y
+
+
+def gated_rms_norm(o, z, weight, eps):
+    """Fused `gated_rms_norm_reference`; o and z contiguous [H, D]."""
+    H, D = o.shape
+    y = torch.empty_like(o)
+    _kernels()["gated_rms_norm"][(H,)](o, z, weight, y, eps, D=D, BLOCK=_pow2(D), num_warps=1)
+    return y
+
+
+def swiglu(gate_up):
+    """Fused `swiglu_reference`."""
+    F_ = gate_up.shape[-1] // 2
+    y = gate_up.new_empty(F_)
+    block = 1024
+    _kernels()["swiglu"][(triton_cdiv(F_, block),)](gate_up, y, F_, BLOCK=block, num_warps=4)
+    return y
+
+
+def attention_prep(p, qk_scale, eps, rotary, kv, meta, H, Hkv, D):
+    """Fused `attention_prep_reference` (the rotation is rotary.rotate's, by index: the first
+    rotary.dim dims rotate half against half); kv's rows hold [k heads | v heads] contiguously."""
+    q = p.new_empty(H, D)
+    _kernels()["attention_prep"][(H + Hkv,)](p, qk_scale, rotary.cos, rotary.sin, kv, meta, q,
+                                            eps, kv.stride(0), H=H, HKV=Hkv, D=D, ROT=rotary.dim,
+                                            BLOCK=_pow2(D), num_warps=1)
+    return q
+
+
+def decode_attention(q, gate, kv, meta):
+    """Fused `decode_attention_reference`; gate: [H, D] view with row stride 2D (q_proj's
+    per-head query | gate layout)."""
+    H, D = q.shape
+    max_ctx, Hkv = kv.shape[0], kv.shape[2]
+    G = H // Hkv
+    GP = max(16, _pow2(G))               # tl.dot needs 16 rows: the padding rows are masked
+    BD = max(16, _pow2(D))
+    nsplit = triton_cdiv(max_ctx, SPLIT)
+    op = torch.empty(Hkv * nsplit * GP, BD, dtype=torch.float32, device=q.device)
+    mp = torch.empty(Hkv * nsplit * GP, dtype=torch.float32, device=q.device)
+    lp = torch.empty_like(mp)
+    k = _kernels()
+    k["decode_attention_split"][(Hkv, nsplit)](
+        q, kv, meta, op, mp, lp, kv.stride(0), D ** -0.5, nsplit, G=G, GP=GP, HKV=Hkv, D=D,
+        BLOCK_D=BD, SPLIT_=SPLIT, TILE_=TILE, IEEE=q.dtype == torch.float32, num_warps=4)
+    out = q.new_empty(H, D)
+    k["decode_attention_combine"][(H,)](op, mp, lp, gate, meta, out, nsplit, G=G, GP=GP, D=D,
+                                        BLOCK_D=BD, SPLIT_=SPLIT, num_warps=1)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
