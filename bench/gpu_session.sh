@@ -3,7 +3,7 @@
 # ROS: the GPU tests, the comparison with transformers, and the benchmarks of the hybrid-0.8b preset.
 #
 #   bash bench/gpu_session.sh STAGE [STAGE ...]
-#   stages: tests compare (bf16) compare32 (fp32) runtime capsules paged bringup
+#   stages: tests compare (bf16) compare32 (fp32) runtime capsules paged bringup disk
 #
 # fla travels as wheels in .whl/ (../shared/tools/gpu-wheels.sh fetches them). Logs go to $OUT
 # (or ./out) as <stage>.log; the benchmarks write their tables under docs/bench/, and what they
@@ -49,7 +49,9 @@ for stage in "$@"; do
     paged)    run paged python3 bench/bench_paged.py --preset hybrid-0.8b --device cuda ;;
     bringup)  run bringup python3 bench/bench_bringup.py --preset hybrid-0.8b --device cuda \
                 --paths runtime ;;
-    *) echo "unknown stage $stage (tests compare compare32 runtime capsules paged bringup)" >&2; rc=2 ;;
+    disk)     run disk python3 bench/bench_disk.py --device cuda --out docs/bench ;;
+    *) echo "unknown stage $stage (tests compare compare32 runtime capsules paged bringup disk)" >&2
+       rc=2 ;;
   esac
 done
 exit "$rc"
