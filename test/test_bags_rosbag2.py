@@ -1,4 +1,4 @@
-"""Bags as rosbag2 has them: other writers' bags in, rosbag2's conventions out, crash-safe recording.
+"""Bags as rosbag2 has them: other writers' bags in, rosbag2's conventions out, crash safety.
 
 Checked against libraries this package does not use to read or write: bags from other writers
 are written with `mcap` and `mcap-ros2-support` (its own CDR encoder), and the bags this package
@@ -10,7 +10,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,8 +30,8 @@ HEADER_DEF = "builtin_interfaces/Time stamp\nstring frame_id\n"
 TIME_DEF = "int32 sec\nuint32 nanosec\n"
 NODE = "/flashrt_policy"
 
-mcap_ros2 = pytest.importorskip("mcap_ros2.writer", reason="mcap-ros2-support (requirements.txt) is the "
-                                                    "independent reader/writer these tests use")
+mcap_ros2 = pytest.importorskip("mcap_ros2.writer", reason="mcap-ros2-support (requirements.txt) "
+                                "is the independent reader/writer these tests use")
 
 
 def ros2msg(name: str) -> str:
@@ -485,3 +484,71 @@ def test_an_instruction_sent_during_a_recording_is_in_the_bag(tmp_path, ros_env)
                              "--discovery-timeout", "1", "instruct", "x"], env=ros_env,
                             capture_output=True, text=True, timeout=60)
     assert nobody.returncode != 0 and "no subscriber at all" in nobody.stderr, nobody.stderr
+
+
+# -- nothing one-shot is lost ------------------------------------------------------------------
+@pytest.mark.ros
+def test_an_instruction_published_before_the_node_subscribed_still_reaches_it(tmp_path):
+    """~/instruction is latched on both sides: an instruction published while the node is not
+    configured yet (no subscription at all) is taken once the node subscribes."""
+    import rclpy
+    from std_msgs.msg import String
+
+    from flashrt_ros.ros.publishing import LATCHED
+    from node_client import InProcessNode
+    ns = f"/latched_{os.getpid()}"
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    sender = rclpy.create_node("latched_sender", context=ctx)
+    pub = sender.create_publisher(String, f"{ns}/flashrt_policy/instruction", LATCHED)
+    pub.publish(String(data="stack the cubes"))            # nobody subscribes yet
+    node = None
+    try:
+        node = InProcessNode(ctx, ns, instruction="", status_rate_hz=20.0,
+                             **{"runtime.device": "cpu", "store.capsule_dir": str(tmp_path)})
+        assert node.client.transition("configure")        # the subscription is made here
+        wait_for(lambda: node.node.runtime is not None and node.node.runtime.context_len > 0,
+                 DISCOVERY_TIMEOUT_S, "the node to prefill the latched instruction")
+    finally:
+        if node is not None:
+            node.close()
+        sender.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
+@pytest.mark.ros
+def test_the_lockstep_sim_sends_its_first_observation_only_to_a_matched_policy():
+    """`flashrt-ros sim --lockstep` waits for one action per observation: a first observation
+    sent before the policy node matched is lost, and the loop would stall for good."""
+    import rclpy
+    from rclpy.qos import QoSProfile, QoSReliabilityPolicy
+
+    from flashrt_ros.msg import ActionChunk, Observation
+    from flashrt_ros.ros.executors import SingleThreadedExecutor
+    from flashrt_ros.sim.robot import SimRobotNode
+    policy = f"/lockstep_policy_{os.getpid()}"
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    qos = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
+    try:
+        sim = SimRobotNode(policy, lockstep=True, rate_hz=100.0, context=ctx)
+        stand_in = rclpy.create_node("lockstep_stand_in", context=ctx)
+        got = []
+        stand_in.create_subscription(Observation, f"{policy}/observation", got.append, qos)
+        ex = SingleThreadedExecutor(context=ctx)
+        ex.add_node(sim)
+        ex.add_node(stand_in)
+        spin = lambda t: ex.spin_once(timeout_sec=t)   # noqa: E731
+        wait_for(lambda: sim.pub.get_subscription_count() > 0, DISCOVERY_TIMEOUT_S,
+                 "the stand-in to subscribe the observations", idle=spin)
+        # matched one way only (no action publisher yet): the sim ticks, says it waits, sends nothing
+        wait_for(lambda: sim._said_waiting, DISCOVERY_TIMEOUT_S, "a tick of the sim", idle=spin)
+        assert sim.sent == 0 and not got
+        actions = stand_in.create_publisher(ActionChunk, f"{policy}/action", qos)
+        wait_for(lambda: got, DISCOVERY_TIMEOUT_S, "the first observation", idle=spin)
+        assert sim.sent == 1
+        actions.publish(ActionChunk(horizon=1, action_dim=7, data=[0.0] * 7))
+        wait_for(lambda: len(got) >= 2, DISCOVERY_TIMEOUT_S, "the next observation", idle=spin)
+        ex.shutdown(timeout_sec=1.0)
+    finally:
+        rclpy.try_shutdown(context=ctx)

@@ -145,19 +145,18 @@ class RecordedEpisode:
         self.start_ns = min((it.t_ns for it in self.observations + self.instructions
                              + self.capsule_ops), default=0)
         if not self.observations:
+            inputs = [c.topic for k in ("observation", "joint_states") for c in conns.get(k, [])]
             raise BagError(f"bag {self.path}: expected observation messages on "
-                           f"{', '.join(c.topic for k in ('observation', 'joint_states') for c in conns.get(k, []))}"
-                           f", found none (the bag holds {bag.found()}); record while "
-                           f"observations are published")
+                           f"{', '.join(inputs)}, found none (the bag holds {bag.found()}); "
+                           f"record while observations are published")
 
     def _link(self):
         """The steps to replay: which observation each recorded step consumed, where the capsule
         operations and instructions go among them, and the first step a fresh node can repeat."""
-        stamp_index, shared = {}, set()
+        stamp_index, sharing = {}, {}                 # stamp -> index; stamp -> how many share it
         for it in self.observations:
             s = stamp_to_ns(it.msg.header.stamp)
-            if s in stamp_index:
-                shared.add(s)
+            sharing[s] = sharing.get(s, 0) + 1
             stamp_index.setdefault(s, it.index)
         stamp_index.pop(0, None)
         consumed = []                                 # (action Item, observation index or None)
@@ -166,11 +165,11 @@ class RecordedEpisode:
             obs = stamp_index.get(s)
             if obs is None and not stamp_index and n < len(self.observations):
                 obs = n                               # unstamped inputs: one action per observation
-            if s in shared:
+            if s and sharing.get(s, 0) > 1:
                 raise BagError(
                     f"bag {self.path}: the action of step {it.msg.step} names observation stamp "
-                    f"{s}, which {sum(1 for o in self.observations if stamp_to_ns(o.msg.header.stamp) == s)}"
-                    f" observations share; expected distinct observation stamps, which pair each "
+                    f"{s}, which {sharing[s]} observations share; expected distinct observation "
+                    f"stamps, which pair each "
                     f"step with the observation it consumed. Stamp every observation (header.stamp) "
                     f"when it is published, and record again")
             consumed.append((it, obs))

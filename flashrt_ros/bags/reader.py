@@ -84,7 +84,7 @@ class Bag:
         merged = {}
         for t in self.topics:                  # split files repeat their channels
             s = merged.setdefault((t.topic, t.msgtype), rosbag2.TopicSummary(
-                t.topic, t.msgtype, t.type_hash, _qos_list(t.offered_qos), 0,
+                t.topic, t.msgtype, t.type_hash, rosbag2.parse_qos(t.offered_qos), 0,
                 t.serialization_format))
             s.count += t.count
         return rosbag2.BagSummary(self.storage, [p.name for p in self.files],
@@ -96,14 +96,6 @@ class Bag:
         """The topics, types and counts, for an error message."""
         s = self.summary()
         return ", ".join(f"{t.name} [{t.type}] x{t.count}" for t in s.topics) or "no topics"
-
-
-def _qos_list(text: str) -> list:
-    try:
-        got = yaml.safe_load(text) if text else []
-    except yaml.YAMLError:
-        return []
-    return got if isinstance(got, list) else []
 
 
 def open_bag(path) -> Bag:
@@ -303,6 +295,7 @@ class TornScan:
 def scan_torn(path: Path) -> TornScan:
     """Read an MCAP file record by record (chunks checked against their CRCs) until it ends or
     a record is incomplete or corrupt; everything before that is kept."""
+    from mcap.exceptions import EndOfFile
     from mcap.records import Channel, Header, Message, Metadata, Schema
     from mcap.stream_reader import StreamReader
     scan = TornScan()
@@ -319,7 +312,9 @@ def scan_torn(path: Path) -> TornScan:
                     scan.messages.append(r)
                 elif isinstance(r, Metadata):
                     scan.metadata.append(r)
-        except Exception as e:  # noqa: BLE001 - a torn tail ends in EndOfFile, struct or zstd errors
+        except EndOfFile:
+            scan.stopped = "the file ends inside a record (or between records, with no footer)"
+        except Exception as e:  # noqa: BLE001 - a corrupt tail ends in struct, zstd or CRC errors
             scan.stopped = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     return scan
 

@@ -19,8 +19,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from flashrt_ros.bags import rosbag2
 from flashrt_ros.bags.reader import _torn, open_bag, scan_torn
 from flashrt_ros.bags.types import BagError
@@ -44,14 +42,6 @@ class Recovered:
         return (f"{self.bag}: recovered {self.messages} messages on {self.topics} topics into "
                 f"{self.file} (reading stopped at: {self.stopped or 'the end of the file'}); the "
                 f"unfinished file is kept as {self.kept}")
-
-
-def _qos(text: str) -> list:
-    try:
-        got = yaml.safe_load(text) if text else []
-    except yaml.YAMLError:
-        return []
-    return got if isinstance(got, list) else []
 
 
 def recover(bag_dir) -> list:
@@ -88,7 +78,8 @@ def _rewrite(path: Path, scan) -> Recovered:
             schema = scan.schemas.get(ch.schema_id)
             channels[cid] = w.add_topic(
                 ch.topic, schema.name if schema else "", schema.data.decode() if schema else "",
-                ch.metadata.get(rosbag2.HASH_KEY, ""), _qos(ch.metadata.get(rosbag2.QOS_KEY, "")))
+                ch.metadata.get(rosbag2.HASH_KEY, ""),
+                rosbag2.parse_qos(ch.metadata.get(rosbag2.QOS_KEY, "")))
         for m in scan.metadata:
             if m.name == rosbag2.CUSTOM_RECORD:
                 for k, v in m.metadata.items():

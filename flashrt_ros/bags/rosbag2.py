@@ -110,6 +110,16 @@ def write_metadata(bag_dir: Path, s: BagSummary):
     tmp.replace(bag_dir / METADATA_FILE)
 
 
+def parse_qos(text: str) -> list:
+    """A channel's `offered_qos_profiles` YAML -> the list of QoS dicts ([] if empty or not a
+    list: other writers leave it out or write something else)."""
+    try:
+        got = yaml.safe_load(text) if text else []
+    except yaml.YAMLError:
+        return []
+    return got if isinstance(got, list) else []
+
+
 def read_metadata(bag_dir: Path) -> dict:
     """The `rosbag2_bagfile_information` mapping of `<bag>/metadata.yaml`."""
     return yaml.safe_load((bag_dir / METADATA_FILE).read_text(encoding="utf-8"))[

@@ -12,12 +12,19 @@ when it is written. Two measures, used on both sides:
   * `wait_for_subscribers(...)`: before the first message, wait (bounded) until the publisher
     matched at least one subscription and every subscription the graph shows on its topic - a
     bag recorder beside the node included - so nobody who listens misses the first message.
+    DDS discovers each process on its own: a fresh publisher can know the node and not yet the
+    recorder beside it, so all must have stayed matched, with no new subscription showing up,
+    for `SETTLE_S` (discovery of processes on one machine takes milliseconds to a second).
 """
 from __future__ import annotations
+
+import time
 
 from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 
 from flashrt_ros.ros.waiting import wait_for
+
+SETTLE_S = 0.5
 
 LATCHED = QoSProfile(depth=1, history=QoSHistoryPolicy.KEEP_LAST,
                      reliability=QoSReliabilityPolicy.RELIABLE,
@@ -38,7 +45,8 @@ def unmatched(node, publisher) -> list:
 
 
 def wait_for_subscribers(node, publisher, timeout: float, idle):
-    """Wait until `publisher` matched every subscription of its topic (at least one).
+    """Wait until `publisher` matched every subscription of its topic (at least one), and no
+    other showed up for SETTLE_S.
 
     Args:
         node: the rclpy node that owns `publisher` (its graph view).
@@ -47,8 +55,17 @@ def wait_for_subscribers(node, publisher, timeout: float, idle):
         TimeoutError: naming the topic and the subscriptions still unmatched (a subscription
             whose QoS the publisher cannot serve stays unmatched).
     """
+    seen = {"since": 0.0, "subscriptions": -1}     # when the matched set last changed
+
+    def settled() -> bool:
+        n = -1 if unmatched(node, publisher) else \
+            len(node.get_subscriptions_info_by_topic(publisher.topic_name))
+        if n < 0 or n != seen["subscriptions"]:
+            seen["since"], seen["subscriptions"] = time.monotonic(), n
+            return False
+        return time.monotonic() - seen["since"] >= SETTLE_S
     try:
-        wait_for(lambda: not unmatched(node, publisher), timeout, "", interval=0.02, idle=idle)
+        wait_for(settled, timeout, "", interval=0.02, idle=idle)
     except TimeoutError:
         left = unmatched(node, publisher)
         what = ("no subscriber at all (is the node running, with the same ROS_DOMAIN_ID?)"

@@ -30,8 +30,9 @@ from flashrt_ros.sim.arm import SimArm
 
 class SimRobotNode(Node):
     def __init__(self, policy: str = "/flashrt_policy", obs_dim: int = 14, action_dim: int = 7,
-                 rate_hz: float = 30.0, lockstep: bool = False, seed: int = 0, steps: int = 0):
-        super().__init__("flashrt_sim_robot")
+                 rate_hz: float = 30.0, lockstep: bool = False, seed: int = 0, steps: int = 0,
+                 context=None):
+        super().__init__("flashrt_sim_robot", context=context)
         self.arm = SimArm(obs_dim, action_dim, 1.0 / rate_hz, seed)
         self.lockstep, self.max_steps = lockstep, steps
         qos = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
