@@ -12,16 +12,23 @@ context (the live KV holds L tokens):
     and `rt.decode(1)` end to end.
 On the CPU only the eager forms exist; the `tiny` preset then runs in well under a minute.
 
+With --peer (CUDA), the same run also measures transformers' `Qwen3_5ForCausalLM` of the same text
+config (random weights in the preset's dtype, the kernels transformers picks, fla where installed):
+prefill + first token, `copy.deepcopy` of its cache (a snapshot), and restore (a deepcopy of the
+snapshot) + the next token's forward, beside ours; skipped with the reason where transformers is
+absent.
+
 Not a test: numbers go to `<out>.md`, `<out>.json` and `<out>.png` (default
 docs/bench/runtime-<device>).
 
-    python bench/bench_runtime.py                        # CUDA: hybrid-0.8b at 2k/4k/8k/16k
+    python bench/bench_runtime.py --peer                 # CUDA: hybrid-0.8b at 2k/4k/8k/16k
     python bench/bench_runtime.py --device cpu           # tiny preset, < 1 minute
     python bench/bench_runtime.py --plot-only docs/bench/runtime-cpu.json   # redo .md/.png
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -69,6 +76,9 @@ def parse_args(argv=None):
                    help="torch intra-op threads on the CPU (default 1: a control step of a small "
                         "model gains nothing from more and loses a lot on a busy machine)")
     p.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    p.add_argument("--peer", action="store_true",
+                   help="CUDA only: also measure transformers' implementation of the same config "
+                        "(prefill + first token, deepcopy snapshot, restore + next token)")
     p.add_argument("--profile", action="store_true",
                    help="CUDA only: also list the kernels of one observation step, one decode step "
                         "and the shortest cold prefill (count, summed kernel time, top kernels)")
@@ -180,6 +190,8 @@ def bench(args):
             f"{k} p50 {r[k]['p50']:.3f} ms" for k in ("decode_graph_device", "decode_eager_wall",
                                                        "decode_api_wall") if k in r))
         rows.append(r)
+    if args.peer and cuda:
+        env["peer"] = measure_peer(rt, rows, rng, n_prefill)
     profiles = {}
     if args.profile and cuda:
         rt.set_instruction(rng.randint(0, 256, size=min(lengths)).tolist())
@@ -196,6 +208,51 @@ def bench(args):
             for k in prof["top"]:
                 log(f"    {k['ms']:8.3f} ms {k['calls']:5d}x  {k['name']}")
     return rt, env, rows, profiles
+
+
+def measure_peer(rt, rows, rng, n_prefill) -> str:
+    """transformers' model of the same text config, measured into `rows` (keys peer_*); returns
+    what ran, or why nothing did."""
+    try:
+        import transformers
+    except ImportError as e:
+        log(f"peer skipped: transformers does not import ({e})")
+        return f"skipped: transformers does not import ({e})"
+    from bench.compare_transformers import reference_config
+    cfg = rt.model_cfg
+    torch.manual_seed(0)
+    with torch.device(rt.device):
+        model = transformers.Qwen3_5ForCausalLM(reference_config(transformers, cfg.text, 0.02))
+    model = model.to(getattr(torch, cfg.dtype)).eval()
+    holder = {}
+    with torch.no_grad():
+        for r in rows:
+            L = r["context"]
+            ids = torch.from_numpy(rng.randint(0, 256, size=(1, L))).to(rt.device)
+            nxt = ids[:, -1:]
+
+            def prefill():
+                out = model(ids, use_cache=True, logits_to_keep=1)
+                holder["cache"] = out.past_key_values
+                int(out.logits[0, -1].argmax())
+
+            def snapshot():
+                holder["snapshot"] = copy.deepcopy(holder["cache"])
+
+            def restore_next():
+                out = model(nxt, past_key_values=copy.deepcopy(holder["snapshot"]), use_cache=True)
+                int(out.logits[0, -1].argmax())
+            r["peer_prefill_first_token"] = summary(wall_ms(prefill, n_prefill, warmup=1, sync=True))
+            r["peer_snapshot"] = summary(wall_ms(snapshot, 10, warmup=2, sync=True))
+            r["peer_restore_next_token"] = summary(wall_ms(restore_next, 10, warmup=2, sync=True))
+            log(f"L={L}: transformers prefill + first token "
+                f"{r['peer_prefill_first_token']['p50']:.2f} ms, deepcopy snapshot "
+                f"{r['peer_snapshot']['p50']:.2f} ms, restore + next token "
+                f"{r['peer_restore_next_token']['p50']:.2f} ms")
+            holder.clear()
+    del model
+    torch.cuda.empty_cache()
+    return f"transformers {transformers.__version__} Qwen3_5ForCausalLM, {cfg.dtype}"
 
 
 def report(rt, env, rows, profiles, out):
@@ -246,9 +303,31 @@ def report(rt, env, rows, profiles, out):
              "device = CUDA events around each replay, replays queued back to back; synced = host "
              "clock around one replay + synchronize; end to end = the public call (copy in, replay, "
              "copy out, rollback-ring push). Eager = the same step function without the graph. "
-             "The graph forms attend over all max_context rows with a mask, so their cost does not "
-             "depend on the context length."]},
+             "On CUDA with fla the graph forms run core/fused.py's single-token kernels and attend "
+             "over the live prefix only (the length is read from the arena on the device), so "
+             "their cost grows with the context; the eager forms attend over the live prefix "
+             "with SDPA."]},
     ]
+    if "peer_prefill_first_token" in rows[0]:
+        def ratio(r, a, b):
+            return f"{r[a]['p50'] / r[b]['p50']:.1f}x"
+        cold = "cold_prefill_graph" if "cold_prefill_graph" in rows[0] else "cold_prefill_eager"
+        sections.append({
+            "heading": "Peer: transformers' implementation of the same config, same run",
+            "columns": ["context", "transformers prefill + 1st token: p50 ms", "ours", "ours faster by",
+                        "transformers deepcopy snapshot", "transformers restore + next token",
+                        "ours: restore + 1st token", "ours faster by"],
+            "rows": [[r["context"], f"{r['peer_prefill_first_token']['p50']:.2f}",
+                      f"{r[cold]['p50']:.2f}", ratio(r, "peer_prefill_first_token", cold),
+                      f"{r['peer_snapshot']['p50']:.2f}",
+                      f"{r['peer_restore_next_token']['p50']:.2f}",
+                      f"{r['restore_first_token']['p50']:.3f}",
+                      ratio(r, "peer_restore_next_token", "restore_first_token")] for r in rows],
+            "notes": [f"{env.get('peer', '')}: random weights of the same shapes, the kernels "
+                      "transformers picks on this machine (fla where installed). Restore for "
+                      "transformers = `copy.deepcopy` of the snapshotted cache + one token's forward "
+                      "(its cache keeps no logits); ours = `restore_state` + the LM head from the "
+                      "restored last hidden state."]})
     if profiles:
         sections.append({"heading": "Where the time goes (one call, torch.profiler)", "columns":
                          ["call", "kernels", "summed kernel time ms", "top kernels (ms, calls)"],

@@ -43,7 +43,7 @@ for stage in "$@"; do
     tests)    run tests python3 -m pytest -q -m gpu test/ -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} ;;
     compare)  run compare python3 bench/compare_transformers.py --device cuda ;;
     compare32) run compare32 python3 bench/compare_transformers.py --device cuda --dtype float32 ;;
-    runtime)  run runtime python3 bench/bench_runtime.py --device cuda --profile ;;
+    runtime)  run runtime python3 bench/bench_runtime.py --device cuda --profile --peer ;;
     capsules) run capsules python3 bench/bench_capsules.py --preset hybrid-0.8b --device cuda \
                 --contexts 2048,16384 ;;
     paged)    run paged python3 bench/bench_paged.py --preset hybrid-0.8b --device cuda ;;
