@@ -258,7 +258,8 @@ def report(args, runs: list, out: str):
         d = r["data"]
         first = d.get("first_action_s", d["marks"].get("first action"))
         ready = d.get("ready_s", d["marks"].get("all plans ready"))
-        summary_rows.append([r["path"], r["capture"], r["start"], fmt(first), fmt(ready)])
+        summary_rows.append([r["path"], r["capture"], r["start"], fmt(first), fmt(ready),
+                             r["load"]])
         limit = TARGETS.get((r["path"], args.preset, torch.device(args.device).type, r["start"]))
         if limit is not None and r["capture"] == "background":
             verdicts.append(f"- {r['path']}, {r['start']}: first action {first:.2f} s, target "
@@ -276,14 +277,18 @@ def report(args, runs: list, out: str):
              for m in marks]
     sections = [
         {"heading": "First action and every plan ready (seconds after the start)",
-         "columns": ["path", "prefill capture", "start", "first action", "every plan ready"],
+         "columns": ["path", "prefill capture", "start", "first action", "every plan ready",
+                     "load average"],
          "rows": summary_rows,
          "notes": ["runtime: from the child's process start (/proc) to `rt.step` returning, then "
                    "to the last late plan; node: from `ros2 launch` to the first ActionChunk "
                    "received here (observations published from the start), then to ~/status "
                    "saying ready. cold = a new compile cache directory; warm = the second start "
-                   "on it. The OS file cache is warm in both."] + ([""] + verdicts if verdicts
-                                                                   else [])},
+                   "on it. The OS file cache is warm in both.",
+                   "",
+                   "Other work on the machine slows every phase (`import torch` most): the "
+                   "load average is the machine's 1-minute one when the start ended."]
+         + ([""] + verdicts if verdicts else [])},
         {"heading": "Phases", "columns": columns, "rows": rows,
          "notes": ["`plan X: warm` is the plan's warm-up (Triton compiles and autotunes there on "
                    "CUDA; torch's lazy initialisation on the CPU), `capture` the graph capture; "
@@ -329,7 +334,8 @@ def main(argv=None) -> int:
                     t = time.time()
                     data = run_child(args, capture, cache_dir, workdir) if path == "runtime" \
                         else launch_node(args, capture, cache_dir, workdir, len(runs))
-                    runs.append({"path": path, "capture": capture, "start": start, "data": data})
+                    runs.append({"path": path, "capture": capture, "start": start, "data": data,
+                                 "load": round(os.getloadavg()[0], 2)})
                     first = data.get("first_action_s", data["marks"].get("first action"))
                     print(f"{path:8} {capture:10} {start}: first action {first:.2f} s "
                           f"({time.time() - t:.1f} s in all)", flush=True)
