@@ -342,7 +342,12 @@ def _select_connections(bag) -> dict:
         # no hash (mcap_ros2's writer, a salvaged file).
         if c.msgtype.startswith(f"{PACKAGE}/") and by_type.role != "capsule_events":
             ours = typestore().hash_rihs01(c.msgtype)
-            theirs = c.type_hash or (type_hash(c.msgtype, c.msgdef) if c.msgdef else "")
+            try:
+                theirs = c.type_hash or (type_hash(c.msgtype, c.msgdef) if c.msgdef else "")
+            except Exception as e:  # noqa: BLE001 - rosbags' parser raises several types
+                raise BagError(f"bag {bag.path}: the definition of {c.msgtype} stored for "
+                               f"{c.topic} does not parse as ros2msg text ({type(e).__name__}: "
+                               f"{e}); expected the .msg text rosbag2 stores") from None
             if theirs and theirs != ours:
                 raise BagError(f"bag {bag.path}: {c.topic} was recorded with another definition "
                                f"of {c.msgtype} (type hash {theirs}; this package's is {ours}); "
