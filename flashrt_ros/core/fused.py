@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from flashrt_ros.core.arena import META_POSITION
 
 # Attention over the prefix in splits of SPLIT rows (one program per split and KV head), each
-# split in tiles of TILE rows; a split past the live length returns at once.
+# split in tiles of TILE rows (half as many for fp32 K/V, in two pipeline stages: fp32 tiles of
+# head dim 256 in three stages exceed an H200's shared memory); a split past the live length
+# runs no tile.
 SPLIT = 256
 TILE = 64
 
@@ -354,9 +356,11 @@ def decode_attention(q, gate, kv, meta):
     mp = torch.empty(Hkv * nsplit * GP, dtype=torch.float32, device=q.device)
     lp = torch.empty_like(mp)
     k = _kernels()
+    fp32 = q.dtype == torch.float32
     k["decode_attention_split"][(Hkv, nsplit)](
         q, kv, meta, op, mp, lp, kv.stride(0), D ** -0.5, nsplit, G=G, GP=GP, HKV=Hkv, D=D,
-        BLOCK_D=BD, SPLIT_=SPLIT, TILE_=TILE, IEEE=q.dtype == torch.float32, num_warps=4)
+        BLOCK_D=BD, SPLIT_=SPLIT, TILE_=TILE // 2 if fp32 else TILE, IEEE=fp32, num_warps=4,
+        num_stages=2 if fp32 else 3)
     out = q.new_empty(H, D)
     k["decode_attention_combine"][(H,)](op, mp, lp, gate, meta, out, nsplit, G=G, GP=GP, D=D,
                                         BLOCK_D=BD, SPLIT_=SPLIT, num_warps=1)
