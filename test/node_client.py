@@ -10,11 +10,13 @@ has a deadline (flashrt_ros.ros.waiting.wait_for); nothing sleeps a fixed time.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import time
 
 import numpy as np
+import pytest
 
 from flashrt_ros.ros.process import NodeProcess, executable, node_command  # noqa: F401 - re-exported
 from flashrt_ros.ros.stamps import stamp_to_s
@@ -229,6 +231,38 @@ class InProcessNode:
         self.executor.shutdown(timeout_sec=5)
         self.thread.join(timeout=5)
         self.node.destroy_node()
+
+
+@pytest.fixture(scope="module")
+def ros_context():
+    """An rclpy context of the test module's own."""
+    import rclpy
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+NODE_SEQUENCE = itertools.count()
+
+
+@pytest.fixture
+def make_node(ros_context, tmp_path, request):
+    """make(**params) -> an InProcessNode (CPU, capsules under tmp_path); all closed at the end."""
+    made = []
+
+    def make(**params):
+        params.setdefault("store.capsule_dir", str(tmp_path / "capsules"))
+        params.setdefault("runtime.device", "cpu")
+        # unique in the session: parametrized cases share a test name, and a node of a case
+        # that just ended can still be known to DDS discovery under its old name
+        ns = f"/t{os.getpid()}_{request.node.name.split('[')[0][-24:]}_{next(NODE_SEQUENCE)}"
+        n = InProcessNode(ros_context, ns, **params)
+        made.append(n)
+        return n
+    yield make
+    for n in made:
+        n.close()
 
 
 # -- the real `ros2` tools ----------------------------------------------------------------------

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from flashrt_ros.ros.waiting import wait_for
-from node_client import (DISCOVERY_TIMEOUT_S, InProcessNode, NodeProcess, PolicyClient,
-                         node_command, observations, require_ros2, ros2)
+from node_client import (DISCOVERY_TIMEOUT_S, NodeProcess, PolicyClient, make_node,  # noqa: F401
+                         node_command, observations, require_ros2, ros_context, ros2)  # noqa: F401
 
 pytestmark = pytest.mark.ros
 
@@ -36,30 +36,6 @@ EXIT_TIMEOUT_S = 30
 
 
 # -- a node in this process ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ros_context():
-    import rclpy
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
-@pytest.fixture
-def in_process(ros_context, tmp_path):
-    made = []
-
-    def make(**params):
-        params.setdefault("store.capsule_dir", str(tmp_path / "capsules"))
-        params.setdefault("runtime.device", "cpu")
-        n = InProcessNode(ros_context, f"{NS}_in{next(SEQUENCE)}", **params)
-        made.append(n)
-        return n
-    yield make
-    for n in made:
-        n.close()
-
-
 def diagnostic(client, key: str):
     """The latest value of `key` in the node's /diagnostics (a string), or None."""
     for d in reversed(client.diagnostics):
@@ -71,21 +47,21 @@ def diagnostic(client, key: str):
     return None
 
 
-def test_get_parameters_answers_every_parameter_with_a_value(in_process):
+def test_get_parameters_answers_every_parameter_with_a_value(make_node):
     from flashrt_ros.ros.params import parameter_table
-    n = in_process()
+    n = make_node()
     names = [name for name, *_ in parameter_table()]
     values = n.client.get_parameters(names)             # one value per name, or none at all
     assert len(values) == len(names) and values["joint_names"] == []
     assert values["control_rate_hz"] == 30.0
 
 
-def test_nothing_reaches_a_controller_before_an_accepted_observation(in_process):
+def test_nothing_reaches_a_controller_before_an_accepted_observation(make_node):
     """Timer mode with a command output: ticks before the first observation (and after refused
     ones) publish nothing; the first step's chunk, on a constant observation, is not all zeros,
     and neither is the command made of it."""
     from std_msgs.msg import Float64MultiArray
-    n = in_process(control_mode="timer", control_rate_hz=50.0, observation_qos="reliable",
+    n = make_node(control_mode="timer", control_rate_hz=50.0, observation_qos="reliable",
                    command_output="float64_multi_array", status_rate_hz=20.0)
     c = n.client
     commands = c.collect(Float64MultiArray, f"{c.target}/command")

@@ -5,7 +5,6 @@ GetState, SetParameters, ListParameters, DescribeParameters), as `ros2 lifecycle
 would use them. The ROS-free pieces the node serves with (deadline accounting, the BoundaryLock,
 the warm-up) are tested in test_serving.py.
 """
-import itertools
 import os
 import threading
 
@@ -14,39 +13,11 @@ import pytest
 
 from flashrt_ros.ros.stamps import stamp_to_s
 from flashrt_ros.ros.waiting import wait_for
-from node_client import InProcessNode, chunk_bytes, observations
+from node_client import chunk_bytes, make_node, observations, ros_context  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.ros
 
 OBS = observations(16, seed=2)
-NODE_SEQUENCE = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def ros_context():
-    import rclpy
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
-@pytest.fixture
-def make_node(ros_context, tmp_path, request):
-    made = []
-
-    def make(**params):
-        params.setdefault("store.capsule_dir", str(tmp_path / "capsules"))
-        params.setdefault("runtime.device", "cpu")
-        # unique in the session: parametrized cases share a test name, and a node of a case
-        # that just ended can still be known to DDS discovery under its old name
-        ns = f"/t{os.getpid()}_{request.node.name.split('[')[0][-24:]}_{next(NODE_SEQUENCE)}"
-        n = InProcessNode(ros_context, ns, **params)
-        made.append(n)
-        return n
-    yield make
-    for n in made:
-        n.close()
 
 
 def test_lifecycle_transitions_through_the_services(make_node):
