@@ -334,6 +334,24 @@ def test_a_directory_named_like_a_temp_file_does_not_fail_configure(tmp_path):
     assert (d / ".x.capsule.tmp-abc").is_dir()
 
 
+# -- the lineage names a stored capsule -------------------------------------------------------
+@pytest.mark.parametrize("kind", STORES)
+def test_evicting_the_lineage_capsule_clears_the_lineage(tmp_path, kind):
+    rt = _runtime()
+    probe = _store(rt, tmp_path, kind, capsule_dir=str(tmp_path / "probe"))
+    probe.snapshot("p", tier="host")
+    room = 2.5 * probe.capsules["p"].nbytes / 2**20     # two capsules, not three
+    store = _store(rt, tmp_path, kind, host_budget_mb=room, eviction="drop")
+    store.snapshot("a", tier="host")
+    store.restore("a")
+    assert store.lineage == "a"
+    for name in ("b", "c"):
+        rt.step(np.ones(14, np.float32))
+        store.snapshot(name, tier="host")
+    assert "a" not in store.capsules
+    assert store.lineage in ("", *store.capsules), store.lineage
+
+
 # -- also seen: a default tier the runtime does not have -------------------------------------
 def test_a_gpu_default_tier_on_a_cpu_runtime_is_refused_when_the_store_is_made(tmp_path):
     rt = _runtime()

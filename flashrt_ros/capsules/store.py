@@ -246,6 +246,9 @@ class CapsuleStore:
         if cap.path == capsule_path(self.cfg.capsule_dir, name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cap.path)
+        if self.lineage == name:        # deleted or evicted: the live state names no capsule
+            with self.rt.lock:
+                self.lineage = ""
 
     def _move(self, cap: Capsule, tier: str, protect: set) -> None:
         """Move a capsule to another tier (promote or demote); the copy stays valid on failure."""
@@ -379,11 +382,7 @@ class CapsuleStore:
 
     def delete(self, name: str) -> None:
         with self.lock:
-            cap = self.get(name)
-            self._drop(cap)
-            with self.rt.lock:
-                if self.lineage == name:
-                    self.lineage = ""
+            self._drop(self.get(name))
 
     def move(self, name: str, tier: str) -> Capsule:
         """Promote or demote a capsule to another tier."""
