@@ -293,10 +293,12 @@ def ros2_problem() -> str | None:
 
 
 def require_ros2():
-    """Skip the calling test, with the reason, where the `ros2` tools are absent."""
-    import pytest
+    """Skip the calling test, with the reason, where the `ros2` tools are absent (fail instead
+    with FLASHRT_REQUIRE_ROS2=1, as the `ros2cli` marker does)."""
     problem = ros2_problem()
     if problem:
+        if os.environ.get("FLASHRT_REQUIRE_ROS2") == "1":
+            pytest.fail(problem, pytrace=False)
         pytest.skip(problem)
 
 
