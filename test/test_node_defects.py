@@ -56,6 +56,24 @@ def test_get_parameters_answers_every_parameter_with_a_value(make_node):
     assert values["control_rate_hz"] == 30.0
 
 
+def test_the_model_shapes_are_read_only_parameters_that_never_lie(make_node, capfd):
+    """Declared at the first configure; a later configure of a model of other shapes is refused
+    (ROS never changes a read-only parameter) and the node recovers with the first model."""
+    n = make_node()
+    c = n.client
+    assert c.get_parameters(["obs_dim"]) == {}                  # not declared before configure
+    assert c.transition("configure")
+    assert c.get_parameters(["obs_dim", "action_dim", "horizon"]) == \
+        {"obs_dim": 14, "action_dim": 7, "horizon": 8}
+    assert c.set_parameter("obs_dim", 3) == (False, "Trying to set a read-only parameter: obs_dim.")
+    assert c.transition("cleanup")
+    assert c.set_parameter("model", "hybrid-0.8b")[0]           # obs_dim 64
+    assert not c.transition("configure")
+    assert "restart the node to serve a model of other shapes" in capfd.readouterr().err
+    assert c.set_parameter("model", "tiny")[0] and c.transition("configure")
+    assert c.get_parameters(["obs_dim"]) == {"obs_dim": 14}
+
+
 def test_nothing_reaches_a_controller_before_an_accepted_observation(make_node):
     """Timer mode with a command output: ticks before the first observation (and after refused
     ones) publish nothing; the first step's chunk, on a constant observation, is not all zeros,
