@@ -309,3 +309,50 @@ def test_weights_drawn_for_the_gpu_are_the_cpu_ones():
     gpu = PolicyRuntime(runtime_cfg=RuntimeConfig(device="cuda", **cfg))
     assert cpu.model.weights_digest == gpu.model.weights_digest
     assert all(p.device.type == "cuda" for p in gpu.model.parameters())
+
+
+# -- default weights drawn on the device ---------------------------------------------------
+def test_the_counter_hash_has_one_value_in_both_forms():
+    """numpy's uint32 form (the CPU) and the int64 form (a GPU) of the hash agree."""
+    from flashrt_ros.core import seeded
+    i = np.arange(0, 1 << 16, dtype=np.uint32) * np.uint32(65521)
+    cpu = seeded._top24(0, 1 << 16, 123456789, 0xDEADBEEF, torch.device("cpu"))
+    ints = torch.arange(0, 1 << 16, dtype=torch.int64)
+    wide = seeded._hash32(seeded._hash32((ints + 123456789) & seeded.MASK32) ^ 0xDEADBEEF) >> 8
+    assert torch.equal(cpu, wide)
+    assert torch.equal(torch.from_numpy(seeded._hash32(i).astype(np.int64)),
+                       seeded._hash32(torch.from_numpy(i.astype(np.int64))))
+
+
+def test_counter_draws_have_the_asked_spread_and_depend_on_seed_and_name():
+    from flashrt_ros.core.seeded import CounterRNG
+    rng = CounterRNG(0, "cpu")
+    w = rng.normal("w", (1000, 1000), 0.02)
+    assert abs(w.std().item() - 0.02) < 2e-4 and abs(w.mean().item()) < 2e-4
+    u = rng.uniform("u", (100_000,), -4.0, -2.0)
+    assert -4.0 <= u.min().item() and u.max().item() < -2.0
+    assert torch.equal(w, CounterRNG(0, "cpu").normal("w", (1000, 1000), 0.02))
+    assert not torch.equal(w, rng.normal("v", (1000, 1000), 0.02))
+    assert not torch.equal(w, CounterRNG(1, "cpu").normal("w", (1000, 1000), 0.02))
+
+
+def test_tiny_keeps_the_cpu_generator_its_heads_were_trained_with():
+    rt = PolicyRuntime.from_pretrained("tiny", runtime_cfg=RuntimeConfig(device="cpu",
+                                                                         cache_dir=""))
+    assert TINY.seed_rng == "cpu" and rt.model.untrained == ("backbone",)
+
+
+@pytest.mark.gpu
+def test_counter_draws_on_the_gpu_are_the_cpu_ones():
+    import dataclasses
+
+    from flashrt_ros.core.seeded import CounterRNG
+    for shape in [(7,), (1000, 333), (CounterRNG.CHUNK + 5,)]:
+        a = CounterRNG(3, "cpu").normal("x", shape, 0.5)
+        b = CounterRNG(3, "cuda").normal("x", shape, 0.5).cpu()
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), shape
+    cfg = dataclasses.replace(TINY, seed_rng="device")
+    rc = {"cache_dir": "", "cuda_graphs": False}
+    cpu = PolicyRuntime(cfg, RuntimeConfig(device="cpu", **rc))
+    gpu = PolicyRuntime(cfg, RuntimeConfig(device="cuda", **rc))
+    assert cpu.model.weights_digest == gpu.model.weights_digest

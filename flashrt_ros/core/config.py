@@ -213,6 +213,10 @@ class ModelConfig:
     max_context: int = _f(512, "tokens of KV the arena holds (instruction + control steps)", True)
     dtype: str = _f("float32", "weights/KV dtype: float32, bfloat16 or float16", True)
     seed: int = _f(0, "seed of the deterministic default weights (where no checkpoint has them)", True)
+    seed_rng: str = _f("cpu", "how the default weights are drawn, the same bytes on every device "
+                              "either way: cpu (torch's CPU generator, copied to the device; "
+                              "tiny's trained heads know these) or device (core/seeded.py: drawn "
+                              "on the device, for large presets)", True)
 
     def __post_init__(self):
         if isinstance(self.text, Mapping):
@@ -226,6 +230,8 @@ class ModelConfig:
         _check(self.max_context >= 2, "model.max_context", "at least 2 (one row is scratch)",
                self.max_context)
         _check(_is_int(self.seed) and self.seed >= 0, "model.seed", "an integer >= 0", self.seed)
+        _check(self.seed_rng in ("cpu", "device"), "model.seed_rng", "cpu or device",
+               self.seed_rng)
 
     @property
     def d_model(self) -> int:

@@ -29,6 +29,7 @@ from flashrt_ros.core.config import ModelConfig
 from flashrt_ros.core.heads import ActionHead, MTPHead, ObservationEncoder
 from flashrt_ros.core.policy import Policy
 from flashrt_ros.core.qwen3_5 import GatedDeltaNet, Qwen3_5ForCausalLM, RMSNorm
+from flashrt_ros.core.seeded import CounterRNG
 
 _MASK32 = 0xFFFFFFFF
 ENSEMBLE = 0.5      # weight of the previous chunk's plan in each action row
@@ -95,10 +96,24 @@ class Qwen3_5Policy(Policy):
                 m.kernel = kernel
 
     def seeded_weights(self, names, seed: int, device="cpu"):
-        """Deterministic weights for `names`, as (name, tensor on `device`) pairs in order (CPU
-        generator: the same values on every device). Each is moved to `device` as soon as it is
-        drawn, so the whole model is never on the host."""
+        """Deterministic weights for `names`, as (name, tensor on `device`) pairs in order: the
+        same values on every device. `cfg.seed_rng` cpu draws them with torch's CPU generator and
+        moves each to `device` as soon as it is drawn (the whole model is never on the host);
+        device draws them there (core/seeded.CounterRNG: other values, uniform)."""
+        counter = CounterRNG(seed, device) if self.cfg.seed_rng == "device" else None
         g = torch.Generator().manual_seed(seed)
+
+        def normal(name, shape, std, divisor=None):
+            if counter is not None:
+                return counter.normal(name, shape, std)
+            t = torch.randn(shape, generator=g)
+            return t / divisor if divisor else t * std
+
+        def uniform(name, shape, low, high):
+            if counter is not None:
+                return counter.uniform(name, shape, low, high)
+            return torch.empty(shape).uniform_(low, high, generator=g)
+
         backbone = self.backbone_parameters()
         params = {**backbone, **self.head_parameters()}
         modules = dict(self.named_modules())
@@ -110,10 +125,10 @@ class Qwen3_5Policy(Policy):
             shape = tuple(p.shape)
             if isinstance(owner, RMSNorm):
                 t = torch.zeros(shape)                       # zero-centred: scale 1
-            elif leaf == "A_log":
-                t = torch.log(torch.empty(shape).uniform_(1.0, 16.0, generator=g))
+            elif leaf == "A_log":      # the log on the CPU: a device's may round otherwise
+                t = torch.log(uniform(name, shape, 1.0, 16.0).cpu())
             elif leaf == "dt_bias":
-                t = torch.empty(shape).uniform_(-4.0, -2.0, generator=g)
+                t = uniform(name, shape, -4.0, -2.0)
             elif name.endswith("norm.weight"):
                 t = torch.ones(shape)                        # the DeltaNet's gated norm
             elif name == "mtp_head.scale":
@@ -123,14 +138,14 @@ class Qwen3_5Policy(Policy):
             elif name == "obs_encoder.std":
                 t = torch.ones(shape)
             elif name.endswith("conv1d.weight"):
-                t = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
+                t = normal(name, shape, 1.0 / math.sqrt(shape[-1]), divisor=math.sqrt(shape[-1]))
             elif name.endswith("embed_tokens.weight"):
-                t = torch.randn(shape, generator=g) * 0.02
+                t = normal(name, shape, 0.02)
             else:                                            # nn.Linear [out, in]
                 std = 1.0 / math.sqrt(shape[1])
                 if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
                     std /= math.sqrt(2 * n_layers)          # residual branches
-                t = torch.randn(shape, generator=g) * std
+                t = normal(name, shape, std)
             yield name, t.to(self.param_dtype(name)).to(device)
 
     # -- state -------------------------------------------------------------------------------
