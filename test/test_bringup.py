@@ -165,6 +165,23 @@ def test_stop_ends_the_schedule_after_the_plan_in_progress():
     assert not late.wait(late.order, timeout=0)
 
 
+def test_a_held_schedule_starts_at_release_or_when_an_instruction_needs_it():
+    for release in ("release", "instruction"):
+        rt = PolicyRuntime(runtime_cfg=RuntimeConfig(device="cpu", cache_dir=""),
+                           late_plans=True)
+        late = LatePlans(rt)
+        late.start(hold_s=3600)             # would outlast the test's timeouts
+        try:
+            if release == "release":
+                late.release()
+                assert late.wait(late.order, timeout=120), late.progress()
+            else:
+                late.wait_for_instruction(len(rt.tokenizer.encode(INSTRUCTION)))
+                assert all(late.ready(n) for n in NEEDED)
+        finally:
+            assert late.stop(timeout=120)
+
+
 def test_phases_time_each_phase_and_the_process_age():
     p = Phases()
     with p.phase("runtime"):

@@ -130,12 +130,18 @@ class LatePlans:
         self.started = self.finished = None      # perf_counter times
         self._cv = threading.Condition()
         self._stop = threading.Event()
+        self._go = threading.Event()
+        self._hold_s = 0.0
         self._thread = None
 
     # -- the schedule ---------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the background thread (once)."""
+    def start(self, hold_s: float = 0.0) -> None:
+        """Start the background thread (once). It waits up to `hold_s` for `release()` before
+        its first plan: a server releases it at its first action, so that the first step does
+        not share the CPU (and the GIL) with the first warm-up (on the CPU that one imports
+        torch._dynamo); an instruction that needs the plans releases it too."""
         if self._thread is None:
+            self._hold_s = hold_s
             self.started = time.perf_counter()
             self._thread = threading.Thread(target=self._run, name="flashrt-late-plans",
                                             daemon=True)
@@ -146,9 +152,14 @@ class LatePlans:
         self.started = self.started or time.perf_counter()
         self._run()
 
+    def release(self) -> None:
+        """End the hold of `start` now."""
+        self._go.set()
+
     def stop(self, timeout: float | None = None) -> bool:
         """Stop after the plan in progress; True when the thread has ended."""
         self._stop.set()
+        self._go.set()
         with self._cv:
             self._cv.notify_all()
         if self._thread is not None:
@@ -163,6 +174,8 @@ class LatePlans:
 
     def _run(self):
         scratch = None
+        if self._hold_s:
+            self._go.wait(self._hold_s)
         try:
             for name in self.order:
                 if self._stop.is_set():
@@ -230,6 +243,7 @@ class LatePlans:
         pending = [n for n in dict.fromkeys(names) if not self.ready(n)]
         if not pending:
             return 0.0
+        self.release()
         (say or self.say)(f"instruction of {n_tokens} tokens waits for late plan(s) "
                           f"{', '.join(pending)}, being captured in the background "
                           f"({self.progress()})")

@@ -99,6 +99,8 @@ NODE_NAME = "flashrt_policy"
 # An observation stamped further ahead of the node's clock than this is refused: it would become
 # the ordering reference and every correctly stamped observation after it would look out of order.
 FUTURE_STAMP_TOLERANCE_S = 1.0
+# The late plans (core/bringup.py) wait for the first action, at most this long after configure
+LATE_PLANS_HOLD_S = 5.0
 # After the lifecycle shutdown transition the process ends: main() checks for it this often, and
 # serves this long after it before it ends.
 FINALIZED_POLL_S = 0.1
@@ -290,8 +292,8 @@ class PolicyNode(LifecycleNode):
             # from now on, also while the node waits for activate: an instruction waits for
             # the plans it runs, so they must come without a step or an activation
             log.info(f"capturing {len(self.late.order)} prefill plans in the background, "
-                     f"between steps")
-            self.late.start()
+                     f"between steps, from the first action on")
+            self.late.start(hold_s=LATE_PLANS_HOLD_S)
         obs_qos = qos_profile_sensor_data if node_cfg.observation_qos == "sensor_data" else RELIABLE
         self.sub_obs = self.create_subscription(Observation, "~/observation", self._on_observation,
                                                 obs_qos, callback_group=self._control)
@@ -545,6 +547,8 @@ class PolicyNode(LifecycleNode):
         if "first action" not in self.bringup.marks:
             self.get_logger().info(f"first action {self.bringup.mark('first action'):.2f} s "
                                    f"after the process started")
+            if self.late is not None:
+                self.late.release()
 
     def _publish_command(self, action):
         if self.node_cfg.command_output == "float64_multi_array":
