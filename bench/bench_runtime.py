@@ -41,7 +41,7 @@ if __package__ in (None, ""):      # `python bench/bench_runtime.py` from the re
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (cuda_event_ms, cuda_kernel_profile, device_slug,  # noqa: E402
-                          environment, pyplot, summary, wall_ms, write_report)
+                          environment, pyplot, summary, thread_cpu_ms, wall_ms, write_report)
 from flashrt_ros.core.config import RuntimeConfig, load_preset, resolve_device  # noqa: E402
 from flashrt_ros.core.runtime import PolicyRuntime  # noqa: E402
 
@@ -172,6 +172,8 @@ def bench(args):
             r["obs_graph_wall"] = summary(wall_ms(plan.run, n_step, warmup=5, sync=True))
         r["obs_eager_wall"] = summary(wall_ms(plan.run_eager, n_eager, warmup=2, sync=sync))
         r["step_api_wall"] = summary(wall_ms(lambda: rt.step(obs), n_step, warmup=5, sync=sync))
+        if not cuda:
+            r["step_api_cpu"] = summary(thread_cpu_ms(lambda: rt.step(obs), n_step, warmup=5))
         rt.restore_state(snapshot)
         log(f"L={L}: observation step " + ", ".join(
             f"{k} p50 {r[k]['p50']:.3f} ms" for k in ("obs_graph_device", "obs_eager_wall",
@@ -289,6 +291,10 @@ def report(rt, env, rows, profiles, out):
     step_rows = [[r["context"], pp(r, "obs_graph_device"), pp(r, "obs_graph_wall"),
                   pp(r, "step_api_wall"), pp(r, "obs_eager_wall"), pp(r, "decode_graph_device"),
                   pp(r, "decode_eager_wall"), pp(r, "decode_api_wall")] for r in rows]
+    if "step_api_cpu" in rows[0]:
+        step_cols.insert(4, "rt.step() thread CPU time: p50 / p99")
+        for row, r in zip(step_rows, rows):
+            row.insert(4, pp(r, "step_api_cpu"))
     sections = [
         {"heading": "Prefill (host clock, synchronized)", "columns": prefill_cols,
          "rows": prefill_rows, "notes": [
@@ -302,7 +308,9 @@ def report(rt, env, rows, profiles, out):
          "rows": step_rows, "notes": [
              "device = CUDA events around each replay, replays queued back to back; synced = host "
              "clock around one replay + synchronize; end to end = the public call (copy in, replay, "
-             "copy out, rollback-ring push). Eager = the same step function without the graph. "
+             "copy out, rollback-ring push); thread CPU time (CPU only) = the same call on the "
+             "calling thread's CPU clock, which leaves out the time other processes hold the core. "
+             "Eager = the same step function without the graph. "
              "On CUDA with fla the graph forms run core/fused.py's single-token kernels and attend "
              "over the live prefix only (the length is read from the arena on the device), so "
              "their cost grows with the context; the eager forms attend over the live prefix "

@@ -45,6 +45,20 @@ def wall_ms(fn, iters: int, warmup: int, sync: bool) -> list[float]:
     return out
 
 
+def thread_cpu_ms(fn, iters: int, warmup: int) -> list[float]:
+    """CPU time of the calling thread per call (CPU only): on a shared machine the wall clock also
+    counts the time other processes hold the core; this counts only the call's own work (cache
+    and SMT contention still slow it)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        t = time.thread_time()
+        fn()
+        out.append((time.thread_time() - t) * 1e3)
+    return out
+
+
 def cuda_event_ms(fn, iters: int, warmup: int) -> list[float]:
     """Device time per call from CUDA events recorded around each call, calls queued back to back."""
     for _ in range(warmup):
