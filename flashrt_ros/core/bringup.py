@@ -17,7 +17,10 @@ background thread while the server steps:
      copy, neither fails nor invalidates the capture). On the CPU nothing is captured: the
      same schedule runs and step 2 does nothing.
 
-Order: shortest chunk first, so the plans short instructions use are ready first.
+Order: shortest chunk first, so the plans short instructions use are ready first. When: from
+`release()` on (the server's first action, or an instruction that needs a plan), at most
+`start(hold_s)` after the start, so that the first step does not share the CPU with the first
+warm-up. The thread works on the runtime's CUDA device (torch's current device is per thread).
 
 A plan is *ready* after step 1. Until it is captured the runtime runs the same function
 eagerly: the same kernels, so the same bytes as the replay (test/test_bringup.py compares a
@@ -143,14 +146,20 @@ class LatePlans:
         if self._thread is None:
             self._hold_s = hold_s
             self.started = time.perf_counter()
-            self._thread = threading.Thread(target=self._run, name="flashrt-late-plans",
+            self._thread = threading.Thread(target=self._in_device, name="flashrt-late-plans",
                                             daemon=True)
             self._thread.start()
 
     def run(self) -> None:
         """The whole schedule in the calling thread (what the thread runs)."""
         self.started = self.started or time.perf_counter()
-        self._run()
+        self._in_device()
+
+    def _in_device(self):
+        # torch's current CUDA device is per thread, and Triton launches on it: the runtime's
+        cuda = self.rt.device.type == "cuda"
+        with torch.cuda.device(self.rt.device) if cuda else contextlib.nullcontext():
+            self._run()
 
     def release(self) -> None:
         """End the hold of `start` now."""
