@@ -204,11 +204,11 @@ def test_a_fifo_named_like_a_capsule_never_freezes_the_node(tmp_path):
     os.mkfifo(d / ("x" + SUFFIX))
     script = tmp_path / "fifo.py"
     script.write_text(FIFO_SCRIPT.format(here=HERE))
-    try:
+    try:     # a freeze lasts forever; a busy CI machine starts a node in well under 200 s
         out = subprocess.run([sys.executable, str(script), str(d)], capture_output=True,
-                             text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the node froze on a FIFO named x.capsule")
+                             text=True, timeout=200)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the node froze on a FIFO named x.capsule: {(e.stderr or b'')[-2000:]!r}")
     assert out.returncode == 0 and "answered" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
 
 

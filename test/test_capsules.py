@@ -312,6 +312,34 @@ def test_verify_and_lineage(tmp_path):
 
 
 @pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_fork_of_the_live_state_that_switches_adopts_the_bytes_in_place(tier, tmp_path,
+                                                                          monkeypatch):
+    """fork('', name, switch_to=True) continues on the live bytes it just captured: nothing is
+    copied or read back, and the state goes on (steps, rollback, reset) exactly as after a
+    snapshot followed by a restore."""
+    rt, store = make("cpu", tmp_path)
+    ref, ref_store = make("cpu", tmp_path / "ref")
+    for r in (rt, ref):
+        run(r, observations(3))
+    ref_store.snapshot("b", tier=tier)
+    ref_store.restore("b")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the fork copied its capsule back into the live state")
+    monkeypatch.setattr(store, "_read_file", never)
+    monkeypatch.setattr(store.memory, "restore", never)
+    store.fork("", "b", tier=tier, switch_to=True)
+    assert store.lineage == "b" == ref_store.lineage
+    assert (rt.position, rt.step_count, rt.episode) == (ref.position, ref.step_count, ref.episode)
+    assert torch.equal(live(rt), live(ref))
+    assert same_actions(run(rt, observations(4, seed=3)), run(ref, observations(4, seed=3)))
+    assert rt.rollback(2) == ref.rollback(2) and torch.equal(live(rt), live(ref))
+    rt.reset(keep_context=True)
+    ref.reset(keep_context=True)
+    assert torch.equal(live(rt), live(ref))
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
 def test_a_fork_that_switches_lets_no_step_run_between_its_snapshot_and_its_restore(tier, tmp_path):
     """fork('', name, switch_to=True) is one committed boundary. A control step is let loose right
     after the fork's snapshot: it must wait for the switch and then run on the branch, not run

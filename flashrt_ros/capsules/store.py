@@ -24,9 +24,10 @@ the runtime lock only around the copy of live bytes, never the other way round, 
 that takes only the runtime lock waits at most one copy. Disk writes and reads (`save`, `load`,
 disk snapshots and demotions) hold `store.lock` but never the runtime lock - with one exception: a
 fork of the live state that switches to it (`fork('', name, switch_to=True)`) holds the runtime
-lock from its snapshot through its restore, so that no control step runs between the two (the
-restore would undo it); evictions it needs and, into the disk tier, its file write and read-back
-happen under it. Branch into a memory tier while a control loop runs.
+lock from its snapshot through its switch, so that no control step runs between the two (the
+switch adopts the live bytes in place, as captured; a step between would be lost); evictions it
+needs and, into the disk tier, its file write happen under it. Branch into a memory tier while a
+control loop runs.
 
 Lineage (`store.lineage`, the capsule the live state descends from) describes the live state, so
 it changes under the runtime lock only: restore sets it in the same critical section as its copy,
@@ -331,10 +332,11 @@ class CapsuleStore:
     def fork(self, source: str, name: str, switch_to: bool = False,
              tier: str | None = None) -> Capsule:
         """A new independent copy of capsule `source` ('' = the live state); with `switch_to` the
-        live state continues on the copy (it is restored).
+        live state continues on the copy (a stored source is restored; the live state's own
+        bytes are adopted in place).
 
         A fork of the live state that switches lands at one committed boundary: the runtime lock is
-        held from the snapshot through the restore, so no step runs between them - the restore
+        held from the snapshot through the switch, so no step runs between them - the switch
         would undo it (see the module docstring for what this costs the disk tier). A fork of a
         stored capsule needs no such hold: its restore replaces the live state whatever ran before.
         """
@@ -348,9 +350,24 @@ class CapsuleStore:
                 self._check_new_name(name)
                 cap = self._fork_stored(src, name, self._tier(tier))
                 self.capsules[name] = cap
-            if switch_to:
+            if switch_to and not source:
+                self._continue_on(cap)
+            elif switch_to:
                 self.restore(name)
             return cap
+
+    def _continue_on(self, cap: Capsule) -> None:
+        """Switch the live state to `cap`, just snapshotted from it under the runtime lock still
+        held: the live bytes are the capsule's, so they are adopted in place (a copy of the range
+        onto itself is skipped) - the counters, the reset point and the lineage as a restore sets
+        them, without copying the bytes back."""
+        rt = self.rt
+        with rt.lock:
+            rt.restore_state(rt.arena.base[:rt.live_nbytes()],
+                             (cap.position, cap.step, cap.episode, cap.context_len))
+            self.lineage = cap.name
+        self.memory.restored(cap)
+        cap.touch()
 
     def _fork_stored(self, src: Capsule, name: str, tier: str) -> Capsule:
         """The copy of a stored capsule into `tier` (name and source already checked)."""
