@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import runtime_environment  # noqa: E402
+from bench.common import runtime_environment, shared_machine_note  # noqa: E402
 from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset  # noqa: E402
 from flashrt_ros.core.runtime import PolicyRuntime  # noqa: E402
 from flashrt_ros.capsules.store import CapsuleStore  # noqa: E402
@@ -204,6 +204,8 @@ def markdown(result) -> str:
              f"{env['load_average_1min']}",
              f"- command: `{env['command']}`", "",
              "Latencies in ms (median of repeated runs, wall time until the copy completed)."]
+    if shared_machine_note(env):
+        lines += ["", shared_machine_note(env)]
     tiers = result.get("tiers") or []
     if tiers:
         cuda = "gpu_snapshot" in tiers[0]

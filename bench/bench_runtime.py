@@ -41,7 +41,8 @@ if __package__ in (None, ""):      # `python bench/bench_runtime.py` from the re
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (cuda_event_ms, cuda_kernel_profile, device_slug,  # noqa: E402
-                          environment, pyplot, summary, thread_cpu_ms, wall_ms, write_report)
+                          environment, pyplot, shared_machine_note, summary, thread_cpu_ms,
+                          wall_ms, write_report)
 from flashrt_ros.core.config import RuntimeConfig, load_preset, resolve_device  # noqa: E402
 from flashrt_ros.core.runtime import PolicyRuntime  # noqa: E402
 
@@ -147,15 +148,16 @@ def bench(args):
         modes = [("cold_prefill_graph", True, None), ("cold_prefill_eager", False, None)] if cuda \
             else [("cold_prefill_eager", False, None)]
         if rt.kernel == "chunked":
-            # baseline: the same eager prefill with the reference loop (model.kernel is read at
-            # call time; no plan is captured on this path)
+            # baseline: the same eager prefill with the reference loop (the DeltaNet layers read
+            # their kernel at call time; no plan is captured on this path)
             modes.append(("cold_prefill_reference", False, "reference"))
         for key, graphs, kernel in modes:
             rt.cold_prefill_graphs = graphs
-            rt.model.kernel = kernel or rt.kernel
+            rt.model.set_kernel(kernel or rt.kernel)
             r[key] = summary(wall_ms(cold, n_prefill, warmup=1, sync=sync))
             log(f"L={L}: {key} p50 {r[key]['p50']:.2f} ms")
-        rt.cold_prefill_graphs, rt.model.kernel = rt.use_graphs, rt.kernel
+        rt.cold_prefill_graphs = rt.use_graphs
+        rt.model.set_kernel(rt.kernel)
         cold()
         snapshot = rt.live_state().clone()          # device-resident copy of the whole state
 
@@ -316,6 +318,9 @@ def report(rt, env, rows, profiles, out):
              "their cost grows with the context; the eager forms attend over the live prefix "
              "with SDPA."]},
     ]
+    shared = shared_machine_note(env)
+    if shared:
+        sections[1]["notes"].append(shared)
     if "peer_prefill_first_token" in rows[0]:
         def ratio(r, a, b):
             return f"{r[a]['p50'] / r[b]['p50']:.1f}x"

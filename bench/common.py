@@ -45,6 +45,16 @@ def wall_ms(fn, iters: int, warmup: int, sync: bool) -> list[float]:
     return out
 
 
+def shared_machine_note(env) -> str:
+    """A sentence for a table measured while other work ran (1-minute load average of one or more
+    per two cores), else ''."""
+    load, cores = env.get("load_average_1min", 0.0), os.cpu_count() or 1
+    if load < cores / 2:
+        return ""
+    return (f"The machine was shared: load average {load} on {cores} logical cores while this "
+            f"ran (other processes' work); wall-clock figures include their turns on the cores.")
+
+
 def thread_cpu_ms(fn, iters: int, warmup: int) -> list[float]:
     """CPU time of the calling thread per call (CPU only): on a shared machine the wall clock also
     counts the time other processes hold the core; this counts only the call's own work (cache

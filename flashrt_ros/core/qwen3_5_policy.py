@@ -91,9 +91,12 @@ class Qwen3_5Policy(Policy):
             else self.dtype
 
     def set_kernel(self, kernel: str) -> None:
+        """The delta-rule kernels of every DeltaNet layer (read at call time; captured plans keep
+        what they captured)."""
         for m in self.modules():
             if isinstance(m, GatedDeltaNet):
                 m.kernel = kernel
+        self.backbone.model.prepare()       # whether single tokens take the fused kernels
 
     def seeded_weights(self, names, seed: int, device="cpu"):
         """Deterministic weights for `names`, as (name, tensor on `device`) pairs in order: the
