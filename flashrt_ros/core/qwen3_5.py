@@ -17,7 +17,13 @@ captured CUDA graphs, and a capsule of the arena is the whole state.
 `pos` selects the form. An int is the eager form: slices of the live KV prefix and SDPA. `None`
 is the static form used in graphs: the position is read from `arena.meta` on the device, KV rows
 are written by index and attention covers all `max_context` rows under a mask. The two agree to
-rounding, so a given plan always uses one of them.
+rounding, so a given plan always uses one of them. On CUDA with fla kernels, single tokens of the
+static form (the observation and token steps) run core/fused.py instead: one Triton kernel per
+chain of small operations, attention over the live prefix only (its length read from meta).
+
+Weights: `prepare()` (after loading) packs the projections that read one input into one matrix
+(the named weights become views of it) and derives the norms' fp32 scales; a control step on the
+CPU is a few hundred small operations, so each one saved counts.
 
 Numerics follow transformers where it matters for equality: RMSNorm in fp32 with `(1 + w)`
 (the gated norm of the DeltaNet output uses `w`, norm before gate), cos/sin computed in fp32 and
