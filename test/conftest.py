@@ -9,6 +9,9 @@ Markers (declared in pytest.ini), applied at test setup:
   ros   needs rclpy and the generated flashrt_ros.msg/srv. Skipped when they don't import, or failed
         when FLASHRT_REQUIRE_ROS=1 (tools/run-tests.sh sets it: its venv was just built with them,
         so a skip there would hide a broken build).
+  ros2cli  needs the real `ros2` command-line tools (launch, run, param, service, ...): skipped
+        without them, or failed when FLASHRT_REQUIRE_ROS2=1 (tools/run-tests.sh sets it where
+        ../shared/ros2-tools is: the bootstrap installed them from there).
   gpu   needs a CUDA GPU; skipped when torch sees none.
   slow  takes more than a few seconds; no special handling.
 """
@@ -58,6 +61,13 @@ def pytest_runtest_setup(item):
         problem = _ros_problem()
         if problem is not None:
             if os.environ.get("FLASHRT_REQUIRE_ROS") == "1":
+                pytest.fail(problem, pytrace=False)
+            pytest.skip(problem)
+    if item.get_closest_marker("ros2cli") is not None:
+        from node_client import ros2_problem
+        problem = ros2_problem()
+        if problem is not None:
+            if os.environ.get("FLASHRT_REQUIRE_ROS2") == "1":
                 pytest.fail(problem, pytrace=False)
             pytest.skip(problem)
     if item.get_closest_marker("gpu") is not None and not _has_cuda():
