@@ -45,6 +45,21 @@ def _driver() -> str:
         return ""
 
 
+def _driver_api() -> int:
+    """The CUDA driver API version (cuDriverGetVersion of libcuda, e.g. 13000; 0 where absent).
+
+    torch exposes only the runtime's version, so the driver library is asked directly."""
+    import ctypes
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return 0
+    return version.value
+
+
 def package_fields() -> dict:
     """The versions of the software a compiled kernel depends on."""
     import torch
@@ -59,9 +74,8 @@ def key_fields(device) -> dict:
     """What a compiled kernel or an autotuning choice depends on, for CUDA `device`."""
     import torch
     p = torch.cuda.get_device_properties(device)
-    driver_api = getattr(torch._C, "_cuda_getDriverVersion", lambda: 0)()
     return {"gpu": p.name, "capability": f"{p.major}.{p.minor}", "driver": _driver(),
-            "driver_api": driver_api, **package_fields()}
+            "driver_api": _driver_api(), **package_fields()}
 
 
 def cache_key(fields: dict) -> str:
