@@ -125,3 +125,39 @@ def test_generated_msg_imports_from_install_tree(install_prefix, ros_env):
     assert found["package"].startswith(str(site)), found
     assert found["msg"].startswith(str(site)), found
     assert found["libs"] and all(p.startswith(str(lib)) for p in found["libs"]), found
+
+
+def install_env(install_prefix, ros_env, tmp_path):
+    """What `source install/setup.bash` gives a shell: the install prefix first in the ament index
+    and on PYTHONPATH/LD_LIBRARY_PATH. On PATH only a `python3` (the scripts' `#!/usr/bin/env
+    python3`), none of this venv's console scripts: a launch must find the package's executables
+    in lib/flashrt_ros/ as on a robot."""
+    site, lib = _site_packages(install_prefix), install_prefix / "lib"
+    wheel_libs = [os.path.join(sysconfig.get_paths()["purelib"], d)
+                  for d in os.listdir(sysconfig.get_paths()["purelib"]) if d.startswith("ros_") and d.endswith(".libs")]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # a wrapper, not a link: a linked interpreter would not find the venv (its pyvenv.cfg)
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    return dict(ros_env, PYTHONPATH=str(site), _ROS_WHEELS_BOOTSTRAP_COMPLETE="1",
+                AMENT_PREFIX_PATH=os.pathsep.join([str(install_prefix), sys.prefix]),
+                LD_LIBRARY_PATH=os.pathsep.join([str(lib), *wheel_libs, os.path.join(sys.prefix, "lib")]),
+                PATH=os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"]), HOME=str(tmp_path))
+
+
+@pytest.mark.ros2cli
+def test_ros2_launch_record_runs_the_installed_recorder(install_prefix, ros_env, tmp_path):
+    """`ros2 launch ... record:=true` on a colcon install: the recorder is the package's
+    lib/flashrt_ros/flashrt-ros (not a `flashrt-ros` on PATH, which a colcon install has none of)."""
+    from flashrt_ros.ros.process import NodeProcess, executable
+    env = install_env(install_prefix, ros_env, tmp_path)
+    prefix = subprocess.run([executable("ros2"), "pkg", "prefix", "flashrt_ros"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert prefix.stdout.strip() == str(install_prefix), prefix.stdout + prefix.stderr
+    cmd = [executable("ros2"), "launch", "flashrt_ros", "flashrt_policy.launch.py", "device:=cpu",
+           f"namespace:=colcon_{os.getpid()}", "record:=true", f"bag:={tmp_path / 'bag'}"]
+    with NodeProcess(cmd, env, stop_timeout=30) as proc:
+        # the recorder runs (waiting for the node): found in lib/flashrt_ros/, PATH has none
+        proc.wait_log("[record] mcap bag")
+        assert "process has died" not in proc.log(), proc.log(40)
