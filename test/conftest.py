@@ -56,20 +56,20 @@ def pytest_report_header(config):
         os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"], os.environ["ROS_DOMAIN_ID"])
 
 
+def _missing(problem, require_variable):
+    """Skip with `problem`, or fail where `require_variable`=1 says the setup provides it."""
+    if problem is not None:
+        if os.environ.get(require_variable) == "1":
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("ros") is not None:
-        problem = _ros_problem()
-        if problem is not None:
-            if os.environ.get("FLASHRT_REQUIRE_ROS") == "1":
-                pytest.fail(problem, pytrace=False)
-            pytest.skip(problem)
+        _missing(_ros_problem(), "FLASHRT_REQUIRE_ROS")
     if item.get_closest_marker("ros2cli") is not None:
         from node_client import ros2_problem
-        problem = ros2_problem()
-        if problem is not None:
-            if os.environ.get("FLASHRT_REQUIRE_ROS2") == "1":
-                pytest.fail(problem, pytrace=False)
-            pytest.skip(problem)
+        _missing(ros2_problem(), "FLASHRT_REQUIRE_ROS2")
     if item.get_closest_marker("gpu") is not None and not _has_cuda():
         pytest.skip(GPU_SKIP_REASON)
 
