@@ -133,10 +133,11 @@ DATA_FILES = [
 
 
 AMENT_PREFIX_PTH = "flashrt_ros_ament_prefix.pth"
+# The prefix goes last: it is the underlay of a workspace that was sourced (an overlay comes first).
 AMENT_PREFIX_LINE = (
     "import os, sys; p = os.environ.get('AMENT_PREFIX_PATH', ''); "
     "sys.prefix in p.split(os.pathsep) or os.environ.__setitem__("
-    "'AMENT_PREFIX_PATH', os.pathsep.join(filter(None, [sys.prefix, p])))\n")
+    "'AMENT_PREFIX_PATH', os.pathsep.join(filter(None, [p, sys.prefix])))\n")
 
 
 class InstallAment(Command):
@@ -175,7 +176,7 @@ class InstallAment(Command):
                 os.remove(path)
             os.symlink(target, path)
         # ament_index_python (ros2, launch_ros) finds packages through AMENT_PREFIX_PATH only, which a
-        # colcon install's setup.bash sets; here every interpreter of this prefix puts the prefix
+        # colcon install's setup.bash sets; here every interpreter of this prefix adds the prefix
         # there at start (a .pth line runs at startup; the variable reaches its child processes).
         with open(os.path.join(sysconfig.get_paths()["purelib"], AMENT_PREFIX_PTH), "w",
                   encoding="utf-8") as f:
