@@ -174,6 +174,17 @@ def test_a_huge_budget_set_at_run_time_is_refused_and_status_keeps_publishing(no
         node._on_set_parameters([Parameter("store.disk_budget_mb", value=before.disk_budget_mb)])
 
 
+@pytest.mark.ros
+def test_a_gpu_default_tier_set_at_run_time_on_a_cpu_runtime_is_refused(node):
+    from rclpy.parameter import Parameter
+    before = node.store.cfg
+    r = node._on_set_parameters([Parameter("store.default_tier", value="gpu")])
+    assert not r.successful and "store.default_tier" in r.reason and "CUDA" in r.reason, r.reason
+    assert node.store.cfg == before
+    assert node._on_set_parameters([Parameter("store.default_tier", value="disk")]).successful
+    node._on_set_parameters([Parameter("store.default_tier", value=before.default_tier)])
+
+
 # -- names are matched whole ----------------------------------------------------------------
 BAD_NAMES = ["home\n", "a" * 128 + "\n", "home\r\n", "\nhome", "ho\nme", "home\x00", "home\t"]
 

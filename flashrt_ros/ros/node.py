@@ -214,6 +214,7 @@ class PolicyNode(LifecycleNode):
                        for p in params})
         try:
             node_cfg, _, store_cfg = configs_from_values(values)
+            store_cfg.resolve_tier(None, self.store.cuda)   # a default tier this runtime has
         except ConfigError as e:
             return SetParametersResult(successful=False, reason=str(e))
         self.node_cfg = node_cfg                    # stale_observation_s applies at once
