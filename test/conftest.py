@@ -74,6 +74,20 @@ def pytest_runtest_setup(item):
         pytest.skip(GPU_SKIP_REASON)
 
 
+def pytest_sessionfinish(session):
+    """A `ros2` verb run without --no-daemon starts the ros2cli daemon of this session's domain,
+    which outlives the session: stop it (where this environment has the `ros2` tools)."""
+    import subprocess
+    import sys
+    ros2 = os.path.join(os.path.dirname(sys.executable), "ros2")
+    if os.path.exists(ros2):
+        try:
+            subprocess.run([ros2, "daemon", "stop"], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 @pytest.fixture(scope="session")
 def ros_env():
     """Environment for a child process: this session's loopback DDS settings, unbuffered output.
