@@ -124,6 +124,8 @@ def _overrides_file():
     from launch.substitutions import LaunchConfiguration
 
     class OverridesFile(Substitution):
+        written = []                                    # removed when the launch shuts down
+
         def describe(self):
             return "overrides(%s)" % ", ".join(f"{p}=LaunchConfig('{a}')" for a, p in OVERRIDES.items())
 
@@ -139,15 +141,25 @@ def _overrides_file():
             fd, path = tempfile.mkstemp(prefix="flashrt_launch_", suffix=".yaml")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 yaml.safe_dump({f"/**/{NODE_NAME}": {"ros__parameters": tree}}, f)
+            self.written.append(path)
             return path
+
+        @classmethod
+        def remove(cls, *_):
+            while cls.written:
+                try:
+                    os.remove(cls.written.pop())
+                except OSError:
+                    pass
 
     return OverridesFile()
 
 
 def generate_launch_description():
     from launch import LaunchDescription
-    from launch.actions import DeclareLaunchArgument, ExecuteProcess
+    from launch.actions import DeclareLaunchArgument, ExecuteProcess, RegisterEventHandler
     from launch.conditions import IfCondition
+    from launch.event_handlers import OnShutdown
     from launch.substitutions import LaunchConfiguration
     from launch_ros.actions import LifecycleNode
     from launch_ros.substitutions import ExecutableInPackage
@@ -160,13 +172,16 @@ def generate_launch_description():
     # (not as launch_ros `parameters=`/`remappings=`, which end on the same command line): there
     # `ros2 launch -p`, which prints a node's command line, shows them.
     remaps = [a for frm, to in REMAPPINGS for a in ("-r", f"{frm}:={to}")]
+    overrides_file = _overrides_file()
     node = LifecycleNode(
         package=PACKAGE, executable=EXECUTABLE, name=NODE_NAME, namespace=arg("namespace"),
         output="screen",
-        ros_arguments=["--params-file", arg("config"), "--params-file", _overrides_file(), *remaps])
+        ros_arguments=["--params-file", arg("config"), "--params-file", overrides_file, *remaps])
     # The recorder is the package's executable (lib/flashrt_ros/ on a colcon install, not on PATH).
     recorder = ExecuteProcess(
         cmd=[ExecutableInPackage(executable=RECORDER, package=PACKAGE), "record",
              "--node", [arg("namespace"), "/", NODE_NAME], ["--out=", arg("bag")]],
         output="screen", condition=IfCondition(arg("record")))
-    return LaunchDescription(declared + [node, recorder])
+    # the node read its overrides file at start; it goes with the launch
+    cleanup = RegisterEventHandler(OnShutdown(on_shutdown=overrides_file.remove))
+    return LaunchDescription(declared + [node, recorder, cleanup])
