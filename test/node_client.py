@@ -27,6 +27,12 @@ CALL_TIMEOUT_S = 15
 ACTION_TIMEOUT_S = 15
 
 
+def _read_only(srv_type) -> bool:
+    """Whether calling `srv_type` changes nothing: the parameter services' list/get/describe."""
+    return srv_type.__module__.startswith("rcl_interfaces") and \
+        srv_type.__name__.startswith(("List", "Get", "Describe"))
+
+
 def observations(n: int, dim: int = 14, seed: int = 0) -> np.ndarray:
     """Deterministic observations [n, dim] float32."""
     return np.random.default_rng(seed).uniform(-1, 1, (n, dim)).astype(np.float32)
@@ -165,9 +171,19 @@ class PolicyClient:
         request = srv_type.Request()
         for k, v in fields.items():
             setattr(request, k, v)
-        future = client.call_async(request)
-        wait_for(future.done, timeout, f"the answer of {name}")
-        return future.result()
+        # A read-only call is sent again when its answer does not come: on a busy machine the
+        # service can answer before it matched the client's reply reader, and DDS then drops
+        # the reply ("failed to send response (timeout)"). Calls that change state are sent once.
+        attempts = 3 if _read_only(srv_type) else 1
+        for attempt in range(attempts):
+            future = client.call_async(request)
+            try:
+                wait_for(future.done, timeout / attempts, f"the answer of {name}")
+                return future.result()
+            except TimeoutError:
+                client.remove_pending_request(future)
+                if attempt == attempts - 1:
+                    raise
 
     def capsule(self, op: str, **fields):
         """Call capsule operation `op` (its name or service name: "delete", "delete_capsule")."""

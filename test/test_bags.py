@@ -593,8 +593,10 @@ def test_foreign_joint_state_bag_replays_into_a_node_with_joint_names(tmp_path, 
         threading.Thread(target=lambda: rec_lines.extend(recorder.stdout), daemon=True).start()
         wait_for(lambda: any("first message on" in x for x in rec_lines), DISCOVERY_TIMEOUT_S,
                  "the recorder to hear the node")
+        # the node and the recorder: a fresh player may discover the recorder's process later
+        # than the node's, so it is told how many listen
         play = [sys.executable, "-m", "flashrt_ros.cli", "play", str(bag), "--node", f"/{name}",
-                "--timeout", str(DISCOVERY_TIMEOUT_S)]
+                "--timeout", str(DISCOVERY_TIMEOUT_S), "--subscribers", "2"]
         out = subprocess.run(play + ["--mode", "lockstep"], env=ros_env, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr + node.log()

@@ -547,7 +547,7 @@ class BagPlayer:
     """Publishes a RecordedEpisode into policy node `node` and collects its actions."""
 
     def __init__(self, node: str = "/flashrt_policy", joint_states_topic: str | None = None,
-                 timeout: float = 10.0, context=None, log=print):
+                 timeout: float = 10.0, context=None, log=print, subscribers: int = 1):
         import rclpy
         from flashrt_ros.ros.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, QoSReliabilityPolicy
@@ -559,6 +559,7 @@ class BagPlayer:
         self.rclpy = rclpy
         self.target = "/" + node.strip("/")
         self.timeout = timeout
+        self.subscribers = subscribers     # each input topic waits for at least this many
         self.log = log
         self.node = rclpy.create_node(f"flashrt_bag_player_{os.getpid()}", context=context)
         self.executor = SingleThreadedExecutor(context=context)
@@ -618,7 +619,8 @@ class BagPlayer:
                                  f"a subscriber of {pub.topic_name}{hint}")
                 # and every other subscriber, a recorder's included: none misses the first input
                 wait_for_subscribers(self.node, pub, timeout,
-                                     idle=lambda t: self.executor.spin_once(timeout_sec=t))
+                                     idle=lambda t: self.executor.spin_once(timeout_sec=t),
+                                     at_least=self.subscribers)
             ops = {operation(it.msg.operation) for it in episode.capsule_ops}
             if ops:
                 self._spin_until(self.capsules.events_heard, timeout,
@@ -748,6 +750,16 @@ class BagPlayer:
         return result
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {text!r}")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("bag", help="bag directory (metadata.yaml + .mcap/.db3)")
     p.add_argument("--node", default="/flashrt_policy", help="the policy node (default %(default)s)")
@@ -763,6 +775,10 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="do not re-issue the recorded capsule operations")
     p.add_argument("--tolerate-count-mismatch", action="store_true",
                    help="report a missing or extra action instead of failing on it")
+    p.add_argument("--subscribers", type=_at_least_one, default=1, metavar="N",
+                   help="wait until each input topic has at least N matched subscriptions (the "
+                        "node, and a recorder beside it: 2) before publishing; without it, until "
+                        "every subscription discovered so far is matched (default %(default)s)")
 
 
 def main(argv=None) -> int:
@@ -784,7 +800,7 @@ def main(argv=None) -> int:
     player = None
     try:
         player = BagPlayer(args.node, args.joint_states_topic, args.timeout,
-                           log=lambda s: print(s, flush=True))
+                           log=lambda s: print(s, flush=True), subscribers=args.subscribers)
         result = player.play(episode, args.mode, args.rate, ops=not args.no_capsule_ops,
                              tolerate_counts=args.tolerate_count_mismatch)
     except BagError as e:

@@ -31,26 +31,31 @@ LATCHED = QoSProfile(depth=1, history=QoSHistoryPolicy.KEEP_LAST,
                      durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
 
 
-def unmatched(node, publisher) -> list:
+def unmatched(node, publisher, at_least: int = 1) -> list:
     """The subscriptions on the publisher's topic in the graph it has not matched yet, as
-    'node (QoS)' strings; ['(none)'] while it has matched none at all."""
+    'node (QoS)' strings; ['(none)'] while it has matched none at all, and a count of the missing
+    ones while it has matched fewer than `at_least`."""
     subs = node.get_subscriptions_info_by_topic(publisher.topic_name)
     matched = publisher.get_subscription_count()
     if matched == 0:
         return ["(none)"]
+    if matched < at_least:
+        return [f"{at_least - matched} more of the {at_least} subscriptions asked for"]
     if matched >= len(subs):
         return []
     return [f"{s.node_namespace.rstrip('/')}/{s.node_name} ({s.qos_profile.reliability.name.lower()}"
             f", {s.qos_profile.durability.name.lower()})" for s in subs][matched:]
 
 
-def wait_for_subscribers(node, publisher, timeout: float, idle):
-    """Wait until `publisher` matched every subscription of its topic (at least one), and no
-    other showed up for SETTLE_S.
+def wait_for_subscribers(node, publisher, timeout: float, idle, at_least: int = 1):
+    """Wait until `publisher` matched every subscription of its topic (at least `at_least`),
+    and no other showed up for SETTLE_S.
 
     Args:
         node: the rclpy node that owns `publisher` (its graph view).
         idle: how to spend a pause, e.g. `lambda t: executor.spin_once(timeout_sec=t)`.
+        at_least: subscriptions that must be matched whatever the graph shows so far: a caller
+            that knows who listens (the node and a recorder: 2) need not trust SETTLE_S.
     Raises:
         TimeoutError: naming the topic and the subscriptions still unmatched (a subscription
             whose QoS the publisher cannot serve stays unmatched).
@@ -58,7 +63,7 @@ def wait_for_subscribers(node, publisher, timeout: float, idle):
     seen = {"since": 0.0, "subscriptions": -1}     # when the matched set last changed
 
     def settled() -> bool:
-        n = -1 if unmatched(node, publisher) else \
+        n = -1 if unmatched(node, publisher, at_least) else \
             len(node.get_subscriptions_info_by_topic(publisher.topic_name))
         if n < 0 or n != seen["subscriptions"]:
             seen["since"], seen["subscriptions"] = time.monotonic(), n
@@ -67,7 +72,7 @@ def wait_for_subscribers(node, publisher, timeout: float, idle):
     try:
         wait_for(settled, timeout, "", interval=0.02, idle=idle)
     except TimeoutError:
-        left = unmatched(node, publisher)
+        left = unmatched(node, publisher, at_least)
         what = ("no subscriber at all (is the node running, with the same ROS_DOMAIN_ID?)"
                 if left == ["(none)"] else f"not matched: {', '.join(left)} (incompatible QoS?)")
         raise TimeoutError(f"subscribers of {publisher.topic_name} within {timeout:g} s: "
