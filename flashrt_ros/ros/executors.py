@@ -52,7 +52,12 @@ class _CollectsAgain:
                     with waitable:
                         pass
                 except InvalidHandle:
-                    return True
+                    # Our copy of the list can be older than a destroy_subscription() running
+                    # now in another thread; that one takes the waitable out of the node's list
+                    # before it destroys it, so only one still listed after its destruction
+                    # was destroyed behind the node's back.
+                    if any(w is waitable for w in node.waitables):
+                        return True
         return False
 
 
