@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import threading
 import time
 
@@ -318,12 +319,27 @@ def require_ros2():
         pytest.skip(problem)
 
 
+# A line Fast DDS logs itself into a process's stdout (its default log consumer), in colour:
+# `2026-12-01 12:35:32.234 [RTPS_TRANSPORT_SHM Error] Failed init_port ...`. It is the
+# middleware's notice (a shared-memory port another process holds, say), not a tool's answer.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FASTDDS_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[\w+ (Error|Warning|Info)\] ")
+
+
+def without_middleware_log(text: str) -> str:
+    """`text` less the lines Fast DDS logged into it."""
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if not _FASTDDS_LOG.match(_ANSI.sub("", line)))
+
+
 def ros2(*args, env: dict | None = None, timeout: float = ROS2_TIMEOUT_S, check: bool = False):
-    """Run `ros2 <args>` (a subprocess); returns the CompletedProcess (stdout and stderr as text).
-    With `check`, a non-zero exit status fails with the command's output."""
+    """Run `ros2 <args>` (a subprocess); returns the CompletedProcess (stdout and stderr as text,
+    less the middleware's own log lines). With `check`, a non-zero exit status fails with the
+    command's output."""
     import subprocess
     r = subprocess.run([executable("ros2"), *map(str, args)], env=ros2_env(env),
                        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    r.stdout, r.stderr = without_middleware_log(r.stdout), without_middleware_log(r.stderr)
     if check:
         assert r.returncode == 0, f"ros2 {' '.join(map(str, args))}: exit {r.returncode}\n" \
                                   f"{r.stdout}\n{r.stderr}"

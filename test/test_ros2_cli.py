@@ -26,7 +26,7 @@ import yaml
 
 from flashrt_ros.ros.process import STARTUP_TIMEOUT_S, NodeProcess
 from flashrt_ros.ros.waiting import wait_for
-from node_client import executable, ros2_env
+from node_client import executable, ros2_env, without_middleware_log
 
 pytestmark = [pytest.mark.ros, pytest.mark.ros2cli, pytest.mark.slow]
 
@@ -44,11 +44,14 @@ OBS = [round(0.05 * i, 2) for i in range(14)]
 
 # -- running the tools ---------------------------------------------------------------------------
 def run(*args, timeout=COMMAND_TIMEOUT_S, env=None):
-    """`ros2 <args>`; returns the CompletedProcess (stdout and stderr together in .stdout)."""
+    """`ros2 <args>`; returns the CompletedProcess (stdout and stderr together in .stdout, less
+    the lines Fast DDS logs into them: those are the middleware's, not the tool's answer)."""
     try:
-        return subprocess.run([executable("ros2"), *map(str, args)], env=ros2_env(env),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        r = subprocess.run([executable("ros2"), *map(str, args)], env=ros2_env(env),
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        r.stdout = without_middleware_log(r.stdout)
+        return r
     except subprocess.TimeoutExpired as e:
         out = e.output.decode() if isinstance(e.output, bytes) else (e.output or "")
         pytest.fail(f"`ros2 {' '.join(map(str, args))}` did not finish within {timeout} s:\n{out}")
