@@ -447,6 +447,60 @@ def test_static_graph_form_matches_the_dynamic_form_on_cpu():
         torch.testing.assert_close(dlog, slog, atol=STATIC_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_traced_cpu_plans_replay_their_eager_function_bit_for_bit(noise):
+    """The step plans of a small model on the CPU replay a torch.jit.trace of their function
+    (plans.StepPlan.trace); each replay is held to an eager run of the same function from the
+    same arena bytes, byte for byte, across steps, decoding, a restore to another position and a
+    longer context (the trace must read the position from the arena, not keep the one it saw)."""
+    rt = make(action_noise=noise)
+    assert [n for n, p in rt.plans.items() if p.traced] == ["observation", "token", "lm_head"]
+    rt.set_instruction(INSTRUCTION)
+    early_bytes = rt.live_state().clone()
+    early = (rt.position, rt.step_count, rt.episode, rt.context_len)
+
+    def check(name, prepare):
+        plan = rt.plans[name]
+        start = everything(rt)
+        prepare()
+        plan.run_eager()
+        eager = (everything(rt), rt.io.action.clone(), rt.io.logits.clone())
+        rt.arena.base.copy_(start)
+        prepare()
+        plan.run()
+        for want, got in zip(eager, (everything(rt), rt.io.action, rt.io.logits)):
+            assert torch.equal(want, got), name
+
+    for i, obs in enumerate(observations(12)):
+        check("observation", lambda: rt.io.obs.copy_(torch.from_numpy(obs)))
+        if i % 3 == 2:
+            check("lm_head", lambda: None)
+            check("token", lambda: rt.io.token.fill_(40 + i))
+            rt.decode(2)                       # the runtime's own path moves the position
+        if i == 6:
+            rt.restore_state(early_bytes, early)
+        if i == 8:
+            rt.prefill(list(range(30)))
+
+
+def test_traced_plans_are_small_cpu_models_only_and_trace_over_copies():
+    """auto traces where a step is per-operation overhead (d_model <= 256, the CPU); eager and a
+    larger model trace nothing; tracing runs over scratch copies, so a traced runtime starts
+    from the same bytes as an eager one and steps to the same actions (to the static form's
+    rounding: eager plans read the position from the host and attend over the live prefix)."""
+    traced, eager = make(), make(cpu_plans="eager")
+    assert not any(p.traced for p in eager.plans.values())
+    assert torch.equal(traced.arena.base, eager.arena.base)
+    for obs in observations(4):
+        np.testing.assert_allclose(traced.step(obs), eager.step(obs), atol=STATIC_ATOL, rtol=0)
+    wide = dataclasses.replace(load_preset("tiny"), text=dataclasses.replace(
+        load_preset("tiny").text, hidden_size=512))
+    assert not RuntimeConfig(device="cpu").resolve(wide).traced_steps
+    assert RuntimeConfig(device="cpu", cpu_plans="traced").resolve(wide).traced_steps
+    with pytest.raises(ConfigError, match="runtime.cpu_plans: expected auto, traced or eager"):
+        RuntimeConfig(cpu_plans="graph")
+
+
 # -- configuration ------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls, values, field, found", [
     (TextConfig, {"hidden_size": 0}, "text.hidden_size", "0"),

@@ -148,6 +148,18 @@ class StateArena:
         self.base.zero_()
 
 
+class ArenaViews:
+    """What a step function reads of an arena (`a[name]`, `a.meta`), over other tensors of the same
+    names and shapes: a trace's inputs (plans.StepPlan.trace)."""
+
+    def __init__(self, views: dict):
+        self._views = views
+        self.meta = views["meta"]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._views[name]
+
+
 class StaticIO:
     """Static input/output buffers of the step plans (graph inputs are copied in, outputs read out).
 

@@ -67,9 +67,10 @@ def process_age_s() -> float:
 class Phases:
     """Seconds of each bring-up phase (`phase`), and the process age at milestones (`mark`)."""
 
-    def __init__(self):
+    def __init__(self, marks: dict | None = None):
+        """`marks`: milestones already reached (an earlier Phases' `marks`), kept as they are."""
         self.seconds: dict[str, float] = {}
-        self.marks: dict[str, float] = {}
+        self.marks: dict[str, float] = dict(marks or {})
 
     @contextlib.contextmanager
     def phase(self, name: str):

@@ -44,6 +44,8 @@ def _check(cond: bool, name: str, expected: str, found: Any, fix: str = "") -> N
 
 
 LAYER_TYPES = ("linear_attention", "full_attention")
+# d_model up to which a model counts as small on the CPU: one intra-op thread, traced step plans
+SMALL_D_MODEL = 256
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,11 @@ class RuntimeConfig:
     """How the model runs."""
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)", True)
     cuda_graphs: bool = _f(True, "capture step/prefill plans as CUDA graphs (CUDA only)", True)
+    cpu_plans: str = _f("auto", "how the step plans run on the CPU: traced (recorded once with "
+                                "torch.jit.trace and replayed in TorchScript's interpreter, the "
+                                "counterpart of a CUDA graph), eager, or auto (traced for presets "
+                                "with d_model <= 256, where a step is mostly per-operation "
+                                "overhead)", True)
     prefill_buckets: tuple = _f((4096, 1024, 256, 64, 16, 4),
                                 "exact prefill chunk lengths, one plan each (longer than the context: unused)",
                                 True)
@@ -281,6 +288,8 @@ class RuntimeConfig:
                "runtime.sample_seed", "an integer in [0, 2^32)", self.sample_seed)
         _check(isinstance(self.cuda_graphs, bool), "runtime.cuda_graphs", "true or false",
                self.cuda_graphs)
+        _check(self.cpu_plans in ("auto", "traced", "eager"), "runtime.cpu_plans",
+               "auto, traced or eager", self.cpu_plans)
         _check(self.kernels in ("auto", "fla", "chunked", "reference"), "runtime.kernels",
                "auto, fla, chunked or reference", self.kernels)
         _check(isinstance(self.threads, int) and not isinstance(self.threads, bool)
@@ -313,10 +322,13 @@ class RuntimeConfig:
             raise ConfigError("runtime.kernels: 'fla' needs a CUDA device and the "
                               "flash-linear-attention package; found device "
                               f"{device} and fla importable={fla_available()}; use 'auto'")
-        # tiny ops cost more handed to a second thread than they save
-        threads = self.threads or (1 if model_cfg.d_model <= 256 else 0)
+        # tiny ops cost more handed to a second thread than they save, and their dispatch more
+        # than their arithmetic
+        small = model_cfg.d_model <= SMALL_D_MODEL
+        threads = self.threads or (1 if small else 0)
+        traced = not cuda and (self.cpu_plans == "traced" or (self.cpu_plans == "auto" and small))
         return ResolvedRuntime(device=device, kernels=kernels, threads=threads,
-                               compile_cache=compile_cache)
+                               compile_cache=compile_cache, traced_steps=traced)
 
 
 @dataclass(frozen=True)
@@ -326,6 +338,7 @@ class ResolvedRuntime:
     kernels: str             # fla, chunked or reference
     threads: int             # torch CPU (intra-op) threads; 0 = torch's default
     compile_cache: str = ""  # Triton's cache directory (core/compile_cache.py); '' = not set
+    traced_steps: bool = False   # the step plans are traced (CPU; plans.StepPlan.trace)
 
 
 def resolve_device(name: str) -> "torch.device":

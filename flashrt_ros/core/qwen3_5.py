@@ -15,8 +15,9 @@ kept in the modules: every call reads and writes the arena's buffers (`layers.{i
 captured CUDA graphs, and a capsule of the arena is the whole state.
 
 `pos` selects the form. An int is the eager form: slices of the live KV prefix and SDPA. `None`
-is the static form used in graphs: the position is read from `arena.meta` on the device, KV rows
-are written by index and attention covers all `max_context` rows under a mask. The two agree to
+is the static form used in CUDA graphs and CPU traces (core/plans.py): the position is read
+from `arena.meta` on the device, KV rows are written by index and attention covers all
+`max_context` rows under a mask. The two agree to
 rounding, so a given plan always uses one of them. On CUDA with fla kernels, single tokens of the
 static form (the observation and token steps) run core/fused.py instead: one Triton kernel per
 chain of small operations, attention over the live prefix only (its length read from meta).
@@ -340,7 +341,7 @@ class GatedDeltaNet(nn.Module):
 
     def _value_heads(self, qk):
         """[T, 2 Hk, Dk] -> q, k of [T, Hv, Dk]: each key head serves Hv/Hk value heads."""
-        q, k = qk[:, :self.Hk], qk[:, self.Hk:]
+        q, k = qk.view(qk.shape[0], 2, self.Hk, self.Dk).unbind(1)     # one operation, not two
         if self.Hv != self.Hk:
             q = q.repeat_interleave(self.Hv // self.Hk, dim=1)
             k = k.repeat_interleave(self.Hv // self.Hk, dim=1)

@@ -18,6 +18,7 @@ independent of the live state and may be used from other threads (e.g. for disk 
 """
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import json
@@ -30,7 +31,7 @@ import torch
 
 from flashrt_ros.core import checkpoint, tokenizer
 from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION,
-                                    META_RNG_SEED, META_STEP, StateArena, StaticIO)
+                                    META_RNG_SEED, META_STEP, ArenaViews, StateArena, StaticIO)
 from flashrt_ros.core.config import TINY, ModelConfig, RuntimeConfig
 from flashrt_ros.core.exceptions import ConfigError, InputError
 from flashrt_ros.core.plans import StepPlan
@@ -83,6 +84,7 @@ class PolicyRuntime:
         # also holds the reset point: the state reset(keep_context=True) returns to
         self.ring = RollbackRing(self.arena, self.cfg.rollback_depth)
         self.use_graphs = cuda and self.cfg.cuda_graphs
+        self.traced_steps = self.resolved.traced_steps
         # replay the captured position-0 plans of long chunks (see _build_plans); benchmarks turn
         # it off to measure the eager baseline in the same process
         self.cold_prefill_graphs = self.use_graphs
@@ -99,9 +101,12 @@ class PolicyRuntime:
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         if self.use_graphs:
             self._capture(say, [n for n in self.plans if n not in self.late_plans])
+        if self.traced_steps:
+            self._trace(say, STEP_PLANS)
         say(f"runtime ready in {time.perf_counter() - t0:.2f} s: state arena "
             f"{self.arena.nbytes / 2**20:.1f} MiB, {len(self.arena.names())} buffers, "
-            f"{sum(p.captured for p in self.plans.values())} captured plans")
+            f"{sum(p.captured for p in self.plans.values())} captured plans, "
+            f"{sum(p.traced for p in self.plans.values())} traced")
 
     @classmethod
     def from_pretrained(cls, path: str, runtime_cfg: RuntimeConfig | None = None, progress=None,
@@ -178,9 +183,9 @@ class PolicyRuntime:
         `position()` is the host position the eager forms read: the runtime's own for its plans;
         core/bringup.py builds the same functions over scratch buffers to warm them up."""
         m = self.model
-        static = self.use_graphs
-        # Graph plans read the position from the arena on the device; eager plans get it from the
-        # host mirror (no device sync, and slices of the live prefix instead of masks).
+        static = self.use_graphs or self.traced_steps
+        # Graph and traced plans read the position from the arena on the device; eager plans get
+        # it from the host mirror (no device sync, and slices of the live prefix instead of masks).
         def pos():
             return None if static else position()
         plans = {
@@ -191,11 +196,11 @@ class PolicyRuntime:
         for c in self.cfg.prefill_buckets:
             # a bucket longer than the usable context is never picked by _prefill; capturing it
             # would index KV rows past max_context during warm-up
-            graph = static and c <= min(GRAPH_PREFILL_MAX, self.max_tokens)
+            graph = self.use_graphs and c <= min(GRAPH_PREFILL_MAX, self.max_tokens)
             fn = (lambda c=c: m.prefill_chunk(a, io, None, io.chunks[c])) if graph else \
                  (lambda c=c: m.prefill_chunk(a, io, position(), io.chunks[c]))
             plans[f"prefill{c}"] = (fn, graph)
-            if static and GRAPH_PREFILL_MAX < c <= self.max_tokens:
+            if self.use_graphs and GRAPH_PREFILL_MAX < c <= self.max_tokens:
                 # An instruction's first chunk always starts at position 0, where the dynamic form
                 # (causal flash attention over the chunk itself) has static shapes too: capture it.
                 # Eagerly a cold 2k prefill is launch-bound (the performance targets measured a
@@ -240,6 +245,28 @@ class PolicyRuntime:
         finally:
             if collecting:
                 gc.enable()
+
+    def _trace(self, say, names):
+        """Trace plans `names` (CPU; plans.StepPlan.trace) over clones of the arena's views and
+        the I/O buffers: the live state is not touched."""
+        views = self.arena.names()
+        fields = [k for k, v in vars(self.io).items() if isinstance(v, torch.Tensor)]
+        live = tuple(self.arena[n] for n in views) + tuple(getattr(self.io, k) for k in fields)
+        scratch = tuple(t.clone() for t in live)
+
+        def binder(name):
+            def bind(tensors):
+                io = copy.copy(self.io)
+                for k, t in zip(fields, tensors[len(views):]):
+                    setattr(io, k, t)
+                a = ArenaViews(dict(zip(views, tensors[:len(views)])))
+                return self.plan_functions(a, io, lambda: self.position)[name][0]
+            return bind
+        for name in names:
+            plan = self.plans[name]
+            plan.trace(binder(name), scratch, live)
+            self.timings[f"trace {name}"] = plan.capture_s
+            say(f"traced plan {name} ({plan.capture_s * 1e3:.0f} ms)")
 
     # -- state ----------------------------------------------------------------------------
     def _zero_state(self):
@@ -488,7 +515,7 @@ class PolicyRuntime:
             n = s.nbytes if s.role != "kv" else self.arena.live_nbytes(self.position) - self.arena.kv_offset
             by_role[s.role] = by_role.get(s.role, 0) + n
         return {"model": c.name, "device": str(self.device), "kernels": self.kernel,
-                "cuda_graphs": self.use_graphs, "dtype": c.dtype,
+                "cuda_graphs": self.use_graphs, "traced_steps": self.traced_steps, "dtype": c.dtype,
                 "obs_dim": c.obs_dim, "action_dim": c.action_dim, "horizon": c.horizon,
                 "vocab_size": c.vocab_size, "max_context": c.max_context,
                 "layer_types": list(c.text.layer_types),
