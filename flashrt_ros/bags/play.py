@@ -613,14 +613,14 @@ class BagPlayer:
             self._spin_until(lambda: self.action_sub.get_publisher_count() > 0, timeout,
                              f"the action publisher of {self.target}")
             for kind in sorted(kinds):
-                pub = self.pub[kind]
-                hint = " (start the node with joint_names:=[...])" if kind == "joint_states" else ""
-                self._spin_until(lambda: pub.get_subscription_count() > 0, timeout,
-                                 f"a subscriber of {pub.topic_name}{hint}")
-                # and every other subscriber, a recorder's included: none misses the first input
-                wait_for_subscribers(self.node, pub, timeout,
-                                     idle=lambda t: self.executor.spin_once(timeout_sec=t),
-                                     at_least=self.subscribers)
+                # the node and every other subscriber, a recorder's included: none misses the
+                # first input
+                wait_for_subscribers(
+                    self.node, self.pub[kind], timeout,
+                    idle=lambda t: self.executor.spin_once(timeout_sec=t),
+                    at_least=self.subscribers,
+                    hint="the node subscribes to joint_states only when started with "
+                         "joint_names:=[...]" if kind == "joint_states" else "")
             ops = {operation(it.msg.operation) for it in episode.capsule_ops}
             if ops:
                 self._spin_until(self.capsules.events_heard, timeout,

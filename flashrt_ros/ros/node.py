@@ -230,8 +230,8 @@ class PolicyNode(LifecycleNode):
     # -- lifecycle ------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         log = self.get_logger()
-        phases = Phases()          # this configure's; the process age at node creation stays
-        phases.marks["node"] = self.bringup.marks["node"]
+        # this configure's phases; the process age at node creation stays
+        phases = Phases({"node": self.bringup.marks["node"]})
         phase = phases.phase
         try:
             node_cfg, rt_cfg, store_cfg = configs_from_values(self._param_values())

@@ -47,7 +47,8 @@ def unmatched(node, publisher, at_least: int = 1) -> list:
             f", {s.qos_profile.durability.name.lower()})" for s in subs][matched:]
 
 
-def wait_for_subscribers(node, publisher, timeout: float, idle, at_least: int = 1):
+def wait_for_subscribers(node, publisher, timeout: float, idle, at_least: int = 1,
+                         hint: str = ""):
     """Wait until `publisher` matched every subscription of its topic (at least `at_least`),
     and no other showed up for SETTLE_S.
 
@@ -56,6 +57,7 @@ def wait_for_subscribers(node, publisher, timeout: float, idle, at_least: int = 
         idle: how to spend a pause, e.g. `lambda t: executor.spin_once(timeout_sec=t)`.
         at_least: subscriptions that must be matched whatever the graph shows so far: a caller
             that knows who listens (the node and a recorder: 2) need not trust SETTLE_S.
+        hint: what the error adds when no subscriber showed up at all (why one may be missing).
     Raises:
         TimeoutError: naming the topic and the subscriptions still unmatched (a subscription
             whose QoS the publisher cannot serve stays unmatched).
@@ -73,7 +75,8 @@ def wait_for_subscribers(node, publisher, timeout: float, idle, at_least: int = 
         wait_for(settled, timeout, "", interval=0.02, idle=idle)
     except TimeoutError:
         left = unmatched(node, publisher, at_least)
-        what = ("no subscriber at all (is the node running, with the same ROS_DOMAIN_ID?)"
-                if left == ["(none)"] else f"not matched: {', '.join(left)} (incompatible QoS?)")
+        why = hint or "is the node running, with the same ROS_DOMAIN_ID?"
+        what = (f"no subscriber at all ({why})" if left == ["(none)"] else
+                f"not matched: {', '.join(left)} (incompatible QoS?)")
         raise TimeoutError(f"subscribers of {publisher.topic_name} within {timeout:g} s: "
                            f"{what}") from None
