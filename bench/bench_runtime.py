@@ -124,7 +124,7 @@ def bench(args):
         torch.set_num_threads(args.threads)
     rt, lengths, build_s = build(args, device)
     env = environment(device, code=MEASURED_CODE)
-    env.update(preset=rt.model_cfg.name, kernels=rt.kernel, cuda_graphs=rt.use_graphs,
+    env.update(preset=rt.model_cfg.name, kernels=rt.kernel, cuda_graphs=rt.use_graphs, traced_steps=rt.traced_steps,
                prefill_buckets=list(rt.cfg.prefill_buckets), max_context=rt.model_cfg.max_context,
                parameters_M=round(sum(p.numel() for p in rt.model.parameters()) / 1e6, 1),
                build_and_capture_s=round(build_s, 1))
@@ -312,7 +312,10 @@ def report(rt, env, rows, profiles, out):
              "clock around one replay + synchronize; end to end = the public call (copy in, replay, "
              "copy out, rollback-ring push); thread CPU time (CPU only) = the same call on the "
              "calling thread's CPU clock, which leaves out the time other processes hold the core. "
-             "Eager = the same step function without the graph. "
+             "Eager = the same step function without the graph or trace. On the CPU a small "
+             "model's step plans are traced (`runtime.cpu_plans`, core/plans.py): the public "
+             "calls replay the trace of the static form in TorchScript's interpreter, and the "
+             "eager columns run that same function in Python, its baseline. "
              "On CUDA with fla the graph forms run core/fused.py's single-token kernels and attend "
              "over the live prefix only (the length is read from the arena on the device), so "
              "their cost grows with the context; the eager forms attend over the live prefix "

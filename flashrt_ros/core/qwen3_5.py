@@ -234,14 +234,21 @@ class Attention(nn.Module):
             keys, vals = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)    # [Hkv, max_ctx, D]
             cols = torch.arange(kv.shape[0], device=h.device)
             mask = cols[None, :] <= at.rows[:, None]                             # [T, max_ctx]
-            # Written out rather than SDPA: SDPA with a mask and GQA falls back to its math kernel,
-            # which first copies K/V to every query head (G x the bytes, the whole max_context).
-            # Folding the G query heads of a KV head into the row dimension reads each KV row once.
-            G = H // Hkv
-            qg = q.reshape(Hkv, G * T, D)                                        # [Hkv, G*T, D]
-            scores = torch.matmul(qg, keys.transpose(1, 2)).float() * D ** -0.5
-            scores.masked_fill_(~mask.repeat(G, 1), float("-inf"))              # [Hkv, G*T, ctx]
-            o = torch.matmul(torch.softmax(scores, dim=-1).to(vals.dtype), vals).view(H, T, D)
+            if h.device.type == "cpu":
+                # the CPU's SDPA takes the mask in its flash kernel: half the time of the form
+                # below, whose dozen operations are what a small model's step costs there
+                o = F.scaled_dot_product_attention(q[None], keys[None], vals[None],
+                                                   attn_mask=mask, enable_gqa=True)[0]
+            else:
+                # Written out rather than SDPA: on CUDA, SDPA with a mask and GQA falls back to
+                # its math kernel, which first copies K/V to every query head (G x the bytes,
+                # the whole max_context). Folding the G query heads of a KV head into the row
+                # dimension reads each KV row once.
+                G = H // Hkv
+                qg = q.reshape(Hkv, G * T, D)                                    # [Hkv, G*T, D]
+                scores = torch.matmul(qg, keys.transpose(1, 2)).float() * D ** -0.5
+                scores.masked_fill_(~mask.repeat(G, 1), float("-inf"))          # [Hkv, G*T, ctx]
+                o = torch.matmul(torch.softmax(scores, dim=-1).to(vals.dtype), vals).view(H, T, D)
         else:
             p = at.pos
             kv[p:p + T] = torch.stack([k, v], dim=1)
