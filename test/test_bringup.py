@@ -165,6 +165,37 @@ def test_stop_ends_the_schedule_after_the_plan_in_progress():
     assert not late.wait(late.order, timeout=0)
 
 
+def test_a_logger_that_fails_ends_no_schedule():
+    """A log call that raises in the background thread must not end the schedule: plans left
+    pending would keep an instruction waiting forever."""
+    rt = PolicyRuntime(runtime_cfg=RuntimeConfig(device="cpu", cache_dir=""), late_plans=True)
+
+    def say(msg):
+        raise OSError("the log is gone")
+    late = LatePlans(rt, say=say)
+    late.start()
+    try:
+        assert late.wait(late.order, timeout=120)
+        assert all(late.state[n] == CAPTURED for n in late.order)
+    finally:
+        assert late.stop(timeout=120)
+
+
+def test_process_age_counts_from_the_process_start():
+    """The age of a fresh interpreter, read as it starts, is at most the time since it was
+    spawned (boot time in /proc/stat is whole seconds: an age computed from it could be up to a
+    second more)."""
+    import subprocess
+    import sys
+    import time
+    code = "from flashrt_ros.core.bringup import process_age_s; print(process_age_s())"
+    for _ in range(3):
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout
+        assert 0 <= float(out) <= time.monotonic() - t0 + 0.02
+
+
 def test_a_held_schedule_starts_at_release_or_when_an_instruction_needs_it():
     for release in ("release", "instruction"):
         rt = PolicyRuntime(runtime_cfg=RuntimeConfig(device="cpu", cache_dir=""),

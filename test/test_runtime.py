@@ -501,6 +501,18 @@ def test_traced_plans_are_small_cpu_models_only_and_trace_over_copies():
         RuntimeConfig(cpu_plans="graph")
 
 
+def test_instruction_tokens_are_what_set_instruction_prefills_and_refusals_change_nothing():
+    rt = make()
+    rt.set_instruction(INSTRUCTION)
+    before = everything(rt)
+    tokens = rt.instruction_tokens("go left")
+    assert tokens == rt.tokenizer.encode("go left")
+    with pytest.raises(InputError, match="exceed"):
+        rt.instruction_tokens("x" * rt.model_cfg.max_context)
+    assert torch.equal(everything(rt), before) and rt.context_tokens
+    assert rt.set_instruction(tokens) == len(tokens)
+
+
 # -- configuration ------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls, values, field, found", [
     (TextConfig, {"hidden_size": 0}, "text.hidden_size", "0"),

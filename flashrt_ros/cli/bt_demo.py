@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from flashrt_ros.bt.behaviours import CALLS_KEY, ERROR_KEY
     from flashrt_ros.core.checkpoint import resolve_model
     from flashrt_ros.ros.executors import PolicyExecutor, SpinThread
-    from flashrt_ros.ros.node import PolicyNode
+    from flashrt_ros.ros.node import EXECUTOR_THREADS, PolicyNode
     from flashrt_ros.sim.robot import SimRobotNode
     from flashrt_ros.bt.trees import CHOSEN_KEY, SCORES_KEY, SimWorld, branch_and_choose, run_tree
 
@@ -81,7 +81,9 @@ def main(argv=None) -> int:
                          seed=a.seed)
     world = SimWorld(robot, seed=a.seed)
     tree_node = rclpy.create_node("flashrt_bt_demo")
-    executor = PolicyExecutor(num_threads=4)   # executors.py: without rclpy's executor busy loop
+    # the policy node's groups, and one for the robot and the tree (executors.py: without rclpy's
+    # executor busy loop)
+    executor = PolicyExecutor(num_threads=EXECUTOR_THREADS + 1)
     for n in (policy, robot, tree_node):
         executor.add_node(n)
     tree = None

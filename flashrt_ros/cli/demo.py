@@ -28,7 +28,7 @@ def run_demo(args) -> int:
 
     from flashrt_ros.core.checkpoint import resolve_model
     from flashrt_ros.ros.executors import PolicyExecutor, SpinThread
-    from flashrt_ros.ros.node import PolicyNode
+    from flashrt_ros.ros.node import EXECUTOR_THREADS, PolicyNode
     from flashrt_ros.sim.robot import SimRobotNode
 
     cfg = resolve_model(args.model).cfg
@@ -43,7 +43,7 @@ def run_demo(args) -> int:
           flush=True)
     policy = PolicyNode(parameter_overrides=overrides)
     robot = SimRobotNode("/flashrt_policy", cfg.obs_dim, cfg.action_dim, args.rate)
-    executor = PolicyExecutor(num_threads=4)
+    executor = PolicyExecutor(num_threads=EXECUTOR_THREADS + 1)   # the policy node's groups, the robot
     executor.add_node(policy)
     executor.add_node(robot)
     policy.trigger_configure()

@@ -42,26 +42,27 @@ import time
 import torch
 
 from flashrt_ros.core.arena import StateArena, StaticIO
+from flashrt_ros.core.serving import pin_torch_threads
 
 _IMPORTED = time.time()
 
 
-def process_start_time() -> float:
-    """Wall-clock time this process started (Linux /proc), else when this module was imported."""
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc: 10 ms resolution), else since this module
+    was imported."""
     try:
         with open("/proc/self/stat", encoding="ascii") as f:
             # field 22 (starttime, clock ticks after boot) comes after the parenthesised name
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat", encoding="ascii") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return _IMPORTED
+        # the clock /proc counts from; boot time in /proc/stat is whole seconds
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED
 
 
-def process_age_s() -> float:
-    """Seconds since this process started (10 ms resolution on Linux)."""
-    return time.time() - process_start_time()
+def process_start_time() -> float:
+    """Wall-clock time this process started."""
+    return time.time() - process_age_s()
 
 
 class Phases:
@@ -121,9 +122,12 @@ class LatePlans:
     `progress` may be called from any thread; the state of each plan is guarded by a condition.
     """
 
-    def __init__(self, rt, say=None):
+    def __init__(self, rt, say=None, threads: int = 0):
+        """`threads`: torch CPU threads of the background thread (serving.pin_torch_threads;
+        0 = torch's default), as the server's other threads have them."""
         self.rt = rt
-        self.say = say or (lambda msg: None)
+        self._say = say or (lambda msg: None)
+        self.threads = threads
         # a bucket longer than the usable context is never run: nothing to warm
         names = [n for n in rt.late_plans if chunk_length(n) <= rt.max_tokens]
         self.order = sorted(names, key=lambda n: (chunk_length(n), n))
@@ -156,7 +160,15 @@ class LatePlans:
         self.started = self.started or time.perf_counter()
         self._in_device()
 
+    def say(self, msg: str) -> None:
+        """Log `msg`; a logger that fails must not end the schedule (plans would wait forever)."""
+        try:
+            self._say(msg)
+        except Exception:  # noqa: BLE001
+            pass
+
     def _in_device(self):
+        pin_torch_threads(self.threads)     # per thread in torch, as the CUDA device is
         # torch's current CUDA device is per thread, and Triton launches on it: the runtime's
         cuda = self.rt.device.type == "cuda"
         with torch.cuda.device(self.rt.device) if cuda else contextlib.nullcontext():
@@ -210,23 +222,35 @@ class LatePlans:
                     self._set(name, FAILED)
                     self.say(f"late plan {name}: {self.errors[name]}; it runs eagerly")
                     continue
-                done = sum(s in (CAPTURED, FAILED) for s in self.state.values())
-                self.say(f"late plan {name} ready ({done}/{len(self.order)}): warm-up "
+                self.say(f"late plan {name} ready ({self._done()}/{len(self.order)}): warm-up "
                          f"{self.warm_s[name] * 1e3:.0f} ms, capture "
                          f"{self.capture_s[name] * 1e3:.0f} ms")
+        except BaseException as e:
+            # what the per-plan handler does not take (a scratch arena that does not fit, ...):
+            # the plans not reached run eagerly, and nobody waits for them
+            with self._cv:
+                for n, state in self.state.items():
+                    if state in (PENDING, WARMING):
+                        self.state[n] = FAILED
+                        self.errors[n] = f"the schedule ended: {type(e).__name__}: {e}"
+            raise
         finally:
             del scratch
             with self._cv:
                 self.finished = time.perf_counter()
                 self._cv.notify_all()
+            failed = sum(s == FAILED for s in self.state.values())
             if not self._stop.is_set() and self.order:
                 self.say(f"all {len(self.order)} late plans ready "
-                         f"{self.finished - self.started:.2f} s after they started")
+                         f"{self.finished - self.started:.2f} s after they started" +
+                         (f" ({failed} failed: they run eagerly)" if failed else ""))
 
     def _warm(self, scratch: _Scratch, name: str):
         fn = scratch.fns[name][0]
         cuda = self.rt.device.type == "cuda"
         side = torch.cuda.Stream(self.rt.device) if cuda else None
+        if cuda:        # after the scratch buffers' initialisation, queued on this thread's stream
+            side.wait_stream(torch.cuda.current_stream(self.rt.device))
         with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
             for _ in range(2):
                 scratch.arena.zero_()          # position 0, as an instruction's first chunk
@@ -242,8 +266,8 @@ class LatePlans:
     def wait(self, names, timeout: float | None = None) -> bool:
         """Block until every plan in `names` is ready (or the schedule stops); True if they are."""
         with self._cv:
-            self._cv.wait_for(lambda: self._stop.is_set() or all(self.ready(n) for n in names),
-                              timeout)
+            self._cv.wait_for(lambda: self._stop.is_set() or self.finished is not None
+                              or all(self.ready(n) for n in names), timeout)
             return all(self.ready(n) for n in names)
 
     def wait_for_instruction(self, n_tokens: int, say=None) -> float:
@@ -265,7 +289,7 @@ class LatePlans:
     def progress(self) -> str:
         """One line for ~/status: 'ready', or what is still being captured."""
         n = len(self.order)
-        done = sum(s in (CAPTURED, FAILED) for s in self.state.values())
+        done = self._done()
         failed = sum(s == FAILED for s in self.state.values())
         tail = f", {failed} failed (eager)" if failed else ""
         if done == n:
@@ -276,6 +300,9 @@ class LatePlans:
         if self.started is None:
             return f"{n - done} late plans pending"
         return f"capturing late plans: {done}/{n} ready" + (f", now {now}" if now else "") + tail
+
+    def _done(self) -> int:
+        return sum(s in (CAPTURED, FAILED) for s in self.state.values())
 
     def values(self) -> dict:
         """Flat {key: milliseconds} of each plan's warm-up and capture, for /diagnostics."""

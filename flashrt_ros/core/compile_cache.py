@@ -87,7 +87,8 @@ def cache_key(fields: dict) -> str:
 def use_compile_cache(root: str, device) -> str:
     """Point Triton's caches at `<root>/<key>/triton` for `device`; returns that directory ('' on
     the CPU or for an empty `root`: then nothing is changed)."""
-    if not root or getattr(device, "type", str(device)) != "cuda":
+    kind = getattr(device, "type", None) or str(device).split(":")[0]      # also "cuda:0"
+    if not root or kind != "cuda":
         return ""
     fields = key_fields(device)
     keyed = os.path.join(os.path.abspath(os.path.expanduser(root)), cache_key(fields))

@@ -297,9 +297,7 @@ class PolicyRuntime:
 
         The resulting state is what reset(keep_context=True) returns to.
         """
-        tokens = self.tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) \
-            else self._as_token_list(text_or_tokens)
-        self._check_tokens(tokens, from_position=0)
+        tokens = self.instruction_tokens(text_or_tokens)
         self.episode += 1
         self._zero_state()
         self.arena.meta[META_EPISODE].fill_(self.episode)
@@ -309,6 +307,14 @@ class PolicyRuntime:
         self.arena.meta[META_CONTEXT_LEN].fill_(self.context_len)
         self.ring.rebase(self.step_count, self.position, self.episode)
         return len(tokens)
+
+    def instruction_tokens(self, text_or_tokens) -> list:
+        """The token ids `set_instruction` would prefill; raises InputError where it would refuse
+        them (changes nothing)."""
+        tokens = self.tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) \
+            else self._as_token_list(text_or_tokens)
+        self._check_tokens(tokens, from_position=0)
+        return tokens
 
     def prefill(self, tokens) -> None:
         """Append tokens to the live context (one commit)."""

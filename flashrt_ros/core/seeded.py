@@ -79,7 +79,7 @@ class CounterRNG:
         return out.view(shape)
 
     def uniform(self, name: str, shape, low: float, high: float) -> torch.Tensor:
-        """float32 [shape] in [low, high)."""
+        """float32 [shape] in [low, high]: float32 rounding can bring the largest draws to high."""
         return self._integers(name, shape, odd=False) * ((high - low) / SPAN) + low
 
     def normal(self, name: str, shape, std: float) -> torch.Tensor:

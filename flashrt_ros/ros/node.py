@@ -21,12 +21,15 @@ A failed configure logs why, leaves the node unconfigured and alive; fix the par
 again. Fixed parameters refuse changes while the node is configured (see params.py).
 
 Concurrency (a `PolicyExecutor`: rclpy's MultiThreadedExecutor without its busy loop, safe against
-entities destroyed mid-collection, see executors.py; four callback groups, each mutually exclusive):
+entities destroyed mid-collection, see executors.py, with a thread per callback group; five
+groups, each mutually exclusive):
   * control group - observation and joint-state subscriptions, the control timer. A step holds
                     `runtime.lock` from the input copy to the committed state, and takes no other
                     lock: the control loop never waits for the store, for disk I/O or for a
                     capsule call other than the copy of live bytes it makes.
-  * capsule group - snapshot, restore, fork, rollback, reset, delete, list, ~/instruction.
+  * capsule group - snapshot, restore, fork, rollback, reset, delete, list.
+  * instruction group - ~/instruction: an instruction may wait for its prefill plans while they
+                    come in the background (core/bringup.py), and the capsule calls go on.
   * disk group    - save and load (file I/O), so that a long write does not queue the capsule
                     group behind it on the executor.
   * default group - lifecycle and parameter services, the status timer.
@@ -96,6 +99,9 @@ from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_t
 from flashrt_ros.capsules.store import make_store
 
 NODE_NAME = "flashrt_policy"
+# one executor thread per callback group (control, capsule, instruction, disk, default): each can
+# run while the others wait
+EXECUTOR_THREADS = 5
 # An observation stamped further ahead of the node's clock than this is refused: it would become
 # the ordering reference and every correctly stamped observation after it would look out of order.
 FUTURE_STAMP_TOLERANCE_S = 1.0
@@ -172,6 +178,7 @@ class PolicyNode(LifecycleNode):
         self._last_error = ""
         self._control = MutuallyExclusiveCallbackGroup()
         self._capsule = MutuallyExclusiveCallbackGroup()
+        self._instruction = MutuallyExclusiveCallbackGroup()
         self._disk = MutuallyExclusiveCallbackGroup()
         self.control_timer = None
         self.sub_obs = self.sub_instr = self.sub_joints = None
@@ -288,7 +295,7 @@ class PolicyNode(LifecycleNode):
         self._declare_model_shape(model_cfg)
         self.node_cfg, self.runtime, self.store = node_cfg, rt, store
         self.bringup = phases
-        self.late = LatePlans(rt, say=log.info) if late else None
+        self.late = LatePlans(rt, say=log.info, threads=self._threads) if late else None
         if self.late is not None and self.late.order:
             # from now on, also while the node waits for activate: an instruction waits for
             # the plans it runs, so they must come without a step or an activation
@@ -300,7 +307,7 @@ class PolicyNode(LifecycleNode):
                                                 obs_qos, callback_group=self._control)
         # latched: an instruction published just before this subscription matched still comes
         self.sub_instr = self.create_subscription(String, "~/instruction", self._on_instruction,
-                                                  LATCHED, callback_group=self._capsule)
+                                                  LATCHED, callback_group=self._instruction)
         if node_cfg.joint_names:
             self.sub_joints = self.create_subscription(JointState, "joint_states",
                                                        self._on_joint_state, obs_qos,
@@ -573,12 +580,12 @@ class PolicyNode(LifecycleNode):
             return
         self._pin_torch_threads()
         try:
+            tokens = rt.instruction_tokens(msg.data)     # refused now, not after a wait
             late = self.late
             if late is not None:      # before any lock: steps go on while it waits
-                late.wait_for_instruction(len(rt.tokenizer.encode(msg.data)),
-                                          say=self.get_logger().info)
+                late.wait_for_instruction(len(tokens), say=self.get_logger().info)
             with store.lock, rt.lock:
-                n = rt.set_instruction(msg.data)
+                n = rt.set_instruction(tokens)
                 store.on_reset()
             self.get_logger().info(f"instruction prefilled: {n} tokens, episode {rt.episode}")
         except FlashRTError as e:
@@ -806,8 +813,7 @@ def main(args=None):
     """Entry point of `flashrt_node` (and `ros2 run flashrt_ros flashrt_node`)."""
     rclpy.init(args=args)
     node = PolicyNode()
-    # four groups can run at once: control, capsule, disk, default (see the module docstring)
-    executor = PolicyExecutor(num_threads=4)
+    executor = PolicyExecutor(num_threads=EXECUTOR_THREADS)
     executor.add_node(node)
     if not node.get_parameter("managed").value:
         if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
@@ -828,6 +834,8 @@ def main(args=None):
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        if node.late is not None:     # not mid-capture (or mid-autotune) at interpreter exit
+            node.late.stop(timeout=10.0)
         executor.shutdown(timeout_sec=2.0)
         node.destroy_node()
         if rclpy.ok():
