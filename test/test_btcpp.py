@@ -9,7 +9,10 @@ Layers:
     that test fails and says what to change);
   * flashrt_ros.bt.btcpp.XmlTrees: the same trees with the ports kept on the Python side, ticked
     by BT.CPP against a policy node process over DDS on loopback (test_behaviours.py's fixtures),
-    with the simulated robot in this process, to the outcome docs/behaviour_trees.md describes.
+    with the simulated robot in this process, to the outcome docs/behaviour_trees.md describes;
+  * the other XML that BT.CPP takes: its `_` attributes (`_skipIf`, `_post`, ...), the explicit
+    `<Action ID=...>` form, a model's `<SubTree>` entry, bool spellings; and what XmlTrees
+    refuses with what to do (an `<include>`, a `{key}` where the behaviours need a literal).
 Skips where behaviortreepy is not installed (requirements.txt pins it).
 """
 import json
@@ -177,3 +180,165 @@ def test_a_refused_call_fails_the_tree_with_the_nodes_reason(ros, policy_node, w
     assert error.startswith("refused: ") and "nobody-saved-this" in error, error
     assert "no capsule file" in error, error
     assert world.t == 0                                      # RunSteps never ran
+
+
+# -- the XML forms BT.CPP accepts besides the file's own -------------------------------------------
+def _file_with_trees(tmp_path, trees, models=""):
+    """The file's TreeNodesModel (with `models` added) and `trees` in place of its trees; a path."""
+    root = ET.parse(XML).getroot()
+    del root.attrib["main_tree_to_execute"]
+    for tree in root.findall("BehaviorTree"):
+        root.remove(tree)
+    for tree in ET.fromstring(f"<trees>{trees}</trees>"):
+        root.insert(0, tree)
+    root.find("TreeNodesModel").extend(ET.fromstring(f"<models>{models}</models>"))
+    path = tmp_path / "trees.xml"
+    path.write_text(ET.tostring(root, encoding="unicode"))
+    return str(path)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("true", True), ("True", True), ("TRUE", True), ("1", True),
+    ("false", False), ("False", False), ("FALSE", False), ("0", False)])
+def test_a_bool_port_takes_the_spellings_btcpp_takes(text, value):
+    from flashrt_ros.bt.btcpp import _parse_literal
+    assert _parse_literal(text, "bool", "pin") is value
+
+
+def test_a_bool_port_refuses_other_text_with_the_spellings():
+    from flashrt_ros.bt.btcpp import _parse_literal
+    with pytest.raises(ValueError, match=r"pin: expected a bool \(true, True.*found 'yes'"):
+        _parse_literal("yes", "bool", "pin")
+
+
+SPECIAL_TREE = """
+<BehaviorTree ID="Special">
+  <Sequence>
+    <SnapshotCapsule service_name="/flashrt_policy/snapshot" capsule_name="special-skipped"
+                     _skipIf="skip"/>
+    <SnapshotCapsule service_name="/flashrt_policy/snapshot" capsule_name="special-kept"
+                     _skipIf="false" _onSuccess="snapped := true" _post="posts += 1"/>
+    <DeleteCapsule service_name="/flashrt_policy/delete_capsule" capsule_name="special-kept"
+                   _failureIf="fail_delete" _post="posts += 1"/>
+  </Sequence>
+</BehaviorTree>"""
+
+
+def test_btcpp_special_attributes_stay_on_the_node_for_btcpp(tmp_path, ros, policy_node):
+    import behaviortreepy as btcpp
+
+    from flashrt_ros.bt import btcpp as adapter
+    trees = adapter.XmlTrees(_file_with_trees(tmp_path, SPECIAL_TREE), policy=policy_node)
+    kept = ET.fromstring(trees.text).find("BehaviorTree").find("Sequence")[1]
+    assert kept.attrib == {"name": "SnapshotCapsule#2", "_skipIf": "false",
+                           "_onSuccess": "snapped := true", "_post": "posts += 1"}
+    trees.setup(ros.node)
+    try:
+        for skip, fail_delete, status in [(True, False, btcpp.NodeStatus.SUCCESS),
+                                          (False, True, btcpp.NodeStatus.FAILURE)]:
+            tree = trees.create_tree("Special")
+            board = tree.root_blackboard()
+            board.set_bool("skip", skip)
+            board.set_bool("fail_delete", fail_delete)
+            board.set_int("posts", 0)
+            assert adapter.run(tree, TREE_S) == status, trees.errors
+            assert board.get_bool("snapped") and board.get_int("posts") == 2   # _post: either way
+        # the first run skipped one snapshot and deleted; the second snapshotted both, and
+        # _failureIf failed the delete without calling it
+        assert not trees.errors
+        assert _ops(calls()) == [("snapshot", "ok"), ("delete_capsule", "ok"),
+                                 ("snapshot", "ok"), ("snapshot", "ok")]
+    finally:
+        trees.shutdown()
+    _delete(ros, policy_node, "special-skipped", "special-kept")
+
+
+def _delete(ros, policy_node, *names):
+    """Delete capsules a test made on the module's policy node."""
+    from py_trees.common import Status
+
+    from flashrt_ros.bt import behaviours as b
+    for name in names:
+        assert run(b.DeleteCapsule(name=name, policy=policy_node), ros.node) == Status.SUCCESS
+
+
+EXPLICIT_TREE = """
+<BehaviorTree ID="Explicit">
+  <Sequence>
+    <Action ID="SnapshotCapsule" service_name="/flashrt_policy/snapshot"
+            capsule_name="explicit" pin="True"/>
+    <Action ID="CapsulePresent" name="look" service_name="/flashrt_policy/list_capsules"
+            capsule_name="explicit" _onSuccess="present := true"/>
+    <RetryUntilSuccessful num_attempts="100">
+      <Delay delay_msec="50">
+        <Condition ID="StepReached" topic_name="/flashrt_policy/status" n="0"/>
+      </Delay>
+    </RetryUntilSuccessful>
+    <Action ID="DeleteCapsule" service_name="/flashrt_policy/delete_capsule"
+            capsule_name="explicit"/>
+  </Sequence>
+</BehaviorTree>"""
+
+
+def test_the_explicit_form_runs_like_the_short_one(tmp_path, ros, policy_node):
+    import behaviortreepy as btcpp
+
+    from flashrt_ros.bt import btcpp as adapter
+    trees = adapter.XmlTrees(_file_with_trees(tmp_path, EXPLICIT_TREE), policy=policy_node)
+    assert trees.kinds == {"SnapshotCapsule#1": "SnapshotCapsule",
+                           "CapsulePresent#1": "CapsulePresent", "StepReached#1": "StepReached",
+                           "DeleteCapsule#1": "DeleteCapsule"}
+    assert trees.ports["SnapshotCapsule#1"]["pin"] == "True"
+    trees.setup(ros.node)
+    try:
+        tree = trees.create_tree("Explicit")
+        assert adapter.run(tree, TREE_S) == btcpp.NodeStatus.SUCCESS, trees.errors
+        assert not trees.errors and tree.root_blackboard().get_bool("present")
+        assert _ops(calls()) == [("snapshot", "ok"), ("list_capsules", "ok"),
+                                 ("delete_capsule", "ok")]
+    finally:
+        trees.shutdown()
+
+
+def test_an_include_is_refused_with_what_to_do(tmp_path):
+    from flashrt_ros.bt.btcpp import XmlTrees
+    (tmp_path / "other.xml").write_text('<root BTCPP_format="4"><BehaviorTree ID="Other">'
+                                        '<AlwaysSuccess/></BehaviorTree></root>')
+    path = _file_with_trees(tmp_path, '<BehaviorTree ID="T"><SubTree ID="Other"/></BehaviorTree>')
+    text = open(path).read().replace("<BehaviorTree", '<include path="other.xml"/><BehaviorTree', 1)
+    with open(path, "w") as f:
+        f.write(text)
+    with pytest.raises(ValueError, match=r"expected .*, found include .*other\.xml.*; inline the "
+                                         r"included tree"):
+        XmlTrees(path)
+
+
+def test_a_subtree_entry_of_the_model_declares_ports_for_btcpp(tmp_path):
+    from flashrt_ros.bt.btcpp import XmlTrees
+    path = _file_with_trees(tmp_path, """
+        <BehaviorTree ID="Outer"><SubTree ID="Inner" what="{outer}"/></BehaviorTree>
+        <BehaviorTree ID="Inner">
+          <DeleteCapsule service_name="/flashrt_policy/delete_capsule" capsule_name="{what}"/>
+        </BehaviorTree>""", models='<SubTree ID="Inner"><input_port name="what"/></SubTree>')
+    trees = XmlTrees(path)
+    assert "Inner" not in trees.models and trees.kinds == {"DeleteCapsule#1": "DeleteCapsule"}
+    trees.create_tree("Outer")                   # BT.CPP instantiates it (nothing is ticked)
+
+
+@pytest.mark.parametrize("attributes, words", [
+    ('topic_name="/flashrt_policy/status"', r"PolicyHealthy#1: expected a literal "
+     r"max_deadline_misses \(a uint64_t\), found no value; set it in the XML"),
+    ('topic_name="/flashrt_policy/status" max_deadline_misses="{k}"', r"PolicyHealthy#1: expected "
+     r"a literal max_deadline_misses \(a uint64_t\), found the blackboard entry \{k\}; set it"),
+    ('topic_name="/flashrt_policy/status" max_deadline_misses="ten"', r"PolicyHealthy#1 port "
+     r"max_deadline_misses: expected a uint64_t, found 'ten'"),
+    ('topic_name="{topic}" max_deadline_misses="10"', r"PolicyHealthy#1: expected a literal "
+     r"topic_name \(a name ending in /status\), found the blackboard entry \{topic\}"),
+])
+def test_a_port_the_behaviours_take_when_built_must_be_a_literal(tmp_path, ros, attributes, words):
+    from flashrt_ros.bt.btcpp import XmlTrees
+    trees = XmlTrees(_file_with_trees(tmp_path, f"""
+        <BehaviorTree ID="T"><PolicyHealthy {attributes}/></BehaviorTree>"""))
+    with pytest.raises(ValueError, match=words):
+        trees.setup(ros.node)
+    assert trees._runs == {}                         # nothing was set up on the node

@@ -17,9 +17,13 @@ its arm error and keep the scores as JSON text on the BT.CPP blackboard.
 
 Ports. behaviortreepy 0.1.4 registers a Python node without ports (its `register_simple_*` pass
 no PortsList to BT.CPP), and BT.CPP refuses an XML attribute that is not a declared port. So
-`XmlTrees` hands BT.CPP the XML with the attributes of the model's nodes taken out: each such
-element gets a unique instance name (`name="SnapshotCapsule#3"`) and its attributes stay here,
-checked against the TreeNodesModel (an undeclared one is refused, as BT.CPP would). A node reads
+`XmlTrees` hands BT.CPP the XML with the ports of the model's nodes taken out: each such element
+(`<SnapshotCapsule .../>`, or the explicit `<Action ID="SnapshotCapsule" .../>`) gets a unique
+instance name (`name="SnapshotCapsule#3"`) and its ports stay here, checked against the
+TreeNodesModel (an undeclared one is refused, as BT.CPP would). BT.CPP's own attributes, those
+starting with `_` (`_skipIf`, `_onSuccess`, `_post`, ...), stay on the element for BT.CPP. The
+model's `<SubTree>` entries (Groot's declarations of a subtree's ports) are BT.CPP's business and
+skipped here; an `<include>` is refused, since only this file's elements are rewritten. A node reads
 its ports by its instance name: a literal (or the model's default), converted to the port's type,
 or a `{key}` read from or written to the node's BT.CPP blackboard (`config().blackboard`, the
 subtree's own, which follows the subtree's remapping as BT.CPP's getInput/setOutput do). That is
@@ -38,6 +42,7 @@ the nodes here also keep it in `XmlTrees.errors` and in behaviours.ERROR_KEY.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 import traceback
@@ -65,6 +70,9 @@ CAPSULE_NODES = {
 STATUS_NODES = {"StepReached", "PolicyHealthy"}
 APPLICATION_NODES = {"RunSteps", "ScoreBranch", "ChooseBest"}
 
+# tags of BT.CPP's explicit form, <Action ID="SnapshotCapsule" .../>: the ID is the node's type
+EXPLICIT_TAGS = ("Action", "Condition", "Control", "Decorator")
+
 _TO_STATUS = {Status.SUCCESS: btcpp.NodeStatus.SUCCESS, Status.FAILURE: btcpp.NodeStatus.FAILURE,
               Status.RUNNING: btcpp.NodeStatus.RUNNING}
 
@@ -82,26 +90,39 @@ class Port:
     default: str | None
 
 
+# the spellings BT.CPP's convertFromString<bool> takes
+_BOOLS = {"true": True, "True": True, "TRUE": True, "1": True,
+          "false": False, "False": False, "FALSE": False, "0": False}
+
+
 def _parse_literal(text: str, cpp_type: str, where: str):
     if cpp_type == "std::string" or cpp_type.startswith("std::shared_ptr"):
         return text
     if cpp_type == "bool":
-        if text in ("true", "1"):
-            return True
-        if text in ("false", "0"):
-            return False
-        raise ValueError(f"{where}: expected true or false, found {text!r}")
+        if text in _BOOLS:
+            return _BOOLS[text]
+        raise ValueError(f"{where}: expected a bool (true, True, TRUE or 1; false, False, FALSE "
+                         f"or 0), found {text!r}")
     try:
         return float(text) if cpp_type in ("float", "double") else int(text)
     except ValueError:
         raise ValueError(f"{where}: expected a {cpp_type}, found {text!r}") from None
 
 
-def _pointer(value: str) -> str | None:
-    """The blackboard key of a `{key}` port value, or None for a literal."""
-    if len(value) > 2 and value[0] == "{" and value[-1] == "}":
-        return value[1:-1]
+def _entry(value: str | None, port: str) -> str | None:
+    """The blackboard key that value `value` of port `port` names: `{key}`'s key (`{=}`: the
+    port's own name); None for a literal or no value."""
+    if value is not None and len(value) > 2 and value[0] == "{" and value[-1] == "}":
+        key = value[1:-1]
+        return port if key == "=" else key
     return None
+
+
+def _node_id(element) -> str:
+    """The node type of a tree element: its tag, or the ID of the explicit form."""
+    if element.tag in EXPLICIT_TAGS:
+        return element.get("ID", "")
+    return element.tag
 
 
 class XmlTrees:
@@ -122,10 +143,17 @@ class XmlTrees:
         models = root.find("TreeNodesModel")
         if models is None:
             raise ValueError(f"{path}: expected a <TreeNodesModel> declaring the nodes' ports, found none")
-        self.models = {m.get("ID"): (m.tag, {p.get("name"): Port(p.get("name"), p.tag, p.get("type", ""),
+        # a <SubTree> entry declares a subtree's ports for Groot; BT.CPP remaps those itself
+        self.models = {m.get("ID"): (m.tag, {p.get("name"): Port(p.get("name"), p.tag,
+                                                                  p.get("type", ""),
                                                                   p.get("default"))
                                               for p in m})
-                       for m in models}
+                       for m in models if m.tag != "SubTree"}
+        include = root.find(".//include")
+        if include is not None:
+            raise ValueError(f"{path}: expected every tree in this one file, found include "
+                             f"(path={include.get('path')!r}); inline the included tree (the "
+                             f"ports of its nodes would reach BT.CPP unrewritten)")
         self.policy, self.application = policy.rstrip("/"), application
         self.service = dict(service or {})
         self.ports: dict[str, dict[str, str]] = {}       # instance name -> port -> XML value
@@ -134,27 +162,35 @@ class XmlTrees:
         count: dict[str, int] = {}
         for tree in root.findall("BehaviorTree"):
             for e in tree.iter():
-                if e.tag not in self.models:
+                node_id = _node_id(e)
+                if node_id not in self.models:
                     continue
-                count[e.tag] = count.get(e.tag, 0) + 1
-                instance = f"{e.tag}#{count[e.tag]}"
-                declared = self.models[e.tag][1]
-                undeclared = sorted(set(e.attrib) - set(declared) - {"name"})
+                count[node_id] = count.get(node_id, 0) + 1
+                instance = f"{node_id}#{count[node_id]}"
+                declared = self.models[node_id][1]
+                # `_skipIf`, `_onSuccess` and the like are BT.CPP's, on every node: they stay
+                special = {k: v for k, v in e.attrib.items() if k.startswith("_")}
+                given = {k: v for k, v in e.attrib.items() if k not in special and k != "name"
+                         and not (k == "ID" and e.tag in EXPLICIT_TAGS)}
+                undeclared = sorted(set(given) - set(declared))
                 if undeclared:
-                    raise ValueError(f"{path}: <{e.tag}> in tree {tree.get('ID')!r} has attribute(s) "
-                                     f"{undeclared} that its TreeNodesModel entry does not declare "
-                                     f"(ports: {sorted(declared)})")
+                    raise ValueError(f"{path}: <{node_id}> in tree {tree.get('ID')!r} has "
+                                     f"attribute(s) {undeclared} that its TreeNodesModel entry "
+                                     f"does not declare (ports: {sorted(declared)})")
                 values = {p.name: p.default for p in declared.values() if p.default is not None}
-                values.update({k: v for k, v in e.attrib.items() if k != "name"})
+                values.update(given)
                 for port in declared.values():
                     if port.direction != "input_port" and port.name in values \
-                            and _pointer(values[port.name]) is None:
-                        raise ValueError(f"{path}: <{e.tag}> port {port.name!r} is an output; "
+                            and _entry(values[port.name], port.name) is None:
+                        raise ValueError(f"{path}: <{node_id}> port {port.name!r} is an output; "
                                          f"expected a blackboard entry like {{key}}, found "
                                          f"{values[port.name]!r}")
-                self.ports[instance], self.kinds[instance] = values, e.tag
+                self.ports[instance], self.kinds[instance] = values, node_id
                 e.attrib.clear()
+                if e.tag in EXPLICIT_TAGS:
+                    e.set("ID", node_id)
                 e.set("name", instance)
+                e.attrib.update(special)
         self.text = ET.tostring(root, encoding="unicode")
         self.factory = btcpp.BehaviorTreeFactory()
         self._runs: dict[str, py_trees.behaviour.Behaviour] = {}    # instance -> what it runs
@@ -182,9 +218,13 @@ class XmlTrees:
         self.factory.register_behavior_tree_from_text(self.text)
 
     def setup(self, node) -> None:
-        """Build each element's behaviours and set them up with rclpy node `node` (spun elsewhere)."""
-        for instance, node_id in self.kinds.items():
-            run = self._build(instance, node_id)
+        """Build each element's behaviours and set them up with rclpy node `node` (spun elsewhere).
+
+        Every element is built before any is set up: a port the XML gets wrong raises before
+        anything is created on `node`."""
+        runs = {instance: self._build(instance, node_id)
+                for instance, node_id in self.kinds.items()}
+        for instance, run in runs.items():
             if run is not None:
                 for behaviour in run.iterate():
                     behaviour.setup(node=node)
@@ -205,9 +245,19 @@ class XmlTrees:
     def _from_bb(self, instance, port):
         return b.FromBlackboard(self._key(instance, port))
 
+    def _literal(self, instance, port, what):
+        """The XML text of port `port`, one the behaviours take when they are built (`what` it
+        should be), so a literal: BT.CPP's blackboard entries exist only once a tree is ticked."""
+        raw = self.ports[instance].get(port)
+        if raw is None or _entry(raw, port) is not None:
+            found = "no value" if raw is None else f"the blackboard entry {raw}"
+            raise ValueError(f"{instance}: expected a literal {port} ({what}), found {found}; "
+                             f"set it in the XML")
+        return raw
+
     def _target(self, instance, port, suffix):
         """The policy node a service_name/topic_name names, with `/flashrt_policy` replaced."""
-        name = self.ports[instance].get(port, "")
+        name = self._literal(instance, port, f"a name ending in /{suffix}")
         if not name.endswith("/" + suffix):
             raise ValueError(f"{instance}: expected {port} ending in /{suffix}, found {name!r}")
         target = name[: -len(suffix) - 1]
@@ -216,7 +266,7 @@ class XmlTrees:
     def _build(self, instance, node_id):
         ports, app = self.ports[instance], self.application
         world = app.world if app is not None else None
-        fb = lambda port: self._from_bb(instance, port)    # noqa: E731
+        fb = functools.partial(self._from_bb, instance)     # port -> its FromBlackboard
         if node_id in CAPSULE_NODES:
             cls = CAPSULE_NODES[node_id]
             fields = {f: fb(port_of(f)) for f in cls.srv_type.Request.get_fields_and_field_types()
@@ -228,7 +278,7 @@ class XmlTrees:
                 call = cls(fb("capsule_name"), **kw, **fields)
             else:
                 call = cls(**kw, **fields)
-            before = self._world_step(node_id, instance, world)
+            before = self._world_step(node_id, instance, world, fb)
             if before is None:
                 return call
             return py_trees.composites.Sequence(instance, memory=True, children=[before, call])
@@ -236,7 +286,8 @@ class XmlTrees:
             return b.StepReached(fb("n"), label=instance,
                                  policy=self._target(instance, "topic_name", "status"))
         if node_id == "PolicyHealthy":
-            misses = _parse_literal(ports["max_deadline_misses"], "uint64_t", instance)
+            raw = self._literal(instance, "max_deadline_misses", "a uint64_t")
+            misses = _parse_literal(raw, "uint64_t", f"{instance} port max_deadline_misses")
             return b.DeadlineHealthy(misses, label=instance,
                                      policy=self._target(instance, "topic_name", "status"))
         if node_id == "RunSteps":
@@ -247,11 +298,11 @@ class XmlTrees:
             return RunSimSteps(world, label=instance, **{which: fb(which)})
         return None                                  # ScoreBranch, ChooseBest: SimApplication
 
-    def _world_step(self, node_id, instance, world):
-        """The world's move that goes with a capsule operation (None: none, or no world)."""
+    def _world_step(self, node_id, instance, world, fb):
+        """The world's move that goes with a capsule operation (None: none, or no world); `fb`
+        makes the FromBlackboard of one of the instance's ports."""
         if world is None:
             return None
-        fb = lambda port: self._from_bb(instance, port)    # noqa: E731
         sigma = self.application.explore
         if node_id == "SnapshotCapsule":
             return SaveWorld(world, fb("capsule_name"), label=f"{instance} world")
@@ -273,10 +324,9 @@ class XmlTrees:
         raw = self.ports[instance].get(port)
         if raw is None:
             raise KeyError(f"{instance}: input port {port!r} is not set in the XML and has no default")
-        key = _pointer(raw)
+        key = _entry(raw, port)
         if key is None:
             return _parse_literal(raw, model.type, f"{instance} port {port}")
-        key = port if key == "=" else key
         bb, t = node.config().blackboard, model.type
         try:
             if t == "bool":
@@ -293,10 +343,9 @@ class XmlTrees:
         """Output `port` of `node`, if the XML connects it to a blackboard entry."""
         instance = node.name()
         raw = self.ports[instance].get(port)
-        key = _pointer(raw) if raw is not None else None
+        key = _entry(raw, port)
         if key is None:
             return
-        key = port if key == "=" else key
         bb = node.config().blackboard
         if isinstance(value, bool):
             bb.set_bool(key, value)
