@@ -31,6 +31,15 @@ def main(argv=None) -> int:
     except BagError as e:
         print(f"flashrt-ros bag {args.verb}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        what = e.filename or args.bag
+        need = ("write access to the bag directory (recover writes a temporary directory, the "
+                "new file and metadata.yaml into it)" if args.verb == "recover" else
+                "read access to the bag directory and its files")
+        print(f"flashrt-ros bag {args.verb}: cannot read/write {what}: {e.strerror or e}; "
+              f"expected {need}; fix the permissions, or copy the bag somewhere writable",
+              file=sys.stderr)
+        return 2
     if not done:
         print(f"{args.bag}: complete already (metadata.yaml and finished files); nothing to do")
     for r in done:

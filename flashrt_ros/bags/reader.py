@@ -12,10 +12,14 @@ MCAP files are read with the `mcap` library, whatever their channels' metadata h
 
 An MCAP file without its footer (a recorder that was killed) is refused with what it holds and
 the command that recovers it (`flashrt-ros bag recover`); `scan_torn` reads what such a file
-holds up to the torn record, for that command. Imports no rclpy.
+holds up to the torn record, for that command. A file without a footer that a recorder still
+writes (McapBagWriter holds an exclusive `flock` on it until it closes) is refused as being
+recorded, and a `.mcap` file that does not start with the MCAP magic as not MCAP at all.
+Imports no rclpy.
 """
 from __future__ import annotations
 
+import fcntl
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +66,7 @@ class Bag:
     start_ns: int = 0
     end_ns: int = 0
     has_metadata: bool = False        # a metadata.yaml was there
+    file_times: list = field(default_factory=list)   # (first, last log time) per mcap file
 
     def messages(self, topics=None):
         """Every message (of `topics`, BagTopic list) in log-time order within each file."""
@@ -82,7 +87,10 @@ class Bag:
     def summary(self) -> rosbag2.BagSummary:
         import dataclasses
         merged = {}
+        per_file = [0] * len(self.files)
         for t in self.topics:                  # split files repeat their channels
+            if isinstance(t.id, tuple):        # mcap: (file index, channel id)
+                per_file[t.id[0]] += t.count
             s = merged.setdefault((t.topic, t.msgtype), rosbag2.TopicSummary(
                 t.topic, t.msgtype, t.type_hash, rosbag2.parse_qos(t.offered_qos), 0,
                 t.serialization_format))
@@ -90,6 +98,8 @@ class Bag:
         return rosbag2.BagSummary(self.storage, [p.name for p in self.files],
                                   [dataclasses.replace(s) for s in merged.values()],
                                   self.start_ns, self.end_ns, dict(self.custom), self.distro,
+                                  file_counts=per_file if self.storage == "mcap" else [],
+                                  file_times=list(self.file_times),
                                   size=sum(p.stat().st_size for p in self.files))
 
     def found(self) -> str:
@@ -153,10 +163,20 @@ def _metadata(bag_dir: Path) -> dict:
         info = rosbag2.read_metadata(bag_dir)
         storage = info["storage_identifier"]
         files = [Path(f).name if "/" not in f else f for f in info.get("relative_file_paths") or []]
+        custom = {str(k): str(v) for k, v in (info.get("custom_data") or {}).items()}
+        distro = str(info.get("ros_distro") or "")
+        hashes = {}
+        for t in info.get("topics_with_message_count") or []:
+            topic = t["topic_metadata"]
+            hashes[str(topic["name"])] = str(topic.get("type_description_hash") or "")
     except Exception as e:  # noqa: BLE001 - yaml and the mapping fail in several ways
         raise BagError(f"bag {bag_dir}: metadata.yaml is not rosbag2 metadata ({type(e).__name__}:"
                        f" {e}); expected a `rosbag2_bagfile_information` mapping with a "
-                       f"storage_identifier") from None
+                       f"storage_identifier, relative_file_paths a list of file names, "
+                       f"custom_data a mapping and topics_with_message_count a list of "
+                       f"{{topic_metadata: {{name: ..., type: ...}}, message_count: ...}}; "
+                       f"fix metadata.yaml, or move it away and run `flashrt-ros bag recover "
+                       f"{bag_dir}` to write it anew from the .mcap files") from None
     if storage not in rosbag2.STORAGE_SUFFIX:
         raise BagError(f"bag {bag_dir}: storage {storage!r} is not supported; expected one of "
                        f"{sorted(rosbag2.STORAGE_SUFFIX)}; convert the bag on a ROS machine with "
@@ -165,16 +185,19 @@ def _metadata(bag_dir: Path) -> dict:
     if odd:
         raise BagError(f"bag {bag_dir}: metadata.yaml says storage {storage!r} but lists {odd}; "
                        f"expected {rosbag2.STORAGE_SUFFIX[storage]} files")
-    return {"storage_identifier": storage, "files": files,
-            "custom": {str(k): str(v) for k, v in (info.get("custom_data") or {}).items()},
-            "distro": str(info.get("ros_distro") or ""),
-            "hashes": {t["topic_metadata"]["name"]: t["topic_metadata"].get(
-                "type_description_hash", "") for t in info.get("topics_with_message_count") or []
-                if isinstance(t, dict) and "topic_metadata" in t}}
+    return {"storage_identifier": storage, "files": files, "custom": custom, "distro": distro,
+            "hashes": hashes}
 
 
 def _torn(path: Path) -> bool:
+    """Whether the MCAP file `path` lacks its footer (an unfinished recording). A zero-length
+    file counts as torn; a file that starts with anything but the MCAP magic is a BagError."""
     with open(path, "rb") as f:
+        head = f.read(len(MCAP_MAGIC))
+        if head != MCAP_MAGIC[:len(head)]:
+            raise BagError(f"{path} is not an MCAP file (starts with {head!r}); expected a file "
+                           f"starting with the MCAP magic {MCAP_MAGIC!r}; move it out of the bag "
+                           f"directory, or give it another name than .mcap")
         size = f.seek(0, 2)
         if size < 2 * len(MCAP_MAGIC):
             return True
@@ -182,25 +205,54 @@ def _torn(path: Path) -> bool:
         return f.read() != MCAP_MAGIC
 
 
+def being_recorded(f) -> bool:
+    """Whether a writer holds its lock on the open file `f` (McapBagWriter's exclusive flock,
+    held until it closes the file). Takes a shared lock when none does: it lasts until `f` is
+    closed, so no writer can start on the file meanwhile."""
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    return False
+
+
+def recording_error(what: str, path: Path) -> BagError:
+    return BagError(f"{what}: {path.name} is being recorded now (a recorder holds its lock and has "
+                    f"not written the MCAP footer yet); expected a finished recording; stop the "
+                    f"recorder first: it finishes the file and writes metadata.yaml, and the bag "
+                    f"then opens as it is, with nothing to recover")
+
+
+def recover_target(path: Path) -> Path:
+    """What `flashrt-ros bag recover` takes for `path`: its bag directory."""
+    return path.parent if path.is_file() else path
+
+
 def _open_mcap(bag_dir: Path, files, meta) -> Bag:
     from mcap.reader import make_reader
     bag = Bag(bag_dir, "mcap", files, [], dict(meta.get("custom", {})), meta.get("distro", ""),
               has_metadata=bool(meta))
     hashes = meta.get("hashes", {})
+    target = recover_target(bag_dir)
     for i, path in enumerate(files):
         if _torn(path):
+            with open(path, "rb") as f:
+                if being_recorded(f):
+                    raise recording_error(f"bag {bag_dir}", path)
             scan = scan_torn(path)
             raise BagError(f"bag {bag_dir}: {path.name} ends without the MCAP footer: an "
                            f"unfinished recording (the recorder was killed, or the copy is cut "
                            f"short). It holds {scan.describe()}. Expected a complete .mcap file; "
-                           f"run `flashrt-ros bag recover {bag_dir}` to make it one")
+                           f"run `flashrt-ros bag recover {target}` to make it one")
         try:
             with open(path, "rb") as f:
                 reader = make_reader(f)
                 summary = reader.get_summary()
                 if summary is None:            # complete, but written without a summary
                     summary = _summary_of_scan(scan_torn(path))
-                counts = summary.statistics.channel_message_counts if summary.statistics else {}
+                elif summary.statistics is None:   # a summary without a Statistics record
+                    summary.statistics = _summary_of_scan(scan_torn(path)).statistics
+                counts = summary.statistics.channel_message_counts
                 for cid, ch in summary.channels.items():
                     schema = summary.schemas.get(ch.schema_id)
                     bag.topics.append(BagTopic(
@@ -209,11 +261,14 @@ def _open_mcap(bag_dir: Path, files, meta) -> Bag:
                         ch.metadata.get(rosbag2.HASH_KEY) or hashes.get(ch.topic, ""),
                         ch.metadata.get(rosbag2.QOS_KEY, ""), int(counts.get(cid, 0)),
                         ch.message_encoding))
-                if summary.statistics and summary.statistics.message_count:
-                    st = summary.statistics
+                st = summary.statistics
+                if st.message_count:
                     bag.start_ns = min(bag.start_ns or st.message_start_time,
                                        st.message_start_time)
                     bag.end_ns = max(bag.end_ns, st.message_end_time)
+                    bag.file_times.append((st.message_start_time, st.message_end_time))
+                else:
+                    bag.file_times.append((0, 0))
                 if not bag.custom:
                     bag.custom.update(_custom_from_mcap(reader))
                 if not bag.distro:
@@ -223,7 +278,7 @@ def _open_mcap(bag_dir: Path, files, meta) -> Bag:
         except Exception as e:  # noqa: BLE001 - the mcap library raises several types
             raise BagError(f"bag {bag_dir}: cannot read {path.name} ({type(e).__name__}: {e}); "
                            f"expected a complete mcap file - it is truncated or corrupt. "
-                           f"Re-record, or try `flashrt-ros bag recover {bag_dir}`") from None
+                           f"Re-record, or try `flashrt-ros bag recover {target}`") from None
     return bag
 
 

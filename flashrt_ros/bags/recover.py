@@ -11,16 +11,21 @@ file replaces it only once it is complete (written under a temporary name, then 
 
 A bag that is complete but has no metadata.yaml (one written by mcap_ros2, or copied without
 it) only gets its metadata.yaml, as `ros2 bag reindex` would write it.
+
+A bag being recorded now (McapBagWriter holds an exclusive flock on its file until it closes) is
+refused before anything is touched, and so is a `.mcap` file that is not MCAP at all. While it
+works, `recover` holds a shared lock on each file it rewrites.
 """
 from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from flashrt_ros.bags import rosbag2
-from flashrt_ros.bags.reader import _torn, open_bag, scan_torn
+from flashrt_ros.bags.reader import _torn, being_recorded, open_bag, recording_error, scan_torn
 from flashrt_ros.bags.types import BagError
 
 UNFINISHED = ".unfinished"
@@ -55,11 +60,16 @@ def recover(bag_dir) -> list:
         found = sorted(p.name for p in bag_dir.iterdir())
         raise BagError(f"bag recover {bag_dir}: expected .mcap files in it, found {found}")
     done = []
-    for path in files:
-        if not _torn(path):
-            continue
-        scan = scan_torn(path)
-        done.append(_rewrite(path, scan))
+    with ExitStack() as locks:
+        torn = []
+        for path in files:                    # every file checked before any is touched
+            if not _torn(path):
+                continue
+            if being_recorded(locks.enter_context(open(path, "rb"))):
+                raise recording_error(f"bag recover {bag_dir}", path)
+            torn.append(path)
+        for path in torn:
+            done.append(_rewrite(path, scan_torn(path)))
     if done or not (bag_dir / rosbag2.METADATA_FILE).exists():
         s = open_bag(bag_dir).summary()
         rosbag2.write_metadata(bag_dir, s)

@@ -60,6 +60,7 @@ class BagSummary:
     custom: dict = field(default_factory=dict)
     distro: str = ""
     file_counts: list = field(default_factory=list)   # messages per file (default: all in one)
+    file_times: list = field(default_factory=list)    # (first, last log time) per file
     size: int = 0                        # bytes of the storage files
 
     @property
@@ -75,6 +76,7 @@ def metadata(s: BagSummary) -> dict:
     """The `metadata.yaml` mapping in rosbag2's key order (version 9)."""
     start = s.start_ns if s.count else 0
     counts = s.file_counts or [s.count] + [0] * (len(s.files) - 1)
+    times = s.file_times or [(s.start_ns, s.end_ns)] + [(0, 0)] * (len(s.files) - 1)
     info = {
         "version": METADATA_VERSION,
         "storage_identifier": s.storage,
@@ -90,9 +92,10 @@ def metadata(s: BagSummary) -> dict:
         "compression_format": "",
         "compression_mode": "",
         "relative_file_paths": list(s.files),
-        "files": [{"path": f, "starting_time": {"nanoseconds_since_epoch": start},
-                   "duration": {"nanoseconds": s.duration_ns}, "message_count": n}
-                  for f, n in zip(s.files, counts)],
+        "files": [{"path": f, "starting_time": {"nanoseconds_since_epoch": first if n else 0},
+                   "duration": {"nanoseconds": max(0, last - first) if n else 0},
+                   "message_count": n}
+                  for f, n, (first, last) in zip(s.files, counts, times)],
         "custom_data": dict(s.custom) or None,
         "ros_distro": s.distro or ros_distro(),
     }

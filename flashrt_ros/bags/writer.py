@@ -14,7 +14,10 @@ Crash safety, because a recorder can be killed (SIGKILL, power, an OOM killer) a
   * custom data (the recorded node, its parameters) goes into MCAP metadata records named
     `rosbag2.CUSTOM_RECORD` as soon as it is known, so a recovered bag keeps it;
   * data is flushed to the operating system, which keeps it when the process dies; `fsync` (for a
-    power cut) is left to the file system's own write-back.
+    power cut) is left to the file system's own write-back;
+  * the writer holds an exclusive `flock` on the MCAP file from its creation until `close()`, so
+    `bag recover` and the readers tell a file being recorded now from one a killed recorder left
+    (the kernel drops the lock when the process dies).
 What a killed recorder leaves - an MCAP file without its summary and footer, and no
 metadata.yaml - `flashrt-ros bag recover` (flashrt_ros.bags.recover) turns into a complete bag.
 
@@ -22,6 +25,7 @@ One thread: the recorder's executor calls every method, so nothing here locks.
 """
 from __future__ import annotations
 
+import fcntl
 import time
 from pathlib import Path
 
@@ -51,6 +55,7 @@ class McapBagWriter:
             self.dir.mkdir(parents=True)
             self.path = rosbag2.storage_file(self.dir)
             self._file = open(self.path, "xb")
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
         except OSError as e:
             raise BagError(f"cannot create the bag {self.dir}: {e.strerror or e}; expected a path "
                            f"that does not exist yet") from None
@@ -145,7 +150,7 @@ class McapBagWriter:
         inner = rosbag2.dump(rosbag2.metadata(s)["rosbag2_bagfile_information"])
         self._mcap.add_metadata(rosbag2.MCAP_RECORD, {"serialized_metadata": inner})
         self._mcap.finish()
-        self._file.close()
+        self._file.close()            # releases the lock: the file is complete
         s.size = self.path.stat().st_size
         rosbag2.write_metadata(self.dir, s)
         return s

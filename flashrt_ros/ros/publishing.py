@@ -18,23 +18,46 @@ when it is written. Two measures, used on both sides:
 """
 from __future__ import annotations
 
+import copy
 import time
 
-from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
+from rclpy.duration import Duration
+from rclpy.qos import (QoSCompatibility, QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile,
+                       QoSReliabilityPolicy, qos_check_compatible)
 
 from flashrt_ros.ros.waiting import wait_for
 
 SETTLE_S = 0.5
+INFINITE_NS = 2**63 - 1
 
 LATCHED = QoSProfile(depth=1, history=QoSHistoryPolicy.KEEP_LAST,
                      reliability=QoSReliabilityPolicy.RELIABLE,
                      durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
 
 
+def _subscription(s) -> str:
+    return (f"{s.node_namespace.rstrip('/')}/{s.node_name} "
+            f"({s.qos_profile.reliability.name.lower()}, {s.qos_profile.durability.name.lower()})")
+
+
+def _comparable(qos: QoSProfile) -> QoSProfile:
+    """`qos` with infinite durations as unset: the graph reports an unset deadline, lifespan or
+    liveliness lease as infinite (2**63 - 1 ns), a profile made here holds 0, and
+    qos_check_compatible takes only 0 for "none"."""
+    out = copy.copy(qos)
+    for name in ("deadline", "lifespan", "liveliness_lease_duration"):
+        if getattr(out, name).nanoseconds >= INFINITE_NS:
+            setattr(out, name, Duration())
+    return out
+
+
 def unmatched(node, publisher, at_least: int = 1) -> list:
-    """The subscriptions on the publisher's topic in the graph it has not matched yet, as
-    'node (QoS)' strings; ['(none)'] while it has matched none at all, and a count of the missing
-    ones while it has matched fewer than `at_least`."""
+    """What keeps the publisher from having matched every subscription on its topic the graph
+    shows, as strings; [] when nothing does. ['(none)'] while it has matched none at all, a count
+    of the missing ones while it has matched fewer than `at_least`; otherwise the subscriptions
+    whose QoS the publisher cannot serve, each with the reason, or, where every one is
+    compatible (discovery still under way), 'matched N of M' and all of them (the publisher's
+    count does not say which ones it matched)."""
     subs = node.get_subscriptions_info_by_topic(publisher.topic_name)
     matched = publisher.get_subscription_count()
     if matched == 0:
@@ -43,8 +66,16 @@ def unmatched(node, publisher, at_least: int = 1) -> list:
         return [f"{at_least - matched} more of the {at_least} subscriptions asked for"]
     if matched >= len(subs):
         return []
-    return [f"{s.node_namespace.rstrip('/')}/{s.node_name} ({s.qos_profile.reliability.name.lower()}"
-            f", {s.qos_profile.durability.name.lower()})" for s in subs][matched:]
+    incompatible = []
+    for s in subs:
+        compatibility, reason = qos_check_compatible(_comparable(publisher.qos_profile),
+                                                     _comparable(s.qos_profile))
+        if compatibility == QoSCompatibility.ERROR:
+            incompatible.append(f"{_subscription(s)}: incompatible QoS, "
+                                f"{reason.removeprefix('ERROR: ').rstrip(';')}")
+    if incompatible:
+        return incompatible
+    return [f"matched {matched} of {len(subs)}: {', '.join(_subscription(s) for s in subs)}"]
 
 
 def wait_for_subscribers(node, publisher, timeout: float, idle, at_least: int = 1,
@@ -58,9 +89,12 @@ def wait_for_subscribers(node, publisher, timeout: float, idle, at_least: int = 
         at_least: subscriptions that must be matched whatever the graph shows so far: a caller
             that knows who listens (the node and a recorder: 2) need not trust SETTLE_S.
         hint: what the error adds when no subscriber showed up at all (why one may be missing).
+    Returns normally at the deadline as well when everything the graph shows is matched then
+    (the set changed within SETTLE_S of the deadline, or `timeout` < SETTLE_S).
+
     Raises:
-        TimeoutError: naming the topic and the subscriptions still unmatched (a subscription
-            whose QoS the publisher cannot serve stays unmatched).
+        TimeoutError: naming the topic and what is still unmatched (a subscription whose QoS the
+            publisher cannot serve stays unmatched: those are named with the reason).
     """
     seen = {"since": 0.0, "subscriptions": -1}     # when the matched set last changed
 
@@ -75,8 +109,11 @@ def wait_for_subscribers(node, publisher, timeout: float, idle, at_least: int = 
         wait_for(settled, timeout, "", interval=0.02, idle=idle)
     except TimeoutError:
         left = unmatched(node, publisher, at_least)
+        if not left:
+            return
         why = hint or "is the node running, with the same ROS_DOMAIN_ID?"
         what = (f"no subscriber at all ({why})" if left == ["(none)"] else
-                f"not matched: {', '.join(left)} (incompatible QoS?)")
+                f"not matched: {'; '.join(left)}; match the subscriptions' QoS, or wait longer "
+                f"for discovery")
         raise TimeoutError(f"subscribers of {publisher.topic_name} within {timeout:g} s: "
                            f"{what}") from None
