@@ -220,13 +220,14 @@ class Attention(nn.Module):
             gate = p[:2 * H * D].view(H, 2 * D)[:, D:]
             o = fused_kernels.decode_attention(q, gate, kv, arena.meta)
             return F.linear(o.view(1, H * D), self.o_proj.weight)
-        qg = p[:, :2 * H * D].view(T, H, 2 * D)
-        gate = qg[..., D:]                                                      # [T, H, D]
-        new = p[:, 2 * H * D:].view(T, 2, Hkv, D)                               # k | v
-        qk = torch.cat([qg[..., :D], new[:, 0]], dim=1)                         # [T, H+Hkv, D]
+        # splits and unbinds: one operation each, where slices take one per axis
+        qg, new = p.split((2 * H * D, 2 * Hkv * D), dim=-1)
+        query, gate = qg.view(T, H, 2, D).unbind(2)                             # [T, H, D] each
+        new_k, v = new.view(T, 2, Hkv, D).unbind(1)                             # k | v
+        qk = torch.cat([query, new_k], dim=1)                                   # [T, H+Hkv, D]
         qk = rotary(_as(rms_normalize(qk, *self.q_norm.constants) * self.qk_scale, h.dtype),
                     at.cos, at.sin)
-        q, k, v = qk[:, :H], qk[:, H:], new[:, 1]
+        q, k = qk.split((H, Hkv), dim=1)
         kv = arena["kv"][:, self.attn_index]                                    # [max_ctx, 2, Hkv, D]
         q = q.transpose(0, 1)                                                   # [H, T, D]
         if at.pos is None:
@@ -309,8 +310,8 @@ class GatedDeltaNet(nn.Module):
         xs = torch.cat([conv_state, qkv], dim=0)                                # [K-1+T, conv_dim]
         conv_state.copy_(xs[T:])
         y = F.silu((xs.unfold(0, self.K, 1) * self.conv_weight).sum(-1))        # [T, conv_dim]
-        qk = y[:, :2 * Hk * self.Dk].view(T, 2 * Hk, self.Dk)                   # q heads | k heads
-        v = y[:, 2 * Hk * self.Dk:].view(T, Hv, self.Dv)
+        qk, v = y.split((2 * Hk * self.Dk, Hv * self.Dv), dim=-1)
+        qk, v = qk.view(T, 2 * Hk, self.Dk), v.view(T, Hv, self.Dv)          # q heads | k heads
         if self.kernel == "fla":
             # the L2 norms, the decay gate and the beta sigmoid run inside the fla kernels;
             # test_kernels holds them to the reference prologue below
