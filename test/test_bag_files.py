@@ -113,6 +113,21 @@ def test_a_torn_bare_file_names_the_directory_to_recover(tmp_path):
     assert done.messages == 2
 
 
+def test_describing_a_torn_file_counts_its_messages_without_keeping_them(tmp_path):
+    """`bag info` on a killed recording counts what it holds; only recover keeps the messages
+    (a recording of many gigabytes would otherwise be read into memory to be described)."""
+    from flashrt_ros.bags.reader import scan_torn
+    bag = small_bag(tmp_path / "cut", [0, 30, 20, 10])      # log time 0 counts as a time
+    mcap = bag / "cut_0.mcap"
+    mcap.write_bytes(mcap.read_bytes()[:-20])
+    counted = scan_torn(mcap)
+    assert counted.messages == [] and counted.count == 4
+    assert (counted.start, counted.end) == (0, 30)
+    assert "4 complete message(s): /chatter [std_msgs/msg/String] x4" in counted.describe()
+    kept = scan_torn(mcap, keep_messages=True)
+    assert [m.log_time for m in kept.messages] == [0, 30, 20, 10] and kept.counts == counted.counts
+
+
 def test_the_bag_cli_reports_a_file_it_cannot_write_without_a_traceback(tmp_path, capsys):
     bag = small_bag(tmp_path / "ro", [10])
     (bag / "metadata.yaml").unlink()

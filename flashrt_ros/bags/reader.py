@@ -285,18 +285,13 @@ def _open_mcap(bag_dir: Path, files, meta) -> Bag:
 def _summary_of_scan(scan):
     from mcap.records import Statistics
     from mcap.summary import Summary
-    counts = {}
-    for m in scan.messages:
-        counts[m.channel_id] = counts.get(m.channel_id, 0) + 1
-    times = [m.log_time for m in scan.messages]
     s = Summary()
     s.schemas, s.channels = dict(scan.schemas), dict(scan.channels)
-    s.statistics = Statistics(message_count=len(scan.messages), schema_count=len(scan.schemas),
+    s.statistics = Statistics(message_count=scan.count, schema_count=len(scan.schemas),
                               channel_count=len(scan.channels), attachment_count=0,
                               metadata_count=len(scan.metadata), chunk_count=0,
-                              message_start_time=min(times, default=0),
-                              message_end_time=max(times, default=0),
-                              channel_message_counts=counts)
+                              message_start_time=scan.start, message_end_time=scan.end,
+                              channel_message_counts=dict(scan.counts))
     return s
 
 
@@ -333,23 +328,30 @@ class TornScan:
     header_library: str = ""
     schemas: dict = field(default_factory=dict)     # id -> mcap Schema
     channels: dict = field(default_factory=dict)    # id -> mcap Channel
-    messages: list = field(default_factory=list)    # mcap Message records
+    messages: list = field(default_factory=list)    # mcap Message records (keep_messages)
     metadata: list = field(default_factory=list)    # mcap Metadata records
+    counts: dict = field(default_factory=dict)      # channel id -> complete messages
+    start: int = 0                                  # first and last log time (ns; 0: none)
+    end: int = 0
     stopped: str = ""                               # why reading stopped ("" = the file ended)
 
+    @property
+    def count(self) -> int:
+        return sum(self.counts.values())
+
     def describe(self) -> str:
-        counts = {}
-        for m in self.messages:
-            counts[m.channel_id] = counts.get(m.channel_id, 0) + 1
         schemas = {s.id: s.name for s in self.schemas.values()}
-        topics = ", ".join(f"{c.topic} [{schemas.get(c.schema_id, '?')}] x{counts.get(c.id, 0)}"
+        topics = ", ".join(f"{c.topic} [{schemas.get(c.schema_id, '?')}] "
+                           f"x{self.counts.get(c.id, 0)}"
                            for c in self.channels.values()) or "no topics"
-        return f"{len(self.messages)} complete message(s): {topics}"
+        return f"{self.count} complete message(s): {topics}"
 
 
-def scan_torn(path: Path) -> TornScan:
+def scan_torn(path: Path, keep_messages: bool = False) -> TornScan:
     """Read an MCAP file record by record (chunks checked against their CRCs) until it ends or
-    a record is incomplete or corrupt; everything before that is kept."""
+    a record is incomplete or corrupt. Everything before that is counted; the messages
+    themselves are kept only with `keep_messages` (what recover rewrites), so that describing a
+    killed recording of many gigabytes does not hold it in memory."""
     from mcap.exceptions import EndOfFile
     from mcap.records import Channel, Header, Message, Metadata, Schema
     from mcap.stream_reader import StreamReader
@@ -364,7 +366,12 @@ def scan_torn(path: Path) -> TornScan:
                 elif isinstance(r, Channel):
                     scan.channels[r.id] = r
                 elif isinstance(r, Message):
-                    scan.messages.append(r)
+                    first = not scan.counts
+                    scan.counts[r.channel_id] = scan.counts.get(r.channel_id, 0) + 1
+                    scan.start = r.log_time if first else min(scan.start, r.log_time)
+                    scan.end = r.log_time if first else max(scan.end, r.log_time)
+                    if keep_messages:
+                        scan.messages.append(r)
                 elif isinstance(r, Metadata):
                     scan.metadata.append(r)
         except EndOfFile:

@@ -69,7 +69,7 @@ def recover(bag_dir) -> list:
                 raise recording_error(f"bag recover {bag_dir}", path)
             torn.append(path)
         for path in torn:
-            done.append(_rewrite(path, scan_torn(path)))
+            done.append(_rewrite(path, scan_torn(path, keep_messages=True)))
     if done or not (bag_dir / rosbag2.METADATA_FILE).exists():
         s = open_bag(bag_dir).summary()
         rosbag2.write_metadata(bag_dir, s)
