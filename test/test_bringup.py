@@ -181,6 +181,47 @@ def test_a_logger_that_fails_ends_no_schedule():
         assert late.stop(timeout=120)
 
 
+def test_eager_kernels_beside_the_schedule_wait_for_the_warm_up_in_progress(monkeypatch):
+    """An instruction's eager prefill (the node holds `kernels()` around it) never runs beside a
+    warm-up, which autotunes the same Triton kernels on CUDA; it says that it waits."""
+    from flashrt_ros.core import bringup
+    rt = PolicyRuntime(runtime_cfg=RuntimeConfig(device="cpu", cache_dir=""), late_plans=True)
+    late = LatePlans(rt)
+    first = late.order[0]
+    inside, leave = threading.Event(), threading.Event()
+
+    class HeldScratch(bringup._Scratch):
+        def __init__(self, rt):
+            super().__init__(rt)
+            fn, graph = self.fns[first]
+
+            def held():
+                inside.set()
+                assert leave.wait(60)
+                fn()
+            self.fns[first] = (held, graph)
+    monkeypatch.setattr(bringup, "_Scratch", HeldScratch)
+    said, ran = [], threading.Event()
+
+    def instruction():
+        with late.kernels(say=said.append):
+            ran.set()
+    late.start()
+    try:
+        assert inside.wait(60)
+        t = threading.Thread(target=instruction)
+        t.start()
+        wait_for(lambda: said, 60, "the instruction to say that it waits")
+        assert not ran.is_set() and f"warm-up of {first}" in said[0]
+        leave.set()
+        assert ran.wait(60)
+        t.join(60)
+        assert late.wait(late.order, timeout=120)
+    finally:
+        leave.set()
+        assert late.stop(timeout=120)
+
+
 def test_process_age_counts_from_the_process_start():
     """The age of a fresh interpreter, read as it starts, is at most the time since it was
     spawned (boot time in /proc/stat is whole seconds: an age computed from it could be up to a

@@ -137,6 +137,10 @@ class LatePlans:
         self.errors: dict[str, str] = {}
         self.started = self.finished = None      # perf_counter times
         self._cv = threading.Condition()
+        # held by each warm-up, and by a caller that runs the runtime's kernels eagerly meanwhile
+        # (`kernels`): a warm-up autotunes Triton kernels, and an autotuner keeps the arguments of
+        # the call it is tuning on the kernel object it shares with every other thread
+        self._kernels = threading.Lock()
         self._stop = threading.Event()
         self._go = threading.Event()
         self._hold_s = 0.0
@@ -251,12 +255,13 @@ class LatePlans:
         side = torch.cuda.Stream(self.rt.device) if cuda else None
         if cuda:        # after the scratch buffers' initialisation, queued on this thread's stream
             side.wait_stream(torch.cuda.current_stream(self.rt.device))
-        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-            for _ in range(2):
-                scratch.arena.zero_()          # position 0, as an instruction's first chunk
-                fn()
-        if cuda:
-            side.synchronize()
+        with self._kernels:
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                for _ in range(2):
+                    scratch.arena.zero_()          # position 0, as an instruction's first chunk
+                    fn()
+            if cuda:
+                side.synchronize()
 
     # -- readiness ------------------------------------------------------------------------
     def ready(self, name: str) -> bool:
@@ -284,6 +289,20 @@ class LatePlans:
         t = time.perf_counter()
         self.wait(pending)
         return time.perf_counter() - t
+
+    @contextlib.contextmanager
+    def kernels(self, say=None):
+        """Hold while running the runtime's kernels eagerly in another thread (an instruction's
+        prefill): no warm-up runs meanwhile. Says so when it waits for one in progress."""
+        if not self._kernels.acquire(blocking=False):
+            now = next((k for k, s in self.state.items() if s == WARMING), "a late plan")
+            (say or self.say)(f"waiting for the warm-up of {now} to end (an autotuner is not "
+                              f"shared between threads)")
+            self._kernels.acquire()
+        try:
+            yield
+        finally:
+            self._kernels.release()
 
     # -- reporting ------------------------------------------------------------------------
     def progress(self) -> str:

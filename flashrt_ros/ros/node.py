@@ -584,7 +584,8 @@ class PolicyNode(LifecycleNode):
             late = self.late
             if late is not None:      # before any lock: steps go on while it waits
                 late.wait_for_instruction(len(tokens), say=self.get_logger().info)
-            with store.lock, rt.lock:
+            with late.kernels(say=self.get_logger().info) if late is not None else \
+                    contextlib.nullcontext(), store.lock, rt.lock:
                 n = rt.set_instruction(tokens)
                 store.on_reset()
             self.get_logger().info(f"instruction prefilled: {n} tokens, episode {rt.episode}")
