@@ -401,7 +401,7 @@ class RecorderProcess:
 def _on_disk(path: Path) -> int:
     """Messages an unfinished MCAP file holds now (read as `bag recover` reads it)."""
     from flashrt_ros.bags.reader import scan_torn
-    return len(scan_torn(path).messages) if path.exists() else 0
+    return scan_torn(path).count if path.exists() else 0
 
 
 @pytest.mark.ros
