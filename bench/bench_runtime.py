@@ -130,7 +130,7 @@ def bench(args):
                build_and_capture_s=round(build_s, 1))
     q = args.quick
     n_prefill = 2 if q else (5 if cuda else 3)
-    n_step = 20 if q else (200 if cuda else 50)
+    n_step = 20 if q else (200 if cuda else 500)       # the CPU step is ~1.5 ms: many samples
     n_eager = 5 if q else 20
     n_decode = 20 if q else (100 if cuda else 30)
     sync = cuda

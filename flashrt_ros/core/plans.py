@@ -103,8 +103,10 @@ class StepPlan:
         if self.graph is not None:
             self.graph.replay()
         elif self.trace_fn is not None:
-            # the record as traced: the optimising executor would profile and rewrite it first
-            with torch.jit.optimized_execution(False):
+            # the record as traced: the optimising executor would profile and rewrite it first.
+            # Inference mode, as the eager step functions run: the dispatcher then skips the
+            # autograd layer of every operation, a fifth of a small model's step on the CPU
+            with torch.inference_mode(), torch.jit.optimized_execution(False):
                 self.trace_fn(*self.trace_inputs)
         else:
             self.fn()
