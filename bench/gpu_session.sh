@@ -3,7 +3,7 @@
 # ROS: the GPU tests, the comparison with transformers, and the benchmarks of the hybrid-0.8b preset.
 #
 #   bash bench/gpu_session.sh STAGE [STAGE ...]
-#   stages: tests compare (bf16) compare32 (fp32) runtime capsules paged bringup disk
+#   stages: tests kernels compare (bf16) compare32 (fp32) runtime capsules paged bringup disk
 #
 # fla travels as wheels in .whl/ (../shared/tools/gpu-wheels.sh fetches them). Logs go to $OUT
 # (or ./out) as <stage>.log; the benchmarks write their tables under docs/bench/, and what they
@@ -41,6 +41,7 @@ run() {   # run STAGE COMMAND...: the command's output in $out/STAGE.log, its st
 for stage in "$@"; do
   case "$stage" in
     tests)    run tests python3 -m pytest -q -m gpu test/ -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} ;;
+    kernels)  run kernels python3 bench/bench_kernels.py ;;
     compare)  run compare python3 bench/compare_transformers.py --device cuda ;;
     compare32) run compare32 python3 bench/compare_transformers.py --device cuda --dtype float32 ;;
     runtime)  run runtime python3 bench/bench_runtime.py --device cuda --profile --peer ;;
@@ -50,7 +51,7 @@ for stage in "$@"; do
     bringup)  run bringup python3 bench/bench_bringup.py --preset hybrid-0.8b --device cuda \
                 --paths runtime ;;
     disk)     run disk python3 bench/bench_disk.py --device cuda --out docs/bench ;;
-    *) echo "unknown stage $stage (tests compare compare32 runtime capsules paged bringup disk)" >&2
+    *) echo "unknown stage $stage (tests kernels compare compare32 runtime capsules paged bringup disk)" >&2
        rc=2 ;;
   esac
 done

@@ -301,6 +301,54 @@ def test_fused_elementwise_kernels_match_their_references(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 5, 300])
+def test_fused_row_kernels_match_their_references(dtype, T):
+    """The kernels a prefill chunk takes: one row per token (and per head for the gated norm)."""
+    from flashrt_ros.core import fused
+    tol = FUSED_TOL[dtype]
+    N = 1000                                            # not a power of 2
+    x, d = _randn(T, N, dtype=dtype, seed=T), _randn(T, N, dtype=dtype, seed=T + 1)
+    scale = 1 + 0.1 * _randn(N, dtype=torch.float32, seed=3)
+    for delta in (d, None):
+        x_ref, h_ref = fused.add_rms_norm_reference(x.clone(), delta, scale, 1e-6)
+        x_k, h_k = fused.add_rms_norm(x.clone(), delta, scale, 1e-6)
+        assert torch.equal(x_k, x_ref), "the residual add rounds once: it must be exact"
+        torch.testing.assert_close(h_k, h_ref, **tol)
+    gu = _randn(T, 2 * 700, dtype=dtype, seed=T + 2)
+    torch.testing.assert_close(fused.swiglu(gu), fused.swiglu_reference(gu), **tol)
+    for K in (3, 4):
+        C = 6144 + 40
+        xs = _randn(K - 1 + T, C, dtype=dtype, seed=K + T)
+        w = _randn(C, K, dtype=dtype, seed=K + 1)
+        torch.testing.assert_close(fused.conv_rows(xs, w), fused.conv_rows_reference(xs, w), **tol)
+    # z as the model passes it: a column slice of the input projection, rows of stride 2 H D
+    Hv, Dv = 16, 128
+    o = _randn(T, Hv, Dv, dtype=dtype, seed=T + 3)
+    z = _randn(T, 2 * Hv * Dv, dtype=dtype, seed=T + 4)[:, Hv * Dv:].view(T, Hv, Dv)
+    w = (1 + 0.1 * _randn(Dv, dtype=torch.float32, seed=9)).to(dtype)
+    torch.testing.assert_close(fused.gated_rms_norm(o, z, w, 1e-6),
+                               fused.gated_rms_norm_reference(o, z, w, 1e-6), **tol)
+
+
+# fused.gemv against F.linear (cuBLAS): both accumulate in fp32, in other orders; in bf16 the
+# output's rounding may fall the other way (one bf16 step of a value of size ~1)
+GEMV_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N, K", [(64, 64), (300, 64), (8224, 1024), (1024, 3584), (1024, 2048),
+                                  (5120, 1024), (248320, 1024), (17, 5)])
+def test_fused_gemv_matches_cublas_and_is_deterministic(dtype, N, K):
+    from flashrt_ros.core import fused
+    w = _randn(2 * N, K, dtype=dtype, seed=N) * K ** -0.5
+    w = w[N:]                                           # a row slice, as packed weights are
+    x = _randn(K, dtype=dtype, seed=K)
+    y = fused.gemv(x, w)
+    torch.testing.assert_close(y, fused.gemv_reference(x, w), **GEMV_TOL[dtype])
+    assert torch.equal(fused.gemv(x, w), y), "a fixed configuration sums in a fixed order"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("H, Hkv, D, rotary, max_ctx, pos", [
     (2, 1, 32, 0.25, 512, 5),            # tiny
     (4, 2, 24, 0.5, 700, 600),           # a head dim that is not a power of 2

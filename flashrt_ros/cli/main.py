@@ -345,6 +345,7 @@ BENCH_EXPERIMENTS = {
     "ros": ("bench_ros.py", []),
     "paged": ("bench_paged.py", []),
     "bringup": ("bench_bringup.py", []),
+    "kernels": ("bench_kernels.py", []),
     "transformers-compare": ("compare_transformers.py", []),
 }
 

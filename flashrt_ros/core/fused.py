@@ -6,8 +6,11 @@ graph replays each at a fixed cost of a few microseconds. Here each chain betwee
 one kernel, in the style of fla: a short, readable torch reference beside every kernel, and
 test_runtime_gpu.py holds the two together with named tolerances.
 
+    gemv                y = W x for one token (every projection, the LM head): cuBLAS reads
+                        a [N, K] matrix at a third of the bandwidth for a single row
     add_rms_norm        x += delta; h = norm(x) * scale           (every norm of the residual stream)
     conv_step           the short causal conv of one token + silu, shifting the conv state
+    conv_rows           the same conv over T tokens (a prefill chunk)
     gated_rms_norm      weight * norm(o) * silu(z)                 (the DeltaNet output norm)
     swiglu              silu(gate) * up
     attention_prep      q/k RMSNorm + RoPE; k, v written to the KV row at the position in meta
@@ -21,8 +24,11 @@ and the kernel rounds there too); what differs is the order of the sums and the 
 implementations. The Gated DeltaNet recurrence is fla's own kernel, called with the state buffer
 as both initial and final state (updated in place: no extra copy per layer).
 
-Only for CUDA tensors with Triton importable (`available()`); the model uses them in the static
-form (pos=None) of single-token calls when its kernels are "fla".
+Only for CUDA tensors with Triton importable (`available()`). The model uses them when its
+kernels are "fla": gemv, conv_step and the attention kernels in the static form (pos=None) of
+single-token calls; add_rms_norm, conv_rows, gated_rms_norm and swiglu, which take rows, in every
+call (a prefill chunk of T tokens is T rows, where each torch op of a norm also writes a
+[T, d] fp32 intermediate).
 """
 from __future__ import annotations
 
@@ -56,9 +62,15 @@ def _pow2(n: int) -> int:
 
 
 # -- references (torch): what each kernel computes, with the same rounding points ----------------
+def gemv_reference(x, w):
+    """x: [K], w: [N, K] -> w @ x [N] in x's dtype (fp32 accumulation)."""
+    return F.linear(x, w)
+
+
 def add_rms_norm_reference(x, delta, scale, eps):
-    """x: [N] residual (updated: x + delta, in x's dtype), delta: [N] or None, scale: [N] fp32
-    (1 + weight) -> (x, h) with h = x * rsqrt(mean(x^2) + eps) * scale in x's dtype."""
+    """x: [N] or [T, N] residual (updated: x + delta, in x's dtype), delta: x's shape or None,
+    scale: [N] fp32 (1 + weight) -> (x, h) with h = x * rsqrt(mean(x^2) + eps) * scale per row,
+    in x's dtype."""
     if delta is not None:
         x = x + delta
     xf = x.float()
@@ -74,15 +86,23 @@ def conv_step_reference(x, conv_state, weight):
     return F.silu((xs.t() * weight).sum(-1))
 
 
+def conv_rows_reference(xs, weight):
+    """xs: [K-1+T, C] the conv state followed by T tokens' conv inputs, weight: [C, K] ->
+    silu(causal conv) [T, C] in xs's dtype."""
+    K = weight.shape[1]
+    return F.silu((xs.unfold(0, K, 1) * weight).sum(-1))
+
+
 def gated_rms_norm_reference(o, z, weight, eps):
-    """o: [H, D], z: [H, D] gate, weight: [D] -> weight * norm(o) (o's dtype) * silu(z) ([H, D])."""
+    """o: [R, D] (R = T * H rows), z: [R, D] gate, weight: [D] -> weight * norm(o) (o's dtype)
+    * silu(z) ([R, D])."""
     of = o.float()
     y = weight * (of * torch.rsqrt(of.square().mean(-1, keepdim=True) + eps)).to(o.dtype)
     return (y * F.silu(z.float())).to(o.dtype)
 
 
 def swiglu_reference(gate_up):
-    """gate_up: [2F] (gate | up) -> silu(gate) * up [F]."""
+    """gate_up: [2F] or [T, 2F] (gate | up) -> silu(gate) * up ([F] or [T, F])."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -125,8 +145,29 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # BN rows of W per program; the products summed per column slot first and across the
+        # slots once at the end (a fixed order: the same bits on every run)
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        rmask = rows < N
+        acc = tl.zeros([BN, BK], dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            cmask = cols < K
+            x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+            w = tl.load(W + rows[:, None] * stride_w + cols[None, :],
+                        mask=rmask[:, None] & cmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        tl.store(Y + rows, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=rmask)
+
+    @triton.jit
     def add_rms_norm_kernel(X, D, H, S, eps, N: tl.constexpr, BLOCK: tl.constexpr,
                             HAS_DELTA: tl.constexpr):
+        # one program per row
+        row = tl.program_id(0)
+        X += row * N
+        D += row * N
+        H += row * N
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         x = tl.load(X + cols, mask=mask, other=0.0)
@@ -158,20 +199,41 @@ def _kernels():
         tl.store(Y + c, (y * tl.sigmoid(y)).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def gated_rms_norm_kernel(O, Z, W, Y, eps, D: tl.constexpr, BLOCK: tl.constexpr):
+    def conv_rows_kernel(XS, W, Y, C, K: tl.constexpr, BLOCK: tl.constexpr):
+        # the rounding points of conv_step_kernel: each product rounds to the dtype
+        c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        t = tl.program_id(1)
+        mask = c < C
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(K):
+            x = tl.load(XS + (t + j) * C + c, mask=mask, other=0.0)
+            prod = x.to(tl.float32) * tl.load(W + c * K + j, mask=mask, other=0.0).to(tl.float32)
+            acc += prod.to(XS.dtype.element_ty).to(tl.float32)
+        y = acc.to(XS.dtype.element_ty).to(tl.float32)
+        tl.store(Y + t * C + c, (y * tl.sigmoid(y)).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def gated_rms_norm_kernel(O, Z, W, Y, eps, z_stride, HV, D: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        # one program per row of [T * H, D]; z's rows are those of a [T, H, D] view whose token
+        # stride is z_stride (a column slice of the input projection)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
         o = tl.load(O + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         n = (o / tl.sqrt(tl.sum(o * o, 0) / D + eps)).to(Y.dtype.element_ty).to(tl.float32)
         y = (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) * n).to(Y.dtype.element_ty)
-        z = tl.load(Z + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        z_row = Z + (row // HV) * z_stride + (row % HV) * D
+        z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
         out = y.to(tl.float32) * (z * tl.sigmoid(z))
         tl.store(Y + row * D + cols, out.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def swiglu_kernel(GU, Y, F_, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        t = tl.program_id(1)                        # the row: GU is [T, 2F], Y [T, F]
+        GU += t * 2 * F_
+        Y += t * F_
         mask = i < F_
         g = tl.load(GU + i, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(GU + F_ + i, mask=mask, other=0.0).to(tl.float32)
@@ -289,20 +351,46 @@ def _kernels():
         sg = tl.sigmoid(gate).to(OUT.dtype.element_ty).to(tl.float32)
         tl.store(OUT + h * D + d, (o * sg).to(OUT.dtype.element_ty), mask=dmask)
 
-    return dict(add_rms_norm=add_rms_norm_kernel, conv_step=conv_step_kernel,
-                gated_rms_norm=gated_rms_norm_kernel, swiglu=swiglu_kernel,
+    return dict(gemv=gemv_kernel, add_rms_norm=add_rms_norm_kernel, conv_step=conv_step_kernel,
+                conv_rows=conv_rows_kernel, gated_rms_norm=gated_rms_norm_kernel,
+                swiglu=swiglu_kernel,
                 attention_prep=attention_prep_kernel,
                 decode_attention_split=decode_attention_split_kernel,
                 decode_attention_combine=decode_attention_combine_kernel)
 
 
 # -- launchers: same arguments as the references ------------------------------------------------
+# gemv: rows per program so that a matrix spreads over ~GEMV_PROGRAMS programs (a few per SM,
+# each streaming its rows), columns in slices of at most GEMV_BK
+GEMV_PROGRAMS = 1024
+GEMV_BK = 512
+
+
+def gemv_config(N: int, K: int) -> tuple[int, int]:
+    """(BN, BK) of `gemv` for a [N, K] matrix: fixed by the shape (no autotuning), so a plan's
+    rounding is the same in every process."""
+    bn = 1 << max(0, min(4, (max(N // GEMV_PROGRAMS, 1)).bit_length() - 1))
+    return bn, min(GEMV_BK, _pow2(K))
+
+
+def gemv(x, w):
+    """Fused `gemv_reference`: x contiguous [K], w [N, K] with unit column stride."""
+    N, K = w.shape
+    y = x.new_empty(N)
+    bn, bk = gemv_config(N, K)
+    _kernels()["gemv"][(triton_cdiv(N, bn),)](x, w, y, N, w.stride(0), K=K, BN=bn, BK=bk,
+                                              num_warps=4)
+    return y
+
+
 def add_rms_norm(x, delta, scale, eps):
-    """Fused `add_rms_norm_reference` (x updated in place when delta is given)."""
-    N = x.numel()
+    """Fused `add_rms_norm_reference`; x contiguous [N] or [T, N] (updated in place when delta
+    is given), delta contiguous like x."""
+    N = x.shape[-1]
     h = torch.empty_like(x)
-    _kernels()["add_rms_norm"][(1,)](x, x if delta is None else delta, h, scale, eps, N=N,
-                                     BLOCK=_pow2(N), HAS_DELTA=delta is not None, num_warps=4)
+    _kernels()["add_rms_norm"][(x.numel() // N,)](x, x if delta is None else delta, h, scale, eps,
+                                                  N=N, BLOCK=_pow2(N), HAS_DELTA=delta is not None,
+                                                  num_warps=4)
     return x, h
 
 
@@ -316,20 +404,36 @@ def conv_step(x, conv_state, weight):
     return y
 
 
+def conv_rows(xs, weight):
+    """Fused `conv_rows_reference`; xs contiguous."""
+    C, K = weight.shape
+    T = xs.shape[0] - (K - 1)
+    y = xs.new_empty(T, C)
+    block = 512
+    _kernels()["conv_rows"][(triton_cdiv(C, block), T)](xs, weight, y, C, K=K, BLOCK=block,
+                                                        num_warps=4)
+    return y
+
+
 def gated_rms_norm(o, z, weight, eps):
-    """Fused `gated_rms_norm_reference`; o and z contiguous [H, D]."""
-    H, D = o.shape
+    """Fused `gated_rms_norm_reference`; o contiguous [T, H, D] or [H, D]; z of o's shape with
+    unit stride within a token's [H, D] (its token stride may differ)."""
+    D = o.shape[-1]
+    H = o.shape[-2]
     y = torch.empty_like(o)
-    _kernels()["gated_rms_norm"][(H,)](o, z, weight, y, eps, D=D, BLOCK=_pow2(D), num_warps=1)
+    z_stride = z.stride(0) if z.dim() == 3 else H * D
+    _kernels()["gated_rms_norm"][(o.numel() // D,)](o, z, weight, y, eps, z_stride, H, D=D,
+                                                    BLOCK=_pow2(D), num_warps=1)
     return y
 
 
 def swiglu(gate_up):
-    """Fused `swiglu_reference`."""
+    """Fused `swiglu_reference`; gate_up contiguous."""
     F_ = gate_up.shape[-1] // 2
-    y = gate_up.new_empty(F_)
+    y = gate_up.new_empty(*gate_up.shape[:-1], F_)
     block = 1024
-    _kernels()["swiglu"][(triton_cdiv(F_, block),)](gate_up, y, F_, BLOCK=block, num_warps=4)
+    _kernels()["swiglu"][(triton_cdiv(F_, block), gate_up.numel() // (2 * F_))](
+        gate_up, y, F_, BLOCK=block, num_warps=4)
     return y
 
 

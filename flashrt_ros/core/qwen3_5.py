@@ -18,9 +18,11 @@ captured CUDA graphs, and a capsule of the arena is the whole state.
 is the static form used in CUDA graphs and CPU traces (core/plans.py): the position is read
 from `arena.meta` on the device, KV rows are written by index and attention covers all
 `max_context` rows under a mask. The two agree to
-rounding, so a given plan always uses one of them. On CUDA with fla kernels, single tokens of the
-static form (the observation and token steps) run core/fused.py instead: one Triton kernel per
-chain of small operations, attention over the live prefix only (its length read from meta).
+rounding, so a given plan always uses one of them. On CUDA with fla kernels (`TextModel.fused`),
+core/fused.py's Triton kernels replace chains of small operations: the norms, the conv, the
+gated norm and SwiGLU in every call (their kernels take rows: a prefill chunk is T of them), and
+for single tokens of the static form (the observation and token steps) also every projection
+(a GEMV) and the attention, over the live prefix only (its length read from meta).
 
 Weights: `prepare()` (after loading) packs the projections that read one input into one matrix
 (the named weights become views of it) and derives the norms' fp32 scales; a control step on the
@@ -77,6 +79,13 @@ def pack_weights(*linears: nn.Linear) -> torch.Tensor:
     return packed
 
 
+def project(h, w, fused: bool):
+    """h @ w.T; `fused`: h is one token ([1, K]) of a fused step, through fused.gemv."""
+    if fused:
+        return fused_kernels.gemv(h.view(-1), w).view(1, -1)
+    return F.linear(h, w)
+
+
 class RMSNorm(nn.Module):
     """Zero-centred RMSNorm: `norm(x) * (1 + weight)`, computed in fp32 (weight initialised to 0)."""
 
@@ -95,11 +104,10 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, x, delta, fused: bool):
         """(x + delta, norm(x + delta)): a residual add and the norm after it (delta None: no add).
-        fused: one kernel for a single token on the GPU (x is updated in place then)."""
+        fused: one kernel over x's rows on the GPU (x, contiguous, is updated in place then)."""
         if fused:
-            _, h = fused_kernels.add_rms_norm(x.view(-1), None if delta is None else delta.view(-1),
-                                              self.scale, self.eps)
-            return x, h.view(x.shape)
+            _, h = fused_kernels.add_rms_norm(x, delta, self.scale, self.eps)
+            return x, h
         if delta is not None:
             x = x + delta
         return x, self(x)
@@ -117,7 +125,10 @@ class GatedRMSNorm(nn.Module):
     def prepare(self) -> None:
         self.constants = norm_constants(self.eps, self.weight.shape[0], self.weight.device)
 
-    def forward(self, x, gate):
+    def forward(self, x, gate, fused: bool = False):
+        """x, gate: [..., D] -> [..., D]; fused: one kernel (x contiguous)."""
+        if fused:
+            return fused_kernels.gated_rms_norm(x, gate, self.weight, self.eps)
         y = self.weight * _as(rms_normalize(x, *self.constants), x.dtype)
         return _as(y * F.silu(f32(gate)), x.dtype)
 
@@ -168,12 +179,15 @@ class RotaryEmbedding(nn.Module):
 
 
 class Positions:
-    """Where the T new tokens of one call go: host ints (eager) or device tensors (graphs)."""
+    """Where the T new tokens of one call go: host ints (eager) or device tensors (graphs), and
+    which of core/fused.py's kernels the call takes."""
 
     def __init__(self, arena, pos, T: int, rotary: RotaryEmbedding, device, fused: bool = False):
         self.pos, self.T = pos, T
-        # a single token of the static form through the fused kernels, which read the position
-        # from meta themselves
+        # the norms, conv, gated norm and SwiGLU through their row kernels (any call)
+        self.row_kernels = fused
+        # a single token of the static form through every fused kernel: the projections and the
+        # attention too, which read the position from meta themselves
         self.fused = fused and pos is None and T == 1
         if self.fused:
             self.rows = self.cos = self.sin = None
@@ -210,7 +224,7 @@ class Attention(nn.Module):
 
     def forward(self, h, arena, at: Positions, rotary: RotaryEmbedding):
         T, H, Hkv, D = h.shape[0], self.H, self.Hkv, self.D
-        p = F.linear(h, self.qkv_weight)                                        # [T, (2H+2Hkv)D]
+        p = project(h, self.qkv_weight, at.fused)                               # [T, (2H+2Hkv)D]
         if at.fused:
             # q/k norms, RoPE and the KV write in one kernel; attention over the live prefix
             p = p.view(-1)
@@ -219,7 +233,7 @@ class Attention(nn.Module):
                                              arena.meta, H, Hkv, D)
             gate = p[:2 * H * D].view(H, 2 * D)[:, D:]
             o = fused_kernels.decode_attention(q, gate, kv, arena.meta)
-            return F.linear(o.view(1, H * D), self.o_proj.weight)
+            return project(o.view(1, H * D), self.o_proj.weight, True)
         # splits and unbinds: one operation each, where slices take one per axis
         qg, new = p.split((2 * H * D, 2 * Hkv * D), dim=-1)
         query, gate = qg.view(T, H, 2, D).unbind(2)                             # [T, H, D] each
@@ -299,17 +313,20 @@ class GatedDeltaNet(nn.Module):
         self.constants = tuple(torch.tensor(v, dtype=torch.float32, device=self.A_log.device)
                                for v in (kernels.L2NORM_EPS, self.Dk ** -0.5))
 
-    def forward(self, h, conv_state, state, fused: bool = False):
+    def forward(self, h, conv_state, state, at: Positions):
         """h: [T, d]; conv_state: [K-1, conv_dim] (the last K-1 conv inputs); state: [Hv, Dk, Dv].
-        fused: one token through the fused kernels (GPU)."""
+        `at` says which fused kernels (GPU) the call takes."""
         T, Hk, Hv = h.shape[0], self.Hk, self.Hv
-        p = F.linear(h, self.in_weight)
-        if fused:
+        p = project(h, self.in_weight, at.fused)
+        if at.fused:
             return self._fused_step(p.view(-1), conv_state, state)
         qkv, z, b, a = p.split(self.in_sizes, dim=-1)
         xs = torch.cat([conv_state, qkv], dim=0)                                # [K-1+T, conv_dim]
         conv_state.copy_(xs[T:])
-        y = F.silu((xs.unfold(0, self.K, 1) * self.conv_weight).sum(-1))        # [T, conv_dim]
+        if at.row_kernels:
+            y = fused_kernels.conv_rows(xs, self.conv_weight)                   # [T, conv_dim]
+        else:
+            y = F.silu((xs.unfold(0, self.K, 1) * self.conv_weight).sum(-1))
         qk, v = y.split((2 * Hk * self.Dk, Hv * self.Dv), dim=-1)
         qk, v = qk.view(T, 2 * Hk, self.Dk), v.view(T, Hv, self.Dv)          # q heads | k heads
         if self.kernel == "fla":
@@ -329,7 +346,9 @@ class GatedDeltaNet(nn.Module):
             else:
                 rule = kernels.gated_delta_rule_reference
             o = rule(q, k, v, g, beta, state, scale)                            # [T, Hv, Dv]
-        o = self.norm(o, z.view(T, Hv, self.Dv))
+        if at.row_kernels:
+            o = o.contiguous()
+        o = self.norm(o, z.view(T, Hv, self.Dv), at.row_kernels)
         return F.linear(o.reshape(T, Hv * self.Dv), self.out_proj.weight)
 
     def _fused_step(self, p, conv_state, state):
@@ -343,9 +362,8 @@ class GatedDeltaNet(nn.Module):
             y[2 * kd:].view(1, 1, Hv, self.Dv), p[C + Vd + Hv:].view(1, 1, Hv),
             p[C + Vd:C + Vd + Hv].view(1, 1, Hv), self.A_log, self.dt_bias, state,
             self.Dk ** -0.5)
-        o = fused_kernels.gated_rms_norm(o.view(Hv, self.Dv), p[C:C + Vd].view(Hv, self.Dv),
-                                         self.norm.weight, self.norm.eps)
-        return F.linear(o.view(1, Vd), self.out_proj.weight)
+        o = self.norm(o.view(Hv, self.Dv), p[C:C + Vd].view(Hv, self.Dv), True)
+        return project(o.view(1, Vd), self.out_proj.weight, True)
 
     def _value_heads(self, qk):
         """[T, 2 Hk, Dk] -> q, k of [T, Hv, Dk]: each key head serves Hv/Hk value heads."""
@@ -369,14 +387,15 @@ class MLP(nn.Module):
     def prepare(self) -> None:
         self.gate_up_weight = pack_weights(self.gate_proj, self.up_proj)
 
-    def forward(self, x, fused: bool = False):
-        gate_up = F.linear(x, self.gate_up_weight)
-        if fused:
-            y = fused_kernels.swiglu(gate_up.view(-1)).view(1, -1)
+    def forward(self, x, at: Positions):
+        """x: [T, d]; `at` says which fused kernels (GPU) the call takes."""
+        gate_up = project(x, self.gate_up_weight, at.fused)
+        if at.row_kernels:
+            y = fused_kernels.swiglu(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             y = F.silu(gate) * up
-        return F.linear(y, self.down_proj.weight)
+        return project(y, self.down_proj.weight, at.fused)
 
 
 class DecoderLayer(nn.Module):
@@ -398,14 +417,14 @@ class DecoderLayer(nn.Module):
     def forward(self, x, delta, arena, at: Positions, rotary: RotaryEmbedding):
         """(x, delta) -> (x', delta'): the residual stream and the previous layer's MLP output,
         not yet added (the add is fused with the norm that follows it)."""
-        x, h = self.input_layernorm.add_forward(x, delta, at.fused)
+        x, h = self.input_layernorm.add_forward(x, delta, at.row_kernels)
         if self.is_attention:
             mixed = self.self_attn(h, arena, at, rotary)
         else:
             conv, recurrent = self.state_names
-            mixed = self.linear_attn(h, arena[conv], arena[recurrent], at.fused)
-        x, h = self.post_attention_layernorm.add_forward(x, mixed, at.fused)
-        return x, self.mlp(h, at.fused)
+            mixed = self.linear_attn(h, arena[conv], arena[recurrent], at)
+        x, h = self.post_attention_layernorm.add_forward(x, mixed, at.row_kernels)
+        return x, self.mlp(h, at)
 
 
 class TextModel(nn.Module):
@@ -435,7 +454,7 @@ class TextModel(nn.Module):
         delta = None
         for layer in self.layers:
             x, delta = layer(x, delta, arena, at, self.rotary)
-        return self.norm.add_forward(x, delta, at.fused)[1]
+        return self.norm.add_forward(x, delta, at.row_kernels)[1]
 
 
 class Qwen3_5ForCausalLM(nn.Module):
@@ -463,7 +482,10 @@ class Qwen3_5ForCausalLM(nn.Module):
                 m.prepare()
 
     def logits(self, hidden):
+        """hidden [d] (one position: one GEMV where the fused kernels run) or [T, d] -> logits."""
         w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        if self.model.fused and hidden.dim() == 1:
+            return fused_kernels.gemv(hidden.contiguous(), w)
         return F.linear(hidden, w)
 
     @staticmethod
