@@ -77,6 +77,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=2048, help="rows of the row kernels (default 2048)")
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--out", default="docs/bench")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time every (rows, cols) tile of the GEMV for each projection")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not fused.available():
         print("bench_kernels: needs a CUDA GPU with Triton; skipped", file=sys.stderr)
@@ -104,6 +106,17 @@ def main(argv=None):
                           round(mb / cublas * 1e3), round(ours, 2), round(mb / ours * 1e3),
                           round(cublas / ours, 2), f"{bn} x {bk}"])
         print(f"gemv {name}: cuBLAS {cublas:.2f} us, fused {ours:.2f} us", flush=True)
+        if args.sweep:
+            tiles = {}
+            for tbn in (1, 2, 4, 8, 16):
+                for tbk in (256, 512, 1024, 2048, 4096):
+                    if tbk <= 2 * fused._pow2(K) and tbn * tbk <= 16384:
+                        tiles[f"{tbn}x{tbk}"] = graph_us(
+                            lambda: fused.gemv(x, w, (tbn, tbk)), args.repeat // 2)
+            best = sorted(tiles.items(), key=lambda kv: kv[1])[:5]
+            results["gemv"][name]["sweep_us"] = tiles
+            print("   tiles, fastest first: " + ", ".join(f"{k} {v:.2f}" for k, v in best),
+                  flush=True)
 
     t, T = cfg.text, args.tokens
     d, F_ = t.hidden_size, t.intermediate_size
@@ -112,14 +125,14 @@ def main(argv=None):
     scale = 1 + 0.1 * randn(d, dt=torch.float32)
     x, delta = randn(T, d), randn(T, d)
     gu = randn(T, 2 * F_)
-    xs, cw = randn(Kc - 1 + T, C), randn(C, Kc) * 0.5
+    qkv, cs, cw = randn(T, C), randn(Kc - 1, C), randn(C, Kc) * 0.5
     o, z, gw = randn(T, Hv, Dv), randn(T, Hv, Dv), 1 + 0.1 * randn(Dv)
     chains = [
         ("residual add + RMSNorm", lambda: fused.add_rms_norm_reference(x, delta, scale, 1e-6),
          lambda: fused.add_rms_norm(x, delta, scale, 1e-6)),     # x += delta in place
         ("SwiGLU", lambda: fused.swiglu_reference(gu), lambda: fused.swiglu(gu)),
-        ("causal conv + silu", lambda: fused.conv_rows_reference(xs, cw),
-         lambda: fused.conv_rows(xs, cw)),
+        ("causal conv + silu", lambda: fused.conv_rows_reference(qkv, cs, cw),
+         lambda: fused.conv_rows(qkv, cs, cw)),
         ("gated RMSNorm", lambda: fused.gated_rms_norm_reference(o, z, gw, 1e-6),
          lambda: fused.gated_rms_norm(o, z, gw, 1e-6)),
     ]

@@ -318,9 +318,14 @@ def test_fused_row_kernels_match_their_references(dtype, T):
     torch.testing.assert_close(fused.swiglu(gu), fused.swiglu_reference(gu), **tol)
     for K in (3, 4):
         C = 6144 + 40
-        xs = _randn(K - 1 + T, C, dtype=dtype, seed=K + T)
+        # x as the model passes it: the first C columns of the input projection
+        x = _randn(T, C + 100, dtype=dtype, seed=K + T)[:, :C]
         w = _randn(C, K, dtype=dtype, seed=K + 1)
-        torch.testing.assert_close(fused.conv_rows(xs, w), fused.conv_rows_reference(xs, w), **tol)
+        cs = _randn(K - 1, C, dtype=dtype, seed=K + 2)
+        cs_ref, cs_k = cs.clone(), cs.clone()
+        y_ref = fused.conv_rows_reference(x, cs_ref, w)
+        torch.testing.assert_close(fused.conv_rows(x, cs_k, w), y_ref, **tol)
+        assert torch.equal(cs_k, cs_ref), "the conv state shift is a copy: it must be exact"
     # z as the model passes it: a column slice of the input projection, rows of stride 2 H D
     Hv, Dv = 16, 128
     o = _randn(T, Hv, Dv, dtype=dtype, seed=T + 3)

@@ -10,7 +10,8 @@ test_runtime_gpu.py holds the two together with named tolerances.
                         a [N, K] matrix at a third of the bandwidth for a single row
     add_rms_norm        x += delta; h = norm(x) * scale           (every norm of the residual stream)
     conv_step           the short causal conv of one token + silu, shifting the conv state
-    conv_rows           the same conv over T tokens (a prefill chunk)
+    conv_rows           the same conv over T tokens (a prefill chunk), reading the state and the
+                        projection where they are (no concatenated copy)
     gated_rms_norm      weight * norm(o) * silu(z)                 (the DeltaNet output norm)
     swiglu              silu(gate) * up
     attention_prep      q/k RMSNorm + RoPE; k, v written to the KV row at the position in meta
@@ -86,10 +87,12 @@ def conv_step_reference(x, conv_state, weight):
     return F.silu((xs.t() * weight).sum(-1))
 
 
-def conv_rows_reference(xs, weight):
-    """xs: [K-1+T, C] the conv state followed by T tokens' conv inputs, weight: [C, K] ->
-    silu(causal conv) [T, C] in xs's dtype."""
-    K = weight.shape[1]
+def conv_rows_reference(x, conv_state, weight):
+    """x: [T, C] T tokens' conv inputs, conv_state: [K-1, C] the inputs before them (shifted in
+    place), weight: [C, K] -> silu(causal conv) [T, C] in x's dtype."""
+    T, K = x.shape[0], weight.shape[1]
+    xs = torch.cat([conv_state, x], dim=0)                                  # [K-1+T, C]
+    conv_state.copy_(xs[T:])
     return F.silu((xs.unfold(0, K, 1) * weight).sum(-1))
 
 
@@ -199,17 +202,21 @@ def _kernels():
         tl.store(Y + c, (y * tl.sigmoid(y)).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def conv_rows_kernel(XS, W, Y, C, K: tl.constexpr, BLOCK: tl.constexpr):
-        # the rounding points of conv_step_kernel: each product rounds to the dtype
+    def conv_rows_kernel(X, CS, W, Y, C, x_stride, K: tl.constexpr, BLOCK: tl.constexpr):
+        # input row t + j of [conv state | X]: a state row while r < 0; the rounding points of
+        # conv_step_kernel (each product rounds to the dtype)
         c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         t = tl.program_id(1)
         mask = c < C
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(K):
-            x = tl.load(XS + (t + j) * C + c, mask=mask, other=0.0)
+            r = t + j - (K - 1)
+            xv = tl.load(X + r * x_stride + c, mask=mask & (r >= 0), other=0.0)
+            sv = tl.load(CS + (r + K - 1) * C + c, mask=mask & (r < 0), other=0.0)
+            x = tl.where(r >= 0, xv, sv)
             prod = x.to(tl.float32) * tl.load(W + c * K + j, mask=mask, other=0.0).to(tl.float32)
-            acc += prod.to(XS.dtype.element_ty).to(tl.float32)
-        y = acc.to(XS.dtype.element_ty).to(tl.float32)
+            acc += prod.to(X.dtype.element_ty).to(tl.float32)
+        y = acc.to(X.dtype.element_ty).to(tl.float32)
         tl.store(Y + t * C + c, (y * tl.sigmoid(y)).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -361,23 +368,24 @@ def _kernels():
 
 # -- launchers: same arguments as the references ------------------------------------------------
 # gemv: rows per program so that a matrix spreads over ~GEMV_PROGRAMS programs (a few per SM,
-# each streaming its rows), columns in slices of at most GEMV_BK
+# each streaming its rows), and a tile of about GEMV_TILE elements per load
 GEMV_PROGRAMS = 1024
-GEMV_BK = 512
+GEMV_TILE = 4096
 
 
-def gemv_config(N: int, K: int) -> tuple[int, int]:
+def gemv_config(N: int, K: int, tile: int = GEMV_TILE) -> tuple[int, int]:
     """(BN, BK) of `gemv` for a [N, K] matrix: fixed by the shape (no autotuning), so a plan's
     rounding is the same in every process."""
     bn = 1 << max(0, min(4, (max(N // GEMV_PROGRAMS, 1)).bit_length() - 1))
-    return bn, min(GEMV_BK, _pow2(K))
+    return bn, min(max(512, tile // bn), _pow2(K))
 
 
-def gemv(x, w):
-    """Fused `gemv_reference`: x contiguous [K], w [N, K] with unit column stride."""
+def gemv(x, w, config: tuple[int, int] | None = None):
+    """Fused `gemv_reference`: x contiguous [K], w [N, K] with unit column stride. `config`
+    (BN, BK) overrides gemv_config (bench/bench_kernels.py compares tiles)."""
     N, K = w.shape
     y = x.new_empty(N)
-    bn, bk = gemv_config(N, K)
+    bn, bk = config or gemv_config(N, K)
     _kernels()["gemv"][(triton_cdiv(N, bn),)](x, w, y, N, w.stride(0), K=K, BN=bn, BK=bk,
                                               num_warps=4)
     return y
@@ -404,14 +412,20 @@ def conv_step(x, conv_state, weight):
     return y
 
 
-def conv_rows(xs, weight):
-    """Fused `conv_rows_reference`; xs contiguous."""
+def conv_rows(x, conv_state, weight):
+    """Fused `conv_rows_reference`; x [T, C] with unit column stride (a column slice of the input
+    projection), conv_state contiguous."""
     C, K = weight.shape
-    T = xs.shape[0] - (K - 1)
-    y = xs.new_empty(T, C)
+    T = x.shape[0]
+    y = x.new_empty(T, C)
     block = 512
-    _kernels()["conv_rows"][(triton_cdiv(C, block), T)](xs, weight, y, C, K=K, BLOCK=block,
-                                                        num_warps=4)
+    _kernels()["conv_rows"][(triton_cdiv(C, block), T)](x, conv_state, weight, y, C, x.stride(0),
+                                                        K=K, BLOCK=block, num_warps=4)
+    # the state: the last K-1 inputs (after the kernel has read the old ones: stream order)
+    if T >= K - 1:
+        conv_state.copy_(x[T - (K - 1):])
+    else:
+        conv_state.copy_(torch.cat([conv_state, x], dim=0)[T:])
     return y
 
 

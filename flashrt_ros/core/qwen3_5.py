@@ -321,11 +321,11 @@ class GatedDeltaNet(nn.Module):
         if at.fused:
             return self._fused_step(p.view(-1), conv_state, state)
         qkv, z, b, a = p.split(self.in_sizes, dim=-1)
-        xs = torch.cat([conv_state, qkv], dim=0)                                # [K-1+T, conv_dim]
-        conv_state.copy_(xs[T:])
         if at.row_kernels:
-            y = fused_kernels.conv_rows(xs, self.conv_weight)                   # [T, conv_dim]
+            y = fused_kernels.conv_rows(qkv, conv_state, self.conv_weight)      # [T, conv_dim]
         else:
+            xs = torch.cat([conv_state, qkv], dim=0)                            # [K-1+T, conv_dim]
+            conv_state.copy_(xs[T:])
             y = F.silu((xs.unfold(0, self.K, 1) * self.conv_weight).sum(-1))
         qk, v = y.split((2 * Hk * self.Dk, Hv * self.Dv), dim=-1)
         qk, v = qk.view(T, 2 * Hk, self.Dk), v.view(T, Hv, self.Dv)          # q heads | k heads
