@@ -367,17 +367,18 @@ def _kernels():
 
 
 # -- launchers: same arguments as the references ------------------------------------------------
-# gemv: rows per program so that a matrix spreads over ~GEMV_PROGRAMS programs (a few per SM,
-# each streaming its rows), and a tile of about GEMV_TILE elements per load
-GEMV_PROGRAMS = 1024
-GEMV_TILE = 4096
+# gemv tiles, from `bench/bench_kernels.py --sweep` on an H200 (hybrid-0.8b shapes): a wide
+# matrix (4096 <= N < 65536 outputs) in 8 rows x 256 columns per program, any other (the
+# projections back to d_model, a vocabulary) in 2 rows x up to 2048 columns
+GEMV_WIDE = (4096, 65536)
 
 
-def gemv_config(N: int, K: int, tile: int = GEMV_TILE) -> tuple[int, int]:
+def gemv_config(N: int, K: int) -> tuple[int, int]:
     """(BN, BK) of `gemv` for a [N, K] matrix: fixed by the shape (no autotuning), so a plan's
     rounding is the same in every process."""
-    bn = 1 << max(0, min(4, (max(N // GEMV_PROGRAMS, 1)).bit_length() - 1))
-    return bn, min(max(512, tile // bn), _pow2(K))
+    if GEMV_WIDE[0] <= N < GEMV_WIDE[1]:
+        return 8, min(256, _pow2(K))
+    return 2, min(2048, _pow2(K))
 
 
 def gemv(x, w, config: tuple[int, int] | None = None):
