@@ -200,7 +200,9 @@ setup(
     install_requires=["numpy", "pyyaml", "safetensors", "tokenizers", "torch>=2.4"],
     extras_require={
         "ros": ["rosbags>=0.10", "mcap>=1.6", "py_trees>=2.2"],
-        "gpu": ["flash-linear-attention>=0.6", "cupy-cuda12x"],
+        # fla's kernels only: the flash-linear-attention distribution adds fla.layers and
+        # fla.models, which `import fla` then loads too (transformers with them), ~4 s of start
+        "gpu": ["fla-core>=0.6", "cupy-cuda12x"],
         "bench": ["matplotlib"],
         "test": ["pytest", "hypothesis", "matplotlib", "mcap-ros2-support"],
     },

@@ -51,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--paths", default=None,
                    help="runtime,node (default: both where rclpy and `ros2` are, else runtime)")
     p.add_argument("--captures", default=",".join(CAPTURES), help="background,configure")
+    p.add_argument("--seed-rng", default="cpu", choices=("cpu", "device"),
+                   help="model.seed_rng of the runtime path: where the preset's weights are drawn "
+                        "(default cpu, the node's default; device: on the GPU, as a checkpoint's "
+                        "weights go straight there)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per start")
     p.add_argument("--out", default=None, help="report stem (default docs/bench/bringup-<device>)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)     # runtime child: capture
@@ -85,7 +89,7 @@ def child(args) -> None:
             torch.cuda.synchronize(device)
         timed("CUDA context", context)
     cfg = config.RuntimeConfig(device=args.device, cache_dir=args.cache_dir)
-    model_cfg = config.load_preset(args.preset)
+    model_cfg = config.load_preset(args.preset, seed_rng=args.seed_rng)
     resolved = timed("resolve (compile cache, fla)", lambda: cfg.resolve(model_cfg))
     serving.pin_torch_threads(resolved.threads)         # as the node does
     late = args.child == "background"
@@ -117,7 +121,8 @@ def run_child(args, capture: str, cache_dir: str, workdir: str) -> dict:
     import subprocess
     result = os.path.join(workdir, f"result-{capture}-{time.monotonic_ns()}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", capture, "--device", args.device,
-           "--preset", args.preset, "--cache-dir", cache_dir, "--result", result]
+           "--preset", args.preset, "--seed-rng", args.seed_rng, "--cache-dir", cache_dir,
+           "--result", result]
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout,
                        env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep +
@@ -248,10 +253,12 @@ def plan_cell(run: dict, name: str, part: str) -> str:
 def report(args, runs: list, out: str):
     import torch
 
-    from bench.common import device_slug, environment, write_report
+    from bench.common import device_slug, environment, package_version, write_report
     from flashrt_ros.core.config import resolve_device
     env = environment(resolve_device(args.device), code=("flashrt_ros", "bench", "config"))
     env["preset"] = args.preset
+    env["seed_rng"] = args.seed_rng
+    env["flash_linear_attention"] = package_version("flash-linear-attention")
     stem = out or os.path.join(ROOT, "docs", "bench", f"bringup-{device_slug(env)}")
     summary_rows, verdicts = [], []
     for r in runs:

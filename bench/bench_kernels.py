@@ -126,13 +126,15 @@ def main(argv=None):
     x, delta = randn(T, d), randn(T, d)
     gu = randn(T, 2 * F_)
     qkv, cs, cw = randn(T, C), randn(Kc - 1, C), randn(C, Kc) * 0.5
+    kd = t.linear_num_key_heads * t.linear_key_head_dim
+    sizes = (kd, kd, C - 2 * kd)
     o, z, gw = randn(T, Hv, Dv), randn(T, Hv, Dv), 1 + 0.1 * randn(Dv)
     chains = [
         ("residual add + RMSNorm", lambda: fused.add_rms_norm_reference(x, delta, scale, 1e-6),
          lambda: fused.add_rms_norm(x, delta, scale, 1e-6)),     # x += delta in place
         ("SwiGLU", lambda: fused.swiglu_reference(gu), lambda: fused.swiglu(gu)),
-        ("causal conv + silu", lambda: fused.conv_rows_reference(qkv, cs, cw),
-         lambda: fused.conv_rows(qkv, cs, cw)),
+        ("causal conv + silu (q, k, v out)", lambda: fused.conv_rows_reference(qkv, cs, cw, sizes),
+         lambda: fused.conv_rows(qkv, cs, cw, sizes)),
         ("gated RMSNorm", lambda: fused.gated_rms_norm_reference(o, z, gw, 1e-6),
          lambda: fused.gated_rms_norm(o, z, gw, 1e-6)),
     ]

@@ -18,6 +18,8 @@ export PYTHONUNBUFFERED=1 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site-core .whl/fla_core-*.whl || exit 1
   export PYTHONPATH="/tmp/site:$PWD"
 else
   export PYTHONPATH="$PWD"
@@ -48,8 +50,9 @@ for stage in "$@"; do
     capsules) run capsules python3 bench/bench_capsules.py --preset hybrid-0.8b --device cuda \
                 --contexts 2048,16384 ;;
     paged)    run paged python3 bench/bench_paged.py --preset hybrid-0.8b --device cuda ;;
-    bringup)  run bringup python3 bench/bench_bringup.py --preset hybrid-0.8b --device cuda \
-                --paths runtime ;;
+    # fla's kernels only (fla-core): see setup.py's gpu extra
+    bringup)  PYTHONPATH="/tmp/site-core:$PWD" run bringup python3 bench/bench_bringup.py \
+                --preset hybrid-0.8b --device cuda --paths runtime --seed-rng device ;;
     disk)     run disk python3 bench/bench_disk.py --device cuda --out docs/bench ;;
     *) echo "unknown stage $stage (tests kernels compare compare32 runtime capsules paged bringup disk)" >&2
        rc=2 ;;

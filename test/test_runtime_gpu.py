@@ -227,7 +227,7 @@ def _kernel_inputs(T, H, K, seed):
 @pytest.mark.parametrize("H, K", [(2, 32), (16, 128)], ids=["tiny", "hybrid-0.8b"])
 def test_fla_kernels_match_reference(T, H, K):
     if not kernels.fla_available():
-        pytest.fail("fla does not import on this CUDA machine; install the flash-linear-attention "
+        pytest.fail("fla does not import on this CUDA machine; install the fla-core "
                     "wheels (see the module docstring of flashrt_ros.core.kernels)")
     q, k, v, a, b, A_log, dt_bias, state = _kernel_inputs(T, H, K, seed=T + H)
     qn, kn, g, beta = kernels.gate_reference(q, k, a, b, A_log, dt_bias)
@@ -317,14 +317,18 @@ def test_fused_row_kernels_match_their_references(dtype, T):
     gu = _randn(T, 2 * 700, dtype=dtype, seed=T + 2)
     torch.testing.assert_close(fused.swiglu(gu), fused.swiglu_reference(gu), **tol)
     for K in (3, 4):
-        C = 6144 + 40
+        sizes = (2048 + 40, 2048 + 40, 2048)            # q, k, v; not multiples of the tile
+        C = sum(sizes)
         # x as the model passes it: the first C columns of the input projection
         x = _randn(T, C + 100, dtype=dtype, seed=K + T)[:, :C]
         w = _randn(C, K, dtype=dtype, seed=K + 1)
         cs = _randn(K - 1, C, dtype=dtype, seed=K + 2)
         cs_ref, cs_k = cs.clone(), cs.clone()
-        y_ref = fused.conv_rows_reference(x, cs_ref, w)
-        torch.testing.assert_close(fused.conv_rows(x, cs_k, w), y_ref, **tol)
+        y_ref = fused.conv_rows_reference(x, cs_ref, w, sizes)
+        y_k = fused.conv_rows(x, cs_k, w, sizes)
+        for part_k, part_ref in zip(y_k, y_ref):
+            assert part_k.is_contiguous()
+            torch.testing.assert_close(part_k, part_ref, **tol)
         assert torch.equal(cs_k, cs_ref), "the conv state shift is a copy: it must be exact"
     # z as the model passes it: a column slice of the input projection, rows of stride 2 H D
     Hv, Dv = 16, 128
@@ -351,6 +355,10 @@ def test_fused_gemv_matches_cublas_and_is_deterministic(dtype, N, K):
     y = fused.gemv(x, w)
     torch.testing.assert_close(y, fused.gemv_reference(x, w), **GEMV_TOL[dtype])
     assert torch.equal(fused.gemv(x, w), y), "a fixed configuration sums in a fixed order"
+    # the MLP's down projection: SwiGLU of [gate | up] as the input is read
+    gu = _randn(2 * K, dtype=dtype, seed=K + 1)
+    torch.testing.assert_close(fused.gemv(gu, w, swiglu=True),
+                               fused.gemv_reference(gu, w, swiglu=True), **GEMV_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -396,7 +404,7 @@ def test_fla_step_in_place_is_the_gated_kernel_bitwise(Hk, Hv, K):
     """gated_delta_rule_fla_step runs fla's recurrent kernel with the state as its own initial and
     final state: the same bits as the public call plus a copy back."""
     if not kernels.fla_available():
-        pytest.fail("fla does not import on this CUDA machine; install the flash-linear-attention "
+        pytest.fail("fla does not import on this CUDA machine; install the fla-core "
                     "wheels")
     q, k = (_randn(1, 1, Hk, K, dtype=torch.bfloat16, seed=s) for s in (1, 2))
     v = _randn(1, 1, Hv, K, dtype=torch.bfloat16, seed=3)

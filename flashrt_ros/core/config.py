@@ -319,8 +319,8 @@ class RuntimeConfig:
                               f"is not validated under CUDA graph capture); found device "
                               f"{device}; use 'auto', 'fla' or 'reference' on CUDA")
         if kernels == "fla" and not (cuda and fla_available()):
-            raise ConfigError("runtime.kernels: 'fla' needs a CUDA device and the "
-                              "flash-linear-attention package; found device "
+            raise ConfigError("runtime.kernels: 'fla' needs a CUDA device and fla's kernels "
+                              "(the fla-core package); found device "
                               f"{device} and fla importable={fla_available()}; use 'auto'")
         # tiny ops cost more handed to a second thread than they save, and their dispatch more
         # than their arithmetic

@@ -7,11 +7,14 @@ one kernel, in the style of fla: a short, readable torch reference beside every 
 test_runtime_gpu.py holds the two together with named tolerances.
 
     gemv                y = W x for one token (every projection, the LM head): cuBLAS reads
-                        a [N, K] matrix at a third of the bandwidth for a single row
+                        a [N, K] matrix at a third of the bandwidth for a single row; with
+                        `swiglu=True`, x = silu(gate) * up computed as it is read (the MLP's
+                        down projection: one kernel fewer per layer)
     add_rms_norm        x += delta; h = norm(x) * scale           (every norm of the residual stream)
     conv_step           the short causal conv of one token + silu, shifting the conv state
     conv_rows           the same conv over T tokens (a prefill chunk), reading the state and the
-                        projection where they are (no concatenated copy)
+                        projection where they are (no concatenated copy) and writing q, k, v
+                        each contiguous (what fla's kernels take without a copy)
     gated_rms_norm      weight * norm(o) * silu(z)                 (the DeltaNet output norm)
     swiglu              silu(gate) * up
     attention_prep      q/k RMSNorm + RoPE; k, v written to the KV row at the position in meta
@@ -63,9 +66,10 @@ def _pow2(n: int) -> int:
 
 
 # -- references (torch): what each kernel computes, with the same rounding points ----------------
-def gemv_reference(x, w):
-    """x: [K], w: [N, K] -> w @ x [N] in x's dtype (fp32 accumulation)."""
-    return F.linear(x, w)
+def gemv_reference(x, w, swiglu: bool = False):
+    """x: [K] (swiglu: [2K], gate | up, and x = silu(gate) * up), w: [N, K] -> w @ x [N] in x's
+    dtype (fp32 accumulation)."""
+    return F.linear(swiglu_reference(x) if swiglu else x, w)
 
 
 def add_rms_norm_reference(x, delta, scale, eps):
@@ -87,13 +91,15 @@ def conv_step_reference(x, conv_state, weight):
     return F.silu((xs.t() * weight).sum(-1))
 
 
-def conv_rows_reference(x, conv_state, weight):
+def conv_rows_reference(x, conv_state, weight, sizes):
     """x: [T, C] T tokens' conv inputs, conv_state: [K-1, C] the inputs before them (shifted in
-    place), weight: [C, K] -> silu(causal conv) [T, C] in x's dtype."""
+    place), weight: [C, K], sizes: the channel split (q, k, v) -> silu(causal conv) split into
+    contiguous [T, size] tensors, in x's dtype."""
     T, K = x.shape[0], weight.shape[1]
     xs = torch.cat([conv_state, x], dim=0)                                  # [K-1+T, C]
     conv_state.copy_(xs[T:])
-    return F.silu((xs.unfold(0, K, 1) * weight).sum(-1))
+    y = F.silu((xs.unfold(0, K, 1) * weight).sum(-1))
+    return tuple(part.contiguous() for part in y.split(sizes, dim=-1))
 
 
 def gated_rms_norm_reference(o, z, weight, eps):
@@ -148,7 +154,8 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    SWIGLU: tl.constexpr):
         # BN rows of W per program; the products summed per column slot first and across the
         # slots once at the end (a fixed order: the same bits on every run)
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -157,7 +164,14 @@ def _kernels():
         for k0 in tl.static_range(0, K, BK):
             cols = k0 + tl.arange(0, BK)
             cmask = cols < K
-            x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+            if SWIGLU:
+                # swiglu_kernel's rounding points: silu(gate) rounds, then its product with up
+                g = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+                u = tl.load(X + K + cols, mask=cmask, other=0.0).to(tl.float32)
+                sg = (g * tl.sigmoid(g)).to(X.dtype.element_ty).to(tl.float32)
+                x = (sg * u).to(X.dtype.element_ty).to(tl.float32)
+            else:
+                x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
             w = tl.load(W + rows[:, None] * stride_w + cols[None, :],
                         mask=rmask[:, None] & cmask[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
@@ -202,22 +216,35 @@ def _kernels():
         tl.store(Y + c, (y * tl.sigmoid(y)).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def conv_rows_kernel(X, CS, W, Y, C, x_stride, K: tl.constexpr, BLOCK: tl.constexpr):
-        # input row t + j of [conv state | X]: a state row while r < 0; the rounding points of
-        # conv_step_kernel (each product rounds to the dtype)
-        c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        t = tl.program_id(1)
-        mask = c < C
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    def conv_rows_kernel(X, CS, W, Y, T, C, x_stride, S1, S2, K: tl.constexpr,
+                         BT: tl.constexpr, BC: tl.constexpr):
+        # a tile of BT tokens x BC channels; input row t + j of [conv state | X] is a state row
+        # while r < 0. The rounding points of conv_step_kernel (each product rounds to the dtype).
+        # Output channel c < S1 goes to the first [T, S1] part of Y, c < S2 to the second
+        # [T, S2 - S1], the rest to the third: three contiguous tensors in one buffer.
+        c = tl.program_id(0) * BC + tl.arange(0, BC)
+        t = tl.program_id(1) * BT + tl.arange(0, BT)
+        cmask = c < C
+        tmask = t < T
+        acc = tl.zeros([BT, BC], dtype=tl.float32)
         for j in tl.static_range(K):
             r = t + j - (K - 1)
-            xv = tl.load(X + r * x_stride + c, mask=mask & (r >= 0), other=0.0)
-            sv = tl.load(CS + (r + K - 1) * C + c, mask=mask & (r < 0), other=0.0)
-            x = tl.where(r >= 0, xv, sv)
-            prod = x.to(tl.float32) * tl.load(W + c * K + j, mask=mask, other=0.0).to(tl.float32)
-            acc += prod.to(X.dtype.element_ty).to(tl.float32)
+            m = tmask[:, None] & cmask[None, :]
+            xv = tl.load(X + r[:, None] * x_stride + c[None, :], mask=m & (r >= 0)[:, None],
+                         other=0.0)
+            sv = tl.load(CS + (r + K - 1)[:, None] * C + c[None, :], mask=m & (r < 0)[:, None],
+                         other=0.0)
+            x = tl.where((r >= 0)[:, None], xv, sv).to(tl.float32)
+            w = tl.load(W + c * K + j, mask=cmask, other=0.0).to(tl.float32)
+            acc += (x * w[None, :]).to(X.dtype.element_ty).to(tl.float32)
         y = acc.to(X.dtype.element_ty).to(tl.float32)
-        tl.store(Y + t * C + c, (y * tl.sigmoid(y)).to(Y.dtype.element_ty), mask=mask)
+        out = (y * tl.sigmoid(y)).to(Y.dtype.element_ty)
+        part = tl.where(c < S1, 0, tl.where(c < S2, 1, 2))
+        base = tl.where(part == 0, 0, tl.where(part == 1, T * S1, T * S2))
+        width = tl.where(part == 0, S1, tl.where(part == 1, S2 - S1, C - S2))
+        col = c - tl.where(part == 0, 0, tl.where(part == 1, S1, S2))
+        tl.store(Y + base[None, :] + t[:, None] * width[None, :] + col[None, :], out,
+                 mask=tmask[:, None] & cmask[None, :])
 
     @triton.jit
     def gated_rms_norm_kernel(O, Z, W, Y, eps, z_stride, HV, D: tl.constexpr,
@@ -381,14 +408,14 @@ def gemv_config(N: int, K: int) -> tuple[int, int]:
     return 2, min(2048, _pow2(K))
 
 
-def gemv(x, w, config: tuple[int, int] | None = None):
-    """Fused `gemv_reference`: x contiguous [K], w [N, K] with unit column stride. `config`
-    (BN, BK) overrides gemv_config (bench/bench_kernels.py compares tiles)."""
+def gemv(x, w, config: tuple[int, int] | None = None, swiglu: bool = False):
+    """Fused `gemv_reference`: x contiguous [K] ([2K] with swiglu), w [N, K] with unit column
+    stride. `config` (BN, BK) overrides gemv_config (bench/bench_kernels.py compares tiles)."""
     N, K = w.shape
     y = x.new_empty(N)
     bn, bk = config or gemv_config(N, K)
     _kernels()["gemv"][(triton_cdiv(N, bn),)](x, w, y, N, w.stride(0), K=K, BN=bn, BK=bk,
-                                              num_warps=4)
+                                              SWIGLU=swiglu, num_warps=4)
     return y
 
 
@@ -413,21 +440,25 @@ def conv_step(x, conv_state, weight):
     return y
 
 
-def conv_rows(x, conv_state, weight):
+def conv_rows(x, conv_state, weight, sizes):
     """Fused `conv_rows_reference`; x [T, C] with unit column stride (a column slice of the input
-    projection), conv_state contiguous."""
+    projection), conv_state contiguous, sizes: three channel counts summing to C."""
     C, K = weight.shape
     T = x.shape[0]
-    y = x.new_empty(T, C)
-    block = 512
-    _kernels()["conv_rows"][(triton_cdiv(C, block), T)](x, conv_state, weight, y, C, x.stride(0),
-                                                        K=K, BLOCK=block, num_warps=4)
+    s1, s2, s3 = sizes
+    assert s1 + s2 + s3 == C, (sizes, C)
+    y = x.new_empty(T * C)
+    bt, bc = 16, 128
+    _kernels()["conv_rows"][(triton_cdiv(C, bc), triton_cdiv(T, bt))](
+        x, conv_state, weight, y, T, C, x.stride(0), s1, s1 + s2, K=K, BT=bt, BC=bc,
+        num_warps=4)
     # the state: the last K-1 inputs (after the kernel has read the old ones: stream order)
     if T >= K - 1:
         conv_state.copy_(x[T - (K - 1):])
     else:
         conv_state.copy_(torch.cat([conv_state, x], dim=0)[T:])
-    return y
+    return (y[:T * s1].view(T, s1), y[T * s1:T * (s1 + s2)].view(T, s2),
+            y[T * (s1 + s2):].view(T, s3))
 
 
 def gated_rms_norm(o, z, weight, eps):

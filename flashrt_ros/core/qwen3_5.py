@@ -321,13 +321,21 @@ class GatedDeltaNet(nn.Module):
         if at.fused:
             return self._fused_step(p.view(-1), conv_state, state)
         qkv, z, b, a = p.split(self.in_sizes, dim=-1)
+        kd = Hk * self.Dk
         if at.row_kernels:
-            y = fused_kernels.conv_rows(qkv, conv_state, self.conv_weight)      # [T, conv_dim]
-        else:
-            xs = torch.cat([conv_state, qkv], dim=0)                            # [K-1+T, conv_dim]
-            conv_state.copy_(xs[T:])
-            y = F.silu((xs.unfold(0, self.K, 1) * self.conv_weight).sum(-1))
-        qk, v = y.split((2 * Hk * self.Dk, Hv * self.Dv), dim=-1)
+            # q, k and v come out of the conv kernel contiguous, as fla's kernels take them
+            qc, kc, v = fused_kernels.conv_rows(qkv, conv_state, self.conv_weight,
+                                                (kd, kd, Hv * self.Dv))
+            q, k = (self._repeat_heads(x.view(T, Hk, self.Dk)) for x in (qc, kc))
+            o = kernels.gated_delta_rule_fla_gated(q, k, v.view(T, Hv, self.Dv), a, b, self.A_log,
+                                                   self.dt_bias, state, self.Dk ** -0.5,
+                                                   chunked=T > 1).contiguous()
+            o = self.norm(o, z.view(T, Hv, self.Dv), True)
+            return F.linear(o.view(T, Hv * self.Dv), self.out_proj.weight)
+        xs = torch.cat([conv_state, qkv], dim=0)                                # [K-1+T, conv_dim]
+        conv_state.copy_(xs[T:])
+        y = F.silu((xs.unfold(0, self.K, 1) * self.conv_weight).sum(-1))
+        qk, v = y.split((2 * kd, Hv * self.Dv), dim=-1)
         qk, v = qk.view(T, 2 * Hk, self.Dk), v.view(T, Hv, self.Dv)          # q heads | k heads
         if self.kernel == "fla":
             # the L2 norms, the decay gate and the beta sigmoid run inside the fla kernels;
@@ -346,9 +354,7 @@ class GatedDeltaNet(nn.Module):
             else:
                 rule = kernels.gated_delta_rule_reference
             o = rule(q, k, v, g, beta, state, scale)                            # [T, Hv, Dv]
-        if at.row_kernels:
-            o = o.contiguous()
-        o = self.norm(o, z.view(T, Hv, self.Dv), at.row_kernels)
+        o = self.norm(o, z.view(T, Hv, self.Dv))
         return F.linear(o.reshape(T, Hv * self.Dv), self.out_proj.weight)
 
     def _fused_step(self, p, conv_state, state):
@@ -368,10 +374,11 @@ class GatedDeltaNet(nn.Module):
     def _value_heads(self, qk):
         """[T, 2 Hk, Dk] -> q, k of [T, Hv, Dk]: each key head serves Hv/Hk value heads."""
         q, k = qk.view(qk.shape[0], 2, self.Hk, self.Dk).unbind(1)     # one operation, not two
-        if self.Hv != self.Hk:
-            q = q.repeat_interleave(self.Hv // self.Hk, dim=1)
-            k = k.repeat_interleave(self.Hv // self.Hk, dim=1)
-        return q, k
+        return self._repeat_heads(q), self._repeat_heads(k)
+
+    def _repeat_heads(self, x):
+        """[T, Hk, Dk] -> [T, Hv, Dk]: each key head serves Hv/Hk value heads."""
+        return x if self.Hv == self.Hk else x.repeat_interleave(self.Hv // self.Hk, dim=1)
 
 
 class MLP(nn.Module):
@@ -390,12 +397,15 @@ class MLP(nn.Module):
     def forward(self, x, at: Positions):
         """x: [T, d]; `at` says which fused kernels (GPU) the call takes."""
         gate_up = project(x, self.gate_up_weight, at.fused)
+        if at.fused:            # SwiGLU computed as the down projection reads its input
+            return fused_kernels.gemv(gate_up.view(-1), self.down_proj.weight,
+                                      swiglu=True).view(1, -1)
         if at.row_kernels:
             y = fused_kernels.swiglu(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             y = F.silu(gate) * up
-        return project(y, self.down_proj.weight, at.fused)
+        return F.linear(y, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
