@@ -322,16 +322,25 @@ def our_paths(rt) -> dict:
                       "and beta in the kernel)",
                "chunked": "torch, chunk-parallel (flashrt_ros.core.kernels.gated_delta_rule_chunked)",
                "reference": "torch reference loop (flashrt_ros.core.kernels)"}[rt.kernel]
-    conv = "torch depthwise conv as unfold + sum (flashrt_ros.core.qwen3_5.GatedDeltaNet)"
+    fused = rt.model.backbone.model.fused          # core/fused.py's Triton kernels
+    torch_conv = "torch depthwise conv as unfold + sum (flashrt_ros.core.qwen3_5.GatedDeltaNet)"
     return {
-        "attention": "torch: SDPA in eager plans and long position-0 chunks, masked matmul + "
-                     "softmax over all KV rows in graph plans" if rt.use_graphs else "torch SDPA",
+        "attention": ("graph steps: flashrt_ros.core.fused.decode_attention (the live prefix "
+                      "only); prefill: torch SDPA" if fused else
+                      "torch: SDPA in eager plans and long position-0 chunks, masked matmul + "
+                      "softmax over all KV rows in graph plans") if rt.use_graphs else "torch SDPA",
         "delta rule (prefill)": prefill,
         "delta rule (decode step)": "fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule "
                                     "(gates in the kernel)" if fla else
                                     "torch reference loop (flashrt_ros.core.kernels)",
-        "short conv (prefill)": conv, "short conv (decode step)": conv,
-        "gated output norm": "torch (flashrt_ros.core.qwen3_5.GatedRMSNorm)",
+        "short conv (prefill)": "flashrt_ros.core.fused.conv_rows (Triton)" if fused
+                                else torch_conv,
+        "short conv (decode step)": "flashrt_ros.core.fused.conv_step (Triton)" if fused
+                                    else torch_conv,
+        "gated output norm": "flashrt_ros.core.fused.gated_rms_norm (Triton)" if fused
+                             else "torch (flashrt_ros.core.qwen3_5.GatedRMSNorm)",
+        "norms, SwiGLU, projections": "flashrt_ros.core.fused (Triton: add_rms_norm, swiglu; "
+                                      "gemv for single tokens)" if fused else "torch",
         "fla found": f"{fla_available()} (runtime.kernels: {rt.kernel})",
         "causal_conv1d found": "not used",
         "CUDA graphs": "yes (captured plans)" if rt.use_graphs else "no",
