@@ -451,7 +451,7 @@ class TextModel(nn.Module):
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg, max_context, dtype)
-        self.fused = False      # single tokens of the static form through core/fused.py: prepare()
+        self.fused = False      # core/fused.py's kernels (CUDA with fla): prepare()
 
     def prepare(self) -> None:
         self.fused = (self.embed_tokens.weight.device.type == "cuda" and fused_kernels.available()
