@@ -110,10 +110,11 @@ def environment(device: torch.device, code: tuple = ()) -> dict:
     """
     try:
         # a copy of a commit without its repository (a lent machine) names it in the environment
-        # or in a COMMIT file beside bench/ (bench/gpu_session.sh reads the same file)
+        # or in a COMMIT file beside bench/
         named = os.environ.get("FLASHRT_BENCH_COMMIT", "")
-        if not named and os.path.isfile(os.path.join(REPO, "COMMIT")):
-            with open(os.path.join(REPO, "COMMIT"), encoding="utf-8") as f:
+        commit_file = os.path.join(REPO, "COMMIT")
+        if not named and os.path.isfile(commit_file):
+            with open(commit_file, encoding="utf-8") as f:
                 named = f.read().strip()
         commit = named or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                          capture_output=True, text=True, timeout=5,

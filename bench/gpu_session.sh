@@ -11,8 +11,8 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-out}"
-# a copy made by `git archive` names its commit (bench/common.py records it in every table)
-[ -f COMMIT ] && export FLASHRT_BENCH_COMMIT="$(cat COMMIT)"
+# a copy made by `git archive` names its commit in ./COMMIT (bench/common.py records it in every
+# table, also for a bench run outside this script)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 if ls .whl/*.whl >/dev/null 2>&1; then
