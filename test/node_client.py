@@ -163,19 +163,39 @@ class PolicyClient:
         return wait_for(fresh, timeout, f"a fresh status from {self.target}")
 
     # -- services -------------------------------------------------------------------------
-    def call(self, srv_type, service: str, timeout=CALL_TIMEOUT_S, **fields):
-        name = service if service.startswith("/") else f"{self.target}/{service}"
+    def _client(self, srv_type, name: str, timeout: float):
+        """The client of service `name`, its reply path warmed up when it is new.
+
+        On a busy machine a service can answer a new client before it matched the client's reply
+        reader, and DDS then drops the reply ("failed to send response (timeout)"); a read-only
+        call is simply sent again (see call), but a transition is sent once. So a new
+        change_state client first sends a request that changes nothing - a transition label no
+        state machine has, answered success=False - until one answer comes back: from then on
+        the server has matched this client's reader."""
         client = self._clients.get(name)
         if client is None:
             client = self._clients[name] = self.node.create_client(srv_type, name)
+            wait_for(client.service_is_ready, timeout, f"service {name}")
+            if srv_type.__name__ == "ChangeState":
+                from lifecycle_msgs.msg import Transition
+                probe = srv_type.Request(transition=Transition(label="probe_the_reply_path"))
+                self._send(client, probe, timeout, name, attempts=10)
         wait_for(client.service_is_ready, timeout, f"service {name}")
+        return client
+
+    def call(self, srv_type, service: str, timeout=CALL_TIMEOUT_S, **fields):
+        name = service if service.startswith("/") else f"{self.target}/{service}"
+        client = self._client(srv_type, name, timeout)
         request = srv_type.Request()
         for k, v in fields.items():
             setattr(request, k, v)
-        # A read-only call is sent again when its answer does not come: on a busy machine the
-        # service can answer before it matched the client's reply reader, and DDS then drops
-        # the reply ("failed to send response (timeout)"). Calls that change state are sent once.
-        attempts = 3 if _read_only(srv_type) else 1
+        # A read-only call is sent again when its answer does not come (see _client); calls
+        # that change state are sent once.
+        return self._send(client, request, timeout, name, 3 if _read_only(srv_type) else 1)
+
+    @staticmethod
+    def _send(client, request, timeout: float, name: str, attempts: int):
+        """Send `request` up to `attempts` times, `timeout / attempts` seconds each; its answer."""
         for attempt in range(attempts):
             future = client.call_async(request)
             try:

@@ -262,6 +262,27 @@ def test_budget_lru_eviction_and_pins(tmp_path):
     assert store.get("c0").tier == "host"
 
 
+def test_a_file_eviction_wrote_is_marked_a_spill_until_the_user_asks_for_it(tmp_path):
+    """Eviction to disk writes a file nobody asked for (`spilled`); save and an explicit move make
+    it the user's; a capsule saved before it was evicted was never a spill."""
+    rt, store = make("cpu", tmp_path, host_budget_mb=0.1, disk_budget_mb=4.0)
+    size = (rt.live_nbytes() + 255) // 256 * 256
+    fit = int(0.1 * 2**20) // size
+    store.snapshot("saved")
+    store.save("saved")
+    for i in range(fit + 2):
+        store.snapshot(f"c{i}")
+    tiers = {c.name: (c.tier, c.spilled) for c in store.list()}
+    assert tiers["saved"] == ("disk", False) and tiers["c0"] == ("disk", True), tiers
+    assert tiers[f"c{fit + 1}"] == ("host", False)
+    store.save("c0")
+    assert not store.get("c0").spilled
+    c1 = store.get("c1")
+    assert c1.tier == "disk" and c1.spilled
+    store.move("c1", "host")                     # promoted: no file, nothing spilled
+    assert store.get("c1").path is None and not store.get("c1").spilled
+
+
 def test_pinned_set_that_cannot_fit_is_a_clear_error(tmp_path):
     rt, store = make("cpu", tmp_path, host_budget_mb=0.1)
     size = (rt.live_nbytes() + 255) // 256 * 256

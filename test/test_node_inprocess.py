@@ -123,6 +123,30 @@ def test_invalid_values_fail_configure_and_the_node_recovers(make_node, capfd, n
     assert c.capsule("snapshot", name="x").success
 
 
+def test_delete_of_a_capsule_the_store_spilled_to_disk_deletes_it_whole(make_node, tmp_path):
+    """A capsule the store demoted to disk to make room was never saved: delete_capsule with its
+    defaults deletes it and its file. A saved capsule keeps its file (docs/node.md)."""
+    n = make_node(**{"store.host_budget_mb": 0.1, "store.capsule_dir": str(tmp_path / "caps")})
+    c = n.client
+    assert c.transition("configure")
+    assert c.capsule("snapshot", name="kept").success
+    assert c.capsule("save", name="kept").success
+    i = 0
+    while n.node.store.get("kept").tier != "disk" or "spill0" not in n.node.store.capsules or \
+            n.node.store.get("spill0").tier != "disk":
+        assert c.capsule("snapshot", name=f"spill{i}").success
+        i += 1
+        assert i < 64, "the 0.1 MiB host tier never evicted"
+    spill = tmp_path / "caps" / "spill0.capsule"
+    assert spill.is_file()
+    res = c.capsule("delete", name="spill0")
+    assert res.success and "spilled" in res.message, res.message
+    assert not spill.exists() and "spill0" not in n.node.store.capsules
+    res = c.capsule("delete", name="kept")                          # saved: refused, file kept
+    assert not res.success and "delete_file: true" in res.message
+    assert (tmp_path / "caps" / "kept.capsule").is_file()
+
+
 def test_joint_trajectory_output(make_node):
     from sensor_msgs.msg import JointState
     from trajectory_msgs.msg import JointTrajectory

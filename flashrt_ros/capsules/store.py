@@ -166,13 +166,14 @@ class CapsuleStore:
         return True
 
     def _evict(self, cap: Capsule, protect: set) -> None:
-        below = {"gpu": "host", "host": "disk"}[cap.tier]
-        if self._has_disk_copy(cap):
-            below = "disk"            # already saved: dropping the memory copy loses nothing
+        if self._has_disk_copy(cap):        # already saved: dropping the memory copy loses nothing
+            self._move(cap, "disk", protect | {cap.name})
         elif self.cfg.eviction == "drop":
             self._drop(cap)
-            return
-        self._move(cap, below, protect | {cap.name})
+        else:
+            below = {"gpu": "host", "host": "disk"}[cap.tier]
+            self._move(cap, below, protect | {cap.name})
+            cap.spilled = below == "disk"   # a file nobody asked for: deleted with the capsule
 
     def _check_disk_room(self, nbytes: int, protect: set) -> None:
         """Raise BudgetExceeded now if a file could never fit, before anything is changed."""
@@ -261,7 +262,7 @@ class CapsuleStore:
             cap.context_len = context_len_of(self.rt.arena, raw)
             self.memory.put(cap, tier, raw, protect, cap.parent)
             os.unlink(cap.path)
-            cap.tier, cap.path, cap.nbytes = tier, None, raw.numel()
+            cap.tier, cap.path, cap.nbytes, cap.spilled = tier, None, raw.numel(), False
         elif tier == "disk":
             if not self._has_disk_copy(cap):      # capsules are immutable: a saved copy is current
                 cap.path = self._write_file(cap, self.memory.host_bytes(cap), protect)
@@ -406,6 +407,7 @@ class CapsuleStore:
         with self.lock:
             cap = self.get(name)
             self._move(cap, self._tier(tier), set())
+            cap.spilled = False          # asked for: the file is the user's now
             cap.touch()
             return cap
 
@@ -419,6 +421,7 @@ class CapsuleStore:
         """Write a capsule to the capsule directory; keep or drop the memory copy."""
         with self.lock:
             cap = self.get(name)
+            cap.spilled = False          # asked for: the file is the user's now
             if cap.tier == "disk" or (self._has_disk_copy(cap) and keep_in_memory):
                 return cap.path
             if not keep_in_memory:

@@ -763,13 +763,16 @@ class PolicyNode(LifecycleNode):
 
     def _srv_delete(self, rt, store, req, res, ev):
         """Without delete_file a saved file always stays: a capsule that has one is demoted to
-        the disk tier (its memory copy dropped), one that is only on disk is refused."""
+        the disk tier (its memory copy dropped), one that is only on disk is refused. A file the
+        store wrote itself to make room (a spill) was never asked for and goes with its capsule."""
         ev.name, ev.delete_file = req.name, req.delete_file
         cap = store.get(req.name)
-        saved = bool(cap.path) and os.path.isfile(cap.path)
+        saved = bool(cap.path) and os.path.isfile(cap.path) and not cap.spilled
         if req.delete_file or not saved:
             store.delete(req.name)
-            res.message = f"deleted {req.name!r}" + (f" and its file {cap.path}" if saved else "")
+            res.message = f"deleted {req.name!r}" + (
+                f" and its file {cap.path}" if saved else
+                f" and the file the store had spilled it to ({cap.path})" if cap.spilled else "")
         elif cap.tier == "disk":
             raise InputError(f"delete {req.name!r}: the capsule is only on disk ({cap.path}); "
                              f"expected delete_file: true to delete its file - nothing deleted")
