@@ -29,9 +29,20 @@ ACTION_TIMEOUT_S = 15
 
 
 def _read_only(srv_type) -> bool:
-    """Whether calling `srv_type` changes nothing: the parameter services' list/get/describe."""
-    return srv_type.__module__.startswith("rcl_interfaces") and \
-        srv_type.__name__.startswith(("List", "Get", "Describe"))
+    """Whether calling `srv_type` changes nothing: the parameter services' list/get/describe,
+    lifecycle get_state, list_capsules."""
+    return srv_type.__name__.startswith(("List", "Get", "Describe"))
+
+
+def _probe(srv_type):
+    """A request of `srv_type` that changes nothing and is answered (with a refusal), or None:
+    a transition label no state machine has; an empty list of parameters to set."""
+    if srv_type.__name__ == "ChangeState":
+        from lifecycle_msgs.msg import Transition
+        return srv_type.Request(transition=Transition(label="probe_the_reply_path"))
+    if srv_type.__name__ == "SetParameters":
+        return srv_type.Request(parameters=[])
+    return None
 
 
 def observations(n: int, dim: int = 14, seed: int = 0) -> np.ndarray:
@@ -168,17 +179,15 @@ class PolicyClient:
 
         On a busy machine a service can answer a new client before it matched the client's reply
         reader, and DDS then drops the reply ("failed to send response (timeout)"); a read-only
-        call is simply sent again (see call), but a transition is sent once. So a new
-        change_state client first sends a request that changes nothing - a transition label no
-        state machine has, answered success=False - until one answer comes back: from then on
-        the server has matched this client's reader."""
+        call is simply sent again (see call), but a transition is sent once. So a new client of
+        change_state or set_parameters first sends a request that changes nothing (`_probe`)
+        until one answer comes back: from then on the server has matched this client's reader."""
         client = self._clients.get(name)
         if client is None:
             client = self._clients[name] = self.node.create_client(srv_type, name)
             wait_for(client.service_is_ready, timeout, f"service {name}")
-            if srv_type.__name__ == "ChangeState":
-                from lifecycle_msgs.msg import Transition
-                probe = srv_type.Request(transition=Transition(label="probe_the_reply_path"))
+            probe = _probe(srv_type)
+            if probe is not None:
                 self._send(client, probe, timeout, name, attempts=10)
         wait_for(client.service_is_ready, timeout, f"service {name}")
         return client
