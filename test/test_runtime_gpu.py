@@ -399,26 +399,47 @@ def test_fused_attention_matches_its_reference(dtype, H, Hkv, D, rotary, max_ctx
                                fused.decode_attention_reference(q_ref, gate, kv_ref, meta), **tol)
 
 
-@pytest.mark.parametrize("Hk, Hv, K", [(2, 2, 32), (2, 4, 16), (16, 16, 128)])
-def test_fla_step_in_place_is_the_gated_kernel_bitwise(Hk, Hv, K):
-    """gated_delta_rule_fla_step runs fla's recurrent kernel with the state as its own initial and
-    final state: the same bits as the public call plus a copy back."""
-    if not kernels.fla_available():
-        pytest.fail("fla does not import on this CUDA machine; install the fla-core "
-                    "wheels")
-    q, k = (_randn(1, 1, Hk, K, dtype=torch.bfloat16, seed=s) for s in (1, 2))
-    v = _randn(1, 1, Hv, K, dtype=torch.bfloat16, seed=3)
-    a, b = (_randn(1, 1, Hv, dtype=torch.bfloat16, seed=s) for s in (4, 5))
+# the state is fp32 on both sides; what differs is the order of the K-sums and exp/log
+GDN_STATE_TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("Hk, Hv, K, V", [(2, 2, 32, 32), (2, 4, 16, 20), (16, 16, 128, 128)])
+def test_fused_gdn_step_matches_its_reference(dtype, Hk, Hv, K, V):
+    """fused.gdn_step (the captured step's recurrence) against the model's unfused step: the L2
+    norms, the gates and gated_delta_rule_step; several steps, so a state error would grow; and
+    against fla's fused recurrent kernel, the same math in another order, where fla imports."""
+    from flashrt_ros.core import fused
+    tol = FUSED_TOL[dtype]
     A_log = torch.log(torch.rand(Hv, device="cuda") * 15 + 1)
     dt_bias = torch.rand(Hv, device="cuda") * 2 - 4
-    state = _randn(Hv, K, K, dtype=torch.float32, seed=6) * 0.1
-    S_step, S_gated = state.clone(), state.clone()
-    o_step = kernels.gated_delta_rule_fla_step(q, k, v, a, b, A_log, dt_bias, S_step, K ** -0.5)
-    G = Hv // Hk
-    o_gated = kernels.gated_delta_rule_fla_gated(
-        q[0].repeat_interleave(G, 1), k[0].repeat_interleave(G, 1), v[0], a[0], b[0], A_log,
-        dt_bias, S_gated, K ** -0.5, chunked=False)
-    assert torch.equal(o_step[0], o_gated) and torch.equal(S_step, S_gated)
+    state = _randn(Hv, K, V, dtype=torch.float32, seed=6) * 0.1
+    S_ref, S_k, S_fla = state.clone(), state.clone(), state.clone()
+    for t in range(4):
+        q, k = (_randn(Hk, K, dtype=dtype, seed=10 * t + s) for s in (1, 2))
+        v = _randn(Hv, V, dtype=dtype, seed=10 * t + 3)
+        a, b = (_randn(Hv, dtype=dtype, seed=10 * t + s) * 3 for s in (4, 5))
+        a[0] = 30.0                                  # past softplus' threshold
+        o_ref = fused.gdn_step_reference(q, k, v, a, b, A_log, dt_bias, S_ref, K ** -0.5)
+        o_k = fused.gdn_step(q, k, v, a, b, A_log, dt_bias, S_k, K ** -0.5, kernels.L2NORM_EPS)
+        torch.testing.assert_close(o_k, o_ref, **tol)
+        torch.testing.assert_close(S_k, S_ref, **GDN_STATE_TOL)
+        if kernels.fla_available():
+            G = Hv // Hk
+            o_fla = kernels.gated_delta_rule_fla_gated(
+                q[None].repeat_interleave(G, 1), k[None].repeat_interleave(G, 1), v[None], a[None],
+                b[None], A_log, dt_bias, S_fla, K ** -0.5, chunked=False)
+            torch.testing.assert_close(o_k, o_fla[0], **tol)
+            torch.testing.assert_close(S_k, S_fla, **GDN_STATE_TOL)
+    # deterministic: the same bits on a second run from the same state
+    S_again = state.clone()
+    for t in range(4):
+        q, k = (_randn(Hk, K, dtype=dtype, seed=10 * t + s) for s in (1, 2))
+        v = _randn(Hv, V, dtype=dtype, seed=10 * t + 3)
+        a, b = (_randn(Hv, dtype=dtype, seed=10 * t + s) * 3 for s in (4, 5))
+        a[0] = 30.0
+        fused.gdn_step(q, k, v, a, b, A_log, dt_bias, S_again, K ** -0.5, kernels.L2NORM_EPS)
+    assert torch.equal(S_again, S_k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

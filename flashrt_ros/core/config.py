@@ -304,7 +304,7 @@ class RuntimeConfig:
         Raises ConfigError where the machine cannot do what the config asks (a CUDA device where
         there is none, kernels the device does not run)."""
         from flashrt_ros.core.compile_cache import use_compile_cache
-        from flashrt_ros.core.kernels import fla_available
+        from flashrt_ros.core.kernels import fla_installed
         device = resolve_device(self.device)
         cuda = device.type == "cuda"
         # before fla is imported: its autotuners read the cache setting when they load
@@ -313,15 +313,15 @@ class RuntimeConfig:
         if kernels == "auto":
             # the chunked form has only been validated on the CPU (no CUDA graph capture of its
             # triangular solve yet), so CUDA without fla keeps the reference loop
-            kernels = ("fla" if fla_available() else "reference") if cuda else "chunked"
+            kernels = ("fla" if fla_installed() else "reference") if cuda else "chunked"
         if kernels == "chunked" and cuda:
             raise ConfigError("runtime.kernels: 'chunked' runs on the CPU only (its triangular solve "
                               f"is not validated under CUDA graph capture); found device "
                               f"{device}; use 'auto', 'fla' or 'reference' on CUDA")
-        if kernels == "fla" and not (cuda and fla_available()):
+        if kernels == "fla" and not (cuda and fla_installed()):
             raise ConfigError("runtime.kernels: 'fla' needs a CUDA device and fla's kernels "
                               "(the fla-core package); found device "
-                              f"{device} and fla importable={fla_available()}; use 'auto'")
+                              f"{device} and fla installed={fla_installed()}; use 'auto'")
         # tiny ops cost more handed to a second thread than they save, and their dispatch more
         # than their arithmetic
         small = model_cfg.d_model <= SMALL_D_MODEL

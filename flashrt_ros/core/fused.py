@@ -15,6 +15,9 @@ test_runtime_gpu.py holds the two together with named tolerances.
     conv_rows           the same conv over T tokens (a prefill chunk), reading the state and the
                         projection where they are (no concatenated copy) and writing q, k, v
                         each contiguous (what fla's kernels take without a copy)
+    gdn_step            one token of the Gated DeltaNet recurrence with its gates: L2-normalised
+                        q/k, the decay exp(-exp(A_log) softplus(a + dt_bias)), beta = sigmoid(b),
+                        the delta rule on the fp32 state (updated in place) and the read-out
     gated_rms_norm      weight * norm(o) * silu(z)                 (the DeltaNet output norm)
     swiglu              silu(gate) * up
     attention_prep      q/k RMSNorm + RoPE; k, v written to the KV row at the position in meta
@@ -25,11 +28,14 @@ test_runtime_gpu.py holds the two together with named tolerances.
 
 The kernels keep the references' rounding points (a bf16 reference rounds after each operation,
 and the kernel rounds there too); what differs is the order of the sums and the rsqrt/exp
-implementations. The Gated DeltaNet recurrence is fla's own kernel, called with the state buffer
-as both initial and final state (updated in place: no extra copy per layer).
+implementations. The Gated DeltaNet recurrence of a prefill chunk is fla's chunked kernel; the
+step's is `gdn_step` (the math of fla's fused recurrent kernel, written here so that a control
+step needs no fla: importing fla loads every one of its op families, seconds of bring-up that
+now land in the background capture of the prefill plans).
 
 Only for CUDA tensors with Triton importable (`available()`). The model uses them when its
-kernels are "fla": gemv, conv_step and the attention kernels in the static form (pos=None) of
+kernels are "fla": gemv, conv_step, gdn_step and the attention kernels in the static form
+(pos=None) of
 single-token calls; add_rms_norm, conv_rows, gated_rms_norm and swiglu, which take rows, in every
 call (a prefill chunk of T tokens is T rows, where each torch op of a norm also writes a
 [T, d] fp32 intermediate).
@@ -100,6 +106,19 @@ def conv_rows_reference(x, conv_state, weight, sizes):
     conv_state.copy_(xs[T:])
     y = F.silu((xs.unfold(0, K, 1) * weight).sum(-1))
     return tuple(part.contiguous() for part in y.split(sizes, dim=-1))
+
+
+def gdn_step_reference(q, k, v, a, b, A_log, dt_bias, state, scale):
+    """q, k: [Hk, K] raw conv outputs; v: [Hv, V]; a, b: [Hv] raw; A_log, dt_bias: [Hv] fp32;
+    state: [Hv, K, V] fp32 (updated in place) -> o [Hv, V] in v's dtype. Each key head serves
+    Hv/Hk value heads. The model's unfused step: kernels.l2norm, decay_gate and
+    gated_delta_rule_step."""
+    from flashrt_ros.core import kernels
+    G = v.shape[0] // q.shape[0]
+    qn, kn = (kernels.l2norm(x.float()).repeat_interleave(G, 0) for x in (q, k))
+    g, beta = kernels.decay_gate(a, b, -torch.exp(A_log.float()), dt_bias)
+    return kernels.gated_delta_rule_step(qn[None], kn[None], v[None], g[None], beta[None], state,
+                                         scale)[0]
 
 
 def gated_rms_norm_reference(o, z, weight, eps):
@@ -263,6 +282,35 @@ def _kernels():
         tl.store(Y + row * D + cols, out.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def gdn_step_kernel(Q, K_, V, A, B, ALOG, DTB, S, O, scale, eps, G: tl.constexpr,
+                        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        # one value head and BV columns of its state per program; the state block stays in
+        # registers from its load through the decay, the delta update and the read-out
+        hv = tl.program_id(0)
+        hk = hv // G
+        kk = tl.arange(0, BK)
+        km = kk < DK
+        vv = tl.program_id(1) * BV + tl.arange(0, BV)
+        vm = vv < DV
+        q = tl.load(Q + hk * DK + kk, mask=km, other=0.0).to(tl.float32)
+        k = tl.load(K_ + hk * DK + kk, mask=km, other=0.0).to(tl.float32)
+        q = q * (1.0 / tl.sqrt(tl.sum(q * q, 0) + eps)) * scale
+        k = k * (1.0 / tl.sqrt(tl.sum(k * k, 0) + eps))
+        x = tl.load(A + hv).to(tl.float32) + tl.load(DTB + hv).to(tl.float32)
+        softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))     # torch's threshold
+        decay = tl.exp(-tl.exp(tl.load(ALOG + hv).to(tl.float32)) * softplus)
+        beta = tl.sigmoid(tl.load(B + hv).to(tl.float32))
+        s_at = S + hv * DK * DV + kk[:, None] * DV + vv[None, :]
+        sm = km[:, None] & vm[None, :]
+        s = tl.load(s_at, mask=sm, other=0.0) * decay
+        v = tl.load(V + hv * DV + vv, mask=vm, other=0.0).to(tl.float32)
+        u = beta * (v - tl.sum(k[:, None] * s, 0))                     # beta (v - S^T k)
+        s = s + k[:, None] * u[None, :]                                # S += k u^T
+        tl.store(s_at, s, mask=sm)
+        o = tl.sum(q[:, None] * s, 0)
+        tl.store(O + hv * DV + vv, o.to(O.dtype.element_ty), mask=vm)
+
+    @triton.jit
     def swiglu_kernel(GU, Y, F_, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         t = tl.program_id(1)                        # the row: GU is [T, 2F], Y [T, F]
@@ -386,7 +434,8 @@ def _kernels():
         tl.store(OUT + h * D + d, (o * sg).to(OUT.dtype.element_ty), mask=dmask)
 
     return dict(gemv=gemv_kernel, add_rms_norm=add_rms_norm_kernel, conv_step=conv_step_kernel,
-                conv_rows=conv_rows_kernel, gated_rms_norm=gated_rms_norm_kernel,
+                conv_rows=conv_rows_kernel, gdn_step=gdn_step_kernel,
+                gated_rms_norm=gated_rms_norm_kernel,
                 swiglu=swiglu_kernel,
                 attention_prep=attention_prep_kernel,
                 decode_attention_split=decode_attention_split_kernel,
@@ -459,6 +508,19 @@ def conv_rows(x, conv_state, weight, sizes):
         conv_state.copy_(torch.cat([conv_state, x], dim=0)[T:])
     return (y[:T * s1].view(T, s1), y[T * s1:T * (s1 + s2)].view(T, s2),
             y[T * (s1 + s2):].view(T, s3))
+
+
+def gdn_step(q, k, v, a, b, A_log, dt_bias, state, scale, eps):
+    """Fused `gdn_step_reference` (eps: the L2 norm's, kernels.L2NORM_EPS); every tensor
+    contiguous. In fla's launch shape: 8 state columns and one warp per program."""
+    Hk, DK = q.shape
+    Hv, DV = v.shape
+    o = torch.empty_like(v)
+    bv = min(8, _pow2(DV))
+    _kernels()["gdn_step"][(Hv, triton_cdiv(DV, bv))](q, k, v, a, b, A_log, dt_bias, state, o,
+                                                       scale, eps, G=Hv // Hk, DK=DK, DV=DV,
+                                                       BK=_pow2(DK), BV=bv, num_warps=1)
+    return o
 
 
 def gated_rms_norm(o, z, weight, eps):

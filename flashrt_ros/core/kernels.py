@@ -12,8 +12,10 @@ and the yardstick for the fast paths). `gated_delta_rule_chunked` is the same re
 chunk-parallel form, in plain torch: the CPU prefill path (a loop of T tiny matmuls costs Python
 and dispatch time per token; 2048 tokens took 85% of the tiny preset's prefill). `test_kernels.py`
 holds both fast paths, the chunked form and fla, to the reference with named tolerances.
-The fla kernels (`chunk_gated_delta_rule` for prefill, `fused_recurrent_gated_delta_rule` for
-steps) are an optional GPU dependency. The model calls them through `gated_delta_rule_fla_gated`,
+The fla kernels (`chunk_gated_delta_rule` for prefill chunks, `fused_recurrent_gated_delta_rule`
+for one-token rows) are an optional GPU dependency, imported at their first call (fla loads every
+one of its op families at import: seconds a control step does not need; the captured step runs
+fused.gdn_step). The model calls them through `gated_delta_rule_fla_gated`,
 which also moves the q/k L2 norms, the decay gate `g = -exp(A_log) * softplus(a + dt_bias)` and
 `beta = sigmoid(b)` into the kernels (`gate_reference` is that prologue written out).
 """
@@ -126,6 +128,17 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state, scale, chunk: int = CHUNK)
     return out.transpose(0, 1).to(v.dtype)
 
 
+def fla_installed() -> bool:
+    """Whether fla's Gated DeltaNet kernels are installed, without importing fla (which takes
+    seconds): what the runtime's kernel choice needs before the first prefill."""
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("fla")
+    return bool(spec and spec.submodule_search_locations and any(
+        os.path.isdir(os.path.join(d, "ops", "gated_delta_rule"))
+        for d in spec.submodule_search_locations))
+
+
 @functools.cache        # whether fla imports does not change within a process: try it once
 def fla_available() -> bool:
     try:
@@ -135,10 +148,20 @@ def fla_available() -> bool:
         return False
 
 
+def _fla_rules():
+    """fla's (chunked, fused recurrent) Gated DeltaNet functions, imported on first use."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except Exception as e:  # noqa: BLE001 - ImportError or a triton/driver failure at import
+        raise RuntimeError(f"runtime.kernels 'fla': fla is installed but its kernels do not import "
+                           f"({type(e).__name__}: {e}); fix the fla-core/triton install or set "
+                           f"runtime.kernels: reference") from e
+    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
 def gated_delta_rule_fla(q, k, v, g, beta, state, scale, chunked: bool):
     """fla Triton kernels, same contract as the reference (state updated in place)."""
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-    fn = chunk_gated_delta_rule if chunked else fused_recurrent_gated_delta_rule
+    fn = _fla_rules()[0 if chunked else 1]
     # fla's chunked kernel multiplies q/k with v in one dtype: the reference's fp32 q/k go in as v's
     o, final = fn(q=q[None].to(v.dtype), k=k[None].to(v.dtype), v=v[None], g=g[None].float(),
                   beta=beta[None].to(v.dtype),
@@ -181,38 +204,10 @@ def gated_delta_rule_fla_gated(q, k, v, a, b, A_log, dt_bias, state, scale, chun
         q, k: [T, H, K] raw; v: [T, H, V]; a, b: [T, H] raw; A_log, dt_bias: [H] fp32
         state: [H, K, V] fp32, updated in place
     """
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-    fn = chunk_gated_delta_rule if chunked else fused_recurrent_gated_delta_rule
+    fn = _fla_rules()[0 if chunked else 1]
     o, final = fn(q=q[None], k=k[None], v=v[None], g=a[None], beta=b[None], scale=scale,
                   initial_state=state[None], output_final_state=True,
                   use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log,
                   dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
     state.copy_(final[0])
     return o[0]
-
-
-def gated_delta_rule_fla_step(q, k, v, a, b, A_log, dt_bias, state, scale):
-    """One token through fla's fused recurrent kernel, gates and L2 norms in the kernel as in
-    `gated_delta_rule_fla_gated`, with `state` as both its initial and its final state: updated
-    in place (each program reads its block of the state before it writes it), so no final state
-    is allocated and copied back per layer.
-
-    Args:
-        q, k: [1, 1, Hk, K] raw; v: [1, 1, Hv, V] (Hv a multiple of Hk: each key head serves
-        Hv/Hk value heads, as `repeat_interleave` would); a, b: [1, 1, Hv] raw
-        A_log, dt_bias: [Hv] fp32; state: [Hv, K, V] fp32, updated in place
-    Returns:
-        o: [1, 1, Hv, V] in v's dtype
-    """
-    import triton
-    from fla.ops.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_fwd_kernel
-    Hk, K, Hv, V = k.shape[2], k.shape[3], v.shape[2], v.shape[3]
-    BV = min(8, triton.next_power_of_2(V))          # fla's own launch parameters
-    o = torch.empty_like(v)
-    fused_recurrent_gated_delta_rule_fwd_kernel[(triton.cdiv(V, BV) * Hv,)](
-        q=q, k=k, v=v, g=a, gk=None, gv=None, beta=b, A_log=A_log, dt_bias=dt_bias, o=o,
-        h0=state, ht=state, cu_seqlens=None, scale=scale, T=1, H=Hk, HV=Hv, K=K, V=V,
-        BK=triton.next_power_of_2(K), BV=BV, IS_BETA_HEADWISE=True, USE_QK_L2NORM_IN_KERNEL=True,
-        APPLY_BETA_SIGMOID=True, ALLOW_NEG_EIGVAL=False, STATE_V_FIRST=False, num_warps=1,
-        num_stages=3)
-    return o

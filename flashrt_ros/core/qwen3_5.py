@@ -358,17 +358,16 @@ class GatedDeltaNet(nn.Module):
         return F.linear(o.reshape(T, Hv * self.Dv), self.out_proj.weight)
 
     def _fused_step(self, p, conv_state, state):
-        """One token: conv + silu (one kernel), fla's recurrence with the gates and L2 norms in its
-        kernel and the state updated in place, the gated norm (one kernel), out_proj."""
+        """One token: conv + silu (one kernel), the recurrence with its gates and L2 norms (one
+        kernel, the state updated in place), the gated norm (one kernel), out_proj."""
         C, Vd, Hv, _ = self.in_sizes
         kd = self.Hk * self.Dk
         y = fused_kernels.conv_step(p[:C], conv_state, self.conv_weight)         # [C]
-        o = kernels.gated_delta_rule_fla_step(
-            y[:kd].view(1, 1, self.Hk, self.Dk), y[kd:2 * kd].view(1, 1, self.Hk, self.Dk),
-            y[2 * kd:].view(1, 1, Hv, self.Dv), p[C + Vd + Hv:].view(1, 1, Hv),
-            p[C + Vd:C + Vd + Hv].view(1, 1, Hv), self.A_log, self.dt_bias, state,
-            self.Dk ** -0.5)
-        o = self.norm(o.view(Hv, self.Dv), p[C:C + Vd].view(Hv, self.Dv), True)
+        o = fused_kernels.gdn_step(
+            y[:kd].view(self.Hk, self.Dk), y[kd:2 * kd].view(self.Hk, self.Dk),
+            y[2 * kd:].view(Hv, self.Dv), p[C + Vd + Hv:], p[C + Vd:C + Vd + Hv], self.A_log,
+            self.dt_bias, state, self.Dk ** -0.5, kernels.L2NORM_EPS)
+        o = self.norm(o, p[C:C + Vd].view(Hv, self.Dv), True)
         return project(o.view(1, Vd), self.out_proj.weight, True)
 
     def _value_heads(self, qk):
