@@ -330,7 +330,9 @@ def our_paths(rt) -> dict:
                       "torch: SDPA in eager plans and long position-0 chunks, masked matmul + "
                       "softmax over all KV rows in graph plans") if rt.use_graphs else "torch SDPA",
         "delta rule (prefill)": prefill,
-        "delta rule (decode step)": "fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule "
+        "delta rule (decode step)": "flashrt_ros.core.fused.gdn_step (Triton; fla's fused "
+                                    "recurrent math, gates in the kernel)" if fused else
+                                    "fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule "
                                     "(gates in the kernel)" if fla else
                                     "torch reference loop (flashrt_ros.core.kernels)",
         "short conv (prefill)": "flashrt_ros.core.fused.conv_rows (Triton)" if fused
