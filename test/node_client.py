@@ -84,7 +84,20 @@ class PolicyClient:
             self.node.create_subscription(DiagnosticArray, "/diagnostics",
                                           self.diagnostics.append, keep_all),
         ]
+        # Every service client of the node is created now, not at its first call: DDS drops the
+        # reply to a client the server has not matched yet (see _client), and by the time a test
+        # calls, the server has had the node's configure to match these.
+        from lifecycle_msgs.srv import ChangeState, GetState
+        from rcl_interfaces.srv import SetParameters
+
+        from flashrt_ros.ros.operations import OPERATIONS
         self._clients = {}
+        self._warm = set()
+        for srv_type, service in [(ChangeState, "change_state"), (GetState, "get_state"),
+                                  (SetParameters, "set_parameters"),
+                                  *((o.srv_type, o.service) for o in OPERATIONS)]:
+            name = f"{self.target}/{service}"
+            self._clients[name] = self.node.create_client(srv_type, name)
         self._pubs = {}
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
@@ -175,21 +188,23 @@ class PolicyClient:
 
     # -- services -------------------------------------------------------------------------
     def _client(self, srv_type, name: str, timeout: float):
-        """The client of service `name`, its reply path warmed up when it is new.
+        """The client of service `name`, its reply path warmed up at its first call.
 
         On a busy machine a service can answer a new client before it matched the client's reply
         reader, and DDS then drops the reply ("failed to send response (timeout)"); a read-only
-        call is simply sent again (see call), but a transition is sent once. So a new client of
-        change_state or set_parameters first sends a request that changes nothing (`_probe`)
-        until one answer comes back: from then on the server has matched this client's reader."""
+        call is simply sent again (see call), but a transition is sent once. So the first call
+        of change_state or set_parameters is preceded by a request that changes nothing
+        (`_probe`), sent until one answer comes back: from then on the server has matched this
+        client's reader."""
         client = self._clients.get(name)
         if client is None:
             client = self._clients[name] = self.node.create_client(srv_type, name)
-            wait_for(client.service_is_ready, timeout, f"service {name}")
+        wait_for(client.service_is_ready, timeout, f"service {name}")
+        if name not in self._warm:
             probe = _probe(srv_type)
             if probe is not None:
                 self._send(client, probe, timeout, name, attempts=10)
-        wait_for(client.service_is_ready, timeout, f"service {name}")
+            self._warm.add(name)
         return client
 
     def call(self, srv_type, service: str, timeout=CALL_TIMEOUT_S, **fields):

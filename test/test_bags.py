@@ -349,7 +349,11 @@ class EpisodeDriver:
                                       lambda m: setattr(self, "status", m), qos)
         self.actions = []            # in observation order
         self.ops_at = []             # (operation, observation index it went before)
-        self._clients = {}
+        # created now, not at the first call: DDS drops a reply to a client the server has not
+        # matched yet, and by the first call it has had the episode's first steps to match them
+        from flashrt_ros.ros.operations import OPERATIONS
+        self._clients = {o.service: self.node.create_client(o.srv_type, f"{target}/{o.service}")
+                         for o in OPERATIONS}
 
     def spin_until(self, predicate, what, timeout=STEP_TIMEOUT_S):
         return spin_until(self.executor, predicate, timeout, what)
@@ -440,8 +444,9 @@ def recorded(tmp_path_factory, ros_env):
                 wait_for(lambda: r.saw(f"first message on {node.node}/status"), DISCOVERY_TIMEOUT_S,
                          f"{r.out} to receive the node's status")
                 # the parameters are asked for over services, which a loaded machine can
-                # discover after a short episode ended
-                wait_for(lambda: r.saw("parameters of"), DISCOVERY_TIMEOUT_S,
+                # discover after a short episode ended; the recorder asks again each second
+                # until every answer came (~50 of them, one per parameter)
+                wait_for(lambda: r.saw("parameters of"), 3 * DISCOVERY_TIMEOUT_S,
                          f"{r.out} to store the node's parameters")
             driver.spin_until(lambda: driver.obs_pub.get_subscription_count() >= 3 and
                               driver.instr_pub.get_subscription_count() >= 3 and
