@@ -73,7 +73,7 @@ class Capsule:
     path: str | None = None
     ready: object = None   # CUDA event: the copy into this capsule has completed
     context_len: int = -1  # tokens of instruction context in the state (-1: read from the bytes)
-    # the file was written by eviction, not asked for (save, a move to disk, load): it is the
+    # the file was written by eviction, not asked for (by a save or a move to disk): it is the
     # store's spill and goes with the capsule when it is deleted
     spilled: bool = False
 

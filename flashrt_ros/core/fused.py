@@ -35,10 +35,9 @@ now land in the background capture of the prefill plans).
 
 Only for CUDA tensors with Triton importable (`available()`). The model uses them when its
 kernels are "fla": gemv, conv_step, gdn_step and the attention kernels in the static form
-(pos=None) of
-single-token calls; add_rms_norm, conv_rows, gated_rms_norm and swiglu, which take rows, in every
-call (a prefill chunk of T tokens is T rows, where each torch op of a norm also writes a
-[T, d] fp32 intermediate).
+(pos=None) of single-token calls; add_rms_norm, conv_rows, gated_rms_norm and swiglu, which take
+rows, in every call (a prefill chunk of T tokens is T rows, where each torch op of a norm also
+writes a [T, d] fp32 intermediate).
 """
 from __future__ import annotations
 
