@@ -46,6 +46,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from flashrt_ros.core import kernels
 from flashrt_ros.core.arena import META_POSITION
 
 # Attention over the prefix in splits of SPLIT rows (one program per split and KV head), each
@@ -112,7 +113,6 @@ def gdn_step_reference(q, k, v, a, b, A_log, dt_bias, state, scale):
     state: [Hv, K, V] fp32 (updated in place) -> o [Hv, V] in v's dtype. Each key head serves
     Hv/Hk value heads. The model's unfused step: kernels.l2norm, decay_gate and
     gated_delta_rule_step."""
-    from flashrt_ros.core import kernels
     G = v.shape[0] // q.shape[0]
     qn, kn = (kernels.l2norm(x.float()).repeat_interleave(G, 0) for x in (q, k))
     g, beta = kernels.decay_gate(a, b, -torch.exp(A_log.float()), dt_bias)
