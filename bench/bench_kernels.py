@@ -7,6 +7,9 @@ Rows:
   GEMV       one token through each projection of the preset (and the LM head): cuBLAS through
              F.linear (what the step ran before) against fused.gemv, device time per call and the
              bandwidth of reading the weight matrix once;
+  recurrence one token of one Gated DeltaNet layer: fused.gdn_step against the torch ops of
+             its reference and against fla's fused recurrent kernel launched as the step ran it
+             before (the state as its own initial and final state), where fla imports;
   row kernels  a prefill chunk of --tokens tokens through each chain core/fused.py fuses (the
              norms, SwiGLU, the conv, the gated norm) against the torch operations of its
              reference.
@@ -26,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import device_slug, environment, write_report  # noqa: E402
-from flashrt_ros.core import fused  # noqa: E402
+from flashrt_ros.core import fused, kernels  # noqa: E402
 from flashrt_ros.core.config import load_preset  # noqa: E402
 
 CALLS = 20
@@ -53,6 +56,23 @@ def graph_us(fn, repeat: int) -> float:
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e) * 1e3 / CALLS)
     return statistics.median(times)
+
+
+def fla_step(q, k, v, a, b, A_log, dt_bias, state, scale):
+    """One token through fla's fused recurrent kernel with the state updated in place: the
+    step's recurrence before fused.gdn_step (fla's own launch parameters)."""
+    import triton
+    from fla.ops.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_fwd_kernel
+    (Hk, K), (Hv, V) = q.shape, v.shape
+    bv = min(8, triton.next_power_of_2(V))
+    o = torch.empty_like(v)
+    fused_recurrent_gated_delta_rule_fwd_kernel[(triton.cdiv(V, bv) * Hv,)](
+        q=q, k=k, v=v, g=a, gk=None, gv=None, beta=b, A_log=A_log, dt_bias=dt_bias, o=o,
+        h0=state, ht=state, cu_seqlens=None, scale=scale, T=1, H=Hk, HV=Hv, K=K, V=V,
+        BK=triton.next_power_of_2(K), BV=bv, IS_BETA_HEADWISE=True, USE_QK_L2NORM_IN_KERNEL=True,
+        APPLY_BETA_SIGMOID=True, ALLOW_NEG_EIGVAL=False, STATE_V_FIRST=False, num_warps=1,
+        num_stages=3)
+    return o
 
 
 def projections(cfg) -> list[tuple[str, int, int]]:
@@ -122,6 +142,24 @@ def main(argv=None):
     d, F_ = t.hidden_size, t.intermediate_size
     Hv, Dv, C, Kc = t.linear_num_value_heads, t.linear_value_head_dim, t.conv_dim, \
         t.linear_conv_kernel_dim
+    Hk, Dk = t.linear_num_key_heads, t.linear_key_head_dim
+    q1, k1, v1, a1, b1 = randn(Hk, Dk), randn(Hk, Dk), randn(Hv, Dv), randn(Hv), randn(Hv)
+    A_log = torch.log(torch.rand(Hv, generator=gen, device=dev) * 15 + 1)
+    dt_bias = torch.rand(Hv, generator=gen, device=dev) * 2 - 4
+    S = randn(Hv, Dk, Dv, dt=torch.float32) * 0.1
+    args1 = (q1, k1, v1, a1, b1, A_log, dt_bias, S, Dk ** -0.5)
+    steps = [("torch ops (the reference)", lambda: fused.gdn_step_reference(*args1)),
+             ("fused.gdn_step", lambda: fused.gdn_step(*args1, kernels.L2NORM_EPS))]
+    if kernels.fla_available():
+        steps.append(("fla fused recurrent kernel", lambda: fla_step(*args1)))
+    state_mb = 2 * S.numel() * 4 / 1e6                      # the state read and written once
+    step_rows = []
+    for name, fn in steps:
+        us = graph_us(fn, args.repeat)
+        results.setdefault("recurrence", {})[name] = {"us": us}
+        step_rows.append([name, f"{Hv} x {Dk} x {Dv}", round(state_mb, 2), round(us, 2),
+                          round(state_mb / us * 1e3)])
+        print(f"recurrence {name}: {us:.2f} us", flush=True)
     scale = 1 + 0.1 * randn(d, dt=torch.float32)
     x, delta = randn(T, d), randn(T, d)
     gu = randn(T, 2 * F_)
@@ -151,6 +189,12 @@ def main(argv=None):
          "rows": gemv_rows,
          "notes": ["cuBLAS = F.linear of a [1, K] row (what the step ran before); the bandwidth "
                    "is the weight matrix read once per call."]},
+        {"heading": "One token of one Gated DeltaNet layer's recurrence",
+         "columns": ["implementation", "state (heads x K x V)", "state MB read + written", "us",
+                     "GB/s"],
+         "rows": step_rows,
+         "notes": ["L2 norms of q/k, decay and beta gates, delta rule and read-out, fp32 state "
+                   "updated in place; fla's row is missing where fla does not import."]},
         {"heading": f"A prefill chunk of {T} tokens through the fused chains",
          "columns": ["chain", "tokens", "torch ops us", "fused kernel us", "speed-up"],
          "rows": row_rows,
