@@ -139,6 +139,9 @@ def test_delete_of_a_capsule_the_store_spilled_to_disk_deletes_it_whole(make_nod
         assert i < 64, "the 0.1 MiB host tier never evicted"
     spill = tmp_path / "caps" / "spill0.capsule"
     assert spill.is_file()
+    files = {i.name: (i.tier, i.file) for i in c.capsule("list").capsules}
+    assert files["spill0"] == ("disk", "spill") and files["kept"] == ("disk", "saved"), files
+    assert files[f"spill{i - 1}"] == ("host", ""), files
     res = c.capsule("delete", name="spill0")
     assert res.success and "spilled" in res.message, res.message
     assert not spill.exists() and "spill0" not in n.node.store.capsules

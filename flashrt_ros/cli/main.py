@@ -116,7 +116,7 @@ class Client:
 def _print_capsule(c, prefix=""):
     print(f"{prefix}{c.name:<24} {c.tier:<5} step {c.step:<7} pos {c.position:<6} "
           f"{_fmt_bytes(c.nbytes):>10} {'pinned ' if c.pinned else ''}"
-          f"{'parent ' + c.parent if c.parent else ''}")
+          f"{c.file + ' file ' if c.file else ''}{'parent ' + c.parent if c.parent else ''}")
 
 
 # How each capsule command fills its request from the arguments (the commands are the operations'

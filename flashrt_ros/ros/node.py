@@ -718,8 +718,10 @@ class PolicyNode(LifecycleNode):
 
     @staticmethod
     def _info(cap) -> CapsuleInfo:
+        on_disk = bool(cap.path) and os.path.isfile(cap.path)
         info = CapsuleInfo(name=cap.name, parent=cap.parent, step=cap.step, position=cap.position,
                            tier=cap.tier, nbytes=cap.nbytes, pinned=cap.pinned,
+                           file=("spill" if cap.spilled else "saved") if on_disk else "",
                            fingerprint=cap.fingerprint, digest=cap.digest)
         info.created = s_to_stamp(cap.created)
         return info
