@@ -126,7 +126,7 @@ DATA_FILES = [
     ("share/ament_index/resource_index/packages", ["resource/flashrt_ros"]),
     ("share/flashrt_ros", ["package.xml"]),
     ("share/flashrt_ros/launch", sorted(glob.glob("launch/*.py"))),
-    ("share/flashrt_ros/config", sorted(glob.glob("config/*.yaml"))),
+    ("share/flashrt_ros/config", sorted(glob.glob("config/*.yaml") + glob.glob("config/*.xml"))),
     ("share/flashrt_ros/config/presets", sorted(glob.glob("config/presets/*.yaml")
                                                 + glob.glob("config/presets/*.safetensors"))),
 ]

@@ -2,7 +2,8 @@
 
 DDS stays on loopback: before any test module can import rclpy, this module (pytest imports it
 first) sets ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, drops ROS_STATIC_PEERS, and picks a random
-ROS_DOMAIN_ID in 1..101 unless one is set. It writes them into os.environ, so rclpy in this process
+ROS_DOMAIN_ID in 1..101 unless one is set; FASTDDS_DEFAULT_PROFILES_FILE defaults to
+config/fastdds.xml (a service reply waits for a client still being discovered). It writes them into os.environ, so rclpy in this process
 and every child process a test starts inherit them, and parallel test sessions don't see each other.
 
 Markers (declared in pytest.ini), applied at test setup:
@@ -21,6 +22,9 @@ import random
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.pop("ROS_STATIC_PEERS", None)
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 101)))
+# service replies wait up to 2 s for a client that is still being discovered (config/fastdds.xml)
+os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "fastdds.xml"))
 
 import functools  # noqa: E402
 
