@@ -22,7 +22,7 @@ import random
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.pop("ROS_STATIC_PEERS", None)
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 101)))
-# service replies wait up to 2 s for a client that is still being discovered (config/fastdds.xml)
+# service replies wait up to 5 s for a client that is still being discovered (config/fastdds.xml)
 os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "fastdds.xml"))
 

@@ -376,16 +376,53 @@ def without_middleware_log(text: str) -> str:
                    if not _FASTDDS_LOG.match(_ANSI.sub("", line)))
 
 
-def ros2(*args, env: dict | None = None, timeout: float = ROS2_TIMEOUT_S, check: bool = False):
+# The `ros2` verbs that may run again when their answer did not come. rmw_fastrtps drops a
+# reply it sends before the server matched the client's reply reader, and these tools then wait
+# for ever (config/fastdds.xml makes it rare). Each verb here only reads, or sets what it set
+# before, so a second run answers the question the first one asked.
+RESENDABLE = {("param", "get"), ("param", "list"), ("param", "describe"), ("param", "dump"),
+              ("param", "set"), ("lifecycle", "get"), ("lifecycle", "list"), ("node", "info"),
+              ("node", "list"), ("service", "list"), ("topic", "list"), ("topic", "info")}
+ANSWER_TIMEOUT_S = 30        # one run of a resendable verb (a few seconds when the answer comes)
+
+
+class Unanswered(AssertionError):
+    """A `ros2` command that did not finish in time: its answer was lost, or it hangs."""
+
+
+def ros2(*args, env: dict | None = None, timeout: float = ROS2_TIMEOUT_S, check: bool = False,
+         merged: bool = False, resend: bool | None = None):
     """Run `ros2 <args>` (a subprocess); returns the CompletedProcess (stdout and stderr as text,
-    less the middleware's own log lines). With `check`, a non-zero exit status fails with the
+    less the middleware's own log lines; `merged`: both in .stdout). A verb in RESENDABLE (or any
+    command, with `resend=True`) runs again while a run ends without an answer, until `timeout`.
+    Raises Unanswered when no run finished. With `check`, a non-zero exit status fails with the
     command's output."""
     import subprocess
-    r = subprocess.run([executable("ros2"), *map(str, args)], env=ros2_env(env),
-                       capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    r.stdout, r.stderr = without_middleware_log(r.stdout), without_middleware_log(r.stderr)
+    args = [str(a) for a in args]
+    if resend is None:
+        resend = tuple(args[:2]) in RESENDABLE
+    deadline, runs, out = time.monotonic() + timeout, 0, ""
+    while True:
+        left = deadline - time.monotonic()
+        attempt = min(ANSWER_TIMEOUT_S, left) if resend else left
+        runs += 1
+        try:
+            r = subprocess.run([executable("ros2"), *args], env=ros2_env(env), text=True,
+                               stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+                               timeout=attempt, stdin=subprocess.DEVNULL)
+            break
+        except subprocess.TimeoutExpired as e:
+            out = e.output.decode(errors="replace") if isinstance(e.output, bytes) else \
+                (e.output or "")
+            if not resend or deadline - time.monotonic() < 1:
+                raise Unanswered(f"`ros2 {' '.join(args)}` did not finish within {timeout:.0f} s "
+                                 f"({runs} run(s)); its output:\n{without_middleware_log(out)}") \
+                    from None
+    r.stdout = without_middleware_log(r.stdout)
+    r.stderr = without_middleware_log(r.stderr or "")
     if check:
-        assert r.returncode == 0, f"ros2 {' '.join(map(str, args))}: exit {r.returncode}\n" \
+        assert r.returncode == 0, f"ros2 {' '.join(args)}: exit {r.returncode}\n" \
                                   f"{r.stdout}\n{r.stderr}"
     return r
 

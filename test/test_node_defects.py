@@ -24,7 +24,8 @@ import yaml
 
 from flashrt_ros.ros.waiting import wait_for
 from node_client import (DISCOVERY_TIMEOUT_S, NodeProcess, PolicyClient, make_node,  # noqa: F401
-                         node_command, observations, require_ros2, ros_context, ros2)  # noqa: F401
+                         node_command, observations, require_ros2, ros_context, ros2,  # noqa: F401
+                         Unanswered)
 
 pytestmark = pytest.mark.ros
 
@@ -126,22 +127,20 @@ def client(node):
 CALL_TIMEOUT_S = 45
 
 
-def service(client, name: str, srv: str, request: str):
+def service(client, name: str, request: str):
     """`ros2 service call` of the node's capsule service `name`; returns (success, its output).
 
     rmw_fastrtps can drop the reply to a client the server has not matched yet, and `ros2 service
     call` then waits for ever (config/fastdds.xml makes that rare). A call whose answer does not
     come in CALL_TIMEOUT_S is answered by the CapsuleEvent that reports it, which `client` (a
     PolicyClient) hears - as flashrt_ros.ros.client answers a lost call."""
-    import subprocess
-
     from flashrt_ros.ros.operations import BY_SERVICE, reports
     op = BY_SERVICE[name]
     seen = len(client.events)
     try:
-        r = ros2("service", "call", f"{NODE}/{name}", f"flashrt_ros/srv/{srv}", request,
-                 check=True, timeout=CALL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+        r = ros2("service", "call", f"{NODE}/{name}", f"flashrt_ros/srv/{op.srv_type.__name__}",
+                 request, check=True, timeout=CALL_TIMEOUT_S)
+    except Unanswered:
         req = op.srv_type.Request(**yaml.safe_load(request))
         event = wait_for(lambda: next((e for e in client.events[seen:]
                                        if reports(e, op.name, req)), None),
@@ -234,22 +233,22 @@ def test_save_and_delete_defaults_lose_nothing(node, client):
     require_ros2()
     _, capsule_dir = node
     path = capsule_dir / "keep.capsule"
-    assert service(client, "snapshot", "Snapshot", "{name: keep}")[0]
-    ok, out = service(client, "save_capsule", "SaveCapsule", "{name: keep}")
+    assert service(client, "snapshot", "{name: keep}")[0]
+    ok, out = service(client, "save_capsule", "{name: keep}")
     assert ok and path.is_file(), out
     assert capsules(client)["keep"] == "host"                  # still in memory
-    ok, out = service(client, "delete_capsule", "DeleteCapsule", "{name: keep}")
+    ok, out = service(client, "delete_capsule", "{name: keep}")
     assert ok and "stays" in out and path.is_file(), out
     assert capsules(client)["keep"] == "disk"                  # the file is the capsule now
-    ok, out = service(client, "delete_capsule", "DeleteCapsule", "{name: keep}")
+    ok, out = service(client, "delete_capsule", "{name: keep}")
     assert not ok and "delete_file: true" in out and path.is_file(), out
-    ok, out = service(client, "delete_capsule", "DeleteCapsule", "{name: keep, delete_file: true}")
+    ok, out = service(client, "delete_capsule", "{name: keep, delete_file: true}")
     assert ok and not path.exists() and "keep" not in capsules(client), out
     # the flags, and the events that report them (a bag replays a call from its event)
-    assert service(client, "snapshot", "Snapshot", "{name: moved}")[0]
-    assert service(client, "save_capsule", "SaveCapsule", "{name: moved, evict_from_memory: true}")[0]
+    assert service(client, "snapshot", "{name: moved}")[0]
+    assert service(client, "save_capsule", "{name: moved, evict_from_memory: true}")[0]
     assert capsules(client)["moved"] == "disk"
-    assert service(client, "delete_capsule", "DeleteCapsule", "{name: moved, delete_file: true}")[0]
+    assert service(client, "delete_capsule", "{name: moved, delete_file: true}")[0]
     assert not (capsule_dir / "moved.capsule").exists()
     wait_for(lambda: [e for e in client.events if e.name == "moved" and e.operation == "delete"],
              DISCOVERY_TIMEOUT_S, "the delete's event")
@@ -259,8 +258,8 @@ def test_save_and_delete_defaults_lose_nothing(node, client):
                      ("delete", "keep", False, False, False), ("delete", "keep", True, False, True),
                      ("save", "moved", True, True, False), ("delete", "moved", True, False, True)]
     # a delete of a capsule that was never saved drops it (there is nothing to keep)
-    assert service(client, "snapshot", "Snapshot", "{name: scratch}")[0]
-    assert service(client, "delete_capsule", "DeleteCapsule", "{name: scratch}")[0]
+    assert service(client, "snapshot", "{name: scratch}")[0]
+    assert service(client, "delete_capsule", "{name: scratch}")[0]
     assert "scratch" not in capsules(client)
 
 
@@ -285,16 +284,16 @@ def test_the_cli_has_the_same_defaults(node, client, ros_env):
 
 def test_load_capsule_needs_the_file_and_a_memory_tier(node, client):
     require_ros2()
-    assert service(client, "snapshot", "Snapshot", "{name: only-in-memory}")[0]
+    assert service(client, "snapshot", "{name: only-in-memory}")[0]
     before = capsules(client)
-    ok, out = service(client, "load_capsule", "LoadCapsule", "{name: only-in-memory}")
+    ok, out = service(client, "load_capsule", "{name: only-in-memory}")
     assert not ok and "no capsule file" in out, out
-    assert service(client, "snapshot", "Snapshot", "{name: on-disk, tier: disk}")[0]
+    assert service(client, "snapshot", "{name: on-disk, tier: disk}")[0]
     for tier in ("disk", "tape", "GPU"):
-        ok, out = service(client, "load_capsule", "LoadCapsule", f"{{name: on-disk, tier: {tier}}}")
+        ok, out = service(client, "load_capsule", f"{{name: on-disk, tier: {tier}}}")
         assert not ok and "tier" in out and "expected" in out, out
     assert capsules(client) == {**before, "on-disk": "disk"}
-    ok, out = service(client, "load_capsule", "LoadCapsule", "{name: on-disk}")
+    ok, out = service(client, "load_capsule", "{name: on-disk}")
     assert ok and capsules(client)["on-disk"] == "host", out
 
 

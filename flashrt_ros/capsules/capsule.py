@@ -12,6 +12,7 @@ the CPU takes far longer than the copy it would guard, and memory tiers never le
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -82,6 +83,14 @@ class Capsule:
         if self.context_len < 0:
             return None
         return (self.position, self.step, self.episode, self.context_len)
+
+    @property
+    def file(self) -> str:
+        """Which file holds this capsule: "saved" (one the user asked for), "spill" (one eviction
+        wrote), or "" (none on disk)."""
+        if not (self.path and os.path.isfile(self.path)):
+            return ""
+        return "spill" if self.spilled else "saved"
 
     def touch(self):
         self.last_used = time.monotonic()

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 import time
 from collections import deque
@@ -718,10 +717,8 @@ class PolicyNode(LifecycleNode):
 
     @staticmethod
     def _info(cap) -> CapsuleInfo:
-        on_disk = bool(cap.path) and os.path.isfile(cap.path)
         info = CapsuleInfo(name=cap.name, parent=cap.parent, step=cap.step, position=cap.position,
-                           tier=cap.tier, nbytes=cap.nbytes, pinned=cap.pinned,
-                           file=("spill" if cap.spilled else "saved") if on_disk else "",
+                           tier=cap.tier, nbytes=cap.nbytes, pinned=cap.pinned, file=cap.file,
                            fingerprint=cap.fingerprint, digest=cap.digest)
         info.created = s_to_stamp(cap.created)
         return info
@@ -769,12 +766,12 @@ class PolicyNode(LifecycleNode):
         store wrote itself to make room (a spill) was never asked for and goes with its capsule."""
         ev.name, ev.delete_file = req.name, req.delete_file
         cap = store.get(req.name)
-        saved = bool(cap.path) and os.path.isfile(cap.path) and not cap.spilled
-        if req.delete_file or not saved:
+        kind = cap.file
+        if req.delete_file or kind != "saved":
             store.delete(req.name)
             res.message = f"deleted {req.name!r}" + (
-                f" and its file {cap.path}" if saved else
-                f" and the file the store had spilled it to ({cap.path})" if cap.spilled else "")
+                f" and its file {cap.path}" if kind == "saved" else
+                f" and the file the store had spilled it to ({cap.path})" if kind == "spill" else "")
         elif cap.tier == "disk":
             raise InputError(f"delete {req.name!r}: the capsule is only on disk ({cap.path}); "
                              f"expected delete_file: true to delete its file - nothing deleted")
