@@ -401,7 +401,7 @@ def ros2(*args, env: dict | None = None, timeout: float = ROS2_TIMEOUT_S, check:
     args = [str(a) for a in args]
     if resend is None:
         resend = tuple(args[:2]) in RESENDABLE
-    deadline, runs, out = time.monotonic() + timeout, 0, ""
+    deadline, runs = time.monotonic() + timeout, 0
     while True:
         left = deadline - time.monotonic()
         attempt = min(ANSWER_TIMEOUT_S, left) if resend else left
