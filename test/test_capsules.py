@@ -264,7 +264,8 @@ def test_budget_lru_eviction_and_pins(tmp_path):
 
 def test_a_file_eviction_wrote_is_marked_a_spill_until_the_user_asks_for_it(tmp_path):
     """Eviction to disk writes a file nobody asked for (`spilled`); save and an explicit move make
-    it the user's; a capsule saved before it was evicted was never a spill."""
+    it the user's; a capsule saved before it was evicted was never a spill. Promotion deletes a
+    spill and keeps a saved file."""
     rt, store = make("cpu", tmp_path, host_budget_mb=0.1, disk_budget_mb=4.0)
     size = (rt.live_nbytes() + 255) // 256 * 256
     fit = int(0.1 * 2**20) // size
@@ -279,8 +280,12 @@ def test_a_file_eviction_wrote_is_marked_a_spill_until_the_user_asks_for_it(tmp_
     assert not store.get("c0").spilled
     c1 = store.get("c1")
     assert c1.tier == "disk" and c1.spilled
-    store.move("c1", "host")                     # promoted: no file, nothing spilled
-    assert store.get("c1").path is None and not store.get("c1").spilled
+    store.move("c1", "host")                     # promoted: the spill is gone
+    assert store.get("c1").path is None and store.get("c1").file == ""
+    saved = store.move("saved", "host")          # promoted: the saved file stays
+    assert saved.tier == "host" and saved.file == "saved" and os.path.isfile(saved.path)
+    store.move("saved", "disk")                  # and is the disk copy again: nothing written
+    assert store.get("saved").file == "saved"
 
 
 def test_pinned_set_that_cannot_fit_is_a_clear_error(tmp_path):

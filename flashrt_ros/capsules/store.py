@@ -261,8 +261,10 @@ class CapsuleStore:
             raw = self._read_file(cap.path)[1]
             cap.context_len = context_len_of(self.rt.arena, raw)
             self.memory.put(cap, tier, raw, protect, cap.parent)
-            os.unlink(cap.path)
-            cap.tier, cap.path, cap.nbytes, cap.spilled = tier, None, raw.numel(), False
+            if cap.spilled:               # the store's own file goes; a saved one stays, as load
+                os.unlink(cap.path)
+                cap.path, cap.spilled = None, False
+            cap.tier, cap.nbytes = tier, raw.numel()
         elif tier == "disk":
             if not self._has_disk_copy(cap):      # capsules are immutable: a saved copy is current
                 cap.path = self._write_file(cap, self.memory.host_bytes(cap), protect)
