@@ -3,6 +3,7 @@
 Exactness is a byte comparison: of stored bytes against the live arena, and of the actions and
 state of a run continued after a restore against the uninterrupted run from the same boundary.
 """
+import dataclasses
 import os
 import threading
 
@@ -335,6 +336,31 @@ def test_verify_and_lineage(tmp_path):
     store.restore("home")
     store.snapshot("child")
     assert store.get("child").parent == "home"
+
+
+def test_the_digest_is_the_same_for_any_number_of_hashing_threads(tmp_path):
+    """store.digest_threads sets how many threads hash (1: the caller's thread alone); the digest
+    of a file written on one thread is the one a read on three and a memory copy on every core
+    compute."""
+    from flashrt_ros.capsules import digest
+    from flashrt_ros.core.exceptions import ConfigError
+    data = np.random.default_rng(0).integers(0, 256, 3 * digest.LEAF_BYTES + 5, dtype=np.uint8)
+    views = [data[:7], data[7:]]                  # leaves that span views
+    assert len({digest.tree_digest(views, threads) for threads in (0, 1, 2, 3)}) == 1
+    assert digest.TreeHash(len(data), 1).pool is None
+    assert digest.TreeHash(len(data), 3).pool._max_workers == 3
+    rt, store = make("cpu", tmp_path, digest_threads=1)
+    store.snapshot("a")
+    store.save("a", keep_in_memory=False)
+    written = store.get("a").digest
+    store.cfg = dataclasses.replace(store.cfg, digest_threads=3)
+    assert store.verify("a") == written           # the file, read back on three threads
+    store.cfg = dataclasses.replace(store.cfg, digest_threads=0)
+    store.load("a", tier="host")
+    store.get("a").digest = ""
+    assert store.verify("a") == written           # the memory copy, on every core
+    with pytest.raises(ConfigError, match="store.digest_threads.*0 = one per core"):
+        StoreConfig(digest_threads=-1)
 
 
 @pytest.mark.parametrize("tier", ["host", "disk"])

@@ -49,10 +49,12 @@ def buffer_slices(arena: StateArena, position: int):
         yield spec.name, spec.offset, n
 
 
-def content_digest(arena: StateArena, raw: torch.Tensor, position: int) -> str:
-    """The content digest (digest.py) of each buffer's bytes (padding excluded) of a live range."""
+def content_digest(arena: StateArena, raw: torch.Tensor, position: int, threads: int = 0) -> str:
+    """The content digest (digest.py) of each buffer's bytes (padding excluded) of a live range,
+    hashed by `threads` threads (0: one per core)."""
     data = raw.numpy() if raw.device.type == "cpu" else raw.cpu().numpy()
-    return tree_digest([data[off:off + n] for _, off, n in buffer_slices(arena, position)])
+    return tree_digest([data[off:off + n] for _, off, n in buffer_slices(arena, position)],
+                       threads)
 
 
 @dataclass

@@ -14,7 +14,8 @@ and the root distinct hash functions, so the digest is as collision resistant as
 
 Leaves are independent, so `TreeHash` hashes them in a thread pool while the caller reads or
 writes the next leaf: hashlib releases the GIL while it hashes more than 2 KiB, so the threads run
-on all cores beside the file I/O. A leaf is a list of buffer views (it may span buffers); no byte
+on all cores beside the file I/O (or on fewer: `store.digest_threads` leaves cores to the control
+loop). A leaf is a list of buffer views (it may span buffers); no byte
 is copied.
 """
 from __future__ import annotations
@@ -29,19 +30,25 @@ DIGEST_BYTES = 32
 _TREE = dict(digest_size=DIGEST_BYTES, fanout=0, depth=2, leaf_size=LEAF_BYTES,
              inner_size=DIGEST_BYTES)
 
-_pool = None
-_pool_lock = threading.Lock()
+_pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
 
-def _workers() -> concurrent.futures.ThreadPoolExecutor:
-    """The process's hashing threads, one per core this process may run on (made once)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            _pool = concurrent.futures.ThreadPoolExecutor(max(1, n or 1),
-                                                          thread_name_prefix="capsule-digest")
-        return _pool
+def hashing_threads(threads: int = 0) -> int:
+    """How many threads hash: `threads`, or (0) one per core this process may run on."""
+    if threads > 0:
+        return threads
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, n or 1)
+
+
+def _workers(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The process's pool of `threads` hashing threads (made once per size)."""
+    with _pools_lock:
+        if threads not in _pools:
+            _pools[threads] = concurrent.futures.ThreadPoolExecutor(
+                threads, thread_name_prefix="capsule-digest")
+        return _pools[threads]
 
 
 def _leaf(views, index: int, last: bool) -> bytes:
@@ -73,13 +80,15 @@ def leaves(lengths):
 
 class TreeHash:
     """The tree digest of `total` bytes fed leaf by leaf, in order: `add(views)` hands one leaf
-    (its views must stay valid until `hexdigest`) to the hashing threads, `hexdigest()` waits
-    for them and returns the root. A stream of one leaf is hashed in the caller's thread."""
+    (its views must stay valid until `hexdigest`) to `threads` hashing threads (0: one per
+    core, `hashing_threads`), `hexdigest()` waits for them and returns the root. A stream of one
+    leaf, or one thread, is hashed in the caller's thread."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, threads: int = 0):
         self.n = n_leaves(total)
         self.futures = []
-        self.pool = _workers() if self.n > 1 else None
+        threads = hashing_threads(threads)
+        self.pool = _workers(threads) if self.n > 1 and threads > 1 else None
 
     def add(self, views) -> None:
         i = len(self.futures)
@@ -99,10 +108,10 @@ class TreeHash:
         return root.hexdigest()
 
 
-def tree_digest(views) -> str:
+def tree_digest(views, threads: int = 0) -> str:
     """The tree digest of the concatenation of byte views, all in memory."""
     views = [memoryview(v).cast("B") for v in views]
-    h = TreeHash(sum(len(v) for v in views))
+    h = TreeHash(sum(len(v) for v in views), threads)
     for _, parts in leaves([len(v) for v in views]):
         h.add([views[p][at:at + n] for p, at, n in parts])
     return h.hexdigest()

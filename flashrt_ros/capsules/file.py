@@ -272,9 +272,10 @@ def _disk_full(path: str, e: OSError, need: int) -> BudgetExceeded:
 
 
 def begin_write(path: str, arena: StateArena, raw: torch.Tensor, cap: Capsule,
-                weights: str) -> PendingWrite:
+                weights: str, threads: int = 0) -> PendingWrite:
     """Write the live byte range `raw` (host or device) as `cap`'s capsule file under a temp
-    name, fsynced, not yet in place. A full filesystem raises BudgetExceeded; nothing is left."""
+    name, fsynced, not yet in place, its digest hashed by `threads` threads (0: one per core).
+    A full filesystem raises BudgetExceeded; nothing is left."""
     raw = raw if raw.device.type == "cpu" else raw.cpu()
     src = raw.numpy()
     parts = list(_tensors(arena, cap.position))
@@ -290,7 +291,7 @@ def begin_write(path: str, arena: StateArena, raw: torch.Tensor, cap: Capsule,
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             _write_all(fd, [memoryview(header)])
-            digest, written = TreeHash(total), len(header)
+            digest, written = TreeHash(total, threads), len(header)
             for _, pieces in leaves([k for *_, k in parts]):
                 views = [memoryview(src[parts[p][3] + at:parts[p][3] + at + n]) for p, at, n in pieces]
                 _write_all(fd, views)
@@ -444,9 +445,9 @@ def index_capsule(path: str) -> Capsule:
 
 # -- reading --------------------------------------------------------------------------------
 def read_capsule(path: str, arena: StateArena, fingerprint: str, weights: str,
-                 pin_memory: bool = False) -> tuple[Capsule, torch.Tensor]:
+                 pin_memory: bool = False, threads: int = 0) -> tuple[Capsule, torch.Tensor]:
     """Verify a capsule file completely and return it with its bytes in the arena's live layout
-    (a host tensor, pinned if `pin_memory`).
+    (a host tensor, pinned if `pin_memory`); `threads` threads hash it (0: one per core).
 
     Nothing here touches the live state; callers copy the returned bytes in only on success.
     """
@@ -481,7 +482,7 @@ def read_capsule(path: str, arena: StateArena, fingerprint: str, weights: str,
         for _, _, _, off, k in parts:        # the alignment padding between buffers
             dst[at:off] = 0
             at = off + k
-        digest = TreeHash(sum(k for *_, k in parts))
+        digest = TreeHash(sum(k for *_, k in parts), threads)
         for _, pieces in leaves([k for *_, k in parts]):
             views, runs = [], []             # runs: (file offset, views) of contiguous file bytes
             for p, at, k in pieces:

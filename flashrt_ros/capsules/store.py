@@ -220,7 +220,7 @@ class CapsuleStore:
         it is renamed into place): a write that fails evicts nothing."""
         self._check_disk_room(raw.numel(), protect)
         pending = begin_write(capsule_path(self.cfg.capsule_dir, cap.name), self.rt.arena, raw,
-                              cap, self.weights)
+                              cap, self.weights, self.cfg.digest_threads)
         try:
             self._make_disk_room(pending.nbytes, protect | {cap.name})
             path = pending.commit()
@@ -233,7 +233,7 @@ class CapsuleStore:
     def _read_file(self, path: str):
         """(header capsule, host bytes) of a capsule file, verified against this runtime."""
         return read_capsule(path, self.rt.arena, self.fingerprint, self.weights,
-                            pin_memory=self.cuda)
+                            pin_memory=self.cuda, threads=self.cfg.digest_threads)
 
     def _drop(self, cap: Capsule) -> None:
         """Forget a capsule and free its storage: its index entry, its memory, and its file (the
@@ -463,7 +463,8 @@ class CapsuleStore:
             cap = self.get(name)
             if cap.tier == "disk":
                 return self._adopt(self._read_file(cap.path)[0]).digest
-            digest = content_digest(self.rt.arena, self.memory.host_bytes(cap), cap.position)
+            digest = content_digest(self.rt.arena, self.memory.host_bytes(cap), cap.position,
+                                    self.cfg.digest_threads)
             if cap.digest and cap.digest != digest:
                 raise CapsuleCorrupt(f"capsule {name!r}: memory copy digest {digest} differs from "
                                      f"the recorded {cap.digest}")

@@ -361,6 +361,7 @@ def auto_block_tokens(small_nbytes: int, kv_row_nbytes: int) -> int:
 
 
 MAX_BUDGET_MB = 1 << 40       # 1 EiB: a budget in bytes stays far inside int64/uint64
+MAX_DIGEST_THREADS = 256
 
 
 @dataclass(frozen=True)
@@ -372,6 +373,7 @@ class StoreConfig:
     capsule_dir: str = _f("~/.flashrt/capsules", "directory of disk-tier capsules (~ expanded)")
     default_tier: str = _f("auto", "snapshot tier when a request names none: auto (gpu on CUDA, host on CPU), gpu, host, disk")
     eviction: str = _f("demote", "when a tier is full: demote (gpu->host->disk) or drop the least recently used unpinned capsule")
+    digest_threads: int = _f(0, "threads that hash a capsule file's digest as it is written and read (0 = one per core this process may run on; fewer leave cores to the control loop)")
     # Paged store (flashrt_ros/capsules/paged.py): memory-tier KV in blocks shared across forks.
     paged: bool = _f(False, "keep memory-tier capsules as block tables over shared, copy-on-write token blocks (PagedCapsuleStore)", True)
     block_tokens: int = _f(0, "KV rows per block of the paged store (0 = auto: 16-256, at most 1/16 of the small state)", True)
@@ -385,6 +387,9 @@ class StoreConfig:
         _check(self.default_tier in ("auto", "gpu", "host", "disk"), "store.default_tier",
                "auto, gpu, host or disk", self.default_tier)
         _check(self.eviction in ("demote", "drop"), "store.eviction", "demote or drop", self.eviction)
+        _check(_is_int(self.digest_threads) and 0 <= self.digest_threads <= MAX_DIGEST_THREADS,
+               "store.digest_threads", f"an integer in [0, {MAX_DIGEST_THREADS}] (0 = one per core)",
+               self.digest_threads)
         _check(isinstance(self.paged, bool), "store.paged", "true or false", self.paged)
         _check(isinstance(self.block_tokens, int) and not isinstance(self.block_tokens, bool)
                and 0 <= self.block_tokens <= 65536, "store.block_tokens",
