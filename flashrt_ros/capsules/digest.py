@@ -15,8 +15,7 @@ and the root distinct hash functions, so the digest is as collision resistant as
 Leaves are independent, so `TreeHash` hashes them in a thread pool while the caller reads or
 writes the next leaf: hashlib releases the GIL while it hashes more than 2 KiB, so the threads run
 on all cores beside the file I/O (or on fewer: `store.digest_threads` leaves cores to the control
-loop). A leaf is a list of buffer views (it may span buffers); no byte
-is copied.
+loop). A leaf is a list of buffer views (it may span buffers); no byte is copied.
 """
 from __future__ import annotations
 
