@@ -3,8 +3,9 @@
 DDS stays on loopback: before any test module can import rclpy, this module (pytest imports it
 first) sets ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, drops ROS_STATIC_PEERS, and picks a random
 ROS_DOMAIN_ID in 1..101 unless one is set; FASTDDS_DEFAULT_PROFILES_FILE defaults to
-config/fastdds.xml (a service reply waits for a client still being discovered). It writes them into os.environ, so rclpy in this process
-and every child process a test starts inherit them, and parallel test sessions don't see each other.
+config/fastdds.xml (a service reply waits for a client still being discovered). It writes them
+into os.environ, so rclpy in this process and every child process a test starts inherit them, and
+parallel test sessions don't see each other.
 
 Markers (declared in pytest.ini), applied at test setup:
   ros   needs rclpy and the generated flashrt_ros.msg/srv. Skipped when they don't import, or failed
