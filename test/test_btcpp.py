@@ -17,6 +17,8 @@ Skips where behaviortreepy is not installed (requirements.txt pins it).
 """
 import json
 import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -342,3 +344,49 @@ def test_a_port_the_behaviours_take_when_built_must_be_a_literal(tmp_path, ros, 
     with pytest.raises(ValueError, match=words):
         trees.setup(ros.node)
     assert trees._runs == {}                         # nothing was set up on the node
+
+
+# -- a process that builds a tree exits cleanly -------------------------------------------------
+EXIT_SCRIPT = """
+import sys
+import rclpy
+from flashrt_ros.bt.btcpp import XmlTrees, run
+from flashrt_ros.ros.executors import MultiThreadedExecutor, SpinThread
+
+rclpy.init()
+node = rclpy.create_node("bt_exit")
+executor = MultiThreadedExecutor(num_threads=3)
+executor.add_node(node)
+spin = SpinThread(executor)
+spin.start()
+trees = XmlTrees(sys.argv[1], policy="/nobody_serves_this", service=dict(wait_s=0.2))
+trees.setup(node)
+tree = trees.create_tree("Exit")
+if sys.argv[2] == "tick":
+    print(run(tree, timeout_s=30), flush=True)
+# the teardown of test_behaviours.py's fixtures
+trees.shutdown()
+executor.shutdown(timeout_sec=5)
+node.destroy_node()
+rclpy.try_shutdown()
+"""
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize("tick", ["tick", "no-tick"])
+def test_a_process_that_builds_a_tree_exits_with_status_0(tmp_path, ros_env, tick):
+    """The script docs/behaviour_trees.md shows, with the teardown the tests use, as a process of
+    its own: `ros2 launch` or a supervisor would report an abort at exit as a crash."""
+    xml = _file_with_trees(tmp_path, """
+        <BehaviorTree ID="Exit"><Sequence>
+          <SnapshotCapsule service_name="/flashrt_policy/snapshot" capsule_name="x"/>
+        </Sequence></BehaviorTree>""")
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), xml, tick], env=ros_env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{output}"
+    assert "Traceback" not in output and "terminate called" not in output, output
+    if tick == "tick":
+        assert "NodeStatus.FAILURE" in proc.stdout, output      # nobody serves the snapshot

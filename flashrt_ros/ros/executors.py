@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 from rclpy import executors as _rclpy_executors
 from rclpy.event_handler import SubscriptionEventCallbacks
@@ -100,17 +101,41 @@ class PolicyExecutor(MultiThreadedExecutor):
 
 
 class SpinThread(threading.Thread):
-    """`executor.spin()` in a daemon thread that keeps the exception it died of.
+    """`executor.spin()` in a daemon thread that keeps the exception it died of, and that is
+    stopped and joined before the interpreter exits.
 
     A spin thread that dies otherwise leaves one traceback on stderr, and everything it served
     stops without a word: answers, messages, timers. Whoever waits on them can call `check()`
     (or read `error`) to name the cause instead of timing out.
+
+    At exit. rclpy 9.1.2's `executor.shutdown()` wakes the spin thread but does not wait for it,
+    so it is still returning from `rcl_wait` when the main thread reaches the end of the script.
+    A daemon thread that wants the GIL back once the interpreter is finalizing is ended with
+    `pthread_exit`, whose unwinding through rclpy's C++ frames calls `std::terminate`: "terminate
+    called without an active exception", exit status 134, after a script that did everything
+    right. So the thread registers `stop` with `threading`'s exit hooks, which run before
+    finalization and before the thread pools' (concurrent.futures') own: the executor is shut
+    down and the thread joined while the interpreter is whole.
     """
+
+    EXIT_JOIN_S = 10.0
 
     def __init__(self, executor, name: str = "spin"):
         super().__init__(name=name, daemon=True)
         self.executor = executor
         self.error: BaseException | None = None
+
+    def start(self):
+        me = weakref.ref(self)      # the hook keeps no finished thread (and its executor) alive
+        threading._register_atexit(lambda: (thread := me()) is not None and thread.stop())
+        super().start()
+
+    def stop(self, timeout_s: float = EXIT_JOIN_S) -> bool:
+        """Shut the executor down and wait for this thread to end; False if it is still running."""
+        if self.is_alive():
+            self.executor.shutdown(timeout_sec=timeout_s)
+            self.join(timeout_s)
+        return not self.is_alive()
 
     def run(self):
         try:
