@@ -288,7 +288,7 @@ def test_the_explicit_form_runs_like_the_short_one(tmp_path, ros, policy_node):
     from flashrt_ros.bt import btcpp as adapter
     trees = adapter.XmlTrees(_file_with_trees(tmp_path, EXPLICIT_TREE), policy=policy_node)
     assert trees.kinds == {"SnapshotCapsule#1": "SnapshotCapsule",
-                           "CapsulePresent#1": "CapsulePresent", "StepReached#1": "StepReached",
+                           "look": "CapsulePresent", "StepReached#1": "StepReached",
                            "DeleteCapsule#1": "DeleteCapsule"}
     assert trees.ports["SnapshotCapsule#1"]["pin"] == "True"
     trees.setup(ros.node)
@@ -344,6 +344,49 @@ def test_a_port_the_behaviours_take_when_built_must_be_a_literal(tmp_path, ros, 
     with pytest.raises(ValueError, match=words):
         trees.setup(ros.node)
     assert trees._runs == {}                         # nothing was set up on the node
+
+
+NAMED_TREE = """
+<BehaviorTree ID="Named">
+  <Sequence>
+    <Fallback name="take home">
+      <SnapshotCapsule service_name="/flashrt_policy/snapshot" capsule_name="home"
+                       name="snapshot home"/>
+    </Fallback>
+    <SnapshotCapsule service_name="/flashrt_policy/snapshot" capsule_name="a" name="look"/>
+    <SnapshotCapsule service_name="/flashrt_policy/snapshot" capsule_name="b" name="look"/>
+    <SnapshotCapsule service_name="/flashrt_policy/snapshot" capsule_name="c"/>
+    <Action ID="SnapshotCapsule" service_name="/flashrt_policy/snapshot" capsule_name="d"
+            name="SnapshotCapsule#1"/>
+  </Sequence>
+</BehaviorTree>"""
+
+
+def test_the_xml_names_of_nodes_are_kept(tmp_path, ros):
+    """A node's `name=` labels its calls and its failures. An element without one, or one of
+    several that share a name, gets `<name or ID>#<n>`, never a name another element has."""
+    import behaviortreepy as btcpp
+    import py_trees
+
+    from flashrt_ros.bt import behaviours as b
+    from flashrt_ros.bt import btcpp as adapter
+    trees = adapter.XmlTrees(_file_with_trees(tmp_path, NAMED_TREE), policy="/nobody_serves_this",
+                             service=dict(wait_s=0.2))
+    assert list(trees.kinds) == ["snapshot home", "look#1", "look#2", "SnapshotCapsule#2",
+                                 "SnapshotCapsule#1"]
+    assert [trees.ports[i]["capsule_name"] for i in trees.kinds] == ["home", "a", "b", "c", "d"]
+    names = [e.get("name") for e in ET.fromstring(trees.text).find("BehaviorTree").iter()
+             if e.get("name")]
+    assert names == ["take home", "snapshot home", "look#1", "look#2", "SnapshotCapsule#2",
+                     "SnapshotCapsule#1"]
+    trees.setup(ros.node)
+    try:            # nobody serves the snapshot: the tree's failure names the XML's node
+        assert adapter.run(trees.create_tree("Named"), TREE_S) == btcpp.NodeStatus.FAILURE
+    finally:
+        trees.shutdown()
+    assert [(c.label, c.outcome) for c in calls()] == [("snapshot home", "unreachable")]
+    error = py_trees.blackboard.Blackboard.get(b.ERROR_KEY)
+    assert error.startswith("snapshot home: unreachable"), error
 
 
 # -- a process that builds a tree exits cleanly -------------------------------------------------

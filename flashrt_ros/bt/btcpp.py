@@ -19,15 +19,16 @@ Ports. behaviortreepy 0.1.4 registers a Python node without ports (its `register
 no PortsList to BT.CPP), and BT.CPP refuses an XML attribute that is not a declared port. So
 `XmlTrees` hands BT.CPP the XML with the ports of the model's nodes taken out: each such element
 (`<SnapshotCapsule .../>`, or the explicit `<Action ID="SnapshotCapsule" .../>`) gets a unique
-instance name (`name="SnapshotCapsule#3"`) and its ports stay here, checked against the
-TreeNodesModel (an undeclared one is refused, as BT.CPP would). BT.CPP's own attributes, those
+instance name and its ports stay here, checked against the TreeNodesModel (an undeclared one is refused, as BT.CPP would). BT.CPP's own attributes, those
 starting with `_` (`_skipIf`, `_onSuccess`, `_post`, ...), stay on the element for BT.CPP. The
 model's `<SubTree>` entries (Groot's declarations of a subtree's ports) are BT.CPP's business and
 skipped here; an `<include>` is refused, since only this file's elements are rewritten. A node reads
 its ports by its instance name: a literal (or the model's default), converted to the port's type,
 or a `{key}` read from or written to the node's BT.CPP blackboard (`config().blackboard`, the
 subtree's own, which follows the subtree's remapping as BT.CPP's getInput/setOutput do). That is
-the one thing done here that BT.CPP would do itself if the bindings could declare ports.
+the one thing done here that BT.CPP would do itself if the bindings could declare ports. The
+instance name is the element's own `name=` where no other element has it (it labels the node's
+calls and failures, as in BT.CPP), else `<name or ID>#<n>` (`SnapshotCapsule#3`, `look#2`).
 
 One py_trees behaviour (or sequence) per XML element, set up with the rclpy node by `setup`;
 instances of one element (a SubTree used several times) share it, so they must not run at once
@@ -42,6 +43,7 @@ the nodes here also keep it in `XmlTrees.errors` and in behaviours.ERROR_KEY.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import time
@@ -125,6 +127,25 @@ def _node_id(element) -> str:
     return element.tag
 
 
+def _instance_names(elements: list[tuple[str | None, str]]) -> list[str]:
+    """A unique instance name for each (XML name or None, node ID) of the model's elements: the
+    XML's name where no other element has it, else `<name or ID>#<n>`, numbered in file order
+    and skipping any name an element was given."""
+    given = collections.Counter(name for name, _ in elements if name)
+    count: collections.Counter = collections.Counter()
+    names = []
+    for name, node_id in elements:
+        if name and given[name] == 1:
+            names.append(name)
+            continue
+        base = name or node_id
+        count[base] += 1
+        while f"{base}#{count[base]}" in given:
+            count[base] += 1
+        names.append(f"{base}#{count[base]}")
+    return names
+
+
 class XmlTrees:
     """A BT.CPP XML file, its model's nodes registered with Python implementations.
 
@@ -159,38 +180,35 @@ class XmlTrees:
         self.ports: dict[str, dict[str, str]] = {}       # instance name -> port -> XML value
         self.kinds: dict[str, str] = {}                  # instance name -> node ID
         self.errors: list[str] = []
-        count: dict[str, int] = {}
-        for tree in root.findall("BehaviorTree"):
-            for e in tree.iter():
-                node_id = _node_id(e)
-                if node_id not in self.models:
-                    continue
-                count[node_id] = count.get(node_id, 0) + 1
-                instance = f"{node_id}#{count[node_id]}"
-                declared = self.models[node_id][1]
-                # `_skipIf`, `_onSuccess` and the like are BT.CPP's, on every node: they stay
-                special = {k: v for k, v in e.attrib.items() if k.startswith("_")}
-                given = {k: v for k, v in e.attrib.items() if k not in special and k != "name"
-                         and not (k == "ID" and e.tag in EXPLICIT_TAGS)}
-                undeclared = sorted(set(given) - set(declared))
-                if undeclared:
-                    raise ValueError(f"{path}: <{node_id}> in tree {tree.get('ID')!r} has "
-                                     f"attribute(s) {undeclared} that its TreeNodesModel entry "
-                                     f"does not declare (ports: {sorted(declared)})")
-                values = {p.name: p.default for p in declared.values() if p.default is not None}
-                values.update(given)
-                for port in declared.values():
-                    if port.direction != "input_port" and port.name in values \
-                            and _entry(values[port.name], port.name) is None:
-                        raise ValueError(f"{path}: <{node_id}> port {port.name!r} is an output; "
-                                         f"expected a blackboard entry like {{key}}, found "
-                                         f"{values[port.name]!r}")
-                self.ports[instance], self.kinds[instance] = values, node_id
-                e.attrib.clear()
-                if e.tag in EXPLICIT_TAGS:
-                    e.set("ID", node_id)
-                e.set("name", instance)
-                e.attrib.update(special)
+        elements = [(tree, e) for tree in root.findall("BehaviorTree") for e in tree.iter()
+                    if _node_id(e) in self.models]
+        instances = _instance_names([(e.get("name"), _node_id(e)) for _, e in elements])
+        for (tree, e), instance in zip(elements, instances):
+            node_id = _node_id(e)
+            declared = self.models[node_id][1]
+            # `_skipIf`, `_onSuccess` and the like are BT.CPP's, on every node: they stay
+            special = {k: v for k, v in e.attrib.items() if k.startswith("_")}
+            given = {k: v for k, v in e.attrib.items() if k not in special and k != "name"
+                     and not (k == "ID" and e.tag in EXPLICIT_TAGS)}
+            undeclared = sorted(set(given) - set(declared))
+            if undeclared:
+                raise ValueError(f"{path}: <{node_id}> in tree {tree.get('ID')!r} has "
+                                 f"attribute(s) {undeclared} that its TreeNodesModel entry "
+                                 f"does not declare (ports: {sorted(declared)})")
+            values = {p.name: p.default for p in declared.values() if p.default is not None}
+            values.update(given)
+            for port in declared.values():
+                if port.direction != "input_port" and port.name in values \
+                        and _entry(values[port.name], port.name) is None:
+                    raise ValueError(f"{path}: <{node_id}> port {port.name!r} is an output; "
+                                     f"expected a blackboard entry like {{key}}, found "
+                                     f"{values[port.name]!r}")
+            self.ports[instance], self.kinds[instance] = values, node_id
+            e.attrib.clear()
+            if e.tag in EXPLICIT_TAGS:
+                e.set("ID", node_id)
+            e.set("name", instance)
+            e.attrib.update(special)
         self.text = ET.tostring(root, encoding="unicode")
         self.factory = btcpp.BehaviorTreeFactory()
         self._runs: dict[str, py_trees.behaviour.Behaviour] = {}    # instance -> what it runs
