@@ -33,17 +33,31 @@ REMAPPINGS = [
 ]
 BOOLEAN = ("true", "false")
 ARGUMENTS = [  # (name, default, description, choices or None)
-    ("config", None, "params file (default: the package's config/flashrt_policy.yaml)", None),
-    ("namespace", "", "namespace of the node", None),
+    ("config", None, "the node's params file", None),
+    ("namespace", "", "namespace of the node: it is <namespace>/flashrt_policy, which the params "
+                      "file's /**/flashrt_policy matches", None),
     ("device", "", "cpu, cuda, cuda:N or auto ('' = as the params file says)", None),
     ("model", "", "a preset name or a checkpoint directory ('' = as the params file says)", None),
     ("managed", "", "true: wait for configure/activate; false: start stepping at once "
                     "('' = as the params file says)", ("",) + BOOLEAN),
-    ("record", "false", "also record the node's topics to a bag (`flashrt-ros record`)", BOOLEAN),
+    ("record", "false", "also record the node's topics to a bag (`flashrt-ros record --node "
+                        "<namespace>/flashrt_policy`)", BOOLEAN),
     ("bag", "", "output directory of the recorded bag ('' = the recorder's default)", None),
 ]
 # The launch arguments that override a node parameter when not '': argument -> parameter.
 OVERRIDES = {"device": "runtime.device", "model": "model", "managed": "managed"}
+
+
+def arguments_markdown() -> str:
+    """The launch arguments as a Markdown table (docs/node.md; test/test_launch.py checks that
+    the page shows this one): `python launch/flashrt_policy.launch.py --markdown`."""
+    rows = ["| argument | default | sets | meaning |", "|---|---|---|---|"]
+    for name, default, help_, choices in ARGUMENTS:
+        shown = "the package's `config/flashrt_policy.yaml`" if default is None else f"`{default!r}`"
+        sets = f"`{OVERRIDES[name]}`" if name in OVERRIDES else ""
+        meaning = help_ + (f" (one of: {', '.join(repr(c) for c in choices)})" if choices else "")
+        rows.append(f"| `{name}` | {shown} | {sets} | {meaning.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
 
 
 def default_config() -> str:
@@ -185,3 +199,11 @@ def generate_launch_description():
     # the node read its overrides file at start; it goes with the launch
     cleanup = RegisterEventHandler(OnShutdown(on_shutdown=overrides_file.remove))
     return LaunchDescription(declared + [node, recorder, cleanup])
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python launch/flashrt_policy.launch.py --markdown   (the argument table of "
+                 "docs/node.md); to launch: ros2 launch flashrt_ros flashrt_policy.launch.py")
+    print(arguments_markdown(), end="")
