@@ -269,3 +269,21 @@ def test_load_capsule_of_a_capsule_in_memory_refuses_a_bad_tier(node, tier):
     res = call(node, "load_capsule", name="in-mem")
     assert not res.success and "no capsule file" in res.message
     assert _node_state(node) == before
+
+
+def test_a_bad_tier_of_a_list_says_what_an_empty_tier_lists(tmp_path):
+    """For a list, '' means every tier (not the default tier, as for a snapshot)."""
+    from flashrt_ros.core.exceptions import InputError
+    store = CapsuleStore(_runtime(), StoreConfig(capsule_dir=str(tmp_path / "caps")))
+    with pytest.raises(InputError) as info:
+        store.list("bogus")
+    assert "'' for every tier" in str(info.value) and "default" not in str(info.value), info.value
+    with pytest.raises(InputError, match="'' for the default"):
+        store.snapshot("x", tier="bogus")
+
+
+@pytest.mark.ros
+def test_list_capsules_with_a_bad_tier_says_what_an_empty_tier_lists(node):
+    res = call(node, "list_capsules", tier="bogus")
+    assert not res.success and "'' for every tier" in res.message, res.message
+    assert call(node, "list_capsules", tier="").success

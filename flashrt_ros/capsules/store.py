@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
+import secrets
+import socket
 import stat
 import threading
 
@@ -47,12 +50,14 @@ import torch
 
 from flashrt_ros.capsules.capsule import TIERS, Capsule, check_name, content_digest, shown
 from flashrt_ros.capsules.extents import ExtentMemory
-from flashrt_ros.capsules.file import (SUFFIX, begin_write, capsule_path, index_capsule,
-                                       is_own_temp, read_capsule)
+from flashrt_ros.capsules.file import (SUFFIX, begin_write, capsule_from_header, capsule_path,
+                                       index_capsule, is_own_temp, read_capsule, read_header,
+                                       storage_error, temp_path)
 from flashrt_ros.capsules.memory import context_len_of, live_boundary
 from flashrt_ros.core.config import StoreConfig
-from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleCorrupt, CapsuleExists,
-                                         CapsuleMismatch, CapsuleNotFound, InputError)
+from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleConflict, CapsuleCorrupt,
+                                         CapsuleExists, CapsuleMismatch, CapsuleNotFound,
+                                         FlashRTError, InputError, StorageError)
 from flashrt_ros.core.runtime import PolicyRuntime
 
 
@@ -70,10 +75,13 @@ class CapsuleStore:
                                    # under the runtime lock only (see the module docstring)
         self.fingerprint = runtime.fingerprint()
         self.weights = runtime.model.weights_digest
+        # this store, as the capsule files it writes name it (two stores on one directory)
+        self.writer = f"{socket.gethostname()} pid {os.getpid()} store {secrets.token_hex(4)}"
         self.cfg.resolve_tier(None, self.cuda)     # a default tier this runtime has (ConfigError)
         self.memory = (memory or ExtentMemory)(self)
-        os.makedirs(self.cfg.capsule_dir, exist_ok=True)
         self.skipped_files: list[str] = []
+        with contextlib.suppress(OSError):        # what is there is checked by the listing
+            os.makedirs(self.cfg.capsule_dir, exist_ok=True)
         self.rebuild_index()
 
     # -- index ----------------------------------------------------------------------------
@@ -84,7 +92,7 @@ class CapsuleStore:
         with self.lock:
             d = self.cfg.capsule_dir
             self.skipped_files = []
-            for fname in sorted(os.listdir(d)):
+            for fname in sorted(self._listing()):
                 path = os.path.join(d, fname)
                 if is_own_temp(fname):
                     with contextlib.suppress(FileNotFoundError):
@@ -102,13 +110,25 @@ class CapsuleStore:
                 except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, not fatal
                     self.skipped_files.append(f"{fname}: {e}")
 
+    def _listing(self) -> list[str]:
+        d = self.cfg.capsule_dir
+        try:
+            return os.listdir(d)
+        except OSError as e:
+            found = ("a file" if os.path.lexists(d) and not os.path.isdir(d) else
+                     f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})")
+            raise StorageError(f"store.capsule_dir: expected a directory at {d} that the store can "
+                               f"read and write, found {found}; set store.capsule_dir to one (or "
+                               f"move what is there away) and configure the node again") from None
+
     def tiers(self) -> list[str]:
         return (["gpu"] if self.cuda else []) + ["host", "disk"]
 
-    def _tier(self, tier: str | None) -> str:
+    def _tier(self, tier: str | None, empty: str = "the default") -> str:
+        """`empty`: what a request's '' means, for the message."""
         tier = self.cfg.resolve_tier(tier, self.cuda)
         if tier not in TIERS:
-            raise InputError(f"tier: expected one of gpu, host, disk (or '' for the default), found "
+            raise InputError(f"tier: expected one of gpu, host, disk (or '' for {empty}), found "
                              f"{shown(tier)}")
         if tier == "gpu" and not self.cuda:
             raise InputError(f"tier: 'gpu' expected a CUDA runtime, found one on {self.rt.device}; "
@@ -133,7 +153,7 @@ class CapsuleStore:
     def list(self, tier: str | None = None) -> list[Capsule]:
         with self.lock:
             if tier:
-                self._tier(tier)
+                self._tier(tier, empty="every tier")
             caps = [c for c in self.capsules.values() if not tier or c.tier == tier]
             return sorted(caps, key=lambda c: (c.created, c.name))
 
@@ -166,7 +186,7 @@ class CapsuleStore:
         return True
 
     def _evict(self, cap: Capsule, protect: set) -> None:
-        if self._has_disk_copy(cap):        # already saved: dropping the memory copy loses nothing
+        if self._saved_size(cap):           # already saved: dropping the memory copy loses nothing
             self._move(cap, "disk", protect | {cap.name})
         elif self.cfg.eviction == "drop":
             self._drop(cap)
@@ -186,20 +206,32 @@ class CapsuleStore:
                                  f"{budget / 2**20:.2f} MiB budget; raise store.disk_budget_mb")
 
     def _disk_used(self) -> int:
-        """Bytes of capsule files: disk-tier capsules and saved copies of memory capsules."""
-        return sum(c.nbytes if c.tier == "disk" else os.path.getsize(c.path)
-                   for c in self.capsules.values()
-                   if c.tier == "disk" or self._has_disk_copy(c))
+        """Bytes of capsule files: disk-tier capsules and saved copies of memory capsules. Never
+        raises (the node's status timer calls it): a file another process removes meanwhile
+        counts nothing."""
+        used = 0
+        for c in self.capsules.values():
+            if c.tier == "disk":
+                used += c.nbytes
+            elif c.path:
+                with contextlib.suppress(OSError):
+                    used += os.stat(c.path).st_size
+        return used
 
-    def _make_disk_room(self, nbytes: int, protect: set) -> None:
-        """Drop least recently used unpinned disk capsules until `nbytes` more fit the budget;
-        the victims are chosen first, so a request that cannot fit drops nothing."""
+    def _disk_victims(self, nbytes: int, protect: set) -> list[Capsule]:
+        """The least recently used unpinned disk capsules to drop so that `nbytes` more fit the
+        budget, chosen before any is dropped (a request that cannot fit drops nothing); a
+        capsule whose file another writer replaced is not this store's to drop."""
         self._check_disk_room(nbytes, protect)
         budget, used = self.cfg.budget("disk"), self._disk_used()
         victims = []
         for c in self._lru("disk", protect):
             if used + nbytes <= budget:
                 break
+            try:
+                self._check_own(c)
+            except CapsuleConflict:
+                continue
             victims.append(c)
             used -= c.nbytes
         if used + nbytes > budget:
@@ -207,48 +239,124 @@ class CapsuleStore:
                                  f"{budget / 2**20:.2f} MiB, found {used / 2**20:.2f} MiB held by "
                                  f"pinned capsules and saved copies of memory capsules; raise "
                                  f"store.disk_budget_mb or delete capsules")
-        for c in victims:
-            self._drop(c)
+        return victims
+
+    # -- whose file: two stores on one directory ----------------------------------------
+    def _check_own(self, cap: Capsule) -> None:
+        """Raise CapsuleConflict when the file at `cap.path` is a capsule file other than the
+        one this store wrote or indexed for `cap` (another store or process wrote over it). No
+        file there, or none with a readable capsule header, passes: no one's capsule is lost."""
+        try:
+            found = capsule_from_header(read_header(cap.path), cap.path, 0)
+        except (FlashRTError, OSError):
+            return
+        if not cap.same_file(found):
+            raise self._changed(cap, found)
 
     @staticmethod
-    def _has_disk_copy(cap: Capsule) -> bool:
-        return cap.tier != "disk" and bool(cap.path) and os.path.exists(cap.path)
+    def _changed(cap: Capsule, found: Capsule) -> CapsuleConflict:
+        def who(c):
+            return f"{c.writer or 'an unknown writer'} (digest {c.digest[:16]}, created {c.created})"
+        return CapsuleConflict(
+            f"capsule {cap.name!r}: expected its file {cap.path} as this store wrote or indexed "
+            f"it, by {who(cap)}, found a file by {who(found)}: another store or process replaced "
+            f"it; nothing was changed - give each node its own store.capsule_dir; to use the file "
+            f"as it is now, configure the node again (the index is rebuilt); to drop it, remove "
+            f"the file by hand")
 
-    def _write_file(self, cap: Capsule, raw: torch.Tensor, protect: set) -> str:
-        """Write host bytes `raw` as `cap`'s capsule file (records its digest); returns the path.
-        Room under the disk budget is made only once the file is written and fsynced (and before
-        it is renamed into place): a write that fails evicts nothing."""
+    def _saved_size(self, cap: Capsule) -> int:
+        """The size of the file that holds memory capsule `cap` (its saved copy), 0 when none
+        does; CapsuleConflict when the file at its path is another writer's."""
+        if cap.tier == "disk" or not cap.path:
+            return 0
+        try:
+            size = os.stat(cap.path).st_size
+        except OSError:
+            return 0
+        self._check_own(cap)
+        return size
+
+    # -- files ----------------------------------------------------------------------------
+    def _write_file(self, cap: Capsule, raw: torch.Tensor, protect: set) -> int:
+        """Write host bytes `raw` as `cap`'s capsule file (sets its path, digest and writer);
+        returns the file's size. Room under the disk budget is made only once the file is
+        written and fsynced: the victims' files are set aside, the file is linked in (never over
+        an existing one), and only then are the victims dropped - a write that fails evicts
+        nothing."""
         self._check_disk_room(raw.numel(), protect)
         pending = begin_write(capsule_path(self.cfg.capsule_dir, cap.name), self.rt.arena, raw,
-                              cap, self.weights, self.cfg.digest_threads)
+                              cap, self.weights, self.writer, self.cfg.digest_threads)
         try:
-            self._make_disk_room(pending.nbytes, protect | {cap.name})
-            path = pending.commit()
+            victims = self._disk_victims(pending.nbytes, protect | {cap.name})
+            with self._set_aside([c.path for c in victims]):
+                cap.path = pending.commit()
         except BaseException:
             pending.discard()
             raise
-        cap.digest = pending.digest
-        return path
+        for c in victims:
+            self._forget(c)
+        cap.digest, cap.writer = pending.digest, self.writer
+        return pending.nbytes
 
-    def _read_file(self, path: str):
-        """(header capsule, host bytes) of a capsule file, verified against this runtime."""
-        return read_capsule(path, self.rt.arena, self.fingerprint, self.weights,
-                            pin_memory=self.cuda, threads=self.cfg.digest_threads)
+    @contextlib.contextmanager
+    def _set_aside(self, paths):
+        """Rename the files `paths` to temp names of the store's own (removed at the next start
+        if the process dies), run the block, then remove them; if a rename or the block fails,
+        every file goes back and nothing was changed."""
+        aside = []
+        try:
+            for path in paths:
+                tmp = temp_path(path)
+                try:
+                    os.rename(path, tmp)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue                # gone already
+                except OSError as e:
+                    raise storage_error(path, e, "to remove") from None
+                aside.append((path, tmp))
+            yield
+        except BaseException:
+            for path, tmp in reversed(aside):
+                with contextlib.suppress(OSError):
+                    os.rename(tmp, path)
+            raise
+        for _, tmp in aside:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _read_file(self, path: str, cap: Capsule | None = None):
+        """(header capsule, host bytes) of a capsule file, verified against this runtime; with
+        `cap` (its index entry), also the file the store wrote or indexed for it."""
+        header, raw = read_capsule(path, self.rt.arena, self.fingerprint, self.weights,
+                                   pin_memory=self.cuda, threads=self.cfg.digest_threads)
+        if cap is not None and not cap.same_file(header):
+            raise self._changed(cap, header)
+        return header, raw
 
     def _drop(self, cap: Capsule) -> None:
-        """Forget a capsule and free its storage: its index entry, its memory, and its file (the
-        one its name owns) if any."""
+        """Forget a capsule and free its storage: its file (the one its name owns) if any goes
+        first - a file that cannot be removed, or that another writer replaced, refuses the
+        drop with nothing changed - then its memory and its index entry."""
         name = cap.name
         if self.capsules.get(name) is not cap:
             raise CapsuleNotFound(f"no capsule named {name!r} in the index; stored: "
                                   f"{sorted(self.capsules)[:20]}")
-        del self.capsules[name]
+        if cap.path == capsule_path(self.cfg.capsule_dir, name):
+            self._check_own(cap)
+            try:
+                os.unlink(cap.path)
+            except (FileNotFoundError, NotADirectoryError):
+                pass                        # gone already
+            except OSError as e:
+                raise storage_error(cap.path, e, "to remove") from None
+        self._forget(cap)
+
+    def _forget(self, cap: Capsule) -> None:
+        """Drop a capsule's index entry and memory (its file is gone or set aside)."""
+        del self.capsules[cap.name]
         if cap.tier in self.memory.tiers:
             self.memory.release(cap)
-        if cap.path == capsule_path(self.cfg.capsule_dir, name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(cap.path)
-        if self.lineage == name:        # deleted or evicted: the live state names no capsule
+        if self.lineage == cap.name:    # deleted or evicted: the live state names no capsule
             with self.rt.lock:
                 self.lineage = ""
 
@@ -258,18 +366,21 @@ class CapsuleStore:
             return
         protect = protect | {cap.name}
         if cap.tier == "disk":
-            raw = self._read_file(cap.path)[1]
+            raw = self._read_file(cap.path, cap)[1]
             cap.context_len = context_len_of(self.rt.arena, raw)
-            self.memory.put(cap, tier, raw, protect, cap.parent)
-            if cap.spilled:               # the store's own file goes; a saved one stays, as load
-                os.unlink(cap.path)
+            # the store's own file (a spill) goes, a saved one stays, as load; the spill is set
+            # aside first, so a directory that keeps it refuses the move before anything changed
+            with self._set_aside([cap.path] if cap.spilled else []):
+                self.memory.put(cap, tier, raw, protect, cap.parent)
+            if cap.spilled:
                 cap.path, cap.spilled = None, False
             cap.tier, cap.nbytes = tier, raw.numel()
         elif tier == "disk":
-            if not self._has_disk_copy(cap):      # capsules are immutable: a saved copy is current
-                cap.path = self._write_file(cap, self.memory.host_bytes(cap), protect)
+            # capsules are immutable: a saved copy is current
+            size = self._saved_size(cap) or self._write_file(cap, self.memory.host_bytes(cap),
+                                                             protect)
             self.memory.release(cap)
-            cap.tier, cap.nbytes = "disk", os.path.getsize(cap.path)
+            cap.tier, cap.nbytes = "disk", size
         else:
             self.memory.move(cap, tier, protect)
             cap.tier = tier
@@ -293,8 +404,7 @@ class CapsuleStore:
                 at.step, at.position, at.episode, at.context_len
             cap.nbytes = self.rt.arena.live_nbytes(at.position)
             if tier == "disk":   # the file write happens outside the runtime lock
-                cap.path = self._write_file(cap, raw, set())
-                cap.nbytes = os.path.getsize(cap.path)
+                cap.nbytes = self._write_file(cap, raw, set())
             self.capsules[name] = cap
             return cap
 
@@ -319,7 +429,7 @@ class CapsuleStore:
                                       f"{cap.fingerprint}; it was taken from another preset, "
                                       f"weights or version and cannot be restored here")
             if cap.tier == "disk":
-                header, src = self._read_file(cap.path)
+                header, src = self._read_file(cap.path, cap)
                 with self.rt.lock:      # host bytes: the runtime reads their header for free
                     self.rt.restore_state(src, None)
                     self.lineage = name
@@ -380,11 +490,11 @@ class CapsuleStore:
                       context_len=src.context_len)
         keep = {src.name}
         if tier == "disk":
-            raw = self._read_file(src.path)[1] if src.tier == "disk" else self.memory.host_bytes(src)
-            cap.path = self._write_file(cap, raw, keep)
-            cap.nbytes = os.path.getsize(cap.path)
+            raw = self._read_file(src.path, src)[1] if src.tier == "disk" else \
+                self.memory.host_bytes(src)
+            cap.nbytes = self._write_file(cap, raw, keep)
         elif src.tier == "disk":
-            header, raw = self._read_file(src.path)
+            header, raw = self._read_file(src.path, src)
             cap.digest, cap.context_len = header.digest, context_len_of(self.rt.arena, raw)
             self.memory.put(cap, tier, raw, keep, header.parent)
         else:
@@ -396,7 +506,7 @@ class CapsuleStore:
         may have been replaced since it was indexed."""
         cap = self.capsules[header.name]
         for f in ("parent", "step", "position", "episode", "pinned", "created", "digest",
-                  "fingerprint", "nbytes"):
+                  "fingerprint", "nbytes", "writer"):
             setattr(cap, f, getattr(header, f))
         return cap
 
@@ -423,15 +533,15 @@ class CapsuleStore:
         """Write a capsule to the capsule directory; keep or drop the memory copy."""
         with self.lock:
             cap = self.get(name)
-            cap.spilled = False          # asked for: the file is the user's now
-            if cap.tier == "disk" or (self._has_disk_copy(cap) and keep_in_memory):
-                return cap.path
-            if not keep_in_memory:
+            if cap.tier == "disk":
+                self._check_own(cap)
+            elif not keep_in_memory:
                 self._move(cap, "disk", set())
-                return cap.path
-            # a disk copy next to the memory copy: stored under the same name as a file, the
-            # in-memory capsule stays authoritative for restore
-            cap.path = self._write_file(cap, self.memory.host_bytes(cap), {name})
+            elif not self._saved_size(cap):
+                # a disk copy next to the memory copy: stored under the same name as a file, the
+                # in-memory capsule stays authoritative for restore
+                self._write_file(cap, self.memory.host_bytes(cap), {name})
+            cap.spilled = False          # asked for: the file is the user's now
             return cap.path
 
     def load(self, name: str, tier: str | None = None) -> Capsule:
@@ -448,7 +558,7 @@ class CapsuleStore:
                 return cap            # already in memory
             if target == "disk":          # a load lands in memory: the auto tier
                 target = self.cfg.resolve_tier("auto", self.cuda)
-            header, raw = self._read_file(path)   # the file, not the index, says what it holds
+            header, raw = self._read_file(path, cap)   # the file the index holds, or a new one
             cap = header if cap is None else self._adopt(header)
             cap.context_len = context_len_of(self.rt.arena, raw)
             self.memory.put(cap, target, raw, {name}, cap.parent)
@@ -462,7 +572,7 @@ class CapsuleStore:
         with self.lock:
             cap = self.get(name)
             if cap.tier == "disk":
-                return self._adopt(self._read_file(cap.path)[0]).digest
+                return self._adopt(self._read_file(cap.path, cap)[0]).digest
             digest = content_digest(self.rt.arena, self.memory.host_bytes(cap), cap.position,
                                     self.cfg.digest_threads)
             if cap.digest and cap.digest != digest:
@@ -476,7 +586,7 @@ class CapsuleStore:
         with self.lock:
             cap = self.get(name)
             if cap.tier == "disk":
-                return self._read_file(cap.path)[1]
+                return self._read_file(cap.path, cap)[1]
             return self.memory.host_bytes(cap).clone()
 
     def on_reset(self) -> None:
