@@ -71,6 +71,64 @@ def test_parameters_are_declared_from_the_table(make_node):
         assert value == expected, name
 
 
+def test_descriptors_show_the_ranges_and_choices_the_node_enforces(make_node):
+    """What `ros2 param describe` shows: the range (FloatingPointRange / IntegerRange) and the
+    choices, before a set fails."""
+    from rcl_interfaces.srv import DescribeParameters
+    n = make_node()
+    names = ["control_rate_hz", "nice", "store.eviction", "runtime.rollback_depth"]
+    d = {x.name: x for x in n.client.call(DescribeParameters, "describe_parameters",
+                                          names=names).descriptors}
+    rate = d["control_rate_hz"].floating_point_range[0]
+    assert (rate.from_value, rate.to_value) == (0.0, 1000.0)
+    assert "above 0" in d["control_rate_hz"].additional_constraints
+    nice = d["nice"].integer_range[0]
+    assert (nice.from_value, nice.to_value) == (-20, 19)
+    assert d["store.eviction"].additional_constraints == "one of: demote, drop"
+    assert d["runtime.rollback_depth"].integer_range[0].to_value == 4096
+    ok, reason = n.client.set_parameter("control_rate_hz", 5000.0)     # unconfigured too
+    assert not ok and "out of range" in reason, reason
+
+
+def test_a_set_of_an_unknown_parameter_names_the_closest_one(make_node):
+    n = make_node()
+    ok, reason = n.client.set_parameter("runtime.devcie", "cuda")
+    assert not ok and "runtime.devcie (did you mean runtime.device?)" in reason, reason
+    ok, reason = n.client.set_parameter("typo", 1)
+    assert not ok and "typo" in reason and "ros2 param list" in reason, reason
+    assert n.client.get_parameters(["runtime.device"]) == {"runtime.device": "cpu"}
+    assert not n.node.has_parameter("typo")
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("runtime.devcie", "cuda", "runtime.devcie (did you mean runtime.device?)"),
+    ("typo_param", 1, "typo_param (no declared parameter has a similar name)"),
+])
+def test_an_unknown_parameter_in_the_overrides_is_refused_at_configure(make_node, capfd, name,
+                                                                       value, says):
+    n = make_node(**{name: value})
+    wait_for(lambda: says in capfd.readouterr().err, 10, "the unknown parameter in the log")
+    assert not n.client.transition("configure")
+    assert n.client.state() == "unconfigured" and n.node.runtime is None
+
+
+@pytest.mark.parametrize("name, bad, good, says", [
+    ("control_rate_hz", 5000.0, 30.0, "control_rate_hz: expected a rate in (0, 1000] Hz"),
+    ("nice", 99, 0, "nice: expected an integer in [-20, 19]"),
+    ("managed", 3, True, "managed: expected true or false"),
+])
+def test_an_override_the_descriptor_refuses_leaves_the_node_alive(make_node, capfd, name, bad,
+                                                                  good, says):
+    n = make_node(**{name: bad})            # out of range, or of the wrong type
+    c = n.client
+    assert not c.transition("configure")
+    err = []
+    wait_for(lambda: err.append(capfd.readouterr().err) or says in "".join(err), 10,
+             f"the log line {says!r}")
+    assert c.set_parameter(name, good)[0]
+    assert c.transition("configure")
+
+
 def test_fixed_parameters_refuse_changes_while_configured(make_node):
     n = make_node()
     c = n.client
@@ -82,8 +140,8 @@ def test_fixed_parameters_refuse_changes_while_configured(make_node):
     assert c.get_parameters(["control_rate_hz"])["control_rate_hz"] == 50.0
     assert n.node.node_cfg.control_rate_hz == 50.0
     # a parameter that may change is validated when set, and applies at once
-    ok, reason = c.set_parameter("stale_observation_s", -1.0)
-    assert not ok and "stale_observation_s: expected a number of seconds in [0, 86400]" in reason
+    ok, reason = c.set_parameter("stale_observation_s", -1.0)        # its descriptor's range
+    assert not ok and "stale_observation_s out of range" in reason, reason
     assert c.set_parameter("stale_observation_s", 0.25)[0]
     assert n.node.node_cfg.stale_observation_s == 0.25
     ok, reason = c.set_parameter("store.default_tier", "tape")

@@ -67,8 +67,10 @@ import numpy as np
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                SetParametersResult)
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -91,7 +93,8 @@ from flashrt_ros.core.bringup import LatePlans, Phases
 from flashrt_ros.core.checkpoint import resolve_model
 from flashrt_ros.core.exceptions import ConfigError, FlashRTError, InputError, NotConfiguredError
 from flashrt_ros.ros.publishing import LATCHED
-from flashrt_ros.ros.params import configs_from_values, parameter_table
+from flashrt_ros.ros.params import (configs_from_values, constraint, parameter_table,
+                                    unknown_parameters)
 from flashrt_ros.core.runtime import PolicyRuntime
 from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_threads,
                                       set_thread_nice, warm_up)
@@ -138,26 +141,24 @@ class Latest(NamedTuple):
 
 class PolicyNode(LifecycleNode):
     def __init__(self, **kwargs):
+        # a set of an undeclared name reaches _on_set_parameters, which refuses it with the
+        # closest declared name (rclpy's own refusal names none)
+        kwargs.setdefault("allow_undeclared_parameters", True)
         super().__init__(NODE_NAME, **kwargs)
         self._fixed = {}
         self._threads = 0                      # torch CPU threads (0 = torch's default)
         self._nice_before = None               # the nice value before configure set one
         for name, default, help_text, fixed, _ in parameter_table():
-            # floats take integers too (`control_rate_hz: 30` in YAML); configure checks the type
-            desc = ParameterDescriptor(
-                description=help_text + (" [fixed while configured]" if fixed else ""),
-                dynamic_typing=isinstance(default, float))
-            if isinstance(default, list) and not default:
-                # an empty list has no type of its own (rclpy would make it a byte array), and a
-                # parameter declared without a value makes every get_parameters that names it
-                # answer no values at all (rclpy 9.1: `ros2 param dump` prints nothing): declared
-                # as a string array, then given its empty value unless an override set one
-                self.declare_parameter(name, Parameter.Type.STRING_ARRAY, desc)
-                if self.get_parameter_or(name).value is None:
-                    self.set_parameters([Parameter(name, Parameter.Type.STRING_ARRAY, [])])
-            else:
-                self.declare_parameter(name, default, desc)
+            self._declare(name, default, help_text, fixed)
             self._fixed[name] = fixed
+        # overrides (params file, -p) of names this node does not declare would be ignored:
+        # configure refuses them (overrides are read at start: fix them and restart)
+        self._unknown_overrides = unknown_parameters(
+            getattr(self, "_parameter_overrides", {}), self._parameters_known())
+        if self._unknown_overrides:
+            self.get_logger().error(f"unknown parameter(s) in the params file or -p overrides: "
+                                    f"{self._unknown_overrides}; configure refuses to run with "
+                                    f"them - fix the names and restart the node")
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.finalized = threading.Event()      # set by the shutdown transition
         self.runtime: PolicyRuntime | None = None
@@ -192,6 +193,43 @@ class PolicyNode(LifecycleNode):
         self.status_timer = self.create_timer(1.0 / rate, self._publish_status)
 
     # -- parameters -----------------------------------------------------------------------
+    def _declare(self, name, default, help_text, fixed):
+        """Declare a parameter of the table, with its constraint in the descriptor (what `ros2
+        param describe` shows). An override the descriptor refuses (a value out of range, a
+        wrong type) must not kill the node at start: the parameter is then declared without the
+        check, keeps that value, and configure refuses it with the dataclass's reason."""
+        c = constraint(name)
+        # floats take integers too (`control_rate_hz: 30` in YAML); configure checks the type
+        desc = ParameterDescriptor(
+            description=help_text + (" [fixed while configured]" if fixed else ""),
+            additional_constraints=c.text(), dynamic_typing=isinstance(default, float))
+        if c.low is not None and isinstance(default, float):
+            desc.floating_point_range = [FloatingPointRange(from_value=float(c.low),
+                                                            to_value=float(c.high))]
+        elif c.low is not None and isinstance(default, int) and not isinstance(default, bool):
+            desc.integer_range = [IntegerRange(from_value=int(c.low), to_value=int(c.high))]
+        if isinstance(default, list) and not default:
+            # an empty list has no type of its own (rclpy would make it a byte array), and a
+            # parameter declared without a value makes every get_parameters that names it
+            # answer no values at all (rclpy 9.1: `ros2 param dump` prints nothing): declared
+            # as a string array, then given its empty value unless an override set one
+            default = Parameter.Type.STRING_ARRAY
+        try:
+            self.declare_parameter(name, default, desc)
+        except (InvalidParameterTypeException, InvalidParameterValueException) as e:
+            self.get_logger().error(f"{name}: {e}; configure will refuse it until it is set")
+            loose = ParameterDescriptor(description=desc.description, dynamic_typing=True,
+                                        additional_constraints=desc.additional_constraints)
+            default = [] if default is Parameter.Type.STRING_ARRAY else default
+            self.declare_parameter(name, default, loose)
+        if default is Parameter.Type.STRING_ARRAY and self.get_parameter_or(name).value is None:
+            self.set_parameters([Parameter(name, Parameter.Type.STRING_ARRAY, [])])
+
+    def _parameters_known(self) -> set:
+        """Names a parameter of this node may have: the table, the model's shapes, rclpy's own."""
+        return ({name for name, *_ in parameter_table()} | set(MODEL_SHAPE)
+                | set(self.get_parameters_by_prefix("")))
+
     def _param_values(self) -> dict:
         out = {}
         for name, *_ in parameter_table():
@@ -200,6 +238,11 @@ class PolicyNode(LifecycleNode):
         return out
 
     def _on_set_parameters(self, params) -> SetParametersResult:
+        unknown = unknown_parameters([p.name for p in params], self._parameters_known())
+        if unknown:
+            return SetParametersResult(successful=False, reason=(
+                f"{unknown}: not a parameter of this node, nothing set; `ros2 param list "
+                f"{self.get_fully_qualified_name()}` lists them"))
         # a parameter without a value would make every get_parameters that names it answer
         # nothing (see __init__), and configure needs them all: `ros2 param delete` is refused
         unset = [p.name for p in params if p.type_ == Parameter.Type.NOT_SET]
@@ -240,6 +283,11 @@ class PolicyNode(LifecycleNode):
         phases = Phases({"node": self.bringup.marks["node"]})
         phase = phases.phase
         try:
+            if self._unknown_overrides:
+                raise ConfigError(f"unknown parameter(s) in the params file or -p overrides: "
+                                  f"{self._unknown_overrides}; this node has no such parameter "
+                                  f"and would ignore the value - fix the names (`flashrt-ros "
+                                  f"params` lists every parameter) and restart the node")
             node_cfg, rt_cfg, store_cfg = configs_from_values(self._param_values())
             with phase("model"):
                 model_dir = resolve_model(node_cfg.model, say=log.info)

@@ -15,14 +15,23 @@ The other parameters may change at any time; they are validated when set.
 
 `configs_from_values` also checks types: ROS hands over whatever a params file or `-p` held
 (`control_rate_hz: 30` is an integer), so numbers are coerced to the field's type and anything
-else is refused with a message that names the field. This module imports no ROS.
+else is refused with a message that names the field.
+
+`CONSTRAINTS` says what each parameter accepts beyond its type, in the form the ROS tools show
+(`ros2 param describe`: a range, or choices and a note): the node declares its descriptors from
+it, and test/test_params.py holds it to the dataclasses' checks, which stay the validation. A name
+the node does not declare (a typo in a params file, `ros2 param set` of one) is refused with the
+closest declared name (`unknown_parameters`). This module imports no ROS.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import sys
 from dataclasses import dataclass, field
 
-from flashrt_ros.core.config import RuntimeConfig, StoreConfig, _check, field_table, from_dict
+from flashrt_ros.core.config import (MAX_BUDGET_MB, MAX_DIGEST_THREADS, RuntimeConfig, StoreConfig,
+                                     _check, field_table, from_dict)
 from flashrt_ros.core.exceptions import ConfigError
 
 
@@ -122,6 +131,87 @@ def parameter_table():
                 default = list(default)
             rows.append((prefix + name, default, help, read_only, cls))
     return rows
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a parameter accepts beyond its type: an inclusive range (FloatingPointRange or
+    IntegerRange in its descriptor), or choices, and a note; `text` is its descriptor's
+    `additional_constraints`."""
+    low: float | None = None
+    high: float | None = None
+    choices: tuple = ()
+    note: str = ""
+
+    def text(self) -> str:
+        parts = []
+        if self.choices:
+            parts.append("one of: " + ", ".join(self.choices))
+        if self.low is not None:
+            parts.append(f"in [{self.low:g}, {self.high:g}]")
+        return "; ".join(parts + ([self.note] if self.note else []))
+
+
+def _range(low, high, note=""):
+    return Constraint(low=low, high=high, note=note)
+
+
+def _one_of(*choices):
+    return Constraint(choices=choices)
+
+
+# Every parameter's constraint, as the dataclasses check it (test/test_params.py holds them
+# together: each end of a range and each choice is accepted, a value past it refused).
+CONSTRAINTS = {
+    "model": Constraint(note="a preset name or a checkpoint directory"),
+    "instruction": Constraint(note="a text of at most the model's max_context - 1 tokens"),
+    "control_mode": _one_of("timer", "observation"),
+    "control_rate_hz": _range(0, 1000, "above 0"),
+    "deadline_ms": _range(0, 3.6e6),
+    "stale_observation_s": _range(0, 86400),
+    "observation_qos": _one_of("sensor_data", "reliable"),
+    "joint_names": Constraint(note="distinct, non-empty names; obs_dim of them or half as many; "
+                                   "needed by command_output joint_trajectory"),
+    "command_output": _one_of("none", "float64_multi_array", "joint_trajectory"),
+    "action_dt": _range(0, 3600),
+    "status_rate_hz": _range(0, 100, "above 0"),
+    "capture_prefill": _one_of("background", "configure"),
+    "nice": _range(-20, 19),
+    "runtime.device": Constraint(note="cpu, cuda, cuda:N or auto"),
+    "runtime.cpu_plans": _one_of("auto", "traced", "eager"),
+    "runtime.prefill_buckets": Constraint(note="a non-empty list of integers in [1, 1048576]"),
+    "runtime.rollback_depth": _range(0, 4096),
+    "runtime.action_noise": _range(0, sys.float_info.max, "finite"),
+    "runtime.sample_seed": _range(0, 2**32 - 1),
+    "runtime.kernels": _one_of("auto", "fla", "chunked", "reference"),
+    "runtime.threads": _range(0, 1024),
+    "runtime.cache_dir": Constraint(note="a directory, or '' for Triton's defaults"),
+    "store.gpu_budget_mb": _range(0, MAX_BUDGET_MB),
+    "store.host_budget_mb": _range(0, MAX_BUDGET_MB),
+    "store.disk_budget_mb": _range(0, MAX_BUDGET_MB),
+    "store.capsule_dir": Constraint(note="a directory, not ''"),
+    "store.default_tier": _one_of("auto", "gpu", "host", "disk"),
+    "store.eviction": _one_of("demote", "drop"),
+    "store.digest_threads": _range(0, MAX_DIGEST_THREADS),
+    "store.block_tokens": _range(0, 65536),
+}
+
+
+def constraint(name: str) -> Constraint:
+    """The constraint of parameter `name` (none for a boolean)."""
+    return CONSTRAINTS.get(name, Constraint())
+
+
+def unknown_parameters(names, declared) -> str:
+    """'' when every name in `names` is in `declared`; else a message naming each unknown one
+    with the closest declared name."""
+    declared = sorted(declared)
+    parts = []
+    for name in sorted(set(names) - set(declared)):
+        close = difflib.get_close_matches(name, declared, n=1, cutoff=0.6)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else
+                     f"{name} (no declared parameter has a similar name)")
+    return ", ".join(parts)
 
 
 def _coerce(name: str, value, default):
