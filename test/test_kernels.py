@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from flashrt_ros.core import kernels
-from flashrt_ros.core.qwen3_5_policy import counter_gaussian
+from flashrt_ros.core.seeded import counter_gaussian
 
 # fp32 reference vs float64 closed form over a few tokens: rounding only
 REFERENCE_ATOL = 1e-5

@@ -42,12 +42,12 @@ class BufferSpec:
     name: str
     dtype: str
     shape: tuple
-    role: str     # "meta", "recurrent_state", "conv_state", "mtp_state", "action_state", "kv"
+    role: str     # one of ROLES
     offset: int = 0   # bytes from the start of the arena
     nbytes: int = 0
 
 
-ROLES = ("meta", "recurrent_state", "conv_state", "mtp_state", "action_state", "kv")
+ROLES = ("meta", "recurrent_state", "conv_state", "mtp_state", "action_state", "prefix_state", "kv")
 
 
 def _numel(shape):

@@ -1,4 +1,8 @@
-"""Policy: what a policy network gives the runtime.
+"""Policy and VLAPolicy: what a policy network gives its runtime.
+
+`Policy` is a language-model policy stepped on observation vectors (Qwen3.5, core/runtime.py);
+`VLAPolicy` a vision-language-action policy that maps images, a task and a state to an action
+chunk by denoising (SmolVLA, core/vla_runtime.py). Both keep their whole state in the arena.
 
 The runtime, its plans, the capsule stores and the node see a policy only through this interface:
 
@@ -51,4 +55,44 @@ class Policy(nn.Module):
         raise NotImplementedError
 
     def lm_head(self, arena: StateArena, io: StaticIO) -> None:
+        raise NotImplementedError
+
+
+class VLAPolicy(nn.Module):
+    """Base class of vision-language-action policies served by `VLARuntime`.
+
+    * `state_specs()` - the arena's buffers (the prefix KV as the one `kv` buffer, token-major);
+    * `make_io(device)` - the static inputs/outputs of the plans (images, language, state, noise
+                          in; the chunk out);
+    * `load_batch(batch, io, noise)` - a LeRobot batch (a dataset's keys, before the
+                          preprocessor) checked and written into the static inputs;
+    * `prepare(device)` - after the weights are loaded: constants the plans read;
+    * the plans, each reading only the arena and `io`: `sample_noise` (the arena's sampler ->
+      io.noise, counter += 1), `prefix` (inputs -> kv, position = prefix length), `denoise`
+      (io.noise -> io.chunk in the dataset's units);
+    * `weights_digest` - a digest of every weight, which capsule fingerprints include.
+    """
+
+    cfg: object
+    weights_digest: str
+
+    def state_specs(self) -> list[BufferSpec]:
+        raise NotImplementedError
+
+    def make_io(self, device):
+        raise NotImplementedError
+
+    def load_batch(self, batch: dict, io, noise) -> None:
+        raise NotImplementedError
+
+    def prepare(self, device) -> None:
+        raise NotImplementedError
+
+    def sample_noise(self, arena: StateArena, io) -> None:
+        raise NotImplementedError
+
+    def prefix(self, arena: StateArena, io) -> None:
+        raise NotImplementedError
+
+    def denoise(self, arena: StateArena, io) -> None:
         raise NotImplementedError

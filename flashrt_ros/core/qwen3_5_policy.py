@@ -29,33 +29,14 @@ from flashrt_ros.core.config import ModelConfig
 from flashrt_ros.core.heads import ActionHead, MTPHead, ObservationEncoder
 from flashrt_ros.core.policy import Policy
 from flashrt_ros.core.qwen3_5 import GatedDeltaNet, Qwen3_5ForCausalLM, RMSNorm
-from flashrt_ros.core.seeded import CounterRNG
+from flashrt_ros.core.seeded import CounterRNG, counter_gaussian
 
-_MASK32 = 0xFFFFFFFF
 ENSEMBLE = 0.5      # weight of the previous chunk's plan in each action row
 # Parameters kept in fp32 whatever the model dtype: the decay rates (exp(A_log) in bf16 would round
 # them by up to 0.4 %; transformers and fla read them as fp32), the observation statistics and the
 # MTP scale.
 FP32_PARAMS = ("A_log", "dt_bias")
 FP32_HEADS = ("obs_encoder.mean", "obs_encoder.std", "mtp_head.scale")
-
-
-def _mix32(x):
-    """A 32-bit integer hash (lowbias32-style) on int64 tensors holding values in [0, 2^32)."""
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32   # multiplier < 2^27: the product fits in int64
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def counter_gaussian(seed, counter, idx):
-    """Standard normals from (seed, counter, index): a counter-based sampler whose whole state is two
-    int64 in the arena, so capsules and rollback carry it and graphs can advance it in place."""
-    base = _mix32((seed & _MASK32) ^ _mix32(counter & _MASK32))
-    h1 = _mix32(base ^ _mix32(idx * 2))
-    h2 = _mix32(base ^ _mix32(idx * 2 + 1))
-    u1 = ((h1 >> 8).float() + 0.5) * (1.0 / (1 << 24))     # (0, 1)
-    u2 = (h2 >> 8).float() * (1.0 / (1 << 24))
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
 
 
 class Qwen3_5Policy(Policy):

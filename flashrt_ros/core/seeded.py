@@ -85,3 +85,21 @@ class CounterRNG:
     def normal(self, name: str, shape, std: float) -> torch.Tensor:
         """float32 [shape]: centred, uniform, standard deviation `std`."""
         return self._integers(name, shape, odd=True) * (std * math.sqrt(3.0) / SPAN)
+
+
+def _mix32(x):
+    """A 32-bit integer hash (lowbias32-style) on int64 tensors holding values in [0, 2^32)."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK32   # multiplier < 2^27: the product fits in int64
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK32
+    return x ^ (x >> 16)
+
+
+def counter_gaussian(seed, counter, idx):
+    """Standard normals from (seed, counter, index): a counter-based sampler whose whole state is two
+    int64 in the arena, so capsules and rollback carry it and graphs can advance it in place."""
+    base = _mix32((seed & MASK32) ^ _mix32(counter & MASK32))
+    h1 = _mix32(base ^ _mix32(idx * 2))
+    h2 = _mix32(base ^ _mix32(idx * 2 + 1))
+    u1 = ((h1 >> 8).float() + 0.5) * (1.0 / (1 << 24))     # (0, 1)
+    u2 = (h2 >> 8).float() * (1.0 / (1 << 24))
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)

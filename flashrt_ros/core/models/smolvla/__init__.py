@@ -1,0 +1,2 @@
+"""LeRobot's SmolVLA: configuration, modules, checkpoint loading, processors and its policy on the
+state arena."""

@@ -1,0 +1,415 @@
+"""SmolVLA's network: the SmolVLM vision tower and connector, the first text layers, and the
+flow-matching action expert, written as LeRobot 0.4.4 computes them (lerobot/policies/smolvla/
+modeling_smolvla.py and smolvlm_with_expert.py; transformers' SmolVLM for the vision tower).
+
+One observation runs in two parts, each a captured plan on the GPU (policy_smolvla.py):
+
+* `prefix`: images -> vision tower -> pixel shuffle -> connector; with the language tokens and the
+  projected state this is the prefix [P, d] (P fixed, see configuration_smolvla.py), which runs
+  through the VLM layers once. Only each layer's roped keys and values are kept (`kv`, [P, layer,
+  k|v, kv_head, head_dim] in the arena): the expert reads nothing else of the prefix, so the last
+  layer's attention output and MLP are skipped.
+* `denoise`: `num_steps` Euler steps of the expert from noise, x <- x + dt * v(x, t), t from 1 to 0.
+  At each VLM layer index that has an expert layer, the chunk's tokens either self-attend (over the
+  prefix's keys and values and their own, causally) or cross-attend (to the prefix's keys and
+  values projected by the expert's k/v projections: the same every step, so they are projected once
+  per observation, before the loop).
+
+Masks are LeRobot's `make_att_2d_masks`: image and language tokens attend to each other (not to the
+state), the state token to all of them, action tokens to every valid prefix token and causally to
+each other. Padding tokens are masked out of every valid row, so padding the language to a fixed
+length changes no valid value: LeRobot pads to the longest task of a batch; here the length is
+fixed so that the plans can be captured. Positions count valid tokens only (cumsum of the mask - 1),
+and the cross-attending expert queries start again from 0, as LeRobot's do.
+
+Attention is LeRobot's eager form (scores in float32, masked with the float32 minimum, softmax,
+probabilities in the value dtype); RoPE is LeRobot's `apply_rope` (wavelength 10000, whatever the
+backbone config says, as LeRobot does). Shapes carry no batch axis: one robot, one observation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashrt_ros.core.models.smolvla.configuration_smolvla import LlamaConfig, SmolVLAConfig, VisionConfig
+
+ROPE_WAVELENGTH = 10_000
+
+
+def activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.gelu
+
+
+# -- shared pieces ---------------------------------------------------------------------------------
+def attend(q, k, v, mask):
+    """LeRobot's eager attention. q [Tq, H, D], k/v [Tk, KV, D], mask [Tq, Tk] bool -> [Tq, H*D]."""
+    tq, heads, d = q.shape
+    groups = heads // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float().transpose(0, 1), k.float().permute(1, 2, 0))   # [H, Tq, Tk]
+    scores = scores * d ** -0.5
+    scores = torch.where(mask[None], scores, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.transpose(0, 1))                                       # [H, Tq, D]
+    return out.transpose(0, 1).reshape(tq, heads * d)
+
+
+class Rope(nn.Module):
+    """LeRobot's `apply_rope`: x [T, H, D] rotated by positions [T] (halves, not interleaved)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        exponents = (2.0 / head_dim) * torch.arange(head_dim // 2, dtype=torch.float32)
+        self.register_buffer("timescale", ROPE_WAVELENGTH ** exponents, persistent=False)
+
+    def forward(self, x, positions):
+        half = x.shape[-1] // 2
+        x32 = x.float()
+        radians = (positions[:, None].float() / self.timescale[None, :])[:, None, :]   # [T, 1, D/2]
+        sin, cos = torch.sin(radians), torch.cos(radians)
+        x1, x2 = x32[..., :half], x32[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalised in float32, scaled in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# -- the vision tower and connector (transformers' SmolVLMVisionTransformer, SmolVLMConnector) ----
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
+                                         stride=cfg.patch_size)
+        n = cfg.patches_per_side
+        self.position_embedding = nn.Embedding(n * n, cfg.hidden_size)
+        self.patches_per_side = n
+
+    def position_ids(self, dtype) -> torch.Tensor:
+        """The patch positions of a whole image as transformers computes them (fractional
+        coordinates bucketed in the pixel dtype: in bfloat16 this is not always arange)."""
+        n = self.patches_per_side
+        boundaries = torch.arange(1 / n, 1.0, 1 / n)
+        idx = torch.arange(n, dtype=dtype)
+        frac = idx / n * (1 - 1e-6)
+        b = torch.bucketize(frac, boundaries, right=True)
+        return (b[:, None] * n + b).flatten()
+
+    def forward(self, pixels, position_ids):
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)   # [N, patches, d]
+        return x + self.position_embedding(position_ids)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.v_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        shape = (n, t, self.heads, d // self.heads)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)                # [N, H, T, D]
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(cfg)
+        self.encoder = VisionEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixels, position_ids):
+        """pixels [N, 3, S, S] in [-1, 1] -> [N, patches, d]."""
+        x = self.embeddings(pixels, position_ids)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+
+class ModalityProjection(nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+
+
+class Connector(nn.Module):
+    """Pixel shuffle (scale_factor^2 neighbouring patches into one token), then a projection."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int, scale_factor: int):
+        super().__init__()
+        self.scale = scale_factor
+        self.modality_projection = ModalityProjection(vision_hidden * scale_factor ** 2, text_hidden)
+
+    def forward(self, x):
+        n, seq, d = x.shape
+        s, side = self.scale, int(seq ** 0.5)
+        x = x.view(n, side, side // s, d * s).permute(0, 2, 1, 3)
+        x = x.reshape(n, side // s, side // s, d * s * s).permute(0, 2, 1, 3)
+        x = x.reshape(n, seq // (s * s), d * s * s)
+        return self.modality_projection.proj(x)
+
+
+# -- the text model and the expert (transformers' Llama layers, driven as LeRobot drives them) ----
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, kv_in: int | None = None):
+        """`kv_in`: the input width of k/v (a cross-attending expert layer reads the VLM's keys and
+        values, kv_heads * head_dim wide); default the layer's width."""
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        kv_in = kv_in or d
+        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(kv_in, cfg.num_key_value_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(kv_in, cfg.num_key_value_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=cfg.attention_bias)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, d, bias=cfg.mlp_bias)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, kv_in: int | None = None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, kv_in)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def finish(self, x, att):
+        """The layer after attention: output projection, residual, MLP, residual. The residuals
+        are added in place into the projections' outputs, in their dtype, as LeRobot adds them."""
+        y = self.self_attn.o_proj(att.to(self.self_attn.o_proj.weight.dtype))
+        y += x
+        z = self.mlp(self.post_attention_layernorm(y))
+        z += y
+        return z
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layers: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(layers))
+
+
+class Expert(nn.Module):
+    def __init__(self, cfg: SmolVLAConfig):
+        super().__init__()
+        kv_width = cfg.text.num_key_value_heads * cfg.text.head_dim
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg.expert, None if cfg.self_attends(j) else kv_width)
+            for j in range(cfg.num_expert_layers))
+        self.norm = RMSNorm(cfg.expert.hidden_size, cfg.expert.rms_norm_eps)
+
+
+def sinusoidal_time_embedding(time: float, dim: int, min_period: float, max_period: float):
+    """LeRobot's create_sinusoidal_pos_embedding for one time value, in float64 [dim]."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64)
+    period = min_period * (max_period / min_period) ** fraction
+    sin_input = (1.0 / period * 2 * math.pi) * torch.tensor(time, dtype=torch.float32)
+    return torch.cat([torch.sin(sin_input), torch.cos(sin_input)])
+
+
+class SmolVLAModel(nn.Module):
+    """The network (weights only: the inputs, the prefix's keys and values and the chunk live in
+    buffers the caller passes; see policy_smolvla.py)."""
+
+    def __init__(self, cfg: SmolVLAConfig):
+        super().__init__()
+        self.cfg = cfg
+        t, e = cfg.text, cfg.expert
+        self.vision = VisionTower(cfg.vision)
+        self.connector = Connector(cfg.vision.hidden_size, t.hidden_size, cfg.scale_factor)
+        self.text = TextModel(t, cfg.num_vlm_layers)
+        self.expert = Expert(cfg)
+        self.state_proj = nn.Linear(cfg.max_state_dim, t.hidden_size)
+        self.action_in_proj = nn.Linear(cfg.max_action_dim, e.hidden_size)
+        self.action_out_proj = nn.Linear(e.hidden_size, cfg.max_action_dim)
+        self.action_time_mlp_in = nn.Linear(2 * e.hidden_size, e.hidden_size)
+        self.action_time_mlp_out = nn.Linear(e.hidden_size, e.hidden_size)
+        self.rope = Rope(t.head_dim)
+
+    # -- constants derived once ------------------------------------------------------------------
+    def constants(self, device) -> dict:
+        """What every observation reads and no weight holds: the patch positions, the flow
+        steps' time embeddings, the causal mask of the chunk, the fixed parts of the prefix."""
+        cfg = self.cfg
+        dt = -1.0 / cfg.num_steps
+        heads_dtype = self.action_in_proj.weight.dtype
+        times = [1.0 + s * dt for s in range(cfg.num_steps)]
+        time_emb = torch.stack([sinusoidal_time_embedding(tm, cfg.expert.hidden_size,
+                                                          cfg.min_period, cfg.max_period)
+                                for tm in times]).to(heads_dtype)
+        n = cfg.chunk_size
+        return dict(
+            patch_positions=self.vision.embeddings.position_ids(
+                self.vision.embeddings.patch_embedding.weight.dtype).to(device),
+            time_emb=time_emb.to(device),
+            causal=torch.ones(n, n, dtype=torch.bool).tril().to(device),
+            chunk_arange=torch.arange(n, device=device),
+            # image and language tokens (0) see each other; the state token (1) sees them all
+            att_blocks=torch.tensor([0] * (cfg.prefix_len - 1) + [1], device=device),
+            special=torch.tensor([cfg.fake_image_token_id, cfg.global_image_token_id],
+                                 dtype=torch.int64, device=device).clamp(min=0),
+        )
+
+    # -- the prefix --------------------------------------------------------------------------------
+    def embed_prefix(self, pixels, lang_tokens, lang_mask, state, c):
+        """pixels [cams, 3, S, S] in [-1, 1], lang_tokens [L], lang_mask [L] bool, state
+        [max_state_dim] (normalised, padded) -> embeddings [P, d] and the pad mask [P] bool."""
+        cfg = self.cfg
+        img = self.connector(self.vision(pixels.to(self.vision.post_layernorm.weight.dtype),
+                                         c["patch_positions"]))      # [cams, image_tokens, d]
+        img = img * torch.tensor(img.shape[-1] ** 0.5, dtype=img.dtype, device=img.device)
+        embed = self.text.embed_tokens
+        if cfg.add_image_special_tokens:
+            start = embed(c["special"])[None].expand(img.shape[0], -1, -1)          # fake, global
+            end = embed(c["special"][:1])[None].expand(img.shape[0], -1, -1)        # fake
+            img = torch.cat([start, img, end], dim=1)
+        lang = embed(lang_tokens)
+        lang = lang * math.sqrt(lang.shape[-1])
+        st = self.state_proj(state)[None]
+        x = torch.cat([img.reshape(-1, img.shape[-1]), lang, st])
+        ones = torch.ones(cfg.lang_offset, dtype=torch.bool, device=x.device)
+        mask = torch.cat([ones, lang_mask, ones[:1]])
+        return x, mask
+
+    def prefix(self, pixels, lang_tokens, lang_mask, state, kv, c) -> torch.Tensor:
+        """Run the prefix through the VLM layers, writing each layer's roped keys and values into
+        `kv` [P, layers, 2, kv_heads, head_dim]; returns the prefix's pad mask [P] bool."""
+        x, mask = self.embed_prefix(pixels, lang_tokens, lang_mask, state, c)
+        blocks = torch.cumsum(c["att_blocks"], 0)
+        att = (blocks[None, :] <= blocks[:, None]) & mask[None, :] & mask[:, None]   # [P, P]
+        pos = torch.cumsum(mask.to(torch.int64), 0) - 1
+        last = len(self.text.layers) - 1
+        for i, layer in enumerate(self.text.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x).to(a.q_proj.weight.dtype)
+            k = self.rope(a.k_proj(h).view(-1, a.kv_heads, a.head_dim), pos)
+            v = a.v_proj(h).view(-1, a.kv_heads, a.head_dim)
+            kv[:, i, 0].copy_(k)
+            kv[:, i, 1].copy_(v)
+            if i == last:
+                break              # nothing reads the last layer's output, only its keys/values
+            q = self.rope(a.q_proj(h).view(-1, a.heads, a.head_dim), pos)
+            x = layer.finish(x, attend(q, k, v, att))
+        return mask
+
+    # -- the flow ----------------------------------------------------------------------------------
+    def cross_kv(self, kv) -> dict:
+        """Each cross-attending layer's keys and values: the prefix's, through the expert's k/v
+        projections (fixed for one observation, so computed once before the flow steps)."""
+        cfg, out = self.cfg, {}
+        for i in range(cfg.num_vlm_layers):
+            j = cfg.expert_layer_of(i)
+            if j is None or cfg.self_attends(i):
+                continue
+            a = self.expert.layers[j].self_attn
+            p = kv.shape[0]
+            k = a.k_proj(kv[:, i, 0].reshape(p, -1).to(a.k_proj.weight.dtype))
+            v = a.v_proj(kv[:, i, 1].reshape(p, -1).to(a.v_proj.weight.dtype))
+            out[i] = (k.view(p, -1, a.head_dim), v.view(p, -1, a.head_dim))
+        return out
+
+    def velocity(self, x, step: int, kv, cross, mask, c):
+        """v(x, t) of flow step `step`: x [chunk, max_action_dim] float32 -> same shape."""
+        cfg = self.cfg
+        a_emb = self.action_in_proj(x.to(self.action_in_proj.weight.dtype))
+        t_emb = c["time_emb"][step][None].expand_as(a_emb)
+        h = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([a_emb, t_emb], -1))))
+        n = h.shape[0]
+        self_pos = mask.sum() + c["chunk_arange"]          # after the valid prefix tokens
+        self_mask = torch.cat([mask[None].expand(n, -1), c["causal"]], dim=1)
+        cross_mask = mask[None].expand(n, -1)
+        for i in range(cfg.num_vlm_layers):
+            j = cfg.expert_layer_of(i)
+            if j is None:
+                continue
+            layer = self.expert.layers[j]
+            a = layer.self_attn
+            hn = layer.input_layernorm(h).to(a.q_proj.weight.dtype)
+            q = a.q_proj(hn).view(n, a.heads, a.head_dim)
+            if cfg.self_attends(i):
+                k = self.rope(a.k_proj(hn).view(n, a.kv_heads, a.head_dim), self_pos)
+                v = a.v_proj(hn).view(n, a.kv_heads, a.head_dim)
+                k = torch.cat([kv[:, i, 0].to(k.dtype), k])
+                v = torch.cat([kv[:, i, 1].to(v.dtype), v])
+                att = attend(self.rope(q, self_pos), k, v, self_mask)
+            else:
+                k, v = cross[i]
+                att = attend(self.rope(q, c["chunk_arange"]), k, v, cross_mask)
+            h = layer.finish(h, att)
+        h = self.expert.norm(h)
+        return self.action_out_proj(h.float().to(self.action_out_proj.weight.dtype)).float()
+
+    def sample(self, noise, kv, mask, c):
+        """The Euler loop: from `noise` [chunk, max_action_dim] at t = 1 to the actions at t = 0."""
+        dt = -1.0 / self.cfg.num_steps
+        cross = self.cross_kv(kv)
+        x = noise
+        for step in range(self.cfg.num_steps):
+            x = x + dt * self.velocity(x, step, kv, cross, mask, c)
+        return x
