@@ -115,7 +115,20 @@ class PolicyRuntime:
         by name with its trained heads where it has them.
 
         `lock` as in the constructor; `overrides` set policy fields over the directory's
-        (max_context, dtype, ...)."""
+        (max_context, dtype, ...).
+
+        A directory of another family (core/models: a LeRobot SmolVLA directory) gives that
+        family's runtime (`VLARuntime`, with LeRobot's API) instead; `dtype` is its one override."""
+        from flashrt_ros.core import models
+        family = models.vla_family(path) if isinstance(path, str) else None
+        if family is not None:
+            from flashrt_ros.core.vla_runtime import VLARuntime
+            unknown = sorted(set(overrides) - {"dtype"})
+            if unknown:
+                raise ConfigError(f"{path}: a {family} checkpoint takes only the override dtype, "
+                                  f"found {unknown}")
+            src = models.read_vla_dir(path, family, say=progress, dtype=overrides.get("dtype"))
+            return VLARuntime(src, runtime_cfg, progress=progress, lock=lock)
         return cls(runtime_cfg=runtime_cfg, progress=progress, lock=lock,
                    model_dir=checkpoint.resolve_model(path, say=progress, **overrides))
 
@@ -508,8 +521,14 @@ class PolicyRuntime:
         self.ring.rebase(self.step_count, self.position, self.episode)
 
     def fingerprint(self) -> str:
-        """What a capsule must match to be restored here: model config + layout + weights + format."""
-        text = json.dumps({"model": asdict(self.model_cfg), "layout": self.arena.layout_digest(),
+        """What a capsule must match to be restored here: model config + layout + weights + format.
+
+        The model's name (a preset's, or its checkpoint directory's) is left out: it says where the
+        model came from, not what it computes, so a copied or renamed directory restores the same
+        capsules."""
+        model = asdict(self.model_cfg)
+        del model["name"]
+        text = json.dumps({"model": model, "layout": self.arena.layout_digest(),
                            "weights": self.model.weights_digest,
                            "format": CAPSULE_FORMAT_VERSION}, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

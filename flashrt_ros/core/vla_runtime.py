@@ -202,8 +202,11 @@ class VLARuntime:
         self.ring.rebase(self.step_count, self.position, self.episode)
 
     def fingerprint(self) -> str:
-        """What a capsule must match to be restored here: config + layout + weights + format."""
-        text = json.dumps({"model": asdict(self.model_cfg), "layout": self.arena.layout_digest(),
+        """What a capsule must match to be restored here: config + layout + weights + format
+        (not the directory's name: a copied or renamed checkpoint restores the same capsules)."""
+        model = asdict(self.model_cfg)
+        del model["name"]
+        text = json.dumps({"model": model, "layout": self.arena.layout_digest(),
                            "weights": self.model.weights_digest,
                            "format": CAPSULE_FORMAT_VERSION}, sort_keys=True, default=str)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
