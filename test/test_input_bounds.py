@@ -287,3 +287,60 @@ def test_list_capsules_with_a_bad_tier_says_what_an_empty_tier_lists(node):
     res = call(node, "list_capsules", tier="bogus")
     assert not res.success and "'' for every tier" in res.message, res.message
     assert call(node, "list_capsules", tier="").success
+
+
+# -- an instruction is refused by its size before it is tokenized ----------------------------
+def _spy_on_encode(rt) -> list:
+    """The lengths of the texts rt's tokenizer is asked to encode from now on."""
+    asked, encode = [], rt.tokenizer.encode
+    rt.tokenizer.encode = lambda text: asked.append(len(text)) or encode(text)
+    return asked
+
+
+def test_an_oversized_instruction_is_refused_before_it_is_tokenized():
+    """Tokenizing a 10 MB text holds the GIL for seconds (the control loop stalled 0.6-2 s):
+    a text longer than the context could hold at the tokenizer's longest token is refused by its
+    length alone."""
+    from flashrt_ros.core.exceptions import InputError
+    rt = _runtime()
+    asked = _spy_on_encode(rt)
+    before = (bytes(rt.live_state().numpy()), rt.position, rt.episode)
+    limit = rt.max_tokens * rt.tokenizer.max_token_chars
+    for n in (limit + 1, 10_000_000):
+        with pytest.raises(InputError, match=f"at most {limit} characters.*found {n}"):
+            rt.instruction_tokens("x" * n)
+        with pytest.raises(InputError, match="characters"):
+            rt.set_instruction("x" * n)
+    assert asked == [] and (bytes(rt.live_state().numpy()), rt.position, rt.episode) == before
+    # at the limit the text is tokenized, and the token count decides (BOS + one per byte)
+    with pytest.raises(InputError, match="exceed the arena's"):
+        rt.instruction_tokens("x" * limit)
+    assert asked == [limit]
+    assert len(rt.instruction_tokens("x" * (rt.max_tokens - 1))) == rt.max_tokens
+
+
+@pytest.mark.ros
+def test_the_node_refuses_an_oversized_instruction_without_tokenizing_it(node):
+    from std_msgs.msg import String
+    asked = _spy_on_encode(node.runtime)
+    before, rejected = _node_state(node), node._rejected
+    node._on_instruction(String(data="x" * 9_000_000))
+    assert asked == [] and node._rejected == rejected + 1
+    assert "instruction refused" in node._last_error and "characters" in node._last_error
+    assert len(node._last_error) < 400, node._last_error[:400]
+    assert _node_state(node) == before
+
+
+def test_a_tokenizer_file_bounds_the_characters_of_a_token(tmp_path):
+    """Its longest entry, at least UNKNOWN_WORD_CHARS (an unknown token stands for a whole word)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from flashrt_ros.core.tokenizer import UNKNOWN_WORD_CHARS, FileTokenizer
+    for longest in (4, 2 * UNKNOWN_WORD_CHARS):
+        vocab = {w: i for i, w in enumerate(["[UNK]", "pick", "a" * longest])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.save(str(tmp_path / "tokenizer.json"))
+        t = FileTokenizer(str(tmp_path / "tokenizer.json"))
+        assert t.max_token_chars == max(longest, UNKNOWN_WORD_CHARS)
+        assert t.encode("pick " + "z" * UNKNOWN_WORD_CHARS) == [1, 0]    # a word, one token

@@ -324,6 +324,14 @@ class PolicyRuntime:
     def instruction_tokens(self, text_or_tokens) -> list:
         """The token ids `set_instruction` would prefill; raises InputError where it would refuse
         them (changes nothing)."""
+        if isinstance(text_or_tokens, str):
+            limit = self.max_tokens * self.tokenizer.max_token_chars
+            if len(text_or_tokens) > limit:        # refused unread (tokenizer.max_token_chars)
+                raise InputError(
+                    f"instruction: expected at most {limit} characters ({self.max_tokens} tokens "
+                    f"of at most {self.tokenizer.max_token_chars} characters), found "
+                    f"{len(text_or_tokens)}; shorten the instruction or use a model with a larger "
+                    f"max_context")
         tokens = self.tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) \
             else self._as_token_list(text_or_tokens)
         self._check_tokens(tokens, from_position=0)

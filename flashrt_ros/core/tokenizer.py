@@ -2,17 +2,30 @@
 
 `ByteTokenizer` (ids 0..255 are UTF-8 bytes, then four specials) serves presets that have no
 tokenizer file; it needs a vocabulary of at least 260 ids.
+
+`max_token_chars` is the most characters of text one token stands for: a text longer than the
+context's tokens times that cannot fit, and is refused before it is tokenized (a 10 MB text takes
+seconds to tokenize).
 """
 from __future__ import annotations
+
+import functools
 
 from flashrt_ros.core.exceptions import ConfigError
 
 BOS, EOS, SEP, PAD = 256, 257, 258, 259
 
 
+# An unknown token can stand for a whole word (WordPiece: up to 100 characters by default, and
+# a longer word is one unknown token too): a tokenizer.json is taken to need at least one token
+# per this many characters.
+UNKNOWN_WORD_CHARS = 100
+
+
 class ByteTokenizer:
     kind = "bytes"
     vocab_size = 260
+    max_token_chars = 1      # an id per UTF-8 byte, and a character is at least one byte
 
     def encode(self, text: str) -> list[int]:
         return [BOS] + list(text.encode("utf-8"))
@@ -34,6 +47,13 @@ class FileTokenizer:
             raise ConfigError(f"{path}: expected a tokenizers JSON file, found "
                               f"{type(e).__name__}: {e}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry (a byte-level entry has one character per byte), at least
+        UNKNOWN_WORD_CHARS."""
+        longest = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=0)
+        return max(longest, UNKNOWN_WORD_CHARS)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
