@@ -105,9 +105,15 @@ class SmolVLAConfig:
 
     # -- derived shapes ---------------------------------------------------------------------
     @property
+    def image_grid(self) -> int:
+        """Patches per side of an image resized to `resize` (the tower's own grid when the sizes
+        agree, as at SmolVLA's published shapes)."""
+        return self.resize[0] // self.vision.patch_size
+
+    @property
     def image_tokens(self) -> int:
         """Tokens one image gives after the pixel shuffle."""
-        return self.vision.patches_per_side ** 2 // self.scale_factor ** 2
+        return self.image_grid ** 2 // self.scale_factor ** 2
 
     @property
     def tokens_per_camera(self) -> int:
@@ -266,13 +272,13 @@ def from_lerobot(policy: dict, backbone: dict, tokens: dict, *, name: str, where
     expert = LlamaConfig(**{**text.__dict__, "hidden_size": expert_hidden,
                             "intermediate_size": get_intermediate_size(expert_hidden)})
     resize = policy.get("resize_imgs_with_padding") or (vision.image_size, vision.image_size)
-    if list(resize) != [vision.image_size, vision.image_size]:
-        raise ConfigError(f"{where}: resize_imgs_with_padding: expected the vision tower's "
-                          f"[{vision.image_size}, {vision.image_size}], found {list(resize)}")
     scale = _get(backbone, "scale_factor", int, f"{where} backbone", 2)
-    if vision.patches_per_side % scale:
-        raise ConfigError(f"{where} backbone: scale_factor: expected a divisor of the "
-                          f"{vision.patches_per_side} patches per side, found {scale}")
+    if not (isinstance(resize, (list, tuple)) and len(resize) == 2 and resize[0] == resize[1]
+            and isinstance(resize[0], int) and resize[0] % (vision.patch_size * scale) == 0):
+        # the pixel shuffle takes a square grid of patches whose side the scale divides
+        raise ConfigError(f"{where}: resize_imgs_with_padding: expected [S, S] with S a multiple "
+                          f"of patch_size * scale_factor = {vision.patch_size * scale} (SmolVLA's "
+                          f"published [512, 512]), found {resize!r}")
     norm = policy.get("normalization_mapping") or {}
     norm = {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD", **norm}
     bad = {k: v for k, v in norm.items() if v not in NORM_MODES}

@@ -103,13 +103,13 @@ class VisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(n * n, cfg.hidden_size)
         self.patches_per_side = n
 
-    def position_ids(self, dtype) -> torch.Tensor:
-        """The patch positions of a whole image as transformers computes them (fractional
-        coordinates bucketed in the pixel dtype: in bfloat16 this is not always arange)."""
+    def position_ids(self, grid: int, dtype) -> torch.Tensor:
+        """The positions of a whole image's grid x grid patches as transformers computes them:
+        fractional coordinates bucketed onto the tower's own grid, in the pixel dtype (so a grid
+        other than the tower's, or bfloat16, does not always give arange)."""
         n = self.patches_per_side
         boundaries = torch.arange(1 / n, 1.0, 1 / n)
-        idx = torch.arange(n, dtype=dtype)
-        frac = idx / n * (1 - 1e-6)
+        frac = torch.arange(grid, dtype=dtype) / grid * (1 - 1e-6)
         b = torch.bucketize(frac, boundaries, right=True)
         return (b[:, None] * n + b).flatten()
 
@@ -306,7 +306,7 @@ class SmolVLAModel(nn.Module):
         n = cfg.chunk_size
         return dict(
             patch_positions=self.vision.embeddings.position_ids(
-                self.vision.embeddings.patch_embedding.weight.dtype).to(device),
+                cfg.image_grid, self.vision.embeddings.patch_embedding.weight.dtype).to(device),
             time_emb=time_emb.to(device),
             causal=torch.ones(n, n, dtype=torch.bool).tril().to(device),
             chunk_arange=torch.arange(n, device=device),
