@@ -232,8 +232,10 @@ def launch_node(args, capture: str, cache_dir: str, workdir: str, index: int) ->
             name, part = k[len("late."):-3].rsplit("_", 1)
             plans.setdefault(name, {"late": True})[f"{part}_s"] = float(v) / 1e3
     first = got["actions"][0] - t0
-    # what the node's own clock does not see: ros2 launch starting it, and the action's delivery
-    phases = {"ros2 launch, delivery": first - marks.get("first action", first), **phases}
+    # what the node's own clock does not see: ros2 launch starting it, Python's start before its
+    # first import of flashrt_ros (bringup.process_age_s), and the action's delivery
+    phases = {"ros2 launch, python start, delivery": first - marks.get("first action", first),
+              **phases}
     return {"phases": phases, "marks": marks, "plans": plans, "first_action_s": first,
             "ready_s": ready_at, "status": got["status"]}
 

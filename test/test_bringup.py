@@ -262,7 +262,7 @@ def test_phases_time_each_phase_and_the_process_age():
     assert 0 < at < 86400 and p.mark("active") == at        # a milestone is kept once
     assert 0 <= p.seconds["runtime"] < 1 and at <= process_age_s()
     assert set(p.values()) == {"runtime_s", "active_at_s"}
-    assert "runtime" in p.text() and "after process start" in p.text()
+    assert "runtime" in p.text() and "after the interpreter started" in p.text()
 
 
 # -- the compile cache ---------------------------------------------------------------------

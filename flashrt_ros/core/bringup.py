@@ -1,4 +1,4 @@
-"""Bring-up: from process start to the first action, the control loop first (no ROS imports).
+"""Bring-up: from the interpreter's start to the first action, the control loop first (no ROS imports).
 
 A server builds its runtime with `late_plans=True`: only the plans a control step needs
 (observation, token, LM head: runtime.STEP_PLANS) are captured while it configures, and it can
@@ -29,7 +29,7 @@ whose plans are not ready yet waits for them (`wait_for_instruction`, called bef
 caller takes any lock, with a line saying so) rather than autotuning in its own thread
 beside the background one.
 
-`Phases` keeps the seconds of each bring-up phase and the process age at its milestones
+`Phases` keeps the seconds of each bring-up phase and the interpreter's age at its milestones
 (active, first action), for the log, ~/status and /diagnostics.
 """
 from __future__ import annotations
@@ -41,32 +41,35 @@ import time
 
 import torch
 
+import flashrt_ros
 from flashrt_ros.core.arena import StateArena, StaticIO
 from flashrt_ros.core.serving import pin_torch_threads
 
-_IMPORTED = time.time()
-
 
 def process_age_s() -> float:
-    """Seconds since this process started (Linux /proc: 10 ms resolution), else since this module
-    was imported."""
+    """Seconds since this interpreter started, taken as flashrt_ros's first import (the
+    executables import it first; Python's own start before that, about 0.2 s on a busy 2-core
+    machine, is not counted). Not the process's start: a process may have run another program
+    before it exec'd Python (tools/run-demo.sh runs the bootstrap, then execs the demo)."""
+    return time.time() - flashrt_ros.IMPORTED_AT
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process started (Linux /proc: 10 ms resolution; before any exec),
+    else when flashrt_ros was first imported."""
     try:
         with open("/proc/self/stat", encoding="ascii") as f:
             # field 22 (starttime, clock ticks after boot) comes after the parenthesised name
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
         # the clock /proc counts from; boot time in /proc/stat is whole seconds
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
     except (OSError, ValueError, IndexError):
-        return time.time() - _IMPORTED
-
-
-def process_start_time() -> float:
-    """Wall-clock time this process started."""
-    return time.time() - process_age_s()
+        return flashrt_ros.IMPORTED_AT
 
 
 class Phases:
-    """Seconds of each bring-up phase (`phase`), and the process age at milestones (`mark`)."""
+    """Seconds of each bring-up phase (`phase`), and the interpreter's age at milestones (`mark`)."""
 
     def __init__(self, marks: dict | None = None):
         """`marks`: milestones already reached (an earlier Phases' `marks`), kept as they are."""
@@ -82,14 +85,14 @@ class Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
     def mark(self, name: str) -> float:
-        """Record (once) and return the process age at milestone `name`."""
+        """Record (once) and return the interpreter's age (process_age_s) at milestone `name`."""
         return self.marks.setdefault(name, process_age_s())
 
     def text(self) -> str:
-        """'model 0.01 s, runtime 0.05 s, ...; active at 2.41 s after process start'."""
+        """'model 0.01 s, runtime 0.05 s, ...; active at 2.41 s after the interpreter started'."""
         parts = ", ".join(f"{n} {s:.2f} s" for n, s in self.seconds.items())
         marks = ", ".join(f"{n} at {s:.2f} s" for n, s in self.marks.items())
-        return parts + (f"; {marks} after process start" if marks else "")
+        return parts + (f"; {marks} after the interpreter started" if marks else "")
 
     def values(self) -> dict:
         """Flat {key: seconds} for /diagnostics and the benchmark."""

@@ -279,7 +279,7 @@ class PolicyNode(LifecycleNode):
     # -- lifecycle ------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         log = self.get_logger()
-        # this configure's phases; the process age at node creation stays
+        # this configure's phases; the interpreter's age at node creation stays
         phases = Phases({"node": self.bringup.marks["node"]})
         phase = phases.phase
         try:
@@ -601,7 +601,7 @@ class PolicyNode(LifecycleNode):
             self._publish_command(action)
         if "first action" not in self.bringup.marks:
             self.get_logger().info(f"first action {self.bringup.mark('first action'):.2f} s "
-                                   f"after the process started")
+                                   f"after the interpreter started")
             if self.late is not None:
                 self.late.release()
 
