@@ -522,7 +522,7 @@ def write_case(case: Case, out: Path, command: str):
     reload_diff = max(float((again[k].double() - tensors[k].double()).abs().max()) for k in again)
     if reload_diff != 0.0:
         raise SystemExit(f"case {case.name}: the checkpoint loaded back from {case_dir} gives other "
-                         f"outputs (max abs difference {reload_diff}); the fixture is not written")
+                         f"outputs (max abs difference {reload_diff}); its reference.safetensors is not written")
 
     n_vlm = min(case.policy["num_vlm_layers"], backbone.text_layers)
     meta = {
