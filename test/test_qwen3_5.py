@@ -281,8 +281,10 @@ def test_directories_that_do_not_fit_are_refused_naming_what(tmp_path):
                                       "found (3,)")
     _refused(variant("type", cfg={**cfg, "model_type": "llama"}), "model_type: expected "
                                                                   "'qwen3_5_text'", "'llama'")
-    _refused(variant("rope", cfg={**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}),
-             "rope_type: expected 'default'", "'yarn'")
+    _refused(variant("rope", cfg={**cfg, "rope_parameters": {
+        "rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0],
+        "original_max_position_embeddings": 64}}),
+        "rope_type: expected one of default, linear, dynamic, yarn", "'longrope'")
     _refused(variant("layers", cfg={**cfg, "layer_types": ["linear_attention"] * 4}),
              "text.layer_types")
     empty = tmp_path / "empty"

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+from flashrt_ros.core.exceptions import FlashRTError
 from flashrt_ros.ros.discovery import loopback_by_default
 from flashrt_ros.ros.waiting import wait_for
 
@@ -316,9 +317,9 @@ def _generate(args) -> int:
     ids = rt.tokenizer.encode(args.text)
     rt.prefill(ids)
     out = []
-    eos = rt.model_cfg.text.eos_token_id
+    eos = rt.model_cfg.text.eos_token_id       # any of them ends the text (transformers' rule)
     for tok in rt.decode(args.max_new_tokens):
-        if tok == eos:
+        if tok in eos:
             break
         out.append(tok)
     print(args.text + rt.tokenizer.decode(out))
@@ -493,9 +494,15 @@ def main(argv=None) -> int:
         return run_demo(args)
     handlers = {"status": _status, "lifecycle": _lifecycle, "instruct": _instruct, "info": _info,
                 "generate": _generate, "train-heads": _train_heads, "params": _params}
-    if args.command in handlers:
-        return handlers[args.command](args)
-    return _service_command(args)
+    try:
+        if args.command in handlers:
+            return handlers[args.command](args)
+        return _service_command(args)
+    except FlashRTError as e:
+        # a refusal (a model directory that does not fit, an input out of range): its message
+        # says what was expected, what was found and what to do; a traceback adds nothing
+        print(f"flashrt-ros {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ A model directory holds:
                                     `qwen3_5` with a `text_config` (its vision tower is ignored)
     model.safetensors               the backbone's tensors, or shards listed by
     model.safetensors.index.json    (`weight_map`: tensor name -> shard file)
+    generation_config.json          optional: its eos_token_id (one id or a list) is where
+                                    generation stops, as in transformers' generate()
     tokenizer.json                  optional: the `tokenizers` library's file (else byte tokens)
     policy_config.json              optional: obs_dim, action_dim, horizon, mtp_depth, max_context,
                                     seed (the heads' shapes and the arena's context)
@@ -15,10 +17,11 @@ A model directory holds:
 Tensors are opened memory-mapped by safetensors (never pickle) and copied once to the device in
 the dtype the runtime asks for. Every name and shape is checked before anything is copied; a
 directory that does not fit is refused naming the tensor or field, what was expected and found.
-Only regular files inside the directory are opened (names from the index never escape it).
+Only regular files in the directory itself are opened (names from the index never escape it).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,6 +34,7 @@ from flashrt_ros.core.config import ModelConfig, TextConfig, from_dict
 from flashrt_ros.core.exceptions import ConfigError
 
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
@@ -73,10 +77,12 @@ def resolve_model(spec: str, say=None, **overrides) -> ModelDir:
 
 
 def _regular_file(directory: str, name: str, what: str) -> str:
-    """`directory/name` if it is a regular file inside `directory`, else a ConfigError."""
-    if not name or os.path.isabs(name) or os.path.normpath(name).startswith("..") or "/" in name:
+    """`directory/name` if it is a regular file in `directory` itself, else a ConfigError. `name`
+    may be written `./name` (as some index files list their shards); any other path is refused."""
+    plain = os.path.normpath(name) if isinstance(name, str) and name else ""
+    if not plain or os.path.isabs(name) or os.sep in plain or plain in (os.curdir, os.pardir):
         raise ConfigError(f"{what}: expected a file name inside {directory}, found {name!r}")
-    path = os.path.join(directory, name)
+    path = os.path.join(directory, plain)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -116,6 +122,15 @@ def read_model_dir(path: str, say=None, **overrides) -> ModelDir:
     if hf.get("model_type") == "qwen3_5" and "vision_config" in hf:
         say(f"{path}: a Qwen3.5 VLM checkpoint; serving its text model, the vision tower is ignored")
     text = TextConfig.from_hf(hf, where=f"{path}/{CONFIG}")
+    if os.path.lexists(os.path.join(path, GENERATION_CONFIG)):
+        # transformers' generate() stops at generation_config.json's end tokens where it names them
+        gen = _read_json(_regular_file(path, GENERATION_CONFIG, "model"),
+                         f"{path}/{GENERATION_CONFIG}")
+        if gen.get("eos_token_id") is not None:
+            try:
+                text = dataclasses.replace(text, eos_token_id=gen["eos_token_id"])
+            except ConfigError as e:
+                raise ConfigError(f"{path}/{GENERATION_CONFIG}: {e}") from None
     values = {}
     if os.path.lexists(os.path.join(path, POLICY_CONFIG)):
         policy = _read_json(_regular_file(path, POLICY_CONFIG, "model"), f"{path}/{POLICY_CONFIG}")
@@ -139,8 +154,8 @@ def read_model_dir(path: str, say=None, **overrides) -> ModelDir:
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConfigError(f"{path}/{INDEX}: expected a non-empty 'weight_map' object, found "
                               f"{type(weight_map).__name__}")
-        files = tuple(_regular_file(path, f, f"{INDEX} shard")
-                      for f in sorted(set(weight_map.values())))
+        files = tuple(sorted({_regular_file(path, f, f"{INDEX} shard")
+                              for f in weight_map.values()}))
     elif os.path.lexists(os.path.join(path, WEIGHTS)):
         files = (_regular_file(path, WEIGHTS, "model"),)
     else:

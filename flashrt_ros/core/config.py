@@ -46,6 +46,142 @@ def _check(cond: bool, name: str, expected: str, found: Any, fix: str = "") -> N
 LAYER_TYPES = ("linear_attention", "full_attention")
 # d_model up to which a model counts as small on the CPU: one intra-op thread, traced step plans
 SMALL_D_MODEL = 256
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+# What a key left out of a checkpoint's config.json means: transformers' Qwen3_5TextConfig
+# defaults (test_checkpoint_conformance holds them to it), never the tiny preset's values
+HF_TEXT_DEFAULTS = {
+    "vocab_size": 248320, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
+    "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 256,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "max_position_embeddings": 32768, "rope_theta": 10_000.0,
+    "partial_rotary_factor": 0.25,
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How rotary frequencies are scaled for long contexts: the `rope_type` of transformers'
+    `rope_parameters` and the keys of it that type reads (modeling_rope_utils), computed by
+    `qwen3_5.rope_frequencies` as transformers computes them.
+
+    default: no scaling. linear: the frequencies divided by `factor`. dynamic (NTK): transformers
+    keeps the default frequencies up to `original_max_position_embeddings` (its
+    max_position_embeddings) and recomputes them at every call past it from the longest position
+    in the call, which a cached context cannot reproduce; so `ModelConfig` holds max_context within
+    it. yarn: each frequency blended between itself and itself / `factor` by where it lies between
+    `beta_fast` and `beta_slow` rotations over `original_max_position_embeddings`; cos and sin
+    scaled by `attention_factor` (when None, from `factor`, `mscale` and `mscale_all_dim`).
+    """
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int = HF_TEXT_DEFAULTS["max_position_embeddings"]
+    attention_factor: float | None = None
+    beta_fast: float | None = None          # None: 32
+    beta_slow: float | None = None          # None: 1
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        _check(self.rope_type in ROPE_TYPES, "rope_type", f"one of {', '.join(ROPE_TYPES)} (the "
+               f"types computed here; longrope switches its frequencies per call and llama3 is "
+               f"Llama's)", self.rope_type, "use one of those, or serve the model with transformers")
+        _check(_is_number(self.factor) and self.factor >= 1, "factor", "a number >= 1",
+               self.factor)
+        _check(_is_int(self.original_max_position_embeddings)
+               and self.original_max_position_embeddings > 0,
+               "original_max_position_embeddings", "a positive integer",
+               self.original_max_position_embeddings)
+        for n in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            v = getattr(self, n)
+            _check(v is None or (_is_number(v) and v >= 0), n, "a number >= 0 or null", v)
+        _check(isinstance(self.truncate, bool), "truncate", "true or false", self.truncate)
+
+    @classmethod
+    def from_hf(cls, rope: Mapping[str, Any], max_position_embeddings: int,
+                where: str) -> "RopeScaling":
+        """From a `rope_parameters` object as transformers standardised it (`rope_type`, or the
+        legacy `type`), refusing a missing key the type needs as transformers does."""
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        _check(rope_type in ROPE_TYPES, f"{where}: rope_type",
+               f"one of {', '.join(ROPE_TYPES)} (the types computed here)", rope_type,
+               "longrope and llama3 are not computed here; serve this model with transformers")
+        if rope_type == "default":
+            return cls()
+        _check("factor" in rope, f"{where}: rope '{rope_type}'", "a 'factor' key", sorted(rope),
+               "add the scaling factor (e.g. 4.0 for 4x the pretraining context)")
+        values = {"rope_type": rope_type, "factor": rope["factor"]}
+        if rope_type == "dynamic":
+            # transformers rescales past max_position_embeddings (its rope keys do not say)
+            values["original_max_position_embeddings"] = max_position_embeddings
+        elif rope_type == "yarn":
+            values["original_max_position_embeddings"] = rope.get(
+                "original_max_position_embeddings", max_position_embeddings)
+            if values["factor"] is None:
+                values["factor"] = max_position_embeddings / values["original_max_position_embeddings"]
+            values.update({k: rope[k] for k in ("attention_factor", "beta_fast", "beta_slow",
+                                                 "mscale", "mscale_all_dim", "truncate")
+                           if k in rope})
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_hf(self) -> dict:
+        """The keys of `rope_parameters` this scaling writes (transformers reads them back)."""
+        if self.rope_type == "default":
+            return {"rope_type": "default"}
+        out = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "yarn":
+            out["original_max_position_embeddings"] = self.original_max_position_embeddings
+            out.update({k: getattr(self, k) for k in ("attention_factor", "beta_fast", "beta_slow",
+                                                      "mscale", "mscale_all_dim")
+                        if getattr(self, k) is not None})
+            out["truncate"] = self.truncate
+        return out
+
+
+def _hf_rope(config: Mapping[str, Any], where: str) -> tuple[float, float, RopeScaling]:
+    """(rope_theta, partial_rotary_factor, scaling) of a config.json, read as transformers 5 reads
+    them (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): a `rope_scaling` object
+    replaces `rope_parameters` whole, and rope_theta and partial_rotary_factor missing from the
+    object come from the top-level keys, else from transformers' defaults. Where that drops a value
+    `rope_parameters` gives (transformers does so without a word) the file is refused."""
+    params, scaling = config.get("rope_parameters"), config.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        _check(value is None or isinstance(value, Mapping), f"{where}: {key}", "an object or null",
+               value)
+    rope = dict(scaling or params or {})
+    for key in ("rope_theta", "partial_rotary_factor"):
+        rope.setdefault(key, config.get(key, HF_TEXT_DEFAULTS[key]))
+    if scaling and params:
+        dropped = {k: params[k] for k in ("rope_theta", "partial_rotary_factor")
+                   if k in params and params[k] != rope[k]}
+        if dropped:
+            raise ConfigError(
+                f"{where}: rope_scaling: transformers reads it in place of rope_parameters, so "
+                f"rope_parameters' {dropped} would not apply (it computes with "
+                f"{ {k: rope[k] for k in dropped} }); expected rope_scaling to repeat them; move "
+                f"the rope_scaling keys into rope_parameters and delete rope_scaling, or add "
+                f"{dropped} to rope_scaling")
+    per_layer = sorted(set(rope) & set(LAYER_TYPES))
+    _check(not per_layer, f"{where}: rope_parameters", "one object for every layer", per_layer,
+           "Qwen3.5 has one rope for its attention layers")
+    which = "rope_scaling" if scaling else "rope_parameters"
+    max_positions = config.get("max_position_embeddings", HF_TEXT_DEFAULTS["max_position_embeddings"])
+    top_original = config.get("original_max_position_embeddings")
+    if top_original is not None:        # transformers prefers a top-level value (Phi3's layout)
+        rope["original_max_position_embeddings"] = top_original
+    return (rope["rope_theta"], rope["partial_rotary_factor"],
+            RopeScaling.from_hf(rope, max_positions, f"{where}: {which}"))
+
+
+def _token_ids(v) -> tuple:
+    """eos_token_id as transformers takes it (null, one id or a list) -> a tuple of ids."""
+    if v is None:
+        return ()
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
 @dataclass(frozen=True)
@@ -74,8 +210,9 @@ class TextConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10_000_000.0
     partial_rotary_factor: float = 0.25
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     tie_word_embeddings: bool = True
-    eos_token_id: int = -1        # -1: none
+    eos_token_id: tuple = ()      # the ids that end a generation (any of them); () = none
 
     def __post_init__(self):
         for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -110,11 +247,25 @@ class TextConfig:
                and int(rot) % 2 == 0 and int(rot) > 0, "text.partial_rotary_factor",
                f"a number in (0, 1] giving an even rotary width of head_dim={self.head_dim}",
                self.partial_rotary_factor)
+        if isinstance(self.rope_scaling, Mapping):
+            try:
+                scaling = from_dict(RopeScaling, self.rope_scaling, where="text.rope_scaling")
+            except ConfigError as e:
+                raise ConfigError(f"text.rope_scaling: {e}") from None
+            object.__setattr__(self, "rope_scaling", scaling)
+        _check(isinstance(self.rope_scaling, RopeScaling), "text.rope_scaling", "a RopeScaling",
+               self.rope_scaling)
+        _check(self.rope_scaling.rope_type != "dynamic" or self.rotary_dim > 2,
+               "text.partial_rotary_factor", "a rotary width above 2 for dynamic rope",
+               self.partial_rotary_factor)
         _check(isinstance(self.tie_word_embeddings, bool), "text.tie_word_embeddings",
                "true or false", self.tie_word_embeddings)
-        _check(_is_int(self.eos_token_id) and -1 <= self.eos_token_id < self.vocab_size,
-               "text.eos_token_id", f"-1 (none) or a token id below vocab_size={self.vocab_size}",
-               self.eos_token_id)
+        eos = _token_ids(self.eos_token_id) if _is_int(self.eos_token_id) \
+            or isinstance(self.eos_token_id, (list, tuple)) or self.eos_token_id is None else None
+        _check(eos is not None and all(_is_int(t) and 0 <= t < self.vocab_size for t in eos),
+               "text.eos_token_id", f"null, a token id or a list of token ids below "
+               f"vocab_size={self.vocab_size}", self.eos_token_id)
+        object.__setattr__(self, "eos_token_id", eos)
 
     @property
     def attn_layers(self) -> list[int]:
@@ -147,7 +298,13 @@ class TextConfig:
             if not isinstance(text, Mapping):
                 raise ConfigError(f"{where}: model_type 'qwen3_5' (a VLM checkpoint) needs a "
                                   f"'text_config' object, found {text!r}")
-            return cls.from_hf({"model_type": "qwen3_5_text", **text}, where + " text_config")
+            # Qwen3_5ForConditionalGeneration ties its lm_head by the top-level flag (false when
+            # absent), and generate() takes the top-level eos_token_id before the text_config's
+            outer = {"tie_word_embeddings": config.get("tie_word_embeddings", False)}
+            if config.get("eos_token_id") is not None:
+                outer["eos_token_id"] = config["eos_token_id"]
+            return cls.from_hf({**text, "model_type": "qwen3_5_text", **outer},
+                               where + " text_config")
         if model_type != "qwen3_5_text":
             raise ConfigError(f"{where}: model_type: expected 'qwen3_5_text' (Qwen3_5ForCausalLM) "
                               f"or 'qwen3_5' (its VLM), found {model_type!r}; this runtime serves "
@@ -156,30 +313,17 @@ class TextConfig:
         _check(act == "silu", f"{where}: hidden_act", "'silu'", act)
         _check(not config.get("attention_bias", False), f"{where}: attention_bias", "false",
                config.get("attention_bias"))
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        _check(rope_type == "default", f"{where}: rope_parameters.rope_type",
-               "'default' (the only rope type Qwen3.5 text checkpoints use)", rope_type,
-               "other rope types are not implemented")
-        theta = rope.get("rope_theta", config.get("rope_theta", 10_000_000.0))
-        partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25))
-        n_layers = config.get("num_hidden_layers", cls.num_hidden_layers)
+        # a key left out means what transformers makes of it, not what the tiny preset has
+        hf = {**HF_TEXT_DEFAULTS, **config}
+        theta, partial, scaling = _hf_rope(config, where)
         types = config.get("layer_types")
-        if types is None and _is_int(n_layers):
+        if types is None and _is_int(hf["num_hidden_layers"]):
             every = config.get("full_attention_interval", 4)
             types = ["linear_attention" if (i + 1) % every else "full_attention"
-                     for i in range(n_layers)]
-        eos = config.get("eos_token_id", -1)
-        if isinstance(eos, list):
-            eos = eos[0] if eos else -1
-        values = {f.name: config[f.name] for f in dataclasses.fields(cls)
-                  if f.name in config and f.name not in ("layer_types", "rope_theta",
-                                                         "partial_rotary_factor", "eos_token_id")}
+                     for i in range(hf["num_hidden_layers"])]
+        values = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in HF_TEXT_DEFAULTS}
         values.update(layer_types=types, rope_theta=theta, partial_rotary_factor=partial,
-                      eos_token_id=-1 if eos is None else eos)
-        if "head_dim" not in config and _is_int(config.get("hidden_size")) \
-                and _is_int(config.get("num_attention_heads")):
-            values["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+                      rope_scaling=scaling, eos_token_id=config.get("eos_token_id"))
         try:
             return cls(**values)
         except ConfigError as e:
@@ -189,9 +333,13 @@ class TextConfig:
         """The `config.json` of a `Qwen3_5ForCausalLM` with these shapes (transformers reads it)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["layer_types"] = list(self.layer_types)
-        out["eos_token_id"] = None if self.eos_token_id < 0 else self.eos_token_id
-        out["rope_parameters"] = {"rope_type": "default", "rope_theta": out.pop("rope_theta"),
+        eos = self.eos_token_id
+        out["eos_token_id"] = (list(eos) if len(eos) > 1 else eos[0]) if eos else None
+        del out["rope_scaling"]
+        out["rope_parameters"] = {**self.rope_scaling.to_hf(), "rope_theta": out.pop("rope_theta"),
                                   "partial_rotary_factor": out.pop("partial_rotary_factor")}
+        if self.rope_scaling.rope_type == "dynamic":
+            out["max_position_embeddings"] = self.rope_scaling.original_max_position_embeddings
         out.update(model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"],
                    hidden_act="silu", attention_bias=False)
         return out
@@ -204,7 +352,8 @@ class ModelConfig:
     `text` fixes the backbone; the other fields fix the heads and the arena (`max_context` rows of
     KV). Presets (`config/presets/<name>.yaml`) and checkpoint directories both produce one.
     """
-    name: str = _f("tiny", "preset name or checkpoint directory, recorded in fingerprints", True)
+    name: str = _f("tiny", "preset name or checkpoint directory name (where the model came from: "
+                           "not part of fingerprints)", True)
     text: TextConfig = field(default_factory=TextConfig,
                              metadata={"help": "the Qwen3.5 text backbone (config.json fields)",
                                        "read_only": True})
@@ -231,6 +380,13 @@ class ModelConfig:
                "one of float32, bfloat16, float16", self.dtype)
         _check(self.max_context >= 2, "model.max_context", "at least 2 (one row is scratch)",
                self.max_context)
+        rope = self.text.rope_scaling
+        _check(rope.rope_type != "dynamic" or self.max_context <= rope.original_max_position_embeddings,
+               "model.max_context", f"at most {rope.original_max_position_embeddings} "
+               f"(max_position_embeddings) with rope_type 'dynamic': past it transformers "
+               f"recomputes the frequencies at every call from the longest position in it, which "
+               f"a cached context cannot reproduce", self.max_context,
+               "lower max_context, or scale with rope_type 'yarn' or 'linear'")
         _check(_is_int(self.seed) and self.seed >= 0, "model.seed", "an integer >= 0", self.seed)
         _check(self.seed_rng in ("cpu", "device"), "model.seed_rng", "cpu or device",
                self.seed_rng)

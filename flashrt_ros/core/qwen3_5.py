@@ -35,6 +35,8 @@ fp32, the recurrent state in fp32.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,6 +135,46 @@ class GatedRMSNorm(nn.Module):
         return _as(y * F.silu(f32(gate)), x.dtype)
 
 
+def rope_frequencies(cfg: TextConfig) -> tuple[torch.Tensor, float]:
+    """(inv_freq [rotary_dim / 2] in fp32 on the CPU, the scale of cos and sin) for cfg's rope, as
+    transformers' modeling_rope_utils computes them (`_compute_default_rope_parameters`, `_linear_
+    scaling_`, `_dynamic_ntk_`, `_yarn_`): the same fp32 operations in the same order."""
+    r, dim, base = cfg.rope_scaling, cfg.rotary_dim, cfg.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if r.rope_type == "dynamic":
+        # the frequencies at max_position_embeddings, which serve every shorter sequence
+        # (ModelConfig holds the context within it)
+        seq = r.original_max_position_embeddings
+        base = base * ((r.factor * seq / seq) - (r.factor - 1)) ** (dim / (dim - 2))
+    if r.rope_type != "yarn":
+        inv_freq = 1.0 / (base ** exponents)
+        return (inv_freq / r.factor if r.rope_type == "linear" else inv_freq), 1.0
+
+    def mscale(scale, m=1):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, original = r.factor, r.original_max_position_embeddings
+    attention = r.attention_factor
+    if attention is None:
+        attention = float(mscale(factor, r.mscale) / mscale(factor, r.mscale_all_dim)) \
+            if r.mscale and r.mscale_all_dim else mscale(factor)
+
+    def correction_dim(rotations):      # the dimension that turns `rotations` times in `original`
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(r.beta_fast or 32), correction_dim(r.beta_slow or 1)
+    if r.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** exponents
+    extrapolation = 1 - ramp        # 1: the frequency kept, 0: divided by factor
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention
+
+
 class RotaryEmbedding(nn.Module):
     """Partial rotary embedding: the first `rotary_dim` of each head's dims rotate, the rest pass.
 
@@ -141,11 +183,12 @@ class RotaryEmbedding(nn.Module):
     tables span the whole head (cos 1 and sin 0 on the dims that pass) and the rotation of the
     rotary half is a signed permutation matrix, so that `x * cos + (x @ rotate) * sin` is the
     whole embedding in four operations, with transformers' roundings (the permutation is exact).
+    Scaled ropes (`rope_frequencies`) change only the tables.
     """
 
     def __init__(self, cfg: TextConfig, max_context: int, dtype: torch.dtype):
         super().__init__()
-        self.dim, self.head_dim, self.theta = cfg.rotary_dim, cfg.head_dim, cfg.rope_theta
+        self.cfg, self.dim, self.head_dim = cfg, cfg.rotary_dim, cfg.head_dim
         self.max_context, self.dtype = max_context, dtype
         D = self.head_dim
         for name, shape in (("cos", (max_context, D)), ("sin", (max_context, D)),
@@ -157,14 +200,13 @@ class RotaryEmbedding(nn.Module):
     def materialize(self, device) -> None:
         """Compute the tables on `device` in fp32, as transformers does, then cast them."""
         dim, D, half = self.dim, self.head_dim, self.dim // 2
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu")
-                                         / dim))
+        inv_freq, scale = rope_frequencies(self.cfg)
         positions = torch.arange(self.max_context, device=device).float()
         freqs = positions[:, None] * inv_freq.to(device)[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)                                # [max_ctx, rot]
         cos = torch.ones(self.max_context, D, device=device)
         sin = torch.zeros(self.max_context, D, device=device)
-        cos[:, :dim], sin[:, :dim] = emb.cos(), emb.sin()
+        cos[:, :dim], sin[:, :dim] = emb.cos() * scale, emb.sin() * scale
         self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
         # (x @ rotate)[:dim] = [-x[half:dim], x[:half]] (transformers' rotate_half), 0 beyond dim
         rotate = torch.zeros(D, D, device=device)
