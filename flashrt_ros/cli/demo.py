@@ -22,9 +22,24 @@ def add_arguments(p):
 
 
 def run_demo(args) -> int:
+    """Run the demo until --duration ends or Ctrl-C; Ctrl-C at any point, start-up included,
+    ends it with one line, no traceback."""
+    started = {}                    # what exists so far, for the teardown
+    try:
+        code = _run(args, started)
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        _teardown(started)
+    print("[flashrt] stopped", flush=True)
+    return code
+
+
+def _run(args, started: dict) -> int:
     import numpy as np
     import rclpy
     from rclpy.parameter import Parameter
+    from rclpy.signals import SignalHandlerOptions
 
     from flashrt_ros.core.checkpoint import resolve_model
     from flashrt_ros.ros.executors import PolicyExecutor, SpinThread
@@ -32,7 +47,10 @@ def run_demo(args) -> int:
     from flashrt_ros.sim.robot import SimRobotNode
 
     cfg = resolve_model(args.model).cfg
-    rclpy.init()
+    # Ctrl-C is Python's KeyboardInterrupt alone: rclpy's SIGINT handler would also shut the
+    # context down under a start-up still using it (an RCLError instead of a clean stop)
+    rclpy.init(signal_handler_options=SignalHandlerOptions.SIGTERM)
+    started["rclpy"] = rclpy
     overrides = [Parameter("managed", value=False), Parameter("model", value=args.model),
                  Parameter("runtime.device", value=args.device),
                  Parameter("control_rate_hz", value=float(args.rate)),
@@ -41,9 +59,11 @@ def run_demo(args) -> int:
     print(f"[flashrt] starting policy node /flashrt_policy: model {args.model}, device "
           f"{args.device}, {args.rate:g} Hz",
           flush=True)
-    policy = PolicyNode(parameter_overrides=overrides)
-    robot = SimRobotNode("/flashrt_policy", cfg.obs_dim, cfg.action_dim, args.rate)
-    executor = PolicyExecutor(num_threads=EXECUTOR_THREADS + 1)   # the policy node's groups, the robot
+    policy = started["policy"] = PolicyNode(parameter_overrides=overrides)
+    robot = started["robot"] = SimRobotNode("/flashrt_policy", cfg.obs_dim, cfg.action_dim,
+                                            args.rate)
+    # the policy node's groups, and the robot
+    executor = started["executor"] = PolicyExecutor(num_threads=EXECUTOR_THREADS + 1)
     executor.add_node(policy)
     executor.add_node(robot)
     policy.trigger_configure()
@@ -61,34 +81,41 @@ def run_demo(args) -> int:
           f"    .venv/bin/flashrt-ros restore home\n"
           f"    .venv/bin/flashrt-ros list        .venv/bin/flashrt-ros status\n"
           f"[flashrt] Ctrl-C stops.", flush=True)
-    spin = SpinThread(executor)
+    spin = started["spin"] = SpinThread(executor)
     spin.start()
-    t0, code = time.monotonic(), 0
-    try:
-        while rclpy.ok() and (args.duration <= 0 or time.monotonic() - t0 < args.duration):
-            time.sleep(1.0)
+    t0 = time.monotonic()
+    while rclpy.ok() and (args.duration <= 0 or time.monotonic() - t0 < args.duration):
+        time.sleep(1.0)
+        try:
             spin.check()            # a dead executor would leave these lines frozen, not failing
-            rt, store = policy.runtime, policy.store
-            if rt is None:
-                break
-            lat = np.asarray(policy._step_ms, dtype=np.float64)
-            last = robot.last_action
-            p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (0.0, 0.0))
-            print(f"[flashrt] t={time.monotonic() - t0:5.1f}s episode {rt.episode} step "
-                  f"{rt.step_count:<6} step p50 {p50:.2f} ms p99 {p99:.2f} ms | obs->action "
-                  f"{(last.latency_ms if last else 0):.1f} ms (incl. the wait for the next tick) | arm error {robot.arm.error():.3f} | "
-                  f"deadline misses {policy.deadlines.misses} | capsules {len(store.capsules)} "
-                  f"lineage {store.lineage or '-'}", flush=True)
-    except KeyboardInterrupt:
-        pass
-    except RuntimeError as e:       # spin.check(): the executor died
-        print(f"[flashrt] stopping: {e}", flush=True)
-        code = 1
-    finally:
-        executor.shutdown(timeout_sec=2.0)
-        spin.join(timeout=2.0)          # no callback may run on a node being destroyed
-        policy.destroy_node()
-        robot.destroy_node()
-        rclpy.try_shutdown()
-    print("[flashrt] stopped")
-    return code
+        except RuntimeError as e:
+            print(f"[flashrt] stopping: {e}", flush=True)
+            return 1
+        rt, store = policy.runtime, policy.store
+        if rt is None:
+            break
+        lat = np.asarray(policy._step_ms, dtype=np.float64)
+        last = robot.last_action
+        p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (0.0, 0.0))
+        print(f"[flashrt] t={time.monotonic() - t0:5.1f}s episode {rt.episode} step "
+              f"{rt.step_count:<6} step p50 {p50:.2f} ms p99 {p99:.2f} ms | obs->action "
+              f"{(last.latency_ms if last else 0):.1f} ms (incl. the wait for the next tick) | arm error {robot.arm.error():.3f} | "
+              f"deadline misses {policy.deadlines.misses} | capsules {len(store.capsules)} "
+              f"lineage {store.lineage or '-'}", flush=True)
+    return 0
+
+
+def _teardown(started: dict) -> None:
+    """End what `_run` started, in order: no callback may run on a node being destroyed."""
+    policy = started.get("policy")
+    if policy is not None and policy.late is not None:    # not mid-capture at interpreter exit
+        policy.late.stop(timeout=10.0)
+    if "executor" in started:
+        started["executor"].shutdown(timeout_sec=2.0)
+    if "spin" in started:
+        started["spin"].join(timeout=2.0)
+    for name in ("policy", "robot"):
+        if name in started:
+            started[name].destroy_node()
+    if "rclpy" in started:
+        started["rclpy"].try_shutdown()

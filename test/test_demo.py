@@ -1,0 +1,27 @@
+"""`flashrt-ros demo` (tools/run-demo.sh): Ctrl-C ends it with one line and no traceback, during its
+start-up as after it. The demo runs as a process of its own; SIGINT is sent when a line of its
+start-up (or of its live loop) appears."""
+import sys
+
+import pytest
+
+from flashrt_ros.ros.process import NodeProcess
+
+pytestmark = pytest.mark.ros
+
+
+@pytest.mark.parametrize("line, live", [
+    ("[flashrt] starting policy node", False),   # the node being created
+    ("configuring: model", False),               # configure: the runtime, the instruction, warm-up
+    ("[flashrt] t=", True),                      # the live loop
+])
+def test_ctrl_c_ends_the_demo_with_one_line(ros_env, tmp_path, line, live):
+    cmd = [sys.executable, "-m", "flashrt_ros.cli", "demo", "--capsule-dir", str(tmp_path)]
+    with NodeProcess(cmd, ros_env) as demo:
+        demo.wait_log(line)
+        code = demo.stop(timeout=60)            # SIGINT, as Ctrl-C
+    out = demo.log()
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert out.rstrip().endswith("[flashrt] stopped"), out[-3000:]
+    assert ("[flashrt] live" in out) == live, "the interrupt came later than this case needs"
+    assert code == 0, out[-3000:]
