@@ -115,6 +115,26 @@ def test_rope_scaling_is_applied_as_transformers_applies_it(rope_checkpoint, tmp
     np.testing.assert_allclose(our_logits(runtime(d), ids), theirs, atol=LOGITS_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["linear", "dynamic", "yarn", "yarn-mscale",
+                                     "yarn-attention-factor"])
+def test_scaled_ropes_written_and_read_back_are_transformers_frequencies(variant):
+    """The frequencies (and cos/sin scale) equal transformers' to the bit, and the config.json
+    our save_pretrained writes (`TextConfig.to_hf`) is read by transformers as the same rope and
+    back by us as the same TextConfig."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from flashrt_ros.core.config import TextConfig
+    from flashrt_ros.core.qwen3_5 import rope_frequencies
+    text = TextConfig.from_hf({"model_type": "qwen3_5_text", **ROPE_SHAPE,
+                               **ROPE_VARIANTS[variant]})
+    hf = {k: v for k, v in text.to_hf().items() if k not in ("model_type", "architectures")}
+    theirs = transformers.Qwen3_5TextConfig(**hf)
+    assert TextConfig.from_hf(theirs.to_dict()) == text
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[text.rope_scaling.rope_type](theirs, None)
+    ours = rope_frequencies(text)
+    assert torch.equal(ours[0], inv_freq) and ours[1] == scale
+
+
 def test_rope_scaling_that_would_drop_rope_parameters_values_is_refused(rope_checkpoint, tmp_path):
     """transformers reads rope_scaling in place of rope_parameters: rope_theta 1e7 given there is
     dropped for its default 10000 without a word. Refused, saying what to move where."""
