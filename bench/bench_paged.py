@@ -40,9 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import runtime_environment  # noqa: E402
 from bench.common import grouped_bars, log_y, pyplot  # noqa: E402
 from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset  # noqa: E402
-from flashrt_ros.capsules.paged import PagedCapsuleStore  # noqa: E402
 from flashrt_ros.core.runtime import PolicyRuntime  # noqa: E402
-from flashrt_ros.capsules.store import CapsuleStore  # noqa: E402
+from flashrt_ros.capsules.store import CapsuleStore, PagedCapsuleStore  # noqa: E402
 
 MiB = 2 ** 20
 

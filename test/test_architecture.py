@@ -14,7 +14,8 @@ the bottom:
 
 A module may import its own layer and the layers its row below allows; nothing imports upward,
 and `core` and `capsules` import no ROS module at all (test_core_without_ros.py also imports them
-in a Python where ROS is refused).
+in a Python where ROS is refused). No module imports itself through others (an import cycle):
+within a layer, too, the imports go one way.
 """
 from __future__ import annotations
 
@@ -80,11 +81,16 @@ def imports_of(path: str, relpath: str):
             else:
                 name = node.module or ""
             yield node.lineno, name
-            if name == "flashrt_ros":             # `from flashrt_ros import core` and the like
-                for alias in node.names:
-                    if os.path.exists(os.path.join(PACKAGE, alias.name)) or \
-                            os.path.exists(os.path.join(PACKAGE, alias.name + ".py")):
-                        yield node.lineno, f"flashrt_ros.{alias.name}"
+            for alias in node.names:    # `from flashrt_ros.capsules import store`: the module
+                sub = f"{name}.{alias.name}"
+                if sub.startswith("flashrt_ros.") and is_module(sub):
+                    yield node.lineno, sub
+
+
+def is_module(dotted: str) -> bool:
+    """Whether a name of the package is one of its modules or subpackages (not a name in one)."""
+    path = os.path.join(ROOT, *dotted.split("."))
+    return os.path.isdir(path) or os.path.exists(path + ".py")
 
 
 def violations():
@@ -110,6 +116,47 @@ def violations():
     return found
 
 
+def module_name(relpath: str) -> str:
+    """flashrt_ros/capsules/store.py -> flashrt_ros.capsules.store; a package's __init__.py -> the
+    package."""
+    name = relpath[:-len(".py")].replace(os.sep, ".")
+    return name[:-len(".__init__")] if name.endswith(".__init__") else name
+
+
+def import_graph() -> dict:
+    """{module: the package's modules it imports}, function-level imports included."""
+    known = {module_name(relpath): (relpath, path) for relpath, path in modules()}
+    graph = {}
+    for module, (relpath, path) in known.items():
+        graph[module] = set()
+        for _, name in imports_of(path, relpath):
+            while name and name not in known:      # `from m import f`: m
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                graph[module].add(name)
+    return graph
+
+
+def import_cycles(graph: dict) -> list:
+    """Every cycle a depth-first walk of `graph` meets, each as the modules along it."""
+    found, state, path = [], {}, []
+
+    def visit(module):
+        state[module] = "open"
+        path.append(module)
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                found.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep)
+        path.pop()
+        state[module] = "done"
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return found
+
+
 def test_every_import_follows_the_layers():
     assert violations() == []
 
@@ -125,9 +172,25 @@ def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
     assert any("imports rclpy" in v for v in got), got
 
 
+def test_no_module_imports_itself_through_others():
+    assert [" -> ".join(c) for c in import_cycles(import_graph())] == []
+
+
+def test_the_cycle_rule_catches_a_cycle_through_a_function_level_import(tmp_path, monkeypatch):
+    fake = tmp_path / "flashrt_ros" / "capsules"
+    fake.mkdir(parents=True)
+    (fake / "a.py").write_text("from flashrt_ros.capsules.b import B\n")
+    (fake / "b.py").write_text("def f():\n    from flashrt_ros.capsules import a\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", str(tmp_path / "flashrt_ros"))
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    assert import_cycles(import_graph()) == [["flashrt_ros.capsules.a", "flashrt_ros.capsules.b",
+                                              "flashrt_ros.capsules.a"]]
+
+
 @pytest.mark.parametrize("relpath", ["flashrt_ros/ros/x.py"])
 def test_relative_imports_resolve_against_their_package(tmp_path, relpath):
     f = tmp_path / "x.py"
     f.write_text("from ..core import runtime\nfrom . import node\n")
     got = [name for _, name in imports_of(str(f), relpath)]
-    assert got == ["flashrt_ros.core", "flashrt_ros.ros"]
+    assert got == ["flashrt_ros.core", "flashrt_ros.core.runtime", "flashrt_ros.ros",
+                   "flashrt_ros.ros.node"]

@@ -5,6 +5,7 @@ Store checks drive CapsuleStore and PagedCapsuleStore directly; node checks call
 configured PolicyNode registered (real rclpy, in-process) and serialise every answer as rclpy would
 send it. Every refusal is checked to change nothing: the live bytes, the counters and the index.
 """
+import contextlib
 import errno
 import os
 import shutil
@@ -14,13 +15,14 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 import flashrt_ros.capsules.file as capsule_file
 from flashrt_ros.capsules.file import SUFFIX, capsule_path, read_header
 from flashrt_ros.capsules.store import make_store
 from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
-from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleNotFound, ConfigError,
-                                         FlashRTError)
+from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleConflict, CapsuleCorrupt,
+                                         CapsuleNotFound, ConfigError, FlashRTError, StorageError)
 from flashrt_ros.core.runtime import PolicyRuntime
 from node_client import call_service as call, configured_node
 
@@ -367,3 +369,204 @@ def test_a_gpu_default_tier_on_a_cpu_runtime_fails_configure(tmp_path, capfd):
         n.destroy_node()
         rclpy.try_shutdown(context=context)
 
+
+
+# -- issue 28: files outside the store's control ----------------------------------------------
+def vanish_after_first_look(monkeypatch, path: str) -> None:
+    """Another process removes `path` right after the first os.stat of it (which os.path.exists
+    and os.path.getsize both call): the race of a status publish with a rename or delete."""
+    real = os.stat
+
+    def stat(p, *args, **kwargs):
+        st = real(p, *args, **kwargs)
+        if os.fspath(p) == path and os.path.lexists(path):
+            os.unlink(path)
+        return st
+    monkeypatch.setattr(os, "stat", stat)
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """`path` (a file or a directory) read-only, also for root: the immutable attribute
+    (chattr +i; nothing creates, renames or removes entries of an immutable directory, nor an
+    immutable file); a user who is not root gets chmod. Skips where neither can be set."""
+    path = str(path)
+    if os.geteuid() != 0:
+        mode = os.stat(path).st_mode
+        os.chmod(path, 0o555 if os.path.isdir(path) else 0o444)
+        try:
+            yield
+        finally:
+            os.chmod(path, mode)
+        return
+    got = subprocess.run(["chattr", "+i", path], capture_output=True, text=True)
+    if got.returncode != 0:
+        pytest.skip(f"root ignores permissions, and chattr +i failed on {path} "
+                    f"({got.stderr.strip()}): no read-only file or directory to test with")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", path], check=True)
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_the_disk_sum_survives_a_file_that_disappears(tmp_path, kind, monkeypatch):
+    rt = _runtime()
+    store = _store(rt, tmp_path, kind)
+    store.snapshot("saved", tier="host")
+    store.save("saved")
+    store.snapshot("ondisk", tier="disk")
+    path = capsule_path(store.cfg.capsule_dir, "saved")
+    size, ondisk = os.path.getsize(path), store.capsules["ondisk"].nbytes
+    vanish_after_first_look(monkeypatch, path)
+    assert store.usage()["disk"]["used"] in (ondisk, ondisk + size)    # there, then gone
+    assert not os.path.exists(path)
+    assert store.usage()["disk"]["used"] == ondisk          # a file that went holds nothing
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_two_stores_on_one_directory_never_replace_each_others_files(tmp_path, kind):
+    rt = _runtime()
+    a, b = _store(rt, tmp_path, kind), _store(rt, tmp_path, kind)
+    assert a.writer != b.writer
+    a.snapshot("home", tier="host")
+    a.save("home")
+    a.snapshot("ondisk", tier="disk")
+    rt.step(np.ones(14, np.float32))
+    b.snapshot("home", tier="host")
+    for call in (lambda: b.save("home"), lambda: b.move("home", "disk"),
+                 lambda: b.snapshot("ondisk", tier="disk"),
+                 lambda: b.fork("home", "ondisk", tier="disk")):
+        msg = refused(rt, b, call, CapsuleConflict)
+        assert a.writer in msg and "expected" in msg and "capsule_dir" in msg, msg
+    ours = a.capsule_bytes("ondisk")
+    a.delete("home")                 # a's own file, written by a: its to delete
+    assert not os.path.exists(capsule_path(a.cfg.capsule_dir, "home"))
+    assert torch.equal(a.capsule_bytes("ondisk"), ours)
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_file_replaced_under_the_store_is_refused_before_it_is_used(tmp_path, kind):
+    """Another writer (a copy by hand, an older version that overwrote) replaced the store's
+    files: nothing is restored, loaded, forked, promoted, dropped or deleted from them."""
+    rt = _runtime()
+    store = _store(rt, tmp_path, kind)
+    other = _store(rt, tmp_path, kind, capsule_dir=str(tmp_path / "other"))
+    store.snapshot("home", tier="disk")
+    store.snapshot("kept", tier="host")
+    store.save("kept")
+    rt.step(np.ones(14, np.float32))
+    for name in ("home", "kept"):
+        other.snapshot(name, tier="disk")
+        os.replace(shutil.copy(capsule_path(other.cfg.capsule_dir, name), tmp_path / "x"),
+                   capsule_path(store.cfg.capsule_dir, name))
+    for call in (lambda: store.restore("home"), lambda: store.load("home"),
+                 lambda: store.fork("home", "branch"), lambda: store.move("home", "host"),
+                 lambda: store.verify("home"), lambda: store.delete("home"),
+                 lambda: store.move("kept", "disk"), lambda: store.save("kept"),
+                 lambda: store.delete("kept")):
+        msg = refused(rt, store, call, CapsuleConflict)
+        assert other.writer in msg and "expected" in msg, msg
+    store.restore("kept")            # the memory copy is the store's own
+    assert store.lineage == "kept"
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_delete_that_fails_changes_nothing(tmp_path, kind):
+    """A file that cannot be removed (immutable: root-proof) - a saved capsule, a disk capsule,
+    a spill: the delete is refused with what to do, the index entry and memory copy stay."""
+    rt = _runtime()
+    probe = _store(rt, tmp_path, kind, capsule_dir=str(tmp_path / "probe"))
+    probe.snapshot("p", tier="host")
+    store = _store(rt, tmp_path, kind, host_budget_mb=1.5 * probe.capsules["p"].nbytes / 2**20)
+    store.snapshot("saved", tier="host")
+    store.save("saved")
+    store.snapshot("ondisk", tier="disk")
+    store.snapshot("spilled", tier="host")
+    rt.step(np.ones(14, np.float32))                     # 'spilled' evicted 'saved' to its file
+    store.snapshot("pushes", tier="host")                # evicts 'spilled' to a spill
+    assert store.capsules["spilled"].file == "spill", store.capsules["spilled"]
+    store.move("saved", "host")
+    d = store.cfg.capsule_dir
+    for name, call in (("saved", lambda: store.delete("saved")),
+                       ("ondisk", lambda: store.delete("ondisk")),
+                       ("spilled", lambda: store.delete("spilled")),
+                       ("spilled", lambda: store.move("spilled", "host"))):
+        with read_only(capsule_path(d, name)):
+            msg = refused(rt, store, call, StorageError)
+        assert "expected" in msg and "found" in msg and "nothing was changed" in msg, msg
+    for name in ("saved", "ondisk", "spilled"):
+        store.delete(name)
+        assert not os.path.exists(capsule_path(d, name))
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_disk_eviction_that_cannot_remove_its_victim_evicts_nothing(tmp_path, kind):
+    rt = _runtime()
+    store = _room_for_one_file(rt, tmp_path, kind)
+    store.snapshot("old", tier="disk")
+    rt.step(np.ones(14, np.float32))
+    store.snapshot("new", tier="host")
+    with read_only(capsule_path(store.cfg.capsule_dir, "old")):
+        for call in (lambda: store.save("new"), lambda: store.snapshot("new2", tier="disk")):
+            msg = refused(rt, store, call, StorageError)
+            assert "expected" in msg and "nothing was changed" in msg, msg
+    store.save("new")
+    assert "old" not in store.capsules
+    assert not os.path.exists(capsule_path(store.cfg.capsule_dir, "old"))
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_read_only_capsule_directory_answers_what_to_do(tmp_path, kind):
+    rt = _runtime()
+    store = _store(rt, tmp_path, kind)
+    store.snapshot("home", tier="host")
+    store.snapshot("ondisk", tier="disk")
+    with read_only(store.cfg.capsule_dir):
+        for call in (lambda: store.save("home"), lambda: store.snapshot("d", tier="disk"),
+                     lambda: store.move("home", "disk"), lambda: store.delete("ondisk"),
+                     lambda: store.fork("home", "f", tier="disk")):
+            msg = refused(rt, store, call, StorageError)
+            assert "writable" in msg and "expected" in msg and "found" in msg, msg
+        store.restore("ondisk")                      # reading goes on
+
+
+@pytest.mark.parametrize("kind", STORES)
+@pytest.mark.parametrize("how", ["removed", "a file"])
+def test_a_capsule_directory_gone_while_running_answers_what_to_do(tmp_path, kind, how):
+    rt = _runtime()
+    store = _store(rt, tmp_path, kind)
+    store.snapshot("home", tier="host")
+    d = store.cfg.capsule_dir
+    shutil.rmtree(d)
+    if how == "a file":
+        with open(d, "w") as f:
+            f.write("not a directory")
+    index = {n: c.tier for n, c in store.capsules.items()}
+    for call in (lambda: store.save("home"), lambda: store.snapshot("d", tier="disk"),
+                 lambda: store.move("home", "disk")):
+        with pytest.raises(StorageError) as info:
+            call()
+        msg = str(info.value)
+        assert d in msg and "expected" in msg and "found" in msg and "capsule_dir" in msg, msg
+        assert {n: c.tier for n, c in store.capsules.items()} == index
+    assert store.usage()["disk"]["used"] == 0 and [c.name for c in store.list()] == ["home"]
+    store.restore("home")
+    if how == "a file":          # a new store there: refused at construction, with what to do
+        with pytest.raises(StorageError) as info:
+            _store(rt, tmp_path, kind)
+        assert "expected a directory" in str(info.value), info.value
+
+
+def test_a_deeply_nested_header_is_refused_as_malformed(tmp_path):
+    rt = _runtime()
+    store = _store(rt, tmp_path)
+    text = b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    path = capsule_path(store.cfg.capsule_dir, "deep")
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+    store.rebuild_index()
+    assert "deep" not in store.capsules
+    assert any(s.startswith("deep" + SUFFIX) and "JSON" in s for s in store.skipped_files)
+    msg = refused(rt, store, lambda: store.load("deep"), CapsuleCorrupt)
+    assert "expected" in msg and "nested" in msg, msg

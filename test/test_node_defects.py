@@ -332,3 +332,90 @@ def test_shutdown_of_an_unconfigured_node_ends_the_process(ros_env, tmp_path):
         finally:
             c.close()
     shutdown_ends_the_process(ros_env, tmp_path, True, transition)
+
+
+# -- files outside the node's control (issue 28) ------------------------------------------------
+def test_a_status_publish_survives_a_capsule_file_that_disappears(tmp_path, monkeypatch):
+    """A saved file renamed or deleted by another process between the status timer's look at it
+    and its size: the status is published, the node goes on."""
+    from flashrt_ros.capsules.file import capsule_path
+    from node_client import call_service as call, configured_node
+    from test_capsule_reliability import vanish_after_first_look
+    with configured_node(f"{NS}_vanish", tmp_path / "caps") as n:
+        assert call(n, "snapshot", name="home").success
+        assert call(n, "save_capsule", name="home").success
+        path = capsule_path(n.store.cfg.capsule_dir, "home")
+        vanish_after_first_look(monkeypatch, path)
+        n._publish_status()                  # what the status timer runs
+        assert not os.path.exists(path)
+        n._publish_status()
+        assert call(n, "list_capsules").success
+
+
+def test_two_nodes_on_one_capsule_directory_never_overwrite_each_others_capsules(tmp_path):
+    """Node A saves 'home'; node B, on the same directory, cannot save its own 'home' over it
+    (the answer names A's store); A's file stays A's, and A restores A's state from it."""
+    import torch
+
+    from node_client import call_service as call, configured_node
+    d = tmp_path / "caps"
+    with configured_node(f"{NS}_a", d) as a, configured_node(f"{NS}_b", d) as b:
+        assert call(a, "snapshot", name="home").success
+        assert call(a, "save_capsule", name="home").success
+        ours = a.store.capsule_bytes("home")
+        b.runtime.step([0.5] * 14)
+        assert call(b, "snapshot", name="home").success
+        for evict in (False, True):
+            res = call(b, "save_capsule", name="home", evict_from_memory=evict)
+            assert not res.success and a.store.writer in res.message, res.message
+            assert "internal error" not in res.message and "capsule_dir" in res.message
+        assert [c.tier for c in call(b, "list_capsules").capsules] == ["host"]
+        assert call(a, "delete_capsule", name="home").success      # the memory copy goes
+        assert call(a, "restore", name="home").success             # from A's own file
+        assert torch.equal(a.runtime.live_state(), ours)
+
+
+def test_filesystem_errors_answer_what_to_do_and_change_nothing(tmp_path, capfd):
+    """A read-only capsule directory (immutable: also for root), then one removed while the node
+    runs: every refused call answers what was expected, what was found and what to do, is
+    logged as a warning, and leaves the store as it was; a failed delete keeps the capsule."""
+    import shutil
+
+    from node_client import call_service as call, configured_node
+    from test_capsule_reliability import _state, read_only
+    with configured_node(f"{NS}_ro", tmp_path / "caps") as n:
+        assert call(n, "snapshot", name="home").success
+        assert call(n, "save_capsule", name="home").success
+        assert call(n, "snapshot", name="other").success
+        d = n.store.cfg.capsule_dir
+        before = _state(n.runtime, n.store)
+        capfd.readouterr()
+        with read_only(d):
+            answers = [call(n, "delete_capsule", name="home", delete_file=True),
+                       call(n, "save_capsule", name="other"),
+                       call(n, "snapshot", name="d", tier="disk")]
+        assert _state(n.runtime, n.store) == before
+        shutil.rmtree(d)
+        index = {name: c.tier for name, c in n.store.capsules.items()}
+        answers += [call(n, "save_capsule", name="other"),
+                    call(n, "snapshot", name="d", tier="disk")]
+        assert {name: c.tier for name, c in n.store.capsules.items()} == index
+        err = capfd.readouterr().err
+        for res in answers:
+            assert not res.success and "internal error" not in res.message, res.message
+            assert "expected" in res.message and "found" in res.message, res.message
+            assert "store.capsule_dir" in res.message and res.message in err, err[-3000:]
+        assert "unexpected error" not in err
+        assert sorted(c.name for c in call(n, "list_capsules").capsules) == ["home", "other"]
+
+
+def test_a_deeply_nested_capsule_header_is_refused_through_the_node(tmp_path):
+    from flashrt_ros.capsules.file import capsule_path
+    from node_client import call_service as call, configured_node
+    with configured_node(f"{NS}_deep", tmp_path / "caps") as n:
+        text = b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+        with open(capsule_path(n.store.cfg.capsule_dir, "deep"), "wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+        res = call(n, "load_capsule", name="deep", restore=True)
+        assert not res.success and "internal error" not in res.message, res.message
+        assert "nested" in res.message and "expected" in res.message, res.message

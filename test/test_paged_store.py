@@ -27,10 +27,10 @@ from flashrt_ros.capsules import paged
 from flashrt_ros.core.arena import META_CONTEXT_LEN, META_EPISODE, META_POSITION, META_STEP
 from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
 from flashrt_ros.core.exceptions import BudgetExceeded
-from flashrt_ros.capsules.paged import BlockMemory, PagedCapsuleStore
+from flashrt_ros.capsules.paged import BlockMemory
 from flashrt_ros.core.config import auto_block_tokens
 from flashrt_ros.core.runtime import PolicyRuntime
-from flashrt_ros.capsules.store import CapsuleStore, make_store
+from flashrt_ros.capsules.store import CapsuleStore, PagedCapsuleStore, make_store
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 INSTRUCTION = "stack the blue block on the red one"

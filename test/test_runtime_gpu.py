@@ -16,9 +16,8 @@ import torch
 from flashrt_ros.core import kernels
 from flashrt_ros.core.arena import META_EPISODE
 from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
-from flashrt_ros.capsules.paged import PagedCapsuleStore
 from flashrt_ros.core.runtime import PolicyRuntime
-from flashrt_ros.capsules.store import CapsuleStore
+from flashrt_ros.capsules.store import CapsuleStore, PagedCapsuleStore
 
 pytestmark = pytest.mark.gpu
 

@@ -79,6 +79,7 @@ class Capsule:
     # the file was written by eviction, not asked for (by a save or a move to disk): it is the
     # store's spill and goes with the capsule when it is deleted
     spilled: bool = False
+    writer: str = ""       # the store that wrote its file, as the file's header says ("" = unknown)
 
     def known(self):
         """(position, step, episode, context_len) for PolicyRuntime.restore_state, or None."""
@@ -93,6 +94,12 @@ class Capsule:
         if not (self.path and os.path.isfile(self.path)):
             return ""
         return "spill" if self.spilled else "saved"
+
+    def same_file(self, other: "Capsule") -> bool:
+        """Whether `other` (a file's header) is the file this capsule was written or indexed
+        from: the same content digest, creation time and writer."""
+        return (other.digest, other.created, other.writer) == (self.digest, self.created,
+                                                               self.writer)
 
     def touch(self):
         self.last_used = time.monotonic()

@@ -6,8 +6,10 @@ Format (version 2): a safetensors file `<capsule_dir>/<name>.capsule`.
     head_dim]`). The data section is thus exactly D, the bytes the content digest covers;
   * `__metadata__` (strings): format="flashrt-capsule", format_version, name, parent, step,
     position, episode, pinned, created, fingerprint (of the runtime that wrote it), weights (its
-    weights digest), digest (the content digest of D, digest.py's BLAKE2b tree) and header_digest:
-    BLAKE2b-256 over every other metadata field (canonical JSON: sorted keys, no spaces, ASCII).
+    weights digest), writer (the store that wrote it: host, process, store id; absent in files of
+    earlier writers), digest (the content digest of D, digest.py's BLAKE2b tree) and
+    header_digest: BLAKE2b-256 over every other metadata field (canonical JSON: sorted keys, no
+    spaces, ASCII).
     An edit of any header field, or of the tensors, is refused; a file carries no key, so the two
     digests detect damage and edits, not a forger who recomputes them (access control is the
     directory's permissions and SROS2, docs/safety.md).
@@ -21,9 +23,13 @@ open descriptor: a symlink is never followed out of the directory, a FIFO never 
 
 Writing streams: the safetensors header goes first with both digests as placeholders, then the
 buffers' bytes straight from the live range (no serialised copy) while the hashing threads digest
-each leaf; the digests are written into the header, the temp file is fsynced, renamed over the
-final name and the directory fsynced. A crash leaves the old file or the new one, never a torn
-one. Temp files are named `.<name>.capsule.tmp-<16 hex>`; only regular files of exactly that
+each leaf; the digests are written into the header, the temp file is fsynced, linked in under
+the final name and the directory fsynced. A crash leaves no file or the whole new one, never a
+torn one. A capsule file is only ever created, never written over: a name that is taken (a file
+another store wrote, or one skipped at indexing) is refused (CapsuleConflict, naming the file's
+writer), atomically - the link fails on an existing name. A filesystem error answers what was
+expected and found (StorageError; a full disk: BudgetExceeded) and leaves nothing. Temp files are
+named `.<name>.capsule.tmp-<16 hex>`; only regular files of exactly that
 pattern are the store's to remove (`is_own_temp`). `begin_write` leaves the written temp file
 pending, so the store can evict for it only once the write succeeded.
 
@@ -54,8 +60,9 @@ import torch
 from flashrt_ros.capsules.capsule import Capsule, buffer_slices, check_name, shown
 from flashrt_ros.capsules.digest import TreeHash, leaves
 from flashrt_ros.core.arena import META_EPISODE, META_POSITION, META_STEP, StateArena
-from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleCorrupt, CapsuleMismatch,
-                                         CapsuleNotFound, InputError)
+from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleConflict, CapsuleCorrupt,
+                                         CapsuleMismatch, CapsuleNotFound, FlashRTError,
+                                         InputError, StorageError)
 
 FORMAT = "flashrt-capsule"
 FORMAT_VERSION = 2
@@ -171,6 +178,9 @@ def _read_st_header(fd: int, size: int, path: str):
         obj = json.loads(os.pread(fd, n, 8).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise _not_safetensors(path, f"its header is not JSON: {e}") from None
+    except RecursionError:
+        raise _not_safetensors(path, "its header is not JSON a capsule writes: arrays or objects "
+                                     "nested too deep to parse") from None
     if not isinstance(obj, dict):
         raise _not_safetensors(path, "its header is not a JSON object")
     meta = obj.pop("__metadata__", None) or {}
@@ -235,25 +245,83 @@ def _tensors(arena: StateArena, position: int):
         yield name, spec.dtype, shape, off, n
 
 
-class PendingWrite:
-    """A capsule file written and fsynced under its temp name: `commit()` renames it into place
-    (and fsyncs the directory), `discard()` removes it. `nbytes` is its size, `digest` its
-    content digest."""
+# -- errors of the filesystem ---------------------------------------------------------------
+_FOUND = {errno.EROFS: "a read-only filesystem",
+          errno.EACCES: "permission denied",
+          errno.EPERM: "the operation not permitted (permissions, or an immutable attribute)",
+          errno.ENOENT: "no such directory (removed while the store ran)",
+          errno.ENOTDIR: "something other than a directory there (a file?)"}
 
-    def __init__(self, tmp: str, path: str, nbytes: int, digest: str):
+
+def storage_error(path: str, e: OSError, doing: str) -> FlashRTError:
+    """The refusal of filesystem error `e` while `doing` (e.g. "to write") `path` in the capsule
+    directory: what was expected, what was found, what to do. The caller has changed nothing."""
+    d = os.path.dirname(path)
+    found = _FOUND.get(e.errno, e.strerror or str(e))
+    code = errno.errorcode.get(e.errno, e.errno)
+    return StorageError(f"capsule directory {d}: expected a writable directory {doing} "
+                        f"{os.path.basename(path)}, found {found} ({code}); nothing was changed - "
+                        f"make {d} a writable directory, or set store.capsule_dir to one and "
+                        f"configure the node again")
+
+
+def writer_of(path: str) -> str:
+    """Who wrote the capsule file at `path`, as its header says, for a message."""
+    try:
+        meta = read_header(path)
+    except (FlashRTError, OSError):
+        return "an unknown writer (no readable capsule header)"
+    return meta.get("writer") or "an unknown writer (a file without a 'writer' field)"
+
+
+def taken(path: str, writer: str) -> CapsuleConflict:
+    """The refusal to create a capsule file where one exists (this store, `writer`, never
+    writes over a file)."""
+    d, base = os.path.split(path)
+    return CapsuleConflict(f"capsule file {base}: expected no file of that name in {d} (a store "
+                           f"creates capsule files, never writes over one), found one written by "
+                           f"{writer_of(path)}, not by this store ({writer}); nothing was "
+                           f"changed - give each node its own store.capsule_dir, or delete or "
+                           f"rename that file, or pick another name")
+
+
+class PendingWrite:
+    """A capsule file written and fsynced under its temp name: `commit()` links it in under its
+    final name - only where no file has that name - (and fsyncs the directory), `discard()`
+    removes it. `nbytes` is its size, `digest` its content digest."""
+
+    def __init__(self, tmp: str, path: str, nbytes: int, digest: str, writer: str):
         self.tmp, self.path, self.nbytes, self.digest = tmp, path, nbytes, digest
+        self.writer = writer
 
     def commit(self) -> str:
-        os.replace(self.tmp, self.path)
-        dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            try:
+                os.link(self.tmp, self.path)     # fails on an existing name: never writes over
+            except FileExistsError:
+                raise taken(self.path, self.writer) from None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                # a filesystem without hard links (FAT): check, then rename
+                if os.path.lexists(self.path):
+                    raise taken(self.path, self.writer) from None
+                os.replace(self.tmp, self.path)
+            dfd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(self.tmp, self.path):
+                    os.unlink(self.path)
+            raise storage_error(self.path, e, "to create") from None
+        self.discard()
         return self.path
 
     def discard(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(self.tmp)
 
 
@@ -272,10 +340,11 @@ def _disk_full(path: str, e: OSError, need: int) -> BudgetExceeded:
 
 
 def begin_write(path: str, arena: StateArena, raw: torch.Tensor, cap: Capsule,
-                weights: str, threads: int = 0) -> PendingWrite:
-    """Write the live byte range `raw` (host or device) as `cap`'s capsule file under a temp
-    name, fsynced, not yet in place, its digest hashed by `threads` threads (0: one per core).
-    A full filesystem raises BudgetExceeded; nothing is left."""
+                weights: str, writer: str, threads: int = 0) -> PendingWrite:
+    """Write the live byte range `raw` (host or device) as `cap`'s capsule file by `writer` (the
+    store) under a temp name, fsynced, not yet in place, its digest hashed by `threads` threads
+    (0: one per core). A full filesystem raises BudgetExceeded, another filesystem error
+    StorageError; nothing is left."""
     raw = raw if raw.device.type == "cpu" else raw.cpu()
     src = raw.numpy()
     parts = list(_tensors(arena, cap.position))
@@ -283,7 +352,7 @@ def begin_write(path: str, arena: StateArena, raw: torch.Tensor, cap: Capsule,
             "parent": cap.parent, "step": str(cap.step), "position": str(cap.position),
             "episode": str(cap.episode), "pinned": "1" if cap.pinned else "0",
             "created": repr(cap.created), "fingerprint": cap.fingerprint, "weights": weights,
-            "digest": _PLACEHOLDER, "header_digest": _PLACEHOLDER}
+            "writer": writer, "digest": _PLACEHOLDER, "header_digest": _PLACEHOLDER}
     header, where = _st_header(meta, [(n, dt, sh, k) for n, dt, sh, _, k in parts])
     total = sum(k for *_, k in parts)
     tmp = temp_path(path)
@@ -310,12 +379,14 @@ def begin_write(path: str, arena: StateArena, raw: torch.Tensor, cap: Capsule,
         finally:
             os.close(fd)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _disk_full(path, e, len(header) + total) from None
+        if isinstance(e, OSError):
+            raise storage_error(path, e, "to write") from None
         raise
-    return PendingWrite(tmp, path, len(header) + total, meta["digest"])
+    return PendingWrite(tmp, path, len(header) + total, meta["digest"], writer)
 
 
 # -- the header's fields --------------------------------------------------------------------
@@ -392,6 +463,7 @@ def capsule_from_header(meta: dict, path: str, nbytes: int | None = None) -> Cap
             if not _HEX64_RE.fullmatch(value):
                 raise _damaged(path, key, "64 lowercase hex digits (BLAKE2b-256)", value,
                                edited=False)
+    writer = _header_label(meta, "writer", path) if "writer" in meta else ""
     return Capsule(name=name, parent=parent, step=_header_int(meta, "step", path),
                    position=_header_int(meta, "position", path),
                    episode=_header_int(meta, "episode", path, "0"),
@@ -399,7 +471,7 @@ def capsule_from_header(meta: dict, path: str, nbytes: int | None = None) -> Cap
                    fingerprint=_header_label(meta, "fingerprint", path), tier="disk",
                    pinned=_header_choice(meta, "pinned", path, ("0", "1"), "0") == "1",
                    digest=meta["digest"], created=_header_time(meta, "created", path, "0.0"),
-                   path=path)
+                   path=path, writer=writer)
 
 
 def _checked_header(meta: dict, path: str, nbytes: int) -> Capsule:

@@ -1,7 +1,8 @@
 """BlockMemory: memory-tier capsules as block tables over shared, immutable token blocks.
 
-PagedCapsuleStore is CapsuleStore (store.py: the index, the disk tier, eviction, the lineage, the
-locks and the operations) with BlockMemory as its memory tiers (the interface is memory.py's).
+PagedCapsuleStore (store.py) is CapsuleStore (the index, the disk tier, eviction, the lineage, the
+locks and the operations) with BlockMemory as its memory tiers (the interface is memory.py's);
+this module knows the store only through that interface and imports nothing of store.py.
 
 Why: the branches of one episode share almost all of their KV history. Observation steps never
 write the KV prefix and tokens only append to it, so forks that ran control steps differ only in
@@ -70,7 +71,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,10 +79,7 @@ import torch
 from flashrt_ros.capsules.blocks import BlockPool
 from flashrt_ros.capsules.capsule import Capsule
 from flashrt_ros.capsules.memory import Boundary
-from flashrt_ros.capsules.store import CapsuleStore
-from flashrt_ros.core.config import StoreConfig
 from flashrt_ros.core.exceptions import BudgetExceeded, InputError
-from flashrt_ros.core.runtime import PolicyRuntime
 
 RUN_COPY_LIMIT = 8   # more runs than this: the full KV blocks of a restore go by one gather
 
@@ -129,7 +126,7 @@ def _rows_equal(a: torch.Tensor, b: torch.Tensor):
 
 
 class BlockMemory:
-    def __init__(self, store: CapsuleStore, block_tokens: int | None = None):
+    def __init__(self, store, block_tokens: int | None = None):
         """The memory tiers of `store` as block pools sized by its budgets; `block_tokens`
         (default `store.cfg.block_tokens`, 0 = auto) rows of KV per block."""
         self.store, self.rt, self.cuda = store, store.rt, store.cuda
@@ -569,15 +566,3 @@ class BlockMemory:
                 assert self._twins.get((other, ob), {}).get(tier) == b, "twins are not mutual"
         assert set(self.tables) == {n for n, c in capsules.items() if c.tier in self.blocks}
 
-
-class PagedCapsuleStore(CapsuleStore):
-    """CapsuleStore with BlockMemory as its memory tiers (see the module docstring)."""
-
-    def __init__(self, runtime: PolicyRuntime, cfg: StoreConfig | None = None,
-                 block_tokens: int | None = None):
-        super().__init__(runtime, cfg,
-                         memory=functools.partial(BlockMemory, block_tokens=block_tokens))
-
-    def check_invariants(self) -> None:
-        with self.lock:
-            self.memory.check_invariants()

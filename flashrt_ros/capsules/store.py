@@ -7,7 +7,9 @@ Tiers:
 The store keeps the bookkeeping: the index, the names, the disk tier, eviction, the lineage, the
 locks and the operations. How capsules are held in the gpu and host tiers is its `memory`
 (memory.py): ExtentMemory (extents.py, the default: one extent of a preallocated byte pool per
-capsule, one copy each way) or BlockMemory (paged.py: block tables over shared token blocks).
+capsule, one copy each way) or BlockMemory (paged.py: block tables over shared token blocks;
+PagedCapsuleStore below). The memories know the store through that interface only and import
+nothing of this module.
 
 Budgets and eviction: each tier has a byte budget. When a capsule does not fit, the least recently
 used unpinned capsules of that tier are evicted (demoted one tier down - gpu -> host -> disk - or
@@ -40,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import os
 import secrets
 import socket
@@ -54,6 +57,7 @@ from flashrt_ros.capsules.file import (SUFFIX, begin_write, capsule_from_header,
                                        index_capsule, is_own_temp, read_capsule, read_header,
                                        storage_error, temp_path)
 from flashrt_ros.capsules.memory import context_len_of, live_boundary
+from flashrt_ros.capsules.paged import BlockMemory
 from flashrt_ros.core.config import StoreConfig
 from flashrt_ros.core.exceptions import (BudgetExceeded, CapsuleConflict, CapsuleCorrupt,
                                          CapsuleExists, CapsuleMismatch, CapsuleNotFound,
@@ -256,7 +260,8 @@ class CapsuleStore:
     @staticmethod
     def _changed(cap: Capsule, found: Capsule) -> CapsuleConflict:
         def who(c):
-            return f"{c.writer or 'an unknown writer'} (digest {c.digest[:16]}, created {c.created})"
+            return (f"{c.writer or 'an unknown writer'} (digest {c.digest[:16]}, created "
+                    f"{c.created})")
         return CapsuleConflict(
             f"capsule {cap.name!r}: expected its file {cap.path} as this store wrote or indexed "
             f"it, by {who(cap)}, found a file by {who(found)}: another store or process replaced "
@@ -597,10 +602,20 @@ class CapsuleStore:
             self.lineage = ""
 
 
+class PagedCapsuleStore(CapsuleStore):
+    """CapsuleStore with BlockMemory (paged.py) as its memory tiers."""
+
+    def __init__(self, runtime: PolicyRuntime, cfg: StoreConfig | None = None,
+                 block_tokens: int | None = None):
+        super().__init__(runtime, cfg,
+                         memory=functools.partial(BlockMemory, block_tokens=block_tokens))
+
+    def check_invariants(self) -> None:
+        with self.lock:
+            self.memory.check_invariants()
+
+
 def make_store(runtime: PolicyRuntime, cfg: StoreConfig | None = None) -> CapsuleStore:
     """The store `cfg` asks for: PagedCapsuleStore when `cfg.paged`, else CapsuleStore."""
     cfg = cfg or StoreConfig()
-    if cfg.paged:
-        from flashrt_ros.capsules.paged import PagedCapsuleStore   # imported here: paged.py imports this module
-        return PagedCapsuleStore(runtime, cfg)
-    return CapsuleStore(runtime, cfg)
+    return PagedCapsuleStore(runtime, cfg) if cfg.paged else CapsuleStore(runtime, cfg)

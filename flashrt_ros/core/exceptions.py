@@ -40,6 +40,16 @@ class CapsuleCorrupt(FlashRTError):
     """A capsule file is truncated, bit-flipped or lies about its sizes."""
 
 
+class CapsuleConflict(FlashRTError):
+    """A capsule file is not the one this store wrote or indexed: another store or process wrote
+    it, or replaced it since (two stores on one capsule directory)."""
+
+
+class StorageError(FlashRTError):
+    """The capsule directory cannot be read or written: read-only, removed, replaced by a file,
+    permission denied."""
+
+
 class BudgetExceeded(FlashRTError):
     """A tier has no room (after evicting every unpinned capsule it could)."""
 

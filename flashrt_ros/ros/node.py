@@ -91,7 +91,8 @@ from flashrt_ros.ros.stamps import ns_to_s, s_to_duration, s_to_ns, s_to_stamp, 
 
 from flashrt_ros.core.bringup import LatePlans, Phases
 from flashrt_ros.core.checkpoint import resolve_model
-from flashrt_ros.core.exceptions import ConfigError, FlashRTError, InputError, NotConfiguredError
+from flashrt_ros.core.exceptions import (CapsuleConflict, ConfigError, FlashRTError, InputError,
+                                         NotConfiguredError, StorageError)
 from flashrt_ros.ros.publishing import LATCHED
 from flashrt_ros.ros.params import (configs_from_values, constraint, parameter_table,
                                     unknown_parameters)
@@ -728,6 +729,8 @@ class PolicyNode(LifecycleNode):
                 response.message = response.message or "ok"
             except FlashRTError as e:
                 response.success, response.message = False, str(e)
+                if isinstance(e, (StorageError, CapsuleConflict)):    # the directory's fault
+                    self.get_logger().warning(f"{name}: {e}")
             except Exception as e:  # noqa: BLE001 - a bug must not take the node down
                 self.get_logger().error(f"{name}: unexpected error {type(e).__name__}: {e}")
                 response.success = False
