@@ -36,7 +36,8 @@ def empty_tokenizer_prompt(d):
 
 
 CASES = {
-    # name: (how the model directory is made, the command after `--model DIR`, what the message says)
+    # name: (how the model directory is made, the command after `--model DIR`, what the message
+    # says)
     "generate, config.json not JSON": (broken_json, ["generate", "hello"],
                                        ["expected a JSON file", "config.json"]),
     "info, no weights": (no_weights, ["info"], ["model.safetensors", "found neither"]),

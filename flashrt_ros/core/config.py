@@ -86,7 +86,8 @@ class RopeScaling:
     def __post_init__(self):
         _check(self.rope_type in ROPE_TYPES, "rope_type", f"one of {', '.join(ROPE_TYPES)} (the "
                f"types computed here; longrope switches its frequencies per call and llama3 is "
-               f"Llama's)", self.rope_type, "use one of those, or serve the model with transformers")
+               f"Llama's)", self.rope_type,
+               "use one of those, or serve the model with transformers")
         _check(_is_number(self.factor) and self.factor >= 1, "factor", "a number >= 1",
                self.factor)
         _check(_is_int(self.original_max_position_embeddings)
@@ -118,8 +119,9 @@ class RopeScaling:
         elif rope_type == "yarn":
             values["original_max_position_embeddings"] = rope.get(
                 "original_max_position_embeddings", max_position_embeddings)
-            if values["factor"] is None:
-                values["factor"] = max_position_embeddings / values["original_max_position_embeddings"]
+            original = values["original_max_position_embeddings"]
+            if values["factor"] is None and _is_number(original) and original > 0:
+                values["factor"] = max_position_embeddings / original
             values.update({k: rope[k] for k in ("attention_factor", "beta_fast", "beta_slow",
                                                  "mscale", "mscale_all_dim", "truncate")
                            if k in rope})
@@ -166,10 +168,12 @@ def _hf_rope(config: Mapping[str, Any], where: str) -> tuple[float, float, RopeS
                 f"the rope_scaling keys into rope_parameters and delete rope_scaling, or add "
                 f"{dropped} to rope_scaling")
     per_layer = sorted(set(rope) & set(LAYER_TYPES))
-    _check(not per_layer, f"{where}: rope_parameters", "one object for every layer", per_layer,
-           "Qwen3.5 has one rope for its attention layers")
+    _check(not per_layer, f"{where}: rope_parameters", "one object for all layers (rope_type, "
+           "rope_theta, ...)", f"one per layer type: {per_layer}",
+           "Qwen3.5 has one rope for its attention layers; keep the full_attention one")
     which = "rope_scaling" if scaling else "rope_parameters"
-    max_positions = config.get("max_position_embeddings", HF_TEXT_DEFAULTS["max_position_embeddings"])
+    max_positions = config.get("max_position_embeddings",
+                               HF_TEXT_DEFAULTS["max_position_embeddings"])
     top_original = config.get("original_max_position_embeddings")
     if top_original is not None:        # transformers prefers a top-level value (Phi3's layout)
         rope["original_max_position_embeddings"] = top_original
@@ -319,6 +323,8 @@ class TextConfig:
         types = config.get("layer_types")
         if types is None and _is_int(hf["num_hidden_layers"]):
             every = config.get("full_attention_interval", 4)
+            _check(_is_int(every) and every > 0, f"{where}: full_attention_interval",
+                   "a positive integer (every n-th layer is full attention)", every)
             types = ["linear_attention" if (i + 1) % every else "full_attention"
                      for i in range(hf["num_hidden_layers"])]
         values = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in HF_TEXT_DEFAULTS}
@@ -381,7 +387,8 @@ class ModelConfig:
         _check(self.max_context >= 2, "model.max_context", "at least 2 (one row is scratch)",
                self.max_context)
         rope = self.text.rope_scaling
-        _check(rope.rope_type != "dynamic" or self.max_context <= rope.original_max_position_embeddings,
+        _check(rope.rope_type != "dynamic"
+               or self.max_context <= rope.original_max_position_embeddings,
                "model.max_context", f"at most {rope.original_max_position_embeddings} "
                f"(max_position_embeddings) with rope_type 'dynamic': past it transformers "
                f"recomputes the frequencies at every call from the longest position in it, which "
