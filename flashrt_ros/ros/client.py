@@ -1,7 +1,12 @@
 """A client of a policy node's capsule services that survives a lost answer.
 
-rmw_fastrtps can lose a service answer although the node applied the request (docs/node.md, known
-issues). The node publishes a CapsuleEvent on `<node>/capsule_events` for every operation it
+rmw_fastrtps can lose a service answer although the node applied the request (docs/node.md,
+Reliability). Most of those losses come from the client's side: every client of a service
+receives every answer of that service and keeps only its own when it takes it, so a client that
+has not taken its answer yet while other clients get as many answers as its response history
+holds (rclpy's default: 10) loses it. The clients here keep `RESPONSE_QOS` (1000 answers). The
+rest - an answer the node drops because it has not discovered a brand-new client yet - is what
+the events are for. The node publishes a CapsuleEvent on `<node>/capsule_events` for every operation it
 applies, just before the answer, so a client that listens to those events from before its call
 can take the matching event (operations.reports) in place of an answer that does not come.
 `CapsuleClient` is that client; the CLI, the behaviour-tree behaviours and the bag player use it.
@@ -37,6 +42,9 @@ from flashrt_ros.ros.executors import subscribe_without_event_handlers
 from flashrt_ros.ros.operations import Operation, operation, reports
 
 EVENT_HISTORY = 1000     # events kept for matching (the node publishes one per operation)
+# A client's response history: it also holds the answers to other clients of the service until
+# they are taken and dropped (see the module docstring), so it must outlast a storm of them.
+RESPONSE_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE)
 ANSWER_GRACE_S = 1.0     # a grace for callers that need not wait out the timeout (the player)
 POLL_INTERVAL_S = 0.01   # longest pause between polls of a blocking call
 
@@ -138,7 +146,8 @@ class CapsuleClient:
         """The rclpy client of operation `name` (created on first use)."""
         op = operation(name)
         if op.name not in self._clients:
-            self._clients[op.name] = self.node.create_client(op.srv_type, self.service_name(op))
+            self._clients[op.name] = self.node.create_client(op.srv_type, self.service_name(op),
+                                                             qos_profile=RESPONSE_QOS)
         return self._clients[op.name]
 
     def service_ready(self, name) -> bool:
