@@ -320,15 +320,25 @@ def test_an_oversized_instruction_is_refused_before_it_is_tokenized():
 
 
 @pytest.mark.ros
-def test_the_node_refuses_an_oversized_instruction_without_tokenizing_it(node):
+@pytest.mark.parametrize("text, says", [
+    ("x" * 30_000_000, "found 30000000 bytes"),              # refused before it is decoded
+    ("\u00e9" * 1000, "found 1000"),                          # decoded (2000 bytes), not tokenized
+])
+def test_the_node_refuses_an_oversized_instruction_without_tokenizing_it(node, text, says):
+    """The instruction subscription takes the serialized message: its length is read before
+    the text is decoded, and a text too long is refused by that alone."""
+    from rclpy.serialization import serialize_message
     from std_msgs.msg import String
+    assert node.sub_instr.raw
     asked = _spy_on_encode(node.runtime)
     before, rejected = _node_state(node), node._rejected
-    node._on_instruction(String(data="x" * 9_000_000))
+    node._on_instruction(serialize_message(String(data=text)))
     assert asked == [] and node._rejected == rejected + 1
-    assert "instruction refused" in node._last_error and "characters" in node._last_error
+    assert "instruction refused" in node._last_error and says in node._last_error
     assert len(node._last_error) < 400, node._last_error[:400]
     assert _node_state(node) == before
+    node._on_instruction(serialize_message(String(data="pick up the cube")))
+    assert asked == [len("pick up the cube")] and node._rejected == rejected + 1
 
 
 def test_a_tokenizer_file_bounds_the_characters_of_a_token(tmp_path):

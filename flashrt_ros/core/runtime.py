@@ -304,6 +304,12 @@ class PolicyRuntime:
         # one KV row past the prefix is scratch for the observation token (see model.py)
         return self.model_cfg.max_context - 1
 
+    @property
+    def max_instruction_chars(self) -> int:
+        """The longest instruction text that could fit the context; a longer one is refused
+        before it is tokenized (core/tokenizer.py: max_token_chars)."""
+        return self.max_tokens * self.tokenizer.max_token_chars
+
     # -- public API -----------------------------------------------------------------------
     def set_instruction(self, text_or_tokens) -> int:
         """Start a new context: zero the state, prefill the instruction; returns its token count.
@@ -324,14 +330,12 @@ class PolicyRuntime:
     def instruction_tokens(self, text_or_tokens) -> list:
         """The token ids `set_instruction` would prefill; raises InputError where it would refuse
         them (changes nothing)."""
-        if isinstance(text_or_tokens, str):
-            limit = self.max_tokens * self.tokenizer.max_token_chars
-            if len(text_or_tokens) > limit:        # refused unread (tokenizer.max_token_chars)
-                raise InputError(
-                    f"instruction: expected at most {limit} characters ({self.max_tokens} tokens "
-                    f"of at most {self.tokenizer.max_token_chars} characters), found "
-                    f"{len(text_or_tokens)}; shorten the instruction or use a model with a larger "
-                    f"max_context")
+        if isinstance(text_or_tokens, str) and len(text_or_tokens) > self.max_instruction_chars:
+            raise InputError(                       # refused unread (tokenizer.max_token_chars)
+                f"instruction: expected at most {self.max_instruction_chars} characters (the "
+                f"context's {self.max_tokens} tokens, a token standing for at most "
+                f"{self.tokenizer.max_token_chars}), found {len(text_or_tokens)}; shorten the "
+                f"instruction or use a model with a larger max_context")
         tokens = self.tokenizer.encode(text_or_tokens) if isinstance(text_or_tokens, str) \
             else self._as_token_list(text_or_tokens)
         self._check_tokens(tokens, from_position=0)

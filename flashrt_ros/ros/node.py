@@ -74,6 +74,7 @@ from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValu
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
+from rclpy.serialization import deserialize_message
 try:
     from rclpy.timer import TimerInfo
 except ImportError:     # an rclpy older than TimerInfo: tick times from time_until_next_call
@@ -353,9 +354,11 @@ class PolicyNode(LifecycleNode):
         obs_qos = qos_profile_sensor_data if node_cfg.observation_qos == "sensor_data" else RELIABLE
         self.sub_obs = self.create_subscription(Observation, "~/observation", self._on_observation,
                                                 obs_qos, callback_group=self._control)
-        # latched: an instruction published just before this subscription matched still comes
+        # latched: an instruction published just before this subscription matched still comes;
+        # raw (serialized): an oversized one is refused by its length before it becomes a str
         self.sub_instr = self.create_subscription(String, "~/instruction", self._on_instruction,
-                                                  LATCHED, callback_group=self._instruction)
+                                                  LATCHED, callback_group=self._instruction,
+                                                  raw=True)
         if node_cfg.joint_names:
             self.sub_joints = self.create_subscription(JointState, "joint_states",
                                                        self._on_joint_state, obs_qos,
@@ -621,14 +624,25 @@ class PolicyNode(LifecycleNode):
             traj.points.append(p)
         self.pub_command.publish(traj)
 
-    def _on_instruction(self, msg: String):
+    def _on_instruction(self, raw: bytes):
+        """A serialized std_msgs/String. Its text's length is read from the CDR (after the
+        4-byte encapsulation header, a uint32 that counts the closing NUL): a text of more UTF-8
+        bytes than 4 per character the runtime takes is refused before it is decoded (decoding
+        30 MB holds the GIL about 60 ms: two control periods at 30 Hz)."""
         rt, store = self.runtime, self.store
         if rt is None:
             self.get_logger().warning("instruction ignored: the node is not configured")
             return
         self._pin_torch_threads()
         try:
-            tokens = rt.instruction_tokens(msg.data)     # refused now, not after a wait
+            nbytes = int.from_bytes(raw[4:8], "little" if raw[1] & 1 else "big") - 1
+            if nbytes > 4 * rt.max_instruction_chars:
+                raise InputError(f"instruction: expected at most {rt.max_instruction_chars} "
+                                 f"characters (the context's tokens; at most "
+                                 f"{4 * rt.max_instruction_chars} bytes of UTF-8), found "
+                                 f"{nbytes} bytes; shorten the instruction")
+            text = deserialize_message(raw, String).data
+            tokens = rt.instruction_tokens(text)     # refused now, not after a wait
             late = self.late
             if late is not None:      # before any lock: steps go on while it waits
                 late.wait_for_instruction(len(tokens), say=self.get_logger().info)
