@@ -11,6 +11,7 @@ import ast
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -21,8 +22,8 @@ from flashrt_ros.core import checkpoint
 from flashrt_ros.core.config import RuntimeConfig, StoreConfig
 from flashrt_ros.core.exceptions import ConfigError
 from flashrt_ros.core.runtime import PolicyRuntime
-from test_qwen3_5 import (INIT_STD, LOGITS_ATOL, SHAPES, make_checkpoint, prompt,  # noqa: F401
-                          reference_greedy, reference_logits, one_thread)
+from test_qwen3_5 import (GPU_LOGITS_ATOL, INIT_STD, LOGITS_ATOL, ROOT, SHAPES,  # noqa: F401
+                          make_checkpoint, one_thread, prompt, reference_greedy, reference_logits)
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,6 +134,26 @@ def test_scaled_ropes_written_and_read_back_are_transformers_frequencies(variant
     inv_freq, scale = ROPE_INIT_FUNCTIONS[text.rope_scaling.rope_type](theirs, None)
     ours = rope_frequencies(text)
     assert torch.equal(ours[0], inv_freq) and ours[1] == scale
+
+
+@pytest.mark.gpu
+def test_a_scaled_rope_on_the_gpu_plans_equals_transformers(rope_checkpoint, tmp_path):
+    """The captured plans and the fused kernels read the scaled cos/sin tables as they read the
+    default ones: yarn with an attention factor (tables not of unit length) against transformers
+    on the CPU, after a prefill and over greedy steps."""
+    sys.path.insert(0, ROOT)
+    from bench.compare_transformers import torch_functions
+    d = with_config(rope_checkpoint, tmp_path / "yarn",
+                    lambda cfg: {**cfg, **ROPE_VARIANTS["yarn-attention-factor"]})
+    ref = transformers.Qwen3_5ForCausalLM.from_pretrained(str(d)).eval()
+    rt = PolicyRuntime.from_pretrained(str(d), RuntimeConfig(device="cuda"), max_context=256)
+    assert rt.use_graphs
+    ids = prompt(LONG_PROMPT, ROPE_SHAPE["vocab_size"])
+    with torch_functions(ref):
+        theirs = reference_logits(ref, ids)
+        greedy = reference_greedy(ref, ids, 64)
+    np.testing.assert_allclose(our_logits(rt, ids), theirs, atol=GPU_LOGITS_ATOL, rtol=0)
+    assert rt.decode(64) == greedy
 
 
 def test_rope_scaling_that_would_drop_rope_parameters_values_is_refused(rope_checkpoint, tmp_path):

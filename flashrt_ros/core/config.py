@@ -85,9 +85,9 @@ class RopeScaling:
 
     def __post_init__(self):
         _check(self.rope_type in ROPE_TYPES, "rope_type", f"one of {', '.join(ROPE_TYPES)} (the "
-               f"types computed here; longrope switches its frequencies per call and llama3 is "
-               f"Llama's)", self.rope_type,
-               "use one of those, or serve the model with transformers")
+               f"types computed here; longrope switches its frequencies per call, as dynamic does "
+               f"past max_position_embeddings)", self.rope_type,
+               "use one of those, or serve this model with transformers")
         _check(_is_number(self.factor) and self.factor >= 1, "factor", "a number >= 1",
                self.factor)
         _check(_is_int(self.original_max_position_embeddings)
@@ -105,14 +105,11 @@ class RopeScaling:
         """From a `rope_parameters` object as transformers standardised it (`rope_type`, or the
         legacy `type`), refusing a missing key the type needs as transformers does."""
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        _check(rope_type in ROPE_TYPES, f"{where}: rope_type",
-               f"one of {', '.join(ROPE_TYPES)} (the types computed here)", rope_type,
-               "longrope and llama3 are not computed here; serve this model with transformers")
-        if rope_type == "default":
-            return cls()
-        _check("factor" in rope, f"{where}: rope '{rope_type}'", "a 'factor' key", sorted(rope),
-               "add the scaling factor (e.g. 4.0 for 4x the pretraining context)")
-        values = {"rope_type": rope_type, "factor": rope["factor"]}
+        values = {"rope_type": rope_type}       # a type not computed here: refused below
+        if rope_type in ROPE_TYPES and rope_type != "default":
+            _check("factor" in rope, f"{where}: rope '{rope_type}'", "a 'factor' key",
+                   sorted(rope), "add the scaling factor (e.g. 4.0 for 4x the pretraining context)")
+            values["factor"] = rope["factor"]
         if rope_type == "dynamic":
             # transformers rescales past max_position_embeddings (its rope keys do not say)
             values["original_max_position_embeddings"] = max_position_embeddings
