@@ -285,6 +285,15 @@ def test_param_list_get_set_describe_dump(launched):
     assert "Setting parameter failed" in wrong_type.stdout, wrong_type.stdout
     described = ok(discovered("param", "describe", node, "model", "--no-daemon"))
     assert "Type: string" in described and "preset" in described
+    # the constraints the node enforces, shown before a set fails
+    described = ok(discovered("param", "describe", node, "control_rate_hz", "--no-daemon"))
+    assert "Min value: 0.0" in described and "Max value: 1000.0" in described, described
+    described = ok(discovered("param", "describe", node, "store.eviction", "--no-daemon"))
+    assert "Additional constraints: one of: demote, drop" in described, described
+    # a name the node does not declare: refused, naming the closest one
+    typo = discovered("param", "set", node, "runtime.devcie", "cuda", "--no-daemon")
+    assert "Setting parameter failed" in typo.stdout and "runtime.device" in typo.stdout, \
+        typo.stdout
     # the model's dimensions: read-only parameters
     for name, value in MODEL_PARAMETERS.items():
         assert ok(discovered("param", "get", node, name, "--no-daemon")).strip() == \
