@@ -19,6 +19,20 @@ Design:
     QoS (best effort if any publisher is; transient local if all are) - a new subscription when
     that differs from the first; the one it replaces is ignored from then on - and their offered
     QoS goes into the bag's channel. A topic nobody publishes is not in the bag.
+  * Ready means every publisher of every topic reaches the recorder, not that the recorder has
+    subscribed. Two sides of DDS must match. The recorder's readers match the publishers it
+    knows of: each subscription's matched publisher count must equal the publishers the graph
+    shows (reported per topic as it changes). The publishers' writers must match the
+    recorder's readers, which the recorder cannot ask the publishing process about; it hears
+    it instead. A writer sends only to readers it has matched, and a process learns of another
+    process's subscriptions in the order they were created (DDS discovery announces them over
+    one reliable, ordered stream). So a message from the node's status publisher, received on a
+    status subscription made after the subscriptions of the node's other outputs (action,
+    capsule_events), shows that the node has matched all of them. On a busy machine that
+    takes seconds after the graph shows the node; a recorder that said ready earlier lost the
+    node's first actions. Inputs (observations, instructions, JointState) come from publishers
+    that wait for their subscribers themselves (ros/publishing.py, the player). Should actions
+    still not come while the node's status shows it stepping, the recorder warns.
   * Raw subscriptions: the CDR bytes rclpy receives are written unchanged, stamped from rclpy's
     MessageInfo as rosbag2 stamps them: log time = when the middleware received the message,
     publish time = the sender's source timestamp, sequence = the publisher's sequence number.
@@ -45,6 +59,8 @@ from flashrt_ros.ros.stamps import sec_nanosec
 
 STORAGES = ("mcap", "sqlite3")
 PARAMETER_RETRY_S = 1.0     # ask the node for its parameters again when answers are missing
+# status messages with a new step, after the action topic was ready, without any action: warn
+SILENT_ACTION_STEPS = 3
 
 
 def _qos_to_bag(profile):
@@ -143,8 +159,11 @@ class BagRecorder:
     """Records the episode topics of policy node `node` into a new bag at `out`.
 
     Drive it with `spin_once()`; `close()` finishes the bag. `counts` holds the messages written
-    per role; `ready` is True once every topic's publishers were seen (and its channel is in the
-    bag); `node_parameters` holds the policy node's parameters once they were read.
+    per role; `matched` holds (matched, known) publishers per topic: how many publishers this
+    recorder's subscription has matched, of those the graph shows; `ready` is True once every
+    topic's publishers are all matched and the node's status showed that its writers matched
+    the recorder (module docstring); `node_parameters` holds the policy node's parameters once
+    they were read.
     """
 
     def __init__(self, node: str = "/flashrt_policy", out: str | None = None,
@@ -169,11 +188,24 @@ class BagRecorder:
             else:
                 self.topics[topic_name(role, self.target)] = role
         self.counts = {r.role: 0 for r in self.topics.values()}
+        self.matched = {t: (0, 0) for t in self.topics}
         self.nbytes = 0
-        self._subs = {}                          # topic -> (subscription, its QoS)
+        self._subs = {}                          # topic -> (subscription, its QoS, its serial)
+        self._serial = 0                         # subscriptions made so far
         self._channels = {}                      # topic -> channel in the bag
         self._warned = set()
-        self._params_sent = None        # when the parameters were last asked for
+        # the node's outputs, whose writers a status message shows matched (module docstring);
+        # status is subscribed last, after the others
+        self._status_topic = topic_name(ROLES["status"], self.target)
+        self._outputs = [t for t, r in self.topics.items() if not r.input and r.under_node]
+        self._status_heard = 0                   # serial of the status subscription heard from
+        self._was_ready = False
+        self._action_steps = None                # new steps in status since the actions were ready
+        self._actions_then = 0                   # actions recorded then
+        self._last_step = None
+        self._params_sent = None        # when the parameters were last asked for, or answered
+        self._param_names = None        # the node's parameter names, once listed
+        self._param_values = {}         # name -> value, as the answers come
         self.node_parameters = None
         try:
             self.writer = (McapBagWriter(self.out, flush_interval_s=flush_interval_s
@@ -191,19 +223,36 @@ class BagRecorder:
                                                     f"{self.target}/list_parameters")
         self._get_client = self.node.create_client(GetParameters, f"{self.target}/get_parameters")
         self.started = time.monotonic()
-        for topic, role in self.topics.items():
+        for topic, role in sorted(self.topics.items(), key=lambda t: t[0] == self._status_topic):
             self._subscribe(topic, role, _subscription_qos(latched=role.role == "instruction"))
         self.node.create_timer(0.1, self._discover)
 
     @property
     def ready(self) -> bool:
-        return len(self._channels) == len(self.topics)
+        return all(self._topic_ready(t) for t in self.topics)
+
+    def _topic_ready(self, topic) -> bool:
+        """Every publisher of `topic` reaches the recorder, and its channel is in the bag."""
+        matched, known = self.matched[topic]
+        return topic in self._channels and 0 < known <= matched and (
+            topic not in self._outputs or self._outputs_matched())
+
+    def _outputs_matched(self) -> bool:
+        """A status message came on a status subscription no older than the subscriptions of
+        the node's other outputs: the node's writers have matched all of them."""
+        return self._status_heard >= max(self._subs[t][2] for t in self._outputs)
+
+    def _check_ready(self):
+        if self.ready and not self._was_ready:
+            self._was_ready = True
+            self.log(f"[record] ready: recording {len(self.topics)} topics to {self.out}")
 
     # -- discovery: the publishers' QoS and types ------------------------------------------
     def _discover(self):
         self._poll_parameters()
         for topic, role in self.topics.items():
             pubs = self.node.get_publishers_info_by_topic(topic)
+            self._count_matches(topic, [p for p in pubs if p.topic_type == role.msgtype])
             if not pubs:
                 continue
             wrong = {p.topic_type for p in pubs} - {role.msgtype}
@@ -220,6 +269,19 @@ class BagRecorder:
             have = self._subs[topic][1]
             if (want.reliability, want.durability) != (have.reliability, have.durability):
                 self._subscribe(topic, role, want)
+                if topic in self._outputs and topic != self._status_topic:
+                    # again after it, so that a status message can show the node matched it
+                    self._subscribe(self._status_topic, self.topics[self._status_topic],
+                                    self._subs[self._status_topic][1])
+        self._check_ready()
+
+    def _count_matches(self, topic, pubs):
+        """Keep and report how many of the publishers `pubs` the topic's subscription matched."""
+        counts = (min(self._subs[topic][0].get_publisher_count(), len(pubs)), len(pubs))
+        if counts != self.matched[topic]:
+            self.matched[topic] = counts
+            if counts[1]:
+                self.log(f"[record] {topic}: {counts[0]} of {counts[1]} publisher(s) matched")
 
     def _channel(self, topic, role, pubs=None) -> int:
         """The topic's channel in the bag, added with the publishers' offered QoS on first use."""
@@ -235,8 +297,6 @@ class BagRecorder:
                                                       type_hash(role.msgtype),
                                                       dump_qos_v9(profiles))
         self.log(f"[record] recording {topic} ({role.msgtype}, {len(pubs)} publisher(s))")
-        if self.ready:
-            self.log(f"[record] ready: recording {len(self.topics)} topics to {self.out}")
         return self._channels[topic]
 
     def _subscribe(self, topic, role, qos):
@@ -259,44 +319,82 @@ class BagRecorder:
             self.nbytes += len(raw)
             if self.counts[role.role] == 1:
                 self.log(f"[record] first message on {topic}")
+            if topic == self._status_topic:
+                self._on_status(raw, serial)
+        self._serial += 1
+        serial = self._serial
         sub = self.node.create_subscription(msg_class, topic, on_message, qos, raw=True)
-        self._subs[topic] = (sub, qos)
+        self._subs[topic] = (sub, qos, serial)
         if previous is not None:
-            self.log(f"[record] {topic}: subscribed again with the publishers' QoS "
-                     f"({qos.reliability.name.lower()}, {qos.durability.name.lower()})")
+            self.log(f"[record] {topic}: subscribed again ({qos.reliability.name.lower()}, "
+                     f"{qos.durability.name.lower()})")
+
+    def _on_status(self, raw: bytes, serial: int):
+        """The node's writers matched every subscription up to `serial`; and the actions' check:
+        a node whose status keeps showing new steps while no action arrives is warned about."""
+        from rclpy.serialization import deserialize_message
+        self._status_heard = max(self._status_heard, serial)
+        self._check_ready()
+        step = deserialize_message(raw, _message_class(ROLES["status"].msgtype)).step
+        action = topic_name(ROLES["action"], self.target)
+        if self._action_steps is None:
+            if self._topic_ready(action):      # from here on, each step's action reaches us
+                self._action_steps, self._actions_then = 0, self.counts["action"]
+        elif step != self._last_step:
+            self._action_steps += 1
+            if self._action_steps == SILENT_ACTION_STEPS and \
+                    self.counts["action"] == self._actions_then:
+                self.log(f"[record] warning: {action}: the node's status showed "
+                         f"{SILENT_ACTION_STEPS} new steps (now step {step}) since its action "
+                         f"publisher matched this recorder, and none of their actions arrived; "
+                         f"the bag misses them. Stop and record again, and check that one node "
+                         f"publishes {action}")
+        self._last_step = step
 
     # -- the node's parameters, for a replay that configures a node the same way ----------
     def _poll_parameters(self):
+        """Ask for the parameter names, then for each value, and again for what has not come
+        after PARAMETER_RETRY_S without any answer: rmw_fastrtps can drop a fresh client's
+        answer (docs/node.md). A node slow to answer is not asked again while its answers still
+        come: a second round on top of the first made a busy node fall further behind each
+        second, and the recorder never stored the parameters."""
         from rcl_interfaces.srv import ListParameters
         if self.node_parameters is not None or not self._list_client.service_is_ready():
             return
         now = time.monotonic()
         if self._params_sent is not None and now - self._params_sent < PARAMETER_RETRY_S:
             return
-        # the first ask, or not every answer of the last one came: rmw_fastrtps can drop a fresh
-        # client's answer (docs/node.md), and these are queries, so ask again
         self._params_sent = now
-        self._list_client.call_async(ListParameters.Request()).add_done_callback(
-            self._on_parameter_names)
+        if self._param_names is None:
+            self._list_client.call_async(ListParameters.Request()).add_done_callback(
+                self._on_parameter_names)
+        else:
+            self._ask_values([n for n in self._param_names if n not in self._param_values])
 
     def _on_parameter_names(self, future):
+        if self._param_names is not None:
+            return
+        self._params_sent = time.monotonic()
+        self._param_names = list(future.result().result.names)
+        self._ask_values(self._param_names)
+
+    def _ask_values(self, names):
         # one request per name: rclpy answers a request naming a declared-but-unset parameter
         # (an empty joint_names) with no values at all
         from rcl_interfaces.srv import GetParameters
-        names = list(future.result().result.names)
-        values = {}
-
-        def one(name, f):
-            got = f.result().values
-            values[name] = _parameter_value(got[0]) if got else None
-            if len(values) == len(names) and self.node_parameters is None:
-                params = {n: values[n] for n in sorted(names)}
-                self.writer.set_custom(META_PARAMETERS, json.dumps(params, sort_keys=True))
-                self.node_parameters = params
-                self.log(f"[record] stored the {len(params)} parameters of {self.target} in the bag")
         for name in names:
             self._get_client.call_async(GetParameters.Request(names=[name])).add_done_callback(
-                lambda f, name=name: one(name, f))
+                lambda f, name=name: self._on_parameter_value(name, f))
+
+    def _on_parameter_value(self, name, future):
+        self._params_sent = time.monotonic()
+        got = future.result().values
+        self._param_values[name] = _parameter_value(got[0]) if got else None
+        if self.node_parameters is None and len(self._param_values) == len(self._param_names):
+            params = {n: self._param_values[n] for n in sorted(self._param_names)}
+            self.writer.set_custom(META_PARAMETERS, json.dumps(params, sort_keys=True))
+            self.node_parameters = params
+            self.log(f"[record] stored the {len(params)} parameters of {self.target} in the bag")
 
     # -- running --------------------------------------------------------------------------
     def spin_once(self, timeout_sec: float = 0.1):
@@ -305,10 +403,16 @@ class BagRecorder:
 
     def progress_line(self) -> str:
         per_topic = "  ".join(f"{k} {v}" for k, v in self.counts.items())
-        waiting = [t for t in self.topics if t not in self._channels]
+        waiting = [t for t, (matched, known) in self.matched.items()
+                   if not known or matched < known or t not in self._channels]
         line = (f"[record] {time.monotonic() - self.started:6.1f} s  {per_topic}  "
                 f"({self.nbytes / 2**20:.2f} MiB)")
-        return line + (f"  waiting for publishers of {waiting}" if waiting else "")
+        if waiting:
+            return line + f"  waiting for publishers of {waiting} to match"
+        if not self._outputs_matched():
+            return line + (f"  waiting for a message on {self._status_topic} (the node's "
+                           f"writers have not matched this recorder yet)")
+        return line
 
     def close(self):
         """Finish the bag (MCAP summary and metadata.yaml / sqlite3 commit) and release ROS."""
