@@ -18,7 +18,17 @@ pinned set leaves no room, the request fails with BudgetExceeded and nothing cha
 
 Atomicity: every operation checks everything it can (names, fingerprint, sizes, digest, room)
 before it changes anything; a failed operation leaves the live state and the store as they were.
-Restore copies into the live arena (never rebinds), so captured graphs stay valid.
+Restore copies into the live arena (never rebinds), so captured graphs stay valid. A file goes
+before the index entry and memory that go with it: a delete unlinks first; a spill promoted into
+memory and the victims of a disk eviction are set aside (renamed to the store's own temp names)
+and put back if the request fails.
+
+Files outside its control: the store only creates capsule files (file.py: linked in, never over
+an existing one), each naming its writer (`store.writer`), and remembers the digest, creation
+time and writer of each file it wrote or indexed; a file another store or process wrote or
+replaced is refused before it is used, dropped or deleted (CapsuleConflict). Filesystem errors
+answer StorageError, a full disk BudgetExceeded. `usage()` never raises (the node's status timer
+calls it).
 
 Locking (the node relies on this): `store.lock` guards the index and the memory tiers; the
 runtime's own `runtime.lock` guards the live state. Store operations take `store.lock` first and
