@@ -1,5 +1,7 @@
 """The capsule layer's reliability promises (issue 17): identity, sealed headers, regular files,
-eviction that a failed write never costs, temp files that are the store's own, the default tier.
+eviction that a failed write never costs, temp files that are the store's own, the default tier;
+and files outside the store's control (issue 28): files that disappear, two stores on one
+directory, deletes that fail, filesystem errors, headers nested too deep to parse.
 
 Store checks drive CapsuleStore and PagedCapsuleStore directly; node checks call the callbacks a
 configured PolicyNode registered (real rclpy, in-process) and serialise every answer as rclpy would
