@@ -5,6 +5,9 @@ functions (an import that runs when called counts as much as one at the top). Th
 the bottom:
 
     core      the runtime: config, arena, model, kernels, plans, runtime (no ROS)
+    inputs    sensor messages -> the policy's inputs (no ROS), beside core: it raises core's
+              errors and holds LeRobot's image preparation to core's processors, and the
+              policies write their images through inputs/preprocess.py
     capsules  capsules, pools and stores over the runtime (no ROS)
     ros       the node and its clients
     sim       the simulated arm (ROS-free) and its ROS node
@@ -13,9 +16,9 @@ the bottom:
     cli       the command line, on top of everything
 
 A module may import its own layer and the layers its row below allows; nothing imports upward,
-and `core` and `capsules` import no ROS module at all (test_core_without_ros.py also imports them
-in a Python where ROS is refused). No module imports itself through others (an import cycle):
-within a layer, too, the imports go one way.
+and `core`, `inputs` and `capsules` import no ROS module at all (test_core_without_ros.py also
+imports them in a Python where ROS is refused). No module imports itself through others (an
+import cycle): within a layer, too, the imports go one way.
 """
 from __future__ import annotations
 
@@ -31,14 +34,16 @@ PACKAGE = os.path.join(ROOT, "flashrt_ros")
 # what each subpackage may import from flashrt_ros (besides itself); msg/srv are the generated
 # interfaces, top-level the package's own __init__
 ALLOWED = {
-    "core": set(),
+    "core": {"inputs"},
+    "inputs": {"core"},
     "capsules": {"core"},
-    "ros": {"core", "capsules", "msg", "srv"},
-    "sim": {"core", "ros", "msg", "srv"},
-    "bags": {"core", "capsules", "ros", "msg", "srv"},
+    "ros": {"core", "capsules", "inputs", "msg", "srv"},
+    "sim": {"core", "inputs", "ros", "msg", "srv"},
+    "bags": {"core", "capsules", "inputs", "ros", "msg", "srv"},
     "bt": {"core", "capsules", "ros", "sim", "msg", "srv"},
-    "cli": {"core", "capsules", "ros", "sim", "bags", "bt", "msg", "srv", "testing"},
-    "testing": {"core", "ros", "bags", "msg", "srv"},    # flashrt_ros/testing.py: node processes
+    "cli": {"core", "capsules", "inputs", "ros", "sim", "bags", "bt", "msg", "srv", "testing"},
+    # flashrt_ros/testing.py: node processes
+    "testing": {"core", "inputs", "ros", "bags", "msg", "srv"},
 }
 ROS_TOP_LEVEL = {"rclpy", "rpyutils", "ament_index_python", "launch", "launch_ros", "ros2cli",
                  "rosidl_runtime_py", "rosbags", "mcap", "mcap_ros2", "py_trees", "py_trees_ros"}
@@ -104,7 +109,7 @@ def violations():
                          f"it in one, or add its layer to ALLOWED with the imports it may make")
             continue
         for line, name in imports_of(path, relpath):
-            if layer in ("core", "capsules") and is_ros(name):
+            if layer in ("core", "inputs", "capsules") and is_ros(name):
                 found.append(f"{relpath}:{line}: imports {name}; {layer}/ must import no ROS")
             parts = name.split(".")
             if parts[0] != "flashrt_ros" or len(parts) < 2:

@@ -20,7 +20,7 @@ ROS_FREE_HELPERS = ("flashrt_ros.ros.waiting", "flashrt_ros.ros.operations", "fl
 
 def ros_free_modules() -> list[str]:
     names = []
-    for layer in ("core", "capsules"):
+    for layer in ("core", "inputs", "capsules"):
         for f in sorted(os.listdir(os.path.join(ROOT, "flashrt_ros", layer))):
             if f.endswith(".py") and f != "__init__.py":
                 names.append(f"flashrt_ros.{layer}.{f[:-3]}")
