@@ -197,7 +197,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["flashrt_ros", "flashrt_ros.*"]),
     data_files=DATA_FILES,
-    install_requires=["numpy", "pyyaml", "safetensors", "tokenizers", "torch>=2.4"],
+    install_requires=["numpy", "pillow", "pyyaml", "safetensors", "tokenizers", "torch>=2.4"],
     extras_require={
         "ros": ["rosbags>=0.10", "mcap>=1.6", "py_trees>=2.2"],
         # fla's kernels only: the flash-linear-attention distribution adds fla.layers and

@@ -31,9 +31,9 @@ from flashrt_ros.core.arena import (DTYPES, META_CONTEXT_LEN, META_POSITION, MET
 from flashrt_ros.core.exceptions import InputError
 from flashrt_ros.core.models.smolvla.checkpoint_smolvla import SmolVLADir
 from flashrt_ros.core.models.smolvla.modeling_smolvla import SmolVLAModel
-from flashrt_ros.core.models.smolvla.processor_smolvla import resize_with_pad, to_unit_image
 from flashrt_ros.core.policy import VLAPolicy
 from flashrt_ros.core.seeded import counter_gaussian
+from flashrt_ros.inputs.preprocess import check_frame, prepare_frame
 
 STATE_KEY, ACTION_KEY, TASK_KEY = "observation.state", "action", "task"
 
@@ -99,18 +99,17 @@ class SmolVLAPolicy(VLAPolicy):
         if not isinstance(task, str):
             raise InputError(f"{TASK_KEY}: expected a string, found {type(task).__name__}")
         images = []
-        for key in c.cameras:
+        for i, key in enumerate(c.cameras):
             img = batch[key]
             if isinstance(img, (np.ndarray, torch.Tensor)) and img.ndim == 4 and img.shape[0] == 1:
                 img = img[0]
-            images.append(to_unit_image(img, key))
+            images.append(check_frame(img, io.pixels[i], key))
         noise_t = None if noise is None else \
             _array(noise, "noise", (c.chunk_size, c.max_action_dim))
         ids, mask = self.src.tokenizer(task)
         dev = io.state.device
-        w, h = c.resize
-        for i, img in enumerate(images):
-            io.pixels[i].copy_(resize_with_pad(img.to(dev), w, h) * 2.0 - 1.0)
+        for i, (key, img) in enumerate(zip(c.cameras, images)):
+            prepare_frame(img, io.pixels[i], key)
         io.lang_ids.copy_(torch.from_numpy(ids))
         io.lang_mask.copy_(torch.from_numpy(mask))
         st = self.normalizer.normalize(STATE_KEY, state.to(dev))
