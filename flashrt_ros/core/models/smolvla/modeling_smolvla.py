@@ -312,6 +312,10 @@ class SmolVLAModel(nn.Module):
             chunk_arange=torch.arange(n, device=device),
             # image and language tokens (0) see each other; the state token (1) sees them all
             att_blocks=torch.tensor([0] * (cfg.prefix_len - 1) + [1], device=device),
+            # made here: a tensor made from a Python number inside a captured plan is a host copy
+            image_scale=torch.tensor(cfg.text.hidden_size ** 0.5,
+                                     dtype=self.connector.modality_projection.proj.weight.dtype,
+                                     device=device),
             special=torch.tensor([cfg.fake_image_token_id, cfg.global_image_token_id],
                                  dtype=torch.int64, device=device).clamp(min=0),
         )
@@ -323,7 +327,7 @@ class SmolVLAModel(nn.Module):
         cfg = self.cfg
         img = self.connector(self.vision(pixels.to(self.vision.post_layernorm.weight.dtype),
                                          c["patch_positions"]))      # [cams, image_tokens, d]
-        img = img * torch.tensor(img.shape[-1] ** 0.5, dtype=img.dtype, device=img.device)
+        img = img * c["image_scale"]                      # sqrt(d) in the image dtype, as LeRobot
         embed = self.text.embed_tokens
         if cfg.add_image_special_tokens:
             start = embed(c["special"])[None].expand(img.shape[0], -1, -1)          # fake, global

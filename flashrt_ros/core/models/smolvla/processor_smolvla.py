@@ -27,12 +27,15 @@ STATS = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max"), "QUANTILES": ("
 
 
 class Normalizer:
-    """Per-feature affine maps of one LeRobot (un)normaliser step."""
+    """Per-feature affine maps of one LeRobot (un)normaliser step. Each feature's (low,
+    denominator) pair is computed once, on the normaliser's device, so that applying it inside a
+    captured plan creates no tensor."""
 
     def __init__(self, modes: dict, stats: dict, eps: float):
         self.modes = modes          # feature key -> mode
         self.stats = stats          # feature key -> {stat name: float32 tensor}
         self.eps = eps
+        self._affine = {key: self._low_denom(key) for key in modes}
 
     @classmethod
     def from_step(cls, step: dict, directory: str, features: dict, where: str, regular_file,
@@ -79,7 +82,7 @@ class Normalizer:
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if key not in self.modes:
             return x
-        lo, d = self._low_denom(key)
+        lo, d = self._affine[key]
         if self.modes[key] == "MEAN_STD":
             return (x - lo) / (d + self.eps)
         if self.modes[key] == "MIN_MAX":
@@ -89,7 +92,7 @@ class Normalizer:
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if key not in self.modes:
             return x
-        lo, d = self._low_denom(key)
+        lo, d = self._affine[key]
         if self.modes[key] == "MEAN_STD":
             return x * d + lo
         if self.modes[key] == "MIN_MAX":
