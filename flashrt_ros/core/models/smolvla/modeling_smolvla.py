@@ -49,7 +49,19 @@ def activation(name: str):
 
 # -- shared pieces ---------------------------------------------------------------------------------
 def attend(q, k, v, mask):
-    """LeRobot's eager attention. q [Tq, H, D], k/v [Tk, KV, D], mask [Tq, Tk] bool -> [Tq, H*D]."""
+    """Attention as one fused kernel (torch's scaled_dot_product_attention, grouped heads):
+    q [Tq, H, D], k/v [Tk, KV, D], mask [Tq, Tk] bool -> [Tq, H*D]. Held to `attend_reference`,
+    LeRobot's eager form, by test_smolvla. Every row must allow at least one key (a fully masked
+    row gives NaN here, not LeRobot's uniform average)."""
+    tq, heads, d = q.shape
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, enable_gqa=heads != k.shape[1])
+    return out.transpose(0, 1).reshape(tq, heads * d)
+
+
+def attend_reference(q, k, v, mask):
+    """LeRobot's eager attention: scores in float32 masked with the float32 minimum, softmax,
+    probabilities in the value dtype. q [Tq, H, D], k/v [Tk, KV, D], mask [Tq, Tk] -> [Tq, H*D]."""
     tq, heads, d = q.shape
     groups = heads // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
@@ -70,13 +82,22 @@ class Rope(nn.Module):
         exponents = (2.0 / head_dim) * torch.arange(head_dim // 2, dtype=torch.float32)
         self.register_buffer("timescale", ROPE_WAVELENGTH ** exponents, persistent=False)
 
-    def forward(self, x, positions):
+    def table(self, positions):
+        """(cos, sin) [T, 1, D/2] float32 of positions [T]: computed once per position set and
+        applied by every layer and flow step."""
+        radians = (positions[:, None].float() / self.timescale[None, :])[:, None, :]
+        return torch.cos(radians), torch.sin(radians)
+
+    @staticmethod
+    def apply(x, table):
+        cos, sin = table
         half = x.shape[-1] // 2
         x32 = x.float()
-        radians = (positions[:, None].float() / self.timescale[None, :])[:, None, :]   # [T, 1, D/2]
-        sin, cos = torch.sin(radians), torch.cos(radians)
         x1, x2 = x32[..., :half], x32[..., half:]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    def forward(self, x, positions):
+        return self.apply(x, self.table(positions))
 
 
 class RMSNorm(nn.Module):
@@ -309,6 +330,7 @@ class SmolVLAModel(nn.Module):
                 cfg.image_grid, self.vision.embeddings.patch_embedding.weight.dtype).to(device),
             time_emb=time_emb.to(device),
             causal=torch.ones(n, n, dtype=torch.bool).tril().to(device),
+            prefix_eye=torch.eye(cfg.prefix_len, dtype=torch.bool, device=device),
             chunk_arange=torch.arange(n, device=device),
             # image and language tokens (0) see each other; the state token (1) sees them all
             att_blocks=torch.tensor([0] * (cfg.prefix_len - 1) + [1], device=device),
@@ -347,26 +369,38 @@ class SmolVLAModel(nn.Module):
         x, mask = self.embed_prefix(pixels, lang_tokens, lang_mask, state, c)
         blocks = torch.cumsum(c["att_blocks"], 0)
         att = (blocks[None, :] <= blocks[:, None]) & mask[None, :] & mask[:, None]   # [P, P]
-        pos = torch.cumsum(mask.to(torch.int64), 0) - 1
+        # a padding token's row attends to itself (LeRobot's has no key: a uniform average);
+        # nothing reads those rows, and no row is left without a key
+        att |= c["prefix_eye"]
+        rope = self.rope.table(torch.cumsum(mask.to(torch.int64), 0) - 1)
         last = len(self.text.layers) - 1
         for i, layer in enumerate(self.text.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x).to(a.q_proj.weight.dtype)
-            k = self.rope(a.k_proj(h).view(-1, a.kv_heads, a.head_dim), pos)
+            k = self.rope.apply(a.k_proj(h).view(-1, a.kv_heads, a.head_dim), rope)
             v = a.v_proj(h).view(-1, a.kv_heads, a.head_dim)
             kv[:, i, 0].copy_(k)
             kv[:, i, 1].copy_(v)
             if i == last:
                 break              # nothing reads the last layer's output, only its keys/values
-            q = self.rope(a.q_proj(h).view(-1, a.heads, a.head_dim), pos)
+            q = self.rope.apply(a.q_proj(h).view(-1, a.heads, a.head_dim), rope)
             x = layer.finish(x, attend(q, k, v, att))
         return mask
 
     # -- the flow ----------------------------------------------------------------------------------
-    def cross_kv(self, kv) -> dict:
-        """Each cross-attending layer's keys and values: the prefix's, through the expert's k/v
-        projections (fixed for one observation, so computed once before the flow steps)."""
-        cfg, out = self.cfg, {}
+    def flow_constants(self, kv, mask, c) -> dict:
+        """What every flow step of one observation reads and none changes: each cross-attending
+        layer's keys and values (the prefix's, through the expert's k/v projections), the RoPE
+        tables of the two position sets, the two masks."""
+        cfg = self.cfg
+        n = cfg.chunk_size
+        f = {"cross": {},
+             # self-attending layers: the chunk's tokens follow the valid prefix tokens
+             "self_rope": self.rope.table(mask.sum() + c["chunk_arange"]),
+             "self_mask": torch.cat([mask[None].expand(n, -1), c["causal"]], dim=1),
+             # cross-attending layers: the queries' positions start again from 0
+             "cross_rope": self.rope.table(c["chunk_arange"]),
+             "cross_mask": mask[None].expand(n, -1)}
         for i in range(cfg.num_vlm_layers):
             j = cfg.expert_layer_of(i)
             if j is None or cfg.self_attends(i):
@@ -375,19 +409,16 @@ class SmolVLAModel(nn.Module):
             p = kv.shape[0]
             k = a.k_proj(kv[:, i, 0].reshape(p, -1).to(a.k_proj.weight.dtype))
             v = a.v_proj(kv[:, i, 1].reshape(p, -1).to(a.v_proj.weight.dtype))
-            out[i] = (k.view(p, -1, a.head_dim), v.view(p, -1, a.head_dim))
-        return out
+            f["cross"][i] = (k.view(p, -1, a.head_dim), v.view(p, -1, a.head_dim))
+        return f
 
-    def velocity(self, x, step: int, kv, cross, mask, c):
+    def velocity(self, x, step: int, kv, f, c):
         """v(x, t) of flow step `step`: x [chunk, max_action_dim] float32 -> same shape."""
         cfg = self.cfg
         a_emb = self.action_in_proj(x.to(self.action_in_proj.weight.dtype))
         t_emb = c["time_emb"][step][None].expand_as(a_emb)
         h = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([a_emb, t_emb], -1))))
         n = h.shape[0]
-        self_pos = mask.sum() + c["chunk_arange"]          # after the valid prefix tokens
-        self_mask = torch.cat([mask[None].expand(n, -1), c["causal"]], dim=1)
-        cross_mask = mask[None].expand(n, -1)
         for i in range(cfg.num_vlm_layers):
             j = cfg.expert_layer_of(i)
             if j is None:
@@ -397,14 +428,15 @@ class SmolVLAModel(nn.Module):
             hn = layer.input_layernorm(h).to(a.q_proj.weight.dtype)
             q = a.q_proj(hn).view(n, a.heads, a.head_dim)
             if cfg.self_attends(i):
-                k = self.rope(a.k_proj(hn).view(n, a.kv_heads, a.head_dim), self_pos)
+                rope = f["self_rope"]
+                k = self.rope.apply(a.k_proj(hn).view(n, a.kv_heads, a.head_dim), rope)
                 v = a.v_proj(hn).view(n, a.kv_heads, a.head_dim)
                 k = torch.cat([kv[:, i, 0].to(k.dtype), k])
                 v = torch.cat([kv[:, i, 1].to(v.dtype), v])
-                att = attend(self.rope(q, self_pos), k, v, self_mask)
+                att = attend(self.rope.apply(q, rope), k, v, f["self_mask"])
             else:
-                k, v = cross[i]
-                att = attend(self.rope(q, c["chunk_arange"]), k, v, cross_mask)
+                k, v = f["cross"][i]
+                att = attend(self.rope.apply(q, f["cross_rope"]), k, v, f["cross_mask"])
             h = layer.finish(h, att)
         h = self.expert.norm(h)
         return self.action_out_proj(h.float().to(self.action_out_proj.weight.dtype)).float()
@@ -412,8 +444,8 @@ class SmolVLAModel(nn.Module):
     def sample(self, noise, kv, mask, c):
         """The Euler loop: from `noise` [chunk, max_action_dim] at t = 1 to the actions at t = 0."""
         dt = -1.0 / self.cfg.num_steps
-        cross = self.cross_kv(kv)
+        f = self.flow_constants(kv, mask, c)
         x = noise
         for step in range(self.cfg.num_steps):
-            x = x + dt * self.velocity(x, step, kv, cross, mask, c)
+            x = x + dt * self.velocity(x, step, kv, f, c)
         return x
