@@ -222,3 +222,21 @@ def test_describe_shows_the_arena():
     names = {b["name"] for b in info["buffers"]}
     assert {"meta", "prefix_mask", "action_queue", "queue_left", "kv"} <= names
     assert info["family"] == "smolvla" and info["prefix_kv_bytes"] > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_attention_equals_lerobots_eager_form(dtype, tol):
+    """`attend` (torch's fused kernel) against `attend_reference` (LeRobot's eager attention) on the
+    shapes and masks SmolVLA uses: grouped heads, a bidirectional block that does not see the
+    last token, padding columns, a causal block after a prefix."""
+    from flashrt_ros.core.models.smolvla.modeling_smolvla import attend, attend_reference
+    g = torch.Generator().manual_seed(0)
+    tq, tk, heads, kv_heads, d = 7, 19, 6, 2, 16
+    q = torch.randn(tq, heads, d, generator=g).to(dtype)
+    k = torch.randn(tk, kv_heads, d, generator=g).to(dtype)
+    v = torch.randn(tk, kv_heads, d, generator=g).to(dtype)
+    pad = torch.rand(tk - tq, generator=g) > 0.3
+    pad[0] = True
+    mask = torch.cat([pad[None].expand(tq, -1), torch.ones(tq, tq, dtype=torch.bool).tril()], 1)
+    out, ref = attend(q, k, v, mask).float(), attend_reference(q, k, v, mask).float()
+    assert (out - ref).abs().max() <= tol * ref.abs().max()
