@@ -49,6 +49,7 @@ def build_vla_policy(src, device) -> torch.nn.Module:
                 torch.empty(p.shape, dtype=ckpt.param_dtype(name.removeprefix("model."), dtype),
                             device=device), requires_grad=False)
     _materialize_buffers(policy, device)
+    policy.model.fuse_projections()
     policy.weights_digest = ckpt.load_weights(policy.model, src.weights)
     policy.prepare(device)
     return policy

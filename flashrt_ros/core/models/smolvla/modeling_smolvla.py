@@ -109,8 +109,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)   # x / sqrt(mean(x^2) + eps)
         return self.weight * x32.to(x.dtype)
 
 
@@ -236,6 +235,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(kv_in, cfg.num_key_value_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=cfg.attention_bias)
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.qkv_weight = None       # [q | k | v] rows, when fuse() made the three one matrix
+
+    def fuse(self) -> None:
+        """Make q/k/v's weights views of one [q | k | v] matrix (call before the weights are
+        loaded: loading fills the views): one GEMM per layer instead of three."""
+        p = (self.q_proj, self.k_proj, self.v_proj)
+        if any(m.bias is not None for m in p) or len({m.in_features for m in p}) != 1:
+            return
+        w = p[0].weight
+        fused = torch.empty(sum(m.out_features for m in p), w.shape[1], dtype=w.dtype,
+                            device=w.device)
+        start = 0
+        for m in p:
+            m.weight = nn.Parameter(fused[start:start + m.out_features], requires_grad=False)
+            start += m.out_features
+        self.qkv_weight = fused
+
+    def qkv(self, h):
+        """q [T, H, D], k and v [T, KV, D] of the layer's own hidden states h [T, d]."""
+        t = h.shape[0]
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        else:
+            q, k, v = F.linear(h, self.qkv_weight).split(
+                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+        return (q.reshape(t, self.heads, self.head_dim), k.reshape(t, self.kv_heads, self.head_dim),
+                v.reshape(t, self.kv_heads, self.head_dim))
 
 
 class MLP(nn.Module):
@@ -246,9 +272,23 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, d, bias=cfg.mlp_bias)
         self.act = activation(cfg.hidden_act)
+        self.gate_up_weight = None   # [gate | up] rows, when fuse() made the two one matrix
+
+    def fuse(self) -> None:
+        """As Attention.fuse: gate and up as one matrix."""
+        if self.gate_proj.bias is not None:
+            return
+        w = self.gate_proj.weight
+        fused = torch.empty(2 * w.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
+        self.gate_proj.weight = nn.Parameter(fused[:w.shape[0]], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(fused[w.shape[0]:], requires_grad=False)
+        self.gate_up_weight = fused
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -313,6 +353,13 @@ class SmolVLAModel(nn.Module):
         self.action_time_mlp_out = nn.Linear(e.hidden_size, e.hidden_size)
         self.rope = Rope(t.head_dim)
 
+    def fuse_projections(self) -> None:
+        """Fuse each layer's q/k/v and gate/up matrices (views: no weight is stored twice); call
+        on an unloaded model, as the runtime's builder does."""
+        for m in self.modules():
+            if isinstance(m, (Attention, MLP)):
+                m.fuse()
+
     # -- constants derived once ------------------------------------------------------------------
     def constants(self, device) -> dict:
         """What every observation reads and no weight holds: the patch positions, the flow
@@ -376,15 +423,13 @@ class SmolVLAModel(nn.Module):
         last = len(self.text.layers) - 1
         for i, layer in enumerate(self.text.layers):
             a = layer.self_attn
-            h = layer.input_layernorm(x).to(a.q_proj.weight.dtype)
-            k = self.rope.apply(a.k_proj(h).view(-1, a.kv_heads, a.head_dim), rope)
-            v = a.v_proj(h).view(-1, a.kv_heads, a.head_dim)
+            q, k, v = a.qkv(layer.input_layernorm(x).to(a.q_proj.weight.dtype))
+            k = self.rope.apply(k, rope)
             kv[:, i, 0].copy_(k)
             kv[:, i, 1].copy_(v)
             if i == last:
                 break              # nothing reads the last layer's output, only its keys/values
-            q = self.rope.apply(a.q_proj(h).view(-1, a.heads, a.head_dim), rope)
-            x = layer.finish(x, attend(q, k, v, att))
+            x = layer.finish(x, attend(self.rope.apply(q, rope), k, v, att))
         return mask
 
     # -- the flow ----------------------------------------------------------------------------------
@@ -426,15 +471,15 @@ class SmolVLAModel(nn.Module):
             layer = self.expert.layers[j]
             a = layer.self_attn
             hn = layer.input_layernorm(h).to(a.q_proj.weight.dtype)
-            q = a.q_proj(hn).view(n, a.heads, a.head_dim)
             if cfg.self_attends(i):
                 rope = f["self_rope"]
-                k = self.rope.apply(a.k_proj(hn).view(n, a.kv_heads, a.head_dim), rope)
-                v = a.v_proj(hn).view(n, a.kv_heads, a.head_dim)
+                q, k, v = a.qkv(hn)
+                k = self.rope.apply(k, rope)
                 k = torch.cat([kv[:, i, 0].to(k.dtype), k])
                 v = torch.cat([kv[:, i, 1].to(v.dtype), v])
                 att = attend(self.rope.apply(q, rope), k, v, f["self_mask"])
             else:
+                q = a.q_proj(hn).view(n, a.heads, a.head_dim)
                 k, v = f["cross"][i]
                 att = attend(self.rope.apply(q, f["cross_rope"]), k, v, f["cross_mask"])
             h = layer.finish(h, att)
