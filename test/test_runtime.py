@@ -507,8 +507,10 @@ def test_instruction_tokens_are_what_set_instruction_prefills_and_refusals_chang
     before = everything(rt)
     tokens = rt.instruction_tokens("go left")
     assert tokens == rt.tokenizer.encode("go left")
+    with pytest.raises(InputError, match="expected at most .* characters"):
+        rt.instruction_tokens("x" * rt.model_cfg.max_context)      # refused by its length, unread
     with pytest.raises(InputError, match="exceed"):
-        rt.instruction_tokens("x" * rt.model_cfg.max_context)
+        rt.instruction_tokens([1] * rt.model_cfg.max_context)
     assert torch.equal(everything(rt), before) and rt.context_tokens
     assert rt.set_instruction(tokens) == len(tokens)
 
