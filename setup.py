@@ -202,7 +202,7 @@ setup(
         "ros": ["rosbags>=0.10", "mcap>=1.6", "py_trees>=2.2"],
         # fla's kernels only: the flash-linear-attention distribution adds fla.layers and
         # fla.models, which `import fla` then loads too (transformers with them), ~4 s of start
-        "gpu": ["fla-core>=0.6", "cupy-cuda12x"],
+        "gpu": ["fla-core>=0.6", "cupy-cuda13x"],
         "bench": ["matplotlib"],
         "test": ["pytest", "hypothesis", "matplotlib", "mcap-ros2-support"],
     },

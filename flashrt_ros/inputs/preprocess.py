@@ -150,7 +150,7 @@ def prepare_frame_cuda(frame, out: torch.Tensor, key: str = "frame") -> None:
                          f"{out.dtype} on {out.device}")
     if _cuda_kernel() is None:
         raise RuntimeError("prepare_frame_cuda needs CuPy (the package's gpu extra: "
-                           "pip install cupy-cuda12x, or the build for your CUDA)")
+                           "pip install cupy-cuda13x, or the build for your CUDA)")
     _launch(f, out)
 
 
