@@ -57,14 +57,32 @@ class ModelDir:
     policy_weights: str          # '' = heads drawn from the seed
 
 
+def model_directory(spec: str) -> str:
+    """The checkpoint directory a node's `model` parameter names, or '' for a YAML preset: a path
+    (it has a `/`, or starts with `~` or `.`) as it is, a preset name whose preset is a directory
+    (`config/presets/<name>/`, e.g. a LeRobot SmolVLA checkpoint) as that directory."""
+    if not isinstance(spec, str):
+        return ""
+    if os.sep in spec or spec.startswith(("~", ".")):
+        return spec
+    from flashrt_ros.core.config import preset_dirs
+    for d in preset_dirs():
+        path = os.path.join(d, spec)
+        if spec and spec not in (os.curdir, os.pardir) and os.path.isdir(path):
+            return path
+    return ""
+
+
 def resolve_model(spec: str, say=None, **overrides) -> ModelDir:
     """A node's `model` parameter: a checkpoint directory (a path), or a preset name.
 
     A preset (`config/presets/<name>.yaml`) draws its backbone from the seed; trained heads for it
-    may lie beside the YAML as `<name>.policy.safetensors`.
+    may lie beside the YAML as `<name>.policy.safetensors`. A preset that is a directory
+    (`config/presets/<name>/`) is read as a checkpoint directory.
     """
-    if isinstance(spec, str) and (os.sep in spec or spec.startswith(("~", "."))):
-        return read_model_dir(spec, say=say, **overrides)
+    directory = model_directory(spec)
+    if directory:
+        return read_model_dir(directory, say=say, **overrides)
     from flashrt_ros.core.config import load_preset, preset_path
     cfg = load_preset(spec, **overrides)
     yaml_path = preset_path(spec)
@@ -119,6 +137,11 @@ def read_model_dir(path: str, say=None, **overrides) -> ModelDir:
     if not os.path.isdir(path):
         raise ConfigError(f"model: expected a checkpoint directory, found no directory {path}")
     hf = _read_json(_regular_file(path, CONFIG, "model"), f"{path}/{CONFIG}")
+    if hf.get("type") == "smolvla":
+        raise ConfigError(f"model {path}: expected a Qwen3.5 checkpoint here, found a LeRobot "
+                          f"SmolVLA checkpoint; its runtime is built by "
+                          f"PolicyRuntime.from_pretrained (docs/models.md), which is what the "
+                          f"node does for it")
     if hf.get("model_type") == "qwen3_5" and "vision_config" in hf:
         say(f"{path}: a Qwen3.5 VLM checkpoint; serving its text model, the vision tower is ignored")
     text = TextConfig.from_hf(hf, where=f"{path}/{CONFIG}")

@@ -41,9 +41,11 @@ def _f(default, help, read_only=False):
 
 @dataclass(frozen=True)
 class NodeConfig:
-    model: str = _f("tiny", "a preset name (config/presets/<name>.yaml; tiny is embedded) or a "
-                            "checkpoint directory (a path: config.json + model.safetensors as "
-                            "transformers writes them, optional policy.safetensors)", True)
+    model: str = _f("tiny", "a preset name (config/presets/<name>.yaml, or a directory "
+                            "config/presets/<name>/; tiny is embedded) or a checkpoint directory "
+                            "(a path: config.json + model.safetensors as transformers writes "
+                            "them, optional policy.safetensors; or a LeRobot SmolVLA policy, "
+                            "served with a subscription per camera)", True)
     managed: bool = _f(True, "lifecycle node waiting for configure/activate; false = configure and "
                              "activate at start (a plain auto-starting node)", True)
     instruction: str = _f("", "task instruction prefilled at configure ('' = empty context); to "
@@ -57,8 +59,16 @@ class NodeConfig:
                                  "(0 = one control period)", True)
     stale_observation_s: float = _f(0.5, "observations older than this are not stepped on (header "
                                          "stamp, or receipt in timer mode; 0 = off)")
-    observation_qos: str = _f("sensor_data", "sensor_data (best effort, depth 5) or reliable "
-                                             "(depth 10, nothing dropped)", True)
+    observation_qos: str = _f("sensor_data", "QoS of every input (observation, joint states, "
+                                             "camera images): sensor_data (best effort, depth 5) "
+                                             "or reliable (depth 10, nothing dropped: bag replay)",
+                              True)
+    sync_slop_s: float = _f(0.02, "camera policies: the state and one frame of each camera make "
+                                  "an observation when their header stamps lie within this many "
+                                  "seconds of each other", True)
+    sync_queue_size: int = _f(10, "camera policies: messages of each input kept while waiting for "
+                                  "the others (size it for the slowest camera's delay times the "
+                                  "fastest input's rate)", True)
     joint_names: tuple = _f((), "if set, also subscribe sensor_msgs/JointState on `joint_states` "
                                 "and build observations from these joints (positions, then "
                                 "velocities if obs_dim is twice their number)", True)
@@ -91,6 +101,10 @@ class NodeConfig:
                "a number of seconds in [0, 86400]", self.stale_observation_s)
         _check(self.observation_qos in ("sensor_data", "reliable"), "observation_qos",
                "sensor_data or reliable", self.observation_qos)
+        _check(0 <= self.sync_slop_s <= 3600, "sync_slop_s", "a number of seconds in [0, 3600]",
+               self.sync_slop_s)
+        _check(1 <= self.sync_queue_size <= 10000, "sync_queue_size", "an integer in [1, 10000]",
+               self.sync_queue_size)
         _check(self.command_output in ("none", "float64_multi_array", "joint_trajectory"),
                "command_output", "none, float64_multi_array or joint_trajectory", self.command_output)
         _check(0 <= self.action_dt <= 3600, "action_dt", "a number of seconds in [0, 3600]",
@@ -170,6 +184,8 @@ CONSTRAINTS = {
     "deadline_ms": _range(0, 3.6e6),
     "stale_observation_s": _range(0, 86400),
     "observation_qos": _one_of("sensor_data", "reliable"),
+    "sync_slop_s": _range(0, 3600),
+    "sync_queue_size": _range(1, 10000),
     "joint_names": Constraint(note="distinct, non-empty names; obs_dim of them or half as many; "
                                    "needed by command_output joint_trajectory"),
     "command_output": _one_of("none", "float64_multi_array", "joint_trajectory"),
