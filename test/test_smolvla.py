@@ -111,25 +111,34 @@ def test_an_episode_of_select_action_equals_lerobot(case):
         close(a, ref["episode.action"][t])
 
 
-def test_a_capsule_restores_the_same_continuation(case, tmp_path):
-    """snapshot mid-queue -> run on -> restore -> the same actions, byte for byte, and LeRobot's."""
+def run_restore_run_again(rt, ref, meta, capsule_dir):
+    """The episode's first half, a snapshot "mid" (mid-queue), the rest; then a restore of "mid"
+    and the rest again. Returns (the steps after mid, the first run's actions, the second run's,
+    the live state after the first run)."""
     from flashrt_ros.capsules.store import CapsuleStore
-    name, rt, ref, meta = case
-    store = CapsuleStore(rt, StoreConfig(capsule_dir=str(tmp_path)))
+    store = CapsuleStore(rt, StoreConfig(capsule_dir=str(capsule_dir)))
     rt.reset()
     steps = meta["episode_reset_before"][0]
     mid = max(1, steps // 2 + 1)
     noise = ref["episode.noise"]
-    for t in range(mid):
-        rt.select_action(episode_batch(ref, meta, t), noise=noise[t].numpy())
+
+    def run(ts):
+        return [rt.select_action(episode_batch(ref, meta, t), noise=noise[t].numpy()) for t in ts]
+    run(range(mid))
     store.snapshot("mid")
-    first = [rt.select_action(episode_batch(ref, meta, t), noise=noise[t].numpy())
-             for t in range(mid, steps)]
+    first = run(range(mid, steps))
+    after = rt.live_state().clone()
     store.restore("mid")
-    again = [rt.select_action(episode_batch(ref, meta, t), noise=noise[t].numpy())
-             for t in range(mid, steps)]
+    return range(mid, steps), first, run(range(mid, steps)), after
+
+
+def test_a_capsule_restores_the_same_continuation(case, tmp_path):
+    """snapshot mid-queue -> run on -> restore -> the same actions, byte for byte, and LeRobot's."""
+    name, rt, ref, meta = case
+    steps, first, again, after = run_restore_run_again(rt, ref, meta, tmp_path)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    for t, a in zip(range(mid, steps), again):
+    assert torch.equal(rt.live_state(), after)
+    for t, a in zip(steps, again):
         close(a, ref["episode.action"][t])
 
 

@@ -30,10 +30,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from flashrt_ros.core.config import RuntimeConfig, StoreConfig
+from flashrt_ros.core.config import RuntimeConfig
 from flashrt_ros.core.models.smolvla import synthetic_smolvla
 from flashrt_ros.core.runtime import PolicyRuntime
-from test_smolvla import CASES, DATA, chunk_batch, episode_batch, reference
+from test_smolvla import CASES, DATA, chunk_batch, episode_batch, reference, run_restore_run_again
 
 gpu = pytest.mark.gpu
 GPU_ATOL, GPU_RTOL = 1e-4, 1e-4
@@ -131,23 +131,9 @@ def test_a_select_action_episode_under_graphs_equals_lerobot(case):
 @gpu
 @pytest.mark.parametrize("case", CASES)
 def test_a_capsule_restored_under_graphs_continues_byte_identically(case, tmp_path):
-    from flashrt_ros.capsules.store import CapsuleStore
     ref, meta = reference(case)
     rt = runtime(case)
-    store = CapsuleStore(rt, StoreConfig(capsule_dir=str(tmp_path)))
-    rt.reset()
-    steps = meta["episode_reset_before"][0]
-    mid = max(1, steps // 2 + 1)
-    noise = ref["episode.noise"]
-    for t in range(mid):
-        rt.select_action(episode_batch(ref, meta, t), noise=noise[t].numpy())
-    store.snapshot("mid")
-    first = [rt.select_action(episode_batch(ref, meta, t), noise=noise[t].numpy())
-             for t in range(mid, steps)]
-    after = rt.live_state().clone()
-    store.restore("mid")
-    again = [rt.select_action(episode_batch(ref, meta, t), noise=noise[t].numpy())
-             for t in range(mid, steps)]
+    _, first, again, after = run_restore_run_again(rt, ref, meta, tmp_path)
     assert all(same_bytes(a, b) for a, b in zip(first, again))
     assert torch.equal(rt.live_state(), after)
 

@@ -17,6 +17,7 @@ in `StaticIO`, outside the arena, and are not part of capsules.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import torch
 
 
 ALIGN = 256  # bytes; keeps every view aligned for vectorised kernels
+CAPSULE_FORMAT_VERSION = 2
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int64": torch.int64, "uint8": torch.uint8}
@@ -137,6 +139,24 @@ class StateArena:
     def layout_digest(self) -> str:
         text = json.dumps(self.layout(), sort_keys=True).encode()
         return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+    def live_bytes_by_role(self, position: int) -> dict:
+        """Bytes of the live state per role, the KV's live prefix only."""
+        by_role: dict = {}
+        for s in self.specs.values():
+            n = s.nbytes if s.role != "kv" else self.live_nbytes(position) - self.kv_offset
+            by_role[s.role] = by_role.get(s.role, 0) + n
+        return by_role
+
+    def fingerprint(self, model_cfg, weights_digest: str) -> str:
+        """What a capsule must match to be restored into this arena: the model's config (not its
+        name: a copied or renamed checkpoint restores the same capsules), the layout, the weights
+        and the capsule format."""
+        model = dataclasses.asdict(model_cfg)
+        del model["name"]
+        text = json.dumps({"model": model, "layout": self.layout_digest(), "weights": weights_digest,
+                           "format": CAPSULE_FORMAT_VERSION}, sort_keys=True, default=str)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def buffer_bytes(self, name: str, position: int | None = None) -> torch.Tensor:
         """Raw bytes of one buffer (for KV, only the live prefix when `position` is given)."""

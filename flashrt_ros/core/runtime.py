@@ -21,10 +21,8 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
-import json
 import threading
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -38,7 +36,6 @@ from flashrt_ros.core.plans import StepPlan
 from flashrt_ros.core.qwen3_5_policy import Qwen3_5Policy, digest_tensors
 from flashrt_ros.core.rollback import RollbackRing
 
-CAPSULE_FORMAT_VERSION = 2
 GRAPH_PREFILL_MAX = 256   # prefill chunks up to this length are captured; longer ones are compute-bound
 # the plans a control step and decoding run; with late_plans=True only these are captured at
 # construction, the prefill plans later (core/bringup.py)
@@ -533,24 +530,12 @@ class PolicyRuntime:
         self.ring.rebase(self.step_count, self.position, self.episode)
 
     def fingerprint(self) -> str:
-        """What a capsule must match to be restored here: model config + layout + weights + format.
-
-        The model's name (a preset's, or its checkpoint directory's) is left out: it says where the
-        model came from, not what it computes, so a copied or renamed directory restores the same
-        capsules."""
-        model = asdict(self.model_cfg)
-        del model["name"]
-        text = json.dumps({"model": model, "layout": self.arena.layout_digest(),
-                           "weights": self.model.weights_digest,
-                           "format": CAPSULE_FORMAT_VERSION}, sort_keys=True)
-        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+        """What a capsule must match to be restored here (StateArena.fingerprint)."""
+        return self.arena.fingerprint(self.model_cfg, self.model.weights_digest)
 
     def describe(self) -> dict:
         c = self.model_cfg
-        by_role: dict = {}
-        for s in self.arena.specs.values():
-            n = s.nbytes if s.role != "kv" else self.arena.live_nbytes(self.position) - self.arena.kv_offset
-            by_role[s.role] = by_role.get(s.role, 0) + n
+        by_role = self.arena.live_bytes_by_role(self.position)
         return {"model": c.name, "device": str(self.device), "kernels": self.kernel,
                 "cuda_graphs": self.use_graphs, "traced_steps": self.traced_steps, "dtype": c.dtype,
                 "obs_dim": c.obs_dim, "action_dim": c.action_dim, "horizon": c.horizon,

@@ -26,11 +26,8 @@ to completion before it returns, callers serialise on `runtime.lock`, and the ho
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -42,7 +39,6 @@ from flashrt_ros.core.exceptions import ConfigError, InputError
 from flashrt_ros.core.plans import StepPlan
 from flashrt_ros.core.rollback import RollbackRing
 
-CAPSULE_FORMAT_VERSION = 2
 PLANS = ("noise", "prefix", "denoise")
 
 
@@ -202,21 +198,12 @@ class VLARuntime:
         self.ring.rebase(self.step_count, self.position, self.episode)
 
     def fingerprint(self) -> str:
-        """What a capsule must match to be restored here: config + layout + weights + format
-        (not the directory's name: a copied or renamed checkpoint restores the same capsules)."""
-        model = asdict(self.model_cfg)
-        del model["name"]
-        text = json.dumps({"model": model, "layout": self.arena.layout_digest(),
-                           "weights": self.model.weights_digest,
-                           "format": CAPSULE_FORMAT_VERSION}, sort_keys=True, default=str)
-        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+        """What a capsule must match to be restored here (StateArena.fingerprint)."""
+        return self.arena.fingerprint(self.model_cfg, self.model.weights_digest)
 
     def describe(self) -> dict:
         c = self.model_cfg
-        by_role: dict = {}
-        for s in self.arena.specs.values():
-            n = s.nbytes if s.role != "kv" else self.arena.live_nbytes(self.position) - self.arena.kv_offset
-            by_role[s.role] = by_role.get(s.role, 0) + n
+        by_role = self.arena.live_bytes_by_role(self.position)
         return {"model": c.name, "family": "smolvla", "device": str(self.device),
                 "cuda_graphs": self.use_graphs, "dtype": c.dtype, "cameras": list(c.cameras),
                 "state_dim": c.state_dim, "action_dim": c.action_dim, "chunk_size": c.chunk_size,
