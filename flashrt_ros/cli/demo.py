@@ -3,6 +3,9 @@
 Both nodes share one PolicyExecutor (executors.py: a MultiThreadedExecutor without rclpy's busy loop). The policy node runs exactly as `flashrt_node` does
 (same class, parameters given as overrides: managed=false, timer control); the simulated robot
 publishes observations at the control rate and applies the first row of each action chunk.
+With a camera policy (`--model smolvla-tiny`, or a LeRobot SmolVLA directory) the robot publishes
+its joint states and the frames of a camera over the arm (sim/robot.py), which the node joins by
+stamp; it all runs on the CPU.
 A line a second reports what was measured in this run; the capsule services can be called
 from a second shell with `flashrt-ros ...` while it runs.
 """
@@ -18,7 +21,11 @@ def add_arguments(p):
     p.add_argument("--rate", type=float, default=30.0, help="control rate in Hz (default %(default)s)")
     p.add_argument("--duration", type=float, default=0.0, help="seconds to run (0 = until Ctrl-C)")
     p.add_argument("--capsule-dir", default="capsules", help="disk-tier capsule directory")
-    p.add_argument("--instruction", default="reach the moving target")
+    p.add_argument("--instruction", default="", help="the task ('' = reach the moving target; a "
+                                                     "camera policy: the task it was trained on, "
+                                                     "if it is the smolvla-tiny preset)")
+    p.add_argument("--camera-rate", type=float, default=0.0,
+                   help="a camera policy's frames per second (0 = the control rate)")
 
 
 def run_demo(args) -> int:
@@ -41,12 +48,11 @@ def _run(args, started: dict) -> int:
     from rclpy.parameter import Parameter
     from rclpy.signals import SignalHandlerOptions
 
-    from flashrt_ros.core.checkpoint import resolve_model
     from flashrt_ros.ros.executors import PolicyExecutor, SpinThread
     from flashrt_ros.ros.node import EXECUTOR_THREADS, PolicyNode
     from flashrt_ros.sim.robot import SimRobotNode
 
-    cfg = resolve_model(args.model).cfg
+    robot_args, params, instruction = _robot_for(args)
     # Ctrl-C is Python's KeyboardInterrupt alone: rclpy's SIGINT handler would also shut the
     # context down under a start-up still using it (an RCLError instead of a clean stop)
     rclpy.init(signal_handler_options=SignalHandlerOptions.SIGTERM)
@@ -54,14 +60,14 @@ def _run(args, started: dict) -> int:
     overrides = [Parameter("managed", value=False), Parameter("model", value=args.model),
                  Parameter("runtime.device", value=args.device),
                  Parameter("control_rate_hz", value=float(args.rate)),
-                 Parameter("instruction", value=args.instruction),
+                 Parameter("instruction", value=instruction),
                  Parameter("store.capsule_dir", value=os.path.abspath(args.capsule_dir))]
+    overrides += [Parameter(k, value=v) for k, v in params.items()]
     print(f"[flashrt] starting policy node /flashrt_policy: model {args.model}, device "
           f"{args.device}, {args.rate:g} Hz",
           flush=True)
     policy = started["policy"] = PolicyNode(parameter_overrides=overrides)
-    robot = started["robot"] = SimRobotNode("/flashrt_policy", cfg.obs_dim, cfg.action_dim,
-                                            args.rate)
+    robot = started["robot"] = SimRobotNode("/flashrt_policy", **robot_args)
     # the policy node's groups, and the robot
     executor = started["executor"] = PolicyExecutor(num_threads=EXECUTOR_THREADS + 1)
     executor.add_node(policy)
@@ -103,6 +109,31 @@ def _run(args, started: dict) -> int:
               f"deadline misses {policy.deadlines.misses} | capsules {len(store.capsules)} "
               f"lineage {store.lineage or '-'}", flush=True)
     return 0
+
+
+def _robot_for(args):
+    """The simulated robot's arguments, the node's extra parameters and the instruction for
+    model `args.model`: a camera policy gets a robot with a camera (its first camera's size) and
+    the node reads its joint states."""
+    from flashrt_ros.core.checkpoint import model_directory, resolve_model
+    from flashrt_ros.core.models import read_vla_dir, vla_family
+    from flashrt_ros.ros.inputs import camera_name
+    from flashrt_ros.sim.robot import CameraFeed, joint_names
+
+    directory = model_directory(args.model)
+    family = vla_family(directory) if directory else None
+    if family is None:
+        cfg = resolve_model(args.model).cfg
+        return (dict(obs_dim=cfg.obs_dim, action_dim=cfg.action_dim, rate_hz=args.rate), {},
+                args.instruction or "reach the moving target")
+    from flashrt_ros.sim import imitation_vla
+    cfg = read_vla_dir(directory, family).cfg
+    joints = cfg.state_dim // 2           # the state: positions, then velocities
+    _, height, width = cfg.camera_shapes[0]
+    feed = CameraFeed(camera_name(cfg.cameras[0]), width, height, args.camera_rate or args.rate)
+    task = imitation_vla.TASK if args.model == imitation_vla.PRESET else ""
+    return (dict(obs_dim=cfg.state_dim, action_dim=joints, rate_hz=args.rate, camera=feed),
+            {"joint_names": joint_names(joints)}, args.instruction or task)
 
 
 def _teardown(started: dict) -> None:
