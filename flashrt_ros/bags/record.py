@@ -4,7 +4,11 @@
                        [--duration S] [--joint-states [TOPIC]]
 
 Topics (bag_types.TOPIC_ROLES): `<node>/observation`, `<node>/instruction`, `<node>/action`,
-`<node>/status`, `<node>/capsule_events`, and with `--joint-states` the JointState topic.
+`<node>/status`, `<node>/capsule_events`, with `--joint-states` the JointState topic, and the
+node's camera topics when it has them (`<node>/images/<camera>`, sensor_msgs/Image, and
+`<node>/images/<camera>/compressed`, CompressedImage), found in the graph as the node subscribes
+them; a camera driver publishes one of a camera's two topics, so one without publishers does
+not hold up `ready`.
 The bag is a rosbag2 directory as `ros2 bag record` leaves it (flashrt_ros.bags.rosbag2):
 `<bag>_0.mcap`, written crash-safe by McapBagWriter (a killed recorder loses at most its last
 second; `flashrt-ros bag recover` completes the file), and `metadata.yaml`. `--storage sqlite3`
@@ -52,8 +56,9 @@ import sys
 import time
 from datetime import datetime
 
-from flashrt_ros.bags.types import (META_NODE, META_PARAMETERS, META_RECORDER, ROLES, TOPIC_ROLES, BagError,
-                        topic_name, type_hash, typestore)
+from flashrt_ros.bags.types import (CAMERA_ROLES, META_NODE, META_PARAMETERS, META_RECORDER, ROLES,
+                                    TOPIC_ROLES, BagError, camera_of, topic_name, type_hash,
+                                    typestore)
 from flashrt_ros.ros.discovery import loopback_by_default
 from flashrt_ros.ros.stamps import sec_nanosec
 
@@ -182,6 +187,8 @@ class BagRecorder:
         self.log = log
         self.topics = {}                         # topic name -> role
         for role in TOPIC_ROLES:
+            if role.camera:
+                continue                         # found in the graph (_find_cameras)
             if role.role == "joint_states":
                 if joint_states:
                     self.topics[joint_states] = role
@@ -234,6 +241,8 @@ class BagRecorder:
     def _topic_ready(self, topic) -> bool:
         """Every publisher of `topic` reaches the recorder, and its channel is in the bag."""
         matched, known = self.matched[topic]
+        if self.topics[topic].camera and not known:
+            return True
         return topic in self._channels and 0 < known <= matched and (
             topic not in self._outputs or self._outputs_matched())
 
@@ -248,8 +257,22 @@ class BagRecorder:
             self.log(f"[record] ready: recording {len(self.topics)} topics to {self.out}")
 
     # -- discovery: the publishers' QoS and types ------------------------------------------
+    def _find_cameras(self):
+        """Subscribe the node's camera topics the graph shows and the recorder does not know."""
+        prefix = topic_name(ROLES["image"], self.target, "")
+        for topic, types in self.node.get_topic_names_and_types():
+            msgtype = next((t for t in types if camera_of(topic, t)), None)
+            if topic in self.topics or not topic.startswith(prefix) or msgtype is None:
+                continue
+            role = CAMERA_ROLES[msgtype]
+            self.topics[topic] = role
+            self.counts.setdefault(role.role, 0)
+            self.matched[topic] = (0, 0)
+            self._subscribe(topic, role, _subscription_qos())
+
     def _discover(self):
         self._poll_parameters()
+        self._find_cameras()
         for topic, role in self.topics.items():
             pubs = self.node.get_publishers_info_by_topic(topic)
             self._count_matches(topic, [p for p in pubs if p.topic_type == role.msgtype])
@@ -404,7 +427,8 @@ class BagRecorder:
     def progress_line(self) -> str:
         per_topic = "  ".join(f"{k} {v}" for k, v in self.counts.items())
         waiting = [t for t, (matched, known) in self.matched.items()
-                   if not known or matched < known or t not in self._channels]
+                   if (known or not self.topics[t].camera)
+                   and (not known or matched < known or t not in self._channels)]
         line = (f"[record] {time.monotonic() - self.started:6.1f} s  {per_topic}  "
                 f"({self.nbytes / 2**20:.2f} MiB)")
         if waiting:

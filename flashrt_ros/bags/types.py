@@ -47,6 +47,7 @@ class TopicRole:
     msgtype: str       # ROS type name, as stored in the bag
     under_node: bool   # True: `<node>/<suffix>`; False: a global (remappable) topic name
     input: bool        # a player publishes it into the node
+    camera: bool = False   # one topic per camera: `<node>/images/<camera>[/compressed]`
 
 
 # The topics of one episode. A recorder subscribes these; a player finds them again by type.
@@ -57,8 +58,13 @@ TOPIC_ROLES = (
     TopicRole("status", "status", f"{PACKAGE}/msg/PolicyStatus", True, False),
     TopicRole("capsule_events", "capsule_events", f"{PACKAGE}/msg/CapsuleEvent", True, False),
     TopicRole("joint_states", "/joint_states", "sensor_msgs/msg/JointState", False, True),
+    TopicRole("image", "images", "sensor_msgs/msg/Image", True, True, camera=True),
+    TopicRole("compressed_image", "images", "sensor_msgs/msg/CompressedImage", True, True,
+              camera=True),
 )
 ROLES = {r.role: r for r in TOPIC_ROLES}
+CAMERA_ROLES = {r.msgtype: r for r in TOPIC_ROLES if r.camera}
+COMPRESSED = "compressed"       # image_transport's sub-topic of a camera's CompressedImage
 
 # custom_data keys in metadata.yaml written by `flashrt-ros record`
 META_NODE = "flashrt_ros.ros.node"
@@ -66,11 +72,30 @@ META_PARAMETERS = "flashrt_ros.node_parameters"
 META_RECORDER = "flashrt_ros.recorder"
 
 
-def topic_name(role: TopicRole, node: str) -> str:
-    """The topic of `role` for policy node `node` ("/flashrt_policy")."""
+def topic_name(role: TopicRole, node: str, camera: str = "") -> str:
+    """The topic of `role` for policy node `node` ("/flashrt_policy"); a camera role's for
+    `camera`: `<node>/images/<camera>`, and `.../compressed` for CompressedImage, as the node
+    subscribes them (image_transport's names)."""
     if not role.under_node:
         return role.suffix
-    return f"/{node.strip('/')}/{role.suffix}"
+    name = f"/{node.strip('/')}/{role.suffix}"
+    if role.camera:
+        name += f"/{camera}" + (f"/{COMPRESSED}" if role.role == "compressed_image" else "")
+    return name
+
+
+def camera_of(topic: str, msgtype: str) -> str:
+    """The camera a topic named `.../images/<camera>` (Image) or `.../images/<camera>/compressed`
+    (CompressedImage) carries; "" for any other name or type."""
+    role = CAMERA_ROLES.get(msgtype)
+    parts = topic.strip("/").split("/")
+    if role is None:
+        return ""
+    if role.role == "compressed_image":
+        if parts[-1] != COMPRESSED:
+            return ""
+        parts = parts[:-1]
+    return parts[-1] if len(parts) >= 2 and parts[-2] == role.suffix else ""
 
 
 def msg_dir() -> Path:
