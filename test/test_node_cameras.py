@@ -124,6 +124,17 @@ def test_synchronized_image_and_joint_state_give_the_runtimes_chunks(make_node, 
     wait_for(lambda: n.node.inputs.sync.status().queued["state"] == 1, 15, "the lone state queued")
     assert n.node.inputs.sync.status().sets == 3 and n.node.inputs.incomplete == incomplete
     assert len(n.client.actions) == 3 and n.node.runtime.step_count == 3
+    # the capsule services take the VLA's state: a restore gives the same chunk again (the
+    # sampler is in the state)
+    assert n.client.capsule("snapshot", name="after-3").success
+    rig.send_image(4, f[0])
+    rig.send_state(4, s[0])
+    again = {"observation.state": s[0], "observation.images.top": f[0], "task": TASK}
+    assert chunk_bytes(rig.action(4)) == ref.predict_action_chunk(again).astype(np.float32).tobytes()
+    assert n.client.capsule("restore", name="after-3").success
+    rig.send_image(5, f[0])
+    rig.send_state(5, s[0])
+    assert chunk_bytes(rig.action(5)) == chunk_bytes(n.client.actions[3])
 
 
 def test_wrong_encoding_and_missing_camera_are_counted_and_step_nothing(make_node):

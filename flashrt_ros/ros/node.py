@@ -11,7 +11,9 @@ Lifecycle (a managed node; `managed:=false` configures and activates at start):
                the exact state is put back), open the capsule store; with capture_prefill
                background, the prefill plans follow in a thread (core/bringup.py: between
                steps; an instruction waits for its plans);
-  activate   - start stepping (timer or per observation) and publishing actions;
+  activate   - start stepping (timer or per observation) and publishing actions; a step is
+               `rt.step(state)`, or a VLA's `rt.predict_action_chunk(batch)` on the state and
+               frames inputs.py joined;
   deactivate - stop stepping; capsule services keep working on the (frozen) live state;
   cleanup    - drop runtime and store (memory capsules are lost; disk capsules stay), the nice
                value back;
@@ -23,10 +25,11 @@ again. Fixed parameters refuse changes while the node is configured (see params.
 Concurrency (a `PolicyExecutor`: rclpy's MultiThreadedExecutor without its busy loop, safe against
 entities destroyed mid-collection, see executors.py, with a thread per callback group; five
 groups, each mutually exclusive):
-  * control group - observation and joint-state subscriptions, the control timer. A step holds
-                    `runtime.lock` from the input copy to the committed state, and takes no other
-                    lock: the control loop never waits for the store, for disk I/O or for a
-                    capsule call other than the copy of live bytes it makes.
+  * control group - the inputs' subscriptions (observation, joint states, camera images: see
+                    inputs.py), the control timer. A step holds `runtime.lock` from the input
+                    copy to the committed state, and takes no other lock: the control loop never
+                    waits for the store, for disk I/O or for a capsule call other than the copy
+                    of live bytes it makes.
   * capsule group - snapshot, restore, fork, rollback, reset, delete, list.
   * instruction group - ~/instruction: an instruction may wait for its prefill plans while they
                     come in the background (core/bringup.py), and the capsule calls go on.
@@ -311,6 +314,7 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         cfg = self.node_cfg
         self._latest, self._last_obs_stamp = None, 0.0
+        self.inputs.clear()
         period_ns = s_to_ns(cfg.period_s)
         self.deadlines = DeadlineMonitor(period_ns, s_to_ns(cfg.deadline_s))
         if cfg.control_mode == "timer":
