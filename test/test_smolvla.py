@@ -238,7 +238,8 @@ def test_fused_attention_equals_lerobots_eager_form(dtype, tol):
     """`attend` (torch's fused kernel) against `attend_reference` (LeRobot's eager attention) on the
     shapes and masks SmolVLA uses: grouped heads, a bidirectional block that does not see the
     last token, padding columns, a causal block after a prefix."""
-    from flashrt_ros.core.models.smolvla.modeling_smolvla import attend, attend_reference
+    from flashrt_ros.core.models.smolvla.modeling_smolvla import (additive_mask, attend,
+                                                                  attend_reference, expand_heads)
     g = torch.Generator().manual_seed(0)
     tq, tk, heads, kv_heads, d = 7, 19, 6, 2, 16
     q = torch.randn(tq, heads, d, generator=g).to(dtype)
@@ -247,5 +248,19 @@ def test_fused_attention_equals_lerobots_eager_form(dtype, tol):
     pad = torch.rand(tk - tq, generator=g) > 0.3
     pad[0] = True
     mask = torch.cat([pad[None].expand(tq, -1), torch.ones(tq, tq, dtype=torch.bool).tril()], 1)
-    out, ref = attend(q, k, v, mask).float(), attend_reference(q, k, v, mask).float()
+    out = attend(q, expand_heads(k, heads), expand_heads(v, heads), additive_mask(mask, dtype))
+    out, ref = out.float(), attend_reference(q, k, v, mask).float()
     assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_rope_equals_lerobots_apply_rope_bitwise():
+    """The table form (cos|cos, -sin|sin, one roll) gives LeRobot's apply_rope bytes."""
+    from flashrt_ros.core.models.smolvla.modeling_smolvla import Rope
+    g = torch.Generator().manual_seed(0)
+    x, pos = torch.randn(50, 15, 64, generator=g), torch.arange(50) + 200
+    r = Rope(64)
+    radians = (pos[:, None].float() / r.timescale[None, :])[:, None, :]
+    x1, x2 = x[..., :32], x[..., 32:]
+    ref = torch.cat([x1 * torch.cos(radians) - x2 * torch.sin(radians),
+                     x2 * torch.cos(radians) + x1 * torch.sin(radians)], dim=-1)
+    assert torch.equal(r(x, pos), ref)

@@ -48,15 +48,28 @@ def activation(name: str):
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
-def attend(q, k, v, mask):
-    """Attention as one fused kernel (torch's scaled_dot_product_attention, grouped heads):
-    q [Tq, H, D], k/v [Tk, KV, D], mask [Tq, Tk] bool -> [Tq, H*D]. Held to `attend_reference`,
+def attend(q, k, v, bias):
+    """Attention as one fused kernel (torch's scaled_dot_product_attention): q [Tq, H, D], k/v
+    [Tk, H, D] (grouped heads already repeated: `expand_heads`), bias [Tq, Tk] additive in q's
+    dtype (`additive_mask`: 0 where allowed, -inf elsewhere) -> [Tq, H*D]. With an additive mask
+    and as many k/v heads as q heads, CUDA runs the memory-efficient kernel; a boolean mask with
+    grouped heads would fall back to the unfused form in float32. Held to `attend_reference`,
     LeRobot's eager form, by test_smolvla. Every row must allow at least one key (a fully masked
     row gives NaN here, not LeRobot's uniform average)."""
     tq, heads, d = q.shape
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, enable_gqa=heads != k.shape[1])
+                                         attn_mask=bias)
     return out.transpose(0, 1).reshape(tq, heads * d)
+
+
+def expand_heads(x, heads: int):
+    """[T, KV, D] -> [T, heads, D]: each key/value head repeated for its group of query heads."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def additive_mask(mask, dtype):
+    """A boolean mask [Tq, Tk] as the additive one `attend` takes."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 def attend_reference(q, k, v, mask):
@@ -83,18 +96,18 @@ class Rope(nn.Module):
         self.register_buffer("timescale", ROPE_WAVELENGTH ** exponents, persistent=False)
 
     def table(self, positions):
-        """(cos, sin) [T, 1, D/2] float32 of positions [T]: computed once per position set and
-        applied by every layer and flow step."""
+        """(cos | cos, -sin | sin) [T, 1, D] float32 of positions [T]: computed once per position
+        set and applied by every layer and flow step."""
         radians = (positions[:, None].float() / self.timescale[None, :])[:, None, :]
-        return torch.cos(radians), torch.sin(radians)
+        cos, sin = torch.cos(radians), torch.sin(radians)
+        return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
     @staticmethod
     def apply(x, table):
+        """[x1 * cos - x2 * sin, x2 * cos + x1 * sin] (the same roundings) in float32, cast back."""
         cos, sin = table
-        half = x.shape[-1] // 2
         x32 = x.float()
-        x1, x2 = x32[..., :half], x32[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        return (x32 * cos + torch.roll(x32, x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
     def forward(self, x, positions):
         return self.apply(x, self.table(positions))
@@ -418,7 +431,7 @@ class SmolVLAModel(nn.Module):
         att = (blocks[None, :] <= blocks[:, None]) & mask[None, :] & mask[:, None]   # [P, P]
         # a padding token's row attends to itself (LeRobot's has no key: a uniform average);
         # nothing reads those rows, and no row is left without a key
-        att |= c["prefix_eye"]
+        att = additive_mask(att | c["prefix_eye"], self.text.embed_tokens.weight.dtype)
         rope = self.rope.table(torch.cumsum(mask.to(torch.int64), 0) - 1)
         last = len(self.text.layers) - 1
         for i, layer in enumerate(self.text.layers):
@@ -429,7 +442,8 @@ class SmolVLAModel(nn.Module):
             kv[:, i, 1].copy_(v)
             if i == last:
                 break              # nothing reads the last layer's output, only its keys/values
-            x = layer.finish(x, attend(self.rope.apply(q, rope), k, v, att))
+            x = layer.finish(x, attend(self.rope.apply(q, rope), expand_heads(k, a.heads),
+                                       expand_heads(v, a.heads), att))
         return mask
 
     # -- the flow ----------------------------------------------------------------------------------
@@ -439,22 +453,28 @@ class SmolVLAModel(nn.Module):
         tables of the two position sets, the two masks."""
         cfg = self.cfg
         n = cfg.chunk_size
-        f = {"cross": {},
+        dtype = self.expert.layers[0].self_attn.q_proj.weight.dtype
+        f = {"cross": {}, "self_prefix": {},
              # self-attending layers: the chunk's tokens follow the valid prefix tokens
              "self_rope": self.rope.table(mask.sum() + c["chunk_arange"]),
-             "self_mask": torch.cat([mask[None].expand(n, -1), c["causal"]], dim=1),
+             "self_mask": additive_mask(torch.cat([mask[None].expand(n, -1), c["causal"]], 1), dtype),
              # cross-attending layers: the queries' positions start again from 0
              "cross_rope": self.rope.table(c["chunk_arange"]),
-             "cross_mask": mask[None].expand(n, -1)}
+             "cross_mask": additive_mask(mask[None].expand(n, -1), dtype)}
+        p = kv.shape[0]
         for i in range(cfg.num_vlm_layers):
             j = cfg.expert_layer_of(i)
-            if j is None or cfg.self_attends(i):
+            if j is None:
                 continue
             a = self.expert.layers[j].self_attn
-            p = kv.shape[0]
+            if cfg.self_attends(i):        # the prefix part of the layer's keys and values
+                f["self_prefix"][i] = (expand_heads(kv[:, i, 0].to(dtype), a.heads),
+                                       expand_heads(kv[:, i, 1].to(dtype), a.heads))
+                continue
             k = a.k_proj(kv[:, i, 0].reshape(p, -1).to(a.k_proj.weight.dtype))
             v = a.v_proj(kv[:, i, 1].reshape(p, -1).to(a.v_proj.weight.dtype))
-            f["cross"][i] = (k.view(p, -1, a.head_dim), v.view(p, -1, a.head_dim))
+            f["cross"][i] = (expand_heads(k.view(p, -1, a.head_dim), a.heads),
+                             expand_heads(v.view(p, -1, a.head_dim), a.heads))
         return f
 
     def velocity(self, x, step: int, kv, f, c):
@@ -474,9 +494,9 @@ class SmolVLAModel(nn.Module):
             if cfg.self_attends(i):
                 rope = f["self_rope"]
                 q, k, v = a.qkv(hn)
-                k = self.rope.apply(k, rope)
-                k = torch.cat([kv[:, i, 0].to(k.dtype), k])
-                v = torch.cat([kv[:, i, 1].to(v.dtype), v])
+                pk, pv = f["self_prefix"][i]
+                k = torch.cat([pk, expand_heads(self.rope.apply(k, rope), a.heads)])
+                v = torch.cat([pv, expand_heads(v, a.heads)])
                 att = attend(self.rope.apply(q, rope), k, v, f["self_mask"])
             else:
                 q = a.q_proj(hn).view(n, a.heads, a.head_dim)
