@@ -92,8 +92,9 @@ class CameraRig:
 
 
 def camera_node(make_node, **params):
-    n = make_node(model=MODEL, control_mode="observation", observation_qos="reliable",
-                  joint_names=JOINTS, instruction=TASK, status_rate_hz=20.0, **params)
+    params.setdefault("control_mode", "observation")
+    n = make_node(model=MODEL, observation_qos="reliable", joint_names=JOINTS, instruction=TASK,
+                  status_rate_hz=20.0, **params)
     assert n.client.transition("configure") and n.client.transition("activate")
     return n, CameraRig(n)
 
@@ -172,3 +173,19 @@ def test_a_preset_that_is_a_directory_names_that_checkpoint(monkeypatch, tmp_pat
     assert model_directory("tiny") == "" and resolve_model("tiny").cfg.obs_dim == 14
     assert model_directory("./somewhere") == "./somewhere"
     assert model_directory("no_such_preset") == ""
+
+
+def test_timer_mode_steps_on_the_newest_complete_set(make_node, reference):
+    n, rig = camera_node(make_node, stale_observation_s=0.0, control_mode="timer",
+                         control_rate_hz=20.0)
+    f, s = frames(1), states(1)
+    rig.send_image(0, f[0])
+    rig.send_state(0, s[0])
+    second = rig.action(2)                  # a tick after the first steps the same set again
+    assert [a.observation_stamp for a in n.client.actions[:2]] == [rig.stamp(0)] * 2
+    ref = reference()
+    batch = {"observation.state": s[0], "observation.images.top": f[0], "task": TASK}
+    assert chunk_bytes(n.client.actions[0]) == \
+        ref.predict_action_chunk(batch).astype(np.float32).tobytes()
+    assert chunk_bytes(second) == ref.predict_action_chunk(batch).astype(np.float32).tobytes()
+    assert n.client.transition("deactivate")      # the timer stops before the node goes
