@@ -136,6 +136,18 @@ def test_synchronized_image_and_joint_state_give_the_runtimes_chunks(make_node, 
     rig.send_image(5, f[0])
     rig.send_state(5, s[0])
     assert chunk_bytes(rig.action(5)) == chunk_bytes(n.client.actions[3])
+    # ~/instruction is the task of the observations after it
+    from std_msgs.msg import String
+
+    from flashrt_ros.ros.publishing import LATCHED
+    n.client.publisher(String, f"{n.client.target}/instruction", qos=LATCHED).publish(
+        String(data="place the cube"))
+    wait_for(lambda: n.node.inputs.task == "place the cube", 15, "the new task")
+    rig.send_image(6, f[1])
+    rig.send_state(6, s[1])
+    placed = {"observation.state": s[1], "observation.images.top": f[1], "task": "place the cube"}
+    assert chunk_bytes(rig.action(6)) == \
+        ref.predict_action_chunk(placed).astype(np.float32).tobytes()
 
 
 def test_wrong_encoding_and_missing_camera_are_counted_and_step_nothing(make_node):
