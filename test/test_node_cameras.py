@@ -170,6 +170,12 @@ def test_wrong_encoding_and_missing_camera_are_counted_and_step_nothing(make_nod
                     15, "inputs.stale_cameras in /diagnostics")
     assert diag.value == "top"
     assert not n.client.actions
+    # a task is refused by its length before it is decoded: 100 characters per kept token
+    from rclpy.serialization import serialize_message
+    from std_msgs.msg import String
+    n.node._on_instruction(serialize_message(String(data="x" * (100 * 48 + 1))))
+    assert n.node._rejected == 2 and "at most 4800 characters" in n.node._last_error
+    assert n.node.inputs.task == TASK
     rig.send_image(2, f[1])                 # the node lives on: a complete set steps
     rig.send_state(2, s[2])
     assert rig.action(1).step == 1

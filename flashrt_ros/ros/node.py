@@ -529,8 +529,12 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
                                  f"the instruction")
             text = deserialize_message(raw, String).data
             if vla:
+                if len(text) > limit:
+                    raise InputError(f"instruction: expected at most {limit} characters (the "
+                                     f"task's tokens), found {len(text)}; shorten the instruction")
                 self.inputs.task = text
-                self.get_logger().info(f"task of the next observations: {text!r}")
+                self.get_logger().info(f"task of the next observations: {text[:80]!r}"
+                                       f"{' ...' if len(text) > 80 else ''}")
                 return
             tokens = rt.instruction_tokens(text)     # refused now, not after a wait
             late = self.late
