@@ -264,3 +264,11 @@ def test_rope_equals_lerobots_apply_rope_bitwise():
     ref = torch.cat([x1 * torch.cos(radians) - x2 * torch.sin(radians),
                      x2 * torch.cos(radians) + x1 * torch.sin(radians)], dim=-1)
     assert torch.equal(r(x, pos), ref)
+
+
+def test_flashrt_ros_info_shows_a_smolvla_arena(capsys):
+    from flashrt_ros.cli.main import main
+    assert main(["info", "--model", os.path.join(DATA, "three_cams_half_expert"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "(SmolVLA)" in out and "observation.images.wrist" in out
+    assert "prefix_mask" in out and "queue_left" in out and "prefix KV" in out

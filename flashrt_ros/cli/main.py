@@ -260,16 +260,28 @@ def _info(args) -> int:
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
-    print(f"model {d['model']} on {d['device']} (kernels {d['kernels']}, graphs "
-          f"{d['cuda_graphs']}, {d['dtype']}, {d['parameters'] / 1e6:.1f} M parameters, "
-          f"tokenizer: {d['tokenizer']})")
-    print(f"layers: {' '.join('A' if t == 'full_attention' else 'D' for t in d['layer_types'])} "
-          f"(A: gated attention, D: Gated DeltaNet); obs_dim {d['obs_dim']}, action chunk "
-          f"{d['horizon']} x {d['action_dim']}, context {d['max_context']} tokens")
-    if d["untrained"]:
-        print(f"untrained (drawn from the seed): {', '.join(d['untrained'])}")
-    print(f"state arena {_fmt_bytes(d['arena_bytes'])}: fixed {_fmt_bytes(d['fixed_state_bytes'])} "
-          f"+ {d['state_bytes_per_token']} B/token; fingerprint {d['fingerprint']}")
+    if d.get("family") == "smolvla":
+        print(f"model {d['model']} (SmolVLA) on {d['device']} (graphs {d['cuda_graphs']}, "
+              f"{d['dtype']}, {d['parameters'] / 1e6:.1f} M parameters)")
+        print(f"cameras {', '.join(d['cameras'])}; state {d['state_dim']}, action chunk "
+              f"{d['chunk_size']} x {d['action_dim']} (queue {d['n_action_steps']}), "
+              f"{d['num_steps']} flow steps; {d['vlm_layers']} VLM layers, "
+              f"{d['expert_layers']} expert layers, prefix {d['prefix_len']} tokens")
+        print(f"state arena {_fmt_bytes(d['arena_bytes'])}: fixed "
+              f"{_fmt_bytes(d['fixed_state_bytes'])} + prefix KV "
+              f"{_fmt_bytes(d['prefix_kv_bytes'])}; fingerprint {d['fingerprint']}")
+    else:
+        print(f"model {d['model']} on {d['device']} (kernels {d['kernels']}, graphs "
+              f"{d['cuda_graphs']}, {d['dtype']}, {d['parameters'] / 1e6:.1f} M parameters, "
+              f"tokenizer: {d['tokenizer']})")
+        print(f"layers: {' '.join('A' if t == 'full_attention' else 'D' for t in d['layer_types'])} "
+              f"(A: gated attention, D: Gated DeltaNet); obs_dim {d['obs_dim']}, action chunk "
+              f"{d['horizon']} x {d['action_dim']}, context {d['max_context']} tokens")
+        if d["untrained"]:
+            print(f"untrained (drawn from the seed): {', '.join(d['untrained'])}")
+        print(f"state arena {_fmt_bytes(d['arena_bytes'])}: fixed "
+              f"{_fmt_bytes(d['fixed_state_bytes'])} + {d['state_bytes_per_token']} B/token; "
+              f"fingerprint {d['fingerprint']}")
     roles: dict = {}
     for b in d["buffers"]:
         roles[b["role"]] = roles.get(b["role"], 0) + b["nbytes"]
