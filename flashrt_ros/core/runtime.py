@@ -117,8 +117,10 @@ class PolicyRuntime:
         A directory of another family (core/models: a LeRobot SmolVLA directory) gives that
         family's runtime (`VLARuntime`, with LeRobot's API) instead; `dtype` is its one override."""
         from flashrt_ros.core import models
-        family = models.vla_family(path) if isinstance(path, str) else None
+        directory = checkpoint.model_directory(path)      # a path, or a preset that is a directory
+        family = models.vla_family(directory) if directory else None
         if family is not None:
+            path = directory
             from flashrt_ros.core.vla_runtime import VLARuntime
             unknown = sorted(set(overrides) - {"dtype"})
             if unknown:
