@@ -206,7 +206,7 @@ def test_observation_sequences(node, seq):
     for vector, stamp, reset in seq:
         before = state(n)
         counters = (rt.step_count, rt.episode)
-        n._on_observation(observation(n, vector, stamp, reset))
+        n.inputs.parts[0]._on_message(observation(n, vector, stamp, reset))   # ~/observation
         if (rt.step_count, rt.episode) == counters:      # not stepped: refused or dropped
             assert state(n) == before, (vector, stamp, reset)
             event("observation refused or dropped")
