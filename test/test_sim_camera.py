@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flashrt_ros.sim.arm import SimArm
-from flashrt_ros.sim.camera import TARGET, ArmCamera
+from flashrt_ros.sim.camera import REACH, TARGET, TARGET_TIP_R, ArmCamera
 
 
 def _red(frame: np.ndarray) -> np.ndarray:
@@ -15,25 +15,28 @@ def _red(frame: np.ndarray) -> np.ndarray:
     return (np.abs(f - np.array(TARGET)).sum(-1) < 60)
 
 
-def _centroid(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.mean(), ys.mean()])
-
-
-def test_the_target_disc_moves_with_the_target():
+def test_the_target_moves_with_the_target():
+    """One joint: the target is a red link from the base and a disc at its end, symmetric about
+    the target's ray, so the red pixels' centroid lies on that ray and the farthest red pixel is
+    the disc's far edge."""
     cam = ArmCamera(width=96, height=96)
-    q = np.array([2.5])                                # the arm points down and away
+    base = cam.joint_points([0.0])[0]
+    reach = REACH * 96
     seen = []
     for target in (-1.0, -0.3, 0.4, 1.0):
-        frame = cam.render(q, [target])
-        red = _red(frame)
-        assert red.sum() > 20, "the target disc is drawn"
-        centre = _centroid(red)
-        np.testing.assert_allclose(centre, cam.joint_points([target])[-1], atol=0.5)
+        red = _red(cam.render([2.5], [target]))        # the arm points down and away
+        assert red.sum() > 20, "the target is drawn"
+        ys, xs = np.nonzero(red)
+        offsets = np.stack([xs, ys], axis=1) - base
+        centre = offsets.mean(0)
+        angle = np.arctan2(-centre[0], -centre[1])     # from "up", counter-clockwise
+        assert abs(angle - target) < 0.02, (angle, target)
+        far = np.linalg.norm(offsets, axis=1).max()
+        assert abs(far - (reach + TARGET_TIP_R * 96)) < 1.0, far
         seen.append(centre)
-    # the disc moves as far as the target's point moves
+    # and it moves as far as the target's point moves
     steps = np.linalg.norm(np.diff(seen, axis=0), axis=1)
-    assert (steps > 10).all(), steps
+    assert (steps > 5).all(), steps
 
 
 def test_every_link_end_of_the_target_pose_is_drawn():

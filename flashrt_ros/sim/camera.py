@@ -6,10 +6,11 @@ reaching `REACH` of the image's shorter side. `SimArm` has no other kinematics (
 integrators), so this drawing is what gives its joint positions a picture.
 
 The target is a pose in joint space (the expert steers every joint to it), so it is drawn as a
-ghost of the arm in that pose: a red disc at the end of each of its links, the largest at its tip.
-One disc at the tip alone would leave the pose open (with two joints the elbow can bend either
-way), and the policy has to read the target from the image: `SimArm`'s state carries the arm's
-joints, not the target. The target is drawn last, so the arm never hides it.
+ghost of the arm in that pose: thin red links with a red disc at the end of each, the largest at
+its tip. One disc at the tip alone would leave the pose open (with two joints the elbow can bend
+either way), and a policy has to read the target from the image: the arm's state carries its
+joints, not the target. The target is drawn last, so the arm never hides it, and large: a tiny
+policy reads it through a few dozen image tokens.
 
 Shapes are anti-aliased: a pixel takes a shape's colour in proportion to how far inside the shape
 its centre lies (clipped to one pixel), so the frame changes with a sub-pixel motion and a policy
@@ -26,13 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 ENCODING = "rgb8"
-REACH = 0.42                                   # the stretched arm, in units of the shorter side
+REACH = 0.4                                    # the stretched arm, in units of the shorter side
 BACKGROUND = (40, 44, 52)
 BASE, LINK, JOINT, TIP = (110, 110, 120), (215, 215, 205), (70, 130, 240), (60, 200, 110)
 TARGET = (235, 60, 45)
-# sizes in units of the shorter side: link width; radii of the base, joints, tip and target discs
+# sizes in units of the shorter side: link widths; radii of the base, joints, tip and target discs
 LINK_WIDTH, BASE_R, JOINT_R, TIP_R = 0.045, 0.05, 0.03, 0.035
-TARGET_R, TARGET_TIP_R = 0.03, 0.05
+TARGET_LINK_WIDTH, TARGET_R, TARGET_TIP_R = 0.025, 0.06, 0.085
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class ArmCamera:
             self._paint(img, _disc_distance, (p,), JOINT_R * s, JOINT)
         self._paint(img, _disc_distance, (arm[-1],), TIP_R * s, TIP)
         ghost = self.joint_points(target)
+        for a, b in zip(ghost[:-1], ghost[1:]):
+            self._paint(img, _segment_distance, (a, b), TARGET_LINK_WIDTH * s / 2, TARGET)
         for p in ghost[1:-1]:
             self._paint(img, _disc_distance, (p,), TARGET_R * s, TARGET)
         self._paint(img, _disc_distance, (ghost[-1],), TARGET_TIP_R * s, TARGET)

@@ -14,6 +14,10 @@ trained policy, so that benchmarks run the published model's shapes without its 
                                                   copied from a fixture backbone (the loader needs
                                                   only text_config.vocab_size >= its vocabulary)
 
+(`shapes.backbone_path` puts the backbone elsewhere, relative to the policy directory: a preset
+keeps it inside, `config/presets/smolvla-tiny/backbone/`.) `save_lerobot` writes a given model
+(e.g. trained: flashrt_ros/sim/imitation_vla.py) in the same layout.
+
 Tensors carry LeRobot's names (checkpoint_smolvla.PREFIXES read backwards), including the two
 LeRobot saves and no action reads (the VLM's LM head and final norm). Values come from a CPU
 `torch.Generator` seeded with `seed`, in the modules' order: matrices and embeddings normal with
@@ -44,7 +48,7 @@ from flashrt_ros.core.models.smolvla.checkpoint_smolvla import (CONFIG, PREFIXES
 from flashrt_ros.core.models.smolvla.configuration_smolvla import (LlamaConfig, SmolVLAConfig,
                                                                    VisionConfig, from_lerobot)
 from flashrt_ros.core.models.smolvla.modeling_smolvla import RMSNorm, SmolVLAModel
-from flashrt_ros.core.models.smolvla.processor_smolvla import POSTPROCESSOR, PREPROCESSOR
+from flashrt_ros.core.models.smolvla.processor_smolvla import POSTPROCESSOR, PREPROCESSOR, STATS
 
 INIT_STD = 0.02
 # the fixture backbone whose tokenizer files are copied (a checkout's test data)
@@ -85,6 +89,12 @@ class Shapes:
     resize: tuple = (512, 512)
     normalization: dict = field(default_factory=lambda: {
         "VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"})
+    backbone_path: str = ""        # vlm_model_name, relative to the policy directory; "" is
+                                   # "../backbones/<backbone>" (the fixtures' layout)
+
+    @property
+    def vlm_model_name(self) -> str:
+        return self.backbone_path or f"../backbones/{self.backbone}"
 
 
 CAMERAS_480P = tuple((f"camera{i}", (3, 480, 640)) for i in (1, 2, 3))
@@ -178,7 +188,7 @@ def policy_config(shapes: Shapes) -> dict:
         "train_state_proj": True, "optimizer_lr": 0.0001, "optimizer_betas": [0.9, 0.95],
         "optimizer_eps": 1e-08, "optimizer_weight_decay": 1e-10, "optimizer_grad_clip_norm": 10,
         "scheduler_warmup_steps": 1000, "scheduler_decay_steps": 30000,
-        "scheduler_decay_lr": 2.5e-06, "vlm_model_name": f"../backbones/{shapes.backbone}",
+        "scheduler_decay_lr": 2.5e-06, "vlm_model_name": shapes.vlm_model_name,
         "load_vlm_weights": False, "add_image_special_tokens": False,
         "attention_mode": shapes.attention_mode, "prefix_length": -1,
         "pad_language_to": "longest", "num_expert_layers": shapes.num_expert_layers,
@@ -201,7 +211,7 @@ def processor_files(shapes: Shapes) -> dict:
         {"registry_name": "tokenizer_processor", "config": {
             "max_length": shapes.tokenizer_max_length, "task_key": "task",
             "padding_side": "right", "padding": "longest", "truncation": True,
-            "tokenizer_name": f"../backbones/{shapes.backbone}"}},
+            "tokenizer_name": shapes.vlm_model_name}},
         device,
         {"registry_name": "normalizer_processor", "config": {
             "eps": 1e-08, "features": {**inputs, **outputs}, "norm_map": norm},
@@ -258,15 +268,15 @@ def parameter_count(shapes: Shapes) -> tuple[int, int]:
     return total, total - unread
 
 
+def _draw(shape: tuple, init: str, gen: torch.Generator) -> torch.Tensor:
+    if init == "normal":
+        return torch.randn(shape, generator=gen) * INIT_STD
+    return torch.ones(shape) if init == "ones" else torch.zeros(shape)
+
+
 def random_weights(shapes: Shapes, gen: torch.Generator, dtype: torch.dtype) -> dict:
-    out = {}
-    for name, (shape, init, stored) in tensor_specs(shapes, dtype).items():
-        if init == "normal":
-            t = torch.randn(shape, generator=gen) * INIT_STD
-        else:
-            t = torch.ones(shape) if init == "ones" else torch.zeros(shape)
-        out[name] = t.to(stored)
-    return out
+    return {name: _draw(shape, init, gen).to(stored)
+            for name, (shape, init, stored) in tensor_specs(shapes, dtype).items()}
 
 
 def random_stats(shapes: Shapes, gen: torch.Generator) -> dict:
@@ -292,9 +302,67 @@ def write_checkpoint(out_dir: str, shapes: Shapes = PUBLISHED, seed: int = 0,
     in the module docstring); `dtype` ("float32", "bfloat16") is the stored dtype of the network's
     tensors. Returns the policy directory, ready for `PolicyRuntime.from_pretrained`."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer
+    stored = _stored_dtype(dtype)
+    policy_dir = _write_files(out_dir, shapes, tokenizer_dir)
+    gen = torch.Generator().manual_seed(seed)
+    save_file(random_weights(shapes, gen, stored), os.path.join(policy_dir, WEIGHTS))
+    _write_stats(policy_dir, random_stats(shapes, gen))
+    return policy_dir
+
+
+def save_lerobot(model: SmolVLAModel, shapes: Shapes, out_dir: str, stats: dict, seed: int = 0,
+                 dtype: str = "float32", tokenizer_dir: str = FIXTURE_BACKBONE) -> str:
+    """Write `model` (a `SmolVLAModel` of `model_config(shapes)`, e.g. trained) as a LeRobot
+    SmolVLA checkpoint under `out_dir`, in `write_checkpoint`'s layout, with the normalisers'
+    statistics `stats` (LeRobot's keys: "observation.state.mean", "action.std", ...; those of
+    each feature's mode in `shapes.normalization` are required). The two tensors LeRobot saves
+    and no action reads (the LM head and the final norm; the model has neither) are drawn from
+    `seed` (normal with std INIT_STD; the norm ones). Returns the policy directory."""
+    from safetensors.torch import save_file
+    specs = tensor_specs(shapes, _stored_dtype(dtype))
+    ours = {lerobot_name(n): p.detach() for n, p in model.named_parameters()}
+    expected = {k: shape for k, (shape, _, _) in specs.items() if not k.startswith(UNUSED)}
+    found = {k: tuple(t.shape) for k, t in ours.items()}
+    if found != expected:
+        wrong = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        raise ValueError(f"save_lerobot: expected a SmolVLAModel of model_config(shapes) "
+                         f"({shapes.name}), found other tensors or shapes: {wrong[:5]}")
+    needed = [f"{key}.{stat}" for key, ftype in ((STATE_KEY, "STATE"), (ACTION_KEY, "ACTION"))
+              for stat in STATS.get(shapes.normalization.get(ftype, "IDENTITY"), ())]
+    dims = {STATE_KEY: shapes.state_dim, ACTION_KEY: shapes.action_dim}
+    bad = [k for k in needed if k not in stats or
+           tuple(torch.as_tensor(stats[k]).shape) != (dims[k.rsplit(".", 1)[0]],)]
+    if bad:
+        raise ValueError(f"save_lerobot: stats: expected {needed} of the state's "
+                         f"{shapes.state_dim} and the action's {shapes.action_dim} values, "
+                         f"missing or misshapen {bad}")
+    policy_dir = _write_files(out_dir, shapes, tokenizer_dir)
+    gen = torch.Generator().manual_seed(seed)
+    weights = {name: (ours[name] if name in ours else _draw(shape, init, gen)).to(stored)
+               .contiguous() for name, (shape, init, stored) in specs.items()}
+    save_file(weights, os.path.join(policy_dir, WEIGHTS))
+    _write_stats(policy_dir, {k: torch.as_tensor(v, dtype=torch.float32).contiguous()
+                              for k, v in stats.items()})
+    return policy_dir
+
+
+def _write_stats(policy_dir: str, stats: dict) -> None:
+    """The normaliser's and the unnormaliser's statistics files (the same values)."""
+    from safetensors.torch import save_file
+    save_file(stats, os.path.join(policy_dir, NORMALIZER_STATS))
+    save_file(stats, os.path.join(policy_dir, UNNORMALIZER_STATS))
+
+
+def _stored_dtype(dtype: str) -> torch.dtype:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype: expected float32, bfloat16 or float16, found {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _write_files(out_dir: str, shapes: Shapes, tokenizer_dir: str) -> str:
+    """Everything but the tensors: the policy's JSON files, the backbone folder. Returns the
+    policy directory."""
+    from tokenizers import Tokenizer
     missing = [f for f in COPIED if not os.path.isfile(os.path.join(tokenizer_dir, f))]
     if missing:
         raise FileNotFoundError(f"tokenizer_dir: expected {', '.join(COPIED)} in {tokenizer_dir} "
@@ -306,7 +374,7 @@ def write_checkpoint(out_dir: str, shapes: Shapes = PUBLISHED, seed: int = 0,
         raise ValueError(f"shapes.text.vocab_size: expected at least the tokenizer's "
                          f"{tok.get_vocab_size()} tokens, found {shapes.text.vocab_size}")
     policy_dir = os.path.join(out_dir, shapes.name)
-    backbone_dir = os.path.join(out_dir, "backbones", shapes.backbone)
+    backbone_dir = os.path.normpath(os.path.join(policy_dir, shapes.vlm_model_name))
     os.makedirs(policy_dir, exist_ok=True)
     os.makedirs(backbone_dir, exist_ok=True)
 
@@ -321,11 +389,6 @@ def write_checkpoint(out_dir: str, shapes: Shapes = PUBLISHED, seed: int = 0,
     _write_json(os.path.join(policy_dir, CONFIG), policy_config(shapes), indent=4)
     for name, data in processor_files(shapes).items():
         _write_json(os.path.join(policy_dir, name), data)
-    gen = torch.Generator().manual_seed(seed)
-    save_file(random_weights(shapes, gen, DTYPES[dtype]), os.path.join(policy_dir, WEIGHTS))
-    stats = random_stats(shapes, gen)
-    save_file(stats, os.path.join(policy_dir, NORMALIZER_STATS))
-    save_file(stats, os.path.join(policy_dir, UNNORMALIZER_STATS))
     return policy_dir
 
 
