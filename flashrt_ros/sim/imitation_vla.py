@@ -1,31 +1,36 @@
 """Behaviour cloning of the simulated arm's scripted expert into a tiny SmolVLA (no ROS).
 
 The policy sees what a robot with a camera sees: the frame of the camera over the arm
-(`sim/camera.py`), the arm's joints (positions, then velocities: `observation.state`) and the task
-text. The target is only in the frame, so the policy has to find it there. It is trained to give
-the expert's next chunk of commands (`arm.expert_action`, a PD law toward the target) from that
-observation, and written as LeRobot writes a SmolVLA policy, so `PolicyRuntime.from_pretrained`
-serves it like any LeRobot checkpoint (`config/presets/smolvla-tiny/`).
+(`sim/camera.py`, 96x96 rgb8), the arm's joints (`observation.state`) and the task text. The target
+is only in the frame, so the policy has to find it there. It is trained to give the expert's next
+chunk of commands (`arm.expert_action`, a PD law toward the target) from that observation, and
+written as LeRobot writes a SmolVLA policy, so `PolicyRuntime.from_pretrained` serves it like any
+LeRobot checkpoint (the `smolvla-tiny` preset, `config/presets/smolvla-tiny/`).
 
-What is trained is what LeRobot's SmolVLA finetuning trains (`train_expert_only`,
-`freeze_vision_encoder`, `train_state_proj`): the action expert, the state projection, the action
-in/out projections and the time MLP. The backbone (vision tower, connector, the text layers) is
-drawn at random and frozen: a tiny SmolVLM that was never pretrained, so what the expert gets from
-the frame is what random features keep of it. The loss is LeRobot's flow matching
-(`VLAFlowMatching.forward`): t ~ Beta(1.5, 1) * 0.999 + 0.001, x_t = t * noise + (1 - t) * actions,
-u_t = noise - actions, loss = MSE(v(x_t, t), u_t). The network is this package's
-(`modeling_smolvla.SmolVLAModel`: `prefix`, then `velocity` at the sampled t), mapped over the
-batch with `torch.func.vmap` since its shapes carry no batch axis; the runtime then samples it
-with the same modules. The optimiser is LeRobot's (AdamW, betas 0.9/0.95, gradient norm clipped
-at 10; warm-up then cosine decay to 1/40 of the peak), at a higher rate and far fewer steps than
-LeRobot's defaults, so it fits a few minutes of one CPU core.
+What is trained is LeRobot's SmolVLA finetuning (`train_expert_only`, `freeze_vision_encoder`)
+less the state projection: the action expert, the action in/out projections and the time MLP. The
+backbone (vision tower, connector, text layers) is drawn at random and frozen: a tiny SmolVLM that
+was never pretrained, so the expert learns to read the frame from random features. The state
+projection stays frozen too, so a frame's whole prefix (its keys and values, from
+`SmolVLAModel.prefix`) is computed once per demonstration step and each training step runs only
+the expert: about three times the steps in the same CPU minutes (the state still reaches the
+expert through the random projection and layers, which keep it). The loss is LeRobot's flow
+matching (`VLAFlowMatching.forward`): t ~ Beta(1.5, 1) * 0.999 + 0.001, x_t = t * noise + (1 - t)
+* actions, u_t = noise - actions, loss = MSE(v(x_t, t), u_t) over the action's dims (here the
+unpadded ones: max_action_dim = action_dim). The network is this package's (`flow_constants` and
+`velocity` at the sampled t), mapped over the batch with `torch.func.vmap` since its shapes carry
+no batch axis; the runtime samples the same modules. The optimiser is LeRobot's (AdamW, betas
+0.9/0.95, gradient norm clipped at 10; warm-up, then cosine decay to 1/40 of the peak), at a
+higher rate and far fewer steps than LeRobot's defaults, so that it fits a few minutes of one CPU
+core.
 
 The data: episodes from random arm poses toward random targets, the expert steering with
-exploration noise; each step's label is the chunk of commands the expert would send from there
-(rolled out on a copy of the arm). Normalisation (MEAN_STD, as SmolVLA's default) uses the
-statistics of those episodes.
+exploration noise; each step is labelled with the chunk of commands the expert would send from
+there (rolled out on a copy of the arm). Normalisation (MEAN_STD, SmolVLA's default) uses the
+statistics of those episodes. Many short episodes matter more than long ones: the policy has to
+have seen the target in many places.
 
-    python -m flashrt_ros.sim.imitation_vla            # or: flashrt-ros train-vla
+    flashrt-ros train-vla            # or python -m flashrt_ros.sim.imitation_vla
 """
 from __future__ import annotations
 
@@ -231,13 +236,15 @@ def learning_rate(step: int, steps: int, peak: float) -> float:
 def fit(model, demos: Demonstrations, normalizer, task: tuple, steps: int, batch: int,
         lr: float, say=print, device="cpu") -> list:
     """Train `model`'s expert, action projections and time MLP in place (the rest frozen) on
-    `device` (the model comes back to the CPU); returns the loss of every step."""
+    `device` (the model comes back to the CPU); returns the loss of every step. The frames are
+    dropped from `demos` once their prefixes are computed (the largest part of the memory)."""
     cfg = model.cfg
     t0 = time.perf_counter()
     model.to(device)
     loss_fn = FlowMatching(model, *task, device=device)
     state = _padded(normalizer.normalize(STATE_KEY, demos.state), cfg.max_state_dim)
     kv, mask = loss_fn.frozen_prefix(demos.pixels, state)
+    demos.pixels = demos.pixels[:0]
     say(f"prefix of {len(demos)} frames in {time.perf_counter() - t0:.0f} s")
     actions = _padded(normalizer.normalize(ACTION_KEY, demos.actions), cfg.max_action_dim)
     actions = actions.to(device)
@@ -299,11 +306,11 @@ def evaluate(rt, camera: ArmCamera, episodes: int = 3, steps: int = 240, seed: i
 
 @dataclass(frozen=True)
 class TrainConfig:
-    episodes: int = 120            # demonstration episodes (random start, random target)
+    episodes: int = 500            # demonstration episodes (random start, random target)
     steps: int = 60                # steps per episode
-    train_steps: int = 1200        # optimiser steps
+    train_steps: int = 3000        # optimiser steps
     batch: int = 64
-    lr: float = 1e-3               # peak learning rate
+    lr: float = 3e-3               # peak learning rate
     explore: float = 0.3           # std of the noise on the expert's commands while collecting
     eval_episodes: int = 3         # held-out episodes of the evaluation
     seed: int = 0
