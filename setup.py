@@ -129,6 +129,11 @@ DATA_FILES = [
     ("share/flashrt_ros/config", sorted(glob.glob("config/*.yaml") + glob.glob("config/*.xml"))),
     ("share/flashrt_ros/config/presets", sorted(glob.glob("config/presets/*.yaml")
                                                 + glob.glob("config/presets/*.safetensors"))),
+] + [  # presets that are checkpoint directories (config/presets/smolvla-tiny/, its backbone/)
+    (os.path.join("share/flashrt_ros", d), sorted(f for f in glob.glob(os.path.join(d, "*"))
+                                                  if os.path.isfile(f)))
+    for d in sorted(p.rstrip("/") for p in glob.glob("config/presets/*/")
+                    + glob.glob("config/presets/*/*/"))
 ]
 
 

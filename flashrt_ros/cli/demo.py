@@ -128,7 +128,7 @@ def _robot_for(args):
                 args.instruction or "reach the moving target")
     from flashrt_ros.sim import imitation_vla
     cfg = read_vla_dir(directory, family).cfg
-    joints = cfg.state_dim // 2           # the state: positions, then velocities
+    joints = cfg.action_dim               # one command per joint
     _, height, width = cfg.camera_shapes[0]
     feed = CameraFeed(camera_name(cfg.cameras[0]), width, height, args.camera_rate or args.rate)
     task = imitation_vla.TASK if args.model == imitation_vla.PRESET else ""

@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(d)
     sub.add_parser("sim", help="run the simulated robot alone (see `flashrt-ros sim --help`)",
                    add_help=False)
+    sub.add_parser("train-vla", help="train the smolvla-tiny preset by behaviour cloning of the "
+                                     "simulated arm's expert (CPU, about 5 minutes; see "
+                                     "`flashrt-ros train-vla --help`)", add_help=False)
     sub.add_parser("bt-demo", help="branch-and-choose behaviour tree against the simulated robot: "
                    "report and plot (see `flashrt-ros bt-demo --help`)", add_help=False)
     sub.add_parser("record", help="record the node's episode to a rosbag2 bag (see `flashrt-ros "
@@ -489,6 +492,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "play":
         from flashrt_ros.bags.play import main as play_main
         return play_main(argv[1:])
+    if argv and argv[0] == "train-vla":
+        from flashrt_ros.sim.imitation_vla import main as train_vla_main
+        return train_vla_main(argv[1:])
     if argv and argv[0] == "bt-demo":
         from flashrt_ros.cli.bt_demo import main as bt_demo_main
         return bt_demo_main(argv[1:])
