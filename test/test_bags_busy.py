@@ -239,6 +239,10 @@ def test_an_episode_recorded_on_a_busy_machine_keeps_every_action(ros_env, tmp_p
                         driver.step(obs)
                     wait_for(lambda: rec.counts().get("action", 0) >= steps, DISCOVERY_TIMEOUT_S,
                              f"{steps} actions in the recorder's progress line")
+                    # the parameters are read over services that a starved node answers late:
+                    # the recorder asks again until they come
+                    wait_for(lambda: rec.saw("[record] stored the"), DISCOVERY_TIMEOUT_S,
+                             "the node's parameters in the recorder")
                     assert rec.stop() == 0, "".join(rec.lines)
                 finally:
                     rec.kill()
