@@ -22,9 +22,12 @@ length changes no valid value: LeRobot pads to the longest task of a batch; here
 fixed so that the plans can be captured. Positions count valid tokens only (cumsum of the mask - 1),
 and the cross-attending expert queries start again from 0, as LeRobot's do.
 
-Attention is LeRobot's eager form (scores in float32, masked with the float32 minimum, softmax,
-probabilities in the value dtype); RoPE is LeRobot's `apply_rope` (wavelength 10000, whatever the
-backbone config says, as LeRobot does). Shapes carry no batch axis: one robot, one observation.
+Attention runs torch's fused kernel (`attend`), held to LeRobot's eager form (`attend_reference`:
+scores in float32, masked with the float32 minimum, softmax, probabilities in the value dtype) by a
+test; RoPE is LeRobot's `apply_rope` (wavelength 10000, whatever the backbone config says, as
+LeRobot does), bit for bit. Each layer's q/k/v and gate/up may be one matrix (`fuse_projections`:
+the runtime's builder fuses them; the separate weights are views of it). Shapes carry no batch
+axis: one robot, one observation.
 """
 from __future__ import annotations
 
