@@ -159,6 +159,8 @@ def x86_findings(root: Path = ROOT, installed=INSTALLED) -> list[str]:
         if data.startswith(ELF):
             found.append(f"{name}: compiled file (ELF)")
             continue
+        if b"\0" in data:        # other binary data (weights, images): no text to name a platform
+            continue
         for n, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
             if X86.search(line):
                 found.append(f"{name}:{n}: {line.strip()}")
