@@ -127,6 +127,7 @@ class VLARuntime:
         self.plans["prefix"].run()
         self.plans["denoise"].run()
         self.position = self.model_cfg.max_context
+        self.context_len = int(self.arena.meta[META_CONTEXT_LEN])
 
     def predict_action_chunk(self, batch: dict, noise=None) -> np.ndarray:
         """The action chunk [chunk_size, action_dim] for one observation (the queue is left as
@@ -134,7 +135,6 @@ class VLARuntime:
         with self.lock:
             self._chunk(batch, noise)
             out = self.io.chunk.cpu().numpy().copy()
-            self.context_len = int(self.arena.meta[META_CONTEXT_LEN])
             self._commit()
             return out
 
@@ -147,7 +147,6 @@ class VLARuntime:
             if self.queue_left == 0:
                 self._chunk(batch, noise)
                 queue.copy_(self.io.chunk[:n])
-                self.context_len = int(self.arena.meta[META_CONTEXT_LEN])
                 self.queue_left = n
             action = queue[n - self.queue_left].cpu().numpy().copy()
             self.queue_left -= 1
@@ -187,8 +186,13 @@ class VLARuntime:
             raise InputError(f"restore: expected a 1-D uint8 tensor of state bytes, found "
                              f"{getattr(src, 'dtype', type(src).__name__)}")
         n = src.numel()
-        head = np.frombuffer(src[:META_LEN * 8].cpu().numpy().tobytes(), dtype=np.int64)
-        position = int(known[0]) if known is not None else int(head[META_POSITION])
+        if known is not None:
+            position = int(known[0])
+        elif n >= self.arena.small_nbytes:       # the position the bytes carry in their meta
+            head = np.frombuffer(src[:META_LEN * 8].cpu().numpy().tobytes(), dtype=np.int64)
+            position = int(head[META_POSITION])
+        else:
+            position = -1                         # too short to hold the small state: refused
         if position not in (0, self.model_cfg.max_context) or self.arena.live_nbytes(position) != n:
             raise InputError(f"restore: {n} bytes is not a live-state size of this arena "
                              f"({self.arena.live_nbytes(0)} or "

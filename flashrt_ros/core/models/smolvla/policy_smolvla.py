@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flashrt_ros.core.arena import (DTYPES, META_CONTEXT_LEN, META_POSITION, META_RNG_COUNTER,
+from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_POSITION, META_RNG_COUNTER,
                                     META_RNG_SEED, BufferSpec)
 from flashrt_ros.core.exceptions import InputError
 from flashrt_ros.core.models.smolvla.checkpoint_smolvla import SmolVLADir
@@ -137,10 +137,6 @@ class SmolVLAPolicy(VLAPolicy):
         mask = arena["prefix_mask"].bool()
         x = self.model.sample(io.noise, arena["kv"], mask, self.consts)
         io.chunk.copy_(self.unnormalizer.unnormalize(ACTION_KEY, x[:, : self.cfg.action_dim]))
-
-    def param_dtype(self, name: str) -> torch.dtype:
-        from flashrt_ros.core.models.smolvla.checkpoint_smolvla import param_dtype
-        return param_dtype(name, DTYPES[self.cfg.dtype])
 
 
 def _array(x, name: str, shape: tuple) -> torch.Tensor:

@@ -85,9 +85,7 @@ class Normalizer:
         lo, d = self._affine[key]
         if self.modes[key] == "MEAN_STD":
             return (x - lo) / (d + self.eps)
-        if self.modes[key] == "MIN_MAX":
-            return 2 * (x - lo) / d - 1
-        return 2.0 * (x - lo) / d - 1.0
+        return 2.0 * (x - lo) / d - 1.0           # MIN_MAX and both quantile modes
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         if key not in self.modes:
