@@ -1,0 +1,148 @@
+"""Attention of a prefill chunk over the KV cache, the position read from the arena on the device.
+
+The static (graph) form of a prefill chunk reads its position from `meta`, so one captured plan
+per chunk length serves every position. Its attention must then cover a prefix whose length the
+host does not know at capture time. The torch form (qwen3_5.Attention) attends over all
+`max_context` rows under a mask: for a 4096-token chunk of hybrid-0.8b at a 16k context that is a
+[Hkv, G*T, max_context] fp32 score matrix (2 GiB per layer) and the full-length matmuls. This
+kernel is flash attention over the live rows only: query t of the chunk (at position + t) attends
+to rows 0..position+t, tiles past the last query's row are never read, and the length is loaded
+from `meta` inside the kernel, as core/fused.py's decode_attention does for one row.
+
+    prefill_attention   sigmoid(gate) * softmax(q k^T / sqrt(D), causal at the position) v for
+                        T query rows; the G query heads of a KV head are folded into the rows of
+                        one program (row r = token r // G, head r % G), so each KV tile is read
+                        once for all of them; the output gate as in decode_attention
+
+The chunk's own K and V rows are written to the cache before the call (the model's index_copy),
+so the chunk attends to itself through the cache like to any earlier row. The GDN layers' chunked
+kernel needs nothing of the kind: its state is the arena's and it is position-independent.
+
+The tile sizes are fixed per shape (`prefill_attention_config`, no autotuning): a plan's rounding
+is then the same in every process. Only for CUDA tensors with Triton importable (core/fused.py's
+`available()`); test_runtime_gpu.py holds the kernel to `prefill_attention_reference`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from flashrt_ros.core.arena import META_POSITION
+
+
+def prefill_attention_reference(q, gate, kv, meta):
+    """q: [T, H, D] the chunk's queries (normed, rotated); gate: [T, H, D] the output gate; kv:
+    [max_ctx, 2, Hkv, D] one layer's KV with the chunk's rows written at position..position+T-1;
+    meta: the arena's int64 meta -> sigmoid(gate) * attention, [T, H, D] in q's dtype, query t
+    attending to the rows 0..position+t. Scores and softmax in fp32; the attention output rounds
+    to q's dtype, then sigmoid(gate), then their product (the model's rounding points)."""
+    p = int(meta[META_POSITION])
+    T, H, D = q.shape
+    Hkv = kv.shape[2]
+    G = H // Hkv
+    L = p + T
+    keys, vals = kv[:L, 0].float(), kv[:L, 1].float()                       # [L, Hkv, D]
+    scores = torch.einsum("tjgd,ljd->jgtl", q.float().view(T, Hkv, G, D), keys) * D ** -0.5
+    rows = torch.arange(L, device=q.device)
+    visible = rows[None, :] <= p + torch.arange(T, device=q.device)[:, None]  # [T, L]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    o = torch.einsum("jgtl,ljd->tjgd", torch.softmax(scores, dim=-1), vals)
+    return o.reshape(T, H, D).to(q.dtype) * torch.sigmoid(gate)
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, compiled on first use (importing this module needs no Triton)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def prefill_attention_kernel(Q, GATE, KV, META, OUT, T, q_stride_t, q_stride_h, g_stride_t,
+                                 g_stride_h, kv_row_stride, qk_scale, G: tl.constexpr,
+                                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        # one program per BLOCK_M rows of (token, query head of KV head j); qk_scale folds
+        # log2(e) into 1/sqrt(D), so the softmax runs on exp2
+        j = tl.program_id(1)
+        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        t = r // G
+        h = j * G + r % G
+        rmask = t < T
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        pos = tl.load(META).to(tl.int32)             # META_POSITION = 0
+        q = tl.load(Q + t[:, None] * q_stride_t + h[:, None] * q_stride_h + d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)           # [BLOCK_M, BLOCK_D]
+        last = pos + tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M - 1, T * G - 1) // G
+        end = last + 1                               # rows past this one no query here sees
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_ = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(0, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            kvmask = nmask[:, None] & dmask[None, :]
+            rows = KV + n[:, None] * kv_row_stride + d[None, :]
+            k = tl.load(rows + j * D, mask=kvmask, other=0.0)                   # [BLOCK_N, BLOCK_D]
+            v = tl.load(rows + (HKV + j) * D, mask=kvmask, other=0.0)
+            if IEEE:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            visible = (n[None, :] <= (pos + t)[:, None]) & nmask[None, :]      # causal
+            sc = tl.where(visible, sc * qk_scale, float("-inf"))               # [BLOCK_M, BLOCK_N]
+            # every row sees row 0 in the first tile, so m is finite from there on
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp2(m - m_new)
+            pr = tl.exp2(sc - m_new[:, None])
+            l_ = l_ * alpha + tl.sum(pr, 1)
+            if IEEE:
+                pv = tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(pr.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        o = (acc / l_[:, None]).to(OUT.dtype.element_ty).to(tl.float32)
+        omask = rmask[:, None] & dmask[None, :]
+        gate = tl.load(GATE + t[:, None] * g_stride_t + h[:, None] * g_stride_h + d[None, :],
+                       mask=omask, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(gate).to(OUT.dtype.element_ty).to(tl.float32)
+        tl.store(OUT + (t[:, None] * H + h[:, None]) * D + d[None, :],
+                 (o * sg).to(OUT.dtype.element_ty), mask=omask)
+
+    return prefill_attention_kernel
+
+
+def prefill_attention_config(rows: int, D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `rows` = T * G folded query rows of head
+    dim D. Half-precision tiles for the tensor cores: 128 rows (64 for a short chunk, most of a
+    larger tile would be padding) by 32 KV rows, two stages (a head dim of 256 in 64-row KV tiles
+    and three stages would need more shared memory than an H100 has); fp32 (exact dot
+    products, tiny models) in small tiles."""
+    if dtype == torch.float32:
+        return 32, 32, 4, 1
+    if rows <= 64:
+        return 64, 32, 4, 2
+    return 128, 32, 8, 2
+
+
+def prefill_attention(q, gate, kv, meta, config: tuple | None = None):
+    """Fused `prefill_attention_reference` -> [T, H, D] contiguous. q, gate: [T, H, D] with unit
+    stride in D (views of the projection are fine); kv: one layer's view of the arena's KV, rows
+    [k heads | v heads] contiguous. `config` overrides prefill_attention_config (a benchmark
+    compares tiles)."""
+    T, H, D = q.shape
+    Hkv = kv.shape[2]
+    G = H // Hkv
+    assert q.stride(2) == 1 and gate.stride(2) == 1 and kv.stride(3) == 1, "unit stride in D"
+    bm, bn, warps, stages = config or prefill_attention_config(T * G, D, q.dtype)
+    out = q.new_empty(T, H, D)
+    grid = (-(-T * G // bm), Hkv)
+    _kernel()[grid](q, gate, kv, meta, out, T, q.stride(0), q.stride(1), gate.stride(0),
+                    gate.stride(1), kv.stride(0), D ** -0.5 * 1.4426950408889634, G=G, H=H,
+                    HKV=Hkv, D=D, BLOCK_D=max(16, 1 << (D - 1).bit_length()), BLOCK_M=bm,
+                    BLOCK_N=bn, IEEE=q.dtype == torch.float32, num_warps=warps,
+                    num_stages=stages)
+    return out
