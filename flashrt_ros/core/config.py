@@ -422,6 +422,7 @@ class RuntimeConfig:
     sample_seed: int = _f(0, "initial seed of the arena's sampler RNG")
     kernels: str = _f("auto", "auto (CUDA: fla when importable, else reference; CPU: chunked), fla, "
                                "chunked (CPU only: reference steps, chunk-parallel prefill) or "
+                               "reference; a VLA (SmolVLA) takes Triton kernels on CUDA unless "
                                "reference", True)
     threads: int = _f(0, "torch CPU (intra-op) threads the node sets at configure: 0 = auto (1 for "
                          "presets with d_model <= 256, where handing tiny ops to a second thread "

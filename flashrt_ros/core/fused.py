@@ -10,7 +10,8 @@ test_runtime_gpu.py holds the two together with named tolerances.
                         row cuBLAS takes 1.1-5x longer on these matrices (bench_kernels.py); with
                         `swiglu=True`, x = silu(gate) * up computed as it is read (the MLP's
                         down projection: one kernel fewer per layer)
-    add_rms_norm        x += delta; h = norm(x) * scale           (every norm of the residual stream)
+    add_rms_norm        x += delta; h = norm(x) * scale           (every norm of the residual stream;
+                        with `round_first`, Llama's rounding: SmolVLA's norms)
     conv_step           the short causal conv of one token + silu, shifting the conv state
     conv_rows           the same conv over T tokens (a prefill chunk), reading the state and the
                         projection where they are (no concatenated copy) and writing q, k, v
@@ -20,6 +21,9 @@ test_runtime_gpu.py holds the two together with named tolerances.
                         the delta rule on the fp32 state (updated in place) and the read-out
     gated_rms_norm      weight * norm(o) * silu(z)                 (the DeltaNet output norm)
     swiglu              silu(gate) * up
+    rope_heads          SmolVLA's RoPE of a [T, heads, D] block, each head written to its group of
+                        query heads (grouped keys as attention reads them), straight into the
+                        KV cache or the attention's key buffer
     attention_prep      q/k RMSNorm + RoPE; k, v written to the KV row at the position in meta
     decode_attention    attention of one query over the live prefix only, flash-decoding style:
                         the length is read from `meta` on the device, so a captured graph covers
@@ -37,7 +41,8 @@ Only for CUDA tensors with Triton importable (`available()`). The model uses the
 kernels are "fla": gemv, conv_step, gdn_step and the attention kernels in the static form
 (pos=None) of single-token calls; add_rms_norm, conv_rows, gated_rms_norm and swiglu, which take
 rows, in every call (a prefill chunk of T tokens is T rows, where each torch op of a norm also
-writes a [T, d] fp32 intermediate).
+writes a [T, d] fp32 intermediate). SmolVLA (core/models/smolvla) takes add_rms_norm, swiglu
+and rope_heads on CUDA unless its runtime's kernels are "reference".
 """
 from __future__ import annotations
 
@@ -78,15 +83,18 @@ def gemv_reference(x, w, swiglu: bool = False):
     return F.linear(swiglu_reference(x) if swiglu else x, w)
 
 
-def add_rms_norm_reference(x, delta, scale, eps):
+def add_rms_norm_reference(x, delta, scale, eps, round_first: bool = False):
     """x: [N] or [T, N] residual (updated: x + delta, in x's dtype), delta: x's shape or None,
     scale: [N] fp32 (1 + weight) -> (x, h) with h = x * rsqrt(mean(x^2) + eps) * scale per row,
-    in x's dtype."""
+    in x's dtype. `round_first` (Llama's RMSNorm, SmolVLA): the normalised row is rounded to x's
+    dtype before it is scaled, and scale (the weight) is in x's dtype."""
     if delta is not None:
         x = x + delta
     xf = x.float()
-    h = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * scale
-    return x, h.to(x.dtype)
+    h = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if round_first:
+        return x, scale * h.to(x.dtype)
+    return x, (h * scale).to(x.dtype)
 
 
 def conv_step_reference(x, conv_state, weight):
@@ -132,6 +140,20 @@ def swiglu_reference(gate_up):
     """gate_up: [2F] or [T, 2F] (gate | up) -> silu(gate) * up ([F] or [T, F])."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def rope_heads_reference(x, table, out, groups: int = 1):
+    """x: [T, Hs, D] -> out [T, Hs * groups, D] (written): each head rotated by LeRobot's
+    `apply_rope` with `table` = (cos | cos, -sin | sin) [T, 1, D] fp32 (SmolVLA's Rope.table), in
+    fp32 and rounded to out's dtype, and repeated for its group of `groups` query heads (grouped
+    keys written as attention reads them). table None: copied (and repeated) unrotated."""
+    y = x
+    if table is not None:
+        cos, sin = table
+        x32 = x.float()
+        y = x32 * cos + torch.roll(x32, x.shape[-1] // 2, dims=-1) * sin
+    out.copy_(y.repeat_interleave(groups, dim=1) if groups > 1 else y)
+    return out
 
 
 def attention_prep_reference(p, qk_scale, eps, rotary, kv, meta, H, Hkv, D):
@@ -197,7 +219,7 @@ def _kernels():
 
     @triton.jit
     def add_rms_norm_kernel(X, D, H, S, eps, N: tl.constexpr, BLOCK: tl.constexpr,
-                            HAS_DELTA: tl.constexpr):
+                            HAS_DELTA: tl.constexpr, ROUND_FIRST: tl.constexpr):
         # one program per row
         row = tl.program_id(0)
         X += row * N
@@ -212,8 +234,29 @@ def _kernels():
             tl.store(X + cols, x, mask=mask)
         xf = x.to(tl.float32)
         r = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
-        h = xf * r * tl.load(S + cols, mask=mask, other=0.0)
+        scale = tl.load(S + cols, mask=mask, other=0.0).to(tl.float32)
+        if ROUND_FIRST:
+            h = (xf * r).to(H.dtype.element_ty).to(tl.float32) * scale
+        else:
+            h = xf * r * scale
         tl.store(H + cols, h.to(H.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def rope_heads_kernel(X, COS, SIN, OUT, sx_t, sx_h, so_t, so_h, GROUPS: tl.constexpr,
+                          D: tl.constexpr, BLOCK: tl.constexpr, ROTATE: tl.constexpr):
+        # one program per (row, output head); output head h reads input head h // GROUPS
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        d = tl.arange(0, BLOCK)
+        mask = d < D
+        src = X + t * sx_t + (h // GROUPS) * sx_h
+        x = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
+        if ROTATE:
+            xr = tl.load(src + (d + D // 2) % D, mask=mask, other=0.0).to(tl.float32)
+            c = tl.load(COS + t * D + d, mask=mask, other=0.0)
+            s = tl.load(SIN + t * D + d, mask=mask, other=0.0)
+            x = x * c + xr * s
+        tl.store(OUT + t * so_t + h * so_h + d, x.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def conv_step_kernel(X, CS, W, Y, C, K: tl.constexpr, BLOCK: tl.constexpr):
@@ -435,7 +478,7 @@ def _kernels():
     return dict(gemv=gemv_kernel, add_rms_norm=add_rms_norm_kernel, conv_step=conv_step_kernel,
                 conv_rows=conv_rows_kernel, gdn_step=gdn_step_kernel,
                 gated_rms_norm=gated_rms_norm_kernel,
-                swiglu=swiglu_kernel,
+                swiglu=swiglu_kernel, rope_heads=rope_heads_kernel,
                 attention_prep=attention_prep_kernel,
                 decode_attention_split=decode_attention_split_kernel,
                 decode_attention_combine=decode_attention_combine_kernel)
@@ -467,15 +510,29 @@ def gemv(x, w, config: tuple[int, int] | None = None, swiglu: bool = False):
     return y
 
 
-def add_rms_norm(x, delta, scale, eps):
+def add_rms_norm(x, delta, scale, eps, round_first: bool = False):
     """Fused `add_rms_norm_reference`; x contiguous [N] or [T, N] (updated in place when delta
     is given), delta contiguous like x."""
     N = x.shape[-1]
     h = torch.empty_like(x)
     _kernels()["add_rms_norm"][(x.numel() // N,)](x, x if delta is None else delta, h, scale, eps,
                                                   N=N, BLOCK=_pow2(N), HAS_DELTA=delta is not None,
-                                                  num_warps=4)
+                                                  ROUND_FIRST=round_first, num_warps=4)
     return x, h
+
+
+def rope_heads(x, table, out, groups: int = 1):
+    """Fused `rope_heads_reference`; x and out with unit stride along D (any row and head
+    strides: a slice of a projection's output, a slice of the KV cache), table's cos and sin
+    contiguous [T, 1, D] fp32."""
+    T, hs, D = x.shape
+    assert out.shape == (T, hs * groups, D) and x.stride(2) == 1 and out.stride(2) == 1
+    cos, sin = (out, out) if table is None else table
+    _kernels()["rope_heads"][(T, hs * groups)](x, cos, sin, out, x.stride(0), x.stride(1),
+                                               out.stride(0), out.stride(1), GROUPS=groups, D=D,
+                                               BLOCK=_pow2(D), ROTATE=table is not None,
+                                               num_warps=1)
+    return out
 
 
 def conv_step(x, conv_state, weight):

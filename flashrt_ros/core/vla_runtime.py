@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from flashrt_ros.core import fused
 from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION,
                                     META_RNG_COUNTER, META_RNG_SEED, META_STEP, StateArena)
 from flashrt_ros.core.config import RuntimeConfig, resolve_device
@@ -58,6 +59,10 @@ class VLARuntime:
         say(f"building {src.cfg.name} ({type(src).__name__}) on {self.device}, {src.cfg.dtype}")
         self.model = build_vla_policy(src, self.device)
         self.model_cfg = self.model.cfg
+        # core/fused.py's Triton kernels for the chains between matmuls, unless asked for the
+        # torch reference (held to each other by test_smolvla_gpu)
+        self.model.model.fused = (self.device.type == "cuda" and self.cfg.kernels != "reference"
+                                  and fused.available())
         t1 = time.perf_counter()
         self.timings["weights"] = t1 - t0
         self.arena = StateArena(self.model.state_specs(), self.device)
@@ -79,7 +84,8 @@ class VLARuntime:
         self.timings["captures"] = time.perf_counter() - t1 - self.timings["arena"]
         say(f"runtime ready in {time.perf_counter() - t0:.2f} s: state arena "
             f"{self.arena.nbytes / 2**20:.1f} MiB, {len(self.arena.names())} buffers, "
-            f"{sum(p.captured for p in self.plans.values())} captured plans")
+            f"{sum(p.captured for p in self.plans.values())} captured plans, "
+            f"{'Triton' if self.model.model.fused else 'torch'} elementwise kernels")
 
     def _plan_fn(self, name):
         fn = getattr(self.model, {"noise": "sample_noise"}.get(name, name))

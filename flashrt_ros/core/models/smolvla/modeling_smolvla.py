@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashrt_ros.core import fused as fused_kernels
 from flashrt_ros.core.models.smolvla.configuration_smolvla import LlamaConfig, SmolVLAConfig, VisionConfig
 
 ROPE_WAVELENGTH = 10_000
@@ -106,11 +107,16 @@ class Rope(nn.Module):
         return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
     @staticmethod
-    def apply(x, table):
-        """[x1 * cos - x2 * sin, x2 * cos + x1 * sin] (the same roundings) in float32, cast back."""
-        cos, sin = table
-        x32 = x.float()
-        return (x32 * cos + torch.roll(x32, x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
+    def apply(x, table, out=None, groups: int = 1, fused: bool = False):
+        """[x1 * cos - x2 * sin, x2 * cos + x1 * sin] (the same roundings) in float32, cast to
+        out's dtype (default x's); x [T, KV, D] -> out [T, KV * groups, D], each head repeated for
+        its group of query heads; table None: copied unrotated. fused: one Triton kernel
+        (core/fused.py rope_heads, held to this reference by test_smolvla_gpu)."""
+        if out is None:
+            out = x.new_empty(x.shape[0], x.shape[1] * groups, x.shape[2])
+        if fused:
+            return fused_kernels.rope_heads(x, table, out, groups)
+        return fused_kernels.rope_heads_reference(x, table, out, groups)
 
     def forward(self, x, positions):
         return self.apply(x, self.table(positions))
@@ -127,6 +133,17 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)   # x / sqrt(mean(x^2) + eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_forward(self, x, delta, fused: bool):
+        """(s, norm(s)) with s = delta + x added in place into delta, in delta's dtype, as LeRobot
+        adds its residuals (`y += x`); delta None: s = x. fused: one kernel over the rows
+        (core/fused.py add_rms_norm with Llama's rounding; s, contiguous, written in place)."""
+        if fused:
+            return fused_kernels.add_rms_norm(x if delta is None else delta,
+                                              None if delta is None else x, self.weight,
+                                              self.eps, round_first=True)
+        s = x if delta is None else delta.add_(x)
+        return s, self(s)
 
 
 # -- the vision tower and connector (transformers' SmolVLMVisionTransformer, SmolVLMConnector) ----
@@ -300,10 +317,14 @@ class MLP(nn.Module):
         self.up_proj.weight = nn.Parameter(fused[w.shape[0]:], requires_grad=False)
         self.gate_up_weight = fused
 
-    def forward(self, x):
+    def forward(self, x, fused: bool = False):
+        """fused: silu(gate) * up as one kernel (core/fused.py swiglu), with gate/up fused."""
         if self.gate_up_weight is None:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        gate_up = F.linear(x, self.gate_up_weight)
+        if fused and self.act is F.silu:
+            return self.down_proj(fused_kernels.swiglu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -315,14 +336,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def finish(self, x, att):
-        """The layer after attention: output projection, residual, MLP, residual. The residuals
-        are added in place into the projections' outputs, in their dtype, as LeRobot adds them."""
+    def attention_input(self, x, delta, fused: bool):
+        """The residual stream x plus the last layer's MLP output `delta` (None: nothing to add),
+        then the input norm: (x, its norm in the projections' dtype)."""
+        x, h = self.input_layernorm.add_forward(x, delta, fused)
+        return x, h.to(self.self_attn.q_proj.weight.dtype)
+
+    def finish(self, x, att, fused: bool):
+        """The layer after attention: x += o_proj(att), then the MLP of its norm. Returns (x, the
+        MLP's output), which the next layer's input norm (or the final norm) adds to x: LeRobot's
+        two residual adds, in place into the projections' outputs, in their dtype."""
         y = self.self_attn.o_proj(att.to(self.self_attn.o_proj.weight.dtype))
-        y += x
-        z = self.mlp(self.post_attention_layernorm(y))
-        z += y
-        return z
+        x, h = self.post_attention_layernorm.add_forward(x, y, fused)
+        return x, self.mlp(h, fused)
 
 
 class TextModel(nn.Module):
@@ -368,6 +394,9 @@ class SmolVLAModel(nn.Module):
         self.action_time_mlp_in = nn.Linear(2 * e.hidden_size, e.hidden_size)
         self.action_time_mlp_out = nn.Linear(e.hidden_size, e.hidden_size)
         self.rope = Rope(t.head_dim)
+        # the elementwise chains between matmuls as core/fused.py's Triton kernels (CUDA; the
+        # runtime's builder decides): norms with their residual adds, RoPE, SiLU * up
+        self.fused = False
 
     def fuse_projections(self) -> None:
         """Fuse each layer's q/k/v and gate/up matrices (views: no weight is stored twice); call
@@ -434,30 +463,34 @@ class SmolVLAModel(nn.Module):
         att = (blocks[None, :] <= blocks[:, None]) & mask[None, :] & mask[:, None]   # [P, P]
         # a padding token's row attends to itself (LeRobot's has no key: a uniform average);
         # nothing reads those rows, and no row is left without a key
-        att = additive_mask(att | c["prefix_eye"], self.text.embed_tokens.weight.dtype)
+        att_mask = additive_mask(att | c["prefix_eye"], self.text.embed_tokens.weight.dtype)
         rope = self.rope.table(torch.cumsum(mask.to(torch.int64), 0) - 1)
         last = len(self.text.layers) - 1
+        fused, delta = self.fused, None
         for i, layer in enumerate(self.text.layers):
             a = layer.self_attn
-            q, k, v = a.qkv(layer.input_layernorm(x).to(a.q_proj.weight.dtype))
-            k = self.rope.apply(k, rope)
-            kv[:, i, 0].copy_(k)
+            x, h = layer.attention_input(x, delta, fused)
+            q, k, v = a.qkv(h)
+            self.rope.apply(k, rope, out=kv[:, i, 0], fused=fused)
             kv[:, i, 1].copy_(v)
             if i == last:
                 break              # nothing reads the last layer's output, only its keys/values
-            x = layer.finish(x, attend(self.rope.apply(q, rope), expand_heads(k, a.heads),
-                                       expand_heads(v, a.heads), att))
+            att = attend(self.rope.apply(q, rope, fused=fused), expand_heads(kv[:, i, 0], a.heads),
+                         expand_heads(kv[:, i, 1], a.heads), att_mask)
+            x, delta = layer.finish(x, att, fused)
         return mask
 
     # -- the flow ----------------------------------------------------------------------------------
     def flow_constants(self, kv, mask, c) -> dict:
         """What every flow step of one observation reads and none changes: each cross-attending
         layer's keys and values (the prefix's, through the expert's k/v projections), the RoPE
-        tables of the two position sets, the two masks."""
+        tables of the two position sets, the two masks; and each self-attending layer's key and
+        value buffers [P + chunk, heads, D], whose prefix rows are written here and whose chunk
+        rows each flow step writes."""
         cfg = self.cfg
         n = cfg.chunk_size
         dtype = self.expert.layers[0].self_attn.q_proj.weight.dtype
-        f = {"cross": {}, "self_prefix": {},
+        f = {"cross": {}, "self_kv": {},
              # self-attending layers: the chunk's tokens follow the valid prefix tokens
              "self_rope": self.rope.table(mask.sum() + c["chunk_arange"]),
              "self_mask": additive_mask(torch.cat([mask[None].expand(n, -1), c["causal"]], 1), dtype),
@@ -470,9 +503,11 @@ class SmolVLAModel(nn.Module):
             if j is None:
                 continue
             a = self.expert.layers[j].self_attn
-            if cfg.self_attends(i):        # the prefix part of the layer's keys and values
-                f["self_prefix"][i] = (expand_heads(kv[:, i, 0].to(dtype), a.heads),
-                                       expand_heads(kv[:, i, 1].to(dtype), a.heads))
+            if cfg.self_attends(i):
+                buffers = kv.new_empty(2, p + n, a.heads, a.head_dim, dtype=dtype)
+                for j in (0, 1):           # the prefix rows of the keys and the values
+                    buffers[j, :p].copy_(expand_heads(kv[:, i, j], a.heads))
+                f["self_kv"][i] = buffers
                 continue
             k = a.k_proj(kv[:, i, 0].reshape(p, -1).to(a.k_proj.weight.dtype))
             v = a.v_proj(kv[:, i, 1].reshape(p, -1).to(a.v_proj.weight.dtype))
@@ -487,26 +522,28 @@ class SmolVLAModel(nn.Module):
         t_emb = c["time_emb"][step][None].expand_as(a_emb)
         h = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([a_emb, t_emb], -1))))
         n = h.shape[0]
+        fused, delta = self.fused, None
         for i in range(cfg.num_vlm_layers):
             j = cfg.expert_layer_of(i)
             if j is None:
                 continue
             layer = self.expert.layers[j]
             a = layer.self_attn
-            hn = layer.input_layernorm(h).to(a.q_proj.weight.dtype)
+            h, hn = layer.attention_input(h, delta, fused)
             if cfg.self_attends(i):
-                rope = f["self_rope"]
+                rope, (keys, values) = f["self_rope"], f["self_kv"][i]
                 q, k, v = a.qkv(hn)
-                pk, pv = f["self_prefix"][i]
-                k = torch.cat([pk, expand_heads(self.rope.apply(k, rope), a.heads)])
-                v = torch.cat([pv, expand_heads(v, a.heads)])
-                att = attend(self.rope.apply(q, rope), k, v, f["self_mask"])
+                groups = a.heads // a.kv_heads       # the chunk's rows, after the prefix's
+                self.rope.apply(k, rope, out=keys[-n:], groups=groups, fused=fused)
+                self.rope.apply(v, None, out=values[-n:], groups=groups, fused=fused)
+                att = attend(self.rope.apply(q, rope, fused=fused), keys, values, f["self_mask"])
             else:
                 q = a.q_proj(hn).view(n, a.heads, a.head_dim)
                 k, v = f["cross"][i]
-                att = attend(self.rope.apply(q, f["cross_rope"]), k, v, f["cross_mask"])
-            h = layer.finish(h, att)
-        h = self.expert.norm(h)
+                att = attend(self.rope.apply(q, f["cross_rope"], fused=fused), k, v,
+                             f["cross_mask"])
+            h, delta = layer.finish(h, att, fused)
+        _, h = self.expert.norm.add_forward(h, delta, fused)
         return self.action_out_proj(h.float().to(self.action_out_proj.weight.dtype)).float()
 
     def sample(self, noise, kv, mask, c):
