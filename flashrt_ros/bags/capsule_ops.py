@@ -27,6 +27,12 @@ def _flag(event, name, pattern=None) -> bool:
     return pattern is not None and pattern in (event.message or "")
 
 
+def _seed(event) -> int:
+    """The noise seed the event's operation restarted the sampler at (-1: none; bags recorded
+    before CapsuleEvent had the field: none)."""
+    return int(getattr(event, "noise_seed", -1))
+
+
 def capsule_request(event):
     """(operation, request) that repeats a recorded CapsuleEvent (flashrt_ros.ros.operations)."""
     op = event.operation
@@ -37,17 +43,19 @@ def capsule_request(event):
     if op == "snapshot":
         request = Request(name=event.name, tier=event.tier, pin=_flag(event, "pin"))
     elif op == "restore":
-        request = Request(name=event.name)
+        request = Request(name=event.name, noise_seed=_seed(event))
     elif op == "fork":
         request = Request(source=event.source, name=event.name, tier=event.tier,
-                          switch_to=_flag(event, "switch_to", "switched to it"))
+                          switch_to=_flag(event, "switch_to", "switched to it"),
+                          noise_seed=_seed(event))
     elif op == "rollback":
         request = Request(k=int(event.k))
     elif op == "delete":
         # older bags recorded deletes that took the saved file along
         request = Request(name=event.name, delete_file=bool(getattr(event, "delete_file", True)))
     elif op == "reset":
-        request = Request(keep_context=_flag(event, "keep_context", "instruction context"))
+        request = Request(keep_context=_flag(event, "keep_context", "instruction context"),
+                          noise_seed=_seed(event))
     elif op == "save":
         evict = getattr(event, "evict_from_memory", None)
         if evict is None:       # older bags: keep_in_memory (its default True), or no flag at all

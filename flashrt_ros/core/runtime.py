@@ -29,12 +29,14 @@ import torch
 
 from flashrt_ros.core import checkpoint, tokenizer
 from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION,
-                                    META_RNG_SEED, META_STEP, ArenaViews, StateArena, StaticIO)
+                                    META_RNG_COUNTER, META_RNG_SEED, META_STEP, ArenaViews,
+                                    StateArena, StaticIO)
 from flashrt_ros.core.config import TINY, ModelConfig, RuntimeConfig
 from flashrt_ros.core.exceptions import ConfigError, InputError
 from flashrt_ros.core.plans import StepPlan
 from flashrt_ros.core.qwen3_5_policy import Qwen3_5Policy, digest_tensors
 from flashrt_ros.core.rollback import RollbackRing
+from flashrt_ros.core.seeded import check_seed
 
 GRAPH_PREFILL_MAX = 256   # prefill chunks up to this length are captured; longer ones are compute-bound
 # the plans a control step and decoding run; with late_plans=True only these are captured at
@@ -488,6 +490,24 @@ class PolicyRuntime:
         """Back k committed steps (bounded by runtime.rollback_depth); returns (step, position)."""
         self.step_count, self.position, self.episode = self.ring.rollback(k)
         return self.step_count, self.position
+
+    def check_noise_seed(self, seed) -> None:
+        """Refuse what `seed_noise` would refuse, changing nothing."""
+        if not self.model.sample_actions:
+            raise InputError(f"noise seed {seed!r}: this policy samples no action noise "
+                             f"(runtime.action_noise is 0), so a seed would change nothing; "
+                             f"configure it with runtime.action_noise > 0 to sample actions, or "
+                             f"leave the seed out")
+        check_seed(seed, "noise seed")
+
+    def seed_noise(self, seed: int) -> None:
+        """Restart the arena's action-noise sampler at `seed` (a branch that should sample
+        differently); the state after it is what rollback and reset(keep_context=True) return to."""
+        self.check_noise_seed(seed)
+        with self.lock:
+            self.arena.meta[META_RNG_SEED].fill_(seed)
+            self.arena.meta[META_RNG_COUNTER].fill_(0)
+            self.ring.rebase(self.step_count, self.position, self.episode)
 
     # -- capsule support ------------------------------------------------------------------
     def live_nbytes(self) -> int:

@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 
+from flashrt_ros.core.exceptions import InputError
+
 # a two-round 32-bit integer hash (constants from Wellons' hash prospector), both below 2^31 so
 # that x * m of a 32-bit x stays inside int64
 M1, M2 = 0x21F0AAAD, 0x735A2D97
@@ -92,6 +94,12 @@ def _mix32(x):
     x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK32   # multiplier < 2^27: the product fits in int64
     x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK32
     return x ^ (x >> 16)
+
+
+def check_seed(seed, what: str = "seed") -> None:
+    """A seed of the counter-based sampler: an integer in [0, 2^32) (it keeps 32 bits)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 32:
+        raise InputError(f"{what}: expected an integer in [0, 2^32), found {seed!r}")
 
 
 def counter_gaussian(seed, counter, idx):

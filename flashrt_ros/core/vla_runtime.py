@@ -39,6 +39,7 @@ from flashrt_ros.core.config import RuntimeConfig, resolve_device
 from flashrt_ros.core.exceptions import ConfigError, InputError
 from flashrt_ros.core.plans import StepPlan
 from flashrt_ros.core.rollback import RollbackRing
+from flashrt_ros.core.seeded import check_seed
 
 PLANS = ("noise", "prefix", "denoise")
 
@@ -115,10 +116,13 @@ class VLARuntime:
         self.episode, self.context_len = int(meta[META_EPISODE]), int(meta[META_CONTEXT_LEN])
         self.queue_left = int(self.arena["queue_left"][0])
 
+    def check_noise_seed(self, seed) -> None:
+        """Refuse what `seed_noise` would refuse, changing nothing."""
+        check_seed(seed)
+
     def seed_noise(self, seed: int) -> None:
         """Restart the arena's noise sampler at `seed` (a fork that should sample differently)."""
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 32:
-            raise InputError(f"seed: expected an integer in [0, 2^32), found {seed!r}")
+        self.check_noise_seed(seed)
         with self.lock:
             self.arena.meta[META_RNG_SEED].fill_(seed)
             self.arena.meta[META_RNG_COUNTER].fill_(0)

@@ -10,9 +10,14 @@ committed-boundary promise are in node.py's docstring). A failure is `success=fa
 core's message; no request can kill the node. Every operation but a query publishes a
 CapsuleEvent (and one `evict` per capsule the store demoted or dropped to make room) just before
 its answer.
+
+A `noise_seed` (Restore, Fork with switch_to, Reset) restarts the live state's noise sampler after
+the operation, at the same committed boundary: the runtime lock is held across both. It is checked
+before the operation, so a seed the policy cannot take refuses the whole request.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
@@ -28,6 +33,7 @@ from flashrt_ros.ros.stamps import s_to_stamp
 # yet, and that client never gets its answer (seen under a 10k-call storm on 2 cores).
 SERVICE_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
                          history=QoSHistoryPolicy.KEEP_LAST)
+KEEP_SAMPLER = -1           # a request's noise_seed that leaves the noise sampler as it is
 
 
 class CapsuleServices:
@@ -112,6 +118,40 @@ class CapsuleServices:
         info.created = s_to_stamp(cap.created)
         return info
 
+    @staticmethod
+    def _noise_seed(rt, req, ev, live: bool = True):
+        """The seed `req.noise_seed` restarts the live state's noise sampler at (None: -1, keep
+        it), checked before the operation changes anything. `live`: the operation lands the live
+        state somewhere (a fork that does not switch leaves it alone)."""
+        seed = ev.noise_seed = int(req.noise_seed)
+        if seed == KEEP_SAMPLER:
+            return None
+        if not 0 <= seed < 1 << 32:
+            raise InputError(f"noise_seed: expected {KEEP_SAMPLER} (keep the sampler) or an "
+                             f"integer in [0, 2^32), found {seed}; nothing changed")
+        if not live:
+            raise InputError(f"fork: noise_seed {seed} restarts the sampler of the live state "
+                             f"the branch becomes; expected switch_to: true with it, found false "
+                             f"- nothing forked (or restore the branch later with its noise_seed)")
+        rt.check_noise_seed(seed)
+        return seed
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _then_seeded(rt, seed):
+        """Run the operation, then restart the noise sampler at `seed` (None: nothing) at the
+        same committed boundary; a failed operation seeds nothing."""
+        if seed is None:
+            yield
+            return
+        with rt.lock:
+            yield
+            rt.seed_noise(seed)
+
+    @staticmethod
+    def _seeded(seed) -> str:
+        return "" if seed is None else f", noise sampler restarted at seed {seed}"
+
     def _srv_snapshot(self, rt, store, req, res, ev):
         ev.name, ev.tier, ev.pin = req.name, req.tier, req.pin
         cap = store.snapshot(req.name, tier=req.tier or None, pin=req.pin)
@@ -121,22 +161,27 @@ class CapsuleServices:
 
     def _srv_restore(self, rt, store, req, res, ev):
         ev.name = req.name
+        seed = self._noise_seed(rt, req, ev)
         # at one boundary: the store copies and sets the lineage under runtime.lock (a disk
-        # capsule's file is read and verified before it takes the lock)
-        cap = store.restore(req.name)
+        # capsule's file is read and verified before it takes the lock, unless a seed follows)
+        with self._then_seeded(rt, seed):
+            cap = store.restore(req.name)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
-        res.message = f"restored {cap.name!r}: step {cap.step}, position {cap.position}"
+        res.message = f"restored {cap.name!r}: step {cap.step}, position {cap.position}" + \
+            self._seeded(seed)
 
     def _srv_fork(self, rt, store, req, res, ev):
         ev.name, ev.source, ev.switch_to = req.name, req.source, req.switch_to
+        seed = self._noise_seed(rt, req, ev, live=req.switch_to)
         # one store operation: a branch of the live state is snapshotted and switched to at one
         # boundary (store.fork holds runtime.lock across both)
-        cap = store.fork(req.source, req.name, switch_to=req.switch_to, tier=req.tier or None)
+        with self._then_seeded(rt, seed):
+            cap = store.fork(req.source, req.name, switch_to=req.switch_to, tier=req.tier or None)
         res.capsule = self._info(cap)
         ev.tier = cap.tier
         res.message = f"forked {req.source or '<live>'!r} -> {cap.name!r}" + \
-            (" and switched to it" if req.switch_to else "")
+            (" and switched to it" if req.switch_to else "") + self._seeded(seed)
 
     def _srv_rollback(self, rt, store, req, res, ev):
         ev.k = req.k
@@ -172,12 +217,13 @@ class CapsuleServices:
 
     def _srv_reset(self, rt, store, req, res, ev):
         ev.keep_context = req.keep_context
-        with rt.lock:
+        seed = self._noise_seed(rt, req, ev)
+        with rt.lock, self._then_seeded(rt, seed):
             res.episode_id = rt.reset(keep_context=req.keep_context)
             res.step = rt.step_count
             store.on_reset()
         res.message = (f"reset to {'the instruction context' if req.keep_context else 'an empty context'}"
-                       f", episode {res.episode_id}")
+                       f", episode {res.episode_id}") + self._seeded(seed)
 
     def _srv_save(self, rt, store, req, res, ev):
         ev.name, ev.evict_from_memory = req.name, req.evict_from_memory
