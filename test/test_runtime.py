@@ -447,6 +447,67 @@ def test_static_graph_form_matches_the_dynamic_form_on_cpu():
         torch.testing.assert_close(dlog, slog, atol=STATIC_ATOL, rtol=0)
 
 
+def _assert_arenas_close(a, want, got, atol):
+    assert torch.equal(want[:64], got[:64])                 # meta: the same position updates
+    for name in a.names():
+        s = a.specs[name]
+        torch.testing.assert_close(got[s.offset:s.offset + s.nbytes].view(a[name].dtype),
+                                   want[s.offset:s.offset + s.nbytes].view(a[name].dtype),
+                                   atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("start", ["0", "37", "last rows"])
+def test_static_prefill_form_matches_the_dynamic_form_for_every_bucket_at_any_position(start):
+    """Every prefill plan is captured on CUDA in its static form (pos=None: the position read
+    from the arena), one plan per bucket for every position: each bucket's static function, run
+    eagerly here, against the dynamic form from the same bytes, after a prefix of 0 or 37 tokens
+    or one that leaves the chunk exactly the last usable rows of the arena."""
+    rt = make()
+    m, a, io = rt.model, rt.arena, rt.io
+    buckets = [c for c in rt.cfg.prefill_buckets if c <= rt.max_tokens]
+    assert buckets == [256, 64, 16, 4]
+    rng = np.random.RandomState(3)
+    for c in buckets:
+        p = rt.max_tokens - c if start == "last rows" else int(start)
+        rt.reset(keep_context=False)
+        if p:
+            rt.prefill(rng.randint(0, rt.model_cfg.vocab_size, size=p).tolist())
+        assert rt.position == p
+        io.chunks[c].copy_(torch.from_numpy(rng.randint(0, rt.model_cfg.vocab_size, size=c)))
+        before = everything(rt)
+        m.prefill_chunk(a, io, p, io.chunks[c])
+        dynamic = everything(rt)
+        a.base.copy_(before)
+        m.prefill_chunk(a, io, None, io.chunks[c])
+        assert int(a.meta[META_POSITION]) == p + c
+        _assert_arenas_close(a, dynamic, everything(rt), STATIC_ATOL)
+
+
+@pytest.mark.parametrize("position", [0, 37, 448])
+def test_prefill_attention_reference_is_the_dynamic_forms_attention(position):
+    """core/prefill_attention.py's reference (what the GPU kernel is held to) against the model's
+    dynamic form of a chunk's attention (SDPA over the live prefix, causal at the position) and
+    its output gate, for a GQA layer, from a KV cache whose rows past the chunk hold garbage."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+    from flashrt_ros.core.arena import META_LEN
+    from flashrt_ros.core.prefill_attention import prefill_attention_reference
+    T, H, Hkv, D, max_ctx = 64, 4, 2, 32, 512
+    g = torch.Generator().manual_seed(position)
+    q, gate = torch.randn(2, T, H, D, generator=g).unbind(0)
+    kv = torch.randn(max_ctx, 2, Hkv, D, generator=g) * 50      # garbage past the chunk
+    kv[:position + T] /= 50
+    meta = torch.zeros(META_LEN, dtype=torch.int64)
+    meta[META_POSITION] = position
+    L = position + T
+    keys, vals = kv[:L, 0].transpose(0, 1), kv[:L, 1].transpose(0, 1)           # [Hkv, L, D]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], vals[None],
+                                       attn_mask=causal_lower_right(T, L), enable_gqa=True)[0]
+    want = o.transpose(0, 1) * torch.sigmoid(gate)
+    torch.testing.assert_close(prefill_attention_reference(q, gate, kv, meta), want,
+                               atol=STATIC_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("noise", [0.0, 0.3])
 def test_traced_cpu_plans_replay_their_eager_function_bit_for_bit(noise):
     """The step plans of a small model on the CPU replay a torch.jit.trace of their function

@@ -105,8 +105,8 @@ PENDING, WARMING, READY, CAPTURED, FAILED = "pending", "warming up", "ready", "c
 
 
 def chunk_length(name: str) -> int:
-    """The chunk length of a prefill plan name ('prefill256', 'prefill4096@0')."""
-    return int(name[len("prefill"):].split("@")[0])
+    """The chunk length of a prefill plan name ('prefill256')."""
+    return int(name[len("prefill"):])
 
 
 class _Scratch:
@@ -281,7 +281,7 @@ class LatePlans:
     def wait_for_instruction(self, n_tokens: int, say=None) -> float:
         """Before an instruction of n_tokens is prefilled: wait (saying so) for the plans it
         runs; returns the seconds waited. Call it holding no lock of the runtime or store."""
-        names = [name for _, _, name in self.rt.prefill_chunks(n_tokens, 0)]
+        names = [name for _, _, name in self.rt.prefill_chunks(n_tokens)]
         pending = [n for n in dict.fromkeys(names) if not self.ready(n)]
         if not pending:
             return 0.0

@@ -22,7 +22,9 @@ rounding, so a given plan always uses one of them. On CUDA with fla kernels (`Te
 core/fused.py's Triton kernels replace chains of small operations: the norms, the conv, the
 gated norm and SwiGLU in every call (their kernels take rows: a prefill chunk is T of them), and
 for single tokens of the static form (the observation and token steps) also every projection
-(a GEMV) and the attention, over the live prefix only (its length read from meta).
+(a GEMV) and the attention, over the live prefix only (its length read from meta). A prefill
+chunk of the static form attends there with core/prefill_attention.py's kernel, over the live
+prefix only too, so a captured chunk of any length costs what the eager one does.
 
 Weights: `prepare()` (after loading) packs the projections that read one input into one matrix
 (the named weights become views of it) and derives the norms' fp32 scales; a control step on the
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashrt_ros.core import fused as fused_kernels
-from flashrt_ros.core import kernels
+from flashrt_ros.core import kernels, prefill_attention
 from flashrt_ros.core.arena import META_POSITION, BufferSpec
 from flashrt_ros.core.config import TextConfig
 from flashrt_ros.core.kernels import f32
@@ -285,9 +287,15 @@ class Attention(nn.Module):
                     at.cos, at.sin)
         q, k = qk.split((H, Hkv), dim=1)
         kv = arena["kv"][:, self.attn_index]                                    # [max_ctx, 2, Hkv, D]
-        q = q.transpose(0, 1)                                                   # [H, T, D]
         if at.pos is None:
             kv.index_copy_(0, at.rows, torch.stack([k, v], dim=1))
+            if at.row_kernels:
+                # a chunk on the GPU: flash attention over the live prefix (its length read from
+                # meta) and the output gate in one kernel (core/prefill_attention.py)
+                o = prefill_attention.prefill_attention(q, gate, kv, arena.meta)   # [T, H, D]
+                return F.linear(o.view(T, H * D), self.o_proj.weight)
+        q = q.transpose(0, 1)                                                   # [H, T, D]
+        if at.pos is None:
             keys, vals = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)    # [Hkv, max_ctx, D]
             cols = torch.arange(kv.shape[0], device=h.device)
             mask = cols[None, :] <= at.rows[:, None]                             # [T, max_ctx]

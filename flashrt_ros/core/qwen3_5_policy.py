@@ -143,6 +143,13 @@ class Qwen3_5Policy(Policy):
                 *Qwen3_5ForCausalLM.state_specs(c.text, c.max_context, dt)]
 
     # -- step functions (what the plans run) ---------------------------------------------------
+    @property
+    def static_prefill_any_length(self) -> bool:
+        """Whether the static form of a prefill chunk attends over the live prefix only (the
+        GPU's fused kernels: core/prefill_attention.py), so a chunk of any length can be captured
+        at the cost of running it; else it attends over all max_context rows under a mask."""
+        return self.backbone.model.fused
+
     def prepare(self) -> None:
         """Derive the backbone's inference-time tensors from the loaded weights (see
         `Qwen3_5ForCausalLM.prepare`); the runtime calls it once, after loading, before any step."""

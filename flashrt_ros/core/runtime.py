@@ -38,7 +38,10 @@ from flashrt_ros.core.qwen3_5_policy import Qwen3_5Policy, digest_tensors
 from flashrt_ros.core.rollback import RollbackRing
 from flashrt_ros.core.seeded import check_seed
 
-GRAPH_PREFILL_MAX = 256   # prefill chunks up to this length are captured; longer ones are compute-bound
+# Where the static form of a prefill chunk attends over all max_context rows under a mask (no
+# fused kernels: the reference kernels on CUDA), chunks up to this length are captured and longer
+# ones run the dynamic form eagerly; with the fused kernels every chunk is captured
+GRAPH_PREFILL_MAX = 256
 # the plans a control step and decoding run; with late_plans=True only these are captured at
 # construction, the prefill plans later (core/bringup.py)
 STEP_PLANS = ("observation", "token", "lm_head")
@@ -84,9 +87,9 @@ class PolicyRuntime:
         self.ring = RollbackRing(self.arena, self.cfg.rollback_depth)
         self.use_graphs = cuda and self.cfg.cuda_graphs
         self.traced_steps = self.resolved.traced_steps
-        # replay the captured position-0 plans of long chunks (see _build_plans); benchmarks turn
-        # it off to measure the eager baseline in the same process
-        self.cold_prefill_graphs = self.use_graphs
+        # replay the captured prefill plans; benchmarks turn it off to measure the eager baseline
+        # (the same functions, the same bytes) in the same process
+        self.prefill_graphs = self.use_graphs
         self.plans = self._build_plans()
         self.position = 0
         self.step_count = 0
@@ -207,21 +210,19 @@ class PolicyRuntime:
             "token": (lambda: m.token_step(a, io, pos()), static),
             "lm_head": (lambda: m.lm_head(a, io), static),
         }
+        # A captured chunk reads its position from the arena, so one plan per bucket serves every
+        # position. With the fused kernels its attention covers the live prefix only
+        # (core/prefill_attention.py) and every bucket is captured: eagerly a long chunk is
+        # launch-bound (a 1024-token chunk of hybrid-0.8b ~5x its replay on an H100).
+        longest = self.max_tokens if m.static_prefill_any_length else \
+            min(GRAPH_PREFILL_MAX, self.max_tokens)
         for c in self.cfg.prefill_buckets:
             # a bucket longer than the usable context is never picked by _prefill; capturing it
             # would index KV rows past max_context during warm-up
-            graph = self.use_graphs and c <= min(GRAPH_PREFILL_MAX, self.max_tokens)
+            graph = self.use_graphs and c <= longest
             fn = (lambda c=c: m.prefill_chunk(a, io, None, io.chunks[c])) if graph else \
                  (lambda c=c: m.prefill_chunk(a, io, position(), io.chunks[c]))
             plans[f"prefill{c}"] = (fn, graph)
-            if self.use_graphs and GRAPH_PREFILL_MAX < c <= self.max_tokens:
-                # An instruction's first chunk always starts at position 0, where the dynamic form
-                # (causal flash attention over the chunk itself) has static shapes too: capture it.
-                # Eagerly a cold 2k prefill is launch-bound (the performance targets measured a
-                # graph halving it); replay and eager run the same kernels, so results are bitwise
-                # the same.
-                plans[f"prefill{c}@0"] = (lambda c=c: m.prefill_chunk(a, io, 0, io.chunks[c]),
-                                          True)
         return plans
 
     def capture_plan(self, name: str) -> None:
@@ -383,10 +384,10 @@ class PolicyRuntime:
                 f"{self.max_tokens} usable tokens (max_context {self.model_cfg.max_context}); shorten "
                 f"the instruction or use a preset with a larger max_context")
 
-    def prefill_chunks(self, n: int, position: int):
-        """(offset, length, plan name) of each chunk that prefilling n tokens from `position`
-        runs, in order: the largest bucket that fits, token steps for a remainder shorter than
-        the smallest bucket."""
+    def prefill_chunks(self, n: int):
+        """(offset, length, plan name) of each chunk that prefilling n tokens runs, in order (the
+        same at every position): the largest bucket that fits, token steps for a remainder
+        shorter than the smallest bucket."""
         i = 0
         while i < n:
             size = next((c for c in self.cfg.prefill_buckets if c <= n - i), None)
@@ -394,20 +395,19 @@ class PolicyRuntime:
                 yield i, 1, "token"
                 i += 1
                 continue
-            name = f"prefill{size}"
-            if position + i == 0 and self.cold_prefill_graphs and name + "@0" in self.plans:
-                name += "@0"
-            yield i, size, name
+            yield i, size, f"prefill{size}"
             i += size
 
     def _prefill(self, tokens):
         t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-        for i, size, name in self.prefill_chunks(len(tokens), self.position):
+        for i, size, name in self.prefill_chunks(len(tokens)):
             if name == "token":
                 self.io.token.copy_(t[i:i + 1])
+                self.plans[name].run()
             else:
                 self.io.chunks[size].copy_(t[i:i + size], non_blocking=True)
-            self.plans[name].run()
+                plan = self.plans[name]
+                (plan.run if self.prefill_graphs else plan.run_eager)()
             self.position += size
 
     def step(self, obs) -> np.ndarray:
