@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from flashrt_ros.core import kernels
-from flashrt_ros.core.arena import META_EPISODE
 from flashrt_ros.core.config import RuntimeConfig, StoreConfig, load_preset
 from flashrt_ros.core.runtime import PolicyRuntime
 from flashrt_ros.capsules.store import CapsuleStore, PagedCapsuleStore
@@ -190,22 +189,82 @@ def test_eager_cuda_runtime_matches_graph_runtime_within_tolerance():
     torch.testing.assert_close(graph.io.logits, eager.io.logits, atol=CROSS_FORM_ATOL, rtol=0)
 
 
+# Prefill plans vs the eager dynamic form (SDPA over the live prefix): the attention kernels differ
+# (core/prefill_attention.py's tiles vs torch's flash kernel), so rounding only; bf16 rounds after
+# every operation of four layers
+PREFILL_FORM_TOL = {"float32": CROSS_FORM_ATOL, "bfloat16": 5e-2}
+
+
+@functools.cache
+def long_runtime(dtype, graphs=True):
+    """The tiny preset with room for a 1024-token bucket at position 1000 (default buckets)."""
+    return PolicyRuntime(load_preset("tiny", dtype=dtype, max_context=2048),
+                         RuntimeConfig(device="cuda", cuda_graphs=graphs))
+
+
+def _assert_states_close(got, want, arena, atol, what):
+    assert torch.equal(got[:64], want[:64]), f"{what}: meta differs"
+    for name in arena.names():
+        s = arena.specs[name]
+        n = min(s.nbytes, got.numel() - s.offset)
+        if n > 0:
+            torch.testing.assert_close(got[s.offset:s.offset + n].view(arena[name].dtype),
+                                       want[s.offset:s.offset + n].view(arena[name].dtype),
+                                       atol=atol, rtol=0, msg=f"{what}: {name}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cold_prefill_graph_equals_eager_prefill_bitwise(dtype):
-    """A chunk longer than GRAPH_PREFILL_MAX at position 0 replays a captured plan ("prefill384@0");
-    it runs the kernels the eager dynamic form runs, so the state must match byte for byte."""
-    rt = runtime(dtype, prefill_buckets=(384, 64, 16, 4))
-    assert rt.plans["prefill384@0"].captured and not rt.plans["prefill384"].captured
-    tokens = [256] + [i % 256 for i in range(399)]          # 384 (graph) + 16 (graph) tokens
-    out = []
-    for cold_graphs in (True, False):
-        rt.cold_prefill_graphs = cold_graphs
-        rt.set_instruction(tokens)
-        state = rt.live_state().clone()
-        state[:64].view(torch.int64)[META_EPISODE] = 0      # set_instruction starts a new episode
-        out.append((state, rt.next_token()))
-    rt.cold_prefill_graphs = True
-    assert torch.equal(out[0][0], out[1][0]) and out[0][1] == out[1][1]
+def test_every_prefill_bucket_is_captured_and_matches_the_eager_form_at_any_position(dtype):
+    """Every bucket that fits the context is one captured plan serving every position (the
+    position read from the arena). At positions 0, 37, 1000 and where the chunks end at the last
+    usable row, a restore then a prefill through the graphs equals the same restore and prefill
+    in a runtime without graphs (the dynamic form) to rounding; replays equal the same functions
+    run eagerly byte for byte, and a second restore + prefill gives the same bytes again."""
+    graph, eager = long_runtime(dtype), long_runtime(dtype, graphs=False)
+    assert {f"prefill{c}" for c in (1024, 256, 64, 16, 4)} <= \
+        {n for n, p in graph.plans.items() if p.captured}
+    assert not any("@" in n for n in graph.plans)
+    rng = np.random.RandomState(1)
+    vocab = graph.model_cfg.vocab_size
+    tol = PREFILL_FORM_TOL[dtype]
+    for p in (0, 37, 1000, graph.max_tokens - 1365):
+        graph.reset(keep_context=False)
+        if p:
+            graph.prefill(rng.randint(0, vocab, size=p).tolist())
+        start = graph.live_state().clone()
+        known = (graph.position, graph.step_count, graph.episode, graph.context_len)
+        n = min(1365, graph.max_tokens - p)         # 1024 + 256 + 64 + 16 + 4 + 1
+        tokens = rng.randint(0, vocab, size=n).tolist()
+        runs = []
+        for rt, graphs in ((graph, True), (graph, False), (graph, True), (eager, False)):
+            rt.restore_state(start, known)
+            rt.prefill_graphs = graphs
+            try:
+                rt.prefill(tokens)
+            finally:
+                rt.prefill_graphs = rt.use_graphs
+            assert rt.position == p + n
+            runs.append((rt.live_state().clone(), rt.next_token(), rt.io.logits.clone()))
+        (replay, tok, logits), (by_fn, tok_fn, _), (again, tok_again, _), (dyn, _, dyn_logits) = runs
+        assert torch.equal(replay, by_fn) and tok == tok_fn, f"position {p}: replay != eager"
+        assert torch.equal(replay, again) and tok == tok_again, f"position {p}: not repeatable"
+        _assert_states_close(replay, dyn, graph.arena, tol, f"position {p}")
+        torch.testing.assert_close(logits, dyn_logits, atol=tol, rtol=0,
+                                   msg=f"position {p}: logits")
+
+
+def test_long_prefill_plans_allocate_nothing():
+    rt = long_runtime("float32")
+    rt.reset(keep_context=False)
+    rt.prefill(list(range(1300)))                # first call: host-side lazy init, if any
+    torch.cuda.synchronize()
+    before = (torch.cuda.memory_stats()["allocation.all.allocated"], torch.cuda.memory_allocated())
+    rt.reset(keep_context=False)
+    rt.prefill(list(range(600)))
+    rt.prefill(list(range(1300)))                # 1024 + 256 + 16 + 4 at position 600
+    torch.cuda.synchronize()
+    after = (torch.cuda.memory_stats()["allocation.all.allocated"], torch.cuda.memory_allocated())
+    assert after == before, "captured prefill chunks allocated device memory"
 
 
 # -- fla kernels vs the reference ------------------------------------------------------------------
@@ -396,6 +455,33 @@ def test_fused_attention_matches_its_reference(dtype, H, Hkv, D, rotary, max_ctx
     gate = p[:2 * H * D].view(H, 2 * D)[:, D:]
     torch.testing.assert_close(fused.decode_attention(q_ref, gate, kv_ref, meta),
                                fused.decode_attention_reference(q_ref, gate, kv_ref, meta), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("H, Hkv, D, max_ctx, T, pos", [
+    (2, 1, 32, 512, 4, 0),               # tiny, the smallest bucket
+    (2, 1, 32, 512, 256, 37),
+    (4, 2, 24, 700, 16, 683),            # a head dim that is not a power of 2; the last rows
+    (8, 2, 256, 16640, 64, 1000),        # hybrid-0.8b
+    (8, 2, 256, 16640, 1024, 0),
+    (8, 2, 256, 16640, 4096, 12288),     # the last chunk of a 16k instruction
+])
+def test_fused_prefill_attention_matches_its_reference(dtype, H, Hkv, D, max_ctx, T, pos):
+    """core/prefill_attention.py: T query rows (strided views of the projection, as the model
+    passes them) over the KV cache, causal at the position read from meta; the rows past the
+    chunk hold large values that must not leak in."""
+    from flashrt_ros.core.arena import META_LEN
+    from flashrt_ros.core.prefill_attention import prefill_attention, prefill_attention_reference
+    tol = FUSED_TOL[dtype]
+    proj = _randn(T, (2 * H + 2 * Hkv) * D, dtype=dtype, seed=pos + T)
+    q, gate = proj[:, :2 * H * D].view(T, H, 2, D).unbind(2)                  # [T, H, D] views
+    kv = _randn(max_ctx, 3, 2, Hkv, D, dtype=dtype, seed=pos + 1)[:, 1]       # one layer's view
+    kv[pos + T:] = 1e3
+    meta = torch.zeros(META_LEN, dtype=torch.int64, device="cuda")
+    meta[0] = pos
+    got = prefill_attention(q, gate, kv, meta)
+    torch.testing.assert_close(got, prefill_attention_reference(q, gate, kv, meta), **tol)
+    assert torch.equal(prefill_attention(q, gate, kv, meta), got), "not deterministic"
 
 
 # the state is fp32 on both sides; what differs is the order of the K-sums and exp/log
