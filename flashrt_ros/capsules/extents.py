@@ -3,7 +3,9 @@
 The flat store's memory tiers (CapsuleStore's default `memory`, see memory.py). Each memory tier
 (gpu on CUDA, host) is one `BytePool` (pool.py) sized by its budget, and a capsule in it is one
 contiguous extent holding its live range (`cap.offset`): a snapshot is one copy out of the live
-arena, a restore one copy in.
+arena, a restore one copy in: the runtime's reset point refers to the extent restored from
+instead of copying it again (core/rollback.py), so an extent is handed back to it (`hand_back`)
+before it is released.
 
 Copies: device-to-device copies stay on the compute stream, ordered with the steps. Host<->device
 copies run on a side stream, ordered both ways with the compute stream, so the caller thread never
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from flashrt_ros.capsules.capsule import Capsule
-from flashrt_ros.capsules.memory import Boundary, live_boundary
+from flashrt_ros.capsules.memory import Boundary, hand_back, live_boundary
 from flashrt_ros.capsules.pool import BytePool
 from flashrt_ros.core.exceptions import BudgetExceeded
 
@@ -136,12 +138,14 @@ class ExtentMemory:
         off = self._reserve(tier, cap.nbytes, protect)
         self._wait_ready(cap)
         ev = self._copy(self.pools[tier].view(off, cap.nbytes), self._view(cap))
+        hand_back(self.store, self._view(cap))
         self.pools[cap.tier].release(cap.offset)
         cap.offset, cap.ready = off, ev
 
     def restore(self, cap: Capsule) -> None:
-        # copies into the extent are stream-ordered before this one
-        self.store.rt.restore_state(self._view(cap), cap.known())
+        # copies into the extent are stream-ordered before this one; the extent is immutable
+        # until released, so the runtime's reset point may refer to it (release hands it back)
+        self.store.rt.restore_state(self._view(cap), cap.known(), stored=True)
 
     def restored(self, cap: Capsule) -> None:
         pass
@@ -153,6 +157,7 @@ class ExtentMemory:
 
     def release(self, cap: Capsule) -> None:
         self._wait_ready(cap)
+        hand_back(self.store, self._view(cap))
         self.pools[cap.tier].release(cap.offset)
         cap.offset = None
 

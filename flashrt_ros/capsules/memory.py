@@ -38,6 +38,18 @@ def context_len_of(arena, raw: torch.Tensor) -> int:
     return int(raw[off:off + 8].view(torch.int64)[0])
 
 
+def hand_back(store, storage: torch.Tensor) -> None:
+    """`storage`, bytes of a memory tier, is about to be freed or overwritten. A restore from it
+    (`restore_state(..., stored=True)`) may have left the runtime's reset point referring to it:
+    the ring then copies it first (core/rollback.py). The reference comes to a capsule's bytes
+    only by a restore from the store, under `store.lock`, which the caller holds; so the runtime
+    lock is taken only where it refers there now."""
+    ring = store.rt.ring
+    if ring.refers_to(storage):
+        with store.rt.lock:
+            ring.release(storage)
+
+
 def live_boundary(store) -> Boundary:
     """The live state's boundary now; the caller holds the runtime lock."""
     rt = store.rt
@@ -66,7 +78,9 @@ class Memory(Protocol):
 
     def restore(self, cap: Capsule) -> None:
         """Copy `cap` into the live arena and adopt its metadata; the caller holds the runtime
-        lock and has checked the fingerprint."""
+        lock and has checked the fingerprint. Bytes the runtime may keep referring to (its reset
+        point, `restore_state(..., stored=True)`) are handed back (`hand_back`) before they are
+        freed or overwritten."""
 
     def restored(self, cap: Capsule) -> None:
         """The live state was just restored from `cap` (any tier, disk included)."""

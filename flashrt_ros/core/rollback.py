@@ -7,17 +7,37 @@ The ring therefore keeps one copy of `arena.base[0:small_nbytes]` per commit: a 
 copy per step into a preallocated slot (no allocation, a few KB for `tiny`).
 
 The ring's oldest entry after a reset, restore or new instruction is its *reset point*: the state
-that reset(keep_context=True) returns to. It lives in its own buffer, written once by `rebase`, so
-that a restore pays for one small-state copy, not two (one for the reset point and one for the ring).
+that reset(keep_context=True) returns to. Its bytes are in one of two places:
+  * the ring's own buffer, written once by `rebase` (after an instruction, a reset to an empty
+    context, a restore of bytes the caller may change);
+  * the stored capsule the arena was just restored from, when its bytes are on the arena's device
+    and stay unchanged until handed back (`rebase(refer=...)`): the reset point refers to them, so
+    that a restore is one copy of the live range (the small state is most of a short context's
+    bytes: 19.5 MB of recurrent state beside 25 MB of KV at 2k tokens on hybrid-0.8b). Whoever
+    holds such bytes calls `release` before it frees or overwrites them (a capsule deleted,
+    evicted or moved); the ring then copies them into its own buffer first, so the reset point is
+    never lost. A reference keeps the tensor's storage alive, so a store dropped without handing
+    its bytes back leaves them readable too.
+The episode number is not read from the reset point's bytes: loading it writes the episode its
+mark carries (a reset starts a new episode at the same state, and a capsule's bytes are never
+written).
 """
 from __future__ import annotations
 
 import torch
 
-from flashrt_ros.core.arena import META_EPISODE, META_LEN, StateArena
+from flashrt_ros.core.arena import META_EPISODE, StateArena
 from flashrt_ros.core.exceptions import RollbackUnavailable
 
-RESET_POINT = -1  # the slot index of a mark that lives in the reset-point buffer
+RESET_POINT = -1  # the slot index of a mark that lives in the reset point
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share any byte."""
+    if a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 class RollbackRing:
@@ -28,25 +48,51 @@ class RollbackRing:
                                  dtype=torch.uint8, device=arena.device)
         # allocated now, with everything else, so that nothing is allocated after graph capture
         self.reset_point = torch.zeros(arena.small_nbytes, dtype=torch.uint8, device=arena.device)
+        self._reset_bytes = self.reset_point   # the reset point: this buffer, or stored bytes
         self._marks: list[tuple[int, int, int, int]] = []   # (slot, step, position, episode)
         self._next = 0
 
-    def rebase(self, step: int, position: int, episode: int, from_arena: bool = True) -> None:
+    def rebase(self, step: int, position: int, episode: int, from_arena: bool = True,
+               refer: torch.Tensor | None = None) -> None:
         """Make the current state the reset point and the ring's only entry.
 
-        from_arena=True copies the arena's small state into the reset point (after a restore or an
-        instruction); False means the arena was just loaded from the reset point (reset) and only the
-        new episode number is written into both.
+        from_arena=True takes the arena's small state as the reset point (after a restore or an
+        instruction); False means the arena was just loaded from the reset point (reset) and only
+        the new episode number is written into it.
+
+        `refer`: bytes the arena was just restored from (a stored capsule's live range), unchanged
+        until they are handed back with `release`. On the arena's device the reset point refers
+        to them instead of copying the arena's small state; elsewhere (a host capsule of a CUDA
+        arena, whose reset would read over PCIe) it is copied as without.
         """
         small = self.arena.base[: self.arena.small_nbytes]
-        if from_arena:
-            self.reset_point.copy_(small, non_blocking=True)
-        else:
+        if not from_arena:
             # fill_ on a view: nothing may allocate on the device after capture
             self.arena.meta[META_EPISODE].fill_(episode)
-            self.reset_point[: META_LEN * 8].view(torch.int64)[META_EPISODE].fill_(episode)
+        elif refer is not None and refer.device == small.device:
+            self._reset_bytes = refer[: self.arena.small_nbytes]
+        else:
+            self.reset_point.copy_(small, non_blocking=True)
+            self._reset_bytes = self.reset_point
         self._marks = [(RESET_POINT, step, position, episode)]
         self._next = 0
+
+    def refers_to(self, storage: torch.Tensor) -> bool:
+        """Whether the reset point refers to bytes of `storage` (not the ring's own buffer)."""
+        return self._reset_bytes is not self.reset_point and _overlap(self._reset_bytes, storage)
+
+    def release(self, storage: torch.Tensor) -> None:
+        """`storage` is about to be freed or overwritten: when the reset point refers to its
+        bytes, copy them into the ring's own buffer first (stream-ordered before any later write
+        on CUDA). Call it under the runtime lock."""
+        if self.refers_to(storage):
+            self.reset_point.copy_(self._reset_bytes, non_blocking=True)
+            self._reset_bytes = self.reset_point
+
+    def load_reset_point(self, episode: int) -> None:
+        """Copy the reset point into the arena, in episode `episode`."""
+        self.arena.base[: self.arena.small_nbytes].copy_(self._reset_bytes)
+        self.arena.meta[META_EPISODE].fill_(episode)
 
     def push(self, step: int, position: int, episode: int) -> None:
         """Record the state just committed (called after every commit)."""
@@ -75,7 +121,9 @@ class RollbackRing:
                 f"a capsule, or raise runtime.rollback_depth")
         del self._marks[len(self._marks) - k:]
         slot, step, position, episode = self._marks[-1]
-        src = self.reset_point if slot == RESET_POINT else self.slots[slot]
-        self.arena.base[: self.arena.small_nbytes].copy_(src)
+        if slot == RESET_POINT:
+            self.load_reset_point(episode)
+        else:
+            self.arena.base[: self.arena.small_nbytes].copy_(self.slots[slot])
         self._next = 0 if slot == RESET_POINT else (slot + 1) % (self.depth + 1)
         return step, position, episode

@@ -477,7 +477,7 @@ class PolicyRuntime:
         """New episode: back to the state right after the instruction, or to an empty context."""
         episode = self.episode + 1
         if keep_context and self.context_len:
-            self.arena.base[: self.arena.small_nbytes].copy_(self.ring.reset_point)
+            self.ring.load_reset_point(episode)
             self._sync_mirrors_from_meta()
         else:
             self._zero_state()
@@ -517,7 +517,8 @@ class PolicyRuntime:
         """A view of the live state bytes (valid until the next call that changes state)."""
         return self.arena.live_bytes(self.position)
 
-    def restore_state(self, src: torch.Tensor, known: tuple | None = None) -> None:
+    def restore_state(self, src: torch.Tensor, known: tuple | None = None,
+                      stored: bool = False) -> None:
         """Copy capsule bytes into the live arena (same device or host), then adopt their metadata.
 
         The caller has verified size, fingerprint and digest; this never rebinds a buffer. Every
@@ -526,10 +527,14 @@ class PolicyRuntime:
         state of the previous context no longer matches the KV prefix now in the arena.
 
         `known` = (position, step, episode, context_len) the caller recorded with the bytes (a
-        capsule's metadata): then nothing is read back from the device, and a GPU-resident restore
-        is one device-to-device copy of the live range plus one of its small per-step region (the
-        ring's reset point), with no host synchronisation. Without
-        `known`, the values are read from the bytes' own meta header.
+        capsule's metadata): then nothing is read back from the device. Without `known`, the
+        values are read from the bytes' own meta header.
+
+        `stored`: `src` stays unchanged until the caller hands it back with `ring.release(src)`
+        before freeing or overwriting it (a capsule store's memory). The reset point then refers
+        to `src` instead of copying its small state (core/rollback.py), so a GPU-resident restore
+        is one device-to-device copy of the live range, with no host synchronisation. Without
+        `stored`, the caller may change `src` afterwards: the reset point is a copy.
         """
         if not isinstance(src, torch.Tensor) or src.dtype != torch.uint8 or src.dim() != 1:
             raise InputError(f"restore: expected a 1-D uint8 tensor of state bytes, found "
@@ -549,7 +554,8 @@ class PolicyRuntime:
         self.arena.base[:n].copy_(src, non_blocking=True)
         self.position, self.step_count, self.episode, self.context_len = (int(v) for v in known)
         self.context_tokens = []
-        self.ring.rebase(self.step_count, self.position, self.episode)
+        self.ring.rebase(self.step_count, self.position, self.episode,
+                         refer=src if stored else None)
 
     def fingerprint(self) -> str:
         """What a capsule must match to be restored here (StateArena.fingerprint)."""
