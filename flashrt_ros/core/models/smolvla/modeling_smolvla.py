@@ -71,9 +71,16 @@ def expand_heads(x, heads: int):
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+MASK_ALIGN = 16    # elements per mask row the memory-efficient attention kernel reads in place
+
+
 def additive_mask(mask, dtype):
-    """A boolean mask [Tq, Tk] as the additive one `attend` takes."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    """A boolean mask [Tq, Tk] as the additive one `attend` takes: a view of a buffer whose rows
+    are MASK_ALIGN-aligned, which the kernel reads in place (an unaligned one is padded again by
+    every attention call)."""
+    tq, tk = mask.shape
+    rows = torch.zeros(tq, -(-tk // MASK_ALIGN) * MASK_ALIGN, dtype=dtype, device=mask.device)
+    return rows[:, :tk].masked_fill_(~mask, float("-inf"))
 
 
 def attend_reference(q, k, v, mask):
