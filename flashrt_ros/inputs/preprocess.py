@@ -22,8 +22,13 @@ contiguous float32 buffer and CuPy imports; otherwise the reference (a warning, 
 is missing on CUDA). `check_frame` refuses a frame that cannot be prepared, before anything is
 written, so a caller can check every camera first.
 
-Concurrency: the functions keep no state but the compiled kernel, created once under a lock; two
-threads may prepare frames into different buffers at once.
+`prepared_counts()` says how many frames each path prepared in this process ('cuda-kernel',
+'torch'): how a test or a benchmark knows which path a runtime's frames took (a node on CUDA
+prepares every uint8 frame with the kernel straight into its static image buffer).
+
+Concurrency: the functions keep no state but the compiled kernel, created once under a lock, and
+the counts, added to under their own lock; two threads may prepare frames into different buffers
+at once.
 """
 from __future__ import annotations
 
@@ -86,6 +91,8 @@ BLOCK = (32, 8, 1)
 
 _kernel_lock = threading.Lock()
 _kernel = None            # the cupy.RawKernel, or False once CuPy failed to import
+_counts_lock = threading.Lock()
+_counts = {"cuda-kernel": 0, "torch": 0}     # frames prepared by each path, in this process
 
 
 def check_frame(frame, out: torch.Tensor, key: str = "frame"):
@@ -129,6 +136,17 @@ def prepare_path(frame, out: torch.Tensor) -> str:
     return "cuda-kernel" if _kernel_applies(f, out) and _cuda_kernel() is not None else "torch"
 
 
+def prepared_counts() -> dict:
+    """{'cuda-kernel': n, 'torch': m}: the frames each path prepared in this process so far."""
+    with _counts_lock:
+        return dict(_counts)
+
+
+def _counted(path: str) -> None:
+    with _counts_lock:
+        _counts[path] += 1
+
+
 def prepare_frame_reference(frame, out: torch.Tensor, key: str = "frame") -> None:
     """The torch operations LeRobot runs, on `out`'s device, written into `out`."""
     f = check_frame(frame, out, key)
@@ -138,6 +156,7 @@ def prepare_frame_reference(frame, out: torch.Tensor, key: str = "frame") -> Non
         t = f if isinstance(f, torch.Tensor) else torch.as_tensor(f)
     height, width = out.shape[1:]
     out.copy_(resize_with_pad(to_unit_image(t.to(out.device), key), width, height) * 2.0 - 1.0)
+    _counted("torch")
 
 
 def prepare_frame_cuda(frame, out: torch.Tensor, key: str = "frame") -> None:
@@ -218,6 +237,7 @@ def _launch(f, out: torch.Tensor) -> None:
             np.uint64(out.data_ptr()), np.int32(out_h), np.int32(out_w), np.int32(h), np.int32(w))
     with cupy.cuda.Device(out.device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
         _cuda_kernel()(grid, BLOCK, args)
+    _counted("cuda-kernel")
     del keep       # torch's allocator reuses the upload only for work queued after the kernel
 
 
