@@ -1,9 +1,14 @@
 """PolicyRuntime latency: cold prefill, restore + first token, observation step, decode step.
 
-For each context length L the runtime prefills L tokens as an instruction, then measures at that
-context (the live KV holds L tokens):
-  * cold prefill + first token (`set_instruction` + `next_token`, host clock, synchronized), with
-    the captured position-0 prefill plans and, as the baseline in the same run, without them;
+The runtime measured is the one the node runs by default: `RuntimeConfig()` (its prefill buckets
+4096, 1024, 256, 64, 16, 4), on the preset's context. For each context length L it prefills L
+tokens, then measures at that context (the live KV holds L tokens):
+  * prefill + first token through the public API (host clock, synchronized): the headline,
+    `rt.reset(keep_context=False); rt.prefill(ids); rt.next_token()`, and `rt.set_instruction(ids);
+    rt.next_token()`; every chunk replays its captured plan (one per bucket, at any position).
+    Baselines in the same run: the same prefill with every chunk run eagerly (the same functions,
+    `prefill_graphs` off), and on CUDA a second runtime whose buckets are exact lengths
+    (16384, 8192, ..., 2048: an L-token instruction is one chunk, --no-exact skips it);
   * restore + first token: `restore_state` from a device-resident copy of the live state, then
     `next_token` (what a capsule restore saves over the cold prefill);
   * the observation step: graph replay (CUDA events, device time), `rt.step()` end to end (host
@@ -48,15 +53,14 @@ from flashrt_ros.core.runtime import PolicyRuntime  # noqa: E402
 
 GPU_LENGTHS = (2048, 4096, 8192, 16384)
 CPU_LENGTHS = (128, 256, 512, 1024)
-# Long buckets on the GPU: a 16k instruction is one chunk (one captured position-0 plan) instead
-# of 64 chunks of 256; the short ones are the runtime defaults (captured static plans).
-GPU_BUCKETS = (16384, 8192, 4096, 2048, 1024, 256, 64, 16, 4)
+# The second column's buckets on the GPU: exact lengths, so an L-token instruction is one chunk
+EXACT_BUCKETS = (16384, 8192, 4096, 2048, 1024, 256, 64, 16, 4)
 MEASURED_CODE = ("flashrt_ros/core", "config/presets", "bench")
-TARGETS = [  # (what, context, measured key, limit ms) - from the project brief, H100
+TARGETS = [  # (what, context, measured key, limit ms) - from the project brief and issue 27, H100
     ("graph observation step (device)", 16384, "obs_graph_device", 1.0),
     ("graph decode step (device)", 16384, "decode_graph_device", 1.0),
-    ("cold prefill + first token", 16384, "cold_prefill_graph", 80.0),
-    ("cold prefill + first token", 2048, "cold_prefill_graph", 10.0),
+    ("prefill + first token, default config", 16384, "prefill_api", 65.0),
+    ("prefill + first token, default config", 2048, "prefill_api", 9.0),
 ]
 
 
@@ -71,8 +75,11 @@ def parse_args(argv=None):
                    help="comma-separated context lengths (default: 2048,4096,8192,16384 on CUDA, "
                         "128,256,512,1024 on the CPU)")
     p.add_argument("--buckets", default=None,
-                   help="comma-separated prefill buckets (default: %s on CUDA, the runtime's "
-                        "defaults on the CPU)" % ",".join(map(str, GPU_BUCKETS)))
+                   help="comma-separated prefill buckets of the measured runtime (default: the "
+                        "runtime's defaults, what the node runs)")
+    p.add_argument("--no-exact", action="store_true",
+                   help="CUDA: skip the second runtime with exact-length buckets (%s)"
+                        % ",".join(map(str, EXACT_BUCKETS)))
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads on the CPU (default 1: a control step of a small "
                         "model gains nothing from more and loses a lot on a busy machine)")
@@ -105,16 +112,35 @@ def build(args, device):
     if cfg.max_context < need:
         log(f"preset {preset}: max_context {cfg.max_context} -> {need} to fit {max(lengths)} tokens")
         cfg = load_preset(preset, max_context=need)
+    runtime_cfg = RuntimeConfig(device=str(device))
     if args.buckets:
-        buckets = tuple(int(x) for x in args.buckets.split(","))
-    elif cuda:
-        buckets = tuple(b for b in GPU_BUCKETS if b < cfg.max_context)
-    else:
-        buckets = RuntimeConfig().prefill_buckets
+        runtime_cfg = RuntimeConfig(device=str(device), prefill_buckets=tuple(
+            int(x) for x in args.buckets.split(",")))
     t = time.perf_counter()
-    rt = PolicyRuntime(cfg, RuntimeConfig(device=str(device), prefill_buckets=buckets),
-                       progress=log)
+    rt = PolicyRuntime(cfg, runtime_cfg, progress=log)
     return rt, lengths, time.perf_counter() - t
+
+
+def measure_exact_buckets(rt, rows, rng, n_prefill):
+    """Cold prefill + first token (`set_instruction`) on a second runtime of the same model whose
+    buckets are exact lengths (an L-token instruction is one chunk), into `rows`
+    (prefill_exact); the runtime is freed afterwards."""
+    buckets = tuple(b for b in EXACT_BUCKETS if b < rt.model_cfg.max_context)
+    log(f"exact-length buckets {buckets}: building a second runtime")
+    exact = PolicyRuntime(rt.model_cfg, RuntimeConfig(device=str(rt.device),
+                                                      prefill_buckets=buckets), progress=log)
+    for r in rows:
+        tokens = rng.randint(0, 256, size=r["context"]).tolist()
+
+        def cold():
+            exact.set_instruction(tokens)
+            exact.next_token()
+        r["prefill_exact"] = summary(wall_ms(cold, n_prefill, warmup=1, sync=True))
+        log(f"L={r['context']}: exact-length buckets: set_instruction + first token p50 "
+            f"{r['prefill_exact']['p50']:.2f} ms")
+    del exact
+    torch.cuda.empty_cache()
+    return list(buckets)
 
 
 def bench(args):
@@ -142,23 +168,30 @@ def bench(args):
         tokens = rng.randint(0, 256, size=L).tolist()
         r = {"context": L, "live_state_MB": rt.arena.live_nbytes(L) / 1e6}
 
-        def cold():
+        def prefill():
+            rt.reset(keep_context=False)
+            rt.prefill(tokens)
+            rt.next_token()
+
+        def instruction():
             rt.set_instruction(tokens)
             rt.next_token()
-        modes = [("cold_prefill_graph", True, None), ("cold_prefill_eager", False, None)] if cuda \
-            else [("cold_prefill_eager", False, None)]
+        # (key, call, prefill plans replayed, DeltaNet kernel)
+        modes = [("prefill_api", prefill, True, None), ("instruction_api", instruction, True, None)]
+        if cuda:
+            modes.append(("prefill_api_eager", prefill, False, None))
         if rt.kernel == "chunked":
             # baseline: the same eager prefill with the reference loop (the DeltaNet layers read
             # their kernel at call time; no plan is captured on this path)
-            modes.append(("cold_prefill_reference", False, "reference"))
-        for key, graphs, kernel in modes:
-            rt.cold_prefill_graphs = graphs
+            modes.append(("prefill_api_reference", prefill, False, "reference"))
+        for key, call, graphs, kernel in modes:
+            rt.prefill_graphs = graphs and rt.use_graphs
             rt.model.set_kernel(kernel or rt.kernel)
-            r[key] = summary(wall_ms(cold, n_prefill, warmup=1, sync=sync))
+            r[key] = summary(wall_ms(call, n_prefill, warmup=1, sync=sync))
             log(f"L={L}: {key} p50 {r[key]['p50']:.2f} ms")
-        rt.cold_prefill_graphs = rt.use_graphs
+        rt.prefill_graphs = rt.use_graphs
         rt.model.set_kernel(rt.kernel)
-        cold()
+        instruction()
         snapshot = rt.live_state().clone()          # device-resident copy of the whole state
 
         def restore():
@@ -194,6 +227,8 @@ def bench(args):
             f"{k} p50 {r[k]['p50']:.3f} ms" for k in ("decode_graph_device", "decode_eager_wall",
                                                        "decode_api_wall") if k in r))
         rows.append(r)
+    if cuda and not args.no_exact:
+        env["exact_buckets"] = measure_exact_buckets(rt, rows, rng, n_prefill)
     if args.peer and cuda:
         env["peer"] = measure_peer(rt, rows, rng, n_prefill)
     profiles = {}
@@ -205,8 +240,9 @@ def bench(args):
         profiles["decode step (graph replay)"] = cuda_kernel_profile(rt.plans["token"].run)
         rt.restore_state(snapshot)
         tokens = rng.randint(0, 256, size=min(lengths)).tolist()
-        profiles[f"cold prefill {min(lengths)} + first token"] = cuda_kernel_profile(
-            lambda: (rt.set_instruction(tokens), rt.next_token()))
+        profiles[f"prefill {min(lengths)} + first token (reset, prefill, next_token)"] = \
+            cuda_kernel_profile(lambda: (rt.reset(keep_context=False), rt.prefill(tokens),
+                                         rt.next_token()))
         for what, prof in profiles.items():
             log(f"profile {what}: {prof['kernels']} kernels, {prof['kernel_time_ms']:.3f} ms summed")
             for k in prof["top"]:
@@ -266,26 +302,29 @@ def report(rt, env, rows, profiles, out):
     def tps(r, k):
         return f"{r['context'] / r[k]['p50'] * 1e3:,.0f}" if k in r else "-"
     cuda = env.get("gpu") is not None
-    prefill_cols = ["context", "live state MB", "cold prefill + 1st token, graph: p50 ms",
-                    "tokens/s", "same, eager chunks (baseline): p50 ms", "tokens/s",
-                    "restore + 1st token: p50 / p99 ms", "speed-up vs cold"]
-    reference = "cold_prefill_reference" in rows[0]      # CPU, chunked kernels: its baseline
-    if reference:
-        prefill_cols[4] = "same, eager chunks: p50 ms"
-        prefill_cols[6:6] = ["same, reference loop (baseline): p50 ms", "tokens/s"]
+
+    def ms(r, k):
+        return f"{r[k]['p50']:.2f}" if k in r else "-"
+    # the headline first, then its baselines (the columns no row has are left out)
+    prefill_keys = [("prefill_api", "reset + prefill + 1st token (default config): p50 ms"),
+                    ("instruction_api", "set_instruction + 1st token: p50 ms"),
+                    ("prefill_exact", "same, exact-length buckets (one chunk): p50 ms"),
+                    ("prefill_api_eager", "prefill, chunks run eagerly (baseline): p50 ms"),
+                    ("prefill_api_reference", "prefill, reference loop (baseline): p50 ms")]
+    prefill_keys = [(k, c) for k, c in prefill_keys if any(k in r for r in rows)]
+    prefill_cols = ["context", "live state MB"]
+    for k, c in prefill_keys:
+        prefill_cols += [c, "tokens/s"] if k == "prefill_api" else [c]
+    prefill_cols += ["restore + 1st token: p50 / p99 ms", "speed-up vs prefill"]
     prefill_rows = []
     for r in rows:
-        cold_key = "cold_prefill_graph" if "cold_prefill_graph" in r else "cold_prefill_eager"
-        prefill_rows.append([
-            r["context"], round(r["live_state_MB"], 1),
-            f"{r[cold_key]['p50']:.2f}" if cold_key == "cold_prefill_graph" else "-",
-            tps(r, "cold_prefill_graph"),
-            f"{r['cold_prefill_eager']['p50']:.2f}", tps(r, "cold_prefill_eager"),
-            pp(r, "restore_first_token"),
-            f"{r[cold_key]['p50'] / r['restore_first_token']['p50']:.1f}x"])
-        if reference:
-            prefill_rows[-1][6:6] = [f"{r['cold_prefill_reference']['p50']:.2f}",
-                                     tps(r, "cold_prefill_reference")]
+        row = [r["context"], round(r["live_state_MB"], 1)]
+        for k, _ in prefill_keys:
+            row += [ms(r, k), tps(r, k)] if k == "prefill_api" else [ms(r, k)]
+        speedup = r["prefill_api"]["p50"] / r["restore_first_token"]["p50"] \
+            if "prefill_api" in r else None
+        row += [pp(r, "restore_first_token"), f"{speedup:.1f}x" if speedup else "-"]
+        prefill_rows.append(row)
     step_cols = ["context", "obs step graph, device: p50 / p99 ms", "obs step graph, synced: p50 / p99",
                  "rt.step() end to end: p50 / p99", "obs step eager: p50 / p99",
                  "decode graph, device: p50 / p99", "decode eager: p50 / p99",
@@ -300,12 +339,21 @@ def report(rt, env, rows, profiles, out):
     sections = [
         {"heading": "Prefill (host clock, synchronized)", "columns": prefill_cols,
          "rows": prefill_rows, "notes": [
-             "Cold prefill = `set_instruction(L tokens)` + `next_token()` from an empty arena. "
-             "The graph column replays the captured position-0 plan of the longest bucket that fits; "
-             "the baseline runs the same chunks eagerly (same kernels, same bytes). On the CPU with "
-             "`kernels: chunked` the eager column uses the chunk-parallel delta rule and the "
-             "reference-loop column is its baseline (same run, same weights and chunks). Restore = "
-             "`restore_state()` of a device-resident copy of the live state + `next_token()`."]},
+             f"The runtime's own configuration (prefill buckets {env.get('prefill_buckets')}; "
+             "`RuntimeConfig()` unless --buckets): `rt.reset(keep_context=False); rt.prefill(ids); "
+             "rt.next_token()` from an empty arena, and `rt.set_instruction(ids); rt.next_token()`. "
+             + ("On CUDA every chunk replays its captured plan (one per bucket, the position read "
+                "from the arena on the device); the eager baseline runs the same functions without "
+                "their graphs (same kernels, same bytes). " if cuda else "On the CPU chunks run "
+                "eagerly (the dynamic form). ")
+             + (f"Exact-length buckets: a second runtime of the same model with buckets "
+                f"{env['exact_buckets']}, so the instruction is one chunk. "
+                if env.get("exact_buckets") else "")
+             + ("With `kernels: chunked` (CPU) the reference-loop column is the chunk-parallel "
+                "delta rule's baseline (same run, same weights and chunks). "
+                if any("prefill_api_reference" in r for r in rows) else "")
+             + "Restore = `restore_state()` of a device-resident copy of the live state + "
+             "`next_token()`."]},
         {"heading": "Observation and decode steps at each context", "columns": step_cols,
          "rows": step_rows, "notes": [
              "device = CUDA events around each replay, replays queued back to back; synced = host "
@@ -327,7 +375,7 @@ def report(rt, env, rows, profiles, out):
     if "peer_prefill_first_token" in rows[0]:
         def ratio(r, a, b):
             return f"{r[a]['p50'] / r[b]['p50']:.1f}x"
-        cold = "cold_prefill_graph" if "cold_prefill_graph" in rows[0] else "cold_prefill_eager"
+        cold = "prefill_api"
         sections.append({
             "heading": "Peer: transformers' implementation of the same config, same run",
             "columns": ["context", "transformers prefill + 1st token: p50 ms", "ours", "ours faster by",
@@ -371,10 +419,11 @@ def plot(result, path):
     env, rows = result["environment"], result["results"]["rows"]
     x = [r["context"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    panels = [("cold prefill + first token vs restore (host clock)", [
-        ("cold_prefill_graph", "cold prefill, graph", "C0-o"),
-        ("cold_prefill_eager", "cold prefill, eager chunks", "C0--o"),
-        ("cold_prefill_reference", "cold prefill, reference loop (baseline)", "C3--^"),
+    panels = [("prefill + first token vs restore (host clock)", [
+        ("prefill_api", "reset + prefill + first token (default config)", "C0-o"),
+        ("prefill_exact", "same, exact-length buckets", "C1-s"),
+        ("prefill_api_eager", "same, chunks run eagerly", "C0--o"),
+        ("prefill_api_reference", "same, reference loop (baseline)", "C3--^"),
         ("restore_first_token", "restore + first token", "C2-s")]),
         ("observation and decode steps", [
             ("obs_graph_device", "obs step, graph (device)", "C0-o"),
