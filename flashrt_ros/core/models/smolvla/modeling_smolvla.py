@@ -28,6 +28,12 @@ test; RoPE is LeRobot's `apply_rope` (wavelength 10000, whatever the backbone co
 LeRobot does), bit for bit. Each layer's q/k/v and gate/up may be one matrix (`fuse_projections`:
 the runtime's builder fuses them; the separate weights are views of it). Shapes carry no batch
 axis: one robot, one observation.
+
+On CUDA (`SmolVLAModel.fused`, set by the runtime) the chains of small operations between the
+matmuls are core/fused.py's Triton kernels: each residual add with the norm after it, RoPE
+(written straight into the KV cache, each grouped head repeated as attention reads it), SiLU * up.
+They keep the torch forms' rounding points; the order of a norm's sum and the fused multiply-adds
+of RoPE differ (test_smolvla_gpu holds each kernel and the whole model to the torch form).
 """
 from __future__ import annotations
 
@@ -153,6 +159,29 @@ class RMSNorm(nn.Module):
         return s, self(s)
 
 
+def fuse_linears(*linears) -> tuple | None:
+    """Make the linears' weights (and biases) views of one [sum of outputs, input] matrix (and
+    one vector), so that one GEMM computes them all; call before the weights are loaded (loading
+    fills the views). Returns (weight, bias or None), or None where they cannot be one matrix
+    (different inputs, a bias on some only)."""
+    first = linears[0]
+    if len({m.in_features for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
+        return None
+    w = first.weight
+    weight = torch.empty(sum(m.out_features for m in linears), w.shape[1], dtype=w.dtype,
+                         device=w.device)
+    bias = None if first.bias is None else \
+        torch.empty(weight.shape[0], dtype=first.bias.dtype, device=w.device)
+    start = 0
+    for m in linears:
+        end = start + m.out_features
+        m.weight = nn.Parameter(weight[start:end], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return weight, bias
+
+
 # -- the vision tower and connector (transformers' SmolVLMVisionTransformer, SmolVLMConnector) ----
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
@@ -185,11 +214,19 @@ class VisionAttention(nn.Module):
         self.heads = cfg.num_attention_heads
         self.q_proj, self.k_proj = nn.Linear(d, d), nn.Linear(d, d)
         self.v_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.qkv = None              # (weight, bias) of [q | k | v], when fuse() made them one
+
+    def fuse(self) -> None:
+        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x):
         n, t, d = x.shape
         shape = (n, t, self.heads, d // self.heads)
-        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qkv is None:
+            qkv = [p(x) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        else:
+            qkv = F.linear(x, *self.qkv).split(d, -1)
+        q, k, v = (y.view(shape).transpose(1, 2) for y in qkv)
         out = F.scaled_dot_product_attention(q, k, v)                # [N, H, T, D]
         return self.out_proj(out.transpose(1, 2).reshape(n, t, d))
 
@@ -278,19 +315,11 @@ class Attention(nn.Module):
         self.qkv_weight = None       # [q | k | v] rows, when fuse() made the three one matrix
 
     def fuse(self) -> None:
-        """Make q/k/v's weights views of one [q | k | v] matrix (call before the weights are
-        loaded: loading fills the views): one GEMM per layer instead of three."""
+        """q/k/v as one matrix (`fuse_linears`): one GEMM per layer instead of three."""
         p = (self.q_proj, self.k_proj, self.v_proj)
-        if any(m.bias is not None for m in p) or len({m.in_features for m in p}) != 1:
-            return
-        w = p[0].weight
-        fused = torch.empty(sum(m.out_features for m in p), w.shape[1], dtype=w.dtype,
-                            device=w.device)
-        start = 0
-        for m in p:
-            m.weight = nn.Parameter(fused[start:start + m.out_features], requires_grad=False)
-            start += m.out_features
-        self.qkv_weight = fused
+        fused = None if p[0].bias is not None else fuse_linears(*p)
+        if fused is not None:
+            self.qkv_weight = fused[0]
 
     def qkv(self, h):
         """q [T, H, D], k and v [T, KV, D] of the layer's own hidden states h [T, d]."""
@@ -316,13 +345,10 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         """As Attention.fuse: gate and up as one matrix."""
-        if self.gate_proj.bias is not None:
-            return
-        w = self.gate_proj.weight
-        fused = torch.empty(2 * w.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
-        self.gate_proj.weight = nn.Parameter(fused[:w.shape[0]], requires_grad=False)
-        self.up_proj.weight = nn.Parameter(fused[w.shape[0]:], requires_grad=False)
-        self.gate_up_weight = fused
+        fused = None if self.gate_proj.bias is not None else \
+            fuse_linears(self.gate_proj, self.up_proj)
+        if fused is not None:
+            self.gate_up_weight = fused[0]
 
     def forward(self, x, fused: bool = False):
         """fused: silu(gate) * up as one kernel (core/fused.py swiglu), with gate/up fused."""
@@ -409,7 +435,7 @@ class SmolVLAModel(nn.Module):
         """Fuse each layer's q/k/v and gate/up matrices (views: no weight is stored twice); call
         on an unloaded model, as the runtime's builder does."""
         for m in self.modules():
-            if isinstance(m, (Attention, MLP)):
+            if isinstance(m, (Attention, MLP, VisionAttention)):
                 m.fuse()
 
     # -- constants derived once ------------------------------------------------------------------
