@@ -31,7 +31,7 @@ from test_behaviours import (  # noqa: E402,F401  (fixtures shared with the py_t
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XML = os.path.join(ROOT, "docs", "bt", "flashrt_capsules.xml")
-TREES = ["EpisodeWithRecovery", "BranchAndChoose", "RunBranch", "ResumeFromDisk"]
+TREES = ["EpisodeWithRecovery", "BranchAndChoose", "BranchAndChooseVLA", "RunBranch", "ResumeFromDisk"]
 
 
 def _factory_with_the_model():

@@ -13,7 +13,8 @@ call, with the same timeouts and lost-answer rule, as the py_trees trees:
     StepReached       StepReached                   CapsulePresent   the behaviour of that name
     PolicyHealthy     DeadlineHealthy               RunSteps         RunSimSteps
 ScoreBranch and ChooseBest are the application's (`SimApplication`): they score the last run by
-its arm error and keep the scores as JSON text on the BT.CPP blackboard.
+its arm error and keep the scores as JSON text on the BT.CPP blackboard; ChooseBest logs them
+(the rclpy node's logger).
 
 Ports. behaviortreepy 0.1.4 registers a Python node without ports (its `register_simple_*` pass
 no PortsList to BT.CPP), and BT.CPP refuses an XML attribute that is not a declared port. So
@@ -46,6 +47,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import logging
 import time
 import traceback
 import xml.etree.ElementTree as ET
@@ -57,7 +59,8 @@ import py_trees
 from py_trees.common import Status
 
 from flashrt_ros.bt import behaviours as b
-from flashrt_ros.bt.trees import RestoreWorld, RewindWorld, RunSimSteps, SaveWorld, SimWorld
+from flashrt_ros.bt.trees import (RestoreWorld, RewindWorld, RunSimSteps, SaveWorld, SimWorld,
+                                  scores_line)
 
 DEFAULT_POLICY = b.DEFAULT_POLICY
 BLACKBOARD_PREFIX = "/btcpp"          # py_trees keys of the port values: /btcpp/<instance>/<port>
@@ -180,6 +183,7 @@ class XmlTrees:
         self.ports: dict[str, dict[str, str]] = {}       # instance name -> port -> XML value
         self.kinds: dict[str, str] = {}                  # instance name -> node ID
         self.errors: list[str] = []
+        self.log = logging.getLogger(__name__).info     # the rclpy node's logger once set up
         elements = [(tree, e) for tree in root.findall("BehaviorTree") for e in tree.iter()
                     if _node_id(e) in self.models]
         instances = _instance_names([(e.get("name"), _node_id(e)) for _, e in elements])
@@ -242,6 +246,7 @@ class XmlTrees:
         anything is created on `node`."""
         runs = {instance: self._build(instance, node_id)
                 for instance, node_id in self.kinds.items()}
+        self.log = node.get_logger().info
         for instance, run in runs.items():
             if run is not None:
                 for behaviour in run.iterate():
@@ -455,8 +460,10 @@ class SimApplication:
     as -mean(arm error), ChooseBest picks the best score.
 
     `explore` is the exploration noise that every world restore and rewind starts (seeded by the
-    world's seed sequence), so that branches and retries differ. Scores are JSON text
-    (`{"d0-b0-end": -1.2, ...}`) on the BT.CPP blackboard entry the `scores` port names.
+    world's seed sequence), so that branches and retries differ; 0 for a policy that samples,
+    whose branches differ by their noise seeds (the XML's BranchAndChooseVLA). Scores are JSON
+    text (`{"d0-b0-end": -1.2, ...}`) on the BT.CPP blackboard entry the `scores` port names;
+    ChooseBest logs them with its choice.
     """
 
     def __init__(self, world: SimWorld, explore: float = 0.0):
@@ -489,6 +496,7 @@ class SimApplication:
             return btcpp.NodeStatus.FAILURE
         best = max(scores, key=scores.get)
         self.chosen.append(best)
+        trees.log(f"{node.name()}: " + scores_line(scores, best))
         trees.write(node, "best", best)
         return btcpp.NodeStatus.SUCCESS
 

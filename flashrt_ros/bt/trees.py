@@ -7,7 +7,8 @@ Two trees (built by functions, ticked with `run_tree`; docs/behaviour_trees.md d
     retry - at most `max_retries` times.
   * `branch_and_choose` - at each decision point fork N branches from the live policy state; for
     each: restore it, run M steps against the simulated robot, score the arm error, snapshot the
-    branch end; then restore the best branch end and continue.
+    branch end; then restore the best branch end and continue. The scores and each decision's
+    choice are on the blackboard and in the tree node's log.
 
 The world. A capsule holds the policy's state, not the world's: the simulated arm is the world. To
 run several futures from one decision point the tree must restore the world too, so `SimWorld`
@@ -19,9 +20,12 @@ timer reads; the timer is never cancelled from the tick thread, see sim/robot.py
 policy node - stepping once per observation - and the world advance together, step for step. Run
 that node with `control_mode: observation`, reliable observations and `stale_observation_s: 0` (in
 lockstep a late observation is still the next one; dropping it would stall the robot).
-Deterministic replay makes an identical retry pointless, so branches and retries differ by
-exploration noise on the executed command (seeded, so a run is reproducible); branch 0 is the
-policy's own command.
+Deterministic replay makes an identical retry pointless, so branches differ in one of two ways
+(`vary`): a deterministic policy (the Qwen presets) gets exploration noise on the executed command
+(seeded, so a run is reproducible); a policy that samples (a VLA's flow matching, a Qwen policy
+with runtime.action_noise > 0) restores each branch with its own noise seed (Restore's
+noise_seed), so the policy itself samples another future from the same state. Branch 0 is the
+policy as it runs (its own command, its live sampler). Retries use command noise.
 
 Threading. The world's `apply`/`observe` run in the executor thread (robot callbacks); `save`,
 `restore` and `rewind` run in the tick thread, and only when the world is settled - paused with no
@@ -34,6 +38,8 @@ Blackboard keys written here (besides behaviours.ERROR_KEY and CALLS_KEY):
   /episode/failure_signal bool  set True (by a monitor, a test, a user) to fail the running attempt;
   /episode/attempts       int   attempts started by episode_with_recovery;
   /branches/scores        dict  branch label ("d0-b2") -> score (-mean arm error over the branch);
+  /branches/seeds         dict  branch label -> the noise seed it was restored with (vary="seed";
+                                -1: the live sampler);
   /branches/chosen        list  the chosen branch label of each decision point, in order;
   /branches/best_end      str   capsule (and world copy) name of the last chosen branch's end.
 """
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import logging
 import math
 import operator
 import threading
@@ -58,8 +65,11 @@ from flashrt_ros.sim.robot import SimRobotNode
 FAILURE_SIGNAL_KEY = "/episode/failure_signal"
 ATTEMPTS_KEY = "/episode/attempts"
 SCORES_KEY = "/branches/scores"
+SEEDS_KEY = "/branches/seeds"
 CHOSEN_KEY = "/branches/chosen"
 BEST_END_KEY = "/branches/best_end"
+VARY = ("command", "seed")      # how branch_and_choose's branches differ
+KEEP_SAMPLER = -1               # Restore's noise_seed that keeps the live sampler
 
 
 class SimWorld:
@@ -100,6 +110,30 @@ class SimWorld:
     def error(self) -> float:
         with self.lock:
             return self.state.error()
+
+    # what a robot with a camera reads besides observe() (its joint states and rendered frame)
+    @property
+    def q(self) -> np.ndarray:
+        with self.lock:
+            return self.state.q.copy()
+
+    @property
+    def qd(self) -> np.ndarray:
+        with self.lock:
+            return self.state.qd.copy()
+
+    @property
+    def target(self) -> np.ndarray:
+        with self.lock:
+            return self.state.target.copy()
+
+    @property
+    def action_dim(self) -> int:
+        return self.state.action_dim
+
+    @property
+    def dt(self) -> float:
+        return self.state.dt
 
     # -- control (tick thread) ------------------------------------------------------------
     @property
@@ -370,21 +404,40 @@ class ScoreBranch(py_trees.behaviour.Behaviour):
         return Status.SUCCESS
 
 
+def scores_line(scores: dict, best: str, seeds: dict | None = None) -> str:
+    """One decision for a log: each branch's score (and noise seed), the chosen one marked."""
+    def shown(b):
+        seed = (seeds or {}).get(b)
+        how = "" if seed is None else " (live sampler)" if seed == KEEP_SAMPLER else f" (seed {seed})"
+        return f"{b} {scores[b]:.4f}{how}" + (" <- chosen" if b == best else "")
+    return "scores: " + ", ".join(shown(b) for b in scores)
+
+
 class ChooseBest(py_trees.behaviour.Behaviour):
-    """Pick the best-scored of `labels`; writes BEST_END_KEY and appends to CHOSEN_KEY."""
+    """Pick the best-scored of `labels`; writes BEST_END_KEY, appends to CHOSEN_KEY, and logs the
+    scores (the tree node's logger, given to setup)."""
 
     def __init__(self, labels: list[str], label: str = "ChooseBest"):
         super().__init__(label)
         self.labels = list(labels)
+        self.log = logging.getLogger(__name__).info
         self.bb = self.attach_blackboard_client(name=label)
         for key in (SCORES_KEY, CHOSEN_KEY, BEST_END_KEY):
             self.bb.register_key(key, access=Access.WRITE)
+        self.bb.register_key(SEEDS_KEY, access=Access.READ)
+
+    def setup(self, **kwargs):
+        node = kwargs.get("node")
+        if node is not None:
+            self.log = node.get_logger().info
 
     def update(self) -> Status:
         scores = self.bb.get(SCORES_KEY)
         best = max(self.labels, key=lambda b: scores[b])
         self.bb.get(CHOSEN_KEY).append(best)
         self.bb.set(BEST_END_KEY, f"{best}-end")
+        seeds = self.bb.get(SEEDS_KEY) if self.bb.exists(SEEDS_KEY) else None
+        self.log(f"{self.name}: " + scores_line({b: scores[b] for b in self.labels}, best, seeds))
         self.feedback_message = f"best {best} ({scores[best]:.4f})"
         return Status.SUCCESS
 
@@ -474,22 +527,32 @@ def episode_with_recovery(world: SimWorld, *, policy: str = DEFAULT_POLICY, epis
     ])
 
 
+def branch_seed(seed: int, decision: int, branch: int, branches: int) -> int:
+    """The seed of branch `branch` at decision point `decision`: its exploration noise's
+    (vary="command") or its policy noise sampler's (vary="seed"), in [0, 2^32)."""
+    return (seed * 100_003 + decision * branches + branch) % (1 << 32)
+
+
 def branch_and_choose(world: SimWorld, *, policy: str = DEFAULT_POLICY, branches: int = 3,
                       steps: int = 20, decisions: int = 2, warmup: int = 20,
                       continue_steps: int | None = None, explore: float = 0.5, seed: int = 0,
-                      service: dict | None = None):
+                      vary: str = "command", service: dict | None = None):
     """Fork N branches at each decision point, run and score each, restore the best and go on.
 
     Args:
         world: the SimWorld the branches run against.
         policy: the policy node's name.
-        branches: N, branches per decision point (branch 0 executes the policy's own command).
+        branches: N, branches per decision point (branch 0 runs the policy as it is).
         steps: M, steps each branch runs before it is scored.
         decisions: decision points; each is followed by `continue_steps` steps of the chosen branch.
         warmup: steps before the first decision point.
         continue_steps: steps after each choice (default M).
-        explore: exploration noise of branches 1..N-1.
-        seed: base of the branches' exploration seeds (a run is reproducible).
+        explore: vary="command": exploration noise of branches 1..N-1.
+        seed: base of the branches' seeds (`branch_seed`; a run is reproducible).
+        vary: how branches 1..N-1 differ from branch 0. "command": N(0, explore) on the executed
+            command (a deterministic policy would replay its branch exactly); "seed": the branch
+            is restored with its own noise seed, so a policy that samples (a VLA) draws another
+            future from the same state; nothing is added to the command.
         service: keyword arguments for every capsule behaviour (wait_s, timeout_s).
     Branch i of decision r is labelled "d{r}-b{i}": its start capsule has that name, its end
     capsule and end world copy "d{r}-b{i}-end". Branch capsules are deleted after each choice.
@@ -497,15 +560,23 @@ def branch_and_choose(world: SimWorld, *, policy: str = DEFAULT_POLICY, branches
     if branches < 1 or steps < 1 or decisions < 1 or warmup < 0:
         raise ValueError(f"branch_and_choose: expected branches, steps, decisions >= 1 and warmup "
                          f">= 0, found {branches}, {steps}, {decisions}, {warmup}")
+    if vary not in VARY:
+        raise ValueError(f"branch_and_choose: expected vary in {VARY} (command noise for a "
+                         f"deterministic policy, noise seeds for one that samples), found {vary!r}")
     svc = dict(policy=policy, **(service or {}))
     cont = steps if continue_steps is None else continue_steps
+    by_seed = vary == "seed"
+    seeds = {}                   # branch label -> its noise seed (vary="seed")
     rounds = []
     for r in range(decisions):
         labels = [f"d{r}-b{i}" for i in range(branches)]
+        for i, b in enumerate(labels):
+            seeds[b] = branch_seed(seed, r, i, branches) if i else KEEP_SAMPLER
         runs = [_sequence(f"branch {b}", [
-                    RestoreWorld(world, f"d{r}", segment=b, explore=explore if i else 0.0,
-                                 seed=seed * 100_003 + r * branches + i),
-                    Restore(name=b, **svc),
+                    RestoreWorld(world, f"d{r}", segment=b,
+                                 explore=explore if i and not by_seed else 0.0,
+                                 seed=branch_seed(seed, r, i, branches)),
+                    Restore(name=b, **svc, **({"noise_seed": seeds[b]} if by_seed else {})),
                     RunSimSteps(world, steps=steps),
                     ScoreBranch(world, b),
                     Snapshot(name=f"{b}-end", **svc),
@@ -524,6 +595,7 @@ def branch_and_choose(world: SimWorld, *, policy: str = DEFAULT_POLICY, branches
     return _sequence("branch and choose", [
         _set(SCORES_KEY, dict),
         _set(CHOSEN_KEY, list),
+        _set(SEEDS_KEY, dict(seeds) if by_seed else {}),
         Reset(keep_context=True, **svc),
         RestoreWorld(world, "start", segment="main"),
         RunSimSteps(world, steps=warmup),
