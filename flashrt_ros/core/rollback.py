@@ -48,7 +48,10 @@ class RollbackRing:
                                  dtype=torch.uint8, device=arena.device)
         # allocated now, with everything else, so that nothing is allocated after graph capture
         self.reset_point = torch.zeros(arena.small_nbytes, dtype=torch.uint8, device=arena.device)
-        self._reset_bytes = self.reset_point   # the reset point: this buffer, or stored bytes
+        self._small = arena.base[: arena.small_nbytes]     # the arena's per-step region
+        # the reset point's bytes: the ring's own buffer, or stored bytes referred to (their
+        # first small_nbytes)
+        self._reset_bytes = self.reset_point
         self._marks: list[tuple[int, int, int, int]] = []   # (slot, step, position, episode)
         self._next = 0
 
@@ -65,14 +68,13 @@ class RollbackRing:
         to them instead of copying the arena's small state; elsewhere (a host capsule of a CUDA
         arena, whose reset would read over PCIe) it is copied as without.
         """
-        small = self.arena.base[: self.arena.small_nbytes]
         if not from_arena:
             # fill_ on a view: nothing may allocate on the device after capture
             self.arena.meta[META_EPISODE].fill_(episode)
-        elif refer is not None and refer.device == small.device:
-            self._reset_bytes = refer[: self.arena.small_nbytes]
+        elif refer is not None and refer.device == self._small.device:
+            self._reset_bytes = refer
         else:
-            self.reset_point.copy_(small, non_blocking=True)
+            self.reset_point.copy_(self._small, non_blocking=True)
             self._reset_bytes = self.reset_point
         self._marks = [(RESET_POINT, step, position, episode)]
         self._next = 0
@@ -86,12 +88,12 @@ class RollbackRing:
         bytes, copy them into the ring's own buffer first (stream-ordered before any later write
         on CUDA). Call it under the runtime lock."""
         if self.refers_to(storage):
-            self.reset_point.copy_(self._reset_bytes, non_blocking=True)
+            self.reset_point.copy_(self._reset_bytes[: self.arena.small_nbytes], non_blocking=True)
             self._reset_bytes = self.reset_point
 
     def load_reset_point(self, episode: int) -> None:
         """Copy the reset point into the arena, in episode `episode`."""
-        self.arena.base[: self.arena.small_nbytes].copy_(self._reset_bytes)
+        self._small.copy_(self._reset_bytes[: self.arena.small_nbytes])
         self.arena.meta[META_EPISODE].fill_(episode)
 
     def push(self, step: int, position: int, episode: int) -> None:
@@ -100,7 +102,7 @@ class RollbackRing:
             return
         slot = self._next
         self._next = (self._next + 1) % (self.depth + 1)
-        self.slots[slot].copy_(self.arena.base[: self.arena.small_nbytes], non_blocking=True)
+        self.slots[slot].copy_(self._small, non_blocking=True)
         self._marks.append((slot, step, position, episode))
         if len(self._marks) > self.depth + 1:
             self._marks.pop(0)
@@ -124,6 +126,6 @@ class RollbackRing:
         if slot == RESET_POINT:
             self.load_reset_point(episode)
         else:
-            self.arena.base[: self.arena.small_nbytes].copy_(self.slots[slot])
+            self._small.copy_(self.slots[slot])
         self._next = 0 if slot == RESET_POINT else (slot + 1) % (self.depth + 1)
         return step, position, episode
