@@ -462,9 +462,10 @@ def test_fused_attention_matches_its_reference(dtype, H, Hkv, D, rotary, max_ctx
     (2, 1, 32, 512, 4, 0),               # tiny, the smallest bucket
     (2, 1, 32, 512, 256, 37),
     (4, 2, 24, 700, 16, 683),            # a head dim that is not a power of 2; the last rows
-    (8, 2, 256, 16640, 64, 1000),        # hybrid-0.8b
+    (8, 2, 256, 16640, 64, 1000),        # hybrid-0.8b; KV rows in splits, then combined
+    (8, 2, 256, 16640, 16, 16600),
     (8, 2, 256, 16640, 1024, 0),
-    (8, 2, 256, 16640, 4096, 12288),     # the last chunk of a 16k instruction
+    (8, 2, 256, 16640, 4096, 12288),     # the last chunk of a 16k instruction: one split
 ])
 def test_fused_prefill_attention_matches_its_reference(dtype, H, Hkv, D, max_ctx, T, pos):
     """core/prefill_attention.py: T query rows (strided views of the projection, as the model
