@@ -145,7 +145,8 @@ class ExtentMemory:
     def restore(self, cap: Capsule) -> None:
         # copies into the extent are stream-ordered before this one; the extent is immutable
         # until released, so the runtime's reset point may refer to it (release hands it back)
-        self.store.rt.restore_state(self._view(cap), cap.known(), stored=True)
+        view = self._view(cap)
+        self.store.rt.restore_state(view, cap.known(), refer=view)
 
     def restored(self, cap: Capsule) -> None:
         pass

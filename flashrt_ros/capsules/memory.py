@@ -40,7 +40,7 @@ def context_len_of(arena, raw: torch.Tensor) -> int:
 
 def hand_back(store, storage: torch.Tensor) -> None:
     """`storage`, bytes of a memory tier, is about to be freed or overwritten. A restore from it
-    (`restore_state(..., stored=True)`) may have left the runtime's reset point referring to it:
+    (`restore_state(..., refer=...)`) may have left the runtime's reset point referring to it:
     the ring then copies it first (core/rollback.py). The reference comes to a capsule's bytes
     only by a restore from the store, under `store.lock`, which the caller holds; so the runtime
     lock is taken only where it refers there now."""
@@ -79,7 +79,7 @@ class Memory(Protocol):
     def restore(self, cap: Capsule) -> None:
         """Copy `cap` into the live arena and adopt its metadata; the caller holds the runtime
         lock and has checked the fingerprint. Bytes the runtime may keep referring to (its reset
-        point, `restore_state(..., stored=True)`) are handed back (`hand_back`) before they are
+        point, `restore_state(..., refer=...)`) are handed back (`hand_back`) before they are
         freed or overwritten."""
 
     def restored(self, cap: Capsule) -> None:

@@ -78,7 +78,7 @@ import torch
 
 from flashrt_ros.capsules.blocks import BlockPool
 from flashrt_ros.capsules.capsule import Capsule
-from flashrt_ros.capsules.memory import Boundary
+from flashrt_ros.capsules.memory import Boundary, hand_back
 from flashrt_ros.core.exceptions import BudgetExceeded, InputError
 
 RUN_COPY_LIMIT = 8   # more runs than this: the full KV blocks of a restore go by one gather
@@ -517,11 +517,20 @@ class BlockMemory:
         self.release(cap)
         self.tables[cap.name] = table
 
+    def _small_span(self, cap: Capsule) -> torch.Tensor | None:
+        """The pool bytes of `cap`'s small state when its blocks are adjacent (one span), else
+        None."""
+        ids = self.tables[cap.name][: self.n_small]
+        if np.any(np.diff(ids) != 1):
+            return None
+        return self.blocks[cap.tier].span(ids[0], self.rt.arena.small_nbytes)
+
     def restore(self, cap: Capsule) -> None:
         rt = self.rt
         self._gather(cap.name, rt.arena.base)
-        # adopt the metadata (copying the range onto itself is a no-op)
-        rt.restore_state(rt.arena.base[:cap.nbytes], cap.known())
+        # adopt the metadata (copying the range onto itself is a no-op); the reset point may
+        # refer to the small state's blocks, which `cap` holds until release hands them back
+        rt.restore_state(rt.arena.base[:cap.nbytes], cap.known(), refer=self._small_span(cap))
 
     def restored(self, cap: Capsule) -> None:
         self._donors = {cap.tier: [cap.name]} if cap.tier in self.blocks else {}
@@ -534,6 +543,9 @@ class BlockMemory:
     def release(self, cap: Capsule) -> None:
         """Drop a capsule's table: one reference less on each of its blocks."""
         name = cap.name
+        span = self._small_span(cap)
+        if span is not None:
+            hand_back(self.store, span)
         self._forget_twins(cap.tier, self.blocks[cap.tier].decref(self.tables.pop(name)))
         self._plans.pop(name, None)
         self._match_plans.pop(name, None)

@@ -518,7 +518,7 @@ class PolicyRuntime:
         return self.arena.live_bytes(self.position)
 
     def restore_state(self, src: torch.Tensor, known: tuple | None = None,
-                      stored: bool = False) -> None:
+                      refer: torch.Tensor | None = None) -> None:
         """Copy capsule bytes into the live arena (same device or host), then adopt their metadata.
 
         The caller has verified size, fingerprint and digest; this never rebinds a buffer. Every
@@ -530,11 +530,13 @@ class PolicyRuntime:
         capsule's metadata): then nothing is read back from the device. Without `known`, the
         values are read from the bytes' own meta header.
 
-        `stored`: `src` stays unchanged until the caller hands it back with `ring.release(src)`
-        before freeing or overwriting it (a capsule store's memory). The reset point then refers
-        to `src` instead of copying its small state (core/rollback.py), so a GPU-resident restore
-        is one device-to-device copy of the live range, with no host synchronisation. Without
-        `stored`, the caller may change `src` afterwards: the reset point is a copy.
+        `refer`: stored bytes that begin with the small state of `src` (`src` itself, or the
+        blocks it was gathered from), left unchanged until the caller hands them back with
+        `ring.release` before it frees or overwrites them (a capsule store's memory). The reset
+        point then refers to them instead of copying the small state again (core/rollback.py),
+        so a GPU-resident restore is one device-to-device copy of the live range, with no host
+        synchronisation. Without `refer`, the caller may change `src` afterwards: the reset point
+        is a copy.
         """
         if not isinstance(src, torch.Tensor) or src.dtype != torch.uint8 or src.dim() != 1:
             raise InputError(f"restore: expected a 1-D uint8 tensor of state bytes, found "
@@ -554,8 +556,7 @@ class PolicyRuntime:
         self.arena.base[:n].copy_(src, non_blocking=True)
         self.position, self.step_count, self.episode, self.context_len = (int(v) for v in known)
         self.context_tokens = []
-        self.ring.rebase(self.step_count, self.position, self.episode,
-                         refer=src if stored else None)
+        self.ring.rebase(self.step_count, self.position, self.episode, refer=refer)
 
     def fingerprint(self) -> str:
         """What a capsule must match to be restored here (StateArena.fingerprint)."""

@@ -191,9 +191,9 @@ class VLARuntime:
         return self.arena.live_bytes(self.position)
 
     def restore_state(self, src: torch.Tensor, known: tuple | None = None,
-                      stored: bool = False) -> None:
+                      refer: torch.Tensor | None = None) -> None:
         """As `PolicyRuntime.restore_state`: capsule bytes copied into the arena, then adopted
-        (with `stored`, the reset point refers to `src` instead of copying it)."""
+        (with `refer`, the reset point refers to those stored bytes instead of copying)."""
         if not isinstance(src, torch.Tensor) or src.dtype != torch.uint8 or src.dim() != 1:
             raise InputError(f"restore: expected a 1-D uint8 tensor of state bytes, found "
                              f"{getattr(src, 'dtype', type(src).__name__)}")
@@ -211,8 +211,7 @@ class VLARuntime:
                              f"{self.arena.live_nbytes(self.model_cfg.max_context)} expected)")
         self.arena.base[:n].copy_(src)
         self._sync_mirrors_from_arena()
-        self.ring.rebase(self.step_count, self.position, self.episode,
-                         refer=src if stored else None)
+        self.ring.rebase(self.step_count, self.position, self.episode, refer=refer)
 
     def fingerprint(self) -> str:
         """What a capsule must match to be restored here (StateArena.fingerprint)."""
