@@ -55,6 +55,9 @@ one copy into the live arena (a fresh or forked capsule is typically one run per
 the table is fragmented (more than RUN_COPY_LIMIT runs), the full KV blocks move by one
 `index_select` gather straight into the contiguous live KV ([n, block_bytes] views, 8-byte words)
 and the rest by run copies. Restore writes the same arena bytes, so captured graphs stay valid.
+Where the capsule's small-state blocks are adjacent, the runtime's reset point refers to them
+instead of copying the small state again (core/rollback.py); the capsule holds them until its
+table is released, which hands them back to the ring first.
 
 Tier moves keep sharing: a block copied between gpu and host records its twin; moving or forking
 another capsule that holds the same block reuses the twin instead of copying it again. Twins are
