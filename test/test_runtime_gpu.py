@@ -191,8 +191,9 @@ def test_eager_cuda_runtime_matches_graph_runtime_within_tolerance():
 
 # Prefill plans vs the eager dynamic form (SDPA over the live prefix): the attention kernels differ
 # (core/prefill_attention.py's tiles vs torch's flash kernel), so rounding only; bf16 rounds after
-# every operation of four layers
-PREFILL_FORM_TOL = {"float32": CROSS_FORM_ATOL, "bfloat16": 5e-2}
+# every operation of four layers, over a 1365-token prefill into an fp32 recurrent state
+PREFILL_FORM_TOL = {"float32": dict(atol=CROSS_FORM_ATOL, rtol=0),
+                    "bfloat16": dict(atol=5e-2, rtol=5e-2)}
 
 
 @functools.cache
@@ -202,7 +203,7 @@ def long_runtime(dtype, graphs=True):
                          RuntimeConfig(device="cuda", cuda_graphs=graphs))
 
 
-def _assert_states_close(got, want, arena, atol, what):
+def _assert_states_close(got, want, arena, tol, what):
     assert torch.equal(got[:64], want[:64]), f"{what}: meta differs"
     for name in arena.names():
         s = arena.specs[name]
@@ -210,7 +211,7 @@ def _assert_states_close(got, want, arena, atol, what):
         if n > 0:
             torch.testing.assert_close(got[s.offset:s.offset + n].view(arena[name].dtype),
                                        want[s.offset:s.offset + n].view(arena[name].dtype),
-                                       atol=atol, rtol=0, msg=f"{what}: {name}")
+                                       **tol, msg=f"{what}: {name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -249,19 +250,19 @@ def test_every_prefill_bucket_is_captured_and_matches_the_eager_form_at_any_posi
         assert torch.equal(replay, by_fn) and tok == tok_fn, f"position {p}: replay != eager"
         assert torch.equal(replay, again) and tok == tok_again, f"position {p}: not repeatable"
         _assert_states_close(replay, dyn, graph.arena, tol, f"position {p}")
-        torch.testing.assert_close(logits, dyn_logits, atol=tol, rtol=0,
-                                   msg=f"position {p}: logits")
+        torch.testing.assert_close(logits, dyn_logits, **tol, msg=f"position {p}: logits")
 
 
 def test_long_prefill_plans_allocate_nothing():
     rt = long_runtime("float32")
     rt.reset(keep_context=False)
-    rt.prefill(list(range(1300)))                # first call: host-side lazy init, if any
+    tokens = [i % 256 for i in range(1300)]
+    rt.prefill(tokens)                          # first call: host-side lazy init, if any
     torch.cuda.synchronize()
     before = (torch.cuda.memory_stats()["allocation.all.allocated"], torch.cuda.memory_allocated())
     rt.reset(keep_context=False)
-    rt.prefill(list(range(600)))
-    rt.prefill(list(range(1300)))                # 1024 + 256 + 16 + 4 at position 600
+    rt.prefill(tokens[:600])
+    rt.prefill(tokens)                          # 1024 + 256 + 16 + 4 at position 600
     torch.cuda.synchronize()
     after = (torch.cuda.memory_stats()["allocation.all.allocated"], torch.cuda.memory_allocated())
     assert after == before, "captured prefill chunks allocated device memory"
