@@ -318,3 +318,18 @@ def test_btcpp_branch_and_choose_vla(vla, sim):
     assert [e.noise_seed for e in restores] == [-1, 1, 2, -1]
     for name in list(store.capsules):
         ok(c.capsule("delete", name=name))
+
+
+def test_a_bag_replays_the_noise_seed_a_capsule_event_recorded():
+    import types
+
+    from flashrt_ros.bags.capsule_ops import capsule_request
+    from flashrt_ros.msg import CapsuleEvent
+    for op in ("restore", "fork", "reset"):
+        _, request = capsule_request(CapsuleEvent(operation=op, name="b", switch_to=True,
+                                                  noise_seed=7))
+        assert request.noise_seed == 7, op
+        assert capsule_request(CapsuleEvent(operation=op, name="b"))[1].noise_seed == -1
+    # a bag of the definition before the field: the sampler went on
+    older = types.SimpleNamespace(operation="restore", name="b", message="restored 'b'")
+    assert capsule_request(older)[1].noise_seed == -1
