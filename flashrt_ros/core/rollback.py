@@ -81,7 +81,8 @@ class RollbackRing:
 
     def refers_to(self, storage: torch.Tensor) -> bool:
         """Whether the reset point refers to bytes of `storage` (not the ring's own buffer)."""
-        return self._reset_bytes is not self.reset_point and _overlap(self._reset_bytes, storage)
+        held = self._reset_bytes          # read once: the store asks without the runtime lock
+        return held is not self.reset_point and _overlap(held, storage)
 
     def release(self, storage: torch.Tensor) -> None:
         """`storage` is about to be freed or overwritten: when the reset point refers to its
