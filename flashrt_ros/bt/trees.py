@@ -59,6 +59,7 @@ from py_trees.common import Access, ComparisonExpression, Status
 
 from flashrt_ros.bt.behaviours import (DEFAULT_POLICY, ERROR_KEY, CapsulePresent, DeadlineHealthy, DeleteCapsule,
                          Fork, FromBlackboard, Reset, Restore, Rollback, Snapshot)
+from flashrt_ros.ros.capsule_services import KEEP_SAMPLER
 from flashrt_ros.sim.arm import SimArm
 from flashrt_ros.sim.robot import SimRobotNode
 
@@ -69,7 +70,6 @@ SEEDS_KEY = "/branches/seeds"
 CHOSEN_KEY = "/branches/chosen"
 BEST_END_KEY = "/branches/best_end"
 VARY = ("command", "seed")      # how branch_and_choose's branches differ
-KEEP_SAMPLER = -1               # Restore's noise_seed that keeps the live sampler
 
 
 class SimWorld:
