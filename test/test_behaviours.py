@@ -486,7 +486,7 @@ def test_request_fields_from_the_blackboard(ros, scripted):
 def test_unknown_request_field_is_refused_at_construction():
     from flashrt_ros.bt import behaviours as b
     with pytest.raises(ValueError, match=r"unknown request field\(s\) \['nmae'\]; "
-                                         r"a Restore request has \['name'\]"):
+                                         r"a Restore request has \['name', 'noise_seed'\]"):
         b.Restore(nmae="home")
 
 
