@@ -213,7 +213,7 @@ class Client:
 
 # -- experiments ----------------------------------------------------------------------------
 def node_params(args, workdir, **extra) -> dict:
-    p = {"managed": False, "preset": args.preset, "status_rate_hz": 10.0,
+    p = {"managed": False, "model": args.preset, "status_rate_hz": 10.0,
          "instruction": "pick up the red cube and place it in the bin",
          "runtime": {"device": args.device}, "store": {"capsule_dir": os.path.join(workdir, "capsules")}}
     p.update(extra)

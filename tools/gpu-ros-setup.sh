@@ -38,8 +38,9 @@ _flashrt_gpu_ros() (
   echo "[gpu-ros] venv $prefix over $("$py" -c 'import sys; print(sys.prefix)')"
   "$py" -m venv --without-pip "$prefix" >>"$log" 2>&1
   site="$("$prefix/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  "$py" -c 'import site; print("import site; " + "; ".join(
-      f"site.addsitedir({p!r})" for p in site.getsitepackages()))' >"$site/zz_gpu_image.pth"
+  "$py" -c 'import os, sys; print("import site; " + "; ".join(
+      f"site.addsitedir({p!r})" for p in sys.path
+      if os.path.basename(p) in ("site-packages", "dist-packages")))' >"$site/zz_gpu_image.pth"
   echo "[gpu-ros] installing $(ls "$root"/.whl-ros/*.whl | wc -l) wheels"
   "$py" -m pip install --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
     --prefix "$prefix" "$root"/.whl-ros/*.whl >>"$log" 2>&1 ||

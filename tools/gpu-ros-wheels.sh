@@ -2,8 +2,8 @@
 # Fetches into ./.whl-ros (ignored through .git/info/exclude) every wheel that the lent GPU machine
 # needs to run the node through ROS 2: rclpy, rmw_fastrtps_cpp and the message packages of
 # requirements.txt's `ros-*` lines with everything they need, and what building this package's
-# msg/srv takes (ament_cmake, the rosidl generators, catkin_pkg), for CPython 3.12 on
-# manylinux x86_64. tools/gpu-ros-setup.sh installs them there.
+# msg/srv takes (ament_cmake, the rosidl generators, catkin_pkg), for CPython 3.12 (the image's)
+# on manylinux x86_64. tools/gpu-ros-setup.sh installs them there.
 #
 #   bash tools/gpu-ros-wheels.sh          # from the repository root, on a machine with PyPI
 #
@@ -22,7 +22,10 @@ mkdir -p "$dir"
 py="${PYTHON:-python3}"
 # the pins are requirements.txt's: its ROS wheels and the build's catkin_pkg
 roots="$(grep -E '^(ros-|catkin_pkg)' requirements.txt | sed 's/ *#.*//')"
-target=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312
+# FLASHRT_WHEELS_PYTHON=3.11 fetches the same for CPython 3.11: a rehearsal of the GPU machine's
+# recipe on the CPU machines (a venv of torch CPU and the image's other packages as its python3)
+version="${FLASHRT_WHEELS_PYTHON:-3.12}"
+target=(--only-binary=:all: --python-version "$version" --implementation cp --abi "cp${version/./}"
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
         --platform manylinux2014_x86_64)
 
