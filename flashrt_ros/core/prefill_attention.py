@@ -62,8 +62,8 @@ def _kernels():
 
     @triton.jit
     def prefill_attention_kernel(Q, GATE, KV, META, OUT, OP, MP, LP, T, q_stride_t, q_stride_h,
-                                 g_stride_t, g_stride_h, kv_row_stride, qk_scale, split_rows,
-                                 NSPLIT, ROWS, G: tl.constexpr, H: tl.constexpr,
+                                 g_stride_t, g_stride_h, kv_row_stride, qk_scale, NSPLIT, ROWS,
+                                 G: tl.constexpr, H: tl.constexpr,
                                  HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  SPLIT: tl.constexpr, IEEE: tl.constexpr):
@@ -80,8 +80,9 @@ def _kernels():
         q = tl.load(Q + t[:, None] * q_stride_t + h[:, None] * q_stride_h + d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0)           # [BLOCK_M, BLOCK_D]
         last = pos + tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M - 1, T * G - 1) // G
-        # this split's KV rows, up to the last one a query of this block sees; a split past it
-        # runs no tile and leaves (m, l) = (-inf, 0)
+        # this split's share of the pos + T live rows (whole tiles), up to the last row a query
+        # of this block sees; a split past it runs no tile and leaves (m, l) = (-inf, 0)
+        split_rows = tl.cdiv(tl.cdiv(pos + T, NSPLIT), BLOCK_N) * BLOCK_N
         start = s * split_rows
         stop = tl.minimum(start + split_rows, last + 1)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -161,10 +162,10 @@ def _kernels():
     return prefill_attention_kernel, prefill_attention_combine_kernel
 
 
-# A launch should fill the GPU: a short chunk has few row blocks, so its KV rows are split among
-# programs (flash-decoding) until there are about PROGRAMS of them, each split at least
-# MIN_SPLIT_ROWS rows. A fixed count, not the GPU's SM count: the rounding is then the same on
-# every GPU.
+# A launch should fill the GPU: a short chunk has few row blocks, so its live KV rows are split
+# among programs (flash-decoding) until there are about PROGRAMS of them, each split at least
+# MIN_SPLIT_ROWS rows of a full arena. A fixed count, not the GPU's SM count: the rounding is then
+# the same on every GPU.
 PROGRAMS = 128
 MIN_SPLIT_ROWS = 256
 
@@ -182,13 +183,11 @@ def prefill_attention_config(rows: int, D: int, dtype: torch.dtype) -> tuple[int
     return 128, 32, 8, 2
 
 
-def prefill_attention_splits(blocks: int, max_ctx: int, block_n: int) -> tuple[int, int]:
-    """(splits, KV rows per split) for a launch of `blocks` row blocks (x KV heads) over a cache
-    of max_ctx rows: fixed by the shapes, so one captured plan serves every position (splits past
-    the live rows run no tile)."""
-    splits = max(1, min(-(-PROGRAMS // blocks), max_ctx // MIN_SPLIT_ROWS))
-    rows = -(-max_ctx // splits)
-    return splits, -(-rows // block_n) * block_n
+def prefill_attention_splits(blocks: int, max_ctx: int) -> int:
+    """How many splits the live KV rows take in a launch of `blocks` row blocks (x KV heads) over
+    a cache of max_ctx rows: fixed by the shapes, so one captured plan serves every position; the
+    kernel divides the live rows (position + T, read from meta) among them."""
+    return max(1, min(-(-PROGRAMS // blocks), max_ctx // MIN_SPLIT_ROWS))
 
 
 def prefill_attention(q, gate, kv, meta, config: tuple | None = None):
@@ -203,7 +202,7 @@ def prefill_attention(q, gate, kv, meta, config: tuple | None = None):
     bm, bn, warps, stages = config or prefill_attention_config(T * G, D, q.dtype)
     bd = max(16, 1 << (D - 1).bit_length())
     blocks = -(-T * G // bm)
-    nsplit, split_rows = prefill_attention_splits(blocks * Hkv, max_ctx, bn)
+    nsplit = prefill_attention_splits(blocks * Hkv, max_ctx)
     rows = blocks * bm
     out = q.new_empty(T, H, D)
     if nsplit > 1:
@@ -215,7 +214,7 @@ def prefill_attention(q, gate, kv, meta, config: tuple | None = None):
     attend, combine = _kernels()
     attend[(blocks, Hkv, nsplit)](
         q, gate, kv, meta, out, op, mp, lp, T, q.stride(0), q.stride(1), gate.stride(0),
-        gate.stride(1), kv.stride(0), D ** -0.5 * 1.4426950408889634, split_rows, nsplit, rows,
+        gate.stride(1), kv.stride(0), D ** -0.5 * 1.4426950408889634, nsplit, rows,
         G=G, H=H, HKV=Hkv, D=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, SPLIT=nsplit > 1,
         IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     if nsplit > 1:
