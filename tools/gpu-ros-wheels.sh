@@ -10,8 +10,7 @@
 # Left out: what the GPU image has already (numpy, PyYAML, setuptools, packaging, pyparsing,
 # python-dateutil, typing_extensions, ...), so that nothing shadows its versions, and ROS's lint
 # CMake modules (cppcheck, cpplint, flake8, pep257, uncrustify), which the build with
-# BUILD_TESTING=OFF never reads. empy has no wheel on PyPI (an sdist only): it is built here
-# (pure Python). The folder travels in the device call's `carry` (64 MiB with the repository).
+# BUILD_TESTING=OFF never reads. The folder travels in the device call's `carry` (64 MiB with the repository).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -29,8 +28,9 @@ target=(--only-binary=:all: --python-version "$version" --implementation cp --ab
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
         --platform manylinux2014_x86_64)
 
-empy="$(grep -m1 -oE 'empy==[0-9.]+' requirements.txt || echo empy==4.2.1)"
-"$py" -m pip wheel -q --no-deps --no-binary empy -w "$dir" "$empy"
+# empy: an sdist only, built here (pure Python), at the release .venv resolved (rosidl_adapter
+# names empy without a version)
+"$py" -m pip wheel -q --no-deps --no-binary empy -w "$dir" empy==4.2.1
 # shellcheck disable=SC2086
 "$py" -m pip download -q "${target[@]}" --find-links "$dir" -d "$dir" $roots
 
