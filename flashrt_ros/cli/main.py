@@ -8,6 +8,7 @@ command covers what a user needs from a shell:
     flashrt-ros fork home branch-a --switch
     flashrt-ros rollback 5
     flashrt-ros restore home
+    flashrt-ros restore home --noise-seed 7   # the same state, another sampled future
     flashrt-ros list
     flashrt-ros status
 
@@ -21,7 +22,7 @@ import os
 import sys
 import time
 
-from flashrt_ros.core.exceptions import FlashRTError
+from flashrt_ros.core.exceptions import FlashRTError, InputError
 from flashrt_ros.ros.discovery import loopback_by_default
 from flashrt_ros.ros.waiting import wait_for
 
@@ -124,21 +125,41 @@ def _print_capsule(c, prefix=""):
 # names, flashrt_ros.ros.operations).
 REQUEST_FIELDS = {
     "snapshot": lambda a: dict(name=a.name, tier=a.tier, pin=a.pin),
-    "restore": lambda a: dict(name=a.name),
-    "fork": lambda a: dict(source=a.source, name=a.name, switch_to=a.switch, tier=a.tier),
+    "restore": lambda a: dict(name=a.name, noise_seed=a.noise_seed),
+    "fork": lambda a: dict(source=a.source, name=a.name, switch_to=a.switch, tier=a.tier,
+                           noise_seed=a.noise_seed),
     "rollback": lambda a: dict(k=a.k),
     "list": lambda a: dict(tier=a.tier),
     "delete": lambda a: dict(name=a.name, delete_file=a.delete_file),
     "save": lambda a: dict(name=a.name, evict_from_memory=a.move),
     "load": lambda a: dict(name=a.name, tier=a.tier, restore=a.restore),
-    "reset": lambda a: dict(keep_context=not a.clear_context),
+    "reset": lambda a: dict(keep_context=not a.clear_context, noise_seed=a.noise_seed),
 }
+INT64 = 1 << 63             # a request's noise_seed is an int64
+
+
+def _check_noise_seed(args) -> None:
+    """Refuse, before anything is sent, a --noise-seed the request cannot carry or a fork's seed
+    without --switch; every other seed goes to the node, which checks its range and whether the
+    policy samples (its refusal is printed like any other)."""
+    from flashrt_ros.ros.capsule_services import KEEP_SAMPLER
+    seed = getattr(args, "noise_seed", None)
+    if seed is None:
+        return
+    if not -INT64 <= seed < INT64:
+        raise InputError(f"--noise-seed: expected {KEEP_SAMPLER} (the sampler goes on) or a seed "
+                         f"in [0, 2^32), found {seed}; nothing sent")
+    if args.command == "fork" and seed != KEEP_SAMPLER and not args.switch:
+        raise InputError(f"--noise-seed {seed} restarts the sampler of the live state the branch "
+                         f"becomes; expected --switch with it, found none - nothing forked (or "
+                         f"fork it, then `flashrt-ros restore {args.name} --noise-seed {seed}`)")
 
 
 def _service_command(args) -> int:
     from flashrt_ros.msg import CapsuleEvent
     from flashrt_ros.ros.operations import operation
     cmd = args.command
+    _check_noise_seed(args)
     request = _set(operation(cmd).srv_type.Request(), **REQUEST_FIELDS[cmd](args))
     client = Client.from_args(args)
     try:
@@ -378,6 +399,13 @@ def _bench(args, rest) -> int:
     return 0
 
 
+def _noise_seed_argument(parser, what: str) -> None:
+    parser.add_argument("--noise-seed", type=int, default=None, metavar="N",
+                        help=f"{what}. N in 0 .. 2^32-1; -1 keeps the sampler. For a policy that "
+                             f"samples: a VLA, or a Qwen policy with runtime.action_noise > 0 "
+                             f"(another policy refuses a seed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashrt-ros", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -413,11 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pin", action="store_true", help="never evict this capsule")
     s = sub.add_parser("restore", help="restore a capsule into the live state")
     s.add_argument("name")
+    _noise_seed_argument(s, "then restart the live state's noise sampler at seed N: the "
+                            "capsule's state samples another future (default: the capsule's "
+                            "sampler goes on)")
     s = sub.add_parser("fork", help="copy a capsule ('' = the live state) into a new branch")
     s.add_argument("source")
     s.add_argument("name")
     s.add_argument("--switch", action="store_true", help="also restore the new branch")
     s.add_argument("--tier", default="")
+    _noise_seed_argument(s, "with --switch only: the live state continues on the branch with "
+                            "its noise sampler restarted at seed N; the stored branch keeps the "
+                            "source's sampler (default: the sampler goes on)")
     s = sub.add_parser("rollback", help="go back K committed steps")
     s.add_argument("k", type=int)
     s = sub.add_parser("list", help="list stored capsules")
@@ -436,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restore", action="store_true", help="also restore it")
     s = sub.add_parser("reset", help="start a new episode from the instruction context")
     s.add_argument("--clear-context", action="store_true", help="reset to an empty context instead")
+    _noise_seed_argument(s, "then restart the noise sampler at seed N: a seeded episode "
+                            "(default: the sampler goes on)")
     sub.add_parser("status", help="print the node's status once")
     s = sub.add_parser("lifecycle", help="drive the node's lifecycle (no ros2 CLI needed)")
     s.add_argument("transition", choices=["configure", "activate", "deactivate", "cleanup",
