@@ -7,6 +7,13 @@ capsule service calls go over DDS like any client's. The main thread ticks the t
 (`trees.run_tree`). At the end it prints the branches and their scores, the capsule operations with
 their latencies, and writes `<out>/bt_demo.png` (arm error against control step, decision points
 marked, chosen branches highlighted) and `<out>/report.txt`.
+
+How the branches differ (`--vary`, branch_and_choose's `vary`): a policy that samples its actions (a
+VLA such as `--model smolvla-tiny`: its robot gets a camera, sim/robot.py) is branched by noise
+seed, branch i restoring the fork with its own seed; a deterministic one (the Qwen presets) by
+exploration noise on the executed command. Whether the policy samples is the runtime's own answer:
+it takes a noise seed (`check_noise_seed`). As each decision is made, the tree's node logs its
+scores (ChooseBest), with each branch's seed.
 """
 from __future__ import annotations
 
@@ -21,16 +28,30 @@ DEFAULT_NODE = "flashrt_bt_policy"   # not /flashrt_policy: a running `flashrt-r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flashrt-ros bt-demo", description=__doc__.splitlines()[0])
+    from flashrt_ros.bt.trees import VARY
+    p = argparse.ArgumentParser(
+        prog="flashrt-ros bt-demo", description=__doc__.splitlines()[0],
+        epilog="Each decision's scores are logged as the tree chooses (the tree node's log: "
+               "\"ChooseBest d0: scores: d0-b0 -0.5300 (live sampler), d0-b1 -0.5283 (seed 1) <- "
+               "chosen\" with --model smolvla-tiny), then reported with the capsule operations' latencies. With a VLA "
+               "(--model smolvla-tiny, or a LeRobot SmolVLA directory) the robot has a camera and "
+               "the branches differ by noise seed.")
     p.add_argument("--branches", type=int, default=3, help="N, branches per decision point")
     p.add_argument("--steps", type=int, default=20, help="M, control steps per branch")
     p.add_argument("--decisions", type=int, default=2, help="decision points")
     p.add_argument("--warmup", type=int, default=20, help="steps before the first decision point")
+    p.add_argument("--vary", choices=("auto",) + VARY, default="auto",
+                   help="how branches 1..N-1 differ from branch 0 (the policy as it runs): "
+                        "'seed', each restores the fork with its own noise seed (a policy that "
+                        "samples: a VLA); 'command', exploration noise on the executed command; "
+                        "'auto' (default): 'seed' if the policy samples, else 'command'")
     p.add_argument("--explore", type=float, default=0.5,
-                   help="exploration noise of branches 1..N-1 (branch 0 runs the policy's command)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sim and the exploration noise")
+                   help="--vary command: exploration noise of branches 1..N-1")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sim and of the branches' exploration noise or noise seeds")
     p.add_argument("--out", default="bt_demo", help="directory for bt_demo.png and report.txt")
-    p.add_argument("--model", default="tiny", help="a preset name or a checkpoint directory")
+    p.add_argument("--model", default="tiny",
+                   help="a preset name or a checkpoint directory (smolvla-tiny: a VLA on the CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rate", type=float, default=100.0,
                    help="the robot's highest step rate in Hz (lockstep: slower if the policy is)")
@@ -40,29 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    loopback_by_default()
     a = build_parser().parse_args(argv)
     if a.branches < 1 or a.steps < 1 or a.decisions < 1 or a.warmup < 0:
         raise SystemExit(f"flashrt-ros bt-demo: expected --branches, --steps, --decisions >= 1 and "
                          f"--warmup >= 0, found {a.branches}, {a.steps}, {a.decisions}, {a.warmup}")
-    loopback_by_default()
     import py_trees
     import rclpy
     import torch
     from rclpy.parameter import Parameter
 
     from flashrt_ros.bt.behaviours import CALLS_KEY, ERROR_KEY
-    from flashrt_ros.core.checkpoint import resolve_model
+    from flashrt_ros.cli.demo import robot_for
     from flashrt_ros.ros.executors import PolicyExecutor, SpinThread
     from flashrt_ros.ros.node import EXECUTOR_THREADS, PolicyNode
     from flashrt_ros.sim.robot import SimRobotNode
-    from flashrt_ros.bt.trees import CHOSEN_KEY, SCORES_KEY, SimWorld, branch_and_choose, run_tree
+    from flashrt_ros.bt.trees import (CHOSEN_KEY, SCORES_KEY, SEEDS_KEY, SimWorld,
+                                      branch_and_choose, run_tree)
 
     # The tree, three nodes' callbacks and DDS share this process: one intra-op thread keeps the
     # tiny preset's step at ~1.6 ms instead of ~13 ms on 2 busy cores (measured on CI).
     torch.set_num_threads(1)
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
-    cfg = resolve_model(a.model).cfg
+    robot_args, params, instruction = robot_for(a.model, a.rate)
     policy_name = "/" + a.node_name.strip("/")
     rclpy.init()
     overrides = [Parameter("managed", value=False), Parameter("model", value=a.model),
@@ -73,12 +95,12 @@ def main(argv=None) -> int:
                  # next one; dropping it as stale would stall the robot
                  Parameter("stale_observation_s", value=0.0),
                  Parameter("status_rate_hz", value=10.0),
-                 Parameter("instruction", value="reach the moving target"),
+                 Parameter("instruction", value=instruction),
                  Parameter("store.capsule_dir", value=os.path.join(out, "capsules"))]
+    overrides += [Parameter(k, value=v) for k, v in params.items()]
     policy = PolicyNode(parameter_overrides=overrides,
                         cli_args=["--ros-args", "-r", f"__node:={a.node_name.strip('/')}"])
-    robot = SimRobotNode(policy_name, cfg.obs_dim, cfg.action_dim, a.rate, lockstep=True,
-                         seed=a.seed)
+    robot = SimRobotNode(policy_name, **robot_args, lockstep=True, seed=a.seed)
     world = SimWorld(robot, seed=a.seed)
     tree_node = rclpy.create_node("flashrt_bt_demo")
     # the policy node's groups, and one for the robot and the tree (executors.py: without rclpy's
@@ -92,16 +114,18 @@ def main(argv=None) -> int:
         if policy.runtime is None:
             print("[bt-demo] the policy node failed to configure (see the log above)")
             return 1
+        a.vary = way_to_vary(a.vary, policy.runtime)
         policy.trigger_activate()
         root = branch_and_choose(world, policy=policy_name, branches=a.branches, steps=a.steps,
                                  decisions=a.decisions, warmup=a.warmup, explore=a.explore,
-                                 seed=a.seed)
+                                 seed=a.seed, vary=a.vary)
         tree = py_trees.trees.BehaviourTree(root)
         tree.setup(node=tree_node)
         spin = SpinThread(executor)
         spin.start()
         print(f"[bt-demo] policy {policy_name} ({a.model}, {a.device}); {a.branches} branches x "
-              f"{a.steps} steps at {a.decisions} decision point(s), warmup {a.warmup}", flush=True)
+              f"{a.steps} steps at {a.decisions} decision point(s), warmup {a.warmup}; "
+              f"branches differ by {VARIES_BY[a.vary]} (vary={a.vary})", flush=True)
         t0 = time.monotonic()
         status = run_tree(tree, timeout_s=a.timeout)
         elapsed = time.monotonic() - t0
@@ -111,8 +135,8 @@ def main(argv=None) -> int:
         bb = py_trees.blackboard.Blackboard
         scores, chosen = bb.get(SCORES_KEY), bb.get(CHOSEN_KEY)
         calls = list(bb.get(CALLS_KEY)) if bb.exists(CALLS_KEY) else []
-        lines = report_lines(a, status.value, elapsed, world, scores, chosen, calls,
-                             bb.get(ERROR_KEY) if bb.exists(ERROR_KEY) else "")
+        lines = report_lines(a, status.value, elapsed, world, scores, chosen, bb.get(SEEDS_KEY),
+                             calls, bb.get(ERROR_KEY) if bb.exists(ERROR_KEY) else "")
         png = os.path.join(out, "bt_demo.png")
         plot_episode(world, chosen, a, png)
         lines.append(f"plot: {png}")
@@ -130,12 +154,30 @@ def main(argv=None) -> int:
         rclpy.try_shutdown()
 
 
+VARIES_BY = {"seed": "noise seed", "command": "exploration noise on the command"}
+
+
+def way_to_vary(vary: str, runtime) -> str:
+    """`--vary` for the configured `runtime`: "auto" is "seed" for a policy that samples (it takes
+    a noise seed), else "command"; "seed" for a policy that samples nothing is refused with the
+    runtime's reason."""
+    from flashrt_ros.core.exceptions import InputError
+    try:
+        runtime.check_noise_seed(0)
+    except InputError as e:
+        if vary == "seed":
+            raise SystemExit(f"flashrt-ros bt-demo: --vary seed: {e}. Branch this policy with "
+                             f"--vary command (exploration noise on the command)") from None
+        return "command"
+    return "seed" if vary == "auto" else vary
+
+
 def _decision_steps(world, decisions: int) -> list[int]:
     return [world.saved[f"d{r}"].t for r in range(decisions) if f"d{r}" in world.saved]
 
 
-def report_lines(a, status: str, elapsed: float, world, scores: dict, chosen: list, calls: list,
-                 error: str) -> list[str]:
+def report_lines(a, status: str, elapsed: float, world, scores: dict, chosen: list, seeds: dict,
+                 calls: list, error: str) -> list[str]:
     lines = [f"[bt-demo] tree {status} in {elapsed:.2f} s; world at step {world.t}, arm error "
              f"{world.error():.3f}"]
     if status != "SUCCESS":
@@ -146,7 +188,12 @@ def report_lines(a, status: str, elapsed: float, world, scores: dict, chosen: li
             b = f"d{r}-b{i}"
             if b in scores:
                 mark = "  <- chosen" if r < len(chosen) and chosen[r] == b else ""
-                kind = "policy" if i == 0 else f"policy + N(0, {a.explore:g}) exploration"
+                if i == 0:
+                    kind = "policy, its live sampler" if b in seeds else "policy"
+                elif b in seeds:
+                    kind = f"policy, noise seed {seeds[b]}"
+                else:
+                    kind = f"policy + N(0, {a.explore:g}) exploration"
                 lines.append(f"  {b:<8} score {scores[b]:8.4f}  ({kind}){mark}")
     by_op: dict[str, list] = {}
     for c in calls:

@@ -52,7 +52,8 @@ def _run(args, started: dict) -> int:
     from flashrt_ros.ros.node import EXECUTOR_THREADS, PolicyNode
     from flashrt_ros.sim.robot import SimRobotNode
 
-    robot_args, params, instruction = _robot_for(args)
+    robot_args, params, instruction = robot_for(args.model, args.rate, args.camera_rate,
+                                                args.instruction)
     # Ctrl-C is Python's KeyboardInterrupt alone: rclpy's SIGINT handler would also shut the
     # context down under a start-up still using it (an RCLError instead of a clean stop)
     rclpy.init(signal_handler_options=SignalHandlerOptions.SIGTERM)
@@ -111,29 +112,29 @@ def _run(args, started: dict) -> int:
     return 0
 
 
-def _robot_for(args):
+def robot_for(model: str, rate: float, camera_rate: float = 0.0, instruction: str = ""):
     """The simulated robot's arguments, the node's extra parameters and the instruction for
-    model `args.model`: a camera policy gets a robot with a camera (its first camera's size) and
-    the node reads its joint states."""
+    `model`: a camera policy gets a robot with a camera (its first camera's size, `camera_rate`
+    frames per second, 0: `rate`) and the node reads its joint states."""
     from flashrt_ros.core.checkpoint import model_directory, resolve_model
     from flashrt_ros.core.models import read_vla_dir, vla_family
     from flashrt_ros.ros.inputs import camera_name
     from flashrt_ros.sim.robot import CameraFeed, joint_names
 
-    directory = model_directory(args.model)
+    directory = model_directory(model)
     family = vla_family(directory) if directory else None
     if family is None:
-        cfg = resolve_model(args.model).cfg
-        return (dict(obs_dim=cfg.obs_dim, action_dim=cfg.action_dim, rate_hz=args.rate), {},
-                args.instruction or "reach the moving target")
+        cfg = resolve_model(model).cfg
+        return (dict(obs_dim=cfg.obs_dim, action_dim=cfg.action_dim, rate_hz=rate), {},
+                instruction or "reach the moving target")
     from flashrt_ros.sim import imitation_vla
     cfg = read_vla_dir(directory, family).cfg
     joints = cfg.action_dim               # one command per joint
     _, height, width = cfg.camera_shapes[0]
-    feed = CameraFeed(camera_name(cfg.cameras[0]), width, height, args.camera_rate or args.rate)
-    task = imitation_vla.TASK if args.model == imitation_vla.PRESET else ""
-    return (dict(obs_dim=cfg.state_dim, action_dim=joints, rate_hz=args.rate, camera=feed),
-            {"joint_names": joint_names(joints)}, args.instruction or task)
+    feed = CameraFeed(camera_name(cfg.cameras[0]), width, height, camera_rate or rate)
+    task = imitation_vla.TASK if model == imitation_vla.PRESET else ""
+    return (dict(obs_dim=cfg.state_dim, action_dim=joints, rate_hz=rate, camera=feed),
+            {"joint_names": joint_names(joints)}, instruction or task)
 
 
 def _teardown(started: dict) -> None:
