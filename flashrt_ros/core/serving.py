@@ -11,6 +11,8 @@
   * `set_thread_nice` - the nice value of every thread of the process.
 
 The ROS node (flashrt_ros/ros/node.py) uses all of them; so can any other server of the runtime.
+torch is imported where it is used: the node creates its DeadlineMonitor before it imports
+torch (node.py: main).
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import time
 from collections import deque
 
 import numpy as np
-import torch
 
 from flashrt_ros.core.exceptions import ConfigError
 
@@ -136,6 +137,7 @@ def warm_up(rt, prefill: bool = True) -> float:
     rt.restore_state(clean, known)
     rt.arena.base[clean.numel():].zero_()
     if rt.device.type == "cuda":
+        import torch
         torch.cuda.synchronize(rt.device)
     return time.perf_counter() - t0
 
@@ -153,6 +155,7 @@ def pin_torch_threads(n: int) -> None:
     attribute read.
     """
     if n and getattr(_pinned, "n", 0) != n:
+        import torch
         torch.set_num_threads(n)
         _pinned.n = n
 

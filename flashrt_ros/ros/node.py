@@ -56,17 +56,26 @@ tick's scheduled time, or when it never ran: an executor more than a period late
 ticks, and every skipped tick counts as a miss. A tick with no fresh observation steps nothing;
 it is counted as stale (or idle before the first observation), not as a miss. In observation mode
 the deadline runs from the observation's receipt to the committed step.
+
+Start (`main`): the node is created before the runtime side - torch and the core, most of a
+start's time - is imported, so that its DDS participant exists first: peers discover a new
+participant up to ~3 s after it appears (Fast DDS on loopback: 0 to 2.8 s, measured), and they do
+so while torch imports rather than after configure, when the first observation is due. This
+module's top imports only ROS and torch-free modules (core/phases.py, core/serving.py); the
+runtime side is imported by `main` right after the node, and where it is used. (A thread that
+imported it beside rclpy.init and the node's creation was measured slower on 2 cores: the imports
+hold the GIL, so the node came later and the imports ended no sooner.)
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 import time
 from collections import deque
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import rclpy
-import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException
@@ -80,15 +89,10 @@ from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReli
 from std_msgs.msg import Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from flashrt_ros.capsules.store import make_store
-from flashrt_ros.core.bringup import LatePlans, Phases
-from flashrt_ros.core.checkpoint import model_directory, resolve_model
 from flashrt_ros.core.exceptions import ConfigError, FlashRTError, InputError
-from flashrt_ros.core.models import read_vla_dir, vla_family
-from flashrt_ros.core.runtime import PolicyRuntime
+from flashrt_ros.core.phases import Phases
 from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_threads,
                                       set_thread_nice, warm_up)
-from flashrt_ros.core.vla_runtime import VLARuntime
 from flashrt_ros.msg import ActionChunk, CapsuleEvent, PolicyStatus
 from flashrt_ros.ros.capsule_services import CapsuleServices
 from flashrt_ros.ros.executors import PolicyExecutor
@@ -99,6 +103,10 @@ from flashrt_ros.ros.publishing import LATCHED
 from flashrt_ros.ros.stamps import ns_to_s, s_to_duration, s_to_ns, stamp_to_s
 from flashrt_ros.ros.status import StatusReporting
 
+if TYPE_CHECKING:       # the runtime side (see the module docstring)
+    from flashrt_ros.core.bringup import LatePlans
+    from flashrt_ros.core.runtime import PolicyRuntime
+
 NODE_NAME = "flashrt_policy"
 # one executor thread per callback group (control, capsule, instruction, disk, default): each can
 # run while the others wait
@@ -108,6 +116,9 @@ EXECUTOR_THREADS = 5
 FUTURE_STAMP_TOLERANCE_S = 1.0
 # The late plans (core/bringup.py) wait for the first action, at most this long after configure
 LATE_PLANS_HOLD_S = 5.0
+# What main() imports once the node is created: torch and the core (the rest of the runtime side
+# is small, imported by configure)
+RUNTIME_SIDE = "flashrt_ros.core.runtime"
 # After the lifecycle shutdown transition the process ends: main() checks for it this often, and
 # serves this long after it before it ends.
 FINALIZED_POLL_S = 0.1
@@ -188,9 +199,13 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
 
     # -- lifecycle ------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        from flashrt_ros.capsules.store import make_store
+        from flashrt_ros.core.bringup import LatePlans
+        from flashrt_ros.core.runtime import PolicyRuntime
         log = self.get_logger()
-        # this configure's phases; the interpreter's age at node creation stays
-        phases = Phases({"node": self.bringup.marks["node"]})
+        # this configure's phases; the interpreter's age at the start's milestones (node
+        # created, runtime side imported) stays
+        phases = Phases({n: t for n, t in self.bringup.marks.items() if n in ("node", "imports")})
         phase = phases.phase
         try:
             if self._unknown_overrides:
@@ -247,6 +262,12 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
         """The runtime `model` names, checked against the node's parameters first: a
         `PolicyRuntime` (a preset or a Qwen3.5 checkpoint), or a `VLARuntime` (a LeRobot SmolVLA
         directory, or a preset that is one). Returns it and whether plans come late."""
+        import torch
+
+        from flashrt_ros.core.checkpoint import model_directory, resolve_model
+        from flashrt_ros.core.models import read_vla_dir, vla_family
+        from flashrt_ros.core.runtime import PolicyRuntime
+        from flashrt_ros.core.vla_runtime import VLARuntime
         log = self.get_logger()
         directory = model_directory(node_cfg.model)
         family = vla_family(directory) if directory else None
@@ -396,6 +417,7 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
     def _take_observation(self, obs, header, reset):
         """Accept an observation for the next step, or refuse it whole: a refused observation
         applies nothing (no reset, no new ordering reference, the latest good one stays)."""
+        from flashrt_ros.core.runtime import PolicyRuntime
         rt = self.runtime
         if rt is None or not self.active:
             return
@@ -451,6 +473,7 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
         self._step(latest, scheduled, lambda: timer.clock.now().nanoseconds)
 
     def _step(self, latest: Latest, scheduled_ns: int, clock_ns):
+        from flashrt_ros.core.runtime import PolicyRuntime
         rt, store = self.runtime, self.store
         if rt is None:
             return
@@ -512,6 +535,7 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
         bytes than 4 per character the runtime takes is refused before it is decoded (decoding
         30 MB holds the GIL about 60 ms: two control periods at 30 Hz). A VLA's instruction is
         the task of the observations after it (its tokens are read with each observation)."""
+        from flashrt_ros.core.vla_runtime import VLARuntime
         rt, store = self.runtime, self.store
         if rt is None:
             self.get_logger().warning("instruction ignored: the node is not configured")
@@ -554,9 +578,12 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
         self.get_logger().warning(why, throttle_duration_sec=1.0)
 
 def main(args=None):
-    """Entry point of `flashrt_node` (and `ros2 run flashrt_ros flashrt_node`)."""
+    """Entry point of `flashrt_node` (and `ros2 run flashrt_ros flashrt_node`): the node first,
+    then the runtime side (see the module docstring)."""
     rclpy.init(args=args)
     node = PolicyNode()
+    importlib.import_module(RUNTIME_SIDE)
+    node.bringup.mark("imports")
     executor = PolicyExecutor(num_threads=EXECUTOR_THREADS)
     executor.add_node(node)
     if not node.get_parameter("managed").value:
