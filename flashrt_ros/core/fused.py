@@ -142,18 +142,19 @@ def swiglu_reference(gate_up):
     return F.silu(gate) * up
 
 
-def rope_heads_reference(x, table, out, groups: int = 1):
-    """x: [T, Hs, D] -> out [T, Hs * groups, D] (written): each head rotated by LeRobot's
-    `apply_rope` with `table` = (cos | cos, -sin | sin) [T, 1, D] fp32 (SmolVLA's Rope.table), in
-    fp32 and rounded to out's dtype, and repeated for its group of `groups` query heads (grouped
-    keys written as attention reads them). table None: copied (and repeated) unrotated."""
+def rope_heads_reference(x, table, out=None, groups: int = 1):
+    """x: [T, Hs, D] -> [T, Hs * groups, D]: each head rotated by LeRobot's `apply_rope` with
+    `table` = (cos | cos, -sin | sin) [T, 1, D] fp32 (SmolVLA's Rope.table), in fp32 and rounded
+    to the output's dtype, and repeated for its group of `groups` query heads (grouped keys as
+    attention reads them); table None: copied (and repeated) unrotated. Written into `out` where
+    given, else returned in x's dtype."""
     y = x
     if table is not None:
         cos, sin = table
         x32 = x.float()
         y = x32 * cos + torch.roll(x32, x.shape[-1] // 2, dims=-1) * sin
-    out.copy_(y.repeat_interleave(groups, dim=1) if groups > 1 else y)
-    return out
+    y = y.repeat_interleave(groups, dim=1) if groups > 1 else y
+    return y.to(x.dtype) if out is None else out.copy_(y)
 
 
 def attention_prep_reference(p, qk_scale, eps, rotary, kv, meta, H, Hkv, D):

@@ -84,9 +84,10 @@ def additive_mask(mask, dtype):
     """A boolean mask [Tq, Tk] as the additive one `attend` takes: a view of a buffer whose rows
     are MASK_ALIGN-aligned, which the kernel reads in place (an unaligned one is padded again by
     every attention call)."""
-    tq, tk = mask.shape
-    rows = torch.zeros(tq, -(-tk // MASK_ALIGN) * MASK_ALIGN, dtype=dtype, device=mask.device)
-    return rows[:, :tk].masked_fill_(~mask, float("-inf"))
+    tk = mask.shape[-1]
+    rows = F.pad(mask, (0, -tk % MASK_ALIGN), value=True)      # out of place: training vmaps it
+    return torch.zeros(rows.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~rows, float("-inf"))[:, :tk]
 
 
 def attend_reference(q, k, v, mask):
@@ -125,11 +126,11 @@ class Rope(nn.Module):
         out's dtype (default x's); x [T, KV, D] -> out [T, KV * groups, D], each head repeated for
         its group of query heads; table None: copied unrotated. fused: one Triton kernel
         (core/fused.py rope_heads, held to this reference by test_smolvla_gpu)."""
+        if not fused:
+            return fused_kernels.rope_heads_reference(x, table, out, groups)
         if out is None:
             out = x.new_empty(x.shape[0], x.shape[1] * groups, x.shape[2])
-        if fused:
-            return fused_kernels.rope_heads(x, table, out, groups)
-        return fused_kernels.rope_heads_reference(x, table, out, groups)
+        return fused_kernels.rope_heads(x, table, out, groups)
 
     def forward(self, x, positions):
         return self.apply(x, self.table(positions))
@@ -148,14 +149,15 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
     def add_forward(self, x, delta, fused: bool):
-        """(s, norm(s)) with s = delta + x added in place into delta, in delta's dtype, as LeRobot
-        adds its residuals (`y += x`); delta None: s = x. fused: one kernel over the rows
-        (core/fused.py add_rms_norm with Llama's rounding; s, contiguous, written in place)."""
+        """(s, norm(s)) with s = delta + x in delta's dtype, as LeRobot adds its residuals
+        (`y += x`); delta None: s = x. fused: one kernel over the rows (core/fused.py add_rms_norm
+        with Llama's rounding), s written in place into delta (contiguous). The torch form adds
+        out of place (training vmaps over it: sim/imitation_vla.py)."""
         if fused:
             return fused_kernels.add_rms_norm(x if delta is None else delta,
                                               None if delta is None else x, self.weight,
                                               self.eps, round_first=True)
-        s = x if delta is None else delta.add_(x)
+        s = x if delta is None else (delta + x).to(delta.dtype)
         return s, self(s)
 
 
@@ -517,9 +519,10 @@ class SmolVLAModel(nn.Module):
     def flow_constants(self, kv, mask, c) -> dict:
         """What every flow step of one observation reads and none changes: each cross-attending
         layer's keys and values (the prefix's, through the expert's k/v projections), the RoPE
-        tables of the two position sets, the two masks; and each self-attending layer's key and
-        value buffers [P + chunk, heads, D], whose prefix rows are written here and whose chunk
-        rows each flow step writes."""
+        tables of the two position sets, the two masks; and each self-attending layer's prefix
+        keys and values with the heads repeated, which the chunk's rows follow: fused, in buffers
+        [2, P + chunk, heads, D] whose chunk rows each flow step writes; else concatenated (the
+        torch form, out of place, which training vmaps: sim/imitation_vla.py)."""
         cfg = self.cfg
         n = cfg.chunk_size
         dtype = self.expert.layers[0].self_attn.q_proj.weight.dtype
@@ -537,10 +540,13 @@ class SmolVLAModel(nn.Module):
                 continue
             a = self.expert.layers[j].self_attn
             if cfg.self_attends(i):
-                buffers = kv.new_empty(2, p + n, a.heads, a.head_dim, dtype=dtype)
-                for j in (0, 1):           # the prefix rows of the keys and the values
-                    buffers[j, :p].copy_(expand_heads(kv[:, i, j], a.heads))
-                f["self_kv"][i] = buffers
+                prefix = [expand_heads(kv[:, i, j].to(dtype), a.heads) for j in (0, 1)]
+                if self.fused:
+                    buffers = kv.new_empty(2, p + n, a.heads, a.head_dim, dtype=dtype)
+                    for j in (0, 1):
+                        buffers[j, :p].copy_(prefix[j])
+                    prefix = buffers
+                f["self_kv"][i] = prefix
                 continue
             k = a.k_proj(kv[:, i, 0].reshape(p, -1).to(a.k_proj.weight.dtype))
             v = a.v_proj(kv[:, i, 1].reshape(p, -1).to(a.v_proj.weight.dtype))
@@ -567,8 +573,12 @@ class SmolVLAModel(nn.Module):
                 rope, (keys, values) = f["self_rope"], f["self_kv"][i]
                 q, k, v = a.qkv(hn)
                 groups = a.heads // a.kv_heads       # the chunk's rows, after the prefix's
-                self.rope.apply(k, rope, out=keys[-n:], groups=groups, fused=fused)
-                self.rope.apply(v, None, out=values[-n:], groups=groups, fused=fused)
+                if fused:
+                    self.rope.apply(k, rope, out=keys[-n:], groups=groups, fused=True)
+                    self.rope.apply(v, None, out=values[-n:], groups=groups, fused=True)
+                else:
+                    keys = torch.cat([keys, self.rope.apply(k, rope, groups=groups)])
+                    values = torch.cat([values, expand_heads(v, a.heads)])
                 att = attend(self.rope.apply(q, rope, fused=fused), keys, values, f["self_mask"])
             else:
                 q = a.q_proj(hn).view(n, a.heads, a.head_dim)
