@@ -25,3 +25,20 @@ def test_ctrl_c_ends_the_demo_with_one_line(ros_env, tmp_path, line, live):
     assert out.rstrip().endswith("[flashrt] stopped"), out[-3000:]
     assert ("[flashrt] live" in out) == live, "the interrupt came later than this case needs"
     assert code == 0, out[-3000:]
+
+
+# Run as a program whose parent ignores SIGINT (a background job of a script, `nohup`, some CI
+# runners): the ignored disposition is inherited across exec.
+SIGINT_IGNORED = ["-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                        "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"]
+
+
+def test_ctrl_c_ends_the_demo_whose_parent_ignored_sigint(ros_env, tmp_path):
+    cmd = [sys.executable, *SIGINT_IGNORED, "-m", "flashrt_ros.cli", "demo",
+           "--capsule-dir", str(tmp_path)]
+    with NodeProcess(cmd, ros_env) as demo:
+        demo.wait_log("[flashrt] t=")
+        code = demo.stop(timeout=30)            # SIGINT, as Ctrl-C
+    out = demo.log()
+    assert out.rstrip().endswith("[flashrt] stopped"), out[-3000:]
+    assert code == 0, out[-3000:]

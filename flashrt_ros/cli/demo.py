@@ -12,6 +12,7 @@ from a second shell with `flashrt-ros ...` while it runs.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 
@@ -31,6 +32,10 @@ def add_arguments(p):
 def run_demo(args) -> int:
     """Run the demo until --duration ends or Ctrl-C; Ctrl-C at any point, start-up included,
     ends it with one line, no traceback."""
+    # Ctrl-C is Python's KeyboardInterrupt even where the parent ignored SIGINT (a background
+    # job of a script, as some CI runners start tests): the child inherits the ignored signal,
+    # and Python then installs no handler of its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = {}                    # what exists so far, for the teardown
     try:
         code = _run(args, started)
