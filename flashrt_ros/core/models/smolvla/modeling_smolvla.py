@@ -380,7 +380,7 @@ class DecoderLayer(nn.Module):
     def finish(self, x, att, fused: bool):
         """The layer after attention: x += o_proj(att), then the MLP of its norm. Returns (x, the
         MLP's output), which the next layer's input norm (or the final norm) adds to x: LeRobot's
-        two residual adds, in place into the projections' outputs, in their dtype."""
+        two residual adds, each in its projection output's dtype (`RMSNorm.add_forward`)."""
         y = self.self_attn.o_proj(att.to(self.self_attn.o_proj.weight.dtype))
         x, h = self.post_attention_layernorm.add_forward(x, y, fused)
         return x, self.mlp(h, fused)
