@@ -156,3 +156,5 @@ def _teardown(started: dict) -> None:
             started[name].destroy_node()
     if "rclpy" in started:
         started["rclpy"].try_shutdown()
+    if "executor" in started:
+        started["executor"].retrieve_outcomes()

@@ -83,6 +83,17 @@ class PolicyExecutor(MultiThreadedExecutor):
 
     START_WAIT_S = 0.05
 
+    def retrieve_outcomes(self, timeout_s: float = 2.0) -> None:
+        """After shutdown: wait (at most `timeout_s`) for the callbacks still listed and take
+        their outcomes. One that ran into an entity destroyed under it raised, and rclpy would
+        print "The following exception was never retrieved" when it is collected at exit."""
+        deadline = time.monotonic() + timeout_s
+        for future in list(self._futures):
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if future.done():
+                future.exception()
+
     def _spin_once_impl(self, timeout_sec=None, wait_condition=lambda: False):
         try:
             handler, _, _ = self.wait_for_ready_callbacks(timeout_sec, None, wait_condition)
