@@ -540,12 +540,13 @@ class SmolVLAModel(nn.Module):
                 continue
             a = self.expert.layers[j].self_attn
             if cfg.self_attends(i):
-                prefix = [expand_heads(kv[:, i, j].to(dtype), a.heads) for j in (0, 1)]
-                if self.fused:
-                    buffers = kv.new_empty(2, p + n, a.heads, a.head_dim, dtype=dtype)
+                if self.fused:             # the heads repeated straight into the prefix rows
+                    prefix = kv.new_empty(2, p + n, a.heads, a.head_dim, dtype=dtype)
                     for j in (0, 1):
-                        buffers[j, :p].copy_(prefix[j])
-                    prefix = buffers
+                        self.rope.apply(kv[:, i, j], None, out=prefix[j, :p],
+                                        groups=a.heads // a.kv_heads, fused=True)
+                else:
+                    prefix = [expand_heads(kv[:, i, j].to(dtype), a.heads) for j in (0, 1)]
                 f["self_kv"][i] = prefix
                 continue
             k = a.k_proj(kv[:, i, 0].reshape(p, -1).to(a.k_proj.weight.dtype))
