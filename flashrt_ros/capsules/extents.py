@@ -138,8 +138,7 @@ class ExtentMemory:
         off = self._reserve(tier, cap.nbytes, protect)
         self._wait_ready(cap)
         ev = self._copy(self.pools[tier].view(off, cap.nbytes), self._view(cap))
-        hand_back(self.store, self._view(cap))
-        self.pools[cap.tier].release(cap.offset)
+        self._free(cap)
         cap.offset, cap.ready = off, ev
 
     def restore(self, cap: Capsule) -> None:
@@ -158,9 +157,13 @@ class ExtentMemory:
 
     def release(self, cap: Capsule) -> None:
         self._wait_ready(cap)
+        self._free(cap)
+        cap.offset = None
+
+    def _free(self, cap: Capsule) -> None:
+        """Free `cap`'s extent, handed back first to a reset point that refers to it."""
         hand_back(self.store, self._view(cap))
         self.pools[cap.tier].release(cap.offset)
-        cap.offset = None
 
     def usage(self, tier: str) -> dict:
         return {"used": sum(c.nbytes for c in self.store.capsules.values() if c.tier == tier)}
