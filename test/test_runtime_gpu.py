@@ -421,6 +421,29 @@ def test_fused_gemv_matches_cublas_and_is_deterministic(dtype, N, K):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N, K", [(64, 64), (8224, 1024), (7168, 1024), (248320, 1024), (17, 5)])
+@pytest.mark.parametrize("add", [True, False], ids=["add", "no-add"])
+def test_fused_norm_gemv_matches_the_two_kernels_it_replaces(dtype, N, K, add):
+    """The residual add + RMSNorm computed inside the projection's GEMV: the residual equal to
+    add_rms_norm's bytes (x itself untouched), the projection close to gemv of add_rms_norm's
+    output (the rms summed in another order may round the norm's output the other way)."""
+    from flashrt_ros.core import fused
+    w = _randn(N, K, dtype=dtype, seed=N) * K ** -0.5
+    x = _randn(K, dtype=dtype, seed=K)
+    delta = _randn(K, dtype=dtype, seed=K + 1) if add else None
+    scale = 1 + 0.1 * _randn(K, dtype=torch.float32, seed=K + 2)
+    before = x.clone()
+    residual, y = fused.norm_gemv(x, delta, scale, 1e-6, w)
+    assert torch.equal(x, before), "norm_gemv writes the residual to a new tensor, not into x"
+    want_x, h = fused.add_rms_norm(x.clone(), delta, scale, 1e-6)
+    assert torch.equal(residual, want_x)
+    torch.testing.assert_close(y, fused.gemv(h, w), **GEMV_TOL[dtype])
+    torch.testing.assert_close(y, fused.norm_gemv_reference(x, delta, scale, 1e-6, w)[1],
+                               **GEMV_TOL[dtype])
+    assert torch.equal(fused.norm_gemv(x, delta, scale, 1e-6, w)[1], y), "a fixed order"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("H, Hkv, D, rotary, max_ctx, pos", [
     (2, 1, 32, 0.25, 512, 5),            # tiny
     (4, 2, 24, 0.5, 700, 600),           # a head dim that is not a power of 2

@@ -10,6 +10,10 @@ test_runtime_gpu.py holds the two together with named tolerances.
                         row cuBLAS takes 1.1-5x longer on these matrices (bench_kernels.py); with
                         `swiglu=True`, x = silu(gate) * up computed as it is read (the MLP's
                         down projection: one kernel fewer per layer)
+    norm_gemv           x + delta, and y = W (norm(x + delta) * scale) in the same kernel: the norm
+                        before each projection of a single-token step computed as its GEMV
+                        reads the input (each program makes the norm's pass over the short
+                        input itself; one kernel fewer per norm)
     add_rms_norm        x += delta; h = norm(x) * scale           (every norm of the residual stream;
                         with `round_first`, Llama's rounding: SmolVLA's norms)
     conv_step           the short causal conv of one token + silu, shifting the conv state
@@ -81,6 +85,13 @@ def gemv_reference(x, w, swiglu: bool = False):
     """x: [K] (swiglu: [2K], gate | up, and x = silu(gate) * up), w: [N, K] -> w @ x [N] in x's
     dtype (fp32 accumulation)."""
     return F.linear(swiglu_reference(x) if swiglu else x, w)
+
+
+def norm_gemv_reference(x, delta, scale, eps, w):
+    """The norm before a projection and the projection: (x + delta, W norm(x + delta) * scale),
+    as `add_rms_norm_reference` then `gemv_reference` compute them (delta None: no add)."""
+    x, h = add_rms_norm_reference(x, delta, scale, eps)
+    return x, gemv_reference(h, w)
 
 
 def add_rms_norm_reference(x, delta, scale, eps, round_first: bool = False):
@@ -195,12 +206,28 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    SWIGLU: tl.constexpr):
+    def gemv_kernel(X, W, Y, N, stride_w, D, S, R, eps, K: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
+                    HAS_DELTA: tl.constexpr):
         # BN rows of W per program; the products summed per column slot first and across the
         # slots once at the end (a fixed order: the same bits on every run)
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        pid = tl.program_id(0)
+        rows = pid * BN + tl.arange(0, BN)
         rmask = rows < N
+        if NORM:
+            # add_rms_norm_kernel's pass, made by every program over the whole (short) input:
+            # the rounded residual x + delta (written by program 0) and its rms
+            ss = tl.zeros([BK], dtype=tl.float32)
+            for k0 in tl.static_range(0, K, BK):
+                cols = k0 + tl.arange(0, BK)
+                cmask = cols < K
+                x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+                if HAS_DELTA:
+                    x = (x + tl.load(D + cols, mask=cmask, other=0.0).to(tl.float32)
+                         ).to(X.dtype.element_ty).to(tl.float32)
+                    tl.store(R + cols, x.to(R.dtype.element_ty), mask=cmask & (pid == 0))
+                ss += x * x
+            r = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
         acc = tl.zeros([BN, BK], dtype=tl.float32)
         for k0 in tl.static_range(0, K, BK):
             cols = k0 + tl.arange(0, BK)
@@ -211,6 +238,15 @@ def _kernels():
                 u = tl.load(X + K + cols, mask=cmask, other=0.0).to(tl.float32)
                 sg = (g * tl.sigmoid(g)).to(X.dtype.element_ty).to(tl.float32)
                 x = (sg * u).to(X.dtype.element_ty).to(tl.float32)
+            elif NORM:
+                # the residual again (from L1/L2) and the norm's output, rounded where
+                # add_rms_norm rounds it
+                x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+                if HAS_DELTA:
+                    x = (x + tl.load(D + cols, mask=cmask, other=0.0).to(tl.float32)
+                         ).to(X.dtype.element_ty).to(tl.float32)
+                scale = tl.load(S + cols, mask=cmask, other=0.0).to(tl.float32)
+                x = (x * r * scale).to(X.dtype.element_ty).to(tl.float32)
             else:
                 x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
             w = tl.load(W + rows[:, None] * stride_w + cols[None, :],
@@ -506,9 +542,26 @@ def gemv(x, w, config: tuple[int, int] | None = None, swiglu: bool = False):
     N, K = w.shape
     y = x.new_empty(N)
     bn, bk = config or gemv_config(N, K)
-    _kernels()["gemv"][(triton_cdiv(N, bn),)](x, w, y, N, w.stride(0), K=K, BN=bn, BK=bk,
-                                              SWIGLU=swiglu, num_warps=4)
+    _kernels()["gemv"][(triton_cdiv(N, bn),)](x, w, y, N, w.stride(0), x, x, x, 0.0, K=K, BN=bn,
+                                              BK=bk, SWIGLU=swiglu, NORM=False, HAS_DELTA=False,
+                                              num_warps=4)
     return y
+
+
+def norm_gemv(x, delta, scale, eps, w, config: tuple[int, int] | None = None):
+    """Fused `norm_gemv_reference`, one kernel for the residual add, the RMSNorm after it and the
+    projection that reads the norm: x, delta contiguous [K] (delta None: no add), scale [K] fp32,
+    w [N, K] -> (x + delta in a new tensor, y [N]). x itself is not written: every program reads
+    it whole for the rms while the first one writes the sum."""
+    N, K = w.shape
+    y = x.new_empty(N)
+    residual = x if delta is None else torch.empty_like(x)
+    bn, bk = config or gemv_config(N, K)
+    _kernels()["gemv"][(triton_cdiv(N, bn),)](x, w, y, N, w.stride(0), x if delta is None else
+                                              delta, scale, residual, eps, K=K, BN=bn, BK=bk,
+                                              SWIGLU=False, NORM=True,
+                                              HAS_DELTA=delta is not None, num_warps=4)
+    return residual, y
 
 
 def add_rms_norm(x, delta, scale, eps, round_first: bool = False):
