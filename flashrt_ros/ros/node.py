@@ -13,7 +13,7 @@ Lifecycle (a managed node; `managed:=false` configures and activates at start):
                steps; an instruction waits for its plans);
   activate   - start stepping (timer or per observation) and publishing actions; a step is
                `rt.step(state)`, or a VLA's `rt.predict_action_chunk(batch)` on the state and
-               frames inputs.py joined;
+               frames inputs.py joined; outputs.py publishes its chunk and command;
   deactivate - stop stepping; capsule services keep working on the (frozen) live state;
   cleanup    - drop runtime and store (memory capsules are lost; disk capsules stay), the nice
                value back;
@@ -26,7 +26,8 @@ Concurrency (a `PolicyExecutor`: rclpy's MultiThreadedExecutor without its busy 
 entities destroyed mid-collection, see executors.py, with a thread per callback group; five
 groups, each mutually exclusive):
   * control group - the inputs' subscriptions (observation, joint states, camera images: see
-                    inputs.py), the control timer. A step holds `runtime.lock` from the input
+                    inputs.py), the control timer; the step publishes its outputs (outputs.py)
+                    after it committed. A step holds `runtime.lock` from the input
                     copy to the committed state, and takes no other lock: the control loop never
                     waits for the store, for disk I/O or for a capsule call other than the copy
                     of live bytes it makes.
@@ -85,22 +86,22 @@ try:
     from rclpy.timer import TimerInfo
 except ImportError:     # an rclpy older than TimerInfo: tick times from time_until_next_call
     TimerInfo = None
-from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
-from std_msgs.msg import Float64MultiArray, String
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy
+from std_msgs.msg import String
 
 from flashrt_ros.core.exceptions import ConfigError, FlashRTError, InputError
 from flashrt_ros.core.phases import Phases
 from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_threads,
                                       set_thread_nice, warm_up)
-from flashrt_ros.msg import ActionChunk, CapsuleEvent, PolicyStatus
+from flashrt_ros.msg import CapsuleEvent, PolicyStatus
 from flashrt_ros.ros.capsule_services import CapsuleServices
 from flashrt_ros.ros.executors import PolicyExecutor
 from flashrt_ros.ros.inputs import Inputs
+from flashrt_ros.ros.outputs import RELIABLE, Outputs
 from flashrt_ros.ros.parameters import NodeParameters, model_shape
 from flashrt_ros.ros.params import configs_from_values, parameter_table, unknown_parameters
 from flashrt_ros.ros.publishing import LATCHED
-from flashrt_ros.ros.stamps import ns_to_s, s_to_duration, s_to_ns, stamp_to_s
+from flashrt_ros.ros.stamps import ns_to_s, s_to_ns, stamp_to_s
 from flashrt_ros.ros.status import StatusReporting
 
 if TYPE_CHECKING:       # the runtime side (see the module docstring)
@@ -126,8 +127,6 @@ FINALIZED_LINGER_S = 0.5
 # A VLA's task is cut to its tokenizer_max_length tokens (as LeRobot's tokenizer cuts it); a text
 # longer than this many characters per kept token is refused by its length before it is decoded.
 TASK_CHARS_PER_TOKEN = 100
-RELIABLE = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
-                      history=QoSHistoryPolicy.KEEP_LAST)
 EVENTS_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
                         durability=QoSDurabilityPolicy.VOLATILE)
 
@@ -142,7 +141,8 @@ class Latest(NamedTuple):
 
 class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode):
     """The policy node; its capsule services, parameters and status reports are in
-    capsule_services.py, parameters.py and status.py, its inputs in inputs.py."""
+    capsule_services.py, parameters.py and status.py, its inputs and outputs in inputs.py
+    and outputs.py."""
 
     def __init__(self, **kwargs):
         # a set of an undeclared name reaches _on_set_parameters, which refuses it with the
@@ -187,12 +187,11 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
         self.control_timer = None
         self.inputs: Inputs | None = None      # the subscriptions of the observation's inputs
         self.sub_instr = None
-        self.pub_command = None
         self._make_services()
         self.pub_events = self.create_publisher(CapsuleEvent, "~/capsule_events", EVENTS_QOS)
         self.pub_status = self.create_publisher(PolicyStatus, "~/status", RELIABLE)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE)
-        self.pub_action = self.create_publisher(ActionChunk, "~/action", RELIABLE)
+        self.outputs = Outputs(self)          # ~/action now; the command at configure
         rate = self.get_parameter("status_rate_hz").value
         rate = rate if isinstance(rate, (int, float)) and 0 < rate <= 100 else 2.0
         self.status_timer = self.create_timer(1.0 / rate, self._publish_status)
@@ -248,10 +247,7 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
         self.sub_instr = self.create_subscription(String, "~/instruction", self._on_instruction,
                                                   LATCHED, callback_group=self._instruction,
                                                   raw=True)
-        if node_cfg.command_output == "float64_multi_array":
-            self.pub_command = self.create_publisher(Float64MultiArray, "~/command", RELIABLE)
-        elif node_cfg.command_output == "joint_trajectory":
-            self.pub_command = self.create_publisher(JointTrajectory, "~/joint_trajectory", RELIABLE)
+        self.outputs.configure(node_cfg)
         self.state_label = "inactive"
         log.info(f"configured: {rt.describe()['arena_bytes'] / 2**20:.2f} MiB state arena, "
                  f"capsule dir {store.cfg.capsule_dir}, {len(store.capsules)} capsule(s) on disk, "
@@ -264,8 +260,9 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
         directory, or a preset that is one). Returns it and whether plans come late."""
         import torch
 
-        from flashrt_ros.core.checkpoint import model_directory, resolve_model
+        from flashrt_ros.core.checkpoint import model_directory
         from flashrt_ros.core.models import read_vla_dir, vla_family
+        from flashrt_ros.core.models.qwen3_5.checkpoint_qwen3_5 import resolve_model
         from flashrt_ros.core.runtime import PolicyRuntime
         from flashrt_ros.core.vla_runtime import VLARuntime
         log = self.get_logger()
@@ -396,9 +393,7 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
         if self.sub_instr is not None:
             self.destroy_subscription(self.sub_instr)
             self.sub_instr = None
-        if self.pub_command is not None:
-            self.destroy_publisher(self.pub_command)
-            self.pub_command = None
+        self.outputs.cleanup()
         rt, store = self.runtime, self.store
         if rt is not None and store is not None:
             with store.lock, rt.lock:         # let a call or step in flight finish first
@@ -496,38 +491,12 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
             return
         self.deadlines.commit(scheduled_ns, clock_ns())
         self._step_ms.append((t1 - t0) * 1e3)
-        out = ActionChunk()
-        out.header.stamp = self.get_clock().now().to_msg()
-        out.header.frame_id = latest.header.frame_id
-        out.step, out.episode_id = step, episode
-        out.horizon, out.action_dim = action.shape
-        out.data = action.reshape(-1).tolist()
-        out.observation_stamp = latest.header.stamp
-        out.capsule_lineage = lineage
-        out.latency_ms = float((time.monotonic_ns() - latest.received_ns) * 1e-6)
-        self.pub_action.publish(out)
-        if self.pub_command is not None:
-            self._publish_command(action)
+        self.outputs.publish(action, latest.header, step, episode, lineage, latest.received_ns)
         if "first action" not in self.bringup.marks:
             self.get_logger().info(f"first action {self.bringup.mark('first action'):.2f} s "
                                    f"after the interpreter started")
             if self.late is not None:
                 self.late.release()
-
-    def _publish_command(self, action):
-        if self.node_cfg.command_output == "float64_multi_array":
-            self.pub_command.publish(Float64MultiArray(data=action[0].astype(float).tolist()))
-            return
-        traj = JointTrajectory()
-        traj.header.stamp = self.get_clock().now().to_msg()
-        traj.joint_names = list(self.node_cfg.joint_names)
-        dt = self.node_cfg.action_dt or self.node_cfg.period_s
-        n = len(traj.joint_names)
-        for i, row in enumerate(action):
-            p = JointTrajectoryPoint(positions=row[:n].astype(float).tolist())
-            p.time_from_start = s_to_duration((i + 1) * dt)
-            traj.points.append(p)
-        self.pub_command.publish(traj)
 
     def _on_instruction(self, raw: bytes):
         """A serialized std_msgs/String. Its text's length is read from the CDR (after the
