@@ -316,14 +316,16 @@ class Reference:
 
 
 def our_paths(rt) -> dict:
-    """What our runtime runs, from its kernel choice (flashrt_ros/core/qwen3_5.py, kernels.py)."""
+    """What our runtime runs, from its kernel choice (flashrt_ros/core/models/qwen3_5/modeling_qwen3_5.py,
+    core/kernels.py)."""
     fla = rt.kernel == "fla"
     prefill = {"fla": "fla.ops.gated_delta_rule.chunk_gated_delta_rule (q/k L2 norm, decay gate "
                       "and beta in the kernel)",
                "chunked": "torch, chunk-parallel (flashrt_ros.core.kernels.gated_delta_rule_chunked)",
                "reference": "torch reference loop (flashrt_ros.core.kernels)"}[rt.kernel]
     fused = rt.model.backbone.model.fused          # core/fused.py's Triton kernels
-    torch_conv = "torch depthwise conv as unfold + sum (flashrt_ros.core.qwen3_5.GatedDeltaNet)"
+    torch_conv = ("torch depthwise conv as unfold + sum "
+                  "(flashrt_ros.core.models.qwen3_5.modeling_qwen3_5.GatedDeltaNet)")
     return {
         "attention": ("graph steps: flashrt_ros.core.fused.decode_attention (the live prefix "
                       "only); prefill: torch SDPA" if fused else
@@ -340,7 +342,8 @@ def our_paths(rt) -> dict:
         "short conv (decode step)": "flashrt_ros.core.fused.conv_step (Triton)" if fused
                                     else torch_conv,
         "gated output norm": "flashrt_ros.core.fused.gated_rms_norm (Triton)" if fused
-                             else "torch (flashrt_ros.core.qwen3_5.GatedRMSNorm)",
+                             else "torch (flashrt_ros.core.models.qwen3_5.modeling_qwen3_5."
+                                  "GatedRMSNorm)",
         "norms, SwiGLU, projections": "flashrt_ros.core.fused (Triton: add_rms_norm, swiglu; "
                                       "gemv for single tokens)" if fused else "torch",
         "fla found": f"{fla_available()} (runtime.kernels: {rt.kernel})",

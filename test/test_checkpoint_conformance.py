@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from flashrt_ros.capsules.store import CapsuleStore
-from flashrt_ros.core import checkpoint
 from flashrt_ros.core.config import RuntimeConfig, StoreConfig
 from flashrt_ros.core.exceptions import ConfigError
+from flashrt_ros.core.models.qwen3_5 import checkpoint_qwen3_5
 from flashrt_ros.core.runtime import PolicyRuntime
 from test_qwen3_5 import (GPU_LOGITS_ATOL, INIT_STD, LOGITS_ATOL, ROOT, SHAPES,  # noqa: F401
                           make_checkpoint, one_thread, prompt, reference_greedy, reference_logits)
@@ -62,8 +62,8 @@ def rope_checkpoint(tmp_path_factory):
 def with_config(src, dst, edit):
     """A copy of checkpoint `src` at `dst` whose config.json is `edit(config)`."""
     shutil.copytree(src, dst)
-    cfg = json.loads((dst / checkpoint.CONFIG).read_text())
-    (dst / checkpoint.CONFIG).write_text(json.dumps(edit(cfg)))
+    cfg = json.loads((dst / checkpoint_qwen3_5.CONFIG).read_text())
+    (dst / checkpoint_qwen3_5.CONFIG).write_text(json.dumps(edit(cfg)))
     return dst
 
 
@@ -125,7 +125,7 @@ def test_scaled_ropes_written_and_read_back_are_transformers_frequencies(variant
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from flashrt_ros.core.config import TextConfig
-    from flashrt_ros.core.qwen3_5 import rope_frequencies
+    from flashrt_ros.core.models.qwen3_5.modeling_qwen3_5 import rope_frequencies
     text = TextConfig.from_hf({"model_type": "qwen3_5_text", **ROPE_SHAPE,
                                **ROPE_VARIANTS[variant]})
     hf = {k: v for k, v in text.to_hf().items() if k not in ("model_type", "architectures")}
@@ -213,11 +213,11 @@ def test_keys_left_out_of_config_json_take_transformers_defaults(tmp_path):
     shape = {k: v for k, v in SHAPES["gqa-untied"].items()
              if k not in ("head_dim", "tie_word_embeddings")}
     make_checkpoint(tmp_path, shape)
-    cfg = json.loads((tmp_path / checkpoint.CONFIG).read_text())
+    cfg = json.loads((tmp_path / checkpoint_qwen3_5.CONFIG).read_text())
     for key in ("rope_parameters", "rope_theta", "partial_rotary_factor", "tie_word_embeddings",
                 "head_dim", "max_position_embeddings"):
         cfg.pop(key, None)
-    (tmp_path / checkpoint.CONFIG).write_text(json.dumps(cfg))
+    (tmp_path / checkpoint_qwen3_5.CONFIG).write_text(json.dumps(cfg))
     ids = prompt(40, shape["vocab_size"])
     rt = runtime(tmp_path)
     text = rt.model_cfg.text
@@ -313,14 +313,14 @@ def test_a_capsule_restores_into_the_same_weights_from_a_copied_directory(tmp_pa
 def test_index_entries_written_dot_slash_load_and_names_that_escape_are_refused(tmp_path):
     shape = SHAPES["gqa-untied"]
     ref = make_checkpoint(tmp_path / "sharded", shape, max_shard_size="20KB")
-    index = json.loads((tmp_path / "sharded" / checkpoint.INDEX).read_text())
+    index = json.loads((tmp_path / "sharded" / checkpoint_qwen3_5.INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1
 
     def with_entries(name, rename):
         d = tmp_path / name
         shutil.copytree(tmp_path / "sharded", d)
-        (d / checkpoint.INDEX).write_text(json.dumps(
+        (d / checkpoint_qwen3_5.INDEX).write_text(json.dumps(
             {**index, "weight_map": {k: rename(v) for k, v in index["weight_map"].items()}}))
         return d
 

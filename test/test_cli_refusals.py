@@ -26,10 +26,10 @@ def empty_tokenizer_prompt(d):
     """A checkpoint whose tokenizer.json turns the empty text into no tokens at all."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from flashrt_ros.core import checkpoint
+    from flashrt_ros.core.models.qwen3_5 import checkpoint_qwen3_5
     from flashrt_ros.core.runtime import PolicyRuntime
     rt = PolicyRuntime()
-    checkpoint.save_pretrained(rt.model, str(d))
+    checkpoint_qwen3_5.save_pretrained(rt.model, str(d))
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "pick": 1}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(d / "tokenizer.json"))

@@ -21,9 +21,11 @@ ROS_FREE_HELPERS = ("flashrt_ros.ros.waiting", "flashrt_ros.ros.operations", "fl
 def ros_free_modules() -> list[str]:
     names = []
     for layer in ("core", "inputs", "capsules"):
-        for f in sorted(os.listdir(os.path.join(ROOT, "flashrt_ros", layer))):
-            if f.endswith(".py") and f != "__init__.py":
-                names.append(f"flashrt_ros.{layer}.{f[:-3]}")
+        for dirpath, dirs, files in os.walk(os.path.join(ROOT, "flashrt_ros", layer)):
+            dirs.sort()     # the model families' folders (core/models/<family>/) in a fixed order
+            package = os.path.relpath(dirpath, ROOT).replace(os.sep, ".")
+            names += [f"{package}.{f[:-3]}" for f in sorted(files)
+                      if f.endswith(".py") and f != "__init__.py"]
     return names + list(ROS_FREE_HELPERS)
 
 

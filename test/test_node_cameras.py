@@ -184,8 +184,9 @@ def test_wrong_encoding_and_missing_camera_are_counted_and_step_nothing(make_nod
 def test_a_preset_that_is_a_directory_names_that_checkpoint(monkeypatch, tmp_path):
     """`model:=one_cam` with the fixtures as a preset directory: the directory; a YAML preset and
     a path are as before."""
-    from flashrt_ros.core.checkpoint import model_directory, resolve_model
+    from flashrt_ros.core.checkpoint import model_directory
     from flashrt_ros.core.models import vla_family
+    from flashrt_ros.core.models.qwen3_5.checkpoint_qwen3_5 import resolve_model
     monkeypatch.setenv("FLASHRT_PRESET_DIR", os.path.dirname(MODEL))
     assert model_directory("one_cam") == MODEL and vla_family(model_directory("one_cam"))
     assert model_directory("tiny") == "" and resolve_model("tiny").cfg.obs_dim == 14

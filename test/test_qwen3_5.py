@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from flashrt_ros.capsules.store import CapsuleStore
-from flashrt_ros.core import checkpoint
 from flashrt_ros.core.config import RuntimeConfig
 from flashrt_ros.core.exceptions import ConfigError
+from flashrt_ros.core.models.qwen3_5 import checkpoint_qwen3_5
 from flashrt_ros.core.runtime import PolicyRuntime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,7 +191,7 @@ def test_the_gpu_graphs_equal_transformers(tmp_path, shape):
 
 def test_transformers_reads_what_we_write_and_we_read_it_back(tmp_path):
     rt = PolicyRuntime(runtime_cfg=RuntimeConfig(device="cpu"))      # the tiny preset, seeded
-    checkpoint.save_pretrained(rt.model, str(tmp_path))
+    checkpoint_qwen3_5.save_pretrained(rt.model, str(tmp_path))
     ref = transformers.Qwen3_5ForCausalLM.from_pretrained(str(tmp_path)).eval()
     ids = [256] + list(b"pick up the cube")
     rt.prefill(ids)
@@ -211,19 +211,19 @@ def test_sharded_and_vlm_layout_checkpoints_load_the_same_weights(tmp_path):
     shape = SHAPES["gqa-untied"]
     ref = make_checkpoint(tmp_path / "one", shape)
     make_checkpoint(tmp_path / "sharded", shape, max_shard_size="20KB")
-    assert os.path.exists(tmp_path / "sharded" / checkpoint.INDEX)
+    assert os.path.exists(tmp_path / "sharded" / checkpoint_qwen3_5.INDEX)
     # a VLM checkpoint: text_config inside a qwen3_5 config, the text model under
     # model.language_model., a vision tower and MTP layers that are ignored
     from safetensors.torch import load_file, save_file
     vlm = tmp_path / "vlm"
     vlm.mkdir()
     tensors = {("model.language_model." + k[len("model."):]) if k.startswith("model.") else k: v
-               for k, v in load_file(str(tmp_path / "one" / checkpoint.WEIGHTS)).items()}
+               for k, v in load_file(str(tmp_path / "one" / checkpoint_qwen3_5.WEIGHTS)).items()}
     tensors["model.visual.patch_embed.proj.weight"] = torch.zeros(4, 3)
     tensors["mtp.fc.weight"] = torch.zeros(2, 2)
-    save_file(tensors, str(vlm / checkpoint.WEIGHTS))
-    text = json.loads((tmp_path / "one" / checkpoint.CONFIG).read_text())
-    (vlm / checkpoint.CONFIG).write_text(json.dumps(
+    save_file(tensors, str(vlm / checkpoint_qwen3_5.WEIGHTS))
+    text = json.loads((tmp_path / "one" / checkpoint_qwen3_5.CONFIG).read_text())
+    (vlm / checkpoint_qwen3_5.CONFIG).write_text(json.dumps(
         {"model_type": "qwen3_5", "text_config": text, "vision_config": {"depth": 2}}))
     ids = prompt(40, shape["vocab_size"])
     expected = reference_logits(ref, ids)
@@ -242,7 +242,7 @@ def test_tokenizer_json_encodes_the_instruction(tmp_path):
     vocab = {w: i for i, w in enumerate(["[UNK]", "pick", "up", "the", "red", "cube"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / checkpoint.TOKENIZER))
+    tok.save(str(tmp_path / checkpoint_qwen3_5.TOKENIZER))
     rt = PolicyRuntime.from_pretrained(str(tmp_path), RuntimeConfig(device="cpu"), max_context=64)
     assert rt.describe()["tokenizer"] == "tokenizer.json"
     assert rt.set_instruction("pick up the red cube") == 5
@@ -260,14 +260,14 @@ def test_directories_that_do_not_fit_are_refused_naming_what(tmp_path):
     from safetensors.torch import load_file, save_file
     good = tmp_path / "good"
     make_checkpoint(good, SHAPES["gqa-untied"])
-    tensors = load_file(str(good / checkpoint.WEIGHTS))
-    cfg = json.loads((good / checkpoint.CONFIG).read_text())
+    tensors = load_file(str(good / checkpoint_qwen3_5.WEIGHTS))
+    cfg = json.loads((good / checkpoint_qwen3_5.CONFIG).read_text())
 
     def variant(name, tensors=tensors, cfg=cfg):
         d = tmp_path / name
         d.mkdir()
-        save_file(tensors, str(d / checkpoint.WEIGHTS))
-        (d / checkpoint.CONFIG).write_text(json.dumps(cfg))
+        save_file(tensors, str(d / checkpoint_qwen3_5.WEIGHTS))
+        (d / checkpoint_qwen3_5.CONFIG).write_text(json.dumps(cfg))
         return d
 
     missing = dict(tensors)
@@ -292,12 +292,12 @@ def test_directories_that_do_not_fit_are_refused_naming_what(tmp_path):
     _refused(empty, "config.json", "no such file")
     no_weights = tmp_path / "noweights"
     no_weights.mkdir()
-    (no_weights / checkpoint.CONFIG).write_text(json.dumps(cfg))
+    (no_weights / checkpoint_qwen3_5.CONFIG).write_text(json.dumps(cfg))
     _refused(no_weights, "model.safetensors", "found neither")
     link = tmp_path / "link"
     link.mkdir()
-    (link / checkpoint.CONFIG).write_text(json.dumps(cfg))
-    os.symlink(good / checkpoint.WEIGHTS, link / checkpoint.WEIGHTS)
+    (link / checkpoint_qwen3_5.CONFIG).write_text(json.dumps(cfg))
+    os.symlink(good / checkpoint_qwen3_5.WEIGHTS, link / checkpoint_qwen3_5.WEIGHTS)
     _refused(link, "regular file", "symlink")
 
 

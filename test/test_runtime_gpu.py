@@ -455,7 +455,7 @@ def test_fused_attention_matches_its_reference(dtype, H, Hkv, D, rotary, max_ctx
     from flashrt_ros.core import fused
     from flashrt_ros.core.arena import META_LEN
     from flashrt_ros.core.config import TextConfig
-    from flashrt_ros.core.qwen3_5 import RotaryEmbedding
+    from flashrt_ros.core.models.qwen3_5.modeling_qwen3_5 import RotaryEmbedding
     tol = FUSED_TOL[dtype]
     cfg = TextConfig(hidden_size=64, num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D,
                      partial_rotary_factor=rotary, linear_num_key_heads=1,

@@ -121,8 +121,9 @@ def robot_for(model: str, rate: float, camera_rate: float = 0.0, instruction: st
     """The simulated robot's arguments, the node's extra parameters and the instruction for
     `model`: a camera policy gets a robot with a camera (its first camera's size, `camera_rate`
     frames per second, 0: `rate`) and the node reads its joint states."""
-    from flashrt_ros.core.checkpoint import model_directory, resolve_model
+    from flashrt_ros.core.checkpoint import model_directory
     from flashrt_ros.core.models import read_vla_dir, vla_family
+    from flashrt_ros.core.models.qwen3_5.checkpoint_qwen3_5 import resolve_model
     from flashrt_ros.ros.inputs import camera_name
     from flashrt_ros.sim.robot import CameraFeed, joint_names
 

@@ -317,8 +317,8 @@ def _info(args) -> int:
 def _train_heads(args) -> int:
     import torch
 
-    from flashrt_ros.core import checkpoint
     from flashrt_ros.core.config import RuntimeConfig, load_preset, preset_path
+    from flashrt_ros.core.models.qwen3_5 import checkpoint_qwen3_5
     from flashrt_ros.core.runtime import PolicyRuntime
     from flashrt_ros.sim.imitation import train_heads
     torch.set_num_threads(1)
@@ -339,7 +339,7 @@ def _train_heads(args) -> int:
         print("[flashrt] the trained heads do not halve the error of doing nothing; not written",
               file=sys.stderr)
         return 1
-    checkpoint.save_heads(rt.model, out, rt.model.backbone_digest)
+    checkpoint_qwen3_5.save_heads(rt.model, out, rt.model.backbone_digest)
     print(f"[flashrt] wrote {out}")
     return 0
 

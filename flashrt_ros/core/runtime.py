@@ -33,8 +33,9 @@ from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, ME
                                     StateArena, StaticIO)
 from flashrt_ros.core.config import TINY, ModelConfig, RuntimeConfig
 from flashrt_ros.core.exceptions import ConfigError, InputError
+from flashrt_ros.core.models.qwen3_5 import checkpoint_qwen3_5
+from flashrt_ros.core.models.qwen3_5.policy_qwen3_5 import Qwen3_5Policy, digest_tensors
 from flashrt_ros.core.plans import StepPlan
-from flashrt_ros.core.qwen3_5_policy import Qwen3_5Policy, digest_tensors
 from flashrt_ros.core.rollback import RollbackRing
 from flashrt_ros.core.seeded import check_seed
 
@@ -49,10 +50,10 @@ STEP_PLANS = ("observation", "token", "lm_head")
 
 class PolicyRuntime:
     def __init__(self, model_cfg: ModelConfig = TINY, runtime_cfg: RuntimeConfig | None = None,
-                 progress=None, model_dir: checkpoint.ModelDir | None = None, lock=None,
+                 progress=None, model_dir: checkpoint_qwen3_5.ModelDir | None = None, lock=None,
                  late_plans: bool = False):
         """A runtime for `model_cfg` with seeded weights (a preset), or for a checkpoint directory
-        read by `checkpoint.read_model_dir` (use `PolicyRuntime.from_pretrained`).
+        read by `checkpoint_qwen3_5.read_model_dir` (use `PolicyRuntime.from_pretrained`).
 
         `lock`: the reentrant lock callers serialise on (`runtime.lock`; default a new RLock).
         `late_plans`: capture only STEP_PLANS now; the other plans run eagerly (the same
@@ -113,8 +114,9 @@ class PolicyRuntime:
     @classmethod
     def from_pretrained(cls, path: str, runtime_cfg: RuntimeConfig | None = None, progress=None,
                         lock=None, **overrides) -> "PolicyRuntime":
-        """A runtime serving the checkpoint directory `path` (see core/checkpoint.py), or a preset
-        by name with its trained heads where it has them.
+        """A runtime serving the checkpoint directory `path` (see
+        core/models/qwen3_5/checkpoint_qwen3_5.py), or a preset by name with its trained heads
+        where it has them.
 
         `lock` as in the constructor; `overrides` set policy fields over the directory's
         (max_context, dtype, ...).
@@ -134,7 +136,7 @@ class PolicyRuntime:
             src = models.read_vla_dir(path, family, say=progress, dtype=overrides.get("dtype"))
             return VLARuntime(src, runtime_cfg, progress=progress, lock=lock)
         return cls(runtime_cfg=runtime_cfg, progress=progress, lock=lock,
-                   model_dir=checkpoint.resolve_model(path, say=progress, **overrides))
+                   model_dir=checkpoint_qwen3_5.resolve_model(path, say=progress, **overrides))
 
     def _build_policy(self, model_dir, kernel, say):
         """The policy on the device: built without initialising (meta tensors), then every weight
@@ -156,8 +158,8 @@ class PolicyRuntime:
         untrained = []
         if model_dir is not None and model_dir.weight_files:
             say(f"loading the backbone from {len(model_dir.weight_files)} safetensors file(s)")
-            backbone_digest = checkpoint.load_backbone(policy, model_dir.weight_files, self.device,
-                                                       say)
+            backbone_digest = checkpoint_qwen3_5.load_backbone(policy, model_dir.weight_files,
+                                                               self.device, say)
         else:
             for n, v in policy.seeded_weights(list(backbone), cfg.seed, self.device):
                 backbone[n].data.copy_(v)
@@ -166,14 +168,14 @@ class PolicyRuntime:
         policy.backbone_digest = backbone_digest
         heads_file = model_dir.policy_weights if model_dir is not None else ""
         if heads_file:
-            trained_with = checkpoint.heads_backbone_digest(heads_file)
+            trained_with = checkpoint_qwen3_5.heads_backbone_digest(heads_file)
             if trained_with and trained_with != backbone_digest:
                 say(f"warning: {heads_file} was trained with another backbone (digest "
                     f"{trained_with}, this one {backbone_digest}); not loading it")
                 heads_file = ""
         if heads_file:
             say(f"loading the heads from {heads_file}")
-            heads_digest = checkpoint.load_heads(policy, heads_file, self.device)
+            heads_digest = checkpoint_qwen3_5.load_heads(policy, heads_file, self.device)
         else:
             for n, v in policy.seeded_weights(list(heads), cfg.seed, self.device):
                 heads[n].data.copy_(v)

@@ -1,5 +1,6 @@
-"""Model families beside the Qwen3.5 policy (core/qwen3_5*.py): one folder each, and one line in
-`FAMILIES` (the `type` a checkpoint's config.json names -> its loader and policy).
+"""Model families, one folder each. The Qwen3.5 policy (qwen3_5/) is what `PolicyRuntime`
+(core/runtime.py) serves; each VLA family has one line in `FAMILIES` (the `type` a checkpoint's
+config.json names -> its loader and policy), and `VLARuntime` (core/vla_runtime.py) serves it.
 
 A family folder holds its configuration, modules, checkpoint loading and processors, as LeRobot
 and transformers lay out a model; what families share (the arena, plans, loader rules, runtime)

@@ -11,9 +11,9 @@ weights are read from it: the policy's file holds the layers it uses). `vlm_mode
 for as a directory - as given, relative to the checkpoint directory, then as a Hugging Face hub id
 in the local hub cache - and never fetched: a missing backbone is refused naming every place looked.
 
-The loader's rules are the Qwen3.5 loader's (core/checkpoint.py): only regular files inside the
-directories, tensors memory-mapped by safetensors and copied one at a time to the device, every
-name and shape checked before anything is copied.
+The loader's rules are every family's (core/checkpoint.py), as the Qwen3.5 loader's: only regular
+files inside the directories, tensors memory-mapped by safetensors and copied one at a time to the
+device, every name and shape checked before anything is copied.
 """
 from __future__ import annotations
 

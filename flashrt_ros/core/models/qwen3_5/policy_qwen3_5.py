@@ -27,8 +27,9 @@ from flashrt_ros.core.arena import (DTYPES, META_POSITION, META_RNG_COUNTER, MET
                                     BufferSpec)
 from flashrt_ros.core.config import ModelConfig
 from flashrt_ros.core.heads import ActionHead, MTPHead, ObservationEncoder
+from flashrt_ros.core.models.qwen3_5.modeling_qwen3_5 import (GatedDeltaNet, Qwen3_5ForCausalLM,
+                                                              RMSNorm)
 from flashrt_ros.core.policy import Policy
-from flashrt_ros.core.qwen3_5 import GatedDeltaNet, Qwen3_5ForCausalLM, RMSNorm
 from flashrt_ros.core.seeded import CounterRNG, counter_gaussian
 
 ENSEMBLE = 0.5      # weight of the previous chunk's plan in each action row
