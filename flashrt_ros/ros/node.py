@@ -26,14 +26,15 @@ Concurrency (a `PolicyExecutor`: rclpy's MultiThreadedExecutor without its busy 
 entities destroyed mid-collection, see executors.py, with a thread per callback group; five
 groups, each mutually exclusive):
   * control group - the inputs' subscriptions (observation, joint states, camera images: see
-                    inputs.py), the control timer; the step publishes its outputs (outputs.py)
-                    after it committed. A step holds `runtime.lock` from the input
-                    copy to the committed state, and takes no other lock: the control loop never
-                    waits for the store, for disk I/O or for a capsule call other than the copy
-                    of live bytes it makes.
+                    inputs.py), the control timer; a step publishes its outputs (outputs.py)
+                    once committed. A step holds `runtime.lock` from the input copy to the
+                    committed state, and takes no other lock: the control loop never waits for
+                    the store, for disk I/O or for a capsule call other than the copy of live
+                    bytes it makes.
   * capsule group - snapshot, restore, fork, rollback, reset, delete, list.
-  * instruction group - ~/instruction: an instruction may wait for its prefill plans while they
-                    come in the background (core/bringup.py), and the capsule calls go on.
+  * instruction group - ~/instruction (instruction.py): an instruction may wait for its prefill
+                    plans while they come in the background (core/bringup.py), and the capsule
+                    calls go on.
   * disk group    - save and load (file I/O), so that a long write does not queue the capsule
                     group behind it on the executor.
   * default group - lifecycle and parameter services, the status timer.
@@ -81,15 +82,13 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.serialization import deserialize_message
 try:
     from rclpy.timer import TimerInfo
 except ImportError:     # an rclpy older than TimerInfo: tick times from time_until_next_call
     TimerInfo = None
 from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy
-from std_msgs.msg import String
 
-from flashrt_ros.core.exceptions import ConfigError, FlashRTError, InputError
+from flashrt_ros.core.exceptions import ConfigError, FlashRTError
 from flashrt_ros.core.phases import Phases
 from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_threads,
                                       set_thread_nice, warm_up)
@@ -97,10 +96,10 @@ from flashrt_ros.msg import CapsuleEvent, PolicyStatus
 from flashrt_ros.ros.capsule_services import CapsuleServices
 from flashrt_ros.ros.executors import PolicyExecutor
 from flashrt_ros.ros.inputs import Inputs
+from flashrt_ros.ros.instruction import InstructionInput
 from flashrt_ros.ros.outputs import RELIABLE, Outputs
 from flashrt_ros.ros.parameters import NodeParameters, model_shape
 from flashrt_ros.ros.params import configs_from_values, parameter_table, unknown_parameters
-from flashrt_ros.ros.publishing import LATCHED
 from flashrt_ros.ros.stamps import ns_to_s, s_to_ns, stamp_to_s
 from flashrt_ros.ros.status import StatusReporting
 
@@ -124,9 +123,6 @@ RUNTIME_SIDE = "flashrt_ros.core.runtime"
 # serves this long after it before it ends.
 FINALIZED_POLL_S = 0.1
 FINALIZED_LINGER_S = 0.5
-# A VLA's task is cut to its tokenizer_max_length tokens (as LeRobot's tokenizer cuts it); a text
-# longer than this many characters per kept token is refused by its length before it is decoded.
-TASK_CHARS_PER_TOKEN = 100
 EVENTS_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
                         durability=QoSDurabilityPolicy.VOLATILE)
 
@@ -139,10 +135,11 @@ class Latest(NamedTuple):
     reset: bool              # reset the episode before stepping on it (applied once)
 
 
-class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode):
-    """The policy node; its capsule services, parameters and status reports are in
-    capsule_services.py, parameters.py and status.py, its inputs and outputs in inputs.py
-    and outputs.py."""
+class PolicyNode(CapsuleServices, InstructionInput, NodeParameters, StatusReporting,
+                 LifecycleNode):
+    """The policy node; its capsule services, instruction, parameters and status reports are in
+    capsule_services.py, instruction.py, parameters.py and status.py, its inputs and outputs in
+    inputs.py and outputs.py."""
 
     def __init__(self, **kwargs):
         # a set of an undeclared name reaches _on_set_parameters, which refuses it with the
@@ -242,11 +239,7 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
             self.late.start(hold_s=LATE_PLANS_HOLD_S)
         self.inputs = Inputs(self, node_cfg, model_cfg, model_shape(model_cfg)["obs_dim"],
                              self._control, self._take_observation, self._reject, rt.device)
-        # latched: an instruction published just before this subscription matched still comes;
-        # raw (serialized): an oversized one is refused by its length before it becomes a str
-        self.sub_instr = self.create_subscription(String, "~/instruction", self._on_instruction,
-                                                  LATCHED, callback_group=self._instruction,
-                                                  raw=True)
+        self._subscribe_instruction()
         self.outputs.configure(node_cfg)
         self.state_label = "inactive"
         log.info(f"configured: {rt.describe()['arena_bytes'] / 2**20:.2f} MiB state arena, "
@@ -390,9 +383,7 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
         if self.inputs is not None:
             self.inputs.destroy(self)
             self.inputs = None
-        if self.sub_instr is not None:
-            self.destroy_subscription(self.sub_instr)
-            self.sub_instr = None
+        self._unsubscribe_instruction()
         self.outputs.cleanup()
         rt, store = self.runtime, self.store
         if rt is not None and store is not None:
@@ -498,53 +489,11 @@ class PolicyNode(CapsuleServices, NodeParameters, StatusReporting, LifecycleNode
             if self.late is not None:
                 self.late.release()
 
-    def _on_instruction(self, raw: bytes):
-        """A serialized std_msgs/String. Its text's length is read from the CDR (after the
-        4-byte encapsulation header, a uint32 that counts the closing NUL): a text of more UTF-8
-        bytes than 4 per character the runtime takes is refused before it is decoded (decoding
-        30 MB holds the GIL about 60 ms: two control periods at 30 Hz). A VLA's instruction is
-        the task of the observations after it (its tokens are read with each observation)."""
-        from flashrt_ros.core.vla_runtime import VLARuntime
-        rt, store = self.runtime, self.store
-        if rt is None:
-            self.get_logger().warning("instruction ignored: the node is not configured")
-            return
-        self._pin_torch_threads()
-        vla = isinstance(rt, VLARuntime)
-        limit = TASK_CHARS_PER_TOKEN * rt.model_cfg.tokenizer_max_length if vla else \
-            rt.max_instruction_chars
-        try:
-            nbytes = int.from_bytes(raw[4:8], "little" if raw[1] & 1 else "big") - 1
-            if nbytes > 4 * limit:
-                raise InputError(f"instruction: expected at most {limit} characters (the "
-                                 f"{'task' if vla else 'context'}'s tokens; at most "
-                                 f"{4 * limit} bytes of UTF-8), found {nbytes} bytes; shorten "
-                                 f"the instruction")
-            text = deserialize_message(raw, String).data
-            if vla:
-                if len(text) > limit:
-                    raise InputError(f"instruction: expected at most {limit} characters (the "
-                                     f"task's tokens), found {len(text)}; shorten the instruction")
-                self.inputs.task = text
-                self.get_logger().info(f"task of the next observations: {text[:80]!r}"
-                                       f"{' ...' if len(text) > 80 else ''}")
-                return
-            tokens = rt.instruction_tokens(text)     # refused now, not after a wait
-            late = self.late
-            if late is not None:      # before any lock: steps go on while it waits
-                late.wait_for_instruction(len(tokens), say=self.get_logger().info)
-            with late.kernels(say=self.get_logger().info) if late is not None else \
-                    contextlib.nullcontext(), store.lock, rt.lock:
-                n = rt.set_instruction(tokens)
-                store.on_reset()
-            self.get_logger().info(f"instruction prefilled: {n} tokens, episode {rt.episode}")
-        except FlashRTError as e:
-            self._reject(f"instruction refused: {e}")
-
     def _reject(self, why: str):
         self._rejected += 1
         self._last_error = why
         self.get_logger().warning(why, throttle_duration_sec=1.0)
+
 
 def main(args=None):
     """Entry point of `flashrt_node` (and `ros2 run flashrt_ros flashrt_node`): the node first,
