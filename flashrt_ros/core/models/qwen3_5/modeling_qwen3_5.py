@@ -21,8 +21,9 @@ from `arena.meta` on the device, KV rows are written by index and attention cove
 rounding, so a given plan always uses one of them. On CUDA with fla kernels (`TextModel.fused`),
 core/fused.py's Triton kernels replace chains of small operations: the norms, the conv, the
 gated norm and SwiGLU in every call (their kernels take rows: a prefill chunk is T of them), and
-for single tokens of the static form (the observation and token steps) also every projection
-(a GEMV) and the attention, over the live prefix only (its length read from meta). A prefill
+for single tokens of the static form (the observation and token steps, `DecoderLayer.step`)
+also every projection (a GEMV, with the norm before it computed inside: fused.norm_gemv) and the
+attention, over the live prefix only (its length read from meta). A prefill
 chunk of the static form attends there with core/prefill_attention.py's kernel, over the live
 prefix only too, so a captured chunk of any length costs what the eager one does.
 
@@ -83,11 +84,9 @@ def pack_weights(*linears: nn.Linear) -> torch.Tensor:
     return packed
 
 
-def project(h, w, fused: bool):
-    """h @ w.T; `fused`: h is one token ([1, K]) of a fused step, through fused.gemv."""
-    if fused:
-        return fused_kernels.gemv(h.view(-1), w).view(1, -1)
-    return F.linear(h, w)
+def gemv(x, w):
+    """w @ x for one token ([1, K] or [K] -> [1, N]) through fused.gemv."""
+    return fused_kernels.gemv(x.reshape(-1), w).view(1, -1)
 
 
 class RMSNorm(nn.Module):
@@ -115,6 +114,13 @@ class RMSNorm(nn.Module):
         if delta is not None:
             x = x + delta
         return x, self(x)
+
+    def project(self, x, delta, w):
+        """(x + delta, w @ norm(x + delta)) for one token ([1, d]) on the GPU: the norm computed
+        inside the projection's GEMV (fused.norm_gemv; x itself is not written)."""
+        x, y = fused_kernels.norm_gemv(x.view(-1), None if delta is None else delta.view(-1),
+                                       self.scale, self.eps, w)
+        return x.view(1, -1), y
 
 
 class GatedRMSNorm(nn.Module):
@@ -266,18 +272,21 @@ class Attention(nn.Module):
         self.qk_scale = torch.cat([self.q_norm.scale.expand(self.H, self.D),
                                    self.k_norm.scale.expand(self.Hkv, self.D)])
 
+    def step(self, p, arena, rotary: RotaryEmbedding):
+        """One token of the static form on the GPU from its projection p ([(2H+2Hkv)D], the
+        GEMV of `qkv_weight`): q/k norms, RoPE and the KV write in one kernel, attention over
+        the live prefix with the output gate, o_proj."""
+        H, Hkv, D = self.H, self.Hkv, self.D
+        kv = arena["kv"][:, self.attn_index]
+        q = fused_kernels.attention_prep(p, self.qk_scale, self.q_norm.eps, rotary, kv,
+                                         arena.meta, H, Hkv, D)
+        gate = p[:2 * H * D].view(H, 2 * D)[:, D:]
+        o = fused_kernels.decode_attention(q, gate, kv, arena.meta)
+        return gemv(o, self.o_proj.weight)
+
     def forward(self, h, arena, at: Positions, rotary: RotaryEmbedding):
         T, H, Hkv, D = h.shape[0], self.H, self.Hkv, self.D
-        p = project(h, self.qkv_weight, at.fused)                               # [T, (2H+2Hkv)D]
-        if at.fused:
-            # q/k norms, RoPE and the KV write in one kernel; attention over the live prefix
-            p = p.view(-1)
-            kv = arena["kv"][:, self.attn_index]
-            q = fused_kernels.attention_prep(p, self.qk_scale, self.q_norm.eps, rotary, kv,
-                                             arena.meta, H, Hkv, D)
-            gate = p[:2 * H * D].view(H, 2 * D)[:, D:]
-            o = fused_kernels.decode_attention(q, gate, kv, arena.meta)
-            return project(o.view(1, H * D), self.o_proj.weight, True)
+        p = F.linear(h, self.qkv_weight)                                        # [T, (2H+2Hkv)D]
         # splits and unbinds: one operation each, where slices take one per axis
         qg, new = p.split((2 * H * D, 2 * Hkv * D), dim=-1)
         query, gate = qg.view(T, H, 2, D).unbind(2)                             # [T, H, D] each
@@ -367,9 +376,7 @@ class GatedDeltaNet(nn.Module):
         """h: [T, d]; conv_state: [K-1, conv_dim] (the last K-1 conv inputs); state: [Hv, Dk, Dv].
         `at` says which fused kernels (GPU) the call takes."""
         T, Hk, Hv = h.shape[0], self.Hk, self.Hv
-        p = project(h, self.in_weight, at.fused)
-        if at.fused:
-            return self._fused_step(p.view(-1), conv_state, state)
+        p = F.linear(h, self.in_weight)
         qkv, z, b, a = p.split(self.in_sizes, dim=-1)
         kd = Hk * self.Dk
         if at.row_kernels:
@@ -407,8 +414,9 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o, z.view(T, Hv, self.Dv))
         return F.linear(o.reshape(T, Hv * self.Dv), self.out_proj.weight)
 
-    def _fused_step(self, p, conv_state, state):
-        """One token: conv + silu (one kernel), the recurrence with its gates and L2 norms (one
+    def step(self, p, conv_state, state):
+        """One token of the static form on the GPU from its projection p (the GEMV of
+        `in_weight`): conv + silu (one kernel), the recurrence with its gates and L2 norms (one
         kernel, the state updated in place), the gated norm (one kernel), out_proj."""
         C, Vd, Hv, _ = self.in_sizes
         kd = self.Hk * self.Dk
@@ -418,7 +426,7 @@ class GatedDeltaNet(nn.Module):
             y[2 * kd:].view(Hv, self.Dv), p[C + Vd + Hv:], p[C + Vd:C + Vd + Hv], self.A_log,
             self.dt_bias, state, self.Dk ** -0.5, kernels.L2NORM_EPS)
         o = self.norm(o, p[C:C + Vd].view(Hv, self.Dv), True)
-        return project(o.view(1, Vd), self.out_proj.weight, True)
+        return gemv(o, self.out_proj.weight)
 
     def _value_heads(self, qk):
         """[T, 2 Hk, Dk] -> q, k of [T, Hv, Dk]: each key head serves Hv/Hk value heads."""
@@ -443,12 +451,14 @@ class MLP(nn.Module):
     def prepare(self) -> None:
         self.gate_up_weight = pack_weights(self.gate_proj, self.up_proj)
 
+    def step(self, gate_up):
+        """One token on the GPU from its gate|up projection: SwiGLU computed as the down
+        projection's GEMV reads its input."""
+        return fused_kernels.gemv(gate_up, self.down_proj.weight, swiglu=True).view(1, -1)
+
     def forward(self, x, at: Positions):
         """x: [T, d]; `at` says which fused kernels (GPU) the call takes."""
-        gate_up = project(x, self.gate_up_weight, at.fused)
-        if at.fused:            # SwiGLU computed as the down projection reads its input
-            return fused_kernels.gemv(gate_up.view(-1), self.down_proj.weight,
-                                      swiglu=True).view(1, -1)
+        gate_up = F.linear(x, self.gate_up_weight)
         if at.row_kernels:
             y = fused_kernels.swiglu(gate_up)
         else:
@@ -476,6 +486,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x, delta, arena, at: Positions, rotary: RotaryEmbedding):
         """(x, delta) -> (x', delta'): the residual stream and the previous layer's MLP output,
         not yet added (the add is fused with the norm that follows it)."""
+        if at.fused:
+            return self.step(x, delta, arena, rotary)
         x, h = self.input_layernorm.add_forward(x, delta, at.row_kernels)
         if self.is_attention:
             mixed = self.self_attn(h, arena, at, rotary)
@@ -484,6 +496,19 @@ class DecoderLayer(nn.Module):
             mixed = self.linear_attn(h, arena[conv], arena[recurrent], at)
         x, h = self.post_attention_layernorm.add_forward(x, mixed, at.row_kernels)
         return x, self.mlp(h, at)
+
+    def step(self, x, delta, arena, rotary: RotaryEmbedding):
+        """`forward` for one token of the static form on the GPU: each norm is computed inside
+        the GEMV of the projection that reads it, so a layer is seven or eight kernels."""
+        if self.is_attention:
+            x, p = self.input_layernorm.project(x, delta, self.self_attn.qkv_weight)
+            mixed = self.self_attn.step(p, arena, rotary)
+        else:
+            conv, recurrent = self.state_names
+            x, p = self.input_layernorm.project(x, delta, self.linear_attn.in_weight)
+            mixed = self.linear_attn.step(p, arena[conv], arena[recurrent])
+        x, gate_up = self.post_attention_layernorm.project(x, mixed, self.mlp.gate_up_weight)
+        return x, self.mlp.step(gate_up)
 
 
 class TextModel(nn.Module):
