@@ -465,3 +465,15 @@ def test_on_reset_does_not_wait_for_a_call_that_holds_the_store_lock(tmp_path):
     store.restore("home")
     store.delete("home")            # deleting the capsule the live state descends from
     assert store.lineage == ""
+
+
+def test_list_by_tier_auto_lists_the_default_tier(tmp_path):
+    """A tier filter of "auto" (what a snapshot's tier "auto" stores into) lists that tier's
+    capsules, as "host" does on the CPU; an unknown tier is refused with the accepted ones."""
+    rt, store = make("cpu", tmp_path)
+    store.snapshot("a")
+    store.snapshot("b", tier="disk")
+    assert [c.name for c in store.list("auto")] == [c.name for c in store.list("host")] == ["a"]
+    assert [c.name for c in store.list("disk")] == ["b"]
+    with pytest.raises(InputError, match="expected one of gpu, host, disk"):
+        store.list("tape")

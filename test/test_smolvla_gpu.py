@@ -93,7 +93,7 @@ def test_the_smolvla_kernels_match_their_references(dtype):
     for rows, heads, d, groups in ((50, 5, 64, 3), (241, 5, 64, 3), (7, 2, 48, 1)):
         qkv = randn(rows, 3 * heads * d)
         x = qkv[:, heads * d:2 * heads * d].view(rows, heads, d)        # k of a fused q/k/v
-        table = Rope(d).table(torch.arange(rows, device="cuda") + 11)
+        table = Rope(d).cuda().table(torch.arange(rows, device="cuda") + 11)
         for tab in (table, None):
             ref = fused.rope_heads_reference(x, tab, x.new_empty(rows, heads * groups, d), groups)
             big = torch.zeros(rows + 9, heads * groups, d, dtype=dtype, device="cuda")

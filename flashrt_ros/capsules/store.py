@@ -167,7 +167,7 @@ class CapsuleStore:
     def list(self, tier: str | None = None) -> list[Capsule]:
         with self.lock:
             if tier:
-                self._tier(tier, empty="every tier")
+                tier = self._tier(tier, empty="every tier")     # "auto" names the default tier
             caps = [c for c in self.capsules.values() if not tier or c.tier == tier]
             return sorted(caps, key=lambda c: (c.created, c.name))
 
