@@ -4,6 +4,13 @@
 #
 #   bash bench/gpu_session.sh STAGE [STAGE ...]
 #   stages: tests kernels compare (bf16) compare32 (fp32) runtime capsules paged bringup disk
+#           smolvla (SmolVLA at its published shapes; LeRobot's peer column where .whl-lerobot/
+#           holds tools/gpu-peer-wheels.sh's wheels) ros (the node through ROS 2: the GPU node
+#           tests and bench_ros.py, from tools/gpu-ros-wheels.sh's .whl-ros/)
+#
+# The device call carries .whl/ and the folders its stages need (64 MiB in all with the checkout:
+# .whl-lerobot/ and .whl-ros/ do not fit in one call together). A fresh machine compiles every
+# Triton kernel on first use: the tests stage's first runtimes take minutes there.
 #
 # fla travels as wheels in .whl/ (../shared/tools/gpu-wheels.sh fetches them). Logs go to $OUT
 # (or ./out) as <stage>.log; the benchmarks write their tables under docs/bench/, and what they
@@ -54,7 +61,24 @@ for stage in "$@"; do
     bringup)  PYTHONPATH="/tmp/site-core:$PWD" run bringup python3 bench/bench_bringup.py \
                 --preset hybrid-0.8b --device cuda --paths runtime --seed-rng device ;;
     disk)     run disk python3 bench/bench_disk.py --device cuda --out docs/bench ;;
-    *) echo "unknown stage $stage (tests kernels compare compare32 runtime capsules paged bringup disk)" >&2
+    smolvla)
+      if ls .whl-lerobot/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+          --target /tmp/site-lerobot .whl-lerobot/*.whl || exit 1
+        PYTHONPATH="/tmp/site-lerobot:$PYTHONPATH" run smolvla python3 bench/bench_smolvla.py \
+          --device cuda
+      else
+        run smolvla python3 bench/bench_smolvla.py --device cuda --no-peer
+      fi ;;
+    ros)
+      # shellcheck source=/dev/null
+      source tools/gpu-ros-setup.sh || exit 1
+      run ros-tests python3 -m pytest -q -rs -p no:cacheprovider test/test_node_gpu.py \
+        test/test_node_cameras.py test/test_bench_ros.py
+      run ros python3 bench/bench_ros.py --preset hybrid-0.8b --device cuda --steps 300 \
+        --calls 50 --duration 20 --nice 0 --out docs/bench/ros-h100 ;;
+    *) echo "unknown stage $stage (tests kernels compare compare32 runtime capsules paged bringup" \
+            "disk smolvla ros)" >&2
        rc=2 ;;
   esac
 done
