@@ -6,7 +6,8 @@
 Rows:
   GEMV       one token through each projection of the preset (and the LM head): cuBLAS through
              F.linear (what the step ran before) against fused.gemv, device time per call and the
-             bandwidth of reading the weight matrix once;
+             bandwidth of reading the weight matrix once; for the projections that read a norm
+             of the residual stream, also add_rms_norm + gemv against fused.norm_gemv;
   recurrence one token of one Gated DeltaNet layer: fused.gdn_step against the torch ops of
              its reference and against fla's fused recurrent kernel launched as the step ran it
              before (the state as its own initial and final state), where fla imports;
@@ -114,6 +115,8 @@ def main(argv=None):
         return torch.randn(*shape, generator=gen, device=dev).to(dt)
 
     gemv_rows, results = [], {"gemv": {}, "rows": {}}
+    d = cfg.text.hidden_size
+    norm_scale = 1 + 0.1 * randn(d, dt=torch.float32)
     for name, N, K in projections(cfg):
         w, x = randn(N, K) * K ** -0.5, randn(K)
         x2 = x.view(1, K)
@@ -122,9 +125,20 @@ def main(argv=None):
         mb = N * K * w.element_size() / 1e6
         bn, bk = fused.gemv_config(N, K)
         results["gemv"][name] = {"N": N, "K": K, "cublas_us": cublas, "gemv_us": ours}
+        normed = ["", ""]
+        if K == d:      # a projection of the residual stream's norm: the step's norm_gemv
+            delta = randn(K)
+            apart = graph_us(lambda: fused.gemv(
+                fused.add_rms_norm(x, delta, norm_scale, 1e-6)[1], w), args.repeat)
+            inside = graph_us(lambda: fused.norm_gemv(x, delta, norm_scale, 1e-6, w),
+                              args.repeat)
+            results["gemv"][name].update(add_norm_then_gemv_us=apart, norm_gemv_us=inside)
+            normed = [round(apart, 2), round(inside, 2)]
+            print(f"   with its norm: add_rms_norm + gemv {apart:.2f} us, norm_gemv "
+                  f"{inside:.2f} us", flush=True)
         gemv_rows.append([name, f"{N} x {K}", round(mb, 1), round(cublas, 2),
                           round(mb / cublas * 1e3), round(ours, 2), round(mb / ours * 1e3),
-                          round(cublas / ours, 2), f"{bn} x {bk}"])
+                          round(cublas / ours, 2), f"{bn} x {bk}", *normed])
         print(f"gemv {name}: cuBLAS {cublas:.2f} us, fused {ours:.2f} us", flush=True)
         if args.sweep:
             tiles = {}
@@ -185,10 +199,14 @@ def main(argv=None):
     sections = [
         {"heading": "One token through each projection (GEMV)",
          "columns": ["projection", "N x K", "weight MB", "cuBLAS us", "cuBLAS GB/s",
-                     "fused.gemv us", "fused.gemv GB/s", "speed-up", "tile (rows x cols)"],
+                     "fused.gemv us", "fused.gemv GB/s", "speed-up", "tile (rows x cols)",
+                     "add_rms_norm + gemv us", "norm_gemv us"],
          "rows": gemv_rows,
          "notes": ["cuBLAS = F.linear of a [1, K] row (what the step ran before); the bandwidth "
-                   "is the weight matrix read once per call."]},
+                   "is the weight matrix read once per call. The last two columns, for the "
+                   "projections that read a norm of the residual stream: the residual add and "
+                   "the norm as their own kernel before the GEMV, and computed inside it "
+                   "(fused.norm_gemv, the step's form)."]},
         {"heading": "One token of one Gated DeltaNet layer's recurrence",
          "columns": ["implementation", "state (heads x K x V)", "state MB read + written", "us",
                      "GB/s"],
