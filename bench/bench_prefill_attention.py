@@ -1,4 +1,5 @@
-"""core/prefill_attention.py's kernel beside torch's flash attention on a preset's shapes (CUDA).
+"""core/models/qwen3_5/prefill_attention_qwen3_5.py's kernel beside torch's flash attention on a
+preset's shapes (CUDA).
 
 A prefill chunk of T tokens at position P attends to P + T rows of one layer's KV cache. The rows:
   kernel       prefill_attention (the static form: the position read from meta, what every
@@ -29,9 +30,8 @@ from bench.common import (cuda_event_ms, device_slug, environment, summary,  # n
                           write_report)
 from flashrt_ros.core.arena import DTYPES, META_LEN, META_POSITION  # noqa: E402
 from flashrt_ros.core.config import load_preset  # noqa: E402
-from flashrt_ros.core.prefill_attention import (prefill_attention,  # noqa: E402
-                                                prefill_attention_config,
-                                                prefill_attention_reference)
+from flashrt_ros.core.models.qwen3_5.prefill_attention_qwen3_5 import (  # noqa: E402
+    prefill_attention, prefill_attention_config, prefill_attention_reference)
 
 # (chunk tokens, position): chunks of the default buckets in a 2k and a 16k instruction
 CASES = ((1024, 0), (1024, 1024), (4096, 0), (4096, 12288), (256, 16000), (16, 16000))

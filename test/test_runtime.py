@@ -485,13 +485,15 @@ def test_static_prefill_form_matches_the_dynamic_form_for_every_bucket_at_any_po
 
 @pytest.mark.parametrize("position", [0, 37, 448])
 def test_prefill_attention_reference_is_the_dynamic_forms_attention(position):
-    """core/prefill_attention.py's reference (what the GPU kernel is held to) against the model's
-    dynamic form of a chunk's attention (SDPA over the live prefix, causal at the position) and
-    its output gate, for a GQA layer, from a KV cache whose rows past the chunk hold garbage."""
+    """core/models/qwen3_5/prefill_attention_qwen3_5.py's reference (what the GPU kernel is held
+    to) against the model's dynamic form of a chunk's attention (SDPA over the live prefix, causal
+    at the position) and its output gate, for a GQA layer, from a KV cache whose rows past the
+    chunk hold garbage."""
     import torch.nn.functional as F
     from torch.nn.attention.bias import causal_lower_right
     from flashrt_ros.core.arena import META_LEN
-    from flashrt_ros.core.prefill_attention import prefill_attention_reference
+    from flashrt_ros.core.models.qwen3_5.prefill_attention_qwen3_5 import (
+        prefill_attention_reference)
     T, H, Hkv, D, max_ctx = 64, 4, 2, 32, 512
     g = torch.Generator().manual_seed(position)
     q, gate = torch.randn(2, T, H, D, generator=g).unbind(0)

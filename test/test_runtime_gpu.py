@@ -190,8 +190,9 @@ def test_eager_cuda_runtime_matches_graph_runtime_within_tolerance():
 
 
 # Prefill plans vs the eager dynamic form (SDPA over the live prefix): the attention kernels differ
-# (core/prefill_attention.py's tiles vs torch's flash kernel), so rounding only; bf16 rounds after
-# every operation of four layers, over a 1365-token prefill into an fp32 recurrent state
+# (core/models/qwen3_5/prefill_attention_qwen3_5.py's tiles vs torch's flash kernel), so rounding
+# only; bf16 rounds after every operation of four layers, over a 1365-token prefill into an fp32
+# recurrent state
 PREFILL_FORM_TOL = {"float32": dict(atol=CROSS_FORM_ATOL, rtol=0),
                     "bfloat16": dict(atol=5e-2, rtol=5e-2)}
 
@@ -492,11 +493,12 @@ def test_fused_attention_matches_its_reference(dtype, H, Hkv, D, rotary, max_ctx
     (8, 2, 256, 16640, 4096, 12288),     # the last chunk of a 16k instruction: one split
 ])
 def test_fused_prefill_attention_matches_its_reference(dtype, H, Hkv, D, max_ctx, T, pos):
-    """core/prefill_attention.py: T query rows (strided views of the projection, as the model
-    passes them) over the KV cache, causal at the position read from meta; the rows past the
-    chunk hold large values that must not leak in."""
+    """core/models/qwen3_5/prefill_attention_qwen3_5.py: T query rows (strided views of the
+    projection, as the model passes them) over the KV cache, causal at the position read from meta;
+    the rows past the chunk hold large values that must not leak in."""
     from flashrt_ros.core.arena import META_LEN
-    from flashrt_ros.core.prefill_attention import prefill_attention, prefill_attention_reference
+    from flashrt_ros.core.models.qwen3_5.prefill_attention_qwen3_5 import (
+        prefill_attention, prefill_attention_reference)
     tol = FUSED_TOL[dtype]
     proj = _randn(T, (2 * H + 2 * Hkv) * D, dtype=dtype, seed=pos + T)
     q, gate = proj[:, :2 * H * D].view(T, H, 2, D).unbind(2)                  # [T, H, D] views

@@ -214,8 +214,9 @@ class PolicyRuntime:
         }
         # A captured chunk reads its position from the arena, so one plan per bucket serves every
         # position. With the fused kernels its attention covers the live prefix only
-        # (core/prefill_attention.py) and every bucket is captured: eagerly a long chunk is
-        # launch-bound (a 1024-token chunk of hybrid-0.8b ~5x its replay on an H100).
+        # (core/models/qwen3_5/prefill_attention_qwen3_5.py) and every bucket is captured:
+        # eagerly a long chunk is launch-bound (a 1024-token chunk of hybrid-0.8b ~5x its replay
+        # on an H100).
         longest = self.max_tokens if m.static_prefill_any_length else \
             min(GRAPH_PREFILL_MAX, self.max_tokens)
         for c in self.cfg.prefill_buckets:

@@ -24,7 +24,7 @@ gated norm and SwiGLU in every call (their kernels take rows: a prefill chunk is
 for single tokens of the static form (the observation and token steps, `DecoderLayer.step`)
 also every projection (a GEMV, with the norm before it computed inside: fused.norm_gemv) and the
 attention, over the live prefix only (its length read from meta). A prefill
-chunk of the static form attends there with core/prefill_attention.py's kernel, over the live
+chunk of the static form attends there with prefill_attention_qwen3_5.py's kernel, over the live
 prefix only too, so a captured chunk of any length costs what the eager one does.
 
 Weights: `prepare()` (after loading) packs the projections that read one input into one matrix
@@ -45,10 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashrt_ros.core import fused as fused_kernels
-from flashrt_ros.core import kernels, prefill_attention
+from flashrt_ros.core import kernels
 from flashrt_ros.core.arena import META_POSITION, BufferSpec
 from flashrt_ros.core.config import TextConfig
 from flashrt_ros.core.kernels import f32
+from flashrt_ros.core.models.qwen3_5.prefill_attention_qwen3_5 import prefill_attention
 
 
 def _as(y, dtype):
@@ -300,8 +301,8 @@ class Attention(nn.Module):
             kv.index_copy_(0, at.rows, torch.stack([k, v], dim=1))
             if at.row_kernels:
                 # a chunk on the GPU: flash attention over the live prefix (its length read from
-                # meta) and the output gate in one kernel (core/prefill_attention.py)
-                o = prefill_attention.prefill_attention(q, gate, kv, arena.meta)   # [T, H, D]
+                # meta) and the output gate in one kernel (prefill_attention_qwen3_5.py)
+                o = prefill_attention(q, gate, kv, arena.meta)                     # [T, H, D]
                 return F.linear(o.view(T, H * D), self.o_proj.weight)
         q = q.transpose(0, 1)                                                   # [H, T, D]
         if at.pos is None:

@@ -26,7 +26,7 @@ from torch import nn
 from flashrt_ros.core.arena import (DTYPES, META_POSITION, META_RNG_COUNTER, META_RNG_SEED,
                                     BufferSpec)
 from flashrt_ros.core.config import ModelConfig
-from flashrt_ros.core.heads import ActionHead, MTPHead, ObservationEncoder
+from flashrt_ros.core.models.qwen3_5.heads_qwen3_5 import ActionHead, MTPHead, ObservationEncoder
 from flashrt_ros.core.models.qwen3_5.modeling_qwen3_5 import (GatedDeltaNet, Qwen3_5ForCausalLM,
                                                               RMSNorm)
 from flashrt_ros.core.policy import Policy
@@ -147,8 +147,8 @@ class Qwen3_5Policy(Policy):
     @property
     def static_prefill_any_length(self) -> bool:
         """Whether the static form of a prefill chunk attends over the live prefix only (the
-        GPU's fused kernels: core/prefill_attention.py), so a chunk of any length can be captured
-        at the cost of running it; else it attends over all max_context rows under a mask."""
+        GPU's fused kernels: prefill_attention_qwen3_5.py), so a chunk of any length can be
+        captured at the cost of running it; else it attends over all max_context rows under a mask."""
         return self.backbone.model.fused
 
     def prepare(self) -> None:

@@ -2,7 +2,7 @@
 
 The static (graph) form of a prefill chunk reads its position from `meta`, so one captured plan
 per chunk length serves every position. Its attention must then cover a prefix whose length the
-host does not know at capture time. The torch form (qwen3_5.Attention) attends over all
+host does not know at capture time. The torch form (modeling_qwen3_5.Attention) attends over all
 `max_context` rows under a mask: for a 4096-token chunk of hybrid-0.8b at a 16k context that is a
 [Hkv, G*T, max_context] fp32 score matrix (2 GiB per layer) and the full-length matmuls. This
 kernel is flash attention over the live rows only: query t of the chunk (at position + t) attends
