@@ -153,7 +153,7 @@ def main(argv=None):
                   flush=True)
 
     t, T = cfg.text, args.tokens
-    d, F_ = t.hidden_size, t.intermediate_size
+    F_ = t.intermediate_size
     Hv, Dv, C, Kc = t.linear_num_value_heads, t.linear_value_head_dim, t.conv_dim, \
         t.linear_conv_kernel_dim
     Hk, Dk = t.linear_num_key_heads, t.linear_key_head_dim

@@ -45,8 +45,8 @@ Only for CUDA tensors with Triton importable (`available()`). The model uses the
 kernels are "fla": gemv, norm_gemv, conv_step, gdn_step and the attention kernels in the
 static form (pos=None) of single-token calls; add_rms_norm, conv_rows, gated_rms_norm and
 swiglu, which take rows, in every call (a prefill chunk of T tokens is T rows, where each torch
-op of a norm also writes a [T, d] fp32 intermediate). SmolVLA (core/models/smolvla) takes add_rms_norm, swiglu
-and rope_heads on CUDA unless its runtime's kernels are "reference".
+op of a norm also writes a [T, d] fp32 intermediate). SmolVLA (core/models/smolvla) takes
+add_rms_norm, swiglu and rope_heads on CUDA unless its runtime's kernels are "reference".
 """
 from __future__ import annotations
 

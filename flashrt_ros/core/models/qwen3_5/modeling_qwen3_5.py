@@ -85,9 +85,10 @@ def pack_weights(*linears: nn.Linear) -> torch.Tensor:
     return packed
 
 
-def gemv(x, w):
-    """w @ x for one token ([1, K] or [K] -> [1, N]) through fused.gemv."""
-    return fused_kernels.gemv(x.reshape(-1), w).view(1, -1)
+def gemv(x, w, swiglu: bool = False):
+    """w @ x for one token ([1, K] or [K] -> [1, N]) through fused.gemv (`swiglu`: x is
+    gate | up and the GEMV reads silu(gate) * up)."""
+    return fused_kernels.gemv(x.reshape(-1), w, swiglu=swiglu).view(1, -1)
 
 
 class RMSNorm(nn.Module):
@@ -455,7 +456,7 @@ class MLP(nn.Module):
     def step(self, gate_up):
         """One token on the GPU from its gate|up projection: SwiGLU computed as the down
         projection's GEMV reads its input."""
-        return fused_kernels.gemv(gate_up, self.down_proj.weight, swiglu=True).view(1, -1)
+        return gemv(gate_up, self.down_proj.weight, swiglu=True)
 
     def forward(self, x, at: Positions):
         """x: [T, d]; `at` says which fused kernels (GPU) the call takes."""
@@ -500,7 +501,7 @@ class DecoderLayer(nn.Module):
 
     def step(self, x, delta, arena, rotary: RotaryEmbedding):
         """`forward` for one token of the static form on the GPU: each norm is computed inside
-        the GEMV of the projection that reads it, so a layer is seven or eight kernels."""
+        the GEMV of the projection that reads it, so a layer is seven kernels."""
         if self.is_attention:
             x, p = self.input_layernorm.project(x, delta, self.self_attn.qkv_weight)
             mixed = self.self_attn.step(p, arena, rotary)

@@ -21,7 +21,6 @@ import hashlib
 import math
 
 import torch
-from torch import nn
 
 from flashrt_ros.core.arena import (DTYPES, META_POSITION, META_RNG_COUNTER, META_RNG_SEED,
                                     BufferSpec)
