@@ -407,24 +407,73 @@ GEMV_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N, K", [(64, 64), (300, 64), (8224, 1024), (1024, 3584), (1024, 2048),
                                   (5120, 1024), (248320, 1024), (17, 5)])
-def test_fused_gemv_matches_cublas_and_is_deterministic(dtype, N, K):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["slices", "prefetch"])
+def test_fused_gemv_matches_cublas_and_is_deterministic(dtype, N, K, prefetch):
     from flashrt_ros.core import fused
     w = _randn(2 * N, K, dtype=dtype, seed=N) * K ** -0.5
     w = w[N:]                                           # a row slice, as packed weights are
     x = _randn(K, dtype=dtype, seed=K)
-    y = fused.gemv(x, w)
+    y = fused.gemv(x, w, prefetch=prefetch)
     torch.testing.assert_close(y, fused.gemv_reference(x, w), **GEMV_TOL[dtype])
-    assert torch.equal(fused.gemv(x, w), y), "a fixed configuration sums in a fixed order"
+    assert torch.equal(fused.gemv(x, w, prefetch=prefetch), y), "a fixed order"
     # the MLP's down projection: SwiGLU of [gate | up] as the input is read
     gu = _randn(2 * K, dtype=dtype, seed=K + 1)
-    torch.testing.assert_close(fused.gemv(gu, w, swiglu=True),
+    torch.testing.assert_close(fused.gemv(gu, w, swiglu=True, prefetch=prefetch),
                                fused.gemv_reference(gu, w, swiglu=True), **GEMV_TOL[dtype])
+
+
+def test_gemvs_launched_early_wait_for_the_kernel_before_them(monkeypatch):
+    """Programmatic dependent launch (fused.pdl, Hopper and later): a chain of projections, each
+    reading the output of the kernel before it, as a step makes them (gemv -> norm_gemv -> gemv
+    with swiglu -> gated norm -> gemv), eagerly and replayed from a graph with new inputs, gives
+    the bytes of the same chain launched one kernel after the other (FLASHRT_PDL=0). A GEMV that
+    read its input or wrote its output before the kernel before it ended would differ."""
+    from flashrt_ros.core import fused
+    if not fused.pdl(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 or later")
+    d, ffn, heads = 1024, 3584, 8
+    w_in = _randn(2 * d, d, dtype=torch.bfloat16, seed=1) * d ** -0.5
+    w_up = _randn(2 * ffn, d, dtype=torch.bfloat16, seed=2) * d ** -0.5
+    w_down = _randn(d, ffn, dtype=torch.bfloat16, seed=3) * ffn ** -0.5
+    w_out = _randn(d, d, dtype=torch.bfloat16, seed=4) * d ** -0.5
+    scale = 1 + 0.1 * _randn(d, dtype=torch.float32, seed=5)
+    inputs = [_randn(d, dtype=torch.bfloat16, seed=10 + i) for i in range(6)]
+
+    def chain(x, prefetch):
+        h = fused.gemv(x, w_in, prefetch=prefetch)[:d]
+        r, gu = fused.norm_gemv(x, h, scale, 1e-6, w_up, prefetch=prefetch)
+        y = fused.gemv(gu, w_down, swiglu=True, prefetch=prefetch)
+        o = fused.gated_rms_norm(y.view(heads, -1), r.view(heads, -1), scale[:d // heads], 1e-6)
+        return fused.gemv(o.view(-1), w_out, prefetch=prefetch)
+
+    def plainly(prefetch):          # each kernel launched after the one before has ended
+        monkeypatch.setenv("FLASHRT_PDL", "0")
+        fused.pdl.cache_clear()
+        try:
+            return [chain(x, prefetch) for x in inputs]
+        finally:
+            monkeypatch.delenv("FLASHRT_PDL")
+            fused.pdl.cache_clear()
+
+    for prefetch in (False, True):
+        want = plainly(prefetch)
+        for x, w in zip(inputs, want):
+            assert torch.equal(chain(x, prefetch), w), f"eager, prefetch={prefetch}"
+        x_static = inputs[0].clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(x_static, prefetch)
+        for i in (3, 1, 5, 0, 2, 4):
+            x_static.copy_(inputs[i])
+            graph.replay()
+            assert torch.equal(out, want[i]), f"replay of input {i}, prefetch={prefetch}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N, K", [(64, 64), (8224, 1024), (7168, 1024), (248320, 1024), (17, 5)])
 @pytest.mark.parametrize("add", [True, False], ids=["add", "no-add"])
-def test_fused_norm_gemv_matches_the_two_kernels_it_replaces(dtype, N, K, add):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["slices", "prefetch"])
+def test_fused_norm_gemv_matches_the_two_kernels_it_replaces(dtype, N, K, add, prefetch):
     """The residual add + RMSNorm computed inside the projection's GEMV: the residual equal to
     add_rms_norm's bytes (x itself untouched), the projection close to gemv of add_rms_norm's
     output (the rms summed in another order may round the norm's output the other way)."""
@@ -434,14 +483,15 @@ def test_fused_norm_gemv_matches_the_two_kernels_it_replaces(dtype, N, K, add):
     delta = _randn(K, dtype=dtype, seed=K + 1) if add else None
     scale = 1 + 0.1 * _randn(K, dtype=torch.float32, seed=K + 2)
     before = x.clone()
-    residual, y = fused.norm_gemv(x, delta, scale, 1e-6, w)
+    residual, y = fused.norm_gemv(x, delta, scale, 1e-6, w, prefetch=prefetch)
     assert torch.equal(x, before), "norm_gemv writes the residual to a new tensor, not into x"
     want_x, h = fused.add_rms_norm(x.clone(), delta, scale, 1e-6)
     assert torch.equal(residual, want_x)
     torch.testing.assert_close(y, fused.gemv(h, w), **GEMV_TOL[dtype])
     torch.testing.assert_close(y, fused.norm_gemv_reference(x, delta, scale, 1e-6, w)[1],
                                **GEMV_TOL[dtype])
-    assert torch.equal(fused.norm_gemv(x, delta, scale, 1e-6, w)[1], y), "a fixed order"
+    assert torch.equal(fused.norm_gemv(x, delta, scale, 1e-6, w, prefetch=prefetch)[1], y), \
+        "a fixed order"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -51,6 +51,7 @@ add_rms_norm, swiglu and rope_heads on CUDA unless its runtime's kernels are "re
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -205,15 +206,73 @@ def _kernels():
     import triton
     import triton.language as tl
 
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # the interpreter has no grid dependency control; without programmatic dependent
+        # launch both instructions are no-ops on the GPU too
+        @triton.jit
+        def gdc_wait():
+            pass
+
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
+    else:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def residual(X, D, cols, cmask, HAS_DELTA: tl.constexpr):
+        # x (+ delta, rounded to x's dtype as add_rms_norm rounds it) at cols, in fp32
+        x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            x = (x + tl.load(D + cols, mask=cmask, other=0.0).to(tl.float32)
+                 ).to(X.dtype.element_ty).to(tl.float32)
+        return x
+
+    @triton.jit
+    def gemv_input(X, D, S, cols, cmask, r, K: tl.constexpr, SWIGLU: tl.constexpr,
+                   NORM: tl.constexpr, HAS_DELTA: tl.constexpr):
+        # the GEMV's input at cols, in fp32, rounded where the references round it
+        if SWIGLU:
+            # swiglu_kernel's rounding points: silu(gate) rounds, then its product with up
+            g = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+            u = tl.load(X + K + cols, mask=cmask, other=0.0).to(tl.float32)
+            sg = (g * tl.sigmoid(g)).to(X.dtype.element_ty).to(tl.float32)
+            x = (sg * u).to(X.dtype.element_ty).to(tl.float32)
+        elif NORM:
+            # the residual again (from L1/L2) and the norm's output, rounded where
+            # add_rms_norm rounds it
+            x = residual(X, D, cols, cmask, HAS_DELTA)
+            scale = tl.load(S + cols, mask=cmask, other=0.0).to(tl.float32)
+            x = (x * r * scale).to(X.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+        return x
+
+    # what the kernels call, also as this module's globals: Triton's interpreter recompiles each
+    # kernel from its source against those (a kernel's closure is not seen there)
+    globals().update(gdc_wait=gdc_wait, gdc_launch_dependents=gdc_launch_dependents,
+                     residual=residual, gemv_input=gemv_input)
+
     @triton.jit
     def gemv_kernel(X, W, Y, N, stride_w, D, S, R, eps, K: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
-                    HAS_DELTA: tl.constexpr):
-        # BN rows of W per program; the products summed per column slot first and across the
-        # slots once at the end (a fixed order: the same bits on every run)
+                    HAS_DELTA: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr):
+        # BN rows of W per program. PREFETCH (launched with programmatic dependent launch): the
+        # program's whole [BN, K] tile of W is read before it waits for the kernel before it
+        # (the weights are no output of any kernel), so the tile's read overlaps that kernel's
+        # end, and the input is read after the wait; the products summed in one reduction per
+        # row. Otherwise in column slices of BK: the products summed per column slot first and
+        # across the slots once at the end. Either is a fixed order: the same bits on every run.
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rmask = rows < N
+        gdc_launch_dependents()
+        if PREFETCH:
+            kcols = tl.arange(0, KP)
+            w_all = tl.load(W + rows[:, None] * stride_w + kcols[None, :],
+                            mask=rmask[:, None] & (kcols < K)[None, :], other=0.0)
+        gdc_wait()
+        r = 0.0
         if NORM:
             # add_rms_norm_kernel's pass, made by every program over the whole (short) input:
             # the rounded residual x + delta (written by program 0) and its rms
@@ -221,38 +280,25 @@ def _kernels():
             for k0 in tl.static_range(0, K, BK):
                 cols = k0 + tl.arange(0, BK)
                 cmask = cols < K
-                x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
+                x = residual(X, D, cols, cmask, HAS_DELTA)
                 if HAS_DELTA:
-                    x = (x + tl.load(D + cols, mask=cmask, other=0.0).to(tl.float32)
-                         ).to(X.dtype.element_ty).to(tl.float32)
                     tl.store(R + cols, x.to(R.dtype.element_ty), mask=cmask & (pid == 0))
                 ss += x * x
             r = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
-        acc = tl.zeros([BN, BK], dtype=tl.float32)
-        for k0 in tl.static_range(0, K, BK):
-            cols = k0 + tl.arange(0, BK)
-            cmask = cols < K
-            if SWIGLU:
-                # swiglu_kernel's rounding points: silu(gate) rounds, then its product with up
-                g = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
-                u = tl.load(X + K + cols, mask=cmask, other=0.0).to(tl.float32)
-                sg = (g * tl.sigmoid(g)).to(X.dtype.element_ty).to(tl.float32)
-                x = (sg * u).to(X.dtype.element_ty).to(tl.float32)
-            elif NORM:
-                # the residual again (from L1/L2) and the norm's output, rounded where
-                # add_rms_norm rounds it
-                x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
-                if HAS_DELTA:
-                    x = (x + tl.load(D + cols, mask=cmask, other=0.0).to(tl.float32)
-                         ).to(X.dtype.element_ty).to(tl.float32)
-                scale = tl.load(S + cols, mask=cmask, other=0.0).to(tl.float32)
-                x = (x * r * scale).to(X.dtype.element_ty).to(tl.float32)
-            else:
-                x = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
-            w = tl.load(W + rows[:, None] * stride_w + cols[None, :],
-                        mask=rmask[:, None] & cmask[None, :], other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-        tl.store(Y + rows, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=rmask)
+        if PREFETCH:
+            x = gemv_input(X, D, S, kcols, kcols < K, r, K, SWIGLU, NORM, HAS_DELTA)
+            y = tl.sum(w_all.to(tl.float32) * x[None, :], 1)
+        else:
+            acc = tl.zeros([BN, BK], dtype=tl.float32)
+            for k0 in tl.static_range(0, K, BK):
+                cols = k0 + tl.arange(0, BK)
+                cmask = cols < K
+                x = gemv_input(X, D, S, cols, cmask, r, K, SWIGLU, NORM, HAS_DELTA)
+                w = tl.load(W + rows[:, None] * stride_w + cols[None, :],
+                            mask=rmask[:, None] & cmask[None, :], other=0.0)
+                acc += w.to(tl.float32) * x[None, :]
+            y = tl.sum(acc, 1)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rmask)
 
     @triton.jit
     def add_rms_norm_kernel(X, D, H, S, eps, N: tl.constexpr, BLOCK: tl.constexpr,
@@ -349,6 +395,7 @@ def _kernels():
                               BLOCK: tl.constexpr):
         # one program per row of [T * H, D]; z's rows are those of a [T, H, D] view whose token
         # stride is z_stride (a column slice of the input projection)
+        gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
@@ -490,6 +537,7 @@ def _kernels():
     def decode_attention_combine_kernel(OP, MP, LP, GATE, META, OUT, NSPLIT,
                                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                                         BLOCK_D: tl.constexpr, SPLIT_: tl.constexpr):
+        gdc_launch_dependents()
         h = tl.program_id(0)
         j, gi = h // G, h % G
         L = tl.load(META).to(tl.int32) + 1
@@ -536,31 +584,51 @@ def gemv_config(N: int, K: int) -> tuple[int, int]:
     return 2, min(2048, _pow2(K))
 
 
-def gemv(x, w, config: tuple[int, int] | None = None, swiglu: bool = False):
-    """Fused `gemv_reference`: x contiguous [K] ([2K] with swiglu), w [N, K] with unit column
-    stride. `config` (BN, BK) overrides gemv_config (bench/bench_kernels.py compares tiles)."""
+# Programmatic dependent launch (Hopper and later): a GEMV is launched while the kernel before
+# it still runs, reads its weight tile (at most GEMV_PREFETCH elements per program, else it only
+# waits), then waits for that kernel's end and writes; the kernels before a GEMV in a step
+# release it at their start. FLASHRT_PDL=0 launches every GEMV plainly, after the kernel before.
+GEMV_PREFETCH = 8192
+
+
+@functools.cache
+def pdl(device: torch.device) -> bool:
+    """Whether `gemv` and `norm_gemv` launch with programmatic dependent launch on `device`."""
+    if os.environ.get("FLASHRT_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _gemv(x, w, y, delta, scale, residual, eps, config, prefetch, swiglu=False, norm=False):
     N, K = w.shape
-    y = x.new_empty(N)
     bn, bk = config or gemv_config(N, K)
-    _kernels()["gemv"][(triton_cdiv(N, bn),)](x, w, y, N, w.stride(0), x, x, x, 0.0, K=K, BN=bn,
-                                              BK=bk, SWIGLU=swiglu, NORM=False, HAS_DELTA=False,
-                                              num_warps=4)
+    launch = pdl(x.device)
+    if prefetch is None:
+        prefetch = launch and bn * _pow2(K) <= GEMV_PREFETCH
+    _kernels()["gemv"][(triton_cdiv(N, bn),)](
+        x, w, y, N, w.stride(0), x if delta is None else delta, scale, residual, eps, K=K, BN=bn,
+        BK=bk, SWIGLU=swiglu, NORM=norm, HAS_DELTA=delta is not None, PREFETCH=prefetch,
+        KP=_pow2(K), num_warps=4, launch_pdl=launch)
     return y
 
 
-def norm_gemv(x, delta, scale, eps, w, config: tuple[int, int] | None = None):
+def gemv(x, w, config: tuple[int, int] | None = None, swiglu: bool = False,
+         prefetch: bool | None = None):
+    """Fused `gemv_reference`: x contiguous [K] ([2K] with swiglu), w [N, K] with unit column
+    stride. `config` (BN, BK) overrides gemv_config (bench/bench_kernels.py compares tiles);
+    `prefetch` overrides the choice of the whole-tile form (None: the device's, see `pdl`)."""
+    return _gemv(x, w, x.new_empty(w.shape[0]), None, x, x, 0.0, config, prefetch, swiglu=swiglu)
+
+
+def norm_gemv(x, delta, scale, eps, w, config: tuple[int, int] | None = None,
+              prefetch: bool | None = None):
     """Fused `norm_gemv_reference`, one kernel for the residual add, the RMSNorm after it and the
     projection that reads the norm: x, delta contiguous [K] (delta None: no add), scale [K] fp32,
     w [N, K] -> (x + delta in a new tensor, y [N]). x itself is not written: every program reads
     it whole for the rms while the first one writes the sum."""
-    N, K = w.shape
-    y = x.new_empty(N)
     residual = x if delta is None else torch.empty_like(x)
-    bn, bk = config or gemv_config(N, K)
-    _kernels()["gemv"][(triton_cdiv(N, bn),)](x, w, y, N, w.stride(0), x if delta is None else
-                                              delta, scale, residual, eps, K=K, BN=bn, BK=bk,
-                                              SWIGLU=False, NORM=True,
-                                              HAS_DELTA=delta is not None, num_warps=4)
+    y = _gemv(x, w, x.new_empty(w.shape[0]), delta, scale, residual, eps, config, prefetch,
+              norm=True)
     return residual, y
 
 
