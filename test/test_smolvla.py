@@ -154,6 +154,19 @@ def test_the_sampler_is_state_a_fork_with_another_seed_samples_another_chunk(cas
     assert not np.allclose(rt.predict_action_chunk(batch), a)
 
 
+def test_warm_up_puts_the_arena_back_and_changes_no_chunk(case):
+    """VLARuntime.warm_up (the node's configure runs it) runs every plan and leaves the arena's
+    bytes as they were: the chunks after it are LeRobot's, as without it."""
+    name, _, ref, meta = case
+    rt = runtime(os.path.join(DATA, name))
+    before = rt.arena.base.clone()
+    assert rt.warm_up() > 0
+    assert torch.equal(rt.arena.base, before)
+    for k in range(meta["chunk_calls"]):
+        close(rt.predict_action_chunk(chunk_batch(ref, meta, k),
+                                      noise=ref["chunk.noise"][k].numpy()), ref["chunk.action"][k])
+
+
 def test_rollback_returns_the_queue_and_the_sampler(case):
     name, rt, ref, meta = case
     rt.reset()

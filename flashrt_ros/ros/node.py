@@ -212,9 +212,10 @@ class PolicyNode(CapsuleServices, InstructionInput, NodeParameters, StatusReport
             node_cfg, rt_cfg, store_cfg = configs_from_values(self._param_values())
             rt, late = self._build_runtime(node_cfg, rt_cfg, phase)
             model_cfg = rt.model_cfg
-            if node_cfg.warm_up and isinstance(rt, PolicyRuntime):
+            if node_cfg.warm_up:
                 with phase("warm-up"):
-                    took = warm_up(rt, prefill=not late)
+                    took = (warm_up(rt, prefill=not late) if isinstance(rt, PolicyRuntime)
+                            else rt.warm_up())
                 log.info(f"warm-up: every {'step ' if late else ''}plan ran once in {took:.2f} s; "
                          f"state put back")
             with phase("store"):
