@@ -41,6 +41,11 @@ step's is `gdn_step` (the math of fla's fused recurrent kernel, written here so 
 step needs no fla: importing fla loads every one of its op families, seconds of bring-up that
 now land in the background capture of the prefill plans).
 
+On Hopper and later GPUs `gemv` and `norm_gemv` launch with programmatic dependent launch
+(`pdl`): a projection's programs start while the kernel before it still runs, read their weight
+tile, and wait for that kernel only before they read the input, so the weight read of each GEMV
+overlaps the end of the kernel before it instead of following its launch gap.
+
 Only for CUDA tensors with Triton importable (`available()`). The model uses them when its
 kernels are "fla": gemv, norm_gemv, conv_step, gdn_step and the attention kernels in the
 static form (pos=None) of single-token calls; add_rms_norm, conv_rows, gated_rms_norm and

@@ -29,7 +29,7 @@ import torch
 
 from flashrt_ros.core import checkpoint, tokenizer
 from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION,
-                                    META_RNG_COUNTER, META_RNG_SEED, META_STEP, ArenaViews,
+                                    META_RNG_SEED, META_STEP, ArenaViews,
                                     StateArena, StaticIO)
 from flashrt_ros.core.config import TINY, ModelConfig, RuntimeConfig
 from flashrt_ros.core.exceptions import ConfigError, InputError
@@ -38,6 +38,7 @@ from flashrt_ros.core.models.qwen3_5.policy_qwen3_5 import Qwen3_5Policy, digest
 from flashrt_ros.core.plans import StepPlan
 from flashrt_ros.core.rollback import RollbackRing
 from flashrt_ros.core.seeded import check_seed
+from flashrt_ros.core.state_runtime import StateRuntime
 
 # Where the static form of a prefill chunk attends over all max_context rows under a mask (no
 # fused kernels: the reference kernels on CUDA), chunks up to this length are captured and longer
@@ -48,7 +49,7 @@ GRAPH_PREFILL_MAX = 256
 STEP_PLANS = ("observation", "token", "lm_head")
 
 
-class PolicyRuntime:
+class PolicyRuntime(StateRuntime):
     def __init__(self, model_cfg: ModelConfig = TINY, runtime_cfg: RuntimeConfig | None = None,
                  progress=None, model_dir: checkpoint_qwen3_5.ModelDir | None = None, lock=None,
                  late_plans: bool = False):
@@ -503,23 +504,7 @@ class PolicyRuntime:
                              f"leave the seed out")
         check_seed(seed, "noise seed")
 
-    def seed_noise(self, seed: int) -> None:
-        """Restart the arena's action-noise sampler at `seed` (a branch that should sample
-        differently); the state after it is what rollback and reset(keep_context=True) return to."""
-        self.check_noise_seed(seed)
-        with self.lock:
-            self.arena.meta[META_RNG_SEED].fill_(seed)
-            self.arena.meta[META_RNG_COUNTER].fill_(0)
-            self.ring.rebase(self.step_count, self.position, self.episode)
-
     # -- capsule support ------------------------------------------------------------------
-    def live_nbytes(self) -> int:
-        return self.arena.live_nbytes(self.position)
-
-    def live_state(self) -> torch.Tensor:
-        """A view of the live state bytes (valid until the next call that changes state)."""
-        return self.arena.live_bytes(self.position)
-
     def restore_state(self, src: torch.Tensor, known: tuple | None = None,
                       refer: torch.Tensor | None = None) -> None:
         """Copy capsule bytes into the live arena (same device or host), then adopt their metadata.

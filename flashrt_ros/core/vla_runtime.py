@@ -34,17 +34,17 @@ import torch
 
 from flashrt_ros.core import fused
 from flashrt_ros.core.arena import (META_CONTEXT_LEN, META_EPISODE, META_LEN, META_POSITION,
-                                    META_RNG_COUNTER, META_RNG_SEED, META_STEP, StateArena)
+                                    META_RNG_SEED, META_STEP, StateArena)
 from flashrt_ros.core.config import RuntimeConfig, resolve_device
 from flashrt_ros.core.exceptions import ConfigError, InputError
 from flashrt_ros.core.plans import StepPlan
 from flashrt_ros.core.rollback import RollbackRing
-from flashrt_ros.core.seeded import check_seed
+from flashrt_ros.core.state_runtime import StateRuntime
 
 PLANS = ("noise", "prefix", "denoise")
 
 
-class VLARuntime:
+class VLARuntime(StateRuntime):
     def __init__(self, src, runtime_cfg: RuntimeConfig | None = None, progress=None, lock=None):
         """A runtime for a VLA checkpoint read by its family's loader (`src`: e.g. a
         `SmolVLADir`); use `PolicyRuntime.from_pretrained`."""
@@ -115,18 +115,6 @@ class VLARuntime:
         self.position, self.step_count = int(meta[META_POSITION]), int(meta[META_STEP])
         self.episode, self.context_len = int(meta[META_EPISODE]), int(meta[META_CONTEXT_LEN])
         self.queue_left = int(self.arena["queue_left"][0])
-
-    def check_noise_seed(self, seed) -> None:
-        """Refuse what `seed_noise` would refuse, changing nothing."""
-        check_seed(seed)
-
-    def seed_noise(self, seed: int) -> None:
-        """Restart the arena's noise sampler at `seed` (a fork that should sample differently)."""
-        self.check_noise_seed(seed)
-        with self.lock:
-            self.arena.meta[META_RNG_SEED].fill_(seed)
-            self.arena.meta[META_RNG_COUNTER].fill_(0)
-            self.ring.rebase(self.step_count, self.position, self.episode)
 
     def warm_up(self) -> float:
         """Run each plan once on the inputs as they are and put back the exact arena bytes;
@@ -200,12 +188,6 @@ class VLARuntime:
             return self.step_count, self.position
 
     # -- capsule support ------------------------------------------------------------------------
-    def live_nbytes(self) -> int:
-        return self.arena.live_nbytes(self.position)
-
-    def live_state(self) -> torch.Tensor:
-        return self.arena.live_bytes(self.position)
-
     def restore_state(self, src: torch.Tensor, known: tuple | None = None,
                       refer: torch.Tensor | None = None) -> None:
         """As `PolicyRuntime.restore_state`: capsule bytes copied into the arena, then adopted
