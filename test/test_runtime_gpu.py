@@ -561,6 +561,28 @@ def test_fused_prefill_attention_matches_its_reference(dtype, H, Hkv, D, max_ctx
     assert torch.equal(prefill_attention(q, gate, kv, meta), got), "not deterministic"
 
 
+@pytest.mark.parametrize("T, pos", [(16, 16600), (256, 16000), (1024, 1024), (4096, 12288)])
+def test_every_benchmarked_prefill_attention_tile_matches_the_reference(T, pos):
+    """Each tile configuration bench/bench_prefill_attention.py compares (the default's
+    candidates) on hybrid-0.8b's shapes in bf16: the same values as the reference."""
+    from bench.bench_prefill_attention import CONFIGS
+    from flashrt_ros.core.arena import META_LEN
+    from flashrt_ros.core.models.qwen3_5.prefill_attention_qwen3_5 import (
+        prefill_attention, prefill_attention_reference)
+    H, Hkv, D, max_ctx = 8, 2, 256, 16640
+    proj = _randn(T, (2 * H + 2 * Hkv) * D, dtype=torch.bfloat16, seed=pos + T)
+    q, gate = proj[:, :2 * H * D].view(T, H, 2, D).unbind(2)
+    kv = _randn(max_ctx, 3, 2, Hkv, D, dtype=torch.bfloat16, seed=pos + 1)[:, 1]
+    kv[pos + T:] = 1e3
+    meta = torch.zeros(META_LEN, dtype=torch.int64, device="cuda")
+    meta[0] = pos
+    want = prefill_attention_reference(q, gate, kv, meta)
+    for config in CONFIGS.split(","):
+        got = prefill_attention(q, gate, kv, meta, tuple(int(v) for v in config.split("x")))
+        torch.testing.assert_close(got, want, **FUSED_TOL[torch.bfloat16],
+                                   msg=lambda m, c=config: f"tiles {c}: {m}")
+
+
 # the state is fp32 on both sides; what differs is the order of the K-sums and exp/log
 GDN_STATE_TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -172,15 +172,19 @@ MIN_SPLIT_ROWS = 256
 
 def prefill_attention_config(rows: int, D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `rows` = T * G folded query rows of head
-    dim D. Half-precision tiles for the tensor cores: 128 rows (64 for a short chunk, most of a
-    larger tile would be padding) by 32 KV rows, two stages (a head dim of 256 in 64-row KV tiles
-    and three stages would need more shared memory than an H100 has); fp32 (exact dot
-    products, tiny models) in small tiles."""
+    dim D, fixed by the shape (one captured plan serves every position). Half-precision tiles
+    for the tensor cores, two stages, from bench/bench_prefill_attention.py on an H100
+    (hybrid-0.8b, head dim 256; docs/benchmarks.md): a long chunk (a 4096-token bucket) in
+    128 x 64 tiles, 8 warps (1.31 ms at position 12288, 128 x 32 took 1.69); a middle one in
+    64 x 64, 4 warps; a chunk of <= 64 rows in 128 x 32, 8 warps (its rows are few, its KV
+    splits many). fp32 (exact dot products, tiny models) in small tiles."""
     if dtype == torch.float32:
         return 32, 32, 4, 1
     if rows <= 64:
-        return 64, 32, 4, 2
-    return 128, 32, 8, 2
+        return 128, 32, 8, 2
+    if rows <= 4096:
+        return 64, 64, 4, 2
+    return 128, 64, 8, 2
 
 
 def prefill_attention_splits(blocks: int, max_ctx: int) -> int:
