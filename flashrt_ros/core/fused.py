@@ -211,18 +211,9 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        # the interpreter has no grid dependency control; without programmatic dependent
-        # launch both instructions are no-ops on the GPU too
-        @triton.jit
-        def gdc_wait():
-            pass
-
-        @triton.jit
-        def gdc_launch_dependents():
-            pass
-    else:
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    # grid dependency control (programmatic dependent launch): PTX of sm_90 and later, so every
+    # kernel issues it only under its constexpr PDL (see `pdl`)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def residual(X, D, cols, cmask, HAS_DELTA: tl.constexpr):
@@ -261,7 +252,8 @@ def _kernels():
     @triton.jit
     def gemv_kernel(X, W, Y, N, stride_w, D, S, R, eps, K: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
-                    HAS_DELTA: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr):
+                    HAS_DELTA: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr,
+                    PDL: tl.constexpr):
         # BN rows of W per program. PREFETCH (launched with programmatic dependent launch): the
         # program's whole [BN, K] tile of W is read before it waits for the kernel before it
         # (the weights are no output of any kernel), so the tile's read overlaps that kernel's
@@ -271,12 +263,14 @@ def _kernels():
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rmask = rows < N
-        gdc_launch_dependents()
+        if PDL:
+            gdc_launch_dependents()
         if PREFETCH:
             kcols = tl.arange(0, KP)
             w_all = tl.load(W + rows[:, None] * stride_w + kcols[None, :],
                             mask=rmask[:, None] & (kcols < K)[None, :], other=0.0)
-        gdc_wait()
+        if PDL:
+            gdc_wait()
         r = 0.0
         if NORM:
             # add_rms_norm_kernel's pass, made by every program over the whole (short) input:
@@ -397,10 +391,12 @@ def _kernels():
 
     @triton.jit
     def gated_rms_norm_kernel(O, Z, W, Y, eps, z_stride, HV, D: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              BLOCK: tl.constexpr, PDL: tl.constexpr):
         # one program per row of [T * H, D]; z's rows are those of a [T, H, D] view whose token
-        # stride is z_stride (a column slice of the input projection)
-        gdc_launch_dependents()
+        # stride is z_stride (a column slice of the input projection); PDL: the GEMV after it
+        # may start
+        if PDL:
+            gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
@@ -541,8 +537,10 @@ def _kernels():
     @triton.jit
     def decode_attention_combine_kernel(OP, MP, LP, GATE, META, OUT, NSPLIT,
                                         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                                        BLOCK_D: tl.constexpr, SPLIT_: tl.constexpr):
-        gdc_launch_dependents()
+                                        BLOCK_D: tl.constexpr, SPLIT_: tl.constexpr,
+                                        PDL: tl.constexpr):
+        if PDL:             # the o_proj GEMV after it may start
+            gdc_launch_dependents()
         h = tl.program_id(0)
         j, gi = h // G, h % G
         L = tl.load(META).to(tl.int32) + 1
@@ -598,7 +596,9 @@ GEMV_PREFETCH = 8192
 
 @functools.cache
 def pdl(device: torch.device) -> bool:
-    """Whether `gemv` and `norm_gemv` launch with programmatic dependent launch on `device`."""
+    """Whether `gemv` and `norm_gemv` launch with programmatic dependent launch on `device`:
+    compute capability 9.0 or later (the grid dependency control instructions are sm_90 PTX;
+    an older GPU, such as a Jetson Orin, compiles the kernels without them)."""
     if os.environ.get("FLASHRT_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
@@ -613,7 +613,7 @@ def _gemv(x, w, y, delta, scale, residual, eps, config, prefetch, swiglu=False, 
     _kernels()["gemv"][(triton_cdiv(N, bn),)](
         x, w, y, N, w.stride(0), x if delta is None else delta, scale, residual, eps, K=K, BN=bn,
         BK=bk, SWIGLU=swiglu, NORM=norm, HAS_DELTA=delta is not None, PREFETCH=prefetch,
-        KP=_pow2(K), num_warps=4, launch_pdl=launch)
+        KP=_pow2(K), PDL=launch, num_warps=4, launch_pdl=launch)
     return y
 
 
@@ -714,7 +714,8 @@ def gated_rms_norm(o, z, weight, eps):
     y = torch.empty_like(o)
     z_stride = z.stride(0) if z.dim() == 3 else H * D
     _kernels()["gated_rms_norm"][(o.numel() // D,)](o, z, weight, y, eps, z_stride, H, D=D,
-                                                    BLOCK=_pow2(D), num_warps=1)
+                                                    BLOCK=_pow2(D), PDL=pdl(o.device),
+                                                    num_warps=1)
     return y
 
 
@@ -758,7 +759,8 @@ def decode_attention(q, gate, kv, meta):
         num_stages=2 if fp32 else 3)
     out = q.new_empty(H, D)
     k["decode_attention_combine"][(H,)](op, mp, lp, gate, meta, out, nsplit, G=G, GP=GP, D=D,
-                                        BLOCK_D=BD, SPLIT_=SPLIT, num_warps=1)
+                                        BLOCK_D=BD, SPLIT_=SPLIT, PDL=pdl(q.device),
+                                        num_warps=1)
     return out
 
 
