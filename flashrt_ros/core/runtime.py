@@ -419,9 +419,12 @@ class PolicyRuntime(StateRuntime):
         obs_t = self._check_obs(obs)
         self.io.obs.copy_(obs_t, non_blocking=True)
         self.plans["observation"].run()
+        action = self.io.action.cpu().numpy().copy()
         self.step_count += 1
+        # the rollback ring's copy of the committed state is queued after the chunk is read, so
+        # the call does not wait for it (on CUDA the next plan runs after it on the same stream)
         self._commit()
-        return self.io.action.cpu().numpy().copy()
+        return action
 
     def check_observation(self, obs) -> None:
         """Raise InputError unless `obs` is what `step` accepts (obs_dim finite numbers); changes
@@ -462,9 +465,9 @@ class PolicyRuntime(StateRuntime):
             out.append(tok)
             self.io.token.copy_(self.io.next_token)
             self.plans["token"].run()
+            tok = int(self.io.next_token.item())        # before the ring's copy, as in step
             self.position += 1
             self._commit()
-            tok = int(self.io.next_token.item())
         return out
 
     def next_token(self) -> int:
