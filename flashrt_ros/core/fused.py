@@ -254,12 +254,13 @@ def _kernels():
                     BK: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
                     HAS_DELTA: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr,
                     PDL: tl.constexpr):
-        # BN rows of W per program. PREFETCH (launched with programmatic dependent launch): the
-        # program's whole [BN, K] tile of W is read before it waits for the kernel before it
-        # (the weights are no output of any kernel), so the tile's read overlaps that kernel's
-        # end, and the input is read after the wait; the products summed in one reduction per
-        # row. Otherwise in column slices of BK: the products summed per column slot first and
-        # across the slots once at the end. Either is a fixed order: the same bits on every run.
+        # BN rows of W per program. PREFETCH (the form for a programmatic dependent launch,
+        # PDL): the program's whole [BN, K] tile of W is read before it waits for the kernel
+        # before it (the weights are no output of any kernel), so the tile's read overlaps that
+        # kernel's end, and the input is read after the wait; the products summed in one
+        # reduction per row. Otherwise in column slices of BK: the products summed per column
+        # slot first and across the slots once at the end. Either is a fixed order: the same
+        # bits on every run. Nothing is written before the wait.
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rmask = rows < N
