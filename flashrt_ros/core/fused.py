@@ -605,8 +605,10 @@ def pdl(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _gemv(x, w, y, delta, scale, residual, eps, config, prefetch, swiglu=False, norm=False):
+def _gemv(x, w, delta, scale, residual, eps, config, prefetch, swiglu=False, norm=False):
+    """Launch gemv_kernel for `gemv` and `norm_gemv` -> y [N]."""
     N, K = w.shape
+    y = x.new_empty(N)
     bn, bk = config or gemv_config(N, K)
     launch = pdl(x.device)
     if prefetch is None:
@@ -623,7 +625,7 @@ def gemv(x, w, config: tuple[int, int] | None = None, swiglu: bool = False,
     """Fused `gemv_reference`: x contiguous [K] ([2K] with swiglu), w [N, K] with unit column
     stride. `config` (BN, BK) overrides gemv_config (bench/bench_kernels.py compares tiles);
     `prefetch` overrides the choice of the whole-tile form (None: the device's, see `pdl`)."""
-    return _gemv(x, w, x.new_empty(w.shape[0]), None, x, x, 0.0, config, prefetch, swiglu=swiglu)
+    return _gemv(x, w, None, x, x, 0.0, config, prefetch, swiglu=swiglu)
 
 
 def norm_gemv(x, delta, scale, eps, w, config: tuple[int, int] | None = None,
@@ -633,9 +635,7 @@ def norm_gemv(x, delta, scale, eps, w, config: tuple[int, int] | None = None,
     w [N, K] -> (x + delta in a new tensor, y [N]). x itself is not written: every program reads
     it whole for the rms while the first one writes the sum."""
     residual = x if delta is None else torch.empty_like(x)
-    y = _gemv(x, w, x.new_empty(w.shape[0]), delta, scale, residual, eps, config, prefetch,
-              norm=True)
-    return residual, y
+    return residual, _gemv(x, w, delta, scale, residual, eps, config, prefetch, norm=True)
 
 
 def add_rms_norm(x, delta, scale, eps, round_first: bool = False):

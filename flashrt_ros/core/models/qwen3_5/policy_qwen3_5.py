@@ -147,7 +147,8 @@ class Qwen3_5Policy(Policy):
     def static_prefill_any_length(self) -> bool:
         """Whether the static form of a prefill chunk attends over the live prefix only (the
         GPU's fused kernels: prefill_attention_qwen3_5.py), so a chunk of any length can be
-        captured at the cost of running it; else it attends over all max_context rows under a mask."""
+        captured at the cost of running it; else it attends over all max_context rows under a
+        mask."""
         return self.backbone.model.fused
 
     def prepare(self) -> None:
