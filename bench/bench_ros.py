@@ -16,7 +16,8 @@ ROS_DOMAIN_ID unless one is set):
             Reports the node's deadline misses (a tick whose step did not commit within one period
             of its scheduled time, plus ticks rcl skipped), the largest lateness, and whether the
             step numbers of the action chunks received are continuous (each one more than the
-            last), plus the storm's own round trips.
+            last), plus the storm's own round trips. Before the storm, the same deadline figures
+            while the node captures its prefill plans in the background (until it says ready).
 
 Not a test: numbers go to `<out>.md`, `<out>.json` and `<out>.png` (default docs/bench/ros-cpu).
 Other work on the machine shows up in these figures: the load average before and after is recorded.
@@ -77,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--storm-hz", type=float, default=50.0,
                    help="storm: capsule calls per second (default %(default)s)")
     p.add_argument("--duration", type=float, default=20.0, help="storm: seconds (default %(default)s)")
+    p.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="storm: seconds to wait for the node's late plans (default %(default)s)")
     p.add_argument("--nice", type=int, default=-10,
                    help="storm: also run it with the node's `nice` parameter at this value, when "
                         "permitted (0 = do not; default %(default)s)")
@@ -335,6 +338,25 @@ def storm_worker(spec: str) -> int:
     return 0
 
 
+def late_plans_window(c, timeout: float) -> dict:
+    """The control loop while the node warms up and captures its prefill plans in the background
+    (`capture_prefill: background`): waits until its diagnostics say every plan is ready, then
+    takes the deadline figures, which then cover the ticks from the first one to that point."""
+    t0 = time.perf_counter()
+    d = c.fresh_diagnostics()
+    while not d.get("bringup", "").startswith("ready"):
+        if time.perf_counter() - t0 > timeout:
+            raise SystemExit(f"timed out after {timeout} s waiting for the late plans "
+                             f"({d.get('bringup')})")
+        d = c.fresh_diagnostics()
+    return {"waited_s": time.perf_counter() - t0, "bringup": d["bringup"],
+            "ticks": int(d["ticks"]), "deadline_misses": int(d["deadline_misses"]),
+            "late_steps": int(d["late_steps"]), "skipped_ticks": int(d["skipped_ticks"]),
+            "lateness_ms": {"p50": float(d["p50_lateness_ms"]), "p99": float(d["p99_lateness_ms"]),
+                            "max": float(d["max_lateness_ms"])},
+            "p99_step_ms": float(d["p99_step_ms"])}
+
+
 def run_storm(args, workdir, obs_dim, nice=0):
     params = node_params(args, workdir, control_mode="timer", control_rate_hz=float(args.rate),
                          nice=nice)
@@ -359,6 +381,7 @@ def run_storm(args, workdir, obs_dim, nice=0):
                                       f"{args.duration + 15}\nwhile time.time() < end: pass"])
                     for _ in range(args.hogs)]
             c.wait(lambda: len(c.actions) > 30, 20, "the control loop")
+            warmups = late_plans_window(c, args.ready_timeout)
             before = c.fresh_diagnostics()
             n0 = len(c.actions)
             storm = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--storm-worker",
@@ -389,7 +412,7 @@ def run_storm(args, workdir, obs_dim, nice=0):
             gaps = sum(1 for a, b in zip(steps, steps[1:]) if b != a + 1)
             d = {k: int(after[k]) - int(before.get(k, 0)) for k in
                  ("deadline_misses", "late_steps", "skipped_ticks", "ticks", "stale_observations")}
-            return {"storm": result, "actions": len(steps), "step_gaps": gaps,
+            return {"storm": result, "warmups": warmups, "actions": len(steps), "step_gaps": gaps,
                     "first_step": steps[0] if steps else None, "last_step": steps[-1] if steps else None,
                     "node": d, "max_lateness_ms_whole_run": float(after["max_lateness_ms"]),
                     "lateness_ms_last_1000": {"p50": float(after["p50_lateness_ms"]),
@@ -465,13 +488,24 @@ def write_report(args, env, results):
 
         def row(label, fn):
             return [label] + [fn(r) for _, r in storms]
+
+        def warmups(r, fn):         # a JSON written before the window was measured has none
+            return fn(r["warmups"]) if r.get("warmups") else "-"
         md += ["", f"## Timer mode at {args.rate:g} Hz under a storm of capsule calls"
                + (f", with {args.hogs} CPU-bound processes competing" if args.hogs else ""), ""]
         md += table(["measured"] + heads, [
             row("capsule calls (snapshot, list, fork, delete) / s", lambda r: (
                 f"{r['storm']['calls'] / r['storm']['seconds']:.1f} ({r['storm']['calls']} in "
                 f"{r['storm']['seconds']:.1f} s, {r['storm']['failed']} failed)")),
-            row("control ticks in the storm window", lambda r: r["node"]["ticks"]),
+            row("while the prefill plans are captured in the background: ticks, **deadline "
+                "misses**", lambda r: warmups(r, lambda w: (
+                    f"{w['ticks']}, **{w['deadline_misses']}** ({w['late_steps']} late, "
+                    f"{w['skipped_ticks']} skipped)"))),
+            row("... tick -> committed step p50 / p99 / max (ms); node step p99", lambda r: warmups(
+                r, lambda w: (f"{w['lateness_ms']['p50']:.3f} / {w['lateness_ms']['p99']:.3f} / "
+                              f"{w['lateness_ms']['max']:.3f}; {w['p99_step_ms']:.3f}"))),
+            row("control ticks in the storm window (after the plans are ready)",
+                lambda r: r["node"]["ticks"]),
             row("**deadline misses** (late commits + skipped ticks)", lambda r: (
                 f"**{r['node']['deadline_misses']}** ({r['node']['late_steps']} late, "
                 f"{r['node']['skipped_ticks']} skipped)")),
@@ -490,7 +524,10 @@ def write_report(args, env, results):
         md += ["", "A deadline miss is a tick whose step has not committed one period after the "
                "tick's scheduled time, or a tick rcl skipped because the executor was more than a "
                "period late (node.py, DeadlineMonitor). Step-number gaps: action chunks whose step is "
-               "not the previous one plus one (a skipped tick steps nothing, so it leaves no gap)."]
+               "not the previous one plus one (a skipped tick steps nothing, so it leaves no gap). "
+               "The background rows: from the node's first tick until its diagnostics say every "
+               "late plan is ready (core/bringup.py: warm-ups on a side stream, each capture "
+               "under the runtime's lock between two steps); the storm starts after that."]
     md += ["", f"Load average (1/5/15 min) before: {results['load_before']}, after: {results['load_after']}."]
     plot({"environment": env, "results": results}, args.out + ".png")
     md += ["", f"![plot]({os.path.basename(args.out)}.png)"]

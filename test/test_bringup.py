@@ -8,6 +8,7 @@ instructions, decodes and resets and are compared byte for byte (on the CPU the 
 runs and captures nothing; the GPU variants skip without a GPU). The node variant compares a
 node whose prefill plans come in the background with one that captures them at configure.
 """
+import gc
 import itertools
 import json
 import os
@@ -24,7 +25,6 @@ from flashrt_ros.core.bringup import (CAPTURED, PENDING, READY, LatePlans, Phase
 from flashrt_ros.core.config import TINY, RuntimeConfig
 from flashrt_ros.core.exceptions import ConfigError
 from flashrt_ros.core.runtime import STEP_PLANS, PolicyRuntime
-from flashrt_ros.core.serving import warm_up
 from flashrt_ros.ros.waiting import wait_for
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -65,9 +65,9 @@ def runtimes(device):
     """(captured all at construction and warmed up, late with only its step plans warmed up)"""
     cfg = RuntimeConfig(device=device, cache_dir="")
     reference = PolicyRuntime(runtime_cfg=cfg)
-    warm_up(reference)
+    reference.warm_up()
     late = PolicyRuntime(runtime_cfg=cfg, late_plans=True)
-    warm_up(late, prefill=False)
+    late.warm_up(prefill=False)
     return reference, late
 
 
@@ -106,8 +106,13 @@ def test_an_instruction_before_its_plans_waits_for_them(device):
         waiting.set()
 
     result = {}
+    # torch's CPU thread count is per thread (OpenMP), and it decides how sums are split: this
+    # thread steps with the count the reference steps with, as a server pins it in each thread
+    # (serving.pin_torch_threads), whatever an earlier test left in the main thread
+    threads = torch.get_num_threads()
 
     def instruction():
+        torch.set_num_threads(threads)
         late.wait_for_instruction(len(rt.tokenizer.encode(INSTRUCTION)), say=say)
         with rt.lock:
             rt.set_instruction(INSTRUCTION)
@@ -137,6 +142,34 @@ def test_plans_not_captured_yet_run_eagerly_with_the_same_bytes(device):
     assert drive(rt) == drive(reference)
     if rt.use_graphs:
         assert not any(rt.plans[n].captured for n in rt.late_plans)
+
+
+@pytest.mark.gpu
+def test_a_late_capture_runs_no_full_collection(monkeypatch):
+    """A late plan is captured under the runtime's lock while a server steps: a full collection
+    there holds the GIL for 0.1-0.3 s, and the control loop would wait as long. The collector is
+    held off during the capture instead, and on again after it."""
+    rt = PolicyRuntime(runtime_cfg=RuntimeConfig(device="cuda", cache_dir=""), late_plans=True)
+    capturing, collected = [], []
+    collect, capture_plan = gc.collect, rt.capture_plan
+
+    def counted_collect(*args, **kwargs):
+        collected.extend(capturing)
+        return collect(*args, **kwargs)
+
+    def capture(name):
+        capturing.append(name)
+        try:
+            capture_plan(name)
+        finally:
+            capturing.pop()
+    monkeypatch.setattr(gc, "collect", counted_collect)
+    monkeypatch.setattr(rt, "capture_plan", capture)
+    late = LatePlans(rt)
+    late.run()
+    assert all(s == CAPTURED for s in late.state.values()), late.errors
+    assert all(rt.plans[n].captured for n in late.order if rt.plans[n].graph_eligible)
+    assert collected == [] and gc.isenabled()
 
 
 def test_schedule_runs_the_shortest_chunks_first_and_skips_unusable_buckets():

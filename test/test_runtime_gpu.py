@@ -390,13 +390,15 @@ def test_fused_row_kernels_match_their_references(dtype, T):
             assert part_k.is_contiguous()
             torch.testing.assert_close(part_k, part_ref, **tol)
         assert torch.equal(cs_k, cs_ref), "the conv state shift is a copy: it must be exact"
-    # z as the model passes it: a column slice of the input projection, rows of stride 2 H D
-    Hv, Dv = 16, 128
-    o = _randn(T, Hv, Dv, dtype=dtype, seed=T + 3)
-    z = _randn(T, 2 * Hv * Dv, dtype=dtype, seed=T + 4)[:, Hv * Dv:].view(T, Hv, Dv)
-    w = (1 + 0.1 * _randn(Dv, dtype=torch.float32, seed=9)).to(dtype)
-    torch.testing.assert_close(fused.gated_rms_norm(o, z, w, 1e-6),
-                               fused.gated_rms_norm_reference(o, z, w, 1e-6), **tol)
+    # z as the model passes it: a column slice of the input projection, rows of stride 2 H D;
+    # the model's heads, and heads of another width whose rows (T 300: 1500) do not fill the
+    # last block of GATED_NORM_ROWS
+    for Hv, Dv in ((16, 128), (5, 100)):
+        o = _randn(T, Hv, Dv, dtype=dtype, seed=T + 3)
+        z = _randn(T, 2 * Hv * Dv, dtype=dtype, seed=T + 4)[:, Hv * Dv:].view(T, Hv, Dv)
+        w = (1 + 0.1 * _randn(Dv, dtype=torch.float32, seed=9)).to(dtype)
+        torch.testing.assert_close(fused.gated_rms_norm(o, z, w, 1e-6),
+                                   fused.gated_rms_norm_reference(o, z, w, 1e-6), **tol)
 
 
 # fused.gemv against F.linear (cuBLAS): both accumulate in fp32, in other orders; in bf16 the

@@ -1,6 +1,7 @@
 """core/serving.py without ROS: the deadline accounting (DeadlineMonitor), the BoundaryLock's
-ordering and its use as the runtime's lock, the warm-up's promise that the state afterwards is
-byte-identical, torch's thread count per thread, and the nice value of every thread."""
+ordering and its use as the runtime's lock, PolicyRuntime.warm_up's promise that the state
+afterwards is byte-identical, torch's thread count per thread, and the nice value of every
+thread."""
 import os
 import threading
 
@@ -12,7 +13,7 @@ from flashrt_ros.core.config import TINY, RuntimeConfig, load_preset
 from flashrt_ros.core.exceptions import ConfigError
 from flashrt_ros.core.runtime import PolicyRuntime
 from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_threads,
-                                      set_thread_nice, warm_up)
+                                      set_thread_nice)
 from flashrt_ros.ros.waiting import wait_for
 
 
@@ -91,7 +92,7 @@ def test_warm_up_leaves_the_state_byte_identical():
         if instruction:
             fresh.set_instruction(instruction)
             warmed.set_instruction(instruction)
-        warm_up(warmed)
+        warmed.warm_up()
         assert torch.equal(warmed.arena.base, fresh.arena.base)       # the whole arena
         assert (warmed.step_count, warmed.position, warmed.episode, warmed.context_len) == \
                (fresh.step_count, fresh.position, fresh.episode, fresh.context_len)

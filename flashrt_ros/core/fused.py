@@ -70,6 +70,8 @@ from flashrt_ros.core.arena import META_POSITION
 # runs no tile.
 SPLIT = 256
 TILE = 64
+# rows of a chunk's gated RMSNorm per program (gated_rms_norm)
+GATED_NORM_ROWS = 16
 
 
 @functools.cache
@@ -391,23 +393,25 @@ def _kernels():
                  mask=tmask[:, None] & cmask[None, :])
 
     @triton.jit
-    def gated_rms_norm_kernel(O, Z, W, Y, eps, z_stride, HV, D: tl.constexpr,
-                              BLOCK: tl.constexpr, PDL: tl.constexpr):
-        # one program per row of [T * H, D]; z's rows are those of a [T, H, D] view whose token
-        # stride is z_stride (a column slice of the input projection); PDL: the GEMV after it
-        # may start
+    def gated_rms_norm_kernel(O, Z, W, Y, eps, z_stride, n_rows, HV, D: tl.constexpr,
+                              BLOCK: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+        # ROWS rows of [T * H, D] per program; z's rows are those of a [T, H, D] view whose
+        # token stride is z_stride (a column slice of the input projection); PDL: the GEMV after
+        # it may start
         if PDL:
             gdc_launch_dependents()
-        row = tl.program_id(0)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        mask = cols < D
-        o = tl.load(O + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        n = (o / tl.sqrt(tl.sum(o * o, 0) / D + eps)).to(Y.dtype.element_ty).to(tl.float32)
-        y = (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) * n).to(Y.dtype.element_ty)
-        z_row = Z + (row // HV) * z_stride + (row % HV) * D
-        z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+        mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+        o = tl.load(O + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rms = tl.sqrt(tl.sum(o * o, 1) / D + eps)
+        n = (o / rms[:, None]).to(Y.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+        y = (w[None, :] * n).to(Y.dtype.element_ty)
+        z_rows = Z + (rows // HV) * z_stride + (rows % HV) * D
+        z = tl.load(z_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         out = y.to(tl.float32) * (z * tl.sigmoid(z))
-        tl.store(Y + row * D + cols, out.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + rows[:, None] * D + cols[None, :], out.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def gdn_step_kernel(Q, K_, V, A, B, ALOG, DTB, S, O, scale, eps, G: tl.constexpr,
@@ -714,9 +718,14 @@ def gated_rms_norm(o, z, weight, eps):
     H = o.shape[-2]
     y = torch.empty_like(o)
     z_stride = z.stride(0) if z.dim() == 3 else H * D
-    _kernels()["gated_rms_norm"][(o.numel() // D,)](o, z, weight, y, eps, z_stride, H, D=D,
-                                                    BLOCK=_pow2(D), PDL=pdl(o.device),
-                                                    num_warps=1)
+    n = o.numel() // D
+    # a step's few rows one per program (as many programs as heads); a chunk's thousands
+    # GATED_NORM_ROWS per program: one row of D elements per program leaves the launch and the
+    # scheduling of tens of thousands of programs as the cost
+    rows = 1 if n < 1024 else GATED_NORM_ROWS
+    _kernels()["gated_rms_norm"][(triton_cdiv(n, rows),)](
+        o, z, weight, y, eps, z_stride, n, H, D=D, BLOCK=_pow2(D), ROWS=rows, PDL=pdl(o.device),
+        num_warps=1 if rows == 1 else 4)
     return y
 
 

@@ -37,7 +37,6 @@ from flashrt_ros.core.models.qwen3_5 import checkpoint_qwen3_5
 from flashrt_ros.core.models.qwen3_5.policy_qwen3_5 import Qwen3_5Policy, digest_tensors
 from flashrt_ros.core.plans import StepPlan
 from flashrt_ros.core.rollback import RollbackRing
-from flashrt_ros.core.seeded import check_seed
 from flashrt_ros.core.state_runtime import StateRuntime
 
 # Where the static form of a prefill chunk attends over all max_context rows under a mask (no
@@ -47,6 +46,7 @@ GRAPH_PREFILL_MAX = 256
 # the plans a control step and decoding run; with late_plans=True only these are captured at
 # construction, the prefill plans later (core/bringup.py)
 STEP_PLANS = ("observation", "token", "lm_head")
+WARM_UP_TOKEN = 32      # a byte-tokenizer id (space); warm-up content is thrown away
 
 
 class PolicyRuntime(StateRuntime):
@@ -229,6 +229,34 @@ class PolicyRuntime(StateRuntime):
             plans[f"prefill{c}"] = (fn, graph)
         return plans
 
+    def warm_up(self, prefill: bool = True) -> float:
+        """Run every plan once, then put back the exact state; returns the seconds it took.
+        `prefill=False`: only the plans a control step needs (a one-token instruction and a
+        step); the prefill plans are warmed by core/bringup.LatePlans.
+
+        On CPU the first call of each op pays torch's lazy initialisation (~2 s for the first
+        prefill, ~0.2 s for each new prefill length): without this the first control step would
+        miss its deadline. The live bytes are saved first and restored after, and the KV rows past
+        the live prefix (which the warm-up prefill wrote) are zeroed: the whole arena is then
+        byte-identical to what it was, episode counter included. Only `context_tokens` is emptied
+        (restore_state does that; no plan reads it). Call it before any other thread uses the
+        runtime: it takes no lock.
+        """
+        t0 = time.perf_counter()
+        clean = self.live_state().clone()
+        known = (self.position, self.step_count, self.episode, self.context_len)
+        buckets = [c for c in self.cfg.prefill_buckets if c < self.max_tokens]
+        n = max(1, min(sum(buckets) + 1, self.max_tokens))    # every bucket once, then a token
+        if not prefill:
+            n = 1
+        self.set_instruction([WARM_UP_TOKEN] * n)
+        self.step(np.zeros(self.model_cfg.obs_dim, dtype=np.float32))
+        self.restore_state(clean, known)
+        self.arena.base[clean.numel():].zero_()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     def capture_plan(self, name: str) -> None:
         """Capture late plan `name`, warmed already (core/bringup.py): nothing executes, the live
         state is not touched. Call it under `self.lock`, between steps; a no-op where the plan
@@ -242,8 +270,12 @@ class PolicyRuntime(StateRuntime):
         # frees pinned host memory and CUDA events, and the CUDA calls behind that invalidate
         # the capture (cudaErrorStreamCaptureInvalidated). torch no longer collects before a
         # capture by default, so collect here and hold the collector off until all plans are in.
-        # (All plans share one graph pool: they never run concurrently.)
-        gc.collect()
+        # A late capture (warmup=0: under the lock, while a server steps) only holds it off: a
+        # full collection holds the GIL for 0.1-0.3 s once the compiled kernels are loaded, and
+        # the control loop would wait that long. (All plans share one graph pool: they never run
+        # concurrently.)
+        if warmup:
+            gc.collect()
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -505,7 +537,7 @@ class PolicyRuntime(StateRuntime):
                              f"(runtime.action_noise is 0), so a seed would change nothing; "
                              f"configure it with runtime.action_noise > 0 to sample actions, or "
                              f"leave the seed out")
-        check_seed(seed, "noise seed")
+        super().check_noise_seed(seed)
 
     # -- capsule support ------------------------------------------------------------------
     def restore_state(self, src: torch.Tensor, known: tuple | None = None,

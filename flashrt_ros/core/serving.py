@@ -4,8 +4,6 @@
     arrives during a control step goes right after that step commits, before the next one;
   * `DeadlineMonitor` - deadline accounting of a periodic control loop: late commits and ticks
     that never ran;
-  * `warm_up` - run every plan once and put the exact state back, so that the first control step
-    pays no lazy initialisation;
   * `pin_torch_threads` - apply `runtime.threads` (`RuntimeConfig.resolve`) in every thread that
     steps;
   * `set_thread_nice` - the nice value of every thread of the process.
@@ -19,14 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 from collections import deque
 
-import numpy as np
-
 from flashrt_ros.core.exceptions import ConfigError
-
-WARM_UP_TOKEN = 32      # a byte-tokenizer id (space); warm-up content is thrown away
 
 
 class BoundaryLock:
@@ -111,35 +104,6 @@ class DeadlineMonitor:
     @property
     def misses(self) -> int:
         return self.late + self.skipped
-
-
-def warm_up(rt, prefill: bool = True) -> float:
-    """Run every plan of PolicyRuntime `rt` once, then put back the exact state; returns the
-    seconds it took. `prefill=False`: only the plans a control step needs (a one-token
-    instruction and a step); the prefill plans are warmed by core/bringup.LatePlans.
-
-    On CPU the first call of each op pays torch's lazy initialisation (~2 s for the first prefill,
-    ~0.2 s for each new prefill length): without this the first control step would miss its
-    deadline. The live bytes are saved first and restored after, and the KV rows past the live
-    prefix (which the warm-up prefill wrote) are zeroed: the whole arena is then byte-identical to
-    what it was, episode counter included. Only `rt.context_tokens` is emptied (restore_state does
-    that; no plan reads it). Call it before any other thread uses the runtime: it takes no lock.
-    """
-    t0 = time.perf_counter()
-    clean = rt.live_state().clone()
-    known = (rt.position, rt.step_count, rt.episode, rt.context_len)
-    buckets = [c for c in rt.cfg.prefill_buckets if c < rt.max_tokens]
-    n = max(1, min(sum(buckets) + 1, rt.max_tokens))      # every bucket once, then one token step
-    if not prefill:
-        n = 1
-    rt.set_instruction([WARM_UP_TOKEN] * n)
-    rt.step(np.zeros(rt.model_cfg.obs_dim, dtype=np.float32))
-    rt.restore_state(clean, known)
-    rt.arena.base[clean.numel():].zero_()
-    if rt.device.type == "cuda":
-        import torch
-        torch.cuda.synchronize(rt.device)
-    return time.perf_counter() - t0
 
 
 _pinned = threading.local()     # the thread count pin_torch_threads set in this thread

@@ -116,9 +116,10 @@ class VLARuntime(StateRuntime):
         self.episode, self.context_len = int(meta[META_EPISODE]), int(meta[META_CONTEXT_LEN])
         self.queue_left = int(self.arena["queue_left"][0])
 
-    def warm_up(self) -> float:
+    def warm_up(self, prefill: bool = True) -> float:
         """Run each plan once on the inputs as they are and put back the exact arena bytes;
-        returns the seconds it took. On the CPU the first call of each op pays torch's lazy
+        returns the seconds it took (`prefill`: as PolicyRuntime.warm_up's; a VLA has no prefill
+        plans). On the CPU the first call of each op pays torch's lazy
         initialisation (the first chunk ~1.5x a later one): the node calls this at configure,
         before the first control step. Nothing it changes is state (the arena is as before; the
         input and chunk buffers are written by the next call anyway)."""

@@ -91,7 +91,7 @@ from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy
 from flashrt_ros.core.exceptions import ConfigError, FlashRTError
 from flashrt_ros.core.phases import Phases
 from flashrt_ros.core.serving import (BoundaryLock, DeadlineMonitor, pin_torch_threads,
-                                      set_thread_nice, warm_up)
+                                      set_thread_nice)
 from flashrt_ros.msg import CapsuleEvent, PolicyStatus
 from flashrt_ros.ros.capsule_services import CapsuleServices
 from flashrt_ros.ros.executors import PolicyExecutor
@@ -197,7 +197,6 @@ class PolicyNode(CapsuleServices, InstructionInput, NodeParameters, StatusReport
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         from flashrt_ros.capsules.store import make_store
         from flashrt_ros.core.bringup import LatePlans
-        from flashrt_ros.core.runtime import PolicyRuntime
         log = self.get_logger()
         # this configure's phases; the interpreter's age at the start's milestones (node
         # created, runtime side imported) stays
@@ -214,8 +213,7 @@ class PolicyNode(CapsuleServices, InstructionInput, NodeParameters, StatusReport
             model_cfg = rt.model_cfg
             if node_cfg.warm_up:
                 with phase("warm-up"):
-                    took = (warm_up(rt, prefill=not late) if isinstance(rt, PolicyRuntime)
-                            else rt.warm_up())
+                    took = rt.warm_up(prefill=not late)
                 log.info(f"warm-up: every {'step ' if late else ''}plan ran once in {took:.2f} s; "
                          f"state put back")
             with phase("store"):

@@ -23,14 +23,14 @@ core/checkpoint.py's rules, which every family's loader follows.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from flashrt_ros.core.checkpoint import _open, _read_json, _regular_file, model_directory
+from flashrt_ros.core.checkpoint import (WeightsDigest, _open, _read_json, _regular_file,
+                                        model_directory)
 from flashrt_ros.core.config import ModelConfig, TextConfig, from_dict
 from flashrt_ros.core.exceptions import ConfigError
 
@@ -190,24 +190,23 @@ def load_backbone(policy, files, device, say=None) -> str:
     if ignored:
         say(f"ignored {ignored} tensors of the vision tower / MTP layers")
     params = policy.backbone_parameters()
-    h = hashlib.blake2b(digest_size=16)
     by_file: dict = {}
     for name in sorted(expected):
         by_file.setdefault(where[name][0], []).append(name)
-    for path, names in by_file.items():
-        with _open(path) as f:
-            for name in names:
-                # one tensor at a time from the mapped file into its device parameter: the
-                # model is never whole on the host; the digest reads the bytes in place
-                t = f.get_tensor(where[name][1])
-                dst = params[name]
-                if t.dtype != dst.dtype:
-                    t = t.to(dst.dtype)
-                t = t.contiguous()
-                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-                if t.numel():
-                    h.update(memoryview(t.view(torch.uint8).numpy()))
-                dst.data.copy_(t)
+    with WeightsDigest() as digest:
+        for path, names in by_file.items():
+            with _open(path) as f:
+                for name in names:
+                    # one tensor at a time from the mapped file into its device parameter: the
+                    # model is never whole on the host; the digest reads the mapped bytes
+                    # while the next tensor is copied
+                    t = f.get_tensor(where[name][1])
+                    dst = params[name]
+                    if t.dtype != dst.dtype:
+                        t = t.to(dst.dtype)
+                    t = t.contiguous()
+                    digest.add(name, t)
+                    dst.data.copy_(t)
     if extra_lm_head:
         path, key, _ = where["lm_head.weight"]
         with _open(path) as f:
@@ -217,7 +216,7 @@ def load_backbone(policy, files, device, say=None) -> str:
             raise ConfigError(f"checkpoint {os.path.dirname(files[0])}: tie_word_embeddings is "
                               f"true but lm_head.weight differs from model.embed_tokens.weight; "
                               f"set tie_word_embeddings to false in config.json")
-    return h.hexdigest()
+    return digest.hexdigest()
 
 
 def heads_backbone_digest(path: str) -> str:

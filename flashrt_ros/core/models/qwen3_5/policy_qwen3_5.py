@@ -17,13 +17,13 @@ was drawn, so the node can warn that such actions are untrained).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
 from flashrt_ros.core.arena import (DTYPES, META_POSITION, META_RNG_COUNTER, META_RNG_SEED,
                                     BufferSpec)
+from flashrt_ros.core.checkpoint import WeightsDigest
 from flashrt_ros.core.config import ModelConfig
 from flashrt_ros.core.models.qwen3_5.heads_qwen3_5 import ActionHead, MTPHead, ObservationEncoder
 from flashrt_ros.core.models.qwen3_5.modeling_qwen3_5 import (GatedDeltaNet, Qwen3_5ForCausalLM,
@@ -217,11 +217,9 @@ def _owner(name: str, prefix: str) -> str:
 
 
 def digest_tensors(tensors: dict) -> str:
-    """blake2b over every (name, dtype, shape, bytes) in name order: the weights' identity."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():       # the bytes in place (a memoryview), not a copy of them
-            h.update(memoryview(t.view(torch.uint8).numpy()))
-    return h.hexdigest()
+    """The WeightsDigest of `tensors` in name order (each copied to the host, where it is not
+    there, while the one before is hashed)."""
+    with WeightsDigest() as digest:
+        for name in sorted(tensors):
+            digest.add(name, tensors[name].detach().contiguous().cpu())
+    return digest.hexdigest()

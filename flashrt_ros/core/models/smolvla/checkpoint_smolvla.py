@@ -18,13 +18,12 @@ device, every name and shape checked before anything is copied.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 
-from flashrt_ros.core.checkpoint import _open, _read_json, _regular_file
+from flashrt_ros.core.checkpoint import WeightsDigest, _open, _read_json, _regular_file
 from flashrt_ros.core.exceptions import ConfigError
 from flashrt_ros.core.models.smolvla.configuration_smolvla import SmolVLAConfig, from_lerobot
 from flashrt_ros.core.models.smolvla.processor_smolvla import (Normalizer, TaskTokenizer, pad_id_of,
@@ -163,14 +162,11 @@ def load_weights(model: torch.nn.Module, path: str) -> str:
         raise ConfigError(f"{path}: its tensors do not fit config.json and the backbone's config "
                           f"({detail}); is it a SmolVLA checkpoint saved by LeRobot with this "
                           f"backbone, complete and unmodified?")
-    h = hashlib.blake2b(digest_size=16)
-    with _open(path) as f:
+    with _open(path) as f, WeightsDigest() as digest:
         for name in sorted(params):
             t = f.get_tensor(where[name][0])
             dst = params[name]
             t = t.to(dst.dtype).contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            if t.numel():
-                h.update(memoryview(t.view(torch.uint8).numpy()))
+            digest.add(name, t)             # hashed while the next tensor is copied
             dst.data.copy_(t)
-    return h.hexdigest()
+    return digest.hexdigest()
