@@ -190,21 +190,51 @@ def run_child(args, capture: str, cache_dir: str, workdir: str) -> dict:
 
 
 # -- the node under ros2 launch -------------------------------------------------------------
-def launch_node(args, capture: str, cache_dir: str, workdir: str, index: int) -> dict:
-    """`ros2 launch ... managed:=false`; observations from the start; the first ActionChunk."""
+class Peer:
+    """The benchmark's ROS participant, the node's peer: created once per benchmark run and up
+    before the first start, as a robot's controller is running when its policy starts (a
+    participant created beside each start would time DDS discovery between two new
+    participants: when their first exchange misses, the next announcement comes 3 s later)."""
+
+    def __init__(self):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+
+        from flashrt_ros.ros.discovery import loopback_by_default
+        loopback_by_default()
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(f"bringup_bench_{os.getpid()}", context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        end = time.time() + PEER_UP_S             # its initial announcements, before any start
+        while time.time() < end:
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def close(self):
+        import rclpy
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+# how long the peer runs before the first start
+PEER_UP_S = 1.0
+
+
+def launch_node(args, peer: Peer, capture: str, cache_dir: str, workdir: str,
+                index: int) -> dict:
+    """`ros2 launch ... managed:=false`; observations from `peer` from the start; the first
+    ActionChunk there."""
     import signal
     import subprocess
 
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
     from flashrt_ros.core.models.qwen3_5.checkpoint_qwen3_5 import resolve_model
     from flashrt_ros.msg import ActionChunk, Observation, PolicyStatus
-    from flashrt_ros.ros.discovery import loopback_by_default
     from flashrt_ros.ros.process import executable
-    loopback_by_default()
     ns = f"bringup{os.getpid()}_{index}"
     target = f"/{ns}/flashrt_policy"
     params = os.path.join(workdir, f"params-{index}.yaml")
@@ -212,11 +242,7 @@ def launch_node(args, capture: str, cache_dir: str, workdir: str, index: int) ->
         f.write(f"/**/flashrt_policy:\n  ros__parameters:\n    capture_prefill: {capture}\n"
                 f"    runtime:\n      device: {args.device}\n      cache_dir: \"{cache_dir}\"\n"
                 f"    store:\n      capsule_dir: \"{os.path.join(workdir, 'capsules')}\"\n")
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node(f"bringup_bench_{os.getpid()}", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
+    node, executor = peer.node, peer.executor
     reliable = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE)
     got = {"actions": [], "status": None, "diag": {}}
 
@@ -231,9 +257,9 @@ def launch_node(args, capture: str, cache_dir: str, workdir: str, index: int) ->
             if st.name.startswith(target):
                 got["diag"] = {kv.key: kv.value for kv in st.values}
 
-    node.create_subscription(ActionChunk, f"{target}/action", on_action, reliable)
-    node.create_subscription(PolicyStatus, f"{target}/status", on_status, reliable)
-    node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, reliable)
+    ends = [node.create_subscription(ActionChunk, f"{target}/action", on_action, reliable),
+            node.create_subscription(PolicyStatus, f"{target}/status", on_status, reliable),
+            node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, reliable)]
     pub = node.create_publisher(Observation, f"{target}/observation", reliable)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("AMENT_PREFIX_PATH", sys.prefix)
@@ -271,9 +297,9 @@ def launch_node(args, capture: str, cache_dir: str, workdir: str, index: int) ->
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown(context=context)
+        for sub in ends:
+            node.destroy_subscription(sub)
+        node.destroy_publisher(pub)
     diag = got["diag"]
     phases = {k[len("bringup."):-2]: float(v) for k, v in diag.items()
               if k.startswith("bringup.") and k.endswith("_s") and not k.endswith("_at_s")}
@@ -425,6 +451,7 @@ def main(argv=None) -> int:
         (["runtime", "node"] if has_ros_tools() else ["runtime"])
     runs = []
     workdir = tempfile.mkdtemp(prefix="flashrt-bringup-")
+    peer = None
     try:
         preset, source = args.preset, f"seeded preset (seed_rng={args.seed_rng})"
         if args.checkpoint == WRITE:
@@ -441,13 +468,15 @@ def main(argv=None) -> int:
             except ConfigError as e:
                 raise SystemExit(f"bench_bringup: --checkpoint: {e}") from None
             preset, source = None, f"checkpoint directory {args.checkpoint}"
+        if "node" in paths:
+            peer = Peer()
         for path in paths:
             for capture in args.captures.split(","):
                 cache_dir = os.path.join(workdir, f"cache-{path}-{capture}")   # new: cold
                 for start in ["cold"] + ["warm"] * args.warm:
                     t = time.time()
                     data = run_child(args, capture, cache_dir, workdir) if path == "runtime" \
-                        else launch_node(args, capture, cache_dir, workdir, len(runs))
+                        else launch_node(args, peer, capture, cache_dir, workdir, len(runs))
                     runs.append({"path": path, "capture": capture, "start": start, "data": data,
                                  "load": round(os.getloadavg()[0], 2)})
                     first = first_action(runs[-1])
@@ -455,6 +484,8 @@ def main(argv=None) -> int:
                           f"({time.time() - t:.1f} s in all)", flush=True)
         report(args, runs, args.out, source, preset)
     finally:
+        if peer is not None:
+            peer.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
