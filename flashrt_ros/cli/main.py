@@ -320,8 +320,9 @@ def _train_heads(args) -> int:
     from flashrt_ros.core.config import RuntimeConfig, load_preset, preset_path
     from flashrt_ros.core.models.qwen3_5 import checkpoint_qwen3_5
     from flashrt_ros.core.runtime import PolicyRuntime
-    from flashrt_ros.sim.imitation import train_heads
+    from flashrt_ros.sim.imitation import TRAINING, train_heads
     torch.set_num_threads(1)
+    plan = {k: TRAINING[k] if getattr(args, k) is None else getattr(args, k) for k in TRAINING}
     yaml_path = preset_path(args.model)
     out = args.out or (yaml_path[:-len(".yaml")] + ".policy.safetensors" if yaml_path else "")
     if not out:
@@ -330,9 +331,9 @@ def _train_heads(args) -> int:
         return 2
     rt = PolicyRuntime(load_preset(args.model), RuntimeConfig(device="cpu", rollback_depth=0))
     print(f"[flashrt] behaviour cloning of the simulated arm's expert: preset {args.model}, "
-          f"{args.episodes} episodes x {args.steps} steps x {args.rounds} rounds", flush=True)
-    ev = train_heads(rt, episodes=args.episodes, steps=args.steps, rounds=args.rounds,
-                     say=lambda m: print(f"[flashrt] {m}", flush=True))
+          f"{plan['episodes']} episodes x {plan['steps']} steps x {plan['rounds']} rounds",
+          flush=True)
+    ev = train_heads(rt, **plan, say=lambda m: print(f"[flashrt] {m}", flush=True))
     print(f"[flashrt] mean arm error over evaluation episodes: policy {ev.policy:.3f}, "
           f"no action {ev.idle:.3f}, expert {ev.expert:.3f}")
     if not ev.policy < 0.5 * ev.idle:
@@ -488,9 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="tiny", help="the preset whose heads are trained")
     s.add_argument("--out", default="", help="output file (default: <preset>.policy.safetensors "
                                              "beside the preset's YAML)")
-    s.add_argument("--episodes", type=int, default=8)
-    s.add_argument("--steps", type=int, default=200)
-    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--episodes", type=int, help="episodes per round (default 8)")
+    s.add_argument("--steps", type=int, help="steps per episode (default 600)")
+    s.add_argument("--rounds", type=int, help="rounds: the expert's, then DAgger's (default 4)")
     s = sub.add_parser("generate", help="greedy continuation of a text: the quick check that a "
                                         "checkpoint works (no ROS needed)")
     s.add_argument("text")

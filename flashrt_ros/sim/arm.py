@@ -1,7 +1,10 @@
 """A point-mass arm for demos, tests and training the tiny preset's heads (no ROS).
 
 `action_dim` joints; the first row of each action chunk is a joint velocity command (clipped to
-+-2 rad/s), low-pass filtered and integrated at the control period; a target pose drifts slowly.
++-2 rad/s), low-pass filtered and integrated at the control period; a target pose drifts slowly
+within the workspace the episodes start in (+-TARGET_RANGE rad per joint, reflected at its edges:
+a run of any length stays in the range the tiny preset's heads were trained on; unbounded, the
+walk left it after a few thousand steps and the policy ran the arm into its joint limits).
 The observation is [target - position, joint velocities, joint positions] cut or zero-padded to
 `obs_dim`: the tiny preset's 14 values hold what the task needs (the error to close and how fast
 it is closing). Deterministic given its seed, so runs can be compared.
@@ -16,6 +19,7 @@ import copy
 import numpy as np
 
 CMD_LIMIT = 2.0
+TARGET_RANGE = 1.0
 EXPERT_KP, EXPERT_KD = 3.0, 0.5
 
 
@@ -25,7 +29,7 @@ class SimArm:
         self.rng = np.random.default_rng(seed)
         self.q = np.zeros(action_dim)
         self.qd = np.zeros(action_dim)
-        self.target = self.rng.uniform(-1, 1, action_dim)
+        self.target = self.rng.uniform(-TARGET_RANGE, TARGET_RANGE, action_dim)
         self.t = 0
 
     def observe(self) -> np.ndarray:
@@ -41,7 +45,9 @@ class SimArm:
         self.qd = 0.8 * self.qd + 0.2 * cmd
         self.q = np.clip(self.q + self.dt * self.qd, -np.pi, np.pi)   # joint limits
         self.t += 1
-        self.target += 0.01 * self.rng.standard_normal(self.action_dim)
+        target = self.target + 0.01 * self.rng.standard_normal(self.action_dim)
+        self.target = np.where(target > TARGET_RANGE, 2 * TARGET_RANGE - target,
+                               np.where(target < -TARGET_RANGE, -2 * TARGET_RANGE - target, target))
 
     def error(self) -> float:
         return float(np.linalg.norm(self.target - self.q))
