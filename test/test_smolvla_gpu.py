@@ -2,8 +2,9 @@
 
 On every fixture case of test_smolvla.py (test/data/smolvla):
 
-* kernels: core/fused.py's Triton kernels (the default on CUDA) equal their torch references,
-  and the default runtime equals the torch path (kernels="reference") within the GPU tolerance;
+* kernels: the default runtime (core/fused.py's Triton kernels, the default on CUDA) equals the
+  torch path (kernels="reference") within the GPU tolerance; the kernels as SmolVLA calls them
+  against their references: test_fused_kernels.py;
 * bitwise: each plan's graph replay equals the same function run eagerly from the same arena
   bytes; the default runtime (`RuntimeConfig()`, plans captured) gives the same chunk bytes and
   prefix keys/values as `RuntimeConfig(cuda_graphs=False)` for the same noise, and for the same
@@ -68,40 +69,6 @@ def test_the_default_runtime_captures_every_plan(case):
     assert rt.use_graphs and {n for n, p in rt.plans.items() if p.captured} == \
         {"noise", "prefix", "denoise"}
     assert not any(p.captured for p in runtime(case, graphs=False).plans.values())
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_the_smolvla_kernels_match_their_references(dtype):
-    """core/fused.py's kernels as SmolVLA calls them: Llama's norm with a residual add (the sum
-    is exact: one rounding), RoPE of a strided q/k/v slice into a slice of a larger buffer with
-    each head repeated for its group (the rows around it untouched), and the unrotated copy."""
-    from flashrt_ros.core import fused
-    from flashrt_ros.core.models.smolvla.modeling_smolvla import Rope
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def randn(*shape, dt=dtype):
-        return torch.randn(*shape, generator=g, device="cuda").to(dt)
-    for rows, n in ((1, 960), (50, 720), (241, 960)):
-        x, d, w = randn(rows, n), randn(rows, n), 1 + 0.1 * randn(n)
-        for delta in (d, None):
-            x_ref, h_ref = fused.add_rms_norm_reference(x.clone(), delta, w, 1e-5, round_first=True)
-            x_k, h_k = fused.add_rms_norm(x.clone(), delta, w, 1e-5, round_first=True)
-            assert torch.equal(x_k, x_ref), "the residual add rounds once: it must be exact"
-            torch.testing.assert_close(h_k, h_ref, **tol)
-    for rows, heads, d, groups in ((50, 5, 64, 3), (241, 5, 64, 3), (7, 2, 48, 1)):
-        qkv = randn(rows, 3 * heads * d)
-        x = qkv[:, heads * d:2 * heads * d].view(rows, heads, d)        # k of a fused q/k/v
-        table = Rope(d).cuda().table(torch.arange(rows, device="cuda") + 11)
-        for tab in (table, None):
-            ref = fused.rope_heads_reference(x, tab, x.new_empty(rows, heads * groups, d), groups)
-            big = torch.zeros(rows + 9, heads * groups, d, dtype=dtype, device="cuda")
-            out = fused.rope_heads(x, tab, big[9:], groups)
-            torch.testing.assert_close(out, ref, **tol)
-            assert not big[:9].any(), "rope_heads wrote outside its output rows"
-            if tab is None:
-                assert torch.equal(out, ref), "an unrotated copy must be exact"
 
 
 @gpu

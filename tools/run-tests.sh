@@ -28,8 +28,14 @@ if [ -f "$venv/.flashrt-ros2-tools.sha256" ]; then
   export FLASHRT_REQUIRE_ROS2=1
 fi
 
+# Where there is no GPU, core/fused.py's Triton kernels run on the CPU through Triton's
+# interpreter (test/test_fused_kernels.py); Triton reads this as its modules load.
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  export TRITON_INTERPRET=1
+fi
+
 cd "$root"
-echo "[flashrt] tests on ROS 2 $distro ($venv), ROS_DOMAIN_ID=$ROS_DOMAIN_ID"
+echo "[flashrt] tests on ROS 2 $distro ($venv), ROS_DOMAIN_ID=$ROS_DOMAIN_ID${TRITON_INTERPRET:+, TRITON_INTERPRET=1}"
 rc=0
 # no path among the arguments: pytest.ini's testpaths (test/)
 "$venv/bin/python" -m pytest "$@" || rc=$?
