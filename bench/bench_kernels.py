@@ -8,6 +8,9 @@ Rows:
              F.linear (what the step ran before) against fused.gemv, device time per call and the
              bandwidth of reading the weight matrix once; for the projections that read a norm
              of the residual stream, also add_rms_norm + gemv against fused.norm_gemv;
+  step fusions  a Gated DeltaNet layer's conv and gated norm apart (norm_gemv + conv_step,
+             gated_rms_norm + gemv) and inside its GEMVs (fused.norm_gemv_conv,
+             fused.gated_norm_gemv: FLASHRT_GDN_FUSION=1);
   recurrence one token of one Gated DeltaNet layer: fused.gdn_step against the torch ops of
              its reference and against fla's fused recurrent kernel launched as the step ran it
              before (the state as its own initial and final state), where fla imports;
@@ -153,9 +156,31 @@ def main(argv=None):
                   flush=True)
 
     t, T = cfg.text, args.tokens
+    # the neighbours a Gated DeltaNet layer's step fuses into its two projections' GEMVs
+    (_, n_in, _), (_, n_out, k_out) = projections(cfg)[:2]
+    Hv, Dv = t.linear_num_value_heads, t.linear_value_head_dim
+    w_in, w_out, x1, d1 = randn(n_in, d) * d ** -0.5, randn(n_out, k_out) * k_out ** -0.5, \
+        randn(d), randn(d)
+    cs1, cw1 = randn(t.linear_conv_kernel_dim - 1, t.conv_dim), randn(t.conv_dim,
+                                                                    t.linear_conv_kernel_dim)
+    o1, z1, gw1 = randn(Hv, Dv), randn(Hv, Dv), 1 + 0.1 * randn(Dv)
+    neighbours = [
+        ("DeltaNet in-projection + short conv (norm_gemv_conv)",
+         lambda: fused.conv_step(fused.norm_gemv(x1, d1, norm_scale, 1e-6, w_in)[1][:t.conv_dim],
+                                 cs1, cw1),
+         lambda: fused.norm_gemv_conv(x1, d1, norm_scale, 1e-6, w_in, cs1, cw1)),
+        ("gated RMSNorm + DeltaNet out-projection (gated_norm_gemv)",
+         lambda: fused.gemv(fused.gated_rms_norm(o1, z1, gw1, 1e-6).view(-1), w_out),
+         lambda: fused.gated_norm_gemv(o1, z1, gw1, 1e-6, w_out)),
+    ]
+    neighbour_rows = []
+    for name, apart, inside in neighbours:
+        a, b = graph_us(apart, args.repeat), graph_us(inside, args.repeat)
+        results.setdefault("step_fusions", {})[name] = {"apart_us": a, "fused_us": b}
+        neighbour_rows.append([name, round(a, 2), round(b, 2)])
+        print(f"step {name}: {a:.2f} -> {b:.2f} us", flush=True)
     F_ = t.intermediate_size
-    Hv, Dv, C, Kc = t.linear_num_value_heads, t.linear_value_head_dim, t.conv_dim, \
-        t.linear_conv_kernel_dim
+    C, Kc = t.conv_dim, t.linear_conv_kernel_dim
     Hk, Dk = t.linear_num_key_heads, t.linear_key_head_dim
     q1, k1, v1, a1, b1 = randn(Hk, Dk), randn(Hk, Dk), randn(Hv, Dv), randn(Hv), randn(Hv)
     A_log = torch.log(torch.rand(Hv, generator=gen, device=dev) * 15 + 1)
@@ -207,6 +232,14 @@ def main(argv=None):
                    "projections that read a norm of the residual stream: the residual add and "
                    "the norm as their own kernel before the GEMV, and computed inside it "
                    "(fused.norm_gemv, the step's form)."]},
+        {"heading": "A Gated DeltaNet layer's step: what its two projections' GEMVs compute "
+                    "besides the projection",
+         "columns": ["kernels", "apart us", "fused us"],
+         "rows": neighbour_rows,
+         "notes": ["Apart (the default): norm_gemv, then conv_step; gated_rms_norm, then gemv. "
+                   "Fused (FLASHRT_GDN_FUSION=1): the conv + silu of the conv channels and the "
+                   "conv state's shift in the in-projection's GEMV, the gated norm inside the "
+                   "out-projection's."]},
         {"heading": "One token of one Gated DeltaNet layer's recurrence",
          "columns": ["implementation", "state (heads x K x V)", "state MB read + written", "us",
                      "GB/s"],

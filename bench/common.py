@@ -145,6 +145,9 @@ def environment(device: torch.device, code: tuple = ()) -> dict:
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, driver_capability=f"sm_{p.major}{p.minor}")
+        # the switches of core/fused.py's single-token kernels (FLASHRT_PDL, FLASHRT_GDN_FUSION)
+        from flashrt_ros.core import fused
+        env.update(pdl=fused.pdl(device), gdn_fusion=fused.gdn_fusion())
     return env
 
 

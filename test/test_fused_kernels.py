@@ -127,6 +127,61 @@ def test_fused_norm_gemv_matches_the_two_kernels_it_replaces(device, dtype, N, K
         "a fixed order"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("KC", [3, 4])
+@pytest.mark.parametrize("d, C, N", [(1024, 6144 + 40, 6144 + 40 + 2048 + 32),   # hybrid-0.8b
+                                     (32, 1000, 4096 + 40),                      # 8 rows a program
+                                     (64, 200, 300)])                            # 2 rows a program
+@pytest.mark.parametrize("prefetch", [False, True], ids=["slices", "prefetch"])
+def test_fused_norm_gemv_conv_matches_the_conv_after_the_projection(device, dtype, KC, d, C, N,
+                                                                    prefetch):
+    """The Gated DeltaNet's in-projection with its short conv (fused.gdn_fusion): the residual and
+    the projection norm_gemv's bytes, the conv output and the shifted conv state conv_step's
+    bytes (the same products, summed in the same order), close to the torch reference; a conv
+    channel count that is not a multiple of the rows a program takes, and outputs past the conv
+    channels (z, b, a) left out of it."""
+    runs_here(device, dtype, N * d)
+    w = randn(device, N, d, dtype=dtype, seed=1) * d ** -0.5
+    x, delta = randn(device, d, dtype=dtype, seed=2), randn(device, d, dtype=dtype, seed=3)
+    scale = 1 + 0.1 * randn(device, d, dtype=torch.float32, seed=4)
+    cw = randn(device, C, KC, dtype=dtype, seed=5)
+    cs = randn(device, KC - 1, C, dtype=dtype, seed=6)
+    cs_k, cs_apart, cs_ref = cs.clone(), cs.clone(), cs.clone()
+    residual, y, yc = fused.norm_gemv_conv(x, delta, scale, 1e-6, w, cs_k, cw, prefetch=prefetch)
+    want_r, want_y = fused.norm_gemv(x, delta, scale, 1e-6, w, prefetch=prefetch)
+    assert torch.equal(residual, want_r) and torch.equal(y, want_y), "norm_gemv's bytes"
+    assert torch.equal(yc, fused.conv_step(y[:C], cs_apart, cw)), "conv_step's bytes"
+    assert torch.equal(cs_k, cs_apart), "the conv state shift is a copy: it must be exact"
+    torch.testing.assert_close(yc, fused.conv_step_reference(y[:C], cs_ref, cw),
+                               **FUSED_TOL[dtype])
+    assert torch.equal(cs_k, cs_ref)
+    _, _, ref_c = fused.norm_gemv_conv_reference(x, delta, scale, 1e-6, w, cs.clone(), cw)
+    torch.testing.assert_close(yc, ref_c, **GEMV_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H, D, N", [(16, 128, 1024), (5, 128, 300), (5, 100, 64), (4, 32, 17)])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["slices", "prefetch"])
+def test_fused_gated_norm_gemv_matches_the_two_kernels_it_replaces(device, dtype, H, D, N,
+                                                                   prefetch):
+    """The DeltaNet output norm computed inside the out-projection's GEMV (fused.gdn_fusion):
+    close to gemv of gated_rms_norm's output and to the torch reference (each head's rms summed
+    in another order may round the norm the other way); heads of 100 take the two kernels
+    (`gated_norm_fits`)."""
+    runs_here(device, dtype, N * H * D)
+    o, z = randn(device, H, D, dtype=dtype, seed=H), randn(device, H, D, dtype=dtype, seed=H + 1)
+    gw = (1 + 0.1 * randn(device, D, dtype=torch.float32, seed=D)).to(dtype)
+    w = randn(device, N, H * D, dtype=dtype, seed=N) * (H * D) ** -0.5
+    assert fused.gated_norm_fits(o, w, prefetch=prefetch) == (D != 100)
+    y = fused.gated_norm_gemv(o, z, gw, 1e-6, w, prefetch=prefetch)
+    apart = fused.gemv(fused.gated_rms_norm(o, z, gw, 1e-6).view(-1), w, prefetch=prefetch)
+    torch.testing.assert_close(y, apart, **GEMV_TOL[dtype])
+    torch.testing.assert_close(y, fused.gated_norm_gemv_reference(o, z, gw, 1e-6, w),
+                               **GEMV_TOL[dtype])
+    assert torch.equal(fused.gated_norm_gemv(o, z, gw, 1e-6, w, prefetch=prefetch), y), \
+        "a fixed order"
+
+
 ATTENTION_CASES = [
     (2, 1, 32, 0.25, 512, 5),            # tiny
     (4, 2, 24, 0.5, 700, 600),           # a head dim that is not a power of 2

@@ -323,12 +323,15 @@ def test_fla_gate_prologue_matches_reference_gate_in_fp32():
 # -- core/fused.py on the GPU alone (each kernel against its reference: test_fused_kernels.py) ----
 
 
-def test_gemvs_launched_early_wait_for_the_kernel_before_them(monkeypatch):
+@pytest.mark.parametrize("gdn_fusion", [False, True], ids=["7-kernel-gdn", "5-kernel-gdn"])
+def test_gemvs_launched_early_wait_for_the_kernel_before_them(gdn_fusion, monkeypatch):
     """Programmatic dependent launch (fused.pdl, Hopper and later): a chain of projections, each
-    reading the output of the kernel before it, as a step makes them (gemv -> norm_gemv -> gemv
-    with swiglu -> gated norm -> gemv), eagerly and replayed from a graph with new inputs, gives
-    the bytes of the same chain launched one kernel after the other (FLASHRT_PDL=0). A GEMV that
-    read its input or wrote its output before the kernel before it ended would differ."""
+    reading the output of the kernel before it, as a step makes them (gemv -> norm_gemv -> conv
+    -> gemv with swiglu -> gated norm -> gemv; with the fusion the conv inside norm_gemv_conv
+    and the gated norm inside gated_norm_gemv), eagerly and replayed from a graph with new
+    inputs, gives the bytes (outputs and conv state) of the same chain launched one kernel after
+    the other (FLASHRT_PDL=0). A GEMV that read its input or wrote its output or the conv state
+    before the kernel before it ended would differ."""
     from flashrt_ros.core import fused
     if not fused.pdl(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs compute capability 9.0 or later")
@@ -340,12 +343,28 @@ def test_gemvs_launched_early_wait_for_the_kernel_before_them(monkeypatch):
     scale = 1 + 0.1 * randn("cuda", d, dtype=torch.float32, seed=5)
     inputs = [randn("cuda", d, dtype=torch.bfloat16, seed=10 + i) for i in range(6)]
 
-    def chain(x, prefetch):
+    conv_w = randn("cuda", 2 * ffn, 4, dtype=torch.bfloat16, seed=6)
+    conv_start = randn("cuda", 3, 2 * ffn, dtype=torch.bfloat16, seed=7)
+    conv_state = conv_start.clone()
+
+    def chain(x, prefetch):         # -> the output and the conv state after it, from conv_start
+        conv_state.copy_(conv_start)
         h = fused.gemv(x, w_in, prefetch=prefetch)[:d]
-        r, gu = fused.norm_gemv(x, h, scale, 1e-6, w_up, prefetch=prefetch)
+        if gdn_fusion:
+            r, _, gu = fused.norm_gemv_conv(x, h, scale, 1e-6, w_up, conv_state, conv_w,
+                                            prefetch=prefetch)
+        else:
+            r, gu = fused.norm_gemv(x, h, scale, 1e-6, w_up, prefetch=prefetch)
+            gu = fused.conv_step(gu, conv_state, conv_w)
         y = fused.gemv(gu, w_down, swiglu=True, prefetch=prefetch)
-        o = fused.gated_rms_norm(y.view(heads, -1), r.view(heads, -1), scale[:d // heads], 1e-6)
-        return fused.gemv(o.view(-1), w_out, prefetch=prefetch)
+        gw = scale[:d // heads].to(torch.bfloat16)
+        if gdn_fusion:
+            out = fused.gated_norm_gemv(y.view(heads, -1), r.view(heads, -1), gw, 1e-6, w_out,
+                                        prefetch=prefetch)
+        else:
+            o = fused.gated_rms_norm(y.view(heads, -1), r.view(heads, -1), gw, 1e-6)
+            out = fused.gemv(o.view(-1), w_out, prefetch=prefetch)
+        return torch.cat([out, conv_state.view(-1)])
 
     def plainly(prefetch):          # each kernel launched after the one before has ended
         monkeypatch.setenv("FLASHRT_PDL", "0")
@@ -422,9 +441,13 @@ def test_every_benchmarked_prefill_attention_tile_matches_the_reference(T, pos):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_step_matches_the_unfused_static_form(dtype):
+@pytest.mark.parametrize("gdn_fusion", [False, True], ids=["7-kernel-gdn", "5-kernel-gdn"])
+def test_fused_step_matches_the_unfused_static_form(dtype, gdn_fusion, monkeypatch):
     """The captured single-token functions with the fused kernels against the same functions
-    through the torch ops (the fused kernels' references, composed), from the same bytes."""
+    through the torch ops (the fused kernels' references, composed), from the same bytes; with
+    and without the Gated DeltaNet's conv and gated norm inside its GEMVs (fused.gdn_fusion)."""
+    from flashrt_ros.core import fused
+    monkeypatch.setattr(fused, "gdn_fusion", lambda: gdn_fusion)
     rt = runtime(dtype)
     m, a, io = rt.model, rt.arena, rt.io
     tm = m.backbone.model

@@ -87,9 +87,15 @@ def launches(pdl: bool, dtype) -> list:
         for K in (Hv * Dv, H * D):
             fused.gemv(e(K), e(d, K))
         fused.gemv(e(2 * F), e(d, F), swiglu=True)
+        fused.conv_step(e(C), e(Kc - 1, C), e(C, Kc))
         fused.gdn_step(e(Hk, Dk), e(Hk, Dk), e(Hv, Dv), e(Hv), e(Hv), scale[:Hv], scale[:Hv],
                        e(Hv, Dk, Dv, dtype=torch.float32), Dk ** -0.5, 1e-6)
         fused.gated_rms_norm(e(Hv, Dv), e(Hv, Dv), e(Dv), 1e-6)
+        # the same layer with fused.gdn_fusion: the conv and the gated norm inside its GEMVs
+        N_in = C + Hv * Dv + 2 * Hv
+        for delta in (e(d), None):
+            fused.norm_gemv_conv(e(d), delta, scale, 1e-6, e(N_in, d), e(Kc - 1, C), e(C, Kc))
+        fused.gated_norm_gemv(e(Hv, Dv), e(Hv, Dv), e(Dv), 1e-6, e(d, Hv * Dv))
         with torch.device("cpu"):
             rot = RotaryEmbedding(t, 4096, bf)
         kv, meta = e(4096, 2, Hkv, D), torch.zeros(META_LEN, dtype=torch.int64)

@@ -14,6 +14,11 @@ test_runtime_gpu.py holds the two together with named tolerances.
                         before each projection of a single-token step computed as its GEMV
                         reads the input (each program makes the norm's pass over the short
                         input itself; one kernel fewer per norm)
+    norm_gemv_conv      norm_gemv, and the short causal conv + silu of the outputs that are conv
+                        channels, shifting the conv state (the Gated DeltaNet's in-projection:
+                        the program that computes a channel convolves it; one kernel fewer)
+    gated_norm_gemv     y = W (weight * norm(o) * silu(z)) per head: the DeltaNet output norm
+                        computed as the out-projection's GEMV reads its input (one kernel fewer)
     add_rms_norm        x += delta; h = norm(x) * scale           (every norm of the residual stream;
                         with `round_first`, Llama's rounding: SmolVLA's norms)
     conv_step           the short causal conv of one token + silu, shifting the conv state
@@ -41,15 +46,16 @@ step's is `gdn_step` (the math of fla's fused recurrent kernel, written here so 
 step needs no fla: importing fla loads every one of its op families, seconds of bring-up that
 now land in the background capture of the prefill plans).
 
-On Hopper and later GPUs `gemv` and `norm_gemv` launch with programmatic dependent launch
+On Hopper and later GPUs the GEMVs launch with programmatic dependent launch
 (`pdl`): a projection's programs start while the kernel before it still runs, read their weight
 tile, and wait for that kernel only before they read the input, so the weight read of each GEMV
 overlaps the end of the kernel before it instead of following its launch gap.
 
 Only for CUDA tensors with Triton importable (`available()`). The model uses them when its
-kernels are "fla": gemv, norm_gemv, conv_step, gdn_step and the attention kernels in the
-static form (pos=None) of single-token calls; add_rms_norm, conv_rows, gated_rms_norm and
-swiglu, which take rows, in every call (a prefill chunk of T tokens is T rows, where each torch
+kernels are "fla": the GEMVs, conv_step, gdn_step and the attention kernels in the static form
+(pos=None) of single-token calls (with `gdn_fusion`, norm_gemv_conv and gated_norm_gemv in place
+of a Gated DeltaNet layer's norm_gemv + conv_step and gated_rms_norm + gemv); add_rms_norm,
+conv_rows, gated_rms_norm and swiglu, which take rows, in every call (a prefill chunk of T tokens is T rows, where each torch
 op of a norm also writes a [T, d] fp32 intermediate). SmolVLA (core/models/smolvla) takes
 add_rms_norm, swiglu and rope_heads on CUDA unless its runtime's kernels are "reference".
 """
@@ -100,6 +106,19 @@ def norm_gemv_reference(x, delta, scale, eps, w):
     as `add_rms_norm_reference` then `gemv_reference` compute them (delta None: no add)."""
     x, h = add_rms_norm_reference(x, delta, scale, eps)
     return x, gemv_reference(h, w)
+
+
+def norm_gemv_conv_reference(x, delta, scale, eps, w, conv_state, conv_weight):
+    """(x + delta, y = w @ norm(x + delta), silu(causal conv of y[:C])): `norm_gemv_reference`,
+    then `conv_step_reference` of the first C = conv_weight.shape[0] outputs (conv_state
+    shifted in place)."""
+    x, y = norm_gemv_reference(x, delta, scale, eps, w)
+    return x, y, conv_step_reference(y[:conv_weight.shape[0]], conv_state, conv_weight)
+
+
+def gated_norm_gemv_reference(o, z, weight, eps, w):
+    """w @ gated_rms_norm(o, z): o, z [H, D], weight [D], w [N, H * D] -> [N]."""
+    return gemv_reference(gated_rms_norm_reference(o, z, weight, eps).view(-1), w)
 
 
 def add_rms_norm_reference(x, delta, scale, eps, round_first: bool = False):
@@ -227,10 +246,24 @@ def _kernels():
         return x
 
     @triton.jit
-    def gemv_input(X, D, S, cols, cmask, r, K: tl.constexpr, SWIGLU: tl.constexpr,
-                   NORM: tl.constexpr, HAS_DELTA: tl.constexpr):
+    def gemv_input(X, D, S, Z, cols, cmask, r, eps, K: tl.constexpr, SWIGLU: tl.constexpr,
+                   NORM: tl.constexpr, HAS_DELTA: tl.constexpr, GATED: tl.constexpr,
+                   HD: tl.constexpr):
         # the GEMV's input at cols, in fp32, rounded where the references round it
-        if SWIGLU:
+        if GATED:
+            # gated_rms_norm_kernel over the whole heads of HD elements that cols cover (cols
+            # start at a head and span a multiple of HD): each head's rms, weight S, gate Z
+            NB: tl.constexpr = cols.shape[0]
+            o = tl.reshape(tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32),
+                           (NB // HD, HD))
+            z = tl.reshape(tl.load(Z + cols, mask=cmask, other=0.0).to(tl.float32),
+                           (NB // HD, HD))
+            rms = tl.sqrt(tl.sum(o * o, 1) / HD + eps)
+            n = (o / rms[:, None]).to(X.dtype.element_ty).to(tl.float32)
+            w = tl.load(S + tl.arange(0, HD)).to(tl.float32)
+            g = (w[None, :] * n).to(X.dtype.element_ty).to(tl.float32) * (z * tl.sigmoid(z))
+            x = tl.reshape(g.to(X.dtype.element_ty).to(tl.float32), (NB,))
+        elif SWIGLU:
             # swiglu_kernel's rounding points: silu(gate) rounds, then its product with up
             g = tl.load(X + cols, mask=cmask, other=0.0).to(tl.float32)
             u = tl.load(X + K + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -252,17 +285,47 @@ def _kernels():
                      residual=residual, gemv_input=gemv_input)
 
     @triton.jit
-    def gemv_kernel(X, W, Y, N, stride_w, D, S, R, eps, K: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
-                    HAS_DELTA: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr,
-                    PDL: tl.constexpr):
+    def conv_epilogue(y, rows, rmask, CS, CW, YC, C, KC: tl.constexpr, KS: tl.constexpr):
+        # conv_step_kernel for the rows of y that are conv channels (rows < C), which this
+        # program alone computes: silu(conv) into YC and the conv state [KC - 1, C] shifted.
+        # The products are summed in conv_step_kernel's order (one state row after the other,
+        # then the new input), each rounded to the dtype.
+        yr = y.to(YC.dtype.element_ty).to(tl.float32)            # the projection as stored
+        cm = rmask & (rows < C)
+        j = tl.arange(0, KS)
+        m2 = cm[:, None] & (j < KC - 1)[None, :]
+        s = tl.load(CS + j[None, :] * C + rows[:, None], mask=m2, other=0.0)
+        cw = tl.load(CW + rows[:, None] * KC + j[None, :], mask=m2, other=0.0).to(tl.float32)
+        prods = (s.to(tl.float32) * cw).to(YC.dtype.element_ty).to(tl.float32)
+        acc = tl.zeros_like(yr)
+        for jj in tl.static_range(KC - 1):
+            acc += tl.sum(tl.where((j == jj)[None, :], prods, 0.0), 1)
+        last = tl.load(CW + rows * KC + KC - 1, mask=cm, other=0.0).to(tl.float32)
+        acc += (yr * last).to(YC.dtype.element_ty).to(tl.float32)
+        out = acc.to(YC.dtype.element_ty).to(tl.float32)
+        tl.store(YC + rows, (out * tl.sigmoid(out)).to(YC.dtype.element_ty), mask=cm)
+        # the old state is in every thread's registers before any thread writes the new one
+        tl.debug_barrier()
+        tl.store(CS + (j - 1)[None, :] * C + rows[:, None], s, mask=m2 & (j >= 1)[None, :])
+        tl.store(CS + (KC - 2) * C + rows, yr.to(CS.dtype.element_ty), mask=cm)
+
+    globals().update(conv_epilogue=conv_epilogue)
+
+    @triton.jit
+    def gemv_kernel(X, W, Y, N, stride_w, D, S, R, eps, Z, CS, CW, YC, C,
+                    K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr,
+                    NORM: tl.constexpr, HAS_DELTA: tl.constexpr, GATED: tl.constexpr,
+                    HD: tl.constexpr, CONV: tl.constexpr, KC: tl.constexpr, KS: tl.constexpr,
+                    PREFETCH: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr):
         # BN rows of W per program. PREFETCH (the form for a programmatic dependent launch,
         # PDL): the program's whole [BN, K] tile of W is read before it waits for the kernel
         # before it (the weights are no output of any kernel), so the tile's read overlaps that
         # kernel's end, and the input is read after the wait; the products summed in one
         # reduction per row. Otherwise in column slices of BK: the products summed per column
         # slot first and across the slots once at the end. Either is a fixed order: the same
-        # bits on every run. Nothing is written before the wait.
+        # bits on every run. Nothing is written before the wait. GATED: the input is the gated
+        # RMSNorm of X (heads of HD) with gate Z and weight S; CONV: rows < C are also the input
+        # of a short conv (conv_epilogue).
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rmask = rows < N
@@ -288,19 +351,23 @@ def _kernels():
                 ss += x * x
             r = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
         if PREFETCH:
-            x = gemv_input(X, D, S, kcols, kcols < K, r, K, SWIGLU, NORM, HAS_DELTA)
+            x = gemv_input(X, D, S, Z, kcols, kcols < K, r, eps, K, SWIGLU, NORM, HAS_DELTA,
+                           GATED, HD)
             y = tl.sum(w_all.to(tl.float32) * x[None, :], 1)
         else:
             acc = tl.zeros([BN, BK], dtype=tl.float32)
             for k0 in tl.static_range(0, K, BK):
                 cols = k0 + tl.arange(0, BK)
                 cmask = cols < K
-                x = gemv_input(X, D, S, cols, cmask, r, K, SWIGLU, NORM, HAS_DELTA)
+                x = gemv_input(X, D, S, Z, cols, cmask, r, eps, K, SWIGLU, NORM, HAS_DELTA,
+                               GATED, HD)
                 w = tl.load(W + rows[:, None] * stride_w + cols[None, :],
                             mask=rmask[:, None] & cmask[None, :], other=0.0)
                 acc += w.to(tl.float32) * x[None, :]
             y = tl.sum(acc, 1)
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rmask)
+        if CONV:
+            conv_epilogue(y, rows, rmask, CS, CW, YC, C, KC, KS)
 
     @triton.jit
     def add_rms_norm_kernel(X, D, H, S, eps, N: tl.constexpr, BLOCK: tl.constexpr,
@@ -609,19 +676,37 @@ def pdl(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _gemv(x, w, delta, scale, residual, eps, config, prefetch, swiglu=False, norm=False):
-    """Launch gemv_kernel for `gemv` and `norm_gemv` -> y [N]."""
+@functools.cache
+def gdn_fusion() -> bool:
+    """Whether a Gated DeltaNet layer's step computes its conv inside the in-projection's GEMV
+    (norm_gemv_conv) and its gated norm inside the out-projection's (gated_norm_gemv): five
+    kernels a layer instead of seven. Off unless FLASHRT_GDN_FUSION=1: the kernels are held to
+    their references in Triton's interpreter and compile for every target, but are not yet
+    measured on a GPU. Read when a plan is first traced (a captured plan keeps its kernels)."""
+    return os.environ.get("FLASHRT_GDN_FUSION", "0") == "1"
+
+
+def _gemv(x, w, delta, scale, residual, eps, config, prefetch, swiglu=False, norm=False,
+          gate=None, conv=None):
+    """Launch gemv_kernel for `gemv`, `norm_gemv`, `norm_gemv_conv` and `gated_norm_gemv` -> y
+    [N] (conv (state, weight): (y, silu(conv)) with the state shifted)."""
     N, K = w.shape
     y = x.new_empty(N)
     bn, bk = config or gemv_config(N, K)
     launch = pdl(x.device)
     if prefetch is None:
         prefetch = launch and bn * _pow2(K) <= GEMV_PREFETCH
+    conv_state, conv_weight = conv if conv is not None else (x, x)
+    C, KC = conv_weight.shape if conv is not None else (0, 2)
+    yc = x.new_empty(C) if conv is not None else x
     _kernels()["gemv"][(triton_cdiv(N, bn),)](
-        x, w, y, N, w.stride(0), x if delta is None else delta, scale, residual, eps, K=K, BN=bn,
-        BK=bk, SWIGLU=swiglu, NORM=norm, HAS_DELTA=delta is not None, PREFETCH=prefetch,
-        KP=_pow2(K), PDL=launch, num_warps=4, launch_pdl=launch)
-    return y
+        x, w, y, N, w.stride(0), x if delta is None else delta, scale, residual, eps,
+        x if gate is None else gate, conv_state, conv_weight, yc, C, K=K, BN=bn, BK=bk,
+        SWIGLU=swiglu, NORM=norm, HAS_DELTA=delta is not None, GATED=gate is not None,
+        HD=scale.shape[0] if gate is not None else 1, CONV=conv is not None, KC=KC,
+        KS=_pow2(KC - 1), PREFETCH=prefetch, KP=_pow2(K), PDL=launch, num_warps=4,
+        launch_pdl=launch)
+    return (y, yc) if conv is not None else y
 
 
 def gemv(x, w, config: tuple[int, int] | None = None, swiglu: bool = False,
@@ -640,6 +725,40 @@ def norm_gemv(x, delta, scale, eps, w, config: tuple[int, int] | None = None,
     it whole for the rms while the first one writes the sum."""
     residual = x if delta is None else torch.empty_like(x)
     return residual, _gemv(x, w, delta, scale, residual, eps, config, prefetch, norm=True)
+
+
+def norm_gemv_conv(x, delta, scale, eps, w, conv_state, conv_weight,
+                   config: tuple[int, int] | None = None, prefetch: bool | None = None):
+    """Fused `norm_gemv_conv_reference`: `norm_gemv`, and the short conv + silu of the first C
+    outputs (conv_weight [C, KC], conv_state contiguous [KC - 1, C], shifted in place) in the same
+    kernel: the program that computes an output channel also convolves it -> (x + delta, y [N],
+    silu(conv) [C])."""
+    residual = x if delta is None else torch.empty_like(x)
+    y, yc = _gemv(x, w, delta, scale, residual, eps, config, prefetch, norm=True,
+                  conv=(conv_state, conv_weight))
+    return residual, y, yc
+
+
+def gated_norm_fits(o: torch.Tensor, w: torch.Tensor, config: tuple[int, int] | None = None,
+                    prefetch: bool | None = None) -> bool:
+    """Whether `gated_norm_gemv` computes the gated norm inside the GEMV for heads o [H, D]: D a
+    power of two that divides the GEMV's column slices (whole heads in each)."""
+    D = o.shape[-1]
+    bn, bk = config or gemv_config(*w.shape)
+    if prefetch is None:
+        prefetch = pdl(o.device) and bn * _pow2(w.shape[1]) <= GEMV_PREFETCH
+    return D == _pow2(D) and (prefetch or D <= bk)
+
+
+def gated_norm_gemv(o, z, weight, eps, w, config: tuple[int, int] | None = None,
+                    prefetch: bool | None = None):
+    """Fused `gated_norm_gemv_reference`: the DeltaNet output norm computed as the out
+    projection's GEMV reads its input; o contiguous [H, D], z [H, D] contiguous, weight [D],
+    w [N, H * D] -> y [N]. Heads that don't fit (`gated_norm_fits`) take gated_rms_norm, then
+    gemv."""
+    if not gated_norm_fits(o, w, config, prefetch):
+        return gemv(gated_rms_norm(o, z, weight, eps).view(-1), w, config, prefetch=prefetch)
+    return _gemv(o.view(-1), w, None, weight, o, eps, config, prefetch, gate=z)
 
 
 def add_rms_norm(x, delta, scale, eps, round_first: bool = False):

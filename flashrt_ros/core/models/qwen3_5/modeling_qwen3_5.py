@@ -416,19 +416,33 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o, z.view(T, Hv, self.Dv))
         return F.linear(o.reshape(T, Hv * self.Dv), self.out_proj.weight)
 
-    def step(self, p, conv_state, state):
-        """One token of the static form on the GPU from its projection p (the GEMV of
-        `in_weight`): conv + silu (one kernel), the recurrence with its gates and L2 norms (one
-        kernel, the state updated in place), the gated norm (one kernel), out_proj."""
+    def step(self, norm: RMSNorm, x, delta, conv_state, state):
+        """One token of the static form on the GPU, from the residual stream x and the previous
+        layer's output delta -> (x + delta, the mixer's output): the residual add, `norm` and
+        the in-projection (one kernel), the conv + silu (one kernel, the conv state shifted in
+        place), the recurrence with its gates and L2 norms (one kernel, the state updated in
+        place), the gated norm (one kernel), out_proj. With fused.gdn_fusion() the conv runs
+        inside the in-projection's GEMV and the gated norm inside out_proj's."""
         C, Vd, Hv, _ = self.in_sizes
         kd = self.Hk * self.Dk
-        y = fused_kernels.conv_step(p[:C], conv_state, self.conv_weight)         # [C]
+        fuse = fused_kernels.gdn_fusion()
+        if fuse:
+            x, p, y = fused_kernels.norm_gemv_conv(
+                x.view(-1), None if delta is None else delta.view(-1), norm.scale, norm.eps,
+                self.in_weight, conv_state, self.conv_weight)
+        else:
+            x, p = norm.project(x, delta, self.in_weight)
+            y = fused_kernels.conv_step(p[:C], conv_state, self.conv_weight)     # [C]
         o = fused_kernels.gdn_step(
             y[:kd].view(self.Hk, self.Dk), y[kd:2 * kd].view(self.Hk, self.Dk),
             y[2 * kd:].view(Hv, self.Dv), p[C + Vd + Hv:], p[C + Vd:C + Vd + Hv], self.A_log,
             self.dt_bias, state, self.Dk ** -0.5, kernels.L2NORM_EPS)
-        o = self.norm(o, p[C:C + Vd].view(Hv, self.Dv), True)
-        return gemv(o, self.out_proj.weight)
+        z = p[C:C + Vd].view(Hv, self.Dv)
+        if fuse:
+            mixed = fused_kernels.gated_norm_gemv(o, z, self.norm.weight, self.norm.eps,
+                                                  self.out_proj.weight)
+            return x.view(1, -1), mixed.view(1, -1)
+        return x, gemv(self.norm(o, z, True), self.out_proj.weight)
 
     def _value_heads(self, qk):
         """[T, 2 Hk, Dk] -> q, k of [T, Hv, Dk]: each key head serves Hv/Hk value heads."""
@@ -501,14 +515,15 @@ class DecoderLayer(nn.Module):
 
     def step(self, x, delta, arena, rotary: RotaryEmbedding):
         """`forward` for one token of the static form on the GPU: each norm is computed inside
-        the GEMV of the projection that reads it, so a layer is seven kernels."""
+        the GEMV of the projection that reads it, so a layer is seven kernels (a Gated DeltaNet
+        layer five with fused.gdn_fusion())."""
         if self.is_attention:
             x, p = self.input_layernorm.project(x, delta, self.self_attn.qkv_weight)
             mixed = self.self_attn.step(p, arena, rotary)
         else:
             conv, recurrent = self.state_names
-            x, p = self.input_layernorm.project(x, delta, self.linear_attn.in_weight)
-            mixed = self.linear_attn.step(p, arena[conv], arena[recurrent])
+            x, mixed = self.linear_attn.step(self.input_layernorm, x, delta, arena[conv],
+                                             arena[recurrent])
         x, gate_up = self.post_attention_layernorm.project(x, mixed, self.mlp.gate_up_weight)
         return x, self.mlp.step(gate_up)
 
