@@ -4,7 +4,8 @@ A captured step of the hybrid-0.8b preset launched ~1450 kernels, most of them s
 ones (norms, gates, activations, residual adds, the conv update, the attention's softmax), and a
 graph replays each at a fixed cost of a few microseconds. Here each chain between two matmuls is
 one kernel, in the style of fla: a short, readable torch reference beside every kernel, and
-test_runtime_gpu.py holds the two together with named tolerances.
+test_fused_kernels.py holds the two together with named tolerances (on the GPU, and on the CPU
+through Triton's interpreter).
 
     gemv                y = W x for one token (every projection, the LM head): for a single
                         row cuBLAS takes 1.1-5x longer on these matrices (bench_kernels.py); with
@@ -55,9 +56,10 @@ Only for CUDA tensors with Triton importable (`available()`). The model uses the
 kernels are "fla": the GEMVs, conv_step, gdn_step and the attention kernels in the static form
 (pos=None) of single-token calls (with `gdn_fusion`, norm_gemv_conv and gated_norm_gemv in place
 of a Gated DeltaNet layer's norm_gemv + conv_step and gated_rms_norm + gemv); add_rms_norm,
-conv_rows, gated_rms_norm and swiglu, which take rows, in every call (a prefill chunk of T tokens is T rows, where each torch
-op of a norm also writes a [T, d] fp32 intermediate). SmolVLA (core/models/smolvla) takes
-add_rms_norm, swiglu and rope_heads on CUDA unless its runtime's kernels are "reference".
+conv_rows, gated_rms_norm and swiglu, which take rows, in every call (a prefill chunk of T tokens
+is T rows, where each torch op of a norm also writes a [T, d] fp32 intermediate). SmolVLA
+(core/models/smolvla) takes add_rms_norm, swiglu and rope_heads on CUDA unless its runtime's
+kernels are "reference".
 """
 from __future__ import annotations
 

@@ -2,9 +2,8 @@
 
 `action_dim` joints; the first row of each action chunk is a joint velocity command (clipped to
 +-2 rad/s), low-pass filtered and integrated at the control period; a target pose drifts slowly
-within the workspace the episodes start in (+-TARGET_RANGE rad per joint, reflected at its edges:
-a run of any length stays in the range the tiny preset's heads were trained on; unbounded, the
-walk left it after a few thousand steps and the policy ran the arm into its joint limits).
+within the workspace the episodes start in (+-TARGET_RANGE rad per joint, reflected at its
+edges), so a run of any length stays where the tiny preset's heads were trained.
 The observation is [target - position, joint velocities, joint positions] cut or zero-padded to
 `obs_dim`: the tiny preset's 14 values hold what the task needs (the error to close and how fast
 it is closing). Deterministic given its seed, so runs can be compared.

@@ -103,7 +103,7 @@ def observation_statistics(cfg, episodes: int, steps: int, seed: int):
 # episodes x steps x rounds of `train_heads` by default. Episodes of 600 steps (20 s) in four
 # rounds: the DAgger rounds then visit the slow drifts of the policy's own runs, which 200-step
 # episodes in three rounds never reached; heads trained so lost the target in 3 of 8 runs of
-# 6000 steps (the arm driven into its joint limits after 2.5-3 minutes), these in none of 16
+# 6000 steps (the arm driven into its joint limits after 2.4-3.2 minutes), these in none of 16
 # runs of 9000 steps (test_sim holds one such run).
 TRAINING = {"episodes": 8, "steps": 600, "rounds": 4}
 
