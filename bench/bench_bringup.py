@@ -45,6 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTURES = ("background", "configure")
 WRITE = "write"     # --checkpoint write: the preset written as a checkpoint directory first
+PEER_UP_S = 1.0     # how long the node's peer (Peer) runs before the first start
 TARGETS = {  # (path, preset, device type, start) -> (first action, every plan ready) limits, s
     ("runtime", "hybrid-0.8b", "cuda", "warm"): (4.0, 8.0),
     ("runtime", "hybrid-0.8b", "cuda", "cold"): (10.0, 30.0),
@@ -216,10 +217,6 @@ class Peer:
         self.executor.shutdown()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
-
-
-# how long the peer runs before the first start
-PEER_UP_S = 1.0
 
 
 def launch_node(args, peer: Peer, capture: str, cache_dir: str, workdir: str,

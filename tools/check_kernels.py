@@ -100,8 +100,8 @@ def launches(pdl: bool, dtype) -> list:
             rot = RotaryEmbedding(t, 4096, bf)
         kv, meta = e(4096, 2, Hkv, D), torch.zeros(META_LEN, dtype=torch.int64)
         p = e((2 * H + 2 * Hkv) * D)
-        q = fused.attention_prep(p, e(H + Hkv, D, dtype=torch.float32), 1e-6, rot, kv, meta,
-                                 H, Hkv, D)
+        fused.attention_prep(p, e(H + Hkv, D, dtype=torch.float32), 1e-6, rot, kv, meta, H,
+                             Hkv, D)
         fused.decode_attention(e(H, D), e(H, D), kv, meta)
         # a prefill chunk of each default bucket: its rows through the row kernels
         for T in (4, 16, 64, 256, 1024, 4096):
@@ -120,7 +120,6 @@ def launches(pdl: bool, dtype) -> list:
         table = (e(50, 1, 64, dtype=torch.float32), e(50, 1, 64, dtype=torch.float32))
         for tab in (table, None):
             fused.rope_heads(x, tab, e(50, 15, 64), 3)
-        del q
     finally:
         fused._kernels, fused.pdl, pa._kernels = saved
     return log

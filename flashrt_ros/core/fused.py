@@ -688,16 +688,25 @@ def gdn_fusion() -> bool:
     return os.environ.get("FLASHRT_GDN_FUSION", "0") == "1"
 
 
+def _gemv_form(device, w, config, prefetch) -> tuple[int, int, bool]:
+    """(BN, BK, prefetch) of gemv_kernel for matrix w on `device`: `config` or gemv_config's
+    tile, and the whole-tile form where PDL launches the GEMV and the tile fits GEMV_PREFETCH
+    (`prefetch` None), else as given."""
+    N, K = w.shape
+    bn, bk = config or gemv_config(N, K)
+    if prefetch is None:
+        prefetch = pdl(device) and bn * _pow2(K) <= GEMV_PREFETCH
+    return bn, bk, prefetch
+
+
 def _gemv(x, w, delta, scale, residual, eps, config, prefetch, swiglu=False, norm=False,
           gate=None, conv=None):
     """Launch gemv_kernel for `gemv`, `norm_gemv`, `norm_gemv_conv` and `gated_norm_gemv` -> y
     [N] (conv (state, weight): (y, silu(conv)) with the state shifted)."""
     N, K = w.shape
     y = x.new_empty(N)
-    bn, bk = config or gemv_config(N, K)
+    bn, bk, prefetch = _gemv_form(x.device, w, config, prefetch)
     launch = pdl(x.device)
-    if prefetch is None:
-        prefetch = launch and bn * _pow2(K) <= GEMV_PREFETCH
     conv_state, conv_weight = conv if conv is not None else (x, x)
     C, KC = conv_weight.shape if conv is not None else (0, 2)
     yc = x.new_empty(C) if conv is not None else x
@@ -746,9 +755,7 @@ def gated_norm_fits(o: torch.Tensor, w: torch.Tensor, config: tuple[int, int] | 
     """Whether `gated_norm_gemv` computes the gated norm inside the GEMV for heads o [H, D]: D a
     power of two that divides the GEMV's column slices (whole heads in each)."""
     D = o.shape[-1]
-    bn, bk = config or gemv_config(*w.shape)
-    if prefetch is None:
-        prefetch = pdl(o.device) and bn * _pow2(w.shape[1]) <= GEMV_PREFETCH
+    _, bk, prefetch = _gemv_form(o.device, w, config, prefetch)
     return D == _pow2(D) and (prefetch or D <= bk)
 
 
