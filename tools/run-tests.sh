@@ -28,14 +28,16 @@ if [ -f "$venv/.flashrt-ros2-tools.sha256" ]; then
   export FLASHRT_REQUIRE_ROS2=1
 fi
 
-# Where there is no GPU, core/fused.py's Triton kernels run on the CPU through Triton's
-# interpreter (test/test_fused_kernels.py); Triton reads this as its modules load.
-if ! command -v nvidia-smi >/dev/null 2>&1; then
+# Where torch sees no CUDA device (what skips the tests marked gpu), core/fused.py's Triton
+# kernels run on the CPU through Triton's interpreter (test/test_fused_kernels.py); Triton reads
+# this as its modules load, so it is set before the session. A value already set is kept.
+if [ -z "${TRITON_INTERPRET+x}" ] && ! "$venv/bin/python" -c \
+    "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export TRITON_INTERPRET=1
 fi
 
 cd "$root"
-echo "[flashrt] tests on ROS 2 $distro ($venv), ROS_DOMAIN_ID=$ROS_DOMAIN_ID${TRITON_INTERPRET:+, TRITON_INTERPRET=1}"
+echo "[flashrt] tests on ROS 2 $distro ($venv), ROS_DOMAIN_ID=$ROS_DOMAIN_ID${TRITON_INTERPRET:+, TRITON_INTERPRET=$TRITON_INTERPRET}"
 rc=0
 # no path among the arguments: pytest.ini's testpaths (test/)
 "$venv/bin/python" -m pytest "$@" || rc=$?
